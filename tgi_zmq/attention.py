@@ -1,0 +1,142 @@
+"""Paged KV cache and attention over it, built on torch's scaled_dot_product_attention.
+
+The cache of a layer is one tensor of ``num_blocks * block_size`` slots, each holding the
+K (or V) of one token: ``[slots, kv_heads, head_dim]``. A step writes its new K/V by slot
+index, then attends:
+- decodes (one query token per request) together in one padded SDPA call with a mask;
+- prefill chunks one request at a time; a prompt with nothing cached yet uses the K/V it
+  just computed with ``is_causal``; a chunk that continues a cached prefix reads its pages.
+``AttentionMetadata`` holds the index tensors, built once per step and shared by all layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclasses.dataclass
+class PrefillSeq:
+    lo: int  # first query row in the step's flat tokens
+    hi: int
+    cached: int  # tokens already in the cache before this chunk
+    kv_index: torch.Tensor | None  # slots of all its keys, when cached > 0
+    mask: torch.Tensor | None
+
+
+@dataclasses.dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor
+    decode_rows: torch.Tensor  # [Bd] query rows of decoding requests
+    decode_index: torch.Tensor  # [Bd * max_len] slots, padded
+    decode_mask: torch.Tensor  # [Bd, 1, 1, max_len]
+    decode_max_len: int
+    prefills: list[PrefillSeq]
+    all_decode: bool
+
+    @classmethod
+    def build(cls, step: dict[str, torch.Tensor], block_size: int) -> AttentionMetadata:
+        qs = step["query_start"].tolist()
+        ctx = step["context_lens"].tolist()
+        tables = step["block_tables"].long()
+        decodes, prefills = [], []
+        for b in range(len(ctx)):
+            n = qs[b + 1] - qs[b]
+            if n == 1 and ctx[b] > 1:
+                decodes.append(b)
+            else:
+                prefills.append(_prefill_seq(qs[b], qs[b + 1], ctx[b], tables[b], block_size))
+        rows, index, mask, max_len = _decode_index(decodes, qs, ctx, tables, block_size)
+        return cls(step["slot_mapping"], rows, index, mask, max_len, prefills, not prefills)
+
+
+def _slots(table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    pos = torch.arange(length)
+    return table[pos // block_size] * block_size + pos % block_size
+
+
+def _prefill_seq(lo: int, hi: int, ctx: int, table: torch.Tensor, block_size: int) -> PrefillSeq:
+    cached = ctx - (hi - lo)
+    if cached == 0:
+        return PrefillSeq(lo, hi, 0, None, None)
+    q_pos = torch.arange(cached, ctx).view(-1, 1)
+    mask = torch.arange(ctx).view(1, -1) <= q_pos
+    return PrefillSeq(lo, hi, cached, _slots(table, ctx, block_size), mask)
+
+
+def _decode_index(decodes: list[int], qs: list[int], ctx: list[int], tables: torch.Tensor, block_size: int):
+    if not decodes:
+        empty = torch.empty(0, dtype=torch.int64)
+        return empty, empty, torch.empty(0, dtype=torch.bool), 0
+    lens = torch.tensor([ctx[b] for b in decodes])
+    max_len = int(lens.max())
+    pos = torch.arange(max_len)
+    sel = tables[decodes]  # [Bd, max_blocks]
+    blocks = sel.gather(1, (pos // block_size).clamp(max=sel.shape[1] - 1).expand(len(decodes), -1))
+    index = (blocks * block_size + pos % block_size).view(-1)
+    mask = (pos.view(1, -1) < lens.view(-1, 1)).view(len(decodes), 1, 1, max_len)
+    index = torch.where(mask.view(-1), index, torch.zeros_like(index))
+    rows = torch.tensor([qs[b] for b in decodes], dtype=torch.int64)
+    return rows, index, mask, max_len
+
+
+class KVCache:
+    """Per-layer K and V slot tensors, owned by the worker."""
+
+    def __init__(self, num_layers: int, num_slots: int, kv_heads: int, head_dim: int, dtype, device):
+        shape = (num_slots, kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, heads, dim]
+    k: torch.Tensor,  # [T, kv_heads, dim]
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Store this step's K/V, then attend. Returns [T, heads, dim]."""
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    if meta.all_decode:
+        return _decode(q, k_cache, v_cache, meta, scale)
+    out = torch.empty_like(q)
+    if meta.decode_rows.numel():
+        out[meta.decode_rows] = _decode(q[meta.decode_rows], k_cache, v_cache, meta, scale)
+    for seq in meta.prefills:
+        out[seq.lo : seq.hi] = _prefill(q, k, v, k_cache, v_cache, seq, scale)
+    return out
+
+
+def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    n, heads, dim = q.shape
+    kv_heads = k_cache.shape[1]
+    keys = k_cache[meta.decode_index].view(n, meta.decode_max_len, kv_heads, dim).transpose(1, 2)
+    values = v_cache[meta.decode_index].view(n, meta.decode_max_len, kv_heads, dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        q.view(n, heads, 1, dim), keys, values, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
+    )
+    return out.view(n, heads, dim)
+
+
+def _prefill(q, k, v, k_cache, v_cache, seq: PrefillSeq, scale: float) -> torch.Tensor:
+    query = q[seq.lo : seq.hi].transpose(0, 1).unsqueeze(0)
+    if seq.cached == 0:
+        keys = k[seq.lo : seq.hi].transpose(0, 1).unsqueeze(0)
+        values = v[seq.lo : seq.hi].transpose(0, 1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        keys = k_cache[seq.kv_index].transpose(0, 1).unsqueeze(0)
+        values = v_cache[seq.kv_index].transpose(0, 1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=seq.mask, scale=scale, enable_gqa=True
+        )
+    return out.squeeze(0).transpose(0, 1)

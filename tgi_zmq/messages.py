@@ -1,0 +1,330 @@
+"""Every message that crosses a process boundary, and the msgpack codec for them.
+
+A message is a dataclass registered with ``@message``. On the wire it is
+``msgpack([PROTOCOL_VERSION, tag, field_1, field_2, ...])``; nested messages are
+encoded the same way (as arrays). Decoding checks the version, the tag and the type
+of every field, so a malformed or foreign frame raises ``ProtocolError`` instead of
+reaching a process's logic. No pickle anywhere.
+
+Bulk per-step tensors do not travel in these messages: ``ForwardStep`` and
+``StepResult`` carry only ``TensorRef`` headers that point into shared memory
+(see ``tgi_zmq.transport``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, TypeVar, Union
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+
+_REGISTRY: dict[int, type] = {}
+T = TypeVar("T")
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a valid message of this protocol version."""
+
+
+def message(tag: int):
+    """Class decorator: make a dataclass a wire message with a unique integer tag."""
+
+    def wrap(cls: type[T]) -> type[T]:
+        cls = dataclasses.dataclass(slots=True)(cls)
+        if tag in _REGISTRY:
+            raise TypeError(f"message tag {tag} used twice ({_REGISTRY[tag].__name__}, {cls.__name__})")
+        cls.TAG = tag
+        hints = typing.get_type_hints(cls)
+        cls._FIELDS = tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls))
+        _REGISTRY[tag] = cls
+        return cls
+
+    return wrap
+
+
+# ---------------------------------------------------------------------------- codec
+
+
+def _to_wire(value: Any) -> Any:
+    if hasattr(value, "TAG"):
+        return [value.TAG, *(_to_wire(getattr(value, name)) for name, _ in value._FIELDS)]
+    if isinstance(value, list | tuple):
+        return [_to_wire(v) for v in value]
+    return value
+
+
+def encode(msg: Any) -> bytes:
+    """Serialise one message to bytes."""
+    return msgpack.packb([PROTOCOL_VERSION, *_to_wire(msg)], use_bin_type=True)
+
+
+def decode(frame: bytes, expected: type[T] | tuple[type, ...] | None = None) -> T:
+    """Parse and validate one frame; ``expected`` restricts the accepted message types."""
+    try:
+        raw = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"not msgpack: {exc}") from None
+    if not isinstance(raw, list) or len(raw) < 2:
+        raise ProtocolError("a message is an array [version, tag, fields...]")
+    if raw[0] != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {raw[0]!r}, expected {PROTOCOL_VERSION}")
+    msg = _from_wire(raw[1:], "message")
+    if expected is not None and not isinstance(msg, expected):
+        raise ProtocolError(f"unexpected message {type(msg).__name__}")
+    return msg
+
+
+def _from_wire(raw: Any, where: str) -> Any:
+    if not isinstance(raw, list) or not raw or not isinstance(raw[0], int):
+        raise ProtocolError(f"{where}: expected a tagged array")
+    cls = _REGISTRY.get(raw[0])
+    if cls is None:
+        raise ProtocolError(f"{where}: unknown message tag {raw[0]}")
+    fields = cls._FIELDS
+    if len(raw) - 1 != len(fields):
+        raise ProtocolError(f"{cls.__name__}: {len(raw) - 1} fields, expected {len(fields)}")
+    values = [_check(v, hint, f"{cls.__name__}.{name}") for v, (name, hint) in zip(raw[1:], fields, strict=True)]
+    return cls(*values)
+
+
+def _check(value: Any, hint: Any, where: str) -> Any:
+    """Validate ``value`` against a type hint, rebuilding nested messages."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            try:
+                return _check(value, option, where)
+            except ProtocolError as exc:
+                errors.append(str(exc))
+        raise ProtocolError(f"{where}: {value!r:.80} matches none of {hint}")
+    if hint is type(None):
+        if value is not None:
+            raise ProtocolError(f"{where}: expected None")
+        return None
+    if origin is list:
+        if not isinstance(value, list):
+            raise ProtocolError(f"{where}: expected a list")
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_check(v, item, f"{where}[]") for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{where}: expected a map")
+        key_t, val_t = typing.get_args(hint) or (Any, Any)
+        return {_check(k, key_t, where): _check(v, val_t, where) for k, v in value.items()}
+    if hasattr(hint, "TAG"):
+        msg = _from_wire(value, where)
+        if not isinstance(msg, hint):
+            raise ProtocolError(f"{where}: expected {hint.__name__}")
+        return msg
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ProtocolError(f"{where}: expected a float")
+    if hint is int and isinstance(value, bool):
+        raise ProtocolError(f"{where}: expected an int")
+    if not isinstance(value, hint):
+        raise ProtocolError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
+    return value
+
+
+# ---------------------------------------------------------------------------- requests
+
+
+@message(tag=1)
+class SamplingParams:
+    """Generation parameters after validation and defaulting (see ``tgi_zmq.validation``)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None  # set for sampled requests, None for greedy
+    max_new_tokens: int | None = None  # None = up to max_total_tokens
+    stop: list[str] = dataclasses.field(default_factory=list)
+    ignore_eos: bool = False
+    truncate: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample
+
+
+@message(tag=2)
+class GenerateRequest:
+    """frontend -> tokenizer: one generation, given as a prompt or as chat messages."""
+
+    rid: str
+    prompt: str | None
+    chat: list[dict[str, Any]] | None
+    params: SamplingParams
+    arrival_time: float
+
+
+@message(tag=3)
+class TokenizeRequest:
+    """frontend -> tokenizer: the /tokenize route."""
+
+    rid: str
+    prompt: str
+
+
+@message(tag=4)
+class TokenizeResult:
+    """tokenizer -> frontend: one ``[id, text, start, stop]`` row per token."""
+
+    rid: str
+    tokens: list[list[Any]]
+
+
+@message(tag=5)
+class AbortRequest:
+    """frontend -> tokenizer -> scheduler -> detokenizer: forget this request, free its pages."""
+
+    rid: str
+
+
+@message(tag=6)
+class TokenizedRequest:
+    """tokenizer -> scheduler: a validated request ready to be scheduled."""
+
+    rid: str
+    input_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    arrival_time: float
+
+
+@message(tag=7)
+class ErrorOutput:
+    """any process -> frontend: the request failed; ``status`` is the HTTP code to answer with."""
+
+    rid: str
+    message: str
+    error_type: str
+    status: int
+
+
+# ---------------------------------------------------------------------------- outputs
+
+
+@message(tag=8)
+class DetokRequestInfo:
+    """scheduler -> detokenizer, with a request's first tokens: what the detokenizer needs to know."""
+
+    rid: str
+    prompt_tail: list[int]  # last prompt ids, so the first word's spacing decodes right
+    prompt_tokens: int
+    stop: list[str]
+    seed: int | None
+
+
+@message(tag=9)
+class BatchTokenOutput:
+    """scheduler -> detokenizer: the tokens sampled in one step (parallel lists)."""
+
+    new_requests: list[DetokRequestInfo]
+    rids: list[str]
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reasons: list[str | None]  # "length" | "eos_token" | None
+
+
+@message(tag=10)
+class RequestDelta:
+    """What one request gained in one step, ready for the HTTP layer."""
+
+    rid: str
+    token_ids: list[int]
+    token_texts: list[str]
+    logprobs: list[float]
+    specials: list[bool]
+    text: str  # visible text added by these tokens (special tokens skipped)
+    finish_reason: str | None  # "length" | "eos_token" | "stop_sequence" | None
+    generated_tokens: int
+    prompt_tokens: int
+    seed: int | None
+
+
+@message(tag=11)
+class BatchTextOutput:
+    """detokenizer -> frontend: every request's delta for one step."""
+
+    deltas: list[RequestDelta]
+
+
+@message(tag=12)
+class StopRequest:
+    """detokenizer -> scheduler: a stop sequence matched; finish the request and free its pages."""
+
+    rid: str
+
+
+@message(tag=13)
+class Heartbeat:
+    """every process -> frontend, twice a second: who is alive and ready (drives /health)."""
+
+    process: str
+    boot_id: str
+    pid: int
+    ready: bool
+
+
+# ---------------------------------------------------------------------------- scheduler <-> worker
+
+
+@message(tag=20)
+class TensorRef:
+    """Where one tensor lies in a shared buffer (bytes never travel on the socket)."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    offset: int
+
+
+@message(tag=21)
+class ForwardStep:
+    """scheduler -> every worker: run one forward pass over the tensors in ``buffer``."""
+
+    step_id: int
+    buffer: str
+    tensors: list[TensorRef]
+
+
+@message(tag=22)
+class StepResult:
+    """worker rank 0 -> scheduler: the sampled ids and logprobs of a step, in ``buffer``."""
+
+    step_id: int
+    buffer: str
+    tensors: list[TensorRef]
+    forward_seconds: float
+
+
+@message(tag=23)
+class WorkerReady:
+    """worker -> scheduler when the model is loaded and the KV pages are allocated."""
+
+    rank: int
+    boot_id: str
+    num_blocks: int
+
+
+@message(tag=24)
+class WorkerFailure:
+    """worker -> scheduler: a step raised; the scheduler fails the step's requests."""
+
+    step_id: int
+    message: str
+
+
+MESSAGE_TYPES = tuple(_REGISTRY.values())

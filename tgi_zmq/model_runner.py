@@ -1,0 +1,28 @@
+"""Runs one step's tensors through the model and the sampler (what a worker does per step)."""
+
+from __future__ import annotations
+
+import torch
+
+from tgi_zmq.attention import AttentionMetadata
+from tgi_zmq.models import load_model
+from tgi_zmq.sampler import sample
+
+
+class ModelRunner:
+    def __init__(self, model_id: str, dtype: str, device: str, num_blocks: int, block_size: int):
+        self.device = torch.device(device)
+        self.model = load_model(model_id, dtype, device)
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.cache = self.model.new_cache(num_blocks * block_size)
+
+    @torch.inference_mode()
+    def execute(self, step: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Forward the step and sample; returns ``next_ids`` [R] and ``logprobs`` [R]."""
+        step = {name: t.to(self.device, non_blocking=True) for name, t in step.items()}
+        meta = AttentionMetadata.build(step, self.block_size)
+        logit_rows = step["query_start"][1:][step["sample_seq"]].long() - 1
+        logits = self.model.forward(step["input_ids"], step["positions"], self.cache, meta, logit_rows)
+        next_ids, logprobs = sample(logits, step)
+        return {"next_ids": next_ids.cpu(), "logprobs": logprobs.float().cpu()}

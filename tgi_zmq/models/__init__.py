@@ -1,0 +1,36 @@
+"""Model architectures, chosen from config.json's ``model_type``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from tgi_zmq.models.llama import LlamaConfig, LlamaModel
+from tgi_zmq.models.weights import Weights
+
+log = logging.getLogger(__name__)
+ARCHITECTURES = {"llama": (LlamaConfig, LlamaModel)}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def read_config(folder: str | Path) -> dict:
+    return json.loads((Path(folder) / "config.json").read_text())
+
+
+def load_model(folder: str | Path, dtype: str, device: str):
+    """Build the model of ``folder`` with weights cast to ``dtype``."""
+    hf = read_config(folder)
+    model_type = hf.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}")
+    config_cls, model_cls = ARCHITECTURES[model_type]
+    weights = Weights(folder, DTYPES[dtype], torch.device(device))
+    model = model_cls(config_cls.from_hf(hf), weights, DTYPES[dtype], torch.device(device))
+    unused = [n for n in weights.unused() if not n.endswith("rotary_emb.inv_freq")]
+    if unused:
+        log.warning("checkpoint tensors not used by the model: %s", ", ".join(unused[:20]))
+    return model

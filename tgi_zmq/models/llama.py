@@ -1,0 +1,175 @@
+"""Llama (SmolLM2, Llama 2/3) in plain torch over the paged KV cache.
+
+Weights are fused at load time (q|k|v into one matrix, gate|up into one) so a layer is
+four matmuls; the step's tokens are one flat batch (no padding) and only the rows that
+sample a token go through the LM head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tgi_zmq.attention import AttentionMetadata, KVCache, paged_attention
+from tgi_zmq.models.weights import Weights
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    mlp_bias: bool
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> LlamaConfig:
+        heads = cfg["num_attention_heads"]
+        return cls(
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            vocab_size=cfg["vocab_size"],
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=cfg.get("rope_theta", 10000.0),
+            rope_scaling=cfg.get("rope_scaling"),
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            attention_bias=cfg.get("attention_bias", False),
+            mlp_bias=cfg.get("mlp_bias", False),
+        )
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    """Inverse frequencies, with Llama 3 / linear rope scaling when the config asks for it."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling)
+    if kind not in ("default", None):
+        raise ValueError(f"rope scaling {kind!r} is not supported (supported: default, linear, llama3)")
+    return inv_freq
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
+    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+@dataclasses.dataclass
+class Layer:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+
+class LlamaModel:
+    def __init__(self, cfg: LlamaConfig, weights: Weights, dtype: torch.dtype, device: torch.device):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.device = device
+        get = weights.get
+        self.embed = get("model.embed_tokens.weight")
+        self.norm = get("model.norm.weight")
+        has_head = weights.has("lm_head.weight")
+        self.lm_head = get("lm_head.weight") if has_head and not cfg.tie_word_embeddings else self.embed
+        self.layers = [self._load_layer(weights, i) for i in range(cfg.num_layers)]
+        inv_freq = rope_inv_freq(cfg)
+        positions = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos_table = emb.cos().to(dtype).to(device)
+        self.sin_table = emb.sin().to(dtype).to(device)
+        self.scale = cfg.head_dim**-0.5
+
+    def _load_layer(self, w: Weights, i: int) -> Layer:
+        p = f"model.layers.{i}."
+        attn = p + "self_attn."
+        qkv_bias = None
+        if self.cfg.attention_bias:
+            qkv_bias = torch.cat([w.get(attn + f"{n}_proj.bias") for n in "qkv"])
+        return Layer(
+            input_norm=w.get(p + "input_layernorm.weight"),
+            qkv=torch.cat([w.get(attn + f"{n}_proj.weight") for n in "qkv"]),
+            qkv_bias=qkv_bias,
+            o=w.get(attn + "o_proj.weight"),
+            post_norm=w.get(p + "post_attention_layernorm.weight"),
+            gate_up=torch.cat([w.get(p + "mlp.gate_proj.weight"), w.get(p + "mlp.up_proj.weight")]),
+            down=w.get(p + "mlp.down_proj.weight"),
+        )
+
+    def new_cache(self, num_slots: int) -> KVCache:
+        c = self.cfg
+        return KVCache(c.num_layers, num_slots, c.num_kv_heads, c.head_dim, self.dtype, self.device)
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # Like transformers: normalise in float32, scale in the model dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps)
+        return weight * xf.to(x.dtype)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        meta: AttentionMetadata,
+        logit_rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """Run the step's flat tokens; return float32 logits of ``logit_rows`` only."""
+        c = self.cfg
+        x = F.embedding(input_ids, self.embed)
+        cos = self.cos_table[positions].unsqueeze(1)
+        sin = self.sin_table[positions].unsqueeze(1)
+        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        for i, layer in enumerate(self.layers):
+            h = self._rms_norm(x, layer.input_norm)
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            q = _rope(q.view(-1, c.num_heads, c.head_dim), cos, sin)
+            k = _rope(k.view(-1, c.num_kv_heads, c.head_dim), cos, sin)
+            v = v.view(-1, c.num_kv_heads, c.head_dim)
+            attn = paged_attention(q, k, v, cache.k[i], cache.v[i], meta, self.scale)
+            x = x + F.linear(attn.reshape(-1, q_size), layer.o)
+            h = self._rms_norm(x, layer.post_norm)
+            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.down)
+        h = self._rms_norm(x[logit_rows], self.norm)
+        return F.linear(h, self.lm_head).float()
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,160 @@
+"""Shared-memory tensor transport: bulk per-step tensors cross processes without copies on the socket.
+
+The producer owns a ``ShmRing`` of a few fixed-size slots, packs a step's tensors into
+one slot and sends only ``TensorRef`` headers (name, dtype, shape, offset) over ZeroMQ.
+The consumer maps the same file once and views the tensors in place.
+
+A slot is reused only after the consumer has answered for the step that used it
+(the scheduler waits for a step's result before reusing its slot), so no locking is needed.
+
+On CPU the buffers are POSIX shared memory (files in /dev/shm, mmap'd). On CUDA the
+consumer copies the views to the device; ``CudaIpcBuffer`` is the device-side variant that
+shares one device allocation between processes by CUDA IPC handle.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+
+import torch
+
+from tgi_zmq.messages import TensorRef
+
+SHM_DIR = Path("/dev/shm")
+_ALIGN = 64
+_DTYPES = {
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "bool": torch.bool,
+}
+
+
+class ShmBuffer:
+    """One named shared-memory file mapped into this process."""
+
+    def __init__(self, name: str, size: int, create: bool):
+        self.name = name
+        self.path = SHM_DIR / name
+        self.owner = create
+        flags = os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0)
+        fd = os.open(self.path, flags, 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, size)
+            else:
+                size = os.fstat(fd).st_size
+            self.mmap = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.size = size
+        self.bytes = torch.frombuffer(self.mmap, dtype=torch.uint8)
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> list[TensorRef]:
+        """Pack tensors one after the other (64-byte aligned) and return their headers."""
+        refs, offset = [], 0
+        for name, tensor in tensors.items():
+            tensor = tensor.contiguous()
+            nbytes = tensor.numel() * tensor.element_size()
+            if offset + nbytes > self.size:
+                raise ValueError(f"step tensors need more than the {self.size} bytes of {self.name}")
+            if nbytes:
+                self.bytes[offset : offset + nbytes].copy_(tensor.view(-1).view(torch.uint8))
+            refs.append(TensorRef(name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape), offset))
+            offset += -(-nbytes // _ALIGN) * _ALIGN
+        return refs
+
+    def read(self, refs: list[TensorRef]) -> dict[str, torch.Tensor]:
+        """Views (no copy) of the tensors described by ``refs``."""
+        out = {}
+        for ref in refs:
+            dtype = _DTYPES[ref.dtype]
+            numel = 1
+            for dim in ref.shape:
+                numel *= dim
+            nbytes = numel * torch.empty((), dtype=dtype).element_size()
+            if ref.offset < 0 or ref.offset + nbytes > self.size:
+                raise ValueError(f"tensor {ref.name} lies outside {self.name}")
+            out[ref.name] = self.bytes[ref.offset : ref.offset + nbytes].view(dtype).view(ref.shape)
+        return out
+
+    def close(self) -> None:
+        del self.bytes
+        self.mmap.close()
+        if self.owner:
+            self.path.unlink(missing_ok=True)
+
+
+class ShmRing:
+    """``slots`` producer-owned buffers used round-robin, one per in-flight step."""
+
+    def __init__(self, prefix: str, slots: int, slot_size: int):
+        self.buffers = [ShmBuffer(f"{prefix}-{i}", slot_size, create=True) for i in range(slots)]
+        self.next = 0
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> tuple[str, list[TensorRef]]:
+        buffer = self.buffers[self.next]
+        self.next = (self.next + 1) % len(self.buffers)
+        return buffer.name, buffer.write(tensors)
+
+    def close(self) -> None:
+        for buffer in self.buffers:
+            buffer.close()
+
+
+class ShmReader:
+    """Consumer side: maps each producer buffer once, on first use."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, ShmBuffer] = {}
+
+    def read(self, name: str, refs: list[TensorRef]) -> dict[str, torch.Tensor]:
+        if "/" in name or name.startswith("."):
+            raise ValueError(f"bad shared-memory name {name!r}")
+        if name not in self.buffers:
+            self.buffers[name] = ShmBuffer(name, 0, create=False)
+        return self.buffers[name].read(refs)
+
+    def close(self) -> None:
+        for buffer in self.buffers.values():
+            buffer.close()
+
+
+def remove_stale(prefix: str) -> None:
+    """Delete leftovers of a service that was killed before it could unlink its buffers."""
+    for path in SHM_DIR.glob(f"{prefix}-*"):
+        path.unlink(missing_ok=True)
+
+
+class CudaIpcBuffer:
+    """A device buffer shared between processes by CUDA IPC handle (GPU path only).
+
+    The owner allocates ``size`` bytes on its device and publishes ``handle()``, a tuple of
+    plain values that fits in a msgpack header; another process rebuilds a tensor aliasing
+    the same device memory with ``CudaIpcBuffer.open(handle)``. It packs tensors exactly
+    like ``ShmBuffer`` so the scheduler code does not care which one it holds.
+    """
+
+    def __init__(self, size: int, device: torch.device, storage: torch.UntypedStorage | None = None):
+        if storage is None:
+            storage = torch.empty(size, dtype=torch.uint8, device=device).untyped_storage()
+        self.storage = storage
+        self.bytes = torch.tensor([], dtype=torch.uint8, device=device).set_(storage)
+        self.size = storage.nbytes()
+        self.name = "cuda-ipc"
+
+    def handle(self) -> list:
+        """Serialisable CUDA IPC handle (bytes and ints only)."""
+        return list(self.storage._share_cuda_())
+
+    @classmethod
+    def open(cls, handle: list, device: torch.device) -> CudaIpcBuffer:
+        storage = torch.UntypedStorage._new_shared_cuda(*handle)
+        return cls(0, device, storage)
+
+    write = ShmBuffer.write
+    read = ShmBuffer.read
