@@ -53,6 +53,6 @@ def run_engine(
     while sched.has_work():
         batch = sched.schedule()
         result = runner.execute(build_step(batch, block_size))
-        sched.update(batch, result["next_ids"].tolist())
+        sched.update(batch, result["next_ids"].tolist(), result["logprobs"].tolist())
     assert sched.blocks.num_free == num_blocks
     return [r.output_ids for r in reqs]

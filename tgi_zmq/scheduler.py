@@ -139,25 +139,27 @@ class Scheduler:
         self.waiting.appendleft(req)
         self.num_preemptions += 1
 
-    def update(self, batch: ScheduledBatch, sampled: list[int]) -> list[Request]:
+    def update(
+        self, batch: ScheduledBatch, sampled: list[int], logprobs: list[float]
+    ) -> list[tuple[Request, int, float]]:
         """Apply a finished step: advance counters, append sampled tokens, finish requests.
 
-        ``sampled`` holds one token per request that sampled (in batch order). Returns the
-        requests that received a token; finished ones have ``finish_reason`` set and are
-        already removed with their pages freed.
+        ``sampled``/``logprobs`` hold one entry per request that sampled (in batch order).
+        Returns ``(request, token, logprob)`` for every request that received a token;
+        finished ones have ``finish_reason`` set and are already removed, their pages freed.
         """
         produced = []
-        tokens = iter(sampled)
+        results = iter(zip(sampled, logprobs, strict=True))
         for req, n, samples in zip(batch.requests, batch.num_new, batch.samples(), strict=True):
+            result = next(results) if samples else None
             if req.finish_reason is not None or req not in self.running:
-                if samples:
-                    next(tokens)  # aborted or preempted during the step: drop its token
-                continue
+                continue  # aborted or stopped during the step: its token is dropped
             req.num_computed += n
-            if not samples:
+            if result is None:
                 continue
-            req.output_ids.append(next(tokens))
-            produced.append(req)
+            token, logprob = result
+            req.output_ids.append(token)
+            produced.append((req, token, logprob))
             reason = self._finish_reason(req)
             if reason:
                 self.finish(req, reason)

@@ -1,0 +1,216 @@
+"""Scheduler process: continuous batching over the KV pages, one forward step at a time.
+
+tokenizer --TokenizedRequest/AbortRequest--> [scheduler] <--StopRequest-- detokenizer
+[scheduler] --ForwardStep (header; tensors in shared memory)--> workers --StepResult--> [scheduler]
+[scheduler] --BatchTokenOutput--> detokenizer;  --ErrorOutput--> frontend
+
+Main loop: take in new requests and aborts -> pick the step -> write its tensors -> run it on
+the workers (taking in more requests meanwhile) -> apply the sampled tokens -> send them on.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import zmq
+
+from tgi_zmq import messages as m
+from tgi_zmq.block_manager import BlockManager
+from tgi_zmq.config import ServerConfig
+from tgi_zmq.detokenizer import PROMPT_TAIL
+from tgi_zmq.runtime import exit_on_sigterm, pull, push, setup_logging, start_heartbeat
+from tgi_zmq.scheduler import Request, ScheduledBatch, Scheduler
+from tgi_zmq.step import build_step
+from tgi_zmq.transport import ShmReader, ShmRing
+
+log = setup_logging("scheduler")
+
+
+def step_buffer_size(config: ServerConfig) -> int:
+    """Bytes one step's tensors can need at most (tokens, block tables, penalty histories)."""
+    rows = config.max_concurrent_requests
+    max_blocks = -(-config.max_total_tokens // config.block_size)
+    return (
+        24 * config.max_batch_prefill_tokens
+        + 4 * rows * max_blocks
+        + 8 * rows * config.max_total_tokens
+        + 128 * rows
+        + (1 << 20)
+    )
+
+
+class SchedulerProcess:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        ctx = zmq.Context.instance()
+        self.inbox = pull(ctx, config.endpoint("scheduler"))
+        self.workers = ctx.socket(zmq.ROUTER)
+        self.workers.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.workers.bind(config.endpoint("worker"))
+        self.to_detok = push(ctx, config.endpoint("detokenizer"))
+        self.to_frontend = push(ctx, config.endpoint("frontend"))
+        self.poller = zmq.Poller()
+        self.poller.register(self.inbox, zmq.POLLIN)
+        self.poller.register(self.workers, zmq.POLLIN)
+        self.ring = ShmRing(f"{config.shm_prefix}-step", 4, step_buffer_size(config))
+        self.results = ShmReader()
+        self.policy = Scheduler(
+            BlockManager(config.num_blocks, config.block_size),
+            max_step_tokens=config.max_batch_prefill_tokens,
+            max_running=config.max_concurrent_requests,
+            eos_token_ids=config.eos_token_ids,
+            max_total_tokens=config.max_total_tokens,
+        )
+        self.worker_boots: dict[int, str] = {}
+        self.step_id = 0
+
+    @property
+    def ready(self) -> bool:
+        return len(self.worker_boots) == self.config.num_shard
+
+    def run(self) -> None:
+        start_heartbeat(self.config, "scheduler", lambda: self.ready)
+        log.info("waiting for %d worker(s)", self.config.num_shard)
+        while True:
+            busy = self.ready and self.policy.has_work()
+            self.receive(timeout_ms=0 if busy else 100)
+            if self.ready and self.policy.has_work():
+                self.run_step()
+
+    # ------------------------------------------------------------------ messages in
+
+    def receive(self, timeout_ms: int) -> m.StepResult | m.WorkerFailure | None:
+        """Handle everything that is waiting; a step's answer from a worker is returned."""
+        answer = None
+        for sock, _ in self.poller.poll(timeout_ms):
+            while True:
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                try:
+                    msg = m.decode(frames[-1])
+                except m.ProtocolError as exc:
+                    log.error("dropped a bad frame: %s", exc)
+                    continue
+                answer = self.handle(msg) or answer
+        return answer
+
+    def handle(self, msg) -> m.StepResult | m.WorkerFailure | None:
+        if isinstance(msg, m.TokenizedRequest):
+            self.policy.add(Request(msg.rid, msg.input_ids, msg.params, msg.max_new_tokens, msg.arrival_time))
+        elif isinstance(msg, m.AbortRequest | m.StopRequest):
+            self.finish(msg.rid, "aborted" if isinstance(msg, m.AbortRequest) else "stop_sequence")
+            if isinstance(msg, m.AbortRequest):
+                self.to_detok.send(m.encode(msg))
+        elif isinstance(msg, m.WorkerReady):
+            self.worker_ready(msg)
+        elif isinstance(msg, m.StepResult | m.WorkerFailure):
+            return msg
+        else:
+            log.error("unexpected message %s", type(msg).__name__)
+        return None
+
+    def finish(self, rid: str, reason: str) -> None:
+        req = self.policy.find(rid)
+        if req is not None:
+            self.policy.finish(req, reason)
+            log.info("rid=%s %s after %d tokens", rid, reason, len(req.output_ids))
+
+    def worker_ready(self, msg: m.WorkerReady) -> None:
+        previous = self.worker_boots.get(msg.rank)
+        self.worker_boots[msg.rank] = msg.boot_id
+        if msg.num_blocks < self.policy.blocks.num_blocks:
+            raise RuntimeError(f"worker {msg.rank} has {msg.num_blocks} KV blocks, fewer than configured")
+        log.info("worker %d ready (boot %s)", msg.rank, msg.boot_id)
+        if previous is not None and previous != msg.boot_id:
+            self.fail_all(f"worker {msg.rank} restarted")
+
+    # ------------------------------------------------------------------ the step
+
+    def run_step(self) -> None:
+        batch = self.policy.schedule()
+        if batch is None:
+            return
+        self.step_id += 1
+        buffer, refs = self.ring.write(build_step(batch, self.config.block_size))
+        header = m.encode(m.ForwardStep(self.step_id, buffer, refs))
+        try:
+            for rank in range(self.config.num_shard):
+                self.workers.send_multipart([f"worker-{rank}".encode(), header])
+        except zmq.ZMQError as exc:
+            self.fail_batch(batch, f"worker unreachable ({exc})")
+            return
+        answer = self.wait_for(self.step_id)
+        if isinstance(answer, m.WorkerFailure):
+            self.fail_batch(batch, answer.message)
+            return
+        out = self.results.read(answer.buffer, answer.tensors)
+        produced = self.policy.update(batch, out["next_ids"].tolist(), out["logprobs"].tolist())
+        self.emit(produced)
+
+    def wait_for(self, step_id: int) -> m.StepResult | m.WorkerFailure:
+        """Wait for the step's answer while still taking in requests and aborts."""
+        while True:
+            boots = dict(self.worker_boots)
+            answer = self.receive(timeout_ms=100)
+            if boots != self.worker_boots:
+                return m.WorkerFailure(step_id, "a worker restarted during the step")
+            if answer is not None and answer.step_id == step_id:
+                return answer
+
+    def emit(self, produced: list[tuple[Request, int, float]]) -> None:
+        out = m.BatchTokenOutput([], [], [], [], [])
+        for req, token, logprob in produced:
+            if not req.announced:
+                req.announced = True
+                info = m.DetokRequestInfo(
+                    req.rid, req.prompt_ids[-PROMPT_TAIL:], len(req.prompt_ids), req.params.stop, req.params.seed
+                )
+                out.new_requests.append(info)
+                log.info("rid=%s first token after %.3fs", req.rid, time.time() - req.arrival_time)
+            out.rids.append(req.rid)
+            out.token_ids.append(token)
+            out.logprobs.append(logprob)
+            out.finish_reasons.append(req.finish_reason)
+            if req.finish_reason:
+                log.info("rid=%s finished: %s, %d tokens", req.rid, req.finish_reason, len(req.output_ids))
+        if out.rids:
+            self.to_detok.send(m.encode(out))
+
+    # ------------------------------------------------------------------ failures
+
+    def fail_batch(self, batch: ScheduledBatch, reason: str) -> None:
+        log.error("step %d failed: %s", self.step_id, reason)
+        for req in batch.requests:
+            self.fail(req, reason)
+
+    def fail_all(self, reason: str) -> None:
+        for req in list(self.policy.running) + list(self.policy.waiting):
+            self.fail(req, reason)
+
+    def fail(self, req: Request, reason: str) -> None:
+        if req.finish_reason is None:
+            self.policy.finish(req, "error")
+        message = f"Request failed during generation: {reason}"
+        self.to_frontend.send(m.encode(m.ErrorOutput(req.rid, message, "generation", 424)))
+        self.to_detok.send(m.encode(m.AbortRequest(req.rid)))
+
+    def close(self) -> None:
+        self.ring.close()
+        self.results.close()
+
+
+def main() -> None:
+    exit_on_sigterm()
+    torch.set_num_threads(1)
+    process = SchedulerProcess(ServerConfig.load())
+    try:
+        process.run()
+    finally:
+        process.close()
+
+
+if __name__ == "__main__":
+    main()

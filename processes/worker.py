@@ -1,0 +1,80 @@
+"""Model worker process (one per tensor-parallel rank): holds the weights and the KV pages.
+
+scheduler --ForwardStep--> [worker] --StepResult (rank 0; tensors in shared memory)--> scheduler
+
+Main loop: receive a step header -> view its tensors in shared memory -> forward + sample
+-> write the sampled ids and logprobs into this worker's buffer -> answer with a header.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+import zmq
+
+from tgi_zmq import messages as m
+from tgi_zmq.config import ServerConfig
+from tgi_zmq.model_runner import ModelRunner
+from tgi_zmq.runtime import BOOT_ID, exit_on_sigterm, setup_logging, start_heartbeat
+from tgi_zmq.transport import ShmReader, ShmRing
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rank", type=int, default=0)
+    rank = parser.parse_args().rank
+    log = setup_logging(f"worker-{rank}")
+    exit_on_sigterm()
+    config = ServerConfig.load()
+    torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
+    loaded = False
+    start_heartbeat(config, f"worker-{rank}", lambda: loaded)
+
+    started = time.perf_counter()
+    log.info("loading %s (%s on %s)", config.model_id, config.dtype, config.device)
+    runner = ModelRunner(config.model_id, config.dtype, config.device, config.num_blocks, config.block_size)
+    log.info(
+        "loaded in %.1fs; KV cache %d blocks x %d tokens (%.0f MiB)",
+        time.perf_counter() - started, config.num_blocks, config.block_size, runner.cache.nbytes() / 2**20,
+    )
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, f"worker-{rank}".encode())
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(config.endpoint("worker"))
+    sock.send(m.encode(m.WorkerReady(rank, BOOT_ID, config.num_blocks)))
+    loaded = True
+
+    steps = ShmReader()
+    results = ShmRing(f"{config.shm_prefix}-result-{rank}", 4, 1 << 20)
+    try:
+        while True:
+            try:
+                msg = m.decode(sock.recv(), m.ForwardStep)
+            except m.ProtocolError as exc:
+                log.error("dropped a bad frame: %s", exc)
+                continue
+            answer = run_step(runner, steps, results, msg, log)
+            if rank == 0 or isinstance(answer, m.WorkerFailure):
+                sock.send(m.encode(answer))
+    finally:
+        results.close()
+        steps.close()
+
+
+def run_step(runner: ModelRunner, steps: ShmReader, results: ShmRing, msg: m.ForwardStep, log):
+    started = time.perf_counter()
+    try:
+        out = runner.execute(steps.read(msg.buffer, msg.tensors))
+    except Exception as exc:  # a bad step must not take the worker down
+        log.exception("step %d failed", msg.step_id)
+        return m.WorkerFailure(msg.step_id, f"{type(exc).__name__}: {exc}")
+    buffer, refs = results.write(out)
+    return m.StepResult(msg.step_id, buffer, refs, time.perf_counter() - started)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""``tgi-zmq launch`` (TGI's launcher flags, run under supervisord) and ``tgi-zmq convert``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from tgi_zmq.config import RUNTIME_DIR_ENV, ServerConfig
+
+log = logging.getLogger("launcher")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SUPERVISORD_CONF = REPO_ROOT / "supervisord.conf"
+
+# (flag, type, default, help); each flag is also read from its upper-case env var, as in TGI.
+LAUNCH_FLAGS = [
+    ("--model-id", str, None, "local folder with config.json, tokenizer files and *.safetensors "
+     "(default: the bundled SmolLM2-135M-Instruct, converted once from its GGUF)"),
+    ("--port", int, 8080, "HTTP port"),
+    ("--hostname", str, "0.0.0.0", "HTTP bind address"),
+    ("--dtype", str, "auto", "float32 | bfloat16 | float16 | auto. auto: on CUDA bfloat16 (float16 without "
+     "bf16 support); on CPU bfloat16 when the CPU has native bf16 matmul (AVX512-BF16 or AMX), else "
+     "float32. float16 on a CPU has no fast path and is refused."),
+    ("--max-input-tokens", int, None, "longest prompt in tokens (default: max-total-tokens - 1)"),
+    ("--max-total-tokens", int, None, "prompt + new tokens per request (default: the model's context "
+     "length, capped by max-batch-total-tokens)"),
+    ("--max-batch-prefill-tokens", int, None, "tokens per forward step (longer prompts are chunked); "
+     "default 4096"),
+    ("--max-batch-total-tokens", int, None, "KV-cache size in tokens, all requests together "
+     "(default 65536)"),
+    ("--max-concurrent-requests", int, 128, "requests in flight before answering 429"),
+    ("--max-stop-sequences", int, 4, "stop sequences per request"),
+    ("--max-client-batch-size", int, 4, "prompts per /v1/completions request"),
+    ("--payload-limit", int, 2_000_000, "request body limit in bytes (413 above)"),
+    ("--num-shard", int, 1, "tensor-parallel worker processes"),
+]
+
+
+def env_name(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_").upper()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tgi-zmq", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    launch = sub.add_parser("launch", help="start the service (supervisord in the foreground)")
+    for flag, kind, default, text in LAUNCH_FLAGS:
+        env = os.environ.get(env_name(flag))
+        launch.add_argument(flag, type=kind, default=kind(env) if env else default,
+                            help=f"{text} [env {env_name(flag)}]")
+    convert = sub.add_parser("convert", help="turn a GGUF file into a safetensors model folder")
+    convert.add_argument("source", help="a .gguf file, or 'default' for the bundled SmolLM2")
+    convert.add_argument("--out", help="output folder (default: in the tgi-zmq cache)")
+    convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s launcher %(message)s")
+    args = build_parser().parse_args(argv)
+    if args.command == "convert":
+        from tgi_zmq.convert import convert_command
+
+        convert_command(args.source, args.out, args.dtype)
+        return 0
+    try:
+        config = resolve_config(args, tempfile.mkdtemp(prefix="tgi-zmq-"))
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    return run_supervisord(config)
+
+
+# ---------------------------------------------------------------------------- configuration
+
+
+def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
+    """Fill the defaults that depend on the model and the machine, and check the limits."""
+    from tgi_zmq.convert import DEFAULT_MODEL_NAME, ensure_default_model
+
+    model_dir = Path(args.model_id) if args.model_id else ensure_default_model()
+    if not (model_dir / "config.json").exists():
+        raise ValueError(f"--model-id {model_dir}: no config.json there (a local model folder is needed)")
+    hf_config = json.loads((model_dir / "config.json").read_text())
+    device = pick_device()
+    batch_total = args.max_batch_total_tokens or 65536
+    context = hf_config.get("max_position_embeddings") or 4096
+    total = args.max_total_tokens or min(context, batch_total)
+    max_input = args.max_input_tokens or total - 1
+    if max_input >= total:
+        raise ValueError(f"--max-input-tokens ({max_input}) must be < --max-total-tokens ({total})")
+    if total > batch_total:
+        raise ValueError(
+            f"one request of --max-total-tokens={total} does not fit in a KV cache of "
+            f"--max-batch-total-tokens={batch_total}: lower --max-total-tokens or raise --max-batch-total-tokens"
+        )
+    if args.num_shard != 1:
+        raise ValueError("--num-shard > 1 (tensor parallelism) is not available yet; use --num-shard 1")
+    return ServerConfig(
+        model_id=str(model_dir),
+        served_model_name=DEFAULT_MODEL_NAME if not args.model_id else str(args.model_id),
+        runtime_dir=runtime_dir,
+        hostname=args.hostname,
+        port=args.port,
+        dtype=pick_dtype(args.dtype, device),
+        device=device,
+        max_input_tokens=max_input,
+        max_total_tokens=total,
+        max_batch_prefill_tokens=args.max_batch_prefill_tokens or min(4096, batch_total),
+        max_batch_total_tokens=batch_total,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_stop_sequences=args.max_stop_sequences,
+        max_client_batch_size=args.max_client_batch_size,
+        payload_limit=args.payload_limit,
+        num_shard=args.num_shard,
+        eos_token_ids=eos_token_ids(model_dir, hf_config),
+    )
+
+
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_dtype(requested: str, device: str) -> str:
+    if requested not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype {requested}: choose float32, bfloat16, float16 or auto")
+    if requested == "float16" and device == "cpu":
+        raise ValueError("--dtype float16 has no fast path on this CPU; use bfloat16 or float32")
+    if requested != "auto":
+        return requested
+    if device == "cuda":
+        import torch
+
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if cpu_has_bf16() else "float32"
+
+
+def eos_token_ids(model_dir: Path, hf_config: dict) -> tuple[int, ...]:
+    """EOS ids from config.json and generation_config.json (each an int or a list)."""
+    ids: list[int] = []
+    sources = [hf_config]
+    gen = model_dir / "generation_config.json"
+    if gen.exists():
+        sources.append(json.loads(gen.read_text()))
+    for source in sources:
+        value = source.get("eos_token_id")
+        for eos in value if isinstance(value, list) else [value]:
+            if isinstance(eos, int) and eos not in ids:
+                ids.append(eos)
+    return tuple(ids)
+
+
+# ---------------------------------------------------------------------------- supervisord
+
+
+def run_supervisord(config: ServerConfig) -> int:
+    """Run every process under supervisord in the foreground; SIGTERM / Ctrl-C stop them all."""
+    from tgi_zmq.transport import remove_stale
+
+    os.chmod(config.runtime_dir, 0o700)
+    config.save()
+    env = dict(os.environ)
+    env.update({
+        RUNTIME_DIR_ENV: config.runtime_dir,
+        "TGI_ZMQ_PYTHON": sys.executable,
+        "TGI_ZMQ_NUM_SHARD": str(config.num_shard),
+    })
+    log.info("runtime dir %s; model %s (%s on %s)", config.runtime_dir, config.model_id, config.dtype,
+             config.device)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(SUPERVISORD_CONF)],
+        env=env, start_new_session=True,
+    )
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: child.send_signal(signal.SIGTERM))
+    threading.Thread(target=announce_ready, args=(config, child), daemon=True).start()
+    try:
+        return child.wait()
+    finally:
+        remove_stale(config.shm_prefix)
+        for path in Path(config.runtime_dir).iterdir():
+            path.unlink(missing_ok=True)
+        Path(config.runtime_dir).rmdir()
+
+
+def announce_ready(config: ServerConfig, child: subprocess.Popen) -> None:
+    host = "127.0.0.1" if config.hostname in ("0.0.0.0", "::") else config.hostname
+    url = f"http://{host}:{config.port}/health"
+    while child.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    log.info("service ready at http://%s:%d", host, config.port)
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Incremental detokenization and stop sequences (pure; the process loop is processes/detokenizer.py).
+
+Each step decodes only a short window of ids (TGI's ``decode_token``): the text of
+``ids[prefix:read]`` and of ``ids[prefix:]``; the difference is the new text, unless it
+ends in U+FFFD, which means a multi-byte character is still incomplete and we wait for
+the next token. The window starts a few tokens back so spacing rules see their
+neighbours. Stop sequences are matched on the text just produced (plus the tail that a
+stop could straddle); the stop text stays in the output, as in TGI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tgi_zmq import messages
+
+PROMPT_TAIL = 5  # prompt ids kept as decoding context for the first generated tokens
+
+
+@dataclasses.dataclass
+class DecodeState:
+    ids: list[int]
+    prefix_offset: int
+    read_offset: int
+    stop: list[str]
+    text: str = ""  # visible text produced so far (special tokens skipped)
+    generated: int = 0
+
+    @classmethod
+    def start(cls, prompt_tail: list[int], stop: list[str]) -> DecodeState:
+        tail = prompt_tail[-PROMPT_TAIL:]
+        return cls(list(tail), 0, len(tail), stop)
+
+
+@dataclasses.dataclass
+class TokenText:
+    text: str  # this token's share of the visible text (may be "" while a character is incomplete)
+    token_text: str  # text shown for the token itself in details (special tokens spelled out)
+    special: bool
+    stopped: bool  # a stop sequence ended in this token's text
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.special_ids = set(tokenizer.all_special_ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def add(self, state: DecodeState, token_id: int) -> TokenText:
+        """Append one token; return its new text and whether a stop sequence matched."""
+        state.ids.append(token_id)
+        state.generated += 1
+        special = token_id in self.special_ids
+        delta = self._next_text(state)
+        stopped = False
+        if delta and state.stop:
+            delta, stopped = self._apply_stop(state, delta)
+        state.text += delta
+        token_text = self.tokenizer.convert_ids_to_tokens(token_id) if special else delta
+        return TokenText(delta, token_text, special, stopped)
+
+    def _next_text(self, state: DecodeState) -> str:
+        prefix_text = self.decode(state.ids[state.prefix_offset : state.read_offset])
+        new_text = self.decode(state.ids[state.prefix_offset :])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return ""
+        state.prefix_offset = state.read_offset
+        state.read_offset = len(state.ids)
+        # Keep the window short: everything before prefix_offset is already text.
+        if state.prefix_offset > 64:
+            cut = state.prefix_offset
+            del state.ids[:cut]
+            state.prefix_offset -= cut
+            state.read_offset -= cut
+        return new_text[len(prefix_text) :]
+
+    @staticmethod
+    def _apply_stop(state: DecodeState, delta: str) -> tuple[str, bool]:
+        """Cut ``delta`` right after the earliest stop sequence that ends inside it."""
+        best = None
+        for stop in state.stop:
+            tail = state.text[max(0, len(state.text) - len(stop) + 1) :]
+            pos = (tail + delta).find(stop)
+            if pos >= 0:
+                end = pos + len(stop) - len(tail)
+                if best is None or end < best:
+                    best = end
+        if best is None:
+            return delta, False
+        return delta[:best], True
+
+
+class BatchDetokenizer:
+    """Per-request decode states; turns a step's ``BatchTokenOutput`` into a ``BatchTextOutput``."""
+
+    def __init__(self, tokenizer):
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.states: dict[str, DecodeState] = {}
+        self.infos: dict[str, messages.DetokRequestInfo] = {}
+
+    def process(self, out: messages.BatchTokenOutput) -> tuple[messages.BatchTextOutput, list[str]]:
+        """Turn one step's tokens into deltas; also return rids whose stop sequence matched."""
+        for info in out.new_requests:
+            self.states[info.rid] = DecodeState.start(info.prompt_tail, info.stop)
+            self.infos[info.rid] = info
+        deltas: dict[str, messages.RequestDelta] = {}
+        stopped = []
+        for rid, token, logprob, reason in zip(out.rids, out.token_ids, out.logprobs, out.finish_reasons,
+                                               strict=True):
+            state = self.states.get(rid)
+            if state is None:  # finished by a stop sequence or aborted: late tokens are dropped
+                continue
+            delta = deltas.get(rid) or self._new_delta(rid)
+            deltas[rid] = delta
+            piece = self.detok.add(state, token)
+            delta.token_ids.append(token)
+            delta.token_texts.append(piece.token_text)
+            delta.logprobs.append(logprob)
+            delta.specials.append(piece.special)
+            delta.text += piece.text
+            delta.generated_tokens = state.generated
+            if piece.stopped:
+                reason = "stop_sequence"
+                stopped.append(rid)
+            if reason:
+                delta.finish_reason = reason
+                self.forget(rid)
+        return messages.BatchTextOutput(list(deltas.values())), stopped
+
+    def _new_delta(self, rid: str) -> messages.RequestDelta:
+        info = self.infos[rid]
+        return messages.RequestDelta(rid, [], [], [], [], "", None, 0, info.prompt_tokens, info.seed)
+
+    def forget(self, rid: str) -> None:
+        self.states.pop(rid, None)
+        self.infos.pop(rid, None)
