@@ -1,0 +1,82 @@
+"""The real service for end-to-end tests: `tgi-zmq launch` (supervisord and every process)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from tgi_zmq.convert import ensure_default_model
+
+
+@dataclass
+class Service:
+    url: str
+    log_path: Path
+    process: subprocess.Popen
+    model_dir: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_healthy(self, timeout: float = 180) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"service exited early:\n{self.log()[-4000:]}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"service not healthy after {timeout}s:\n{self.log()[-4000:]}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_service(tmp: Path, *flags: str) -> Service:
+    port = free_port()
+    log_path = tmp / "service.log"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", LOG_LEVEL="INFO")
+    cmd = [sys.executable, "-m", "tgi_zmq.cli", "launch", "--port", str(port), "--hostname", "127.0.0.1", *flags]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    service = Service(f"http://127.0.0.1:{port}", log_path, process, ensure_default_model())
+    service.wait_healthy()
+    return service
+
+
+def stop_service(service: Service) -> None:
+    service.process.send_signal(signal.SIGTERM)
+    try:
+        service.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(service.process.pid, signal.SIGKILL)
+        raise
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory) -> Service:
+    """One float32 service shared by the end-to-end tests (float32: exact against transformers)."""
+    svc = start_service(
+        tmp_path_factory.mktemp("service"),
+        "--dtype", "float32",
+        "--max-batch-total-tokens", "16384",
+        "--max-total-tokens", "2048",
+        "--max-concurrent-requests", "12",
+    )
+    yield svc
+    stop_service(svc)
