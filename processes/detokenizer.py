@@ -7,7 +7,6 @@ scheduler --BatchTokenOutput/AbortRequest--> [detokenizer] --BatchTextOutput--> 
 from __future__ import annotations
 
 import zmq
-from transformers import AutoTokenizer
 
 from tgi_zmq import messages as m
 from tgi_zmq.config import ServerConfig
@@ -20,12 +19,16 @@ log = setup_logging("detokenizer")
 def main() -> None:
     exit_on_sigterm()
     config = ServerConfig.load()
+    loaded = False
+    start_heartbeat(config, "detokenizer", lambda: loaded)
+    from transformers import AutoTokenizer
+
     detok = BatchDetokenizer(AutoTokenizer.from_pretrained(config.model_id))
     ctx = zmq.Context.instance()
     inbox = pull(ctx, config.endpoint("detokenizer"))
     to_frontend = push(ctx, config.endpoint("frontend"))
     to_scheduler = push(ctx, config.endpoint("scheduler"))
-    start_heartbeat(config, "detokenizer", lambda: True)
+    loaded = True
     log.info("ready")
     while True:
         try:

@@ -166,7 +166,11 @@ class SchedulerProcess:
             if not req.announced:
                 req.announced = True
                 info = m.DetokRequestInfo(
-                    req.rid, req.prompt_ids[-PROMPT_TAIL:], len(req.prompt_ids), req.params.stop, req.params.seed
+                    req.rid,
+                    req.prompt_ids[-PROMPT_TAIL:],
+                    len(req.prompt_ids),
+                    req.params.stop,
+                    req.params.seed,
                 )
                 out.new_requests.append(info)
                 log.info("rid=%s first token after %.3fs", req.rid, time.time() - req.arrival_time)

@@ -1,13 +1,13 @@
 """Tokenizer process: chat template, tokenization and length validation.
 
-frontend --GenerateRequest/TokenizeRequest/AbortRequest--> [tokenizer] --TokenizedRequest/AbortRequest--> scheduler
-                                                                       --ErrorOutput/TokenizeResult--> frontend
+frontend --GenerateRequest/TokenizeRequest/AbortRequest--> [tokenizer]
+[tokenizer] --TokenizedRequest/AbortRequest--> scheduler
+[tokenizer] --ErrorOutput/TokenizeResult--> frontend
 """
 
 from __future__ import annotations
 
 import zmq
-from transformers import AutoTokenizer
 
 from tgi_zmq import messages as m
 from tgi_zmq.config import ServerConfig
@@ -44,7 +44,10 @@ def tokenize(tokenizer, config: ServerConfig, req: m.GenerateRequest) -> m.Token
     if req.params.truncate is not None and 0 < req.params.truncate < len(ids):
         ids = ids[-req.params.truncate :]
     max_new = check_lengths(
-        len(ids), req.params, max_input_tokens=config.max_input_tokens, max_total_tokens=config.max_total_tokens
+        len(ids),
+        req.params,
+        max_input_tokens=config.max_input_tokens,
+        max_total_tokens=config.max_total_tokens,
     )
     return m.TokenizedRequest(req.rid, ids, req.params, max_new, req.arrival_time)
 
@@ -61,12 +64,16 @@ def token_rows(tokenizer, prompt: str) -> list[list]:
 def main() -> None:
     exit_on_sigterm()
     config = ServerConfig.load()
+    loaded = False
+    start_heartbeat(config, "tokenizer", lambda: loaded)
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(config.model_id)
     ctx = zmq.Context.instance()
     inbox = pull(ctx, config.endpoint("tokenizer"))
     to_scheduler = push(ctx, config.endpoint("scheduler"))
     to_frontend = push(ctx, config.endpoint("frontend"))
-    start_heartbeat(config, "tokenizer", lambda: True)
+    loaded = True
     log.info("ready (model %s)", config.model_id)
     while True:
         try:
@@ -94,8 +101,12 @@ def handle_generate(tokenizer, config, req: m.GenerateRequest, to_scheduler, to_
         log.info("rid=%s rejected: %s", req.rid, exc)
         to_frontend.send(m.encode(m.ErrorOutput(req.rid, str(exc), "template_error", 422)))
         return
-    log.info("rid=%s tokenized: %d input tokens, max_new_tokens %d", req.rid, len(tokenized.input_ids),
-             tokenized.max_new_tokens)
+    log.info(
+        "rid=%s tokenized: %d input tokens, max_new_tokens %d",
+        req.rid,
+        len(tokenized.input_ids),
+        tokenized.max_new_tokens,
+    )
     to_scheduler.send(m.encode(tokenized))
 
 

@@ -12,14 +12,11 @@ import argparse
 import os
 import time
 
-import torch
 import zmq
 
 from tgi_zmq import messages as m
 from tgi_zmq.config import ServerConfig
-from tgi_zmq.model_runner import ModelRunner
 from tgi_zmq.runtime import BOOT_ID, exit_on_sigterm, setup_logging, start_heartbeat
-from tgi_zmq.transport import ShmReader, ShmRing
 
 
 def main() -> None:
@@ -29,16 +26,24 @@ def main() -> None:
     log = setup_logging(f"worker-{rank}")
     exit_on_sigterm()
     config = ServerConfig.load()
-    torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
     loaded = False
-    start_heartbeat(config, f"worker-{rank}", lambda: loaded)
+    start_heartbeat(config, f"worker-{rank}", lambda: loaded)  # before the slow imports: /health is 503 now
+    import torch
+
+    from tgi_zmq.model_runner import ModelRunner
+    from tgi_zmq.transport import ShmReader, ShmRing
+
+    torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
 
     started = time.perf_counter()
     log.info("loading %s (%s on %s)", config.model_id, config.dtype, config.device)
     runner = ModelRunner(config.model_id, config.dtype, config.device, config.num_blocks, config.block_size)
     log.info(
         "loaded in %.1fs; KV cache %d blocks x %d tokens (%.0f MiB)",
-        time.perf_counter() - started, config.num_blocks, config.block_size, runner.cache.nbytes() / 2**20,
+        time.perf_counter() - started,
+        config.num_blocks,
+        config.block_size,
+        runner.cache.nbytes() / 2**20,
     )
 
     sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -65,7 +70,8 @@ def main() -> None:
         steps.close()
 
 
-def run_step(runner: ModelRunner, steps: ShmReader, results: ShmRing, msg: m.ForwardStep, log):
+def run_step(runner, steps, results, msg: m.ForwardStep, log):
+    """Forward one step; a failure becomes a ``WorkerFailure`` answer instead of a crash."""
     started = time.perf_counter()
     try:
         out = runner.execute(steps.read(msg.buffer, msg.tensors))

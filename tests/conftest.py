@@ -51,7 +51,17 @@ def start_service(tmp: Path, *flags: str) -> Service:
     port = free_port()
     log_path = tmp / "service.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1", LOG_LEVEL="INFO")
-    cmd = [sys.executable, "-m", "tgi_zmq.cli", "launch", "--port", str(port), "--hostname", "127.0.0.1", *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tgi_zmq.cli",
+        "launch",
+        "--port",
+        str(port),
+        "--hostname",
+        "127.0.0.1",
+        *flags,
+    ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     service = Service(f"http://127.0.0.1:{port}", log_path, process, ensure_default_model())
@@ -73,10 +83,14 @@ def service(tmp_path_factory) -> Service:
     """One float32 service shared by the end-to-end tests (float32: exact against transformers)."""
     svc = start_service(
         tmp_path_factory.mktemp("service"),
-        "--dtype", "float32",
-        "--max-batch-total-tokens", "16384",
-        "--max-total-tokens", "2048",
-        "--max-concurrent-requests", "12",
+        "--dtype",
+        "float32",
+        "--max-batch-total-tokens",
+        "16384",
+        "--max-total-tokens",
+        "2048",
+        "--max-concurrent-requests",
+        "12",
     )
     yield svc
     stop_service(svc)

@@ -19,9 +19,16 @@ def tiny_llama(folder: Path, **overrides) -> Path:
 
     torch.manual_seed(0)
     cfg = dict(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=False, eos_token_id=2, bos_token_id=1,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        eos_token_id=2,
+        bos_token_id=1,
     )
     cfg.update(overrides)
     model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
@@ -34,20 +41,29 @@ def hf_greedy(folder: Path, prompt: list[int], max_new_tokens: int) -> list[int]
 
     model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
     out = model.generate(
-        torch.tensor([prompt]), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-        do_sample=False, pad_token_id=0,
+        torch.tensor([prompt]),
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=0,
     )
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 def run_engine(
-    folder: Path, prompts: list[list[int]], params: list[SamplingParams], max_new_tokens: int,
-    num_blocks: int = 64, block_size: int = 4, max_step_tokens: int = 64,
+    folder: Path,
+    prompts: list[list[int]],
+    params: list[SamplingParams],
+    max_new_tokens: int,
+    num_blocks: int = 64,
+    block_size: int = 4,
+    max_step_tokens: int = 64,
 ) -> list[list[int]]:
     """Scheduler + step tensors + model runner in one process, until every request is done."""
     runner = ModelRunner(str(folder), "float32", "cpu", num_blocks, block_size)
     sched = Scheduler(BlockManager(num_blocks, block_size), max_step_tokens, 64, (), 10_000)
-    reqs = [Request(f"r{i}", p, sp, max_new_tokens) for i, (p, sp) in enumerate(zip(prompts, params))]
+    pairs = zip(prompts, params, strict=True)
+    reqs = [Request(f"r{i}", p, sp, max_new_tokens) for i, (p, sp) in enumerate(pairs)]
     for r in reqs:
         sched.add(r)
     while sched.has_work():

@@ -23,10 +23,16 @@ def test_openai_chat_stream_and_not(service):
     whole = client.chat.completions.create(model="tgi", messages=MESSAGES, max_tokens=20, temperature=0)
     assert whole.choices[0].finish_reason in ("stop", "length")
     assert whole.usage.completion_tokens > 0 and whole.usage.prompt_tokens > 10
-    chunks = list(client.chat.completions.create(
-        model="tgi", messages=MESSAGES, max_tokens=20, temperature=0, stream=True,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model="tgi",
+            messages=MESSAGES,
+            max_tokens=20,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
@@ -41,8 +47,14 @@ def test_openai_completions_ignore_eos(service):
     )
     assert result.usage.completion_tokens == 16
     assert result.choices[0].finish_reason == "length"
-    stream = client.completions.create(model="tgi", prompt="Hello", max_tokens=16, temperature=0, stream=True,
-                                       extra_body={"ignore_eos": True})
+    stream = client.completions.create(
+        model="tgi",
+        prompt="Hello",
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     assert "".join(c.choices[0].text for c in stream if c.choices) == result.choices[0].text
     assert [m.id for m in client.models.list().data]
 
@@ -76,9 +88,21 @@ def test_text_generation_client(service):
 def test_curl_chat_stream_from_readme(service):
     body = {"model": "tgi", "messages": MESSAGES, "stream": True, "max_tokens": 20}
     out = subprocess.run(
-        ["curl", "-sN", service.url + "/v1/chat/completions", "-X", "POST", "-d", json.dumps(body),
-         "-H", "Content-Type: application/json"],
-        capture_output=True, text=True, timeout=60, check=True,
+        [
+            "curl",
+            "-sN",
+            service.url + "/v1/chat/completions",
+            "-X",
+            "POST",
+            "-d",
+            json.dumps(body),
+            "-H",
+            "Content-Type: application/json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
     events = [line[6:] for line in out.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"

@@ -113,8 +113,9 @@ def test_stop_sequence_is_kept_and_ends_generation(service, reference):
 
 
 def test_penalties_and_top_k_run(service):
-    result = generate(service, PROMPTS[3], repetition_penalty=1.3, frequency_penalty=0.5, top_k=5,
-                      do_sample=True, seed=3)
+    result = generate(
+        service, PROMPTS[3], repetition_penalty=1.3, frequency_penalty=0.5, top_k=5, do_sample=True, seed=3
+    )
     assert result["details"]["generated_tokens"] > 0
     greedy_penalised = generate(service, PROMPTS[3], repetition_penalty=1.5)
     assert greedy_penalised["details"]["seed"] is None

@@ -132,7 +132,9 @@ def _prefill(q, k, v, k_cache, v_cache, seq: PrefillSeq, scale: float) -> torch.
     if seq.cached == 0:
         keys = k[seq.lo : seq.hi].transpose(0, 1).unsqueeze(0)
         values = v[seq.lo : seq.hi].transpose(0, 1).unsqueeze(0)
-        out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
+        out = F.scaled_dot_product_attention(
+            query, keys, values, is_causal=True, scale=scale, enable_gqa=True
+        )
     else:
         keys = k_cache[seq.kv_index].transpose(0, 1).unsqueeze(0)
         values = v_cache[seq.kv_index].transpose(0, 1).unsqueeze(0)

@@ -23,20 +23,38 @@ SUPERVISORD_CONF = REPO_ROOT / "supervisord.conf"
 
 # (flag, type, default, help); each flag is also read from its upper-case env var, as in TGI.
 LAUNCH_FLAGS = [
-    ("--model-id", str, None, "local folder with config.json, tokenizer files and *.safetensors "
-     "(default: the bundled SmolLM2-135M-Instruct, converted once from its GGUF)"),
+    (
+        "--model-id",
+        str,
+        None,
+        "local folder with config.json, tokenizer files and *.safetensors "
+        "(default: the bundled SmolLM2-135M-Instruct, converted once from its GGUF)",
+    ),
     ("--port", int, 8080, "HTTP port"),
     ("--hostname", str, "0.0.0.0", "HTTP bind address"),
-    ("--dtype", str, "auto", "float32 | bfloat16 | float16 | auto. auto: on CUDA bfloat16 (float16 without "
-     "bf16 support); on CPU bfloat16 when the CPU has native bf16 matmul (AVX512-BF16 or AMX), else "
-     "float32. float16 on a CPU has no fast path and is refused."),
+    (
+        "--dtype",
+        str,
+        "auto",
+        "float32 | bfloat16 | float16 | auto. auto: on CUDA bfloat16 (float16 without "
+        "bf16 support); on CPU bfloat16 when the CPU has native bf16 matmul (AVX512-BF16 or AMX), else "
+        "float32. float16 on a CPU has no fast path and is refused.",
+    ),
     ("--max-input-tokens", int, None, "longest prompt in tokens (default: max-total-tokens - 1)"),
-    ("--max-total-tokens", int, None, "prompt + new tokens per request (default: the model's context "
-     "length, capped by max-batch-total-tokens)"),
-    ("--max-batch-prefill-tokens", int, None, "tokens per forward step (longer prompts are chunked); "
-     "default 4096"),
-    ("--max-batch-total-tokens", int, None, "KV-cache size in tokens, all requests together "
-     "(default 65536)"),
+    (
+        "--max-total-tokens",
+        int,
+        None,
+        "prompt + new tokens per request (default: the model's context "
+        "length, capped by max-batch-total-tokens)",
+    ),
+    (
+        "--max-batch-prefill-tokens",
+        int,
+        None,
+        "tokens per forward step (longer prompts are chunked); default 4096",
+    ),
+    ("--max-batch-total-tokens", int, None, "KV-cache size in tokens, all requests together (default 65536)"),
     ("--max-concurrent-requests", int, 128, "requests in flight before answering 429"),
     ("--max-stop-sequences", int, 4, "stop sequences per request"),
     ("--max-client-batch-size", int, 4, "prompts per /v1/completions request"),
@@ -55,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     launch = sub.add_parser("launch", help="start the service (supervisord in the foreground)")
     for flag, kind, default, text in LAUNCH_FLAGS:
         env = os.environ.get(env_name(flag))
-        launch.add_argument(flag, type=kind, default=kind(env) if env else default,
-                            help=f"{text} [env {env_name(flag)}]")
+        launch.add_argument(
+            flag, type=kind, default=kind(env) if env else default, help=f"{text} [env {env_name(flag)}]"
+        )
     convert = sub.add_parser("convert", help="turn a GGUF file into a safetensors model folder")
     convert.add_argument("source", help="a .gguf file, or 'default' for the bundled SmolLM2")
     convert.add_argument("--out", help="output folder (default: in the tgi-zmq cache)")
@@ -101,7 +120,8 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
     if total > batch_total:
         raise ValueError(
             f"one request of --max-total-tokens={total} does not fit in a KV cache of "
-            f"--max-batch-total-tokens={batch_total}: lower --max-total-tokens or raise --max-batch-total-tokens"
+            f"--max-batch-total-tokens={batch_total}: lower --max-total-tokens "
+            "or raise --max-batch-total-tokens"
         )
     if args.num_shard != 1:
         raise ValueError("--num-shard > 1 (tensor parallelism) is not available yet; use --num-shard 1")
@@ -179,16 +199,24 @@ def run_supervisord(config: ServerConfig) -> int:
     os.chmod(config.runtime_dir, 0o700)
     config.save()
     env = dict(os.environ)
-    env.update({
-        RUNTIME_DIR_ENV: config.runtime_dir,
-        "TGI_ZMQ_PYTHON": sys.executable,
-        "TGI_ZMQ_NUM_SHARD": str(config.num_shard),
-    })
-    log.info("runtime dir %s; model %s (%s on %s)", config.runtime_dir, config.model_id, config.dtype,
-             config.device)
+    env.update(
+        {
+            RUNTIME_DIR_ENV: config.runtime_dir,
+            "TGI_ZMQ_PYTHON": sys.executable,
+            "TGI_ZMQ_NUM_SHARD": str(config.num_shard),
+        }
+    )
+    log.info(
+        "runtime dir %s; model %s (%s on %s)",
+        config.runtime_dir,
+        config.model_id,
+        config.dtype,
+        config.device,
+    )
     child = subprocess.Popen(
         [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(SUPERVISORD_CONF)],
-        env=env, start_new_session=True,
+        env=env,
+        start_new_session=True,
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: child.send_signal(signal.SIGTERM))

@@ -107,8 +107,9 @@ class BatchDetokenizer:
             self.infos[info.rid] = info
         deltas: dict[str, messages.RequestDelta] = {}
         stopped = []
-        for rid, token, logprob, reason in zip(out.rids, out.token_ids, out.logprobs, out.finish_reasons,
-                                               strict=True):
+        for rid, token, logprob, reason in zip(
+            out.rids, out.token_ids, out.logprobs, out.finish_reasons, strict=True
+        ):
             state = self.states.get(rid)
             if state is None:  # finished by a stop sequence or aborted: late tokens are dropped
                 continue

@@ -87,7 +87,9 @@ def _from_wire(raw: Any, where: str) -> Any:
     fields = cls._FIELDS
     if len(raw) - 1 != len(fields):
         raise ProtocolError(f"{cls.__name__}: {len(raw) - 1} fields, expected {len(fields)}")
-    values = [_check(v, hint, f"{cls.__name__}.{name}") for v, (name, hint) in zip(raw[1:], fields, strict=True)]
+    values = [
+        _check(v, hint, f"{cls.__name__}.{name}") for v, (name, hint) in zip(raw[1:], fields, strict=True)
+    ]
     return cls(*values)
 
 

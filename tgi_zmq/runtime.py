@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -64,10 +65,8 @@ def start_heartbeat(config: ServerConfig, process: str, ready: Callable[[], bool
         sock = push(ctx, config.endpoint("frontend"), hwm=4)
         stop = threading.Event()
         while not stop.wait(HEARTBEAT_SECONDS):
-            try:
+            with contextlib.suppress(zmq.Again):
                 sock.send(encode(Heartbeat(process, BOOT_ID, os.getpid(), bool(ready()))), zmq.NOBLOCK)
-            except zmq.Again:
-                pass
 
     thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
     thread.start()

@@ -78,7 +78,9 @@ def _sample_row(row_logits: torch.Tensor, s: dict[str, torch.Tensor], row: int):
         float(s["top_p"][row]),
     )
     probs = scores.softmax(-1)
-    gen = torch.Generator(device=probs.device).manual_seed(mix_seed(int(s["seeds"][row]), int(s["sample_index"][row])))
+    gen = torch.Generator(device=probs.device).manual_seed(
+        mix_seed(int(s["seeds"][row]), int(s["sample_index"][row]))
+    )
     noise = torch.empty_like(probs).exponential_(generator=gen)
     token = torch.argmax(probs / noise)
     return token, torch.log_softmax(scores, -1)

@@ -26,7 +26,9 @@ def load_model(folder: str | Path, dtype: str, device: str):
     hf = read_config(folder)
     model_type = hf.get("model_type")
     if model_type not in ARCHITECTURES:
-        raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}")
+        raise ValueError(
+            f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}"
+        )
     config_cls, model_cls = ARCHITECTURES[model_type]
     weights = Weights(folder, DTYPES[dtype], torch.device(device))
     model = model_cls(config_cls.from_hf(hf), weights, DTYPES[dtype], torch.device(device))

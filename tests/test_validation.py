@@ -1,0 +1,469 @@
+"""TGI's request validation rules and messages (tgi_zmq.validation)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tgi_zmq.messages import SamplingParams
+from tgi_zmq.validation import (
+    RequestError,
+    ValidationError,
+    chat_messages,
+    chat_params,
+    check_lengths,
+    completion_params,
+    completion_prompts,
+    generate_inputs,
+    generate_params,
+)
+
+MAX_STOP = 4
+
+
+def gen(parameters, **kw) -> SamplingParams:
+    return generate_params(parameters, max_stop_sequences=MAX_STOP, **kw)
+
+
+def chat(**body) -> SamplingParams:
+    return chat_params({"messages": [{"role": "user", "content": "hi"}], **body}, max_stop_sequences=MAX_STOP)
+
+
+def message_of(call, *args, **kwargs) -> str:
+    with pytest.raises(ValidationError) as info:
+        call(*args, **kwargs)
+    return str(info.value)
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def test_validation_error_body_text_has_tgi_prefix():
+    exc = ValidationError("`top_k` must be strictly positive")
+    assert exc.error == "Input validation error: `top_k` must be strictly positive"
+    assert (exc.status, exc.error_type) == (422, "validation")
+    assert isinstance(exc, RequestError)
+
+
+def test_request_error_keeps_its_own_type_and_status():
+    exc = RequestError("Model is overloaded", error_type="overloaded", status=429)
+    assert (exc.error, exc.error_type, exc.status) == ("Model is overloaded", "overloaded", 429)
+
+
+# ---------------------------------------------------------------------------- /generate defaults
+
+
+def test_omitted_parameters_sample_with_a_random_seed():
+    params = gen(None)
+    assert params.do_sample is True
+    assert isinstance(params.seed, int) and 0 <= params.seed < 2**63
+
+
+def test_empty_parameters_are_greedy_without_seed():
+    params = gen({})
+    assert params == SamplingParams()
+    assert params.greedy and params.seed is None
+
+
+def test_random_seeds_differ_between_requests():
+    assert len({gen({"do_sample": True}).seed for _ in range(8)}) > 1
+
+
+def test_given_seed_is_kept_when_sampling_and_dropped_when_greedy():
+    assert gen({"do_sample": True, "seed": 42}).seed == 42
+    assert gen({"seed": 42}).seed is None
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [{"temperature": 0.5}, {"top_k": 10}, {"top_p": 0.9}, {"typical_p": 0.9}, {"do_sample": True}],
+)
+def test_any_warper_turns_sampling_on(parameters):
+    params = gen(parameters)
+    assert params.do_sample and params.seed is not None
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [{"temperature": 1.0}, {"repetition_penalty": 1.3}, {"frequency_penalty": 0.5}, {"do_sample": False}],
+)
+def test_non_warpers_stay_greedy(parameters):
+    assert not gen(parameters).do_sample
+
+
+def test_values_are_carried_over():
+    params = gen(
+        {
+            "temperature": 0.7,
+            "top_k": 5,
+            "top_p": 0.8,
+            "repetition_penalty": 1.2,
+            "frequency_penalty": -0.5,
+            "max_new_tokens": 17,
+            "stop": ["\n", "###"],
+            "seed": 3,
+            "truncate": 9,
+            "ignore_eos": True,
+        }
+    )
+    assert params == SamplingParams(
+        do_sample=True,
+        temperature=0.7,
+        top_k=5,
+        top_p=0.8,
+        repetition_penalty=1.2,
+        frequency_penalty=-0.5,
+        seed=3,
+        max_new_tokens=17,
+        stop=["\n", "###"],
+        ignore_eos=True,
+        truncate=9,
+    )
+
+
+def test_integers_are_accepted_for_floats():
+    assert gen({"temperature": 2}).temperature == 2.0
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        {"best_of": 1},
+        {"best_of": None},
+        {"top_n_tokens": 0},
+        {"top_n_tokens": None},
+        {"details": True, "decoder_input_details": True, "return_full_text": False, "watermark": False},
+        {"frequency_penalty": 2.0},
+        {"frequency_penalty": -2.0},
+        {"stop": ["a", "b", "c", "d"]},
+        {"stop": None, "seed": None, "max_new_tokens": None},
+        {"unknown_field": "ignored", "adapter_id": "x"},
+    ],
+)
+def test_accepted_parameters(parameters):
+    gen(parameters)
+
+
+# ---------------------------------------------------------------------------- /generate rules
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"temperature": 0.0}, "`temperature` must be strictly positive"),
+        ({"temperature": -1}, "`temperature` must be strictly positive"),
+        ({"repetition_penalty": 0}, "`repetition_penalty` must be strictly positive"),
+        ({"frequency_penalty": 2.5}, "`frequency_penalty` must be >= -2.0 and <= 2.0"),
+        ({"frequency_penalty": -2.1}, "`frequency_penalty` must be >= -2.0 and <= 2.0"),
+        ({"top_p": 1.0}, "`top_p` must be > 0.0 and < 1.0"),
+        ({"top_p": 0.0}, "`top_p` must be > 0.0 and < 1.0"),
+        ({"typical_p": 1.0}, "`typical_p` must be > 0.0 and < 1.0"),
+        ({"typical_p": 0}, "`typical_p` must be > 0.0 and < 1.0"),
+        ({"top_k": 0}, "`top_k` must be strictly positive"),
+        ({"top_k": -3}, "`top_k` must be strictly positive"),
+        ({"max_new_tokens": 0}, "`max_new_tokens` must be strictly positive"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "`stop` supports up to 4 stop sequences. Given: 5"),
+        ({"best_of": 2}, "`best_of` != 1 is not allowed for this endpoint"),
+        ({"best_of": 0}, "`best_of` != 1 is not allowed for this endpoint"),
+        ({"top_n_tokens": 2}, "`top_n_tokens` != 0 is not allowed for this endpoint"),
+        ({"truncate": 0}, "`truncate` must be strictly positive. Given: 0"),
+        ({"grammar": {"type": "regex", "value": "a+"}}, "grammar is not supported"),
+    ],
+)
+def test_rule_messages(parameters, message):
+    assert message_of(gen, parameters) == message
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"best_of": 2}, "`best_of` != 1 is not supported when streaming tokens"),
+        (
+            {"decoder_input_details": True},
+            "`decoder_input_details` == true is not supported when streaming tokens",
+        ),
+    ],
+)
+def test_streaming_only_messages(parameters, message):
+    assert message_of(gen, parameters, stream=True) == message
+
+
+def test_decoder_input_details_is_fine_without_streaming():
+    gen({"decoder_input_details": True})
+
+
+def test_truncate_upper_bound_is_checked_when_the_limit_is_known():
+    assert gen({"truncate": 10}, max_input_tokens=10).truncate == 10
+    message = message_of(gen, {"truncate": 11}, max_input_tokens=10)
+    assert message == "`truncate` must be strictly positive and less than 10. Given: 11"
+
+
+def test_rules_are_checked_in_tgi_order():
+    assert message_of(gen, {"top_k": 0, "temperature": 0}) == "`temperature` must be strictly positive"
+    assert message_of(gen, {"top_k": 0, "top_p": 1.0}) == "`top_p` must be > 0.0 and < 1.0"
+
+
+@pytest.mark.parametrize(
+    ("parameters", "name"),
+    [
+        ({"temperature": "abc"}, "temperature"),
+        ({"temperature": True}, "temperature"),
+        ({"top_p": [0.5]}, "top_p"),
+        ({"max_new_tokens": 1.5}, "max_new_tokens"),
+        ({"max_new_tokens": "10"}, "max_new_tokens"),
+        ({"top_k": 2.0}, "top_k"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"truncate": -4}, "truncate"),
+        ({"stop": "###"}, "stop"),
+        ({"stop": ["a", 1]}, "stop"),
+        ({"do_sample": "yes"}, "do_sample"),
+        ({"details": 1}, "details"),
+        ({"return_full_text": "true"}, "return_full_text"),
+        ({"best_of": "2"}, "best_of"),
+    ],
+)
+def test_type_errors_name_the_field(parameters, name):
+    assert f"`{name}`" in message_of(gen, parameters)
+
+
+def test_parameters_must_be_an_object():
+    assert message_of(gen, ["temperature"]) == "`parameters` must be an object"
+
+
+def test_huge_seed_is_refused():
+    assert "`seed`" in message_of(gen, {"do_sample": True, "seed": 2**64})
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({}, "`inputs` must be a string"),
+        ({"inputs": 3}, "`inputs` must be a string"),
+        ({"inputs": ""}, "`inputs` cannot be empty"),
+    ],
+)
+def test_generate_inputs(body, message):
+    assert message_of(generate_inputs, body) == message
+
+
+def test_generate_inputs_returns_the_prompt():
+    assert generate_inputs({"inputs": "Hello"}) == "Hello"
+
+
+# ---------------------------------------------------------------------------- chat
+
+
+def test_chat_temperature_zero_is_greedy():
+    params = chat(temperature=0, seed=5)
+    assert not params.do_sample and params.seed is None and params.temperature == 1.0
+
+
+def test_chat_without_temperature_samples_like_tgi():
+    params = chat()
+    assert params.do_sample and params.seed is not None and params.temperature == 1.0
+
+
+def test_chat_temperature_samples_with_it():
+    params = chat(temperature=0.3, seed=11)
+    assert (params.do_sample, params.temperature, params.seed) == (True, 0.3, 11)
+
+
+def test_chat_max_tokens_and_alias():
+    assert chat().max_new_tokens is None
+    assert chat(max_tokens=7).max_new_tokens == 7
+    assert chat(max_completion_tokens=8).max_new_tokens == 8
+    assert chat(max_tokens=7, max_completion_tokens=8).max_new_tokens == 7
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({}, 1.0),
+        ({"presence_penalty": 0.0}, 1.0),  # TGI would make this 2.0; we ignore a zero
+        ({"presence_penalty": 0.5}, 2.5),
+        ({"repetition_penalty": 1.1}, 1.1),
+        ({"repetition_penalty": 1.1, "presence_penalty": 0.5}, 1.1),
+    ],
+)
+def test_chat_repetition_penalty(body, expected):
+    assert chat(**body).repetition_penalty == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"presence_penalty": -2.0}, "`repetition_penalty` must be strictly positive"),
+        ({"temperature": -0.5}, "`temperature` must be strictly positive"),
+        ({"top_p": 1.0}, "`top_p` must be > 0.0 and < 1.0"),
+        ({"frequency_penalty": 3}, "`frequency_penalty` must be >= -2.0 and <= 2.0"),
+        ({"max_tokens": 0}, "`max_new_tokens` must be strictly positive"),
+        ({"stop": ["1", "2", "3", "4", "5"]}, "`stop` supports up to 4 stop sequences. Given: 5"),
+        ({"n": 2}, "`n` != 1 is not allowed for this endpoint"),
+        ({"response_format": {"type": "json_object", "value": {}}}, "grammar is not supported"),
+    ],
+)
+def test_chat_rule_messages(body, message):
+    assert message_of(chat, **body) == message
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"n": 1},
+        {"n": None},
+        {"logprobs": True, "top_logprobs": 3},
+        {"response_format": {"type": "text"}},
+        {"tools": [], "tool_choice": "auto"},
+        {"stream": True, "stream_options": {"include_usage": True}, "model": "tgi", "user": "u"},
+    ],
+)
+def test_chat_accepted_fields(body):
+    chat(**body)
+
+
+def test_chat_stop_accepts_a_string_and_ignore_eos():
+    params = chat(stop="###", ignore_eos=True, frequency_penalty=0.5, top_p=0.9)
+    assert (params.stop, params.ignore_eos, params.frequency_penalty, params.top_p) == (
+        ["###"],
+        True,
+        0.5,
+        0.9,
+    )
+
+
+def test_chat_logprobs_must_be_a_boolean():
+    assert "`logprobs`" in message_of(chat, logprobs=3)
+
+
+def test_chat_tools_are_a_tool_error():
+    with pytest.raises(RequestError) as info:
+        chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    assert (info.value.status, info.value.error_type) == (422, "tool_error")
+
+
+def test_chat_messages_are_normalised():
+    body = {
+        "messages": [
+            {"role": "system", "content": "be brief", "name": "ignored"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "0"}]},
+        ]
+    }
+    assert chat_messages(body) == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "ab"},
+        {"role": "assistant", "content": '[{"id":"0"}]'},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("messages", "fragment"),
+    [
+        (None, "`messages`"),
+        ([], "`messages`"),
+        ("hi", "`messages`"),
+        ([{"content": "hi"}], "`messages[0]`"),
+        (["hi"], "`messages[0]`"),
+        ([{"role": "user"}], "`messages[0].content`"),
+        ([{"role": "user", "content": 5}], "`messages[0].content`"),
+        ([{"role": "user", "content": [{"type": "text"}]}], "`messages[0].content`"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "image modality"),
+    ],
+)
+def test_bad_chat_messages(messages, fragment):
+    assert fragment in message_of(chat_messages, {"messages": messages})
+
+
+# ---------------------------------------------------------------------------- completions
+
+
+def test_completion_params_follow_the_chat_rules():
+    params = completion_params(
+        {"prompt": "x", "temperature": 0, "max_tokens": 3}, max_stop_sequences=MAX_STOP
+    )
+    assert (params.do_sample, params.max_new_tokens) == (False, 3)
+
+
+def test_completion_suffix_is_refused():
+    with pytest.raises(RequestError) as info:
+        completion_params({"prompt": "x", "suffix": "y"}, max_stop_sequences=MAX_STOP)
+    exc = info.value
+    assert (exc.status, exc.error_type) == (422, "suffix not supported")
+    assert exc.error == "Suffix is not supported and can be achieved by preprocessing the prompt."
+
+
+@pytest.mark.parametrize(("prompt", "expected"), [("a", ["a"]), (["a", "b"], ["a", "b"])])
+def test_completion_prompts(prompt, expected):
+    assert completion_prompts({"prompt": prompt}, max_client_batch_size=4) == expected
+
+
+def test_completion_batch_size_exceeded():
+    with pytest.raises(RequestError) as info:
+        completion_prompts({"prompt": ["a"] * 5}, max_client_batch_size=4)
+    exc = info.value
+    assert (exc.status, exc.error_type) == (422, "batch size exceeded")
+    assert exc.error == "Number of prompts exceeds the maximum allowed batch size of 4"
+
+
+@pytest.mark.parametrize("prompt", [None, [], [1, 2], 5, ["a", None]])
+def test_bad_completion_prompts(prompt):
+    assert "`prompt`" in message_of(completion_prompts, {"prompt": prompt}, max_client_batch_size=4)
+
+
+def test_empty_completion_prompt():
+    assert message_of(completion_prompts, {"prompt": ["a", ""]}, max_client_batch_size=4) == (
+        "`inputs` cannot be empty"
+    )
+
+
+# ---------------------------------------------------------------------------- lengths
+
+
+def lengths(input_tokens: int, params: SamplingParams, max_input: int = 10, max_total: int = 20) -> int:
+    return check_lengths(input_tokens, params, max_input_tokens=max_input, max_total_tokens=max_total)
+
+
+def test_max_new_tokens_defaults_to_the_rest_of_the_context():
+    assert lengths(4, SamplingParams()) == 16
+
+
+def test_explicit_max_new_tokens_is_kept():
+    assert lengths(4, SamplingParams(max_new_tokens=16)) == 16
+
+
+def test_total_tokens_message():
+    message = message_of(lengths, 5, SamplingParams(max_new_tokens=16))
+    assert message == (
+        "`inputs` tokens + `max_new_tokens` must be <= 20. Given: 5 `inputs` tokens and 16 `max_new_tokens`"
+    )
+
+
+def test_input_length_message():
+    message = message_of(lengths, 11, SamplingParams(max_new_tokens=2))
+    assert message == "`inputs` must have less than 10 tokens. Given: 11"
+
+
+def test_total_is_checked_before_input_length():
+    message = message_of(lengths, 12, SamplingParams(max_new_tokens=10))
+    assert message.startswith("`inputs` tokens + `max_new_tokens` must be <= 20")
+
+
+def test_prompt_longer_than_the_context_without_max_new_tokens():
+    message = message_of(lengths, 25, SamplingParams())
+    assert message == (
+        "`inputs` tokens + `max_new_tokens` must be <= 20. Given: 25 `inputs` tokens and 0 `max_new_tokens`"
+    )
+
+
+def test_prompt_filling_the_context_is_an_input_length_error():
+    assert message_of(lengths, 20, SamplingParams()) == "`inputs` must have less than 10 tokens. Given: 20"
+
+
+@pytest.mark.parametrize("truncate", [0, 11])
+def test_truncate_bounds(truncate):
+    message = message_of(lengths, 5, SamplingParams(truncate=truncate))
+    assert message == f"`truncate` must be strictly positive and less than 10. Given: {truncate}"
+
+
+def test_truncate_at_the_limit_is_fine():
+    assert lengths(10, SamplingParams(truncate=10, max_new_tokens=1)) == 1

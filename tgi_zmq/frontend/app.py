@@ -1,0 +1,120 @@
+"""The aiohttp application: routes, error middleware, info/health, and ``main()``."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import uvloop
+from aiohttp import web
+
+from tgi_zmq.config import ServerConfig
+from tgi_zmq.validation import RequestError
+
+from . import openai_routes, tgi_routes
+from .http import error_response, json_response
+from .jobs import tag
+from .state import FRONTEND, VERSION, Frontend, client_id_of, frontend
+from .streaming import log_failure
+
+log = logging.getLogger("tgi_zmq.frontend")
+
+KEEPALIVE_TIMEOUT_S = 75.0  # longer than the usual 60 s idle timeout of load balancers
+SHUTDOWN_TIMEOUT_S = 5.0  # graceful wait for in-flight requests on SIGTERM (then they are cancelled)
+LOG_FORMAT = "%(asctime)s %(levelname)s frontend %(message)s"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Give each request its rid; turn refusals into TGI's JSON error body."""
+    request["rid"] = uuid.uuid4().hex
+    try:
+        return await handler(request)
+    except RequestError as exc:
+        log_failure(tag(request["rid"], client_id_of(request)), exc)
+        return error_response(exc)
+
+
+async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    client_id = client_id_of(request)
+    if client_id is not None:
+        response.headers["x-request-id"] = client_id
+
+
+async def health(request: web.Request) -> web.Response:
+    """200 with an empty body iff every pipeline process is alive and ready."""
+    if frontend(request).health.healthy():
+        return web.Response(status=200)
+    return error_response(RequestError("unhealthy", error_type="healthcheck", status=503))
+
+
+async def info(request: web.Request) -> web.Response:
+    c = frontend(request).config
+    return json_response(
+        {
+            "model_id": c.served_model_name,
+            "model_sha": None,
+            "model_dtype": c.dtype,
+            "model_device_type": c.device,
+            "model_pipeline_tag": "text-generation",
+            "max_concurrent_requests": c.max_concurrent_requests,
+            "max_best_of": 1,
+            "max_stop_sequences": c.max_stop_sequences,
+            "max_input_tokens": c.max_input_tokens,
+            "max_total_tokens": c.max_total_tokens,
+            "validation_workers": 1,
+            "max_client_batch_size": c.max_client_batch_size,
+            "router": "tgi-zmq",
+            "version": VERSION,
+            "sha": None,
+            "docker_label": None,
+        }
+    )
+
+
+async def _run_pipeline(app: web.Application) -> AsyncIterator[None]:
+    fe = app[FRONTEND]
+    await fe.pipeline.start()
+    log.info("frontend listening on %s:%d", fe.config.hostname, fe.config.port)
+    yield
+    await fe.pipeline.close()
+
+
+def create_app(config: ServerConfig) -> web.Application:
+    """The application; its pipeline sockets open on startup and close on cleanup."""
+    app = web.Application(middlewares=[_errors], client_max_size=config.payload_limit)
+    app[FRONTEND] = Frontend.create(config)
+    app.cleanup_ctx.append(_run_pipeline)
+    app.on_response_prepare.append(_echo_request_id)
+    app.router.add_get("/", health)
+    app.router.add_post("/", tgi_routes.compat_generate)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ping", health)
+    app.router.add_get("/info", info)
+    app.router.add_post("/generate", tgi_routes.generate)
+    app.router.add_post("/generate_stream", tgi_routes.generate_stream)
+    app.router.add_post("/tokenize", tgi_routes.tokenize)
+    app.router.add_post("/v1/chat/completions", openai_routes.chat_completions)
+    app.router.add_post("/v1/completions", openai_routes.completions)
+    app.router.add_get("/v1/models", openai_routes.models)
+    return app
+
+
+def main() -> None:
+    """Entry point of the frontend process (config from ``$TGI_ZMQ_RUNTIME_DIR``)."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    config = ServerConfig.load()
+    web.run_app(
+        create_app(config),
+        host=config.hostname,
+        port=config.port,
+        loop=uvloop.new_event_loop(),
+        handler_cancellation=True,
+        keepalive_timeout=KEEPALIVE_TIMEOUT_S,
+        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+        access_log=None,
+        print=None,
+    )

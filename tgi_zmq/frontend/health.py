@@ -1,0 +1,82 @@
+"""Liveness of the pipeline processes, from the heartbeats they send to the frontend."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+from tgi_zmq.config import ServerConfig
+from tgi_zmq.messages import Heartbeat
+
+log = logging.getLogger("tgi_zmq.frontend")
+
+HEARTBEAT_TIMEOUT_S = 3.0
+
+
+def expected_processes(config: ServerConfig) -> tuple[str, ...]:
+    """The processes whose heartbeats /health requires."""
+    workers = tuple(f"worker-{rank}" for rank in range(config.num_shard))
+    return ("tokenizer", "scheduler", "detokenizer", *workers)
+
+
+@dataclasses.dataclass
+class _Peer:
+    boot_id: str
+    pid: int
+    ready: bool
+    last_seen: float
+    silent: bool = False
+
+
+class Health:
+    """Who is alive and ready; reports restarts and processes gone silent (once each)."""
+
+    def __init__(
+        self,
+        expected: Iterable[str],
+        *,
+        timeout: float = HEARTBEAT_TIMEOUT_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.expected = tuple(expected)
+        self.timeout = timeout
+        self._clock = clock
+        self._peers: dict[str, _Peer] = {}
+
+    def observe(self, beat: Heartbeat) -> str | None:
+        """Record a heartbeat; return a failure reason if an expected process restarted."""
+        now = self._clock()
+        peer = self._peers.get(beat.process)
+        self._peers[beat.process] = _Peer(beat.boot_id, beat.pid, beat.ready, now)
+        if peer is None:
+            log.info("%s is up (pid %d, boot %s)", beat.process, beat.pid, beat.boot_id)
+            return None
+        if peer.boot_id != beat.boot_id:
+            log.warning("%s restarted (pid %d -> %d)", beat.process, peer.pid, beat.pid)
+            return f"{beat.process} restarted" if beat.process in self.expected else None
+        if peer.silent:
+            log.info("%s is responding again (pid %d)", beat.process, beat.pid)
+        if peer.ready != beat.ready:
+            log.info("%s is %s", beat.process, "ready" if beat.ready else "not ready")
+        return None
+
+    def newly_silent(self) -> list[str]:
+        """Expected processes seen before whose heartbeats stopped (each reported once)."""
+        now, silent = self._clock(), []
+        for name in self.expected:
+            peer = self._peers.get(name)
+            if peer is not None and not peer.silent and now - peer.last_seen > self.timeout:
+                peer.silent = True
+                log.warning("%s stopped responding (no heartbeat for %.1f s)", name, now - peer.last_seen)
+                silent.append(name)
+        return silent
+
+    def healthy(self) -> bool:
+        """Every expected process sent a ready heartbeat within the timeout."""
+        now = self._clock()
+        return all(self._alive_and_ready(self._peers.get(name), now) for name in self.expected)
+
+    def _alive_and_ready(self, peer: _Peer | None, now: float) -> bool:
+        return peer is not None and peer.ready and now - peer.last_seen <= self.timeout

@@ -1,0 +1,85 @@
+"""HTTP plumbing: JSON bodies in and out, TGI error bodies, Server-Sent Events."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from tgi_zmq.validation import RequestError, ValidationError
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON, UTF-8 text kept as is (like serde_json)."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def json_response(data: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(text=dumps(data), status=status, content_type="application/json", headers=headers)
+
+
+def error_response(exc: RequestError) -> web.Response:
+    """TGI's error body ``{"error", "error_type"}`` with the error's status."""
+    return json_response({"error": exc.error, "error_type": exc.error_type}, status=exc.status)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object: 413 over the payload limit, 400 if not JSON, 422 if not an object."""
+    limit = request.client_max_size
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(request.content_length, limit)
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large(None, limit) from None
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RequestError(
+            f"Failed to parse the request body as JSON: {exc}", error_type="bad_request", status=400
+        ) from None
+    if not isinstance(body, dict):
+        raise ValidationError("the request body must be a JSON object")
+    return body
+
+
+def _too_large(size: int | None, limit: int) -> RequestError:
+    given = "" if size is None else f" Given: {size} bytes"
+    return RequestError(
+        f"Payload too large: the limit is {limit} bytes.{given}", error_type="payload_too_large", status=413
+    )
+
+
+class Sse:
+    """A ``text/event-stream`` response: ``data: <json>\\n\\n`` events and ``:`` keep-alive comments."""
+
+    def __init__(self, request: web.Request, headers: dict[str, str] | None = None) -> None:
+        self.request = request
+        self.response = web.StreamResponse(headers={**SSE_HEADERS, **(headers or {})})
+
+    async def open(self) -> Sse:
+        await self.response.prepare(self.request)
+        return self
+
+    async def send(self, *events: Any) -> None:
+        """Write events (JSON-able payloads, or ``"[DONE]"``) in one write."""
+        if events:
+            await self.response.write("".join(map(_frame, events)).encode())
+
+    async def keep_alive(self) -> None:
+        await self.response.write(b":\n\n")
+
+
+def _frame(event: Any) -> str:
+    return f"data: {event if isinstance(event, str) else dumps(event)}\n\n"

@@ -1,0 +1,177 @@
+"""Generations in flight: admission control, submission, output accumulation, abort and logging."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator
+
+from tgi_zmq.messages import AbortRequest, ErrorOutput, GenerateRequest, RequestDelta
+from tgi_zmq.validation import RequestError
+
+from .pipeline import Mailbox, Pipeline, error_from_output
+
+log = logging.getLogger("tgi_zmq.frontend")
+
+
+def tag(rid: str, client_id: str | None) -> str:
+    """How a request is named in the log: our rid, plus the client's x-request-id if it sent one."""
+    return f"rid={rid}" if client_id is None else f"rid={rid} x-request-id={client_id!r}"
+
+
+class Admission:
+    """TGI's concurrency limit: a semaphore tried without waiting (429 when full)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+
+    @contextlib.contextmanager
+    def admit(self, n: int = 1) -> Iterator[None]:
+        if self.in_flight + n > self.limit:
+            raise RequestError("Model is overloaded", error_type="overloaded", status=429)
+        self.in_flight += n
+        try:
+            yield
+        finally:
+            self.in_flight -= n
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    """One generation request and everything it produced so far."""
+
+    request: GenerateRequest
+    box: Mailbox
+    index: int = 0  # choice index within its group
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    first_output: float | None = None
+    ended: float | None = None
+    texts: list[str] = dataclasses.field(default_factory=list)
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    token_texts: list[str] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    specials: list[bool] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+    failed: bool = False
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+
+    @property
+    def rid(self) -> str:
+        return self.request.rid
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.failed
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
+
+    @property
+    def seed(self) -> int | None:
+        return self.request.params.seed
+
+    def absorb(self, delta: RequestDelta) -> None:
+        now = time.monotonic()
+        if self.first_output is None:
+            self.first_output = now
+        self.texts.append(delta.text)
+        self.token_ids += delta.token_ids
+        self.token_texts += delta.token_texts
+        self.logprobs += delta.logprobs
+        self.specials += delta.specials
+        self.generated_tokens = delta.generated_tokens
+        self.prompt_tokens = delta.prompt_tokens
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason
+            self.ended = now
+
+    def duration(self) -> float:
+        return (self.ended or time.monotonic()) - self.started
+
+
+class JobGroup:
+    """The jobs of one HTTP request (several for a multi-prompt completion), sharing one wakeup."""
+
+    def __init__(self, jobs: list[Job], wakeup: asyncio.Event, client_id: str | None) -> None:
+        self.jobs = jobs
+        self.wakeup = wakeup
+        self.client_id = client_id
+
+    @property
+    def done(self) -> bool:
+        return all(job.done for job in self.jobs)
+
+    async def next(self, timeout: float | None = None) -> list[tuple[Job, RequestDelta]]:
+        """The deltas that arrived since the last call; [] on timeout; RequestError if a job failed."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self.wakeup.wait()
+        except TimeoutError:
+            return []
+        self.wakeup.clear()
+        out: list[tuple[Job, RequestDelta]] = []
+        for job in self.jobs:
+            for item in job.box.take():
+                if not job.done:
+                    self._receive(job, item, out)
+        return out
+
+    def _receive(self, job: Job, item: RequestDelta | ErrorOutput, out: list) -> None:
+        if isinstance(item, ErrorOutput):
+            job.failed = True
+            raise error_from_output(item)
+        job.absorb(item)
+        out.append((job, item))
+        if job.finish_reason is not None:
+            log.info(
+                "%s finished finish_reason=%s prompt_tokens=%d generated_tokens=%d duration=%.3fs",
+                tag(job.rid, self.client_id),
+                job.finish_reason,
+                job.prompt_tokens,
+                job.generated_tokens,
+                job.duration(),
+            )
+
+    async def collect(self) -> None:
+        """Wait until every job finished (non-streaming routes)."""
+        while not self.done:
+            await self.next()
+
+
+def _prompt_chars(request: GenerateRequest) -> int:
+    if request.prompt is not None:
+        return len(request.prompt)
+    return sum(len(m.get("content") or "") for m in request.chat or ())
+
+
+@contextlib.contextmanager
+def submit(
+    pipeline: Pipeline, requests: list[GenerateRequest], *, route: str, client_id: str | None
+) -> Iterator[JobGroup]:
+    """Send ``requests`` down the pipeline; on exit abort whichever did not finish (client gone)."""
+    wakeup = asyncio.Event()
+    jobs = [Job(req, pipeline.open(req.rid, wakeup), index=i) for i, req in enumerate(requests)]
+    for job in jobs:
+        log.info(
+            "%s received route=%s prompt_chars=%d", tag(job.rid, client_id), route, _prompt_chars(job.request)
+        )
+        pipeline.post(job.request)
+    try:
+        yield JobGroup(jobs, wakeup, client_id)
+    finally:
+        for job in jobs:
+            pipeline.discard(job.rid)
+            if not job.done:
+                pipeline.post(AbortRequest(job.rid))
+                log.info(
+                    "%s aborted after %d tokens (%.3fs)",
+                    tag(job.rid, client_id),
+                    len(job.token_ids),
+                    job.duration(),
+                )

@@ -1,0 +1,229 @@
+"""OpenAI-compatible routes: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from tgi_zmq.messages import GenerateRequest, RequestDelta
+from tgi_zmq.validation import (
+    RequestError,
+    chat_messages,
+    chat_params,
+    completion_params,
+    completion_prompts,
+    flag,
+)
+
+from .http import json_response, read_json
+from .jobs import Job, JobGroup, submit
+from .state import SYSTEM_FINGERPRINT, Frontend, client_id_of, frontend, rid_of
+from .streaming import Render, stream_group
+
+CHAT_CHUNK = "chat.completion.chunk"
+COMPLETION = "text_completion"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shape:
+    """Per-request choices about the response's shape."""
+
+    model: str
+    logprobs: bool = False
+    include_usage: bool = False
+
+
+def _shape(fe: Frontend, body: dict[str, Any], *, logprobs: bool = False) -> _Shape:
+    model = body.get("model")
+    options = body.get("stream_options")
+    return _Shape(
+        model=model if isinstance(model, str) and model else fe.config.served_model_name,
+        logprobs=logprobs,
+        include_usage=isinstance(options, dict) and flag(options, "include_usage", False),
+    )
+
+
+def _finish_reason(reason: str | None) -> str | None:
+    """TGI's OpenAI mapping: only ``eos_token`` becomes ``stop``."""
+    return "stop" if reason == "eos_token" else reason
+
+
+def _usage(jobs: list[Job]) -> dict[str, int]:
+    prompt = sum(job.prompt_tokens for job in jobs)
+    completion = sum(job.generated_tokens for job in jobs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _envelope(obj: str, shape: _Shape, choices: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "id": "",
+        "object": obj,
+        "created": int(time.time()),
+        "model": shape.model,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+        "choices": choices,
+    }
+
+
+def _logprobs(texts: list[str], logprobs: list[float]) -> dict[str, Any]:
+    return {
+        "content": [
+            {"token": t, "logprob": lp, "top_logprobs": []} for t, lp in zip(texts, logprobs, strict=False)
+        ]
+    }
+
+
+def _error_events(exc: RequestError) -> list[Any]:
+    return [{"error": {"message": exc.error, "http_status_code": exc.status}}, "[DONE]"]
+
+
+def _tail(obj: str, group: JobGroup, shape: _Shape) -> list[Any]:
+    """What ends a successful stream: the usage chunk if asked for, then ``[DONE]``."""
+    if not shape.include_usage:
+        return ["[DONE]"]
+    return [{**_envelope(obj, shape, []), "usage": _usage(group.jobs)}, "[DONE]"]
+
+
+async def _run(
+    request: web.Request,
+    requests: list[GenerateRequest],
+    *,
+    stream: bool,
+    render: Render,
+    tail: Callable[[JobGroup], list[Any]],
+    build: Callable[[JobGroup], dict[str, Any]],
+) -> web.StreamResponse:
+    """Submit, then either stream ``render`` events or answer ``build(group)``."""
+    fe = frontend(request)
+    with submit(fe.pipeline, requests, route=request.path, client_id=client_id_of(request)) as group:
+        if stream:
+            headers = {"x-compute-type": fe.compute_type}
+            return await stream_group(
+                request,
+                group,
+                render=render,
+                error_events=_error_events,
+                tail=functools.partial(tail, group),
+                headers=headers,
+            )
+        await group.collect()
+    return json_response(build(group))
+
+
+# ---------------------------------------------------------------------------- chat
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    fe, body = frontend(request), await read_json(request)
+    stream = flag(body, "stream", False)
+    with fe.admission.admit():
+        messages = chat_messages(body)
+        params = chat_params(body, max_stop_sequences=fe.config.max_stop_sequences)
+        shape = _shape(fe, body, logprobs=flag(body, "logprobs", False))
+        req = GenerateRequest(rid_of(request), None, messages, params, time.time())
+        return await _run(
+            request,
+            [req],
+            stream=stream,
+            render=functools.partial(_chat_chunk, shape=shape),
+            tail=functools.partial(_tail, CHAT_CHUNK, shape=shape),
+            build=functools.partial(_chat_completion, shape=shape),
+        )
+
+
+def _chat_chunk(job: Job, delta: RequestDelta, *, shape: _Shape) -> list[dict[str, Any]]:
+    if not delta.token_ids and delta.finish_reason is None:
+        return []
+    choice = {
+        "index": 0,
+        "delta": {"role": "assistant", "content": delta.text},
+        "logprobs": _logprobs(delta.token_texts, delta.logprobs) if shape.logprobs else None,
+        "finish_reason": _finish_reason(delta.finish_reason),
+    }
+    return [{**_envelope(CHAT_CHUNK, shape, [choice]), "usage": None}]
+
+
+def _chat_completion(group: JobGroup, *, shape: _Shape) -> dict[str, Any]:
+    job = group.jobs[0]
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": job.text},
+        "logprobs": _logprobs(job.token_texts, job.logprobs) if shape.logprobs else None,
+        "finish_reason": _finish_reason(job.finish_reason),
+    }
+    return {**_envelope("chat.completion", shape, [choice]), "usage": _usage(group.jobs)}
+
+
+# ---------------------------------------------------------------------------- completions
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    fe, body = frontend(request), await read_json(request)
+    stream = flag(body, "stream", False)
+    prompts = completion_prompts(body, max_client_batch_size=fe.config.max_client_batch_size)
+    with fe.admission.admit(len(prompts)):
+        rid = rid_of(request)
+        requests = [
+            GenerateRequest(
+                rid if len(prompts) == 1 else f"{rid}-{i}",
+                prompt,
+                None,
+                # one call per prompt: each gets its own random seed when none is given
+                completion_params(body, max_stop_sequences=fe.config.max_stop_sequences),
+                time.time(),
+            )
+            for i, prompt in enumerate(prompts)
+        ]
+        shape = _shape(fe, body)
+        return await _run(
+            request,
+            requests,
+            stream=stream,
+            render=functools.partial(_completion_chunk, shape=shape),
+            tail=functools.partial(_tail, COMPLETION, shape=shape),
+            build=functools.partial(_completion, shape=shape),
+        )
+
+
+def _completion_chunk(job: Job, delta: RequestDelta, *, shape: _Shape) -> list[dict[str, Any]]:
+    """One chunk per delta; like TGI, a prompt's last chunk also carries that prompt's usage."""
+    if not delta.token_ids and delta.finish_reason is None:
+        return []
+    choice = {
+        "index": job.index,
+        "text": delta.text,
+        "logprobs": None,
+        "finish_reason": _finish_reason(delta.finish_reason),
+    }
+    chunk = _envelope(COMPLETION, shape, [choice])
+    if delta.finish_reason is not None:
+        chunk["usage"] = _usage([job])
+    return [chunk]
+
+
+def _completion(group: JobGroup, *, shape: _Shape) -> dict[str, Any]:
+    choices = [
+        {
+            "index": job.index,
+            "text": job.text,
+            "logprobs": None,
+            "finish_reason": _finish_reason(job.finish_reason),
+        }
+        for job in group.jobs
+    ]
+    return {**_envelope(COMPLETION, shape, choices), "usage": _usage(group.jobs)}
+
+
+# ---------------------------------------------------------------------------- models
+
+
+async def models(request: web.Request) -> web.Response:
+    name = frontend(request).config.served_model_name
+    return json_response(
+        {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": name}]}
+    )

@@ -1,0 +1,68 @@
+"""Streaming a job group's deltas to the client as Server-Sent Events."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from tgi_zmq.messages import RequestDelta
+from tgi_zmq.validation import RequestError
+
+from .http import Sse
+from .jobs import Job, JobGroup, tag
+from .state import client_id_of, rid_of
+
+log = logging.getLogger("tgi_zmq.frontend")
+
+# Wait this long for the first output before sending headers, so that errors found by the
+# tokenizer (prompt too long...) still get a real status instead of an in-stream error event.
+HEADER_WAIT_S = 2.0
+KEEPALIVE_S = 15.0  # axum's default SSE keep-alive period
+
+Render = Callable[[Job, RequestDelta], list[Any]]
+
+
+def log_failure(name: str, exc: RequestError) -> None:
+    log.warning("%s failed status=%d error_type=%s error=%s", name, exc.status, exc.error_type, exc.error)
+
+
+async def stream_group(
+    request: web.Request,
+    group: JobGroup,
+    *,
+    render: Render,
+    error_events: Callable[[RequestError], list[Any]],
+    tail: Callable[[], list[Any]] = list,
+    headers: dict[str, str] | None = None,
+) -> web.StreamResponse:
+    """Send ``render(job, delta)`` events until every job finished, then ``tail()``.
+
+    A failure before the first output raises (a normal HTTP error); after that it becomes
+    ``error_events(exc)`` inside the 200 stream. A client gone mid-stream just ends the handler:
+    the caller's ``submit`` block aborts the unfinished jobs.
+    """
+    first = await group.next(HEADER_WAIT_S)
+    sse = await Sse(request, headers).open()
+    try:
+        try:
+            await _pump(sse, group, first, render)
+            await sse.send(*tail())
+        except RequestError as exc:
+            log_failure(tag(rid_of(request), client_id_of(request)), exc)
+            await sse.send(*error_events(exc))
+    except ConnectionResetError:
+        log.info("%s client disconnected", tag(rid_of(request), client_id_of(request)))
+    return sse.response
+
+
+async def _pump(sse: Sse, group: JobGroup, deltas: list[tuple[Job, RequestDelta]], render: Render) -> None:
+    while True:
+        await sse.send(*(event for job, delta in deltas for event in render(job, delta)))
+        if group.done:
+            return
+        deltas = await group.next(KEEPALIVE_S)
+        if not deltas:
+            await sse.keep_alive()

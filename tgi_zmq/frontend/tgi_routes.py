@@ -1,0 +1,183 @@
+"""TGI's own routes: ``POST /``, ``/generate``, ``/generate_stream`` and ``/tokenize``."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any
+
+from aiohttp import web
+
+from tgi_zmq.messages import GenerateRequest, RequestDelta
+from tgi_zmq.validation import RequestError, flag, generate_inputs, generate_params
+
+from .http import json_response, read_json
+from .jobs import Job, submit
+from .state import Frontend, client_id_of, frontend, rid_of
+from .streaming import stream_group
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """What the HTTP layer does with the output (the pipeline never sees these)."""
+
+    details: bool
+    return_full_text: bool
+    prompt: str
+
+
+def _prepare(
+    fe: Frontend, request: web.Request, body: dict[str, Any], *, stream: bool, full_text_default: bool
+) -> tuple[GenerateRequest, _Options]:
+    parameters = body.get("parameters")  # null is treated like omitted
+    config = fe.config
+    params = generate_params(
+        parameters,
+        max_stop_sequences=config.max_stop_sequences,
+        stream=stream,
+        max_input_tokens=config.max_input_tokens,
+    )
+    inputs = generate_inputs(body)
+    p = parameters or {}
+    options = _Options(
+        details=flag(p, "details", False) or flag(p, "decoder_input_details", False),
+        return_full_text=flag(p, "return_full_text", full_text_default),
+        prompt=inputs,
+    )
+    return GenerateRequest(rid_of(request), inputs, None, params, time.time()), options
+
+
+# ---------------------------------------------------------------------------- handlers
+
+
+async def generate(request: web.Request) -> web.Response:
+    """``POST /generate``: one GenerateResponse object."""
+    return await _respond(request, await read_json(request), full_text_default=False, as_list=False)
+
+
+async def generate_stream(request: web.Request) -> web.StreamResponse:
+    """``POST /generate_stream``: SSE StreamResponse events, no ``[DONE]``."""
+    return await _stream(request, await read_json(request), full_text_default=False)
+
+
+async def compat_generate(request: web.Request) -> web.StreamResponse:
+    """``POST /``: ``stream`` picks the SSE or the one-element-array form; full text by default."""
+    body = await read_json(request)
+    if flag(body, "stream", False):
+        return await _stream(request, body, full_text_default=True)
+    return await _respond(request, body, full_text_default=True, as_list=True)
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    """``POST /tokenize``: ``[{id, text, start, stop}]`` (byte offsets into the input)."""
+    fe, body = frontend(request), await read_json(request)
+    rows = await fe.pipeline.tokenize(rid_of(request), generate_inputs(body))
+    return json_response([{"id": i, "text": t, "start": a, "stop": b} for i, t, a, b in rows])
+
+
+async def _respond(
+    request: web.Request, body: dict[str, Any], *, full_text_default: bool, as_list: bool
+) -> web.Response:
+    fe = frontend(request)
+    with fe.admission.admit():
+        req, options = _prepare(fe, request, body, stream=False, full_text_default=full_text_default)
+        with submit(fe.pipeline, [req], route=request.path, client_id=client_id_of(request)) as group:
+            await group.collect()
+    job = group.jobs[0]
+    payload = _generate_response(job, options)
+    return json_response([payload] if as_list else payload, headers=_timing_headers(fe, job))
+
+
+async def _stream(
+    request: web.Request, body: dict[str, Any], *, full_text_default: bool
+) -> web.StreamResponse:
+    fe = frontend(request)
+    with fe.admission.admit():
+        req, options = _prepare(fe, request, body, stream=True, full_text_default=full_text_default)
+        headers = {"x-compute-type": fe.compute_type, "x-compute-characters": str(len(req.prompt or ""))}
+        with submit(fe.pipeline, [req], route=request.path, client_id=client_id_of(request)) as group:
+            return await stream_group(
+                request,
+                group,
+                render=functools.partial(_stream_events, options=options),
+                error_events=_error_event,
+                headers=headers,
+            )
+
+
+# ---------------------------------------------------------------------------- response shapes
+
+
+def _token(job_or_delta: Job | RequestDelta, i: int) -> dict[str, Any]:
+    return {
+        "id": job_or_delta.token_ids[i],
+        "text": job_or_delta.token_texts[i],
+        "logprob": job_or_delta.logprobs[i],
+        "special": job_or_delta.specials[i],
+    }
+
+
+def _full_text(job: Job, options: _Options) -> str:
+    return options.prompt + job.text if options.return_full_text else job.text
+
+
+def _generate_response(job: Job, options: _Options) -> dict[str, Any]:
+    out: dict[str, Any] = {"generated_text": _full_text(job, options)}
+    if options.details:
+        out["details"] = {
+            "finish_reason": job.finish_reason,
+            "generated_tokens": job.generated_tokens,
+            "seed": job.seed,
+            "prefill": [],
+            "tokens": [_token(job, i) for i in range(len(job.token_ids))],
+        }
+    return out
+
+
+def _stream_events(job: Job, delta: RequestDelta, *, options: _Options) -> list[dict[str, Any]]:
+    """One event per token (1-based ``index``); the last carries the text and the details."""
+    first_index = len(job.token_ids) - len(delta.token_ids) + 1
+    events = [_event(first_index + i, _token(delta, i)) for i in range(len(delta.token_ids))]
+    if delta.finish_reason is None:
+        return events
+    if not events:  # a final delta without tokens: close the stream with an empty special token
+        last_id = job.token_ids[-1] if job.token_ids else 0
+        events.append(_event(first_index, {"id": last_id, "text": "", "logprob": 0.0, "special": True}))
+    events[-1]["generated_text"] = _full_text(job, options)
+    if options.details:
+        events[-1]["details"] = {
+            "finish_reason": job.finish_reason,
+            "generated_tokens": job.generated_tokens,
+            "seed": job.seed,
+            "input_length": job.prompt_tokens,
+        }
+    return events
+
+
+def _event(index: int, token: dict[str, Any]) -> dict[str, Any]:
+    return {"index": index, "token": token, "generated_text": None, "details": None}
+
+
+def _error_event(exc: RequestError) -> list[dict[str, Any]]:
+    return [{"error": exc.error, "error_type": exc.error_type}]
+
+
+def _timing_headers(fe: Frontend, job: Job) -> dict[str, str]:
+    """TGI's ``x-*`` timing headers. We cannot split validation from queueing: ``x-queue-time`` is
+    the time to the first token, ``x-inference-time`` the rest."""
+    total = job.duration()
+    first = (job.first_output or job.started) - job.started
+    decode = max(total - first, 0.0)
+    return {
+        "x-compute-type": fe.compute_type,
+        "x-compute-time": f"{total:.6f}",
+        "x-compute-characters": str(len(job.request.prompt or "")),
+        "x-total-time": str(round(total * 1000)),
+        "x-validation-time": "0",
+        "x-queue-time": str(round(first * 1000)),
+        "x-inference-time": str(round(decode * 1000)),
+        "x-time-per-token": str(round(decode * 1000 / max(job.generated_tokens - 1, 1))),
+        "x-prompt-tokens": str(job.prompt_tokens),
+        "x-generated-tokens": str(job.generated_tokens),
+    }

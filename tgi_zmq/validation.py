@@ -1,0 +1,415 @@
+"""Request validation: TGI's parameter rules and messages, as pure functions (no I/O).
+
+The HTTP frontend turns request bodies into ``SamplingParams`` with these functions; the
+tokenizer process calls ``check_lengths`` once it knows the prompt's token count. Every
+rejection is a ``RequestError`` carrying the HTTP status and TGI ``error_type`` to answer with;
+``ValidationError`` is TGI's 422 ``Input validation error: ...``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Mapping
+from typing import Any
+
+from tgi_zmq.messages import SamplingParams
+
+VALIDATION_PREFIX = "Input validation error: "
+
+
+class RequestError(Exception):
+    """A request refused with an HTTP ``status`` and a TGI ``error_type``; ``str(exc)`` is the message."""
+
+    def __init__(self, message: str, *, error_type: str = "validation", status: int = 422) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.status = status
+
+    @property
+    def error(self) -> str:
+        """The text of the response's ``error`` field."""
+        return str(self)
+
+
+class ValidationError(RequestError):
+    """TGI's 422 validation error; ``str(exc)`` is the text after "Input validation error: "."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_type="validation", status=422)
+
+    @property
+    def error(self) -> str:
+        return VALIDATION_PREFIX + str(self)
+
+
+# ---------------------------------------------------------------------------- typed field readers
+
+
+def _float(obj: Mapping[str, Any], name: str) -> float | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValidationError(f"`{name}` must be a number. Given: {value!r:.60}")
+    return float(value)
+
+
+def _int(obj: Mapping[str, Any], name: str) -> int | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(f"`{name}` must be an integer. Given: {value!r:.60}")
+    return value
+
+
+def _uint(obj: Mapping[str, Any], name: str) -> int | None:
+    value = _int(obj, name)
+    if value is not None and value < 0:
+        raise ValidationError(f"`{name}` must be a non-negative integer. Given: {value}")
+    return value
+
+
+def flag(obj: Mapping[str, Any], name: str, default: bool) -> bool:
+    """A boolean field; absent or null gives ``default``."""
+    value = obj.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValidationError(f"`{name}` must be a boolean. Given: {value!r:.60}")
+    return value
+
+
+def _str_list(obj: Mapping[str, Any], name: str, *, allow_str: bool = False) -> list[str]:
+    value = obj.get(name)
+    if value is None:
+        return []
+    if allow_str and isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValidationError(f"`{name}` must be a list of strings")
+    return value
+
+
+# ---------------------------------------------------------------------------- shared rules
+
+
+def _check_ranges(
+    *,
+    temperature: float | None,
+    repetition_penalty: float | None,
+    frequency_penalty: float | None,
+    top_p: float | None,
+    typical_p: float | None,
+    top_k: int | None,
+    max_new_tokens: int | None,
+    stop: list[str],
+    max_stop_sequences: int,
+) -> None:
+    """TGI's router checks, in the router's order and with its messages."""
+    if temperature is not None and temperature <= 0.0:
+        raise ValidationError("`temperature` must be strictly positive")
+    if repetition_penalty is not None and repetition_penalty <= 0.0:
+        raise ValidationError("`repetition_penalty` must be strictly positive")
+    if frequency_penalty is not None and not -2.0 <= frequency_penalty <= 2.0:
+        raise ValidationError("`frequency_penalty` must be >= -2.0 and <= 2.0")
+    if top_p is not None and not 0.0 < top_p < 1.0:
+        raise ValidationError("`top_p` must be > 0.0 and < 1.0")
+    if typical_p is not None and not 0.0 < typical_p < 1.0:
+        raise ValidationError("`typical_p` must be > 0.0 and < 1.0")
+    if top_k is not None and top_k <= 0:
+        raise ValidationError("`top_k` must be strictly positive")
+    if max_new_tokens is not None and max_new_tokens <= 0:
+        raise ValidationError("`max_new_tokens` must be strictly positive")
+    if len(stop) > max_stop_sequences:
+        raise ValidationError(
+            f"`stop` supports up to {max_stop_sequences} stop sequences. Given: {len(stop)}"
+        )
+
+
+def _seed(seed: int | None, sampling: bool) -> int | None:
+    """Greedy requests carry no seed; sampled ones always do (random when not given)."""
+    if not sampling:
+        return None
+    if seed is None:
+        return random.getrandbits(63)
+    if seed >= 2**64:
+        raise ValidationError(f"`seed` must be < 2^64. Given: {seed}")
+    return seed
+
+
+def _reject_grammar(value: Any) -> None:
+    if value is not None:
+        raise ValidationError("grammar is not supported")
+
+
+# ---------------------------------------------------------------------------- /generate family
+
+
+def generate_params(
+    parameters: dict[str, Any] | None,
+    *,
+    max_stop_sequences: int,
+    stream: bool = False,
+    max_input_tokens: int | None = None,
+) -> SamplingParams:
+    """``parameters`` of ``/generate``, ``/generate_stream`` and ``POST /`` (None = omitted).
+
+    ``max_input_tokens``, when given, checks ``truncate``'s upper bound here (as TGI does, before
+    tokenizing); ``check_lengths`` checks it again in any case.
+    """
+    omitted = parameters is None
+    p: dict[str, Any] = {} if omitted else parameters
+    if not isinstance(p, dict):
+        raise ValidationError("`parameters` must be an object")
+    _check_stream_only(p, stream)
+    temperature, top_p, typical_p = _float(p, "temperature"), _float(p, "top_p"), _float(p, "typical_p")
+    top_k, max_new_tokens = _int(p, "top_k"), _int(p, "max_new_tokens")
+    repetition_penalty, frequency_penalty = _float(p, "repetition_penalty"), _float(p, "frequency_penalty")
+    stop, seed, truncate = _str_list(p, "stop"), _uint(p, "seed"), _uint(p, "truncate")
+    for name in ("details", "return_full_text", "watermark", "decoder_input_details"):
+        flag(p, name, False)  # type check only: the frontend reads them (watermark is not implemented)
+    _check_ranges(
+        temperature=temperature,
+        repetition_penalty=repetition_penalty,
+        frequency_penalty=frequency_penalty,
+        top_p=top_p,
+        typical_p=typical_p,
+        top_k=top_k,
+        max_new_tokens=max_new_tokens,
+        stop=stop,
+        max_stop_sequences=max_stop_sequences,
+    )
+    if _uint(p, "top_n_tokens"):
+        raise ValidationError("`top_n_tokens` != 0 is not allowed for this endpoint")
+    _check_truncate(truncate, max_input_tokens)
+    _reject_grammar(p.get("grammar"))
+    # Mirror the shard's NextTokenChooser: any warper turns sampling on. typical_p turns it on
+    # too, as in TGI, but the typical-p warper itself is not implemented (the value is ignored).
+    sampling = (
+        flag(p, "do_sample", omitted)
+        or (temperature is not None and temperature != 1.0)
+        or bool(top_k)
+        or (top_p is not None and top_p < 1.0)
+        or (typical_p is not None and typical_p < 1.0)
+    )
+    return SamplingParams(
+        do_sample=sampling,
+        temperature=1.0 if temperature is None else temperature,
+        top_k=top_k or 0,
+        top_p=1.0 if top_p is None else top_p,
+        repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+        frequency_penalty=frequency_penalty or 0.0,
+        seed=_seed(seed, sampling),
+        max_new_tokens=max_new_tokens,
+        stop=stop,
+        ignore_eos=flag(p, "ignore_eos", False),  # extension (vLLM), handy for benchmarks
+        truncate=truncate,
+    )
+
+
+def _check_stream_only(p: Mapping[str, Any], stream: bool) -> None:
+    """TGI's checks made before validation proper (``best_of`` is capped at 1 here)."""
+    best_of = _uint(p, "best_of")
+    if best_of is not None and best_of != 1:
+        if stream:
+            raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
+        raise ValidationError("`best_of` != 1 is not allowed for this endpoint")
+    if stream and flag(p, "decoder_input_details", False):
+        raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
+
+
+def _check_truncate(truncate: int | None, max_input_tokens: int | None) -> None:
+    if truncate is None:
+        return
+    if truncate == 0 or (max_input_tokens is not None and truncate > max_input_tokens):
+        bound = "" if max_input_tokens is None else f" and less than {max_input_tokens}"
+        raise ValidationError(f"`truncate` must be strictly positive{bound}. Given: {truncate}")
+
+
+def generate_inputs(body: Mapping[str, Any]) -> str:
+    """The ``inputs`` prompt of a ``/generate``-family body."""
+    inputs = body.get("inputs")
+    if not isinstance(inputs, str):
+        raise ValidationError("`inputs` must be a string")
+    if not inputs:
+        raise ValidationError("`inputs` cannot be empty")
+    return inputs
+
+
+# ---------------------------------------------------------------------------- OpenAI routes
+
+
+def _openai_params(
+    body: Mapping[str, Any], *, max_stop_sequences: int, repetition_penalty: float | None
+) -> SamplingParams:
+    """Rules shared by chat and completions: temperature 0 means greedy, anything else samples."""
+    temperature = _float(body, "temperature")
+    max_tokens = _int(body, "max_tokens")
+    if max_tokens is None:
+        max_tokens = _int(body, "max_completion_tokens")
+    top_p, frequency_penalty = _float(body, "top_p"), _float(body, "frequency_penalty")
+    stop = _str_list(body, "stop", allow_str=True)
+    greedy = temperature == 0.0
+    temperature = None if greedy else temperature
+    _check_ranges(
+        temperature=temperature,
+        repetition_penalty=repetition_penalty,
+        frequency_penalty=frequency_penalty,
+        top_p=top_p,
+        typical_p=None,
+        top_k=None,
+        max_new_tokens=max_tokens,
+        stop=stop,
+        max_stop_sequences=max_stop_sequences,
+    )
+    _check_n(body)
+    return SamplingParams(
+        do_sample=not greedy,
+        temperature=1.0 if temperature is None else temperature,
+        top_p=1.0 if top_p is None else top_p,
+        repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+        frequency_penalty=frequency_penalty or 0.0,
+        seed=_seed(_uint(body, "seed"), not greedy),
+        max_new_tokens=max_tokens,
+        stop=stop,
+        ignore_eos=flag(body, "ignore_eos", False),
+    )
+
+
+def _check_n(body: Mapping[str, Any]) -> None:
+    n = _int(body, "n")
+    if n is not None and n != 1:
+        raise ValidationError("`n` != 1 is not allowed for this endpoint")
+
+
+def _repetition_penalty(body: Mapping[str, Any]) -> float | None:
+    """``repetition_penalty`` (vLLM extension) wins; else a nonzero ``presence_penalty``.
+
+    TGI maps ``presence_penalty`` to ``repetition_penalty = presence_penalty + 2.0`` even when it is
+    0.0 (turning a neutral OpenAI default into a strong penalty). We ignore 0.0 and map any other
+    value exactly like TGI, so -2.0 is refused as a non-positive repetition penalty.
+    """
+    penalty = _float(body, "repetition_penalty")
+    presence = _float(body, "presence_penalty")
+    if penalty is None and presence:
+        penalty = presence + 2.0
+    return penalty
+
+
+def chat_params(body: Mapping[str, Any], *, max_stop_sequences: int) -> SamplingParams:
+    """Sampling parameters of a ``/v1/chat/completions`` body."""
+    flag(body, "logprobs", False)
+    _int(body, "top_logprobs")  # accepted, ignored: no top tokens
+    _reject_grammar(_response_format(body))
+    _reject_tools(body)
+    return _openai_params(
+        body, max_stop_sequences=max_stop_sequences, repetition_penalty=_repetition_penalty(body)
+    )
+
+
+def _response_format(body: Mapping[str, Any]) -> Any:
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "text":
+        return None
+    return fmt
+
+
+def _reject_tools(body: Mapping[str, Any]) -> None:
+    if body.get("tools") and body.get("tool_choice") != "none":
+        raise RequestError("Tool error: tools are not supported", error_type="tool_error")
+
+
+def completion_params(body: Mapping[str, Any], *, max_stop_sequences: int) -> SamplingParams:
+    """Sampling parameters of a ``/v1/completions`` body (``suffix`` is refused like TGI)."""
+    if body.get("suffix") is not None:
+        raise RequestError(
+            "Suffix is not supported and can be achieved by preprocessing the prompt.",
+            error_type="suffix not supported",
+        )
+    return _openai_params(
+        body, max_stop_sequences=max_stop_sequences, repetition_penalty=_repetition_penalty(body)
+    )
+
+
+def completion_prompts(body: Mapping[str, Any], *, max_client_batch_size: int) -> list[str]:
+    """``prompt``: a string or a non-empty list of strings, at most ``max_client_batch_size``."""
+    prompt = body.get("prompt")
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValidationError("`prompt` must be a string or a non-empty list of strings")
+    if len(prompts) > max_client_batch_size:
+        raise RequestError(
+            f"Number of prompts exceeds the maximum allowed batch size of {max_client_batch_size}",
+            error_type="batch size exceeded",
+        )
+    if not all(prompts):
+        raise ValidationError("`inputs` cannot be empty")
+    return prompts
+
+
+def chat_messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
+    """``messages`` normalised to ``[{"role", "content": str}]`` (text parts joined, no images)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ValidationError("`messages` must be a non-empty list")
+    return [_chat_message(m, i) for i, m in enumerate(messages)]
+
+
+def _chat_message(message: Any, index: int) -> dict[str, str]:
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise ValidationError(f"`messages[{index}]` must be an object with a string `role`")
+    content = message.get("content")
+    if content is None and message.get("tool_calls"):
+        content = _tool_calls_text(message["tool_calls"])
+    return {"role": message["role"], "content": _content_text(content, index)}
+
+
+def _content_text(content: Any, index: int) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ValidationError(f"`messages[{index}].content` must be a string or a list of content parts")
+    parts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append(part["text"])
+        elif kind == "image_url":
+            raise ValidationError("image modality is not supported")
+        else:
+            raise ValidationError(
+                f'`messages[{index}].content` parts must be {{"type": "text", "text": str}}'
+            )
+    return "".join(parts)
+
+
+def _tool_calls_text(tool_calls: Any) -> str:
+    """TGI feeds an assistant's earlier tool calls to the template as JSON text."""
+    return json.dumps(tool_calls, separators=(",", ":"))
+
+
+# ---------------------------------------------------------------------------- after tokenization
+
+
+def check_lengths(
+    input_tokens: int, params: SamplingParams, *, max_input_tokens: int, max_total_tokens: int
+) -> int:
+    """Check a tokenized (and truncated) prompt against the limits; return the resolved max_new_tokens."""
+    _check_truncate(params.truncate, max_input_tokens)
+    if params.max_new_tokens is None:
+        max_new_tokens = max(max_total_tokens - input_tokens, 0)
+    else:
+        max_new_tokens = params.max_new_tokens
+    if input_tokens + max_new_tokens > max_total_tokens:
+        raise ValidationError(
+            f"`inputs` tokens + `max_new_tokens` must be <= {max_total_tokens}. "
+            f"Given: {input_tokens} `inputs` tokens and {max_new_tokens} `max_new_tokens`"
+        )
+    if input_tokens > max_input_tokens:
+        raise ValidationError(
+            f"`inputs` must have less than {max_input_tokens} tokens. Given: {input_tokens}"
+        )
+    return max_new_tokens
