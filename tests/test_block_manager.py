@@ -1,0 +1,115 @@
+"""Block manager and scheduler policy under random arrivals, aborts and preemptions (hypothesis)."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tgi_zmq.block_manager import BlockManager
+from tgi_zmq.messages import SamplingParams
+from tgi_zmq.scheduler import Request, Scheduler
+
+
+def test_grow_and_release():
+    bm = BlockManager(4, 16)
+    table: list[int] = []
+    assert bm.grow(table, 17) and len(table) == 2
+    assert bm.grow(table, 32) and len(table) == 2
+    assert not bm.grow(table, 16 * 5)  # only 2 blocks left: nothing taken
+    assert len(table) == 2 and bm.num_free == 2
+    bm.release(table)
+    assert table == [] and bm.num_free == 4
+
+
+def check_invariants(sched: Scheduler) -> None:
+    bm = sched.blocks
+    held = [b for r in sched.running + list(sched.waiting) for b in r.blocks]
+    assert len(held) == len(set(held)), "a block is held twice"
+    assert sorted(held + list(bm.free_ids)) == list(range(bm.num_blocks)), "a block leaked"
+    for req in sched.waiting:
+        assert req.blocks == [] and req.num_computed == 0
+    for req in sched.running:
+        assert len(req.blocks) >= bm.blocks_for(req.num_computed)
+
+
+actions = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.integers(1, 40), st.integers(1, 12)),
+        st.tuples(st.just("step"), st.integers(0, 2**31), st.just(0)),
+        st.tuples(st.just("abort"), st.integers(0, 1000), st.just(0)),
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(actions=actions, num_blocks=st.integers(3, 24), budget=st.integers(1, 48))
+def test_policy_never_double_allocates_or_leaks(actions, num_blocks, budget):
+    sched = Scheduler(
+        BlockManager(num_blocks, 4), budget, 8, eos_token_ids=(0,), max_total_tokens=num_blocks * 4
+    )
+    made = []
+    for kind, a, b in actions:
+        if kind == "add":
+            prompt = [1] * min(a, num_blocks * 4 - b)
+            if not prompt:
+                continue
+            req = Request(f"r{len(made)}", prompt, SamplingParams(), b)
+            made.append(req)
+            sched.add(req)
+        elif kind == "abort" and made:
+            req = made[a % len(made)]
+            if req.finish_reason is None:
+                sched.finish(req, "aborted")
+        elif kind == "step":
+            batch = sched.schedule()
+            if batch:
+                n = sum(batch.samples())
+                sched.update(batch, [(a + i) % 5 for i in range(n)], [0.0] * n)
+        check_invariants(sched)
+    while sched.has_work():  # everything finishes: every block comes back
+        batch = sched.schedule()
+        assert batch is not None, "deadlock: work left but nothing schedulable"
+        n = sum(batch.samples())
+        sched.update(batch, [1] * n, [0.0] * n)
+        check_invariants(sched)
+    assert sched.blocks.num_free == num_blocks
+    assert all(r.finish_reason for r in made)
+
+
+def test_preemption_takes_the_newest_and_requeues_it_first():
+    sched = Scheduler(BlockManager(4, 4), 64, 8, eos_token_ids=(), max_total_tokens=16)
+    old, new = Request("old", [1] * 8, SamplingParams(), 8), Request("new", [1] * 7, SamplingParams(), 8)
+    sched.add(old)
+    sched.add(new)
+    batch = sched.schedule()
+    assert batch.requests == [old, new]
+    sched.update(batch, [1, 1], [0.0, 0.0])  # old: 9 tokens (needs a 3rd block), new: 8
+    batch = sched.schedule()
+    assert batch.requests == [old] and sched.waiting[0] is new and new.num_computed == 0
+    assert sched.num_preemptions == 1
+
+
+def test_chunked_prefill_respects_the_step_budget():
+    sched = Scheduler(BlockManager(64, 4), 10, 8, eos_token_ids=(), max_total_tokens=256)
+    long = Request("long", list(range(25)), SamplingParams(), 4)
+    sched.add(long)
+    chunks = []
+    while not long.output_ids:
+        batch = sched.schedule()
+        chunks.append(batch.num_new[0])
+        sched.update(batch, [7] * sum(batch.samples()), [0.0] * sum(batch.samples()))
+    assert chunks == [10, 10, 5]
+
+
+def test_finish_reasons():
+    sched = Scheduler(BlockManager(64, 4), 64, 8, eos_token_ids=(2,), max_total_tokens=12)
+    eos = Request("eos", [5, 5], SamplingParams(), 10)
+    ignore = Request("ignore", [5, 5], SamplingParams(ignore_eos=True), 2)
+    ctx = Request("ctx", [5] * 10, SamplingParams(ignore_eos=True), 10)  # hits max_total_tokens
+    for r in (eos, ignore, ctx):
+        sched.add(r)
+    while sched.has_work():
+        batch = sched.schedule()
+        n = sum(batch.samples())
+        sched.update(batch, [2] * n, [0.0] * n)
+    assert (eos.finish_reason, ignore.finish_reason, ctx.finish_reason) == ("eos_token", "length", "length")
+    assert ignore.output_ids == [2, 2] and ctx.num_tokens == 12

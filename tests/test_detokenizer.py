@@ -1,0 +1,76 @@
+"""Incremental detokenization equals a full decode; stop sequences; the per-step batch processor."""
+
+import pytest
+from transformers import AutoTokenizer
+
+from tgi_zmq import messages as m
+from tgi_zmq.convert import default_model_dir
+from tgi_zmq.detokenizer import BatchDetokenizer, DecodeState, IncrementalDetokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    folder = default_model_dir()
+    if not (folder / "tokenizer.json").exists():
+        pytest.skip("default model not converted (./scripts/setup does it)")
+    return AutoTokenizer.from_pretrained(folder)
+
+
+TEXTS = [
+    "Hello world, this is a test.",
+    "Émilie a mangé 3 crêpes à Noël 🎄🎅 — voilà!",
+    "中文字符和日本語のテキスト",
+    "  leading spaces\n\nand\ttabs  ",
+]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_incremental_text_equals_full_decode(tokenizer, text):
+    detok = IncrementalDetokenizer(tokenizer)
+    prompt = tokenizer("Say:")["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    state = DecodeState.start(prompt, [])
+    pieces = [detok.add(state, i).text for i in ids]
+    assert "".join(pieces) == tokenizer.decode(ids)
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_special_tokens_are_skipped_in_text_but_named(tokenizer):
+    detok = IncrementalDetokenizer(tokenizer)
+    state = DecodeState.start([], [])
+    ids = tokenizer("Paris.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    pieces = [detok.add(state, i) for i in ids]
+    assert "".join(p.text for p in pieces) == "Paris."
+    assert pieces[-1].special and pieces[-1].token_text == tokenizer.eos_token and pieces[-1].text == ""
+
+
+def test_stop_sequence_cuts_after_the_match(tokenizer):
+    detok = IncrementalDetokenizer(tokenizer)
+    state = DecodeState.start([], ["world"])
+    ids = tokenizer("Hello world and more", add_special_tokens=False)["input_ids"]
+    text, stopped_at = "", None
+    for n, i in enumerate(ids):
+        piece = detok.add(state, i)
+        text += piece.text
+        if piece.stopped:
+            stopped_at = n
+            break
+    assert text == "Hello world" and stopped_at is not None
+
+
+def test_stop_sequence_split_over_tokens():
+    state = DecodeState(ids=[], prefix_offset=0, read_offset=0, stop=["abc"], text="xa")
+    assert IncrementalDetokenizer._apply_stop(state, "bcd") == ("bc", True)
+    assert IncrementalDetokenizer._apply_stop(state, "bd") == ("bd", False)
+
+
+def test_batch_detokenizer_streams_deltas_and_drops_late_tokens(tokenizer):
+    batch = BatchDetokenizer(tokenizer)
+    ids = tokenizer(" one two three", add_special_tokens=False)["input_ids"]
+    info = m.DetokRequestInfo("r", [], 4, ["two"], 5)
+    out, stopped = batch.process(m.BatchTokenOutput([info], ["r"], [ids[0]], [-0.5], [None]))
+    assert out.deltas[0].text == " one" and out.deltas[0].prompt_tokens == 4 and out.deltas[0].seed == 5
+    out, stopped = batch.process(m.BatchTokenOutput([], ["r"], [ids[1]], [-0.5], [None]))
+    assert stopped == ["r"] and out.deltas[0].finish_reason == "stop_sequence"
+    out, _ = batch.process(m.BatchTokenOutput([], ["r"], [ids[2]], [-0.5], [None]))
+    assert out.deltas == []  # the scheduler may still send a token or two: ignored
