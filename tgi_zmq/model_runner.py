@@ -15,7 +15,7 @@ class ModelRunner:
         self.model = load_model(model_id, dtype, device)
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.cache = self.model.new_cache(num_blocks * block_size)
+        self.cache = self.model.new_cache(num_blocks, block_size)
 
     @torch.inference_mode()
     def execute(self, step: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -128,9 +128,11 @@ class LlamaModel:
             down=w.get(p + "mlp.down_proj.weight"),
         )
 
-    def new_cache(self, num_slots: int) -> KVCache:
+    def new_cache(self, num_blocks: int, block_size: int) -> KVCache:
         c = self.cfg
-        return KVCache(c.num_layers, num_slots, c.num_kv_heads, c.head_dim, self.dtype, self.device)
+        return KVCache(
+            c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, self.dtype, self.device
+        )
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # Like transformers: normalise in float32, scale in the model dtype.
