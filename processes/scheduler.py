@@ -130,6 +130,7 @@ class SchedulerProcess:
     # ------------------------------------------------------------------ the step
 
     def run_step(self) -> None:
+        started = time.perf_counter()
         batch = self.policy.schedule()
         if batch is None:
             return
@@ -142,13 +143,26 @@ class SchedulerProcess:
         except zmq.ZMQError as exc:
             self.fail_batch(batch, f"worker unreachable ({exc})")
             return
+        sent = time.perf_counter()
         answer = self.wait_for(self.step_id)
         if isinstance(answer, m.WorkerFailure):
             self.fail_batch(batch, answer.message)
             return
+        received = time.perf_counter()
         out = self.results.read(answer.buffer, answer.tensors)
         produced = self.policy.update(batch, out["next_ids"].tolist(), out["logprobs"].tolist())
         self.emit(produced)
+        log.debug(
+            "step %d: %d requests, %d tokens; schedule %.2f ms, round trip %.2f ms (forward %.2f), "
+            "emit %.2f ms",
+            self.step_id,
+            len(batch.requests),
+            sum(batch.num_new),
+            (sent - started) * 1e3,
+            (received - sent) * 1e3,
+            answer.forward_seconds * 1e3,
+            (time.perf_counter() - received) * 1e3,
+        )
 
     def wait_for(self, step_id: int) -> m.StepResult | m.WorkerFailure:
         """Wait for the step's answer while still taking in requests and aborts."""
