@@ -22,7 +22,7 @@ from tgi_zmq.detokenizer import PROMPT_TAIL
 from tgi_zmq.runtime import exit_on_sigterm, pull, push, setup_logging, start_heartbeat
 from tgi_zmq.scheduler import Request, ScheduledBatch, Scheduler
 from tgi_zmq.step import build_step
-from tgi_zmq.transport import ShmReader, ShmRing
+from tgi_zmq.transport import TensorReader, TensorRing
 
 log = setup_logging("scheduler")
 
@@ -53,8 +53,8 @@ class SchedulerProcess:
         self.poller = zmq.Poller()
         self.poller.register(self.inbox, zmq.POLLIN)
         self.poller.register(self.workers, zmq.POLLIN)
-        self.ring = ShmRing(f"{config.shm_prefix}-step", 4, step_buffer_size(config))
-        self.results = ShmReader()
+        self.ring = TensorRing(f"{config.shm_prefix}-step", 4, step_buffer_size(config), config.device)
+        self.results = TensorReader(config.device)
         self.policy = Scheduler(
             BlockManager(config.num_blocks, config.block_size),
             max_step_tokens=config.max_batch_prefill_tokens,
@@ -135,8 +135,8 @@ class SchedulerProcess:
         if batch is None:
             return
         self.step_id += 1
-        buffer, refs = self.ring.write(build_step(batch, self.config.block_size))
-        header = m.encode(m.ForwardStep(self.step_id, buffer, refs))
+        buffer, refs, handle = self.ring.write(build_step(batch, self.config.block_size))
+        header = m.encode(m.ForwardStep(self.step_id, buffer, refs, handle))
         try:
             for rank in range(self.config.num_shard):
                 self.workers.send_multipart([f"worker-{rank}".encode(), header])
@@ -149,7 +149,7 @@ class SchedulerProcess:
             self.fail_batch(batch, answer.message)
             return
         received = time.perf_counter()
-        out = self.results.read(answer.buffer, answer.tensors)
+        out = self.results.read(answer.buffer, answer.tensors, answer.cuda_handle)
         produced = self.policy.update(batch, out["next_ids"].tolist(), out["logprobs"].tolist())
         self.emit(produced)
         log.debug(

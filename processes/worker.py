@@ -31,7 +31,7 @@ def main() -> None:
     import torch
 
     from tgi_zmq.model_runner import ModelRunner
-    from tgi_zmq.transport import ShmReader, ShmRing
+    from tgi_zmq.transport import TensorReader, TensorRing
 
     torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
 
@@ -53,8 +53,8 @@ def main() -> None:
     sock.send(m.encode(m.WorkerReady(rank, BOOT_ID, config.num_blocks)))
     loaded = True
 
-    steps = ShmReader()
-    results = ShmRing(f"{config.shm_prefix}-result-{rank}", 4, 1 << 20)
+    steps = TensorReader(config.device)
+    results = TensorRing(f"{config.shm_prefix}-result-{rank}", 4, 1 << 20, config.device)
     try:
         while True:
             try:
@@ -74,12 +74,12 @@ def run_step(runner, steps, results, msg: m.ForwardStep, log):
     """Forward one step; a failure becomes a ``WorkerFailure`` answer instead of a crash."""
     started = time.perf_counter()
     try:
-        out = runner.execute(steps.read(msg.buffer, msg.tensors))
+        out = runner.execute(steps.read(msg.buffer, msg.tensors, msg.cuda_handle))
     except Exception as exc:  # a bad step must not take the worker down
         log.exception("step %d failed", msg.step_id)
         return m.WorkerFailure(msg.step_id, f"{type(exc).__name__}: {exc}")
-    buffer, refs = results.write(out)
-    return m.StepResult(msg.step_id, buffer, refs, time.perf_counter() - started)
+    buffer, refs, handle = results.write(out)
+    return m.StepResult(msg.step_id, buffer, refs, handle, time.perf_counter() - started)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def test_killed_worker_fails_inflight_and_service_recovers(own_service):
     results = {}
 
     def long_request():
-        body = {"inputs": "Tell me a story", "parameters": {"max_new_tokens": 1500}}
+        body = {"inputs": "Tell me a story", "parameters": {"max_new_tokens": 1500, "ignore_eos": True}}
         results["response"] = requests.post(own_service.url + "/generate", json=body, timeout=120)
 
     thread = threading.Thread(target=long_request)

@@ -17,7 +17,8 @@ def test_every_message_round_trips():
         m.TokenizedRequest("a", [1, 2, 3], params, 10, 2.0),
         m.BatchTokenOutput([m.DetokRequestInfo("a", [1], 3, [], None)], ["a"], [5], [-0.25], ["length"]),
         m.BatchTextOutput([m.RequestDelta("a", [5], ["x"], [-0.1], [False], "x", None, 1, 3, 7)]),
-        m.ForwardStep(3, "buf", [m.TensorRef("input_ids", "int64", [4], 0)]),
+        m.ForwardStep(3, "buf", [m.TensorRef("input_ids", "int64", [4], 0)], None),
+        m.StepResult(3, "cuda-buf", [], [0, b"\x01handle", 1024, 0, b"ref", 0, b"ev", True], 0.01),
         m.ErrorOutput("a", "bad", "validation", 422),
         m.Heartbeat("worker-0", "boot", 12, True),
     ]

@@ -300,6 +300,7 @@ class ForwardStep:
     step_id: int
     buffer: str
     tensors: list[TensorRef]
+    cuda_handle: list[Any] | None  # CUDA IPC handle of ``buffer`` on GPU; None for shared memory
 
 
 @message(tag=22)
@@ -309,6 +310,7 @@ class StepResult:
     step_id: int
     buffer: str
     tensors: list[TensorRef]
+    cuda_handle: list[Any] | None
     forward_seconds: float
 
 

@@ -25,4 +25,4 @@ class ModelRunner:
         logit_rows = step["query_start"][1:][step["sample_seq"]].long() - 1
         logits = self.model.forward(step["input_ids"], step["positions"], self.cache, meta, logit_rows)
         next_ids, logprobs = sample(logits, step)
-        return {"next_ids": next_ids.cpu(), "logprobs": logprobs.float().cpu()}
+        return {"next_ids": next_ids, "logprobs": logprobs.float()}

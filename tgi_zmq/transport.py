@@ -1,15 +1,15 @@
 """Shared-memory tensor transport: bulk per-step tensors cross processes without copies on the socket.
 
-The producer owns a ``ShmRing`` of a few fixed-size slots, packs a step's tensors into
+The producer owns a ``TensorRing`` of a few fixed-size slots, packs a step's tensors into
 one slot and sends only ``TensorRef`` headers (name, dtype, shape, offset) over ZeroMQ.
 The consumer maps the same file once and views the tensors in place.
 
 A slot is reused only after the consumer has answered for the step that used it
 (the scheduler waits for a step's result before reusing its slot), so no locking is needed.
 
-On CPU the buffers are POSIX shared memory (files in /dev/shm, mmap'd). On CUDA the
-consumer copies the views to the device; ``CudaIpcBuffer`` is the device-side variant that
-shares one device allocation between processes by CUDA IPC handle.
+On CPU the buffers are POSIX shared memory (files in /dev/shm, mmap'd). On CUDA they are
+device allocations shared by CUDA IPC handle (``CudaIpcBuffer``), chosen by the device switch
+of ``TensorRing``; the handle rides in the header the first time a buffer is used.
 """
 
 from __future__ import annotations
@@ -82,6 +82,10 @@ class ShmBuffer:
             out[ref.name] = self.bytes[ref.offset : ref.offset + nbytes].view(dtype).view(ref.shape)
         return out
 
+    def handle(self) -> None:
+        """Shared memory is found by name; only CUDA buffers need a handle."""
+        return None
+
     def close(self) -> None:
         del self.bytes
         self.mmap.close()
@@ -89,34 +93,47 @@ class ShmBuffer:
             self.path.unlink(missing_ok=True)
 
 
-class ShmRing:
-    """``slots`` producer-owned buffers used round-robin, one per in-flight step."""
+class TensorRing:
+    """``slots`` producer-owned buffers used round-robin, one per in-flight step.
 
-    def __init__(self, prefix: str, slots: int, slot_size: int):
-        self.buffers = [ShmBuffer(f"{prefix}-{i}", slot_size, create=True) for i in range(slots)]
+    Host shared memory, or CUDA IPC buffers when ``device`` is a GPU (then the consumer gets
+    device tensors without a host round trip).
+    """
+
+    def __init__(self, prefix: str, slots: int, slot_size: int, device: str = "cpu"):
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            self.buffers = [CudaIpcBuffer(f"{prefix}-{i}", slot_size, dev) for i in range(slots)]
+        else:
+            self.buffers = [ShmBuffer(f"{prefix}-{i}", slot_size, create=True) for i in range(slots)]
         self.next = 0
 
-    def write(self, tensors: dict[str, torch.Tensor]) -> tuple[str, list[TensorRef]]:
+    def write(self, tensors: dict[str, torch.Tensor]) -> tuple[str, list[TensorRef], list | None]:
+        """Pack a step's tensors into the next slot: (buffer name, tensor headers, CUDA handle)."""
         buffer = self.buffers[self.next]
         self.next = (self.next + 1) % len(self.buffers)
-        return buffer.name, buffer.write(tensors)
+        return buffer.name, buffer.write(tensors), buffer.handle()
 
     def close(self) -> None:
         for buffer in self.buffers:
             buffer.close()
 
 
-class ShmReader:
+class TensorReader:
     """Consumer side: maps each producer buffer once, on first use."""
 
-    def __init__(self) -> None:
-        self.buffers: dict[str, ShmBuffer] = {}
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.buffers: dict[str, ShmBuffer | CudaIpcBuffer] = {}
 
-    def read(self, name: str, refs: list[TensorRef]) -> dict[str, torch.Tensor]:
+    def read(self, name: str, refs: list[TensorRef], handle: list | None = None) -> dict[str, torch.Tensor]:
         if "/" in name or name.startswith("."):
             raise ValueError(f"bad shared-memory name {name!r}")
         if name not in self.buffers:
-            self.buffers[name] = ShmBuffer(name, 0, create=False)
+            if handle is None:
+                self.buffers[name] = ShmBuffer(name, 0, create=False)
+            else:
+                self.buffers[name] = CudaIpcBuffer.open(name, handle)
         return self.buffers[name].read(refs)
 
     def close(self) -> None:
@@ -133,28 +150,38 @@ def remove_stale(prefix: str) -> None:
 class CudaIpcBuffer:
     """A device buffer shared between processes by CUDA IPC handle (GPU path only).
 
-    The owner allocates ``size`` bytes on its device and publishes ``handle()``, a tuple of
-    plain values that fits in a msgpack header; another process rebuilds a tensor aliasing
-    the same device memory with ``CudaIpcBuffer.open(handle)``. It packs tensors exactly
-    like ``ShmBuffer`` so the scheduler code does not care which one it holds.
+    The owner allocates ``size`` bytes on its device and publishes ``handle()``, a list of
+    plain values (ints, bytes, bools) that fits in a msgpack header; another process rebuilds
+    a tensor aliasing the same device memory with ``CudaIpcBuffer.open``. Writes synchronise
+    the device before the header is sent, so the reader never sees a half-written step.
     """
 
-    def __init__(self, size: int, device: torch.device, storage: torch.UntypedStorage | None = None):
+    def __init__(self, name: str, size: int, device: torch.device, storage=None):
         if storage is None:
             storage = torch.empty(size, dtype=torch.uint8, device=device).untyped_storage()
+        self.name = name
+        self.device = device
         self.storage = storage
-        self.bytes = torch.tensor([], dtype=torch.uint8, device=device).set_(storage)
+        self.bytes = torch.empty(0, dtype=torch.uint8, device=device).set_(storage)
         self.size = storage.nbytes()
-        self.name = "cuda-ipc"
+        self._handle = None
 
     def handle(self) -> list:
-        """Serialisable CUDA IPC handle (bytes and ints only)."""
-        return list(self.storage._share_cuda_())
+        if self._handle is None:
+            self._handle = [v for v in self.storage._share_cuda_()]
+        return self._handle
 
     @classmethod
-    def open(cls, handle: list, device: torch.device) -> CudaIpcBuffer:
+    def open(cls, name: str, handle: list) -> CudaIpcBuffer:
         storage = torch.UntypedStorage._new_shared_cuda(*handle)
-        return cls(0, device, storage)
+        return cls(name, 0, storage.device, storage)
 
-    write = ShmBuffer.write
+    def write(self, tensors: dict[str, torch.Tensor]) -> list[TensorRef]:
+        refs = ShmBuffer.write(self, tensors)
+        torch.cuda.synchronize(self.device)
+        return refs
+
     read = ShmBuffer.read
+
+    def close(self) -> None:
+        del self.bytes, self.storage
