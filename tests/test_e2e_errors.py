@@ -134,3 +134,10 @@ def test_completions_suffix_and_batch_limits(service):
     assert_error(response, 422, "batch size exceeded")
     ok = post(service, "/v1/completions", {"prompt": ["a", "b"], "max_tokens": 2, "temperature": 0})
     assert ok.status_code == 200 and len(ok.json()["choices"]) == 2
+
+
+def test_no_bad_input_took_a_process_down(service):
+    """Runs last in this module: after every bad input above, no process exited or restarted."""
+    assert "exited:" not in service.log()
+    assert "restarted" not in service.log()
+    assert requests.get(service.url + "/health", timeout=5).status_code == 200
