@@ -94,3 +94,17 @@ def service(tmp_path_factory) -> Service:
     )
     yield svc
     stop_service(svc)
+
+
+@pytest.fixture
+def hub_online(monkeypatch):
+    """huggingface_hub refuses every URL, localhost included, under HF_HUB_OFFLINE=1 (which
+    ./scripts/test sets so nothing reaches for the hub): let its client talk to our service."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    _http.reset_sessions()
+    yield
+    monkeypatch.undo()
+    _http.reset_sessions()

@@ -59,7 +59,7 @@ def test_openai_completions_ignore_eos(service):
     assert [m.id for m in client.models.list().data]
 
 
-def test_huggingface_hub_client(service):
+def test_huggingface_hub_client(service, hub_online):
     from huggingface_hub import InferenceClient
 
     client = InferenceClient(base_url=service.url)

@@ -24,7 +24,7 @@ def test_readme_shows_the_two_commands():
 
 
 @pytest.mark.parametrize("index", range(len(python_examples())))
-def test_python_example_runs(service, index):
+def test_python_example_runs(service, hub_online, index):
     code = python_examples()[index].replace("http://localhost:8080", service.url)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
