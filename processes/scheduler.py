@@ -56,7 +56,7 @@ class SchedulerProcess:
         self.ring = TensorRing(f"{config.shm_prefix}-step", 4, step_buffer_size(config), config.device)
         self.results = TensorReader(config.device)
         self.policy = Scheduler(
-            BlockManager(config.num_blocks, config.block_size),
+            BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching),
             max_step_tokens=config.max_batch_prefill_tokens,
             max_running=config.max_concurrent_requests,
             eos_token_ids=config.eos_token_ids,
@@ -64,6 +64,7 @@ class SchedulerProcess:
         )
         self.worker_boots: dict[int, str] = {}
         self.step_id = 0
+        self.stats = StatsReporter(self.policy, config)
 
     @property
     def ready(self) -> bool:
@@ -82,6 +83,7 @@ class SchedulerProcess:
 
     def receive(self, timeout_ms: int) -> m.StepResult | m.WorkerFailure | None:
         """Handle everything that is waiting; a step's answer from a worker is returned."""
+        self.stats.maybe_send(self.to_frontend)
         answer = None
         for sock, _ in self.poller.poll(timeout_ms):
             while True:
@@ -116,7 +118,7 @@ class SchedulerProcess:
         req = self.policy.find(rid)
         if req is not None:
             self.policy.finish(req, reason)
-            log.info("rid=%s %s after %d tokens", rid, reason, len(req.output_ids))
+            log.info("rid=%s %s after %d tokens", rid, reason, req.num_output)
 
     def worker_ready(self, msg: m.WorkerReady) -> None:
         previous = self.worker_boots.get(msg.rank)
@@ -152,6 +154,7 @@ class SchedulerProcess:
         out = self.results.read(answer.buffer, answer.tensors, answer.cuda_handle)
         produced = self.policy.update(batch, out["next_ids"].tolist(), out["logprobs"].tolist())
         self.emit(produced)
+        self.stats.step(batch, answer.forward_seconds)
         log.debug(
             "step %d: %d requests, %d tokens; schedule %.2f ms, round trip %.2f ms (forward %.2f), "
             "emit %.2f ms",
@@ -181,8 +184,8 @@ class SchedulerProcess:
                 req.announced = True
                 info = m.DetokRequestInfo(
                     req.rid,
-                    req.prompt_ids[-PROMPT_TAIL:],
-                    len(req.prompt_ids),
+                    req.token_ids[max(0, req.prompt_len - PROMPT_TAIL) : req.prompt_len],
+                    req.prompt_len,
                     req.params.stop,
                     req.params.seed,
                 )
@@ -193,7 +196,7 @@ class SchedulerProcess:
             out.logprobs.append(logprob)
             out.finish_reasons.append(req.finish_reason)
             if req.finish_reason:
-                log.info("rid=%s finished: %s, %d tokens", req.rid, req.finish_reason, len(req.output_ids))
+                log.info("rid=%s finished: %s, %d tokens", req.rid, req.finish_reason, req.num_output)
         if out.rids:
             self.to_detok.send(m.encode(out))
 
@@ -218,6 +221,45 @@ class SchedulerProcess:
     def close(self) -> None:
         self.ring.close()
         self.results.close()
+
+
+class StatsReporter:
+    """Collects per-step figures and sends a ``SchedulerStats`` to the frontend twice a second."""
+
+    PERIOD = 0.5
+
+    def __init__(self, policy: Scheduler, config: ServerConfig):
+        self.policy = policy
+        self.config = config
+        self.forward: list[list] = []
+        self.sent_hits = 0
+        self.sent_preemptions = 0
+        self.last = 0.0
+
+    def step(self, batch: ScheduledBatch, seconds: float) -> None:
+        decode = all(n == 1 for n in batch.num_new) and all(batch.samples())
+        self.forward.append(["decode" if decode else "prefill", seconds])
+
+    def maybe_send(self, sock: zmq.Socket) -> None:
+        now = time.monotonic()
+        if now - self.last < self.PERIOD:
+            return
+        self.last = now
+        p = self.policy
+        stats = m.SchedulerStats(
+            queue_size=len(p.waiting),
+            batch_size=len(p.running),
+            kv_blocks_used=p.blocks.num_used,
+            kv_blocks_total=p.blocks.num_blocks,
+            max_batch_total_tokens=self.config.max_batch_total_tokens,
+            prefix_cache_hit_tokens=p.prefix_hit_tokens - self.sent_hits,
+            preemptions=p.num_preemptions - self.sent_preemptions,
+            queue_seconds=p.queue_waits,
+            forward_seconds=self.forward,
+        )
+        self.sent_hits, self.sent_preemptions = p.prefix_hit_tokens, p.num_preemptions
+        p.queue_waits, self.forward = [], []
+        sock.send(m.encode(stats))
 
 
 def main() -> None:

@@ -58,17 +58,28 @@ def run_engine(
     num_blocks: int = 64,
     block_size: int = 4,
     max_step_tokens: int = 64,
-) -> list[list[int]]:
-    """Scheduler + step tensors + model runner in one process, until every request is done."""
+    prefix_caching: bool = True,
+    arrive_every: int = 0,
+) -> tuple[list[list[int]], Scheduler]:
+    """Scheduler + step tensors + model runner in one process, until every request is done.
+
+    With ``arrive_every`` > 0 the requests arrive one by one, that many steps apart.
+    """
     runner = ModelRunner(str(folder), "float32", "cpu", num_blocks, block_size)
-    sched = Scheduler(BlockManager(num_blocks, block_size), max_step_tokens, 64, (), 10_000)
+    blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
+    sched = Scheduler(blocks, max_step_tokens, 64, (), 10_000)
     pairs = zip(prompts, params, strict=True)
     reqs = [Request(f"r{i}", p, sp, max_new_tokens) for i, (p, sp) in enumerate(pairs)]
-    for r in reqs:
-        sched.add(r)
-    while sched.has_work():
+    arrivals = list(reqs)
+    step = 0
+    while arrivals or sched.has_work():
+        while arrivals and step >= arrive_every * (len(reqs) - len(arrivals)):
+            sched.add(arrivals.pop(0))
+        step += 1
         batch = sched.schedule()
+        if batch is None:
+            continue
         result = runner.execute(build_step(batch, block_size))
         sched.update(batch, result["next_ids"].tolist(), result["logprobs"].tolist())
     assert sched.blocks.num_free == num_blocks
-    return [r.output_ids for r in reqs]
+    return [r.output_ids for r in reqs], sched

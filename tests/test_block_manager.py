@@ -1,5 +1,7 @@
 """Block manager and scheduler policy under random arrivals, aborts and preemptions (hypothesis)."""
 
+from collections import Counter
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,9 +23,12 @@ def test_grow_and_release():
 
 def check_invariants(sched: Scheduler) -> None:
     bm = sched.blocks
-    held = [b for r in sched.running + list(sched.waiting) for b in r.blocks]
-    assert len(held) == len(set(held)), "a block is held twice"
-    assert sorted(held + list(bm.free_ids)) == list(range(bm.num_blocks)), "a block leaked"
+    holders = Counter(b for r in sched.running + list(sched.waiting) for b in r.blocks)
+    for block in range(bm.num_blocks):
+        assert bm.ref_counts[block] == holders[block], f"block {block}: refcount != holders"
+        assert (block in bm.free_ids) == (holders[block] == 0), f"block {block} free and held, or leaked"
+    for req in sched.running:
+        assert len(set(req.blocks)) == len(req.blocks), "a request holds a block twice"
     for req in sched.waiting:
         assert req.blocks == [] and req.num_computed == 0
     for req in sched.running:
@@ -113,3 +118,49 @@ def test_finish_reasons():
         sched.update(batch, [2] * n, [0.0] * n)
     assert (eos.finish_reason, ignore.finish_reason, ctx.finish_reason) == ("eos_token", "length", "length")
     assert ignore.output_ids == [2, 2] and ctx.num_tokens == 12
+
+
+def test_prefix_blocks_are_shared_then_evicted_lru():
+    bm = BlockManager(6, 4)
+    prompt = list(range(10))  # two full blocks + 2 tokens
+    first: list[int] = []
+    assert bm.grow(first, 10)
+    prefix_blocks = first[:2]
+    hashed, parent = bm.register(first, prompt, 10, 0, 0)
+    assert hashed == 2
+    hit, parent2 = bm.match_prefix(prompt + [99], 10)
+    assert hit == prefix_blocks and parent2 == parent
+    assert bm.ref_counts[prefix_blocks[0]] == 2
+    bm.release(hit)
+    bm.release(first)
+    assert bm.num_free == 6 and bm.num_cached_free == 2 and bm.num_used == 2
+    again, _ = bm.match_prefix(prompt, 9)  # revived from the free list
+    assert again == prefix_blocks and bm.num_free == 4
+    bm.release(again)
+    other: list[int] = []
+    assert bm.grow(other, 6 * 4)  # takes every block: the cached ones are evicted
+    bm.release(other)
+    assert bm.match_prefix(prompt, 10)[0] == [] and bm.num_cached_free == 0
+
+
+def test_match_never_covers_the_last_token_and_checks_tokens():
+    bm = BlockManager(8, 4)
+    table: list[int] = []
+    bm.grow(table, 8)
+    bm.register(table, list(range(8)), 8, 0, 0)
+    assert len(bm.match_prefix(list(range(8)), 7)[0]) == 1  # at most 7 tokens: one full block
+    assert bm.match_prefix([0, 1, 2, 5, 4, 5, 6, 7], 8)[0] == []
+
+
+def test_scheduler_reuses_a_shared_prefix():
+    sched = Scheduler(BlockManager(32, 4), 64, 8, eos_token_ids=(), max_total_tokens=64)
+    system = list(range(100, 112))
+    a = Request("a", system + [1, 2], SamplingParams(), 1)
+    sched.add(a)
+    batch = sched.schedule()
+    sched.update(batch, [7], [0.0])
+    b = Request("b", system + [3], SamplingParams(), 1)
+    sched.add(b)
+    batch = sched.schedule()
+    assert batch.requests == [b] and batch.num_new == [1] and b.num_computed == 12
+    assert sched.prefix_hit_tokens == 12

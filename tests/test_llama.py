@@ -21,20 +21,39 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
 def test_greedy_alone_matches_transformers(llama_dir):
     for prompt in prompts(3):
         expected = hf_greedy(llama_dir, prompt, 12)
-        assert run_engine(llama_dir, [prompt], [SamplingParams()], 12) == [expected]
+        assert run_engine(llama_dir, [prompt], [SamplingParams()], 12)[0] == [expected]
 
 
 def test_greedy_batched_with_chunking_and_preemption_matches(llama_dir):
     ps = prompts(6, seed=1)
     expected = [hf_greedy(llama_dir, p, 10) for p in ps]
-    # 5-token step budget forces chunked prefill; 30 blocks of 4 force preemption.
-    got = run_engine(llama_dir, ps, [SamplingParams()] * len(ps), 10, num_blocks=30, max_step_tokens=5)
-    assert got == expected
+    params = [SamplingParams()] * len(ps)
+    # A 5-token step budget chunks every prefill; 30 blocks of 4 tokens make a 16-token budget preempt.
+    chunked, _ = run_engine(llama_dir, ps, params, 10, num_blocks=30, max_step_tokens=5)
+    preempted, sched = run_engine(llama_dir, ps, params, 10, num_blocks=30, max_step_tokens=16)
+    assert sched.num_preemptions > 0
+    assert chunked == preempted == expected
 
 
 def test_seeded_sampling_is_reproducible_whatever_the_batch(llama_dir):
     ps = prompts(4, seed=2)
     sp = SamplingParams(do_sample=True, temperature=0.8, top_k=50, top_p=0.9, seed=42)
-    alone = run_engine(llama_dir, [ps[0]], [sp], 8)
-    batched = run_engine(llama_dir, ps, [sp] + [SamplingParams(do_sample=True, seed=i) for i in range(3)], 8)
+    alone, _ = run_engine(llama_dir, [ps[0]], [sp], 8)
+    batched, _ = run_engine(
+        llama_dir, ps, [sp] + [SamplingParams(do_sample=True, seed=i) for i in range(3)], 8
+    )
     assert batched[0] == alone[0]
+
+
+def test_prefix_cache_gives_the_same_tokens(llama_dir):
+    system = prompts(1, seed=5)[0] * 4
+    ps = [system + p for p in prompts(5, seed=6)]
+    expected = [hf_greedy(llama_dir, p, 8) for p in ps]
+    params = [SamplingParams()] * len(ps)
+    cached, sched = run_engine(llama_dir, ps, params, 8, num_blocks=200, arrive_every=3)
+    assert sched.prefix_hit_tokens >= 4 * (len(system) // 4 * 4) - 4
+    uncached, sched = run_engine(
+        llama_dir, ps, params, 8, num_blocks=200, arrive_every=3, prefix_caching=False
+    )
+    assert sched.prefix_hit_tokens == 0
+    assert cached == uncached == expected

@@ -1,26 +1,33 @@
-"""KV-cache pages: which fixed-size blocks of the worker's cache each request holds.
+"""KV-cache pages: which fixed-size blocks of the worker's cache each request holds, and the prefix cache.
 
 Pure Python so the scheduler policy can be tested without a model. The worker only ever
 sees block ids (through the step's block tables and slot mapping).
+
+Prefix caching (block hashing, as nano-vllm and vLLM do): once a block is full and its KV
+computed, it is registered under a hash of (hash of the previous block, its tokens). A new
+request reuses the longest run of registered blocks that starts its token sequence. Blocks
+are reference counted; a block nobody holds goes to the free list but keeps its hash, so it
+can be revived until it is handed out again (least recently freed first: LRU eviction).
+Only full blocks are shared, and a request always computes at least its last token, so the
+block a request writes into is never shared.
 """
 
 from __future__ import annotations
 
-from collections import deque
-
-
-class OutOfBlocks(RuntimeError):
-    pass
+from collections import OrderedDict
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError("num_blocks and block_size must be positive")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.free_ids: deque[int] = deque(range(num_blocks))
+        self.enable_prefix_caching = enable_prefix_caching
+        self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # LRU order
         self.ref_counts = [0] * num_blocks
+        self.block_key: list[tuple[int, tuple[int, ...]] | None] = [None] * num_blocks
+        self.cached: dict[int, int] = {}  # hash -> block id
 
     @property
     def num_free(self) -> int:
@@ -28,11 +35,18 @@ class BlockManager:
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self.free_ids)
+        """Blocks held by requests or kept by the prefix cache."""
+        return self.num_blocks - self.num_free + self.num_cached_free
+
+    @property
+    def num_cached_free(self) -> int:
+        return sum(1 for b in self.free_ids if self.block_key[b] is not None)
 
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks needed to hold ``num_tokens`` tokens."""
         return -(-num_tokens // self.block_size)
+
+    # ------------------------------------------------------------------ allocation
 
     def grow(self, table: list[int], num_tokens: int) -> bool:
         """Extend ``table`` in place so it holds ``num_tokens`` tokens; False if pages ran out."""
@@ -42,17 +56,77 @@ class BlockManager:
         if missing > len(self.free_ids):
             return False
         for _ in range(missing):
-            block = self.free_ids.popleft()
+            block, _ = self.free_ids.popitem(last=False)
+            self._forget(block)
             self.ref_counts[block] = 1
             table.append(block)
         return True
 
     def release(self, table: list[int]) -> None:
-        """Drop a request's reference to its blocks (tail first) and empty the table."""
+        """Drop a request's reference to its blocks and empty the table.
+
+        Tail blocks are freed first so they are also evicted first: a prefix outlives its tails.
+        """
         for block in reversed(table):
             if self.ref_counts[block] <= 0:
                 raise RuntimeError(f"block {block} released twice")
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
-                self.free_ids.append(block)
+                self.free_ids[block] = None
         table.clear()
+
+    # ------------------------------------------------------------------ prefix cache
+
+    def match_prefix(self, token_ids: list[int], max_tokens: int) -> tuple[list[int], int]:
+        """Take references on the cached blocks that hold the first tokens of ``token_ids``.
+
+        At most ``max_tokens`` tokens are matched (whole blocks only). Returns the block ids
+        and the hash of the last one (the parent of the request's next full block).
+        """
+        if not self.enable_prefix_caching:
+            return [], 0
+        blocks: list[int] = []
+        parent = 0
+        size = self.block_size
+        for start in range(0, max_tokens - size + 1, size):
+            key = (parent, tuple(token_ids[start : start + size]))
+            block = self.cached.get(hash(key))
+            if block is None or self.block_key[block] != key:
+                break
+            blocks.append(block)
+            parent = hash(key)
+        for block in blocks:
+            if self.ref_counts[block] == 0:
+                del self.free_ids[block]
+            self.ref_counts[block] += 1
+        return blocks, parent
+
+    def register(
+        self, table: list[int], token_ids: list[int], num_computed: int, hashed: int, parent: int
+    ) -> tuple[int, int]:
+        """Register a request's newly full, computed blocks so later requests can reuse them.
+
+        ``hashed`` blocks of ``table`` are already done and ``parent`` is the hash of the last
+        one; returns the new ``(hashed, parent)``, so each block is hashed once.
+        """
+        if not self.enable_prefix_caching:
+            return hashed, parent
+        size = self.block_size
+        for i in range(hashed, num_computed // size):
+            key = (parent, tuple(token_ids[i * size : (i + 1) * size]))
+            digest = hash(key)
+            block = table[i]
+            if self.block_key[block] is None and digest not in self.cached:
+                self.block_key[block] = key
+                self.cached[digest] = block
+            parent = digest
+        return max(hashed, num_computed // size), parent
+
+    def _forget(self, block: int) -> None:
+        """A cached block is handed out again: evict its entry."""
+        key = self.block_key[block]
+        if key is not None:
+            digest = hash(key)
+            if self.cached.get(digest) == block:
+                del self.cached[digest]
+            self.block_key[block] = None

@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         launch.add_argument(
             flag, type=kind, default=kind(env) if env else default, help=f"{text} [env {env_name(flag)}]"
         )
+    launch.add_argument(
+        "--disable-prefix-caching",
+        action="store_true",
+        default=os.environ.get("DISABLE_PREFIX_CACHING", "").lower() in ("1", "true"),
+        help="do not reuse the KV pages of shared prompt prefixes [env DISABLE_PREFIX_CACHING]",
+    )
     convert = sub.add_parser("convert", help="turn a GGUF file into a safetensors model folder")
     convert.add_argument("source", help="a .gguf file, or 'default' for the bundled SmolLM2")
     convert.add_argument("--out", help="output folder (default: in the tgi-zmq cache)")
@@ -142,6 +148,7 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
         max_client_batch_size=args.max_client_batch_size,
         payload_limit=args.payload_limit,
         num_shard=args.num_shard,
+        enable_prefix_caching=not args.disable_prefix_caching,
         eos_token_ids=eos_token_ids(model_dir, hf_config),
     )
 

@@ -35,6 +35,7 @@ class ServerConfig:
     payload_limit: int = 2_000_000
     num_shard: int = 1
     block_size: int = 16
+    enable_prefix_caching: bool = True
     eos_token_ids: tuple[int, ...] = ()
     torch_threads: int = 0  # 0 = all cores
 

@@ -280,6 +280,26 @@ class Heartbeat:
     ready: bool
 
 
+@message(tag=14)
+class SchedulerStats:
+    """scheduler -> frontend, twice a second: gauges now, and what happened since the last one.
+
+    The frontend turns these into Prometheus metrics (``/metrics``).
+    """
+
+    queue_size: int  # requests waiting for their first step
+    batch_size: int  # requests running
+    kv_blocks_used: int  # held by requests or by the prefix cache
+    kv_blocks_total: int
+    max_batch_total_tokens: int
+    prefix_cache_hit_tokens: int  # since the last stats message
+    preemptions: int  # since the last stats message
+    queue_seconds: list[float]  # per request admitted since the last message: arrival -> first step
+    forward_seconds: list[
+        list[Any]
+    ]  # per step since the last message: [method, seconds], method prefill|decode
+
+
 # ---------------------------------------------------------------------------- scheduler <-> worker
 
 

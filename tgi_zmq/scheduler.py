@@ -10,6 +10,7 @@ is closed. Pure Python: the process loop lives in ``processes/scheduler.py``.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import deque
 
 from tgi_zmq.block_manager import BlockManager
@@ -19,23 +20,39 @@ from tgi_zmq.messages import SamplingParams
 @dataclasses.dataclass(eq=False)
 class Request:
     rid: str
-    prompt_ids: list[int]
+    token_ids: list[int]  # the prompt, then every generated token
     params: SamplingParams
     max_new_tokens: int
     arrival_time: float = 0.0
-    output_ids: list[int] = dataclasses.field(default_factory=list)
+    prompt_len: int = -1
     num_computed: int = 0
     blocks: list[int] = dataclasses.field(default_factory=list)
+    hashed_blocks: int = 0  # leading blocks already registered in the prefix cache
+    parent_hash: int = 0  # prefix-cache hash of the last of them
     finish_reason: str | None = None
     announced: bool = False  # the detokenizer has been told about it
+    scheduled_time: float | None = None  # first step (for the queue-duration metric)
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.token_ids)
+        if self.prompt_len < 0:
+            self.prompt_len = len(self.token_ids)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.token_ids)
 
     @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.token_ids[: self.prompt_len]
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
 
 
 @dataclasses.dataclass
@@ -67,6 +84,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.prefix_hit_tokens = 0
+        self.queue_waits: list[float] = []  # seconds from arrival to first step, drained by the stats
 
     # ------------------------------------------------------------------ arrivals and departures
 
@@ -100,6 +119,7 @@ class Scheduler:
         """Pick the next step: running requests first (oldest first), then waiting ones in order."""
         budget = self.max_step_tokens
         batch = ScheduledBatch([], [])
+        preemptions = self.num_preemptions
         for req in list(self.running):
             if budget == 0:
                 break
@@ -111,16 +131,36 @@ class Scheduler:
             batch.requests.append(req)
             batch.num_new.append(n)
             budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_running:
+        admit = self.num_preemptions == preemptions  # no room made this step: don't take it back
+        while admit and self.waiting and budget > 0 and len(self.running) < self.max_running:
             req = self.waiting[0]
+            hit = self._reuse_prefix(req)
             n = min(req.num_tokens - req.num_computed, budget)
             if not self.blocks.grow(req.blocks, req.num_computed + n):
+                self._reset(req)
                 break
+            self.prefix_hit_tokens += hit
+            if req.scheduled_time is None:
+                req.scheduled_time = time.time()
+                self.queue_waits.append(req.scheduled_time - req.arrival_time)
             self.running.append(self.waiting.popleft())
             batch.requests.append(req)
             batch.num_new.append(n)
             budget -= n
         return batch if batch.requests else None
+
+    def _reuse_prefix(self, req: Request) -> int:
+        """Start a request on the cached blocks of its longest cached prefix; returns the hit tokens."""
+        blocks, parent = self.blocks.match_prefix(req.token_ids, req.num_tokens - 1)
+        req.blocks = blocks
+        req.num_computed = len(blocks) * self.blocks.block_size
+        req.hashed_blocks, req.parent_hash = len(blocks), parent
+        return req.num_computed
+
+    def _reset(self, req: Request) -> None:
+        """Back to nothing computed, no pages (recompute later, prefix cache permitting)."""
+        self.blocks.release(req.blocks)
+        req.num_computed = req.hashed_blocks = req.parent_hash = 0
 
     def _reserve(self, req: Request, n: int) -> bool:
         """Give ``req`` pages for ``n`` more tokens, preempting the newest requests if needed."""
@@ -134,8 +174,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         """Recompute later: free the pages, keep the tokens, go back to the head of the queue."""
         self.running.remove(req)
-        self.blocks.release(req.blocks)
-        req.num_computed = 0
+        self._reset(req)
         self.waiting.appendleft(req)
         self.num_preemptions += 1
 
@@ -155,10 +194,13 @@ class Scheduler:
             if req.finish_reason is not None or req not in self.running:
                 continue  # aborted or stopped during the step: its token is dropped
             req.num_computed += n
+            req.hashed_blocks, req.parent_hash = self.blocks.register(
+                req.blocks, req.token_ids, req.num_computed, req.hashed_blocks, req.parent_hash
+            )
             if result is None:
                 continue
             token, logprob = result
-            req.output_ids.append(token)
+            req.token_ids.append(token)
             produced.append((req, token, logprob))
             reason = self._finish_reason(req)
             if reason:
@@ -166,8 +208,8 @@ class Scheduler:
         return produced
 
     def _finish_reason(self, req: Request) -> str | None:
-        if req.output_ids[-1] in self.eos_token_ids and not req.params.ignore_eos:
+        if req.token_ids[-1] in self.eos_token_ids and not req.params.ignore_eos:
             return "eos_token"
-        if len(req.output_ids) >= req.max_new_tokens or req.num_tokens >= self.max_total_tokens:
+        if req.num_output >= req.max_new_tokens or req.num_tokens >= self.max_total_tokens:
             return "length"
         return None

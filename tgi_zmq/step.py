@@ -27,8 +27,7 @@ def build_step(batch: ScheduledBatch, block_size: int) -> dict[str, torch.Tensor
     context_lens = []
     for req, n in zip(batch.requests, batch.num_new, strict=True):
         start = req.num_computed
-        ids = req.all_ids
-        input_ids.extend(ids[start : start + n])
+        input_ids.extend(req.token_ids[start : start + n])
         for pos in range(start, start + n):
             positions.append(pos)
             slots.append(req.blocks[pos // block_size] * block_size + pos % block_size)
@@ -56,7 +55,7 @@ def _sampling_tensors(batch: ScheduledBatch) -> dict[str, torch.Tensor]:
     penalty_start = [0]
     for req, p in zip(reqs, params, strict=True):
         if p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0:
-            penalty_ids.extend(req.all_ids)
+            penalty_ids.extend(req.token_ids)
         penalty_start.append(len(penalty_ids))
     return {
         "sample_seq": torch.tensor(rows, dtype=torch.int64),
@@ -67,7 +66,7 @@ def _sampling_tensors(batch: ScheduledBatch) -> dict[str, torch.Tensor]:
         "repetition_penalty": torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32),
         "frequency_penalty": torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32),
         "seeds": torch.tensor([_as_int64(p.seed or 0) for p in params], dtype=torch.int64),
-        "sample_index": torch.tensor([len(r.output_ids) for r in reqs], dtype=torch.int64),
+        "sample_index": torch.tensor([r.num_output for r in reqs], dtype=torch.int64),
         "penalty_ids": torch.tensor(penalty_ids, dtype=torch.int64),
         "penalty_start": torch.tensor(penalty_start, dtype=torch.int64),
     }
