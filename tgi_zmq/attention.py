@@ -12,6 +12,7 @@ blocks with ``index_select`` (about 8x faster than gathering token by token) and
 from __future__ import annotations
 
 import dataclasses
+import mmap
 
 import torch
 import torch.nn.functional as F
@@ -77,14 +78,27 @@ def _decode_index(decodes: list[int], qs: list[int], ctx: list[int], tables: tor
 
 
 class KVCache:
-    """Per-layer K and V slot tensors, owned by the worker."""
+    """Per-layer K and V page tensors, owned by the worker.
+
+    On CPU they live in one anonymous memory map: zero-filled by the kernel and committed
+    page by page as blocks are first written, so a large pool costs nothing until used
+    (and padding reads of never-written blocks see zeros, never NaN garbage).
+    """
 
     def __init__(
         self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype, device
     ):
         shape = (num_blocks, block_size, kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        device = torch.device(device)
+        if device.type == "cpu":
+            numel = num_blocks * block_size * kv_heads * head_dim
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            self._map = mmap.mmap(-1, max(1, 2 * num_layers * numel * itemsize))
+            flat = torch.frombuffer(self._map, dtype=torch.uint8).view(dtype)
+            tensors = [flat[i * numel : (i + 1) * numel].view(shape) for i in range(2 * num_layers)]
+        else:
+            tensors = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2 * num_layers)]
+        self.k, self.v = tensors[:num_layers], tensors[num_layers:]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

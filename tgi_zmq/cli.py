@@ -54,7 +54,21 @@ LAUNCH_FLAGS = [
         None,
         "tokens per forward step (longer prompts are chunked); default 4096",
     ),
-    ("--max-batch-total-tokens", int, None, "KV-cache size in tokens, all requests together (default 65536)"),
+    (
+        "--max-batch-total-tokens",
+        int,
+        None,
+        "KV-cache size in tokens, all requests together (default: what --memory-fraction of the memory "
+        "left after the weights holds)",
+    ),
+    (
+        "--memory-fraction",
+        float,
+        None,
+        "share of the memory left free after the weights that the KV cache may take when "
+        "--max-batch-total-tokens is not given (default: 0.9 of free GPU memory; 0.3 of available RAM on "
+        "CPU, mapped lazily)",
+    ),
     ("--max-concurrent-requests", int, 128, "requests in flight before answering 429"),
     ("--max-stop-sequences", int, 4, "stop sequences per request"),
     ("--max-client-batch-size", int, 4, "prompts per /v1/completions request"),
@@ -117,18 +131,12 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
         raise ValueError(f"--model-id {model_dir}: no config.json there (a local model folder is needed)")
     hf_config = json.loads((model_dir / "config.json").read_text())
     device = pick_device()
-    batch_total = args.max_batch_total_tokens or 65536
-    context = hf_config.get("max_position_embeddings") or 4096
+    dtype = pick_dtype(args.dtype, device)
+    batch_total = args.max_batch_total_tokens or kv_budget(model_dir, hf_config, dtype, device, args)
+    context = min(hf_config.get("max_position_embeddings") or 4096, tokenizer_max_length(model_dir))
     total = args.max_total_tokens or min(context, batch_total)
     max_input = args.max_input_tokens or total - 1
-    if max_input >= total:
-        raise ValueError(f"--max-input-tokens ({max_input}) must be < --max-total-tokens ({total})")
-    if total > batch_total:
-        raise ValueError(
-            f"one request of --max-total-tokens={total} does not fit in a KV cache of "
-            f"--max-batch-total-tokens={batch_total}: lower --max-total-tokens "
-            "or raise --max-batch-total-tokens"
-        )
+    check_limits(max_input, total, batch_total, explicit_budget=bool(args.max_batch_total_tokens))
     if args.num_shard != 1:
         raise ValueError("--num-shard > 1 (tensor parallelism) is not available yet; use --num-shard 1")
     return ServerConfig(
@@ -137,7 +145,7 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
         runtime_dir=runtime_dir,
         hostname=args.hostname,
         port=args.port,
-        dtype=pick_dtype(args.dtype, device),
+        dtype=dtype,
         device=device,
         max_input_tokens=max_input,
         max_total_tokens=total,
@@ -151,6 +159,33 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
         enable_prefix_caching=not args.disable_prefix_caching,
         eos_token_ids=eos_token_ids(model_dir, hf_config),
     )
+
+
+def kv_budget(model_dir: Path, hf_config: dict, dtype: str, device: str, args: argparse.Namespace) -> int:
+    from tgi_zmq.memory import kv_budget_tokens
+
+    fraction = args.memory_fraction or (0.9 if device == "cuda" else 0.3)
+    tokens = kv_budget_tokens(model_dir, hf_config, dtype, device, fraction)
+    log.info("KV cache: %d tokens fit in %.0f%% of the free %s memory", tokens, fraction * 100, device)
+    return tokens
+
+
+def tokenizer_max_length(model_dir: Path) -> int:
+    path = model_dir / "tokenizer_config.json"
+    length = json.loads(path.read_text()).get("model_max_length") if path.exists() else None
+    return length if isinstance(length, int) and 0 < length < 10**9 else 10**9
+
+
+def check_limits(max_input: int, total: int, batch_total: int, explicit_budget: bool) -> None:
+    if max_input >= total:
+        raise ValueError(f"--max-input-tokens ({max_input}) must be < --max-total-tokens ({total})")
+    if total > batch_total:
+        raise ValueError(
+            f"one request of --max-total-tokens={total} does not fit in a KV cache of {batch_total} tokens"
+            + (" (--max-batch-total-tokens)" if explicit_budget else " (what the free memory holds)")
+            + ": lower --max-total-tokens"
+            + (" or raise --max-batch-total-tokens" if explicit_budget else " or raise --memory-fraction")
+        )
 
 
 def pick_device() -> str:
