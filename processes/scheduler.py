@@ -4,13 +4,16 @@ tokenizer --TokenizedRequest/AbortRequest--> [scheduler] <--StopRequest-- detoke
 [scheduler] --ForwardStep (header; tensors in shared memory)--> workers --StepResult--> [scheduler]
 [scheduler] --BatchTokenOutput--> detokenizer;  --ErrorOutput--> frontend
 
-Main loop: take in new requests and aborts -> pick the step -> write its tensors -> run it on
-the workers (taking in more requests meanwhile) -> apply the sampled tokens -> send them on.
+Main loop: take in new requests and aborts -> pick the next step -> write its tensors and send it
+-> apply the oldest step's sampled tokens once they come back -> send them on. With the overlap
+schedule (default) step N+1 is picked and sent while the workers run step N.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections import deque
 
 import torch
 import zmq
@@ -40,6 +43,17 @@ def step_buffer_size(config: ServerConfig) -> int:
     )
 
 
+@dataclasses.dataclass
+class InFlight:
+    """A step sent to the workers whose result has not been applied yet."""
+
+    step_id: int
+    batch: ScheduledBatch
+    started: float
+    ahead: int  # steps already in flight when this one was built
+    sent: float = 0.0
+
+
 class SchedulerProcess:
     def __init__(self, config: ServerConfig):
         self.config = config
@@ -64,6 +78,7 @@ class SchedulerProcess:
         )
         self.worker_boots: dict[int, str] = {}
         self.step_id = 0
+        self.inflight: deque[InFlight] = deque()
         self.stats = StatsReporter(self.policy, config)
 
     @property
@@ -71,13 +86,18 @@ class SchedulerProcess:
         return len(self.worker_boots) == self.config.num_shard
 
     def run(self) -> None:
+        """Keep up to ``depth`` steps in flight: step N+1 is built and sent while the workers run N."""
         start_heartbeat(self.config, "scheduler", lambda: self.ready)
         log.info("waiting for %d worker(s)", self.config.num_shard)
+        depth = 2 if self.config.overlap_schedule else 1
         while True:
-            busy = self.ready and self.policy.has_work()
+            busy = self.ready and (self.policy.has_work() or self.inflight)
             self.receive(timeout_ms=0 if busy else 100)
-            if self.ready and self.policy.has_work():
-                self.run_step()
+            if not self.ready:
+                continue
+            launched = len(self.inflight) < depth and self.launch_step()
+            if self.inflight and (len(self.inflight) == depth or not launched):
+                self.complete_step()
 
     # ------------------------------------------------------------------ messages in
 
@@ -131,38 +151,50 @@ class SchedulerProcess:
 
     # ------------------------------------------------------------------ the step
 
-    def run_step(self) -> None:
+    def launch_step(self) -> bool:
+        """Schedule the next step, write its tensors and send it to every worker."""
         started = time.perf_counter()
         batch = self.policy.schedule()
         if batch is None:
-            return
+            return False
         self.step_id += 1
         buffer, refs, handle = self.ring.write(build_step(batch, self.config.block_size))
         header = m.encode(m.ForwardStep(self.step_id, buffer, refs, handle))
+        step = InFlight(self.step_id, batch, started, len(self.inflight))
+        self.inflight.append(step)
         try:
             for rank in range(self.config.num_shard):
                 self.workers.send_multipart([f"worker-{rank}".encode(), header])
         except zmq.ZMQError as exc:
+            self.inflight.remove(step)
             self.fail_batch(batch, f"worker unreachable ({exc})")
-            return
-        sent = time.perf_counter()
-        answer = self.wait_for(self.step_id)
+            return False
+        step.sent = time.perf_counter()
+        return True
+
+    def complete_step(self) -> None:
+        """Wait for the oldest step's result, apply it and send its tokens to the detokenizer."""
+        step = self.inflight[0]
+        waiting = time.perf_counter()
+        answer = self.wait_for(step.step_id)
+        self.inflight.popleft()
         if isinstance(answer, m.WorkerFailure):
-            self.fail_batch(batch, answer.message)
+            self.fail_batch(step.batch, answer.message)
             return
         received = time.perf_counter()
         out = self.results.read(answer.buffer, answer.tensors, answer.cuda_handle)
-        produced = self.policy.update(batch, out["next_ids"].tolist(), out["logprobs"].tolist())
+        produced = self.policy.update(step.batch, out["next_ids"].tolist(), out["logprobs"].tolist())
         self.emit(produced)
-        self.stats.step(batch, answer.forward_seconds)
+        self.stats.step(step.batch, answer.forward_seconds)
         log.debug(
-            "step %d: %d requests, %d tokens; schedule %.2f ms, round trip %.2f ms (forward %.2f), "
-            "emit %.2f ms",
-            self.step_id,
-            len(batch.requests),
-            sum(batch.num_new),
-            (sent - started) * 1e3,
-            (received - sent) * 1e3,
+            "step %d: %d requests, %d tokens; built in %.2f ms with %d step(s) in flight; "
+            "waited %.2f ms for the result (forward %.2f ms); applied in %.2f ms",
+            step.step_id,
+            len(step.batch.requests),
+            sum(step.batch.num_new),
+            (step.sent - step.started) * 1e3,
+            step.ahead,
+            (received - waiting) * 1e3,
             answer.forward_seconds * 1e3,
             (time.perf_counter() - received) * 1e3,
         )
@@ -208,6 +240,7 @@ class SchedulerProcess:
             self.fail(req, reason)
 
     def fail_all(self, reason: str) -> None:
+        self.inflight.clear()
         for req in list(self.policy.running) + list(self.policy.waiting):
             self.fail(req, reason)
 

@@ -57,12 +57,20 @@ def main() -> None:
     results = TensorRing(f"{config.shm_prefix}-result-{rank}", 4, 1 << 20, config.device)
     try:
         while True:
+            idle = time.perf_counter()
             try:
                 msg = m.decode(sock.recv(), m.ForwardStep)
             except m.ProtocolError as exc:
                 log.error("dropped a bad frame: %s", exc)
                 continue
+            idle = time.perf_counter() - idle
             answer = run_step(runner, steps, results, msg, log)
+            log.debug(
+                "step %d: idle %.2f ms before it, forward %.2f ms",
+                msg.step_id,
+                idle * 1e3,
+                getattr(answer, "forward_seconds", 0.0) * 1e3,
+            )
             if rank == 0 or isinstance(answer, m.WorkerFailure):
                 sock.send(m.encode(answer))
     finally:

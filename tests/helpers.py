@@ -60,10 +60,13 @@ def run_engine(
     max_step_tokens: int = 64,
     prefix_caching: bool = True,
     arrive_every: int = 0,
+    overlap: bool = False,
 ) -> tuple[list[list[int]], Scheduler]:
     """Scheduler + step tensors + model runner in one process, until every request is done.
 
-    With ``arrive_every`` > 0 the requests arrive one by one, that many steps apart.
+    With ``arrive_every`` > 0 the requests arrive one by one, that many steps apart. With
+    ``overlap`` the scheduler lags one step behind the worker, as the scheduler process does:
+    step N+1 is scheduled (with placeholders) before step N's result is applied.
     """
     runner = ModelRunner(str(folder), "float32", "cpu", num_blocks, block_size)
     blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
@@ -71,15 +74,17 @@ def run_engine(
     pairs = zip(prompts, params, strict=True)
     reqs = [Request(f"r{i}", p, sp, max_new_tokens) for i, (p, sp) in enumerate(pairs)]
     arrivals = list(reqs)
+    inflight: list = []
     step = 0
-    while arrivals or sched.has_work():
+    while arrivals or sched.has_work() or inflight:
         while arrivals and step >= arrive_every * (len(reqs) - len(arrivals)):
             sched.add(arrivals.pop(0))
         step += 1
         batch = sched.schedule()
-        if batch is None:
-            continue
-        result = runner.execute(build_step(batch, block_size))
-        sched.update(batch, result["next_ids"].tolist(), result["logprobs"].tolist())
+        if batch is not None:
+            result = runner.execute(build_step(batch, block_size))
+            inflight.append((batch, result["next_ids"].tolist(), result["logprobs"].tolist()))
+        if inflight and (len(inflight) > int(overlap) or batch is None):
+            sched.update(*inflight.pop(0))
     assert sched.blocks.num_free == num_blocks
     return [r.output_ids for r in reqs], sched

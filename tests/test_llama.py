@@ -35,6 +35,19 @@ def test_greedy_batched_with_chunking_and_preemption_matches(llama_dir):
     assert chunked == preempted == expected
 
 
+@pytest.mark.parametrize("max_step_tokens", [5, 16, 64])
+def test_overlapped_scheduling_gives_the_same_tokens(llama_dir, max_step_tokens):
+    """The scheduler one step behind the worker (placeholders), with chunking and preemption."""
+    ps = prompts(6, seed=1)
+    greedy = [SamplingParams()] * 3
+    sampled = [SamplingParams(do_sample=True, seed=s, repetition_penalty=1.2) for s in range(3)]
+    args = (llama_dir, ps, greedy + sampled, 10)
+    kwargs = dict(num_blocks=30, max_step_tokens=max_step_tokens, arrive_every=1)
+    lagging, sched = run_engine(*args, overlap=True, **kwargs)
+    assert lagging == run_engine(*args, overlap=False, **kwargs)[0]
+    assert all(t >= 0 for out in lagging for t in out)
+
+
 def test_seeded_sampling_is_reproducible_whatever_the_batch(llama_dir):
     ps = prompts(4, seed=2)
     sp = SamplingParams(do_sample=True, temperature=0.8, top_k=50, top_p=0.9, seed=42)

@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("DISABLE_PREFIX_CACHING", "").lower() in ("1", "true"),
         help="do not reuse the KV pages of shared prompt prefixes [env DISABLE_PREFIX_CACHING]",
     )
+    launch.add_argument(
+        "--disable-overlap-schedule",
+        action="store_true",
+        default=os.environ.get("DISABLE_OVERLAP_SCHEDULE", "").lower() in ("1", "true"),
+        help="build each step only after the previous one returned [env DISABLE_OVERLAP_SCHEDULE]",
+    )
     convert = sub.add_parser("convert", help="turn a GGUF file into a safetensors model folder")
     convert.add_argument("source", help="a .gguf file, or 'default' for the bundled SmolLM2")
     convert.add_argument("--out", help="output folder (default: in the tgi-zmq cache)")
@@ -157,6 +163,7 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
         payload_limit=args.payload_limit,
         num_shard=args.num_shard,
         enable_prefix_caching=not args.disable_prefix_caching,
+        overlap_schedule=not args.disable_overlap_schedule,
         eos_token_ids=eos_token_ids(model_dir, hf_config),
     )
 

@@ -36,6 +36,7 @@ class ServerConfig:
     num_shard: int = 1
     block_size: int = 16
     enable_prefix_caching: bool = True
+    overlap_schedule: bool = True
     eos_token_ids: tuple[int, ...] = ()
     torch_threads: int = 0  # 0 = all cores
 

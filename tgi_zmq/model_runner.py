@@ -16,13 +16,23 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.cache = self.model.new_cache(num_blocks, block_size)
+        self.prev_ids = torch.zeros(1, dtype=torch.int64, device=self.device)  # last step's samples
 
     @torch.inference_mode()
     def execute(self, step: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Forward the step and sample; returns ``next_ids`` [R] and ``logprobs`` [R]."""
         step = {name: t.to(self.device, non_blocking=True) for name, t in step.items()}
+        for name in ("input_ids", "penalty_ids"):
+            step[name] = self._fill_placeholders(step[name])
         meta = AttentionMetadata.build(step, self.block_size)
         logit_rows = step["query_start"][1:][step["sample_seq"]].long() - 1
         logits = self.model.forward(step["input_ids"], step["positions"], self.cache, meta, logit_rows)
         next_ids, logprobs = sample(logits, step)
+        if next_ids.numel():
+            self.prev_ids = next_ids
         return {"next_ids": next_ids, "logprobs": logprobs.float()}
+
+    def _fill_placeholders(self, ids: torch.Tensor) -> torch.Tensor:
+        """Replace ``-(1 + row)`` by the token sampled for ``row`` in the previous step."""
+        rows = (-ids - 1).clamp(0, self.prev_ids.numel() - 1)
+        return torch.where(ids < 0, self.prev_ids[rows], ids)

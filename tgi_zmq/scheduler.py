@@ -5,6 +5,12 @@ A request has two counters (vLLM v1's idea): ``num_tokens`` (prompt + generated)
 so prefill, chunked prefill, decode and recompute after preemption are one rule:
 a scheduled request runs ``min(gap, budget)`` tokens, and samples a token when its gap
 is closed. Pure Python: the process loop lives in ``processes/scheduler.py``.
+
+Overlap: ``schedule`` advances the counters at once and appends a *placeholder* for each
+token the step will sample (``-(1 + its row among the step's samples)``), so the next step
+can be scheduled before this one's result is known; the worker replaces a placeholder by
+the token it sampled for that row in the step before. ``update`` later writes the real
+token in its place. At most one step's placeholders are unresolved at any time.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ class Request:
     hashed_blocks: int = 0  # leading blocks already registered in the prefix cache
     parent_hash: int = 0  # prefix-cache hash of the last of them
     finish_reason: str | None = None
+    epoch: int = 0  # bumped at each preemption: results of steps scheduled before it are stale
     announced: bool = False  # the detokenizer has been told about it
     scheduled_time: float | None = None  # first step (for the queue-duration metric)
 
@@ -57,14 +64,32 @@ class Request:
 
 @dataclasses.dataclass
 class ScheduledBatch:
-    """One step: the requests and how many new tokens each runs."""
+    """One step: the requests, where each starts and how many new tokens it runs."""
 
-    requests: list[Request]
-    num_new: list[int]
+    requests: list[Request] = dataclasses.field(default_factory=list)
+    starts: list[int] = dataclasses.field(default_factory=list)
+    num_new: list[int] = dataclasses.field(default_factory=list)
+    sample_slots: list[int] = dataclasses.field(default_factory=list)  # token index it samples, or -1
+    epochs: list[int] = dataclasses.field(default_factory=list)
+    num_samples: int = 0
 
     def samples(self) -> list[bool]:
         """Which requests sample a token this step (their gap closes)."""
-        return [r.num_computed + n == r.num_tokens for r, n in zip(self.requests, self.num_new, strict=True)]
+        return [slot >= 0 for slot in self.sample_slots]
+
+    def add(self, req: Request, n: int) -> None:
+        """Record ``req`` running ``n`` tokens; advance it and reserve its sampled token's place."""
+        self.requests.append(req)
+        self.starts.append(req.num_computed)
+        self.num_new.append(n)
+        self.epochs.append(req.epoch)
+        req.num_computed += n
+        if req.num_computed == req.num_tokens:
+            self.sample_slots.append(req.num_tokens)
+            req.token_ids.append(-1 - self.num_samples)  # placeholder: "row num_samples of this step"
+            self.num_samples += 1
+        else:
+            self.sample_slots.append(-1)
 
 
 class Scheduler:
@@ -109,6 +134,7 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self.blocks.release(request.blocks)
+        _drop_placeholders(request)
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
@@ -118,18 +144,17 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch | None:
         """Pick the next step: running requests first (oldest first), then waiting ones in order."""
         budget = self.max_step_tokens
-        batch = ScheduledBatch([], [])
+        batch = ScheduledBatch()
         preemptions = self.num_preemptions
         for req in list(self.running):
             if budget == 0:
                 break
-            if req not in self.running:  # preempted while making room for an older one
-                continue
+            if req not in self.running or self._awaits_last_token(req):
+                continue  # preempted to make room for an older one, or done once its result lands
             n = min(req.num_tokens - req.num_computed, budget)
             if not self._reserve(req, n):
                 continue
-            batch.requests.append(req)
-            batch.num_new.append(n)
+            batch.add(req, n)
             budget -= n
         admit = self.num_preemptions == preemptions  # no room made this step: don't take it back
         while admit and self.waiting and budget > 0 and len(self.running) < self.max_running:
@@ -144,10 +169,12 @@ class Scheduler:
                 req.scheduled_time = time.time()
                 self.queue_waits.append(req.scheduled_time - req.arrival_time)
             self.running.append(self.waiting.popleft())
-            batch.requests.append(req)
-            batch.num_new.append(n)
+            batch.add(req, n)
             budget -= n
         return batch if batch.requests else None
+
+    def _awaits_last_token(self, req: Request) -> bool:
+        return req.num_output >= req.max_new_tokens or req.num_tokens >= self.max_total_tokens
 
     def _reuse_prefix(self, req: Request) -> int:
         """Start a request on the cached blocks of its longest cached prefix; returns the hit tokens."""
@@ -160,6 +187,7 @@ class Scheduler:
     def _reset(self, req: Request) -> None:
         """Back to nothing computed, no pages (recompute later, prefix cache permitting)."""
         self.blocks.release(req.blocks)
+        _drop_placeholders(req)
         req.num_computed = req.hashed_blocks = req.parent_hash = 0
 
     def _reserve(self, req: Request, n: int) -> bool:
@@ -175,13 +203,14 @@ class Scheduler:
         """Recompute later: free the pages, keep the tokens, go back to the head of the queue."""
         self.running.remove(req)
         self._reset(req)
+        req.epoch += 1
         self.waiting.appendleft(req)
         self.num_preemptions += 1
 
     def update(
         self, batch: ScheduledBatch, sampled: list[int], logprobs: list[float]
     ) -> list[tuple[Request, int, float]]:
-        """Apply a finished step: advance counters, append sampled tokens, finish requests.
+        """Apply a finished step: put the sampled tokens in place, register full blocks, finish requests.
 
         ``sampled``/``logprobs`` hold one entry per request that sampled (in batch order).
         Returns ``(request, token, logprob)`` for every request that received a token;
@@ -189,27 +218,37 @@ class Scheduler:
         """
         produced = []
         results = iter(zip(sampled, logprobs, strict=True))
-        for req, n, samples in zip(batch.requests, batch.num_new, batch.samples(), strict=True):
-            result = next(results) if samples else None
-            if req.finish_reason is not None or req not in self.running:
-                continue  # aborted or stopped during the step: its token is dropped
-            req.num_computed += n
+        for i, req in enumerate(batch.requests):
+            slot = batch.sample_slots[i]
+            result = next(results) if slot >= 0 else None
+            if req.finish_reason is not None or req.epoch != batch.epochs[i]:
+                continue  # finished, aborted or preempted since: its token is dropped
             req.hashed_blocks, req.parent_hash = self.blocks.register(
-                req.blocks, req.token_ids, req.num_computed, req.hashed_blocks, req.parent_hash
+                req.blocks,
+                req.token_ids,
+                batch.starts[i] + batch.num_new[i],
+                req.hashed_blocks,
+                req.parent_hash,
             )
             if result is None:
                 continue
             token, logprob = result
-            req.token_ids.append(token)
+            req.token_ids[slot] = token
             produced.append((req, token, logprob))
-            reason = self._finish_reason(req)
+            reason = self._finish_reason(req, slot)
             if reason:
                 self.finish(req, reason)
         return produced
 
-    def _finish_reason(self, req: Request) -> str | None:
-        if req.token_ids[-1] in self.eos_token_ids and not req.params.ignore_eos:
+    def _finish_reason(self, req: Request, slot: int) -> str | None:
+        if req.token_ids[slot] in self.eos_token_ids and not req.params.ignore_eos:
             return "eos_token"
-        if req.num_output >= req.max_new_tokens or req.num_tokens >= self.max_total_tokens:
+        if slot + 1 - req.prompt_len >= req.max_new_tokens or slot + 1 >= self.max_total_tokens:
             return "length"
         return None
+
+
+def _drop_placeholders(req: Request) -> None:
+    """Forget tokens sampled by steps whose results will not be used."""
+    while len(req.token_ids) > req.prompt_len and req.token_ids[-1] < 0:
+        req.token_ids.pop()

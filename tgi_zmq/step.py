@@ -2,6 +2,8 @@
 
 Tokens of all scheduled requests are flattened into one sequence of ``T`` tokens
 (prefill chunks and decodes together); ``query_start`` delimits each request's tokens.
+A negative id in ``input_ids`` or ``penalty_ids`` is a placeholder for the token the
+previous step sampled in row ``-id - 1`` (see ``tgi_zmq.scheduler``): the worker fills it in.
 
 Tensors (B requests, R of them sampling, T tokens):
 - ``input_ids``, ``positions``, ``slot_mapping`` [T]: token, its position, its KV slot
@@ -25,8 +27,7 @@ def build_step(batch: ScheduledBatch, block_size: int) -> dict[str, torch.Tensor
     slots: list[int] = []
     query_start = [0]
     context_lens = []
-    for req, n in zip(batch.requests, batch.num_new, strict=True):
-        start = req.num_computed
+    for req, start, n in zip(batch.requests, batch.starts, batch.num_new, strict=True):
         input_ids.extend(req.token_ids[start : start + n])
         for pos in range(start, start + n):
             positions.append(pos)
@@ -50,12 +51,13 @@ def build_step(batch: ScheduledBatch, block_size: int) -> dict[str, torch.Tensor
 def _sampling_tensors(batch: ScheduledBatch) -> dict[str, torch.Tensor]:
     rows = [i for i, samples in enumerate(batch.samples()) if samples]
     reqs = [batch.requests[i] for i in rows]
+    slots = [batch.sample_slots[i] for i in rows]
     params = [r.params for r in reqs]
     penalty_ids: list[int] = []
     penalty_start = [0]
-    for req, p in zip(reqs, params, strict=True):
+    for req, slot, p in zip(reqs, slots, params, strict=True):
         if p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0:
-            penalty_ids.extend(req.token_ids)
+            penalty_ids.extend(req.token_ids[:slot])
         penalty_start.append(len(penalty_ids))
     return {
         "sample_seq": torch.tensor(rows, dtype=torch.int64),
@@ -66,7 +68,7 @@ def _sampling_tensors(batch: ScheduledBatch) -> dict[str, torch.Tensor]:
         "repetition_penalty": torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32),
         "frequency_penalty": torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32),
         "seeds": torch.tensor([_as_int64(p.seed or 0) for p in params], dtype=torch.int64),
-        "sample_index": torch.tensor([r.num_output for r in reqs], dtype=torch.int64),
+        "sample_index": torch.tensor([slot - r.prompt_len for r, slot in zip(reqs, slots, strict=True)]),
         "penalty_ids": torch.tensor(penalty_ids, dtype=torch.int64),
         "penalty_start": torch.tensor(penalty_start, dtype=torch.int64),
     }
