@@ -283,6 +283,7 @@ class StatsReporter:
             queue_size=len(p.waiting),
             batch_size=len(p.running),
             kv_blocks_used=p.blocks.num_used,
+            kv_blocks_cached=p.blocks.num_cached_free,
             kv_blocks_total=p.blocks.num_blocks,
             max_batch_total_tokens=self.config.max_batch_total_tokens,
             prefix_cache_hit_tokens=p.prefix_hit_tokens - self.sent_hits,

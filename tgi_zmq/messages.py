@@ -290,6 +290,7 @@ class SchedulerStats:
     queue_size: int  # requests waiting for their first step
     batch_size: int  # requests running
     kv_blocks_used: int  # held by requests or by the prefix cache
+    kv_blocks_cached: int  # of those, held only by the prefix cache
     kv_blocks_total: int
     max_batch_total_tokens: int
     prefix_cache_hit_tokens: int  # since the last stats message

@@ -6,6 +6,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import prometheus_client
 import uvloop
 from aiohttp import web
 
@@ -15,6 +16,7 @@ from tgi_zmq.validation import RequestError
 from . import openai_routes, tgi_routes
 from .http import error_response, json_response
 from .jobs import tag
+from .metrics import CONTENT_TYPE_LATEST
 from .state import FRONTEND, VERSION, Frontend, client_id_of, frontend
 from .streaming import log_failure
 
@@ -51,6 +53,22 @@ async def health(request: web.Request) -> web.Response:
     return error_response(RequestError("unhealthy", error_type="healthcheck", status=503))
 
 
+def _counted(handler: Handler) -> Handler:
+    """A generation route: counted in ``tgi_request_count``, with any failure escaping it."""
+
+    async def counted(request: web.Request) -> web.StreamResponse:
+        with frontend(request).pipeline.metrics.request():
+            return await handler(request)
+
+    return counted
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition of TGI's metrics."""
+    body = frontend(request).pipeline.metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 async def info(request: web.Request) -> web.Response:
     c = frontend(request).config
     return json_response(
@@ -65,6 +83,8 @@ async def info(request: web.Request) -> web.Response:
             "max_stop_sequences": c.max_stop_sequences,
             "max_input_tokens": c.max_input_tokens,
             "max_total_tokens": c.max_total_tokens,
+            "max_batch_total_tokens": c.max_batch_total_tokens,
+            "max_batch_prefill_tokens": c.max_batch_prefill_tokens,
             "validation_workers": 1,
             "max_client_batch_size": c.max_client_batch_size,
             "router": "tgi-zmq",
@@ -90,15 +110,16 @@ def create_app(config: ServerConfig) -> web.Application:
     app.cleanup_ctx.append(_run_pipeline)
     app.on_response_prepare.append(_echo_request_id)
     app.router.add_get("/", health)
-    app.router.add_post("/", tgi_routes.compat_generate)
+    app.router.add_post("/", _counted(tgi_routes.compat_generate))
     app.router.add_get("/health", health)
     app.router.add_get("/ping", health)
     app.router.add_get("/info", info)
-    app.router.add_post("/generate", tgi_routes.generate)
-    app.router.add_post("/generate_stream", tgi_routes.generate_stream)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/generate", _counted(tgi_routes.generate))
+    app.router.add_post("/generate_stream", _counted(tgi_routes.generate_stream))
     app.router.add_post("/tokenize", tgi_routes.tokenize)
-    app.router.add_post("/v1/chat/completions", openai_routes.chat_completions)
-    app.router.add_post("/v1/completions", openai_routes.completions)
+    app.router.add_post("/v1/chat/completions", _counted(openai_routes.chat_completions))
+    app.router.add_post("/v1/completions", _counted(openai_routes.completions))
     app.router.add_get("/v1/models", openai_routes.models)
     return app
 
@@ -106,6 +127,7 @@ def create_app(config: ServerConfig) -> web.Application:
 def main() -> None:
     """Entry point of the frontend process (config from ``$TGI_ZMQ_RUNTIME_DIR``)."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    prometheus_client.disable_created_metrics()  # TGI exposes no *_created series
     config = ServerConfig.load()
     web.run_app(
         create_app(config),

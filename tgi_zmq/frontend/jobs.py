@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from tgi_zmq.messages import AbortRequest, ErrorOutput, GenerateRequest, RequestDelta
 from tgi_zmq.validation import RequestError
 
+from .metrics import Metrics
 from .pipeline import Mailbox, Pipeline, error_from_output
 
 log = logging.getLogger("tgi_zmq.frontend")
@@ -56,13 +57,17 @@ class Job:
     logprobs: list[float] = dataclasses.field(default_factory=list)
     specials: list[bool] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
-    failed: bool = False
+    error_type: str | None = None  # set when the pipeline reported a failure
     generated_tokens: int = 0
     prompt_tokens: int = 0
 
     @property
     def rid(self) -> str:
         return self.request.rid
+
+    @property
+    def failed(self) -> bool:
+        return self.error_type is not None
 
     @property
     def done(self) -> bool:
@@ -107,6 +112,13 @@ class JobGroup:
     def done(self) -> bool:
         return all(job.done for job in self.jobs)
 
+    def failure(self) -> str | None:
+        """Why the group did not succeed: a job's ``error_type``, or "dropped" if some job never ended."""
+        errors = [job.error_type for job in self.jobs if job.error_type is not None]
+        if errors:
+            return errors[0]
+        return None if self.done else "dropped"
+
     async def next(self, timeout: float | None = None) -> list[tuple[Job, RequestDelta]]:
         """The deltas that arrived since the last call; [] on timeout; RequestError if a job failed."""
         try:
@@ -124,7 +136,7 @@ class JobGroup:
 
     def _receive(self, job: Job, item: RequestDelta | ErrorOutput, out: list) -> None:
         if isinstance(item, ErrorOutput):
-            job.failed = True
+            job.error_type = item.error_type
             raise error_from_output(item)
         job.absorb(item)
         out.append((job, item))
@@ -154,7 +166,11 @@ def _prompt_chars(request: GenerateRequest) -> int:
 def submit(
     pipeline: Pipeline, requests: list[GenerateRequest], *, route: str, client_id: str | None
 ) -> Iterator[JobGroup]:
-    """Send ``requests`` down the pipeline; on exit abort whichever did not finish (client gone)."""
+    """Send ``requests`` down the pipeline; on exit abort whichever did not finish (client gone).
+
+    Metrics: every finished generation is observed; the request's outcome is counted here when the
+    block exits normally, otherwise by ``Metrics.request`` around the route handler.
+    """
     wakeup = asyncio.Event()
     jobs = [Job(req, pipeline.open(req.rid, wakeup), index=i) for i, req in enumerate(requests)]
     for job in jobs:
@@ -162,10 +178,13 @@ def submit(
             "%s received route=%s prompt_chars=%d", tag(job.rid, client_id), route, _prompt_chars(job.request)
         )
         pipeline.post(job.request)
+    group = JobGroup(jobs, wakeup, client_id)
     try:
-        yield JobGroup(jobs, wakeup, client_id)
+        yield group
+        _count_outcome(pipeline.metrics, group)
     finally:
         for job in jobs:
+            _observe(pipeline.metrics, job)
             pipeline.discard(job.rid)
             if not job.done:
                 pipeline.post(AbortRequest(job.rid))
@@ -175,3 +194,22 @@ def submit(
                     len(job.token_ids),
                     job.duration(),
                 )
+
+
+def _count_outcome(metrics: Metrics, group: JobGroup) -> None:
+    failure = group.failure()
+    if failure is None:
+        metrics.succeeded()
+    else:
+        metrics.failed(failure)
+
+
+def _observe(metrics: Metrics, job: Job) -> None:
+    if job.ended is None:  # did not finish
+        return
+    metrics.generation_finished(
+        seconds=job.duration(),
+        prompt_tokens=job.prompt_tokens,
+        generated_tokens=job.generated_tokens,
+        decode_seconds=job.ended - (job.first_output or job.ended),
+    )

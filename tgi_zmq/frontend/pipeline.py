@@ -24,16 +24,18 @@ from tgi_zmq.messages import (
     ErrorOutput,
     Heartbeat,
     ProtocolError,
+    SchedulerStats,
     TokenizeRequest,
     TokenizeResult,
 )
 from tgi_zmq.validation import VALIDATION_PREFIX, RequestError
 
 from .health import Health
+from .metrics import Metrics
 
 log = logging.getLogger("tgi_zmq.frontend")
 
-INBOUND = (BatchTextOutput, ErrorOutput, TokenizeResult, Heartbeat)
+INBOUND = (BatchTextOutput, ErrorOutput, TokenizeResult, Heartbeat, SchedulerStats)
 MONITOR_PERIOD_S = 0.5
 GENERATION_PREFIX = "Request failed during generation: "
 
@@ -71,11 +73,17 @@ def error_from_output(out: ErrorOutput) -> RequestError:
 
 
 class Pipeline:
-    """Sockets, the rid -> mailbox table and the background reader, sender and health monitor."""
+    """Sockets, the rid -> mailbox table and the background reader, sender and health monitor.
+
+    It also holds the frontend's ``Metrics``, fed by the scheduler's stats and by ``jobs.submit``.
+    """
 
     def __init__(self, config: ServerConfig, health: Health) -> None:
         self.config = config
         self.health = health
+        self.metrics = Metrics(
+            max_input_tokens=config.max_input_tokens, max_total_tokens=config.max_total_tokens
+        )
         self._boxes: dict[str, Mailbox] = {}
         self._outbox: asyncio.Queue[bytes] = asyncio.Queue()
         self._ctx: zmq.asyncio.Context | None = None
@@ -184,6 +192,8 @@ class Pipeline:
             reason = self.health.observe(msg)
             if reason is not None:
                 self.fail_all(reason)
+        elif isinstance(msg, SchedulerStats):
+            self.metrics.observe_scheduler(msg)
         else:  # ErrorOutput, TokenizeResult
             self._deliver(msg.rid, msg)
 

@@ -1,0 +1,116 @@
+"""End to end: prefix caching, preemption under a small KV budget, and no page leaks on disconnects."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from tests.conftest import start_service, stop_service
+
+pytestmark = pytest.mark.e2e
+
+
+def metrics(service) -> dict[str, float]:
+    """Every sample of /metrics by its name with labels, e.g. ``tgi_queue_size``."""
+    text = requests.get(service.url + "/metrics", timeout=5).text
+    samples = (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    return {name: float(value) for name, value in samples}
+
+
+def wait_for_metric(service, name: str, predicate, timeout: float = 10) -> float:
+    deadline = time.time() + timeout
+    while True:
+        value = metrics(service).get(name, 0.0)
+        if predicate(value) or time.time() > deadline:
+            return value
+        time.sleep(0.3)
+
+
+def ttft(service, prompt: str) -> float:
+    """Seconds to the first streamed token."""
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": 2}}
+    start = time.perf_counter()
+    with requests.post(service.url + "/generate_stream", json=body, stream=True, timeout=120) as response:
+        for line in response.iter_lines():
+            if line.startswith(b"data:"):
+                return time.perf_counter() - start
+    raise AssertionError("no token streamed")
+
+
+def test_shared_prefix_is_reused_and_faster(service):
+    rng = random.Random(0)
+    words = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega".split()
+    system = " ".join(rng.choice(words) for _ in range(1100))
+    system_tokens = len(requests.post(service.url + "/tokenize", json={"inputs": system}, timeout=10).json())
+    assert system_tokens > 1000
+    hits_before = metrics(service).get("tgi_prefix_cache_hit_tokens_total", 0.0)
+    cold = ttft(service, system + "\nQuestion one?")
+    warm = ttft(service, system + "\nSecond question?")
+    hits = (
+        wait_for_metric(service, "tgi_prefix_cache_hit_tokens_total", lambda v: v > hits_before) - hits_before
+    )
+    assert hits >= system_tokens - 16, (hits, system_tokens)  # whole 16-token blocks
+    assert warm < 0.5 * cold, (cold, warm)
+
+
+def generate(service, prompt: str, max_new_tokens: int) -> list[int]:
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens, "details": True}}
+    response = requests.post(service.url + "/generate", json=body, timeout=300)
+    assert response.status_code == 200, response.text
+    return [t["id"] for t in response.json()["details"]["tokens"]]
+
+
+@pytest.fixture(scope="module")
+def small_kv(tmp_path_factory):
+    """A KV cache of 512 tokens: 16 requests of ~100 tokens each need three times that."""
+    svc = start_service(
+        tmp_path_factory.mktemp("small_kv"),
+        "--dtype",
+        "float32",
+        "--max-batch-total-tokens",
+        "512",
+        "--max-total-tokens",
+        "256",
+        "--max-concurrent-requests",
+        "32",
+    )
+    yield svc
+    stop_service(svc)
+
+
+def test_preemption_keeps_outputs_equal_to_solo(small_kv):
+    prompts = [f"Story number {i}: once upon a time" for i in range(16)]
+    solo = [generate(small_kv, p, 90) for p in prompts[:4]]
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda p: generate(small_kv, p, 90), prompts))
+    assert together[:4] == solo
+    assert metrics(small_kv)["tgi_preemptions_total"] > 0
+
+
+def test_disconnects_leave_only_the_prefix_cache(small_kv):
+    rng = random.Random(1)
+
+    def client(i: int) -> None:
+        body = {"inputs": f"Request {i} says hello", "parameters": {"max_new_tokens": 60}}
+        try:
+            requests.post(small_kv.url + "/generate_stream", json=body, timeout=rng.uniform(0.05, 2.0))
+        except requests.RequestException:
+            pass  # the client gave up: the server must abort the request and free its pages
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(100)]
+    for t in threads:
+        t.start()
+        time.sleep(0.01)
+    for t in threads:
+        t.join()
+    idle = wait_for_metric(small_kv, "tgi_batch_current_size", lambda v: v == 0, timeout=120)
+    assert idle == 0
+    assert wait_for_metric(small_kv, "tgi_queue_size", lambda v: v == 0) == 0
+    m = metrics(small_kv)
+    assert m["tgi_kv_blocks_used"] == m["tgi_kv_blocks_cached"]
+    assert requests.get(small_kv.url + "/health", timeout=5).status_code == 200

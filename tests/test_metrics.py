@@ -1,0 +1,292 @@
+"""/metrics: TGI's metric names and values (tgi_zmq.frontend.metrics), without the real service."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import zmq
+import zmq.asyncio
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
+
+from tgi_zmq import messages
+from tgi_zmq.config import ServerConfig
+from tgi_zmq.frontend import create_app
+from tgi_zmq.frontend.health import Health
+from tgi_zmq.frontend.jobs import submit
+from tgi_zmq.frontend.metrics import DURATION_BUCKETS, Metrics, length_buckets
+from tgi_zmq.frontend.pipeline import Pipeline
+from tgi_zmq.frontend.state import FRONTEND
+from tgi_zmq.messages import (
+    BatchTextOutput,
+    ErrorOutput,
+    GenerateRequest,
+    RequestDelta,
+    SamplingParams,
+    SchedulerStats,
+)
+from tgi_zmq.validation import RequestError
+
+# name -> TYPE, exactly as exposed (TGI's own counters have no "_total")
+EXPOSED = {
+    "tgi_request_count": "counter",
+    "tgi_request_success": "counter",
+    "tgi_request_failure": "counter",
+    "tgi_request_duration": "histogram",
+    "tgi_request_input_length": "histogram",
+    "tgi_request_generated_tokens": "histogram",
+    "tgi_request_mean_time_per_token_duration": "histogram",
+    "tgi_request_queue_duration": "histogram",
+    "tgi_batch_forward_duration": "histogram",
+    "tgi_queue_size": "gauge",
+    "tgi_batch_current_size": "gauge",
+    "tgi_batch_max_total_tokens": "gauge",
+    "tgi_kv_blocks_used": "gauge",
+    "tgi_kv_blocks_total": "gauge",
+    "tgi_prefix_cache_hit_tokens_total": "counter",
+    "tgi_preemptions_total": "counter",
+}
+
+
+def stats(**overrides) -> SchedulerStats:
+    fields = dict(
+        queue_size=3,
+        batch_size=5,
+        kv_blocks_used=40,
+        kv_blocks_cached=12,
+        kv_blocks_total=4096,
+        max_batch_total_tokens=65536,
+        prefix_cache_hit_tokens=32,
+        preemptions=1,
+        queue_seconds=[0.01, 0.2],
+        forward_seconds=[["prefill", 0.05], ["decode", 0.002], ["decode", 0.003]],
+    )
+    return SchedulerStats(**{**fields, **overrides})
+
+
+def text(metrics: Metrics) -> str:
+    return metrics.render().decode()
+
+
+def types(exposition: str) -> dict[str, str]:
+    """``# TYPE`` lines, by metric name."""
+    return dict(re.findall(r"^# TYPE (\S+) (\S+)$", exposition, re.M))
+
+
+def samples(exposition: str) -> dict[str, float]:
+    """Sample lines by their literal ``name{labels}``."""
+    rows = re.findall(r"^([^#\s][^ ]*) (\S+)$", exposition, re.M)
+    return {key: float(value) for key, value in rows}
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics(max_input_tokens=4095, max_total_tokens=4096)
+
+
+# ---------------------------------------------------------------------------- exposition
+
+
+def test_every_tgi_name_is_exposed_exactly(metrics: Metrics) -> None:
+    metrics.failed("validation")
+    exposed = types(text(metrics))
+    for name, kind in EXPOSED.items():
+        assert exposed.get(name) == kind, name
+    for bare in ("tgi_request_count", "tgi_request_success", "tgi_request_failure"):
+        assert f"{bare}_total" not in text(metrics)
+
+
+def test_exposition_parses_with_prometheus_client(metrics: Metrics) -> None:
+    metrics.observe_scheduler(stats())
+    families = {f.name: f for f in text_string_to_metric_families(text(metrics))}
+    for name, kind in EXPOSED.items():
+        family = name.removesuffix("_total") if kind == "counter" else name  # as the parser names them
+        assert families[family].type == kind, name
+
+
+def test_gauges_read_zero_before_the_first_stats(metrics: Metrics) -> None:
+    values = samples(text(metrics))
+    for name in ("tgi_queue_size", "tgi_batch_current_size", "tgi_batch_max_total_tokens"):
+        assert values[name] == 0
+    assert values["tgi_kv_blocks_used"] == values["tgi_kv_blocks_total"] == 0
+    assert values["tgi_request_count"] == values["tgi_request_success"] == 0
+    assert values['tgi_batch_forward_duration_count{method="decode"}'] == 0
+
+
+def test_bucket_bounds_follow_tgi(metrics: Metrics) -> None:
+    assert len(DURATION_BUCKETS) == 35
+    assert DURATION_BUCKETS[0] == pytest.approx(0.00015)
+    assert DURATION_BUCKETS[1] / DURATION_BUCKETS[0] == pytest.approx(1.5)
+    assert length_buckets(4095)[0] == pytest.approx(40.95)
+    assert length_buckets(4095)[-1] == pytest.approx(4095)
+    values = samples(text(metrics))
+    assert 'tgi_request_duration_bucket{le="0.00015000000000000001"}' in values  # as TGI writes it
+    for name, top in (("tgi_request_input_length", 4095), ("tgi_request_generated_tokens", 4096)):
+        bounds = re.findall(rf'^{name}_bucket{{le="([^"]+)"}}', text(metrics), re.M)
+        assert len(bounds) == 101 and bounds[-1] == "+Inf"
+        assert float(bounds[0]) == pytest.approx(top / 100)
+        assert float(bounds[-2]) == pytest.approx(top)
+
+
+# ---------------------------------------------------------------------------- scheduler stats
+
+
+def test_scheduler_stats_set_gauges_and_add_deltas(metrics: Metrics) -> None:
+    metrics.observe_scheduler(stats())
+    metrics.observe_scheduler(stats(queue_size=0, prefix_cache_hit_tokens=8, preemptions=0, queue_seconds=[]))
+    values = samples(text(metrics))
+    assert values["tgi_queue_size"] == 0
+    assert values["tgi_batch_current_size"] == 5
+    assert values["tgi_batch_max_total_tokens"] == 65536
+    assert values["tgi_kv_blocks_used"] == 40
+    assert values["tgi_kv_blocks_total"] == 4096
+    assert values["tgi_prefix_cache_hit_tokens_total"] == 40
+    assert values["tgi_preemptions_total"] == 1
+    assert values["tgi_request_queue_duration_count"] == 2
+    assert values["tgi_request_queue_duration_sum"] == pytest.approx(0.21)
+    assert values['tgi_batch_forward_duration_count{method="prefill"}'] == 2
+    assert values['tgi_batch_forward_duration_count{method="decode"}'] == 4
+    assert values['tgi_batch_forward_duration_sum{method="decode"}'] == pytest.approx(0.01)
+
+
+def test_a_bad_forward_entry_is_skipped(metrics: Metrics) -> None:
+    metrics.observe_scheduler(stats(forward_seconds=[["decode"], [1, 2], ["decode", True], ["decode", 0.5]]))
+    assert samples(text(metrics))['tgi_batch_forward_duration_count{method="decode"}'] == 1
+
+
+# ---------------------------------------------------------------------------- request outcomes
+
+
+def test_failures_escaping_a_handler_are_counted_by_error_type(metrics: Metrics) -> None:
+    for exc in (
+        RequestError("bad", error_type="validation"),
+        RequestError("busy", error_type="overloaded", status=429),
+        asyncio.CancelledError(),
+        ConnectionResetError(),
+    ):
+        with pytest.raises(type(exc)), metrics.request():
+            raise exc
+    with metrics.request():
+        metrics.succeeded()
+    values = samples(text(metrics))
+    assert values["tgi_request_count"] == 5
+    assert values["tgi_request_success"] == 1
+    assert values['tgi_request_failure{err="validation"}'] == 1
+    assert values['tgi_request_failure{err="overloaded"}'] == 1
+    assert values['tgi_request_failure{err="dropped"}'] == 2
+
+
+def test_a_finished_generation_fills_the_histograms(metrics: Metrics) -> None:
+    metrics.generation_finished(seconds=1.5, prompt_tokens=12, generated_tokens=11, decode_seconds=1.0)
+    metrics.generation_finished(seconds=0.2, prompt_tokens=3, generated_tokens=1, decode_seconds=0.0)
+    values = samples(text(metrics))
+    assert values["tgi_request_duration_count"] == 2
+    assert values["tgi_request_duration_sum"] == pytest.approx(1.7)
+    assert values["tgi_request_input_length_sum"] == 15
+    assert values["tgi_request_generated_tokens_sum"] == 12
+    assert values["tgi_request_mean_time_per_token_duration_count"] == 1  # one token: no inter-token time
+    assert values["tgi_request_mean_time_per_token_duration_sum"] == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------------------- jobs.submit
+
+
+@pytest.fixture
+def runtime_dir() -> Iterator[str]:
+    with tempfile.TemporaryDirectory(prefix="tgizmq-m") as path:  # short: ipc paths are limited
+        yield path
+
+
+def config(runtime_dir: str, **kw) -> ServerConfig:
+    return ServerConfig(model_id="none", served_model_name="m", runtime_dir=runtime_dir, **kw)
+
+
+def request(rid: str) -> GenerateRequest:
+    return GenerateRequest(rid, "hi", None, SamplingParams(max_new_tokens=3), 0.0)
+
+
+def delta(rid: str, n: int, finish: str | None) -> RequestDelta:
+    return RequestDelta(rid, [n], ["x"], [0.0], [False], "x", finish, n, 7, None)
+
+
+async def test_submit_counts_success_and_observes_the_generation(runtime_dir: str) -> None:
+    pipeline = Pipeline(config(runtime_dir), Health(()))
+    with submit(pipeline, [request("a")], route="/generate", client_id=None) as group:
+        for n, finish in ((1, None), (2, None), (3, "length")):
+            pipeline._dispatch(BatchTextOutput([delta("a", n, finish)]))
+        await group.collect()
+    values = samples(text(pipeline.metrics))
+    assert values["tgi_request_success"] == 1
+    assert values["tgi_request_duration_count"] == 1
+    assert values["tgi_request_input_length_sum"] == 7
+    assert values["tgi_request_generated_tokens_sum"] == 3
+    assert values["tgi_request_mean_time_per_token_duration_count"] == 1
+
+
+async def test_submit_counts_an_in_stream_error_and_a_client_gone(runtime_dir: str) -> None:
+    pipeline = Pipeline(config(runtime_dir), Health(()))
+    with submit(pipeline, [request("a")], route="/generate_stream", client_id=None) as group:
+        pipeline._dispatch(ErrorOutput("a", "boom", "generation", 424))
+        with pytest.raises(RequestError):  # stream_group turns it into an error event
+            await group.next()
+    with submit(pipeline, [request("b")], route="/generate_stream", client_id=None):
+        pass  # stream_group swallowed a ConnectionResetError
+    values = samples(text(pipeline.metrics))
+    assert values['tgi_request_failure{err="generation"}'] == 1
+    assert values['tgi_request_failure{err="dropped"}'] == 1
+    assert values["tgi_request_success"] == 0
+
+
+async def test_submit_leaves_escaping_errors_to_the_handler_wrapper(runtime_dir: str) -> None:
+    pipeline = Pipeline(config(runtime_dir), Health(()))
+    with (
+        pytest.raises(RequestError),
+        submit(pipeline, [request("a")], route="/generate", client_id=None) as g,
+    ):
+        pipeline._dispatch(ErrorOutput("a", "too long", "validation", 422))
+        await g.collect()
+    assert "tgi_request_failure{" not in text(pipeline.metrics)
+
+
+# ---------------------------------------------------------------------------- the app
+
+
+@pytest.fixture
+async def client(runtime_dir: str) -> AsyncIterator[TestClient]:
+    app = create_app(config(runtime_dir, max_concurrent_requests=1))
+    async with TestClient(TestServer(app)) as client:
+        yield client
+
+
+async def test_metrics_route_and_request_counting(client: TestClient, runtime_dir: str) -> None:
+    assert (await client.post("/generate", json={"inputs": ""})).status == 422
+    fe = client.app[FRONTEND]
+    fe.admission.in_flight = 1  # full
+    assert (await client.post("/v1/completions", json={"prompt": "hi"})).status == 429
+    fe.admission.in_flight = 0
+    assert (await client.post("/tokenize", json={"inputs": ""})).status == 422  # not a generation route
+    await _send_stats(runtime_dir, stats(queue_size=9))
+
+    response = await client.get("/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"] == CONTENT_TYPE_LATEST
+    values = samples(await response.text())
+    assert values["tgi_request_count"] == 2
+    assert values['tgi_request_failure{err="validation"}'] == 1
+    assert values['tgi_request_failure{err="overloaded"}'] == 1
+    assert values["tgi_queue_size"] == 9
+
+
+async def _send_stats(runtime_dir: str, msg: SchedulerStats) -> None:
+    """Send ``msg`` to the frontend socket, as the scheduler does, and wait until it is applied."""
+    ctx = zmq.asyncio.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.connect(f"ipc://{runtime_dir}/frontend.sock")
+    await push.send(messages.encode(msg))
+    ctx.destroy(linger=1000)
+    await asyncio.sleep(0.2)

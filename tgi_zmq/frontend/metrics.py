@@ -1,0 +1,204 @@
+"""Every Prometheus metric of ``GET /metrics``, under TGI's names, in a registry of our own.
+
+The frontend updates the request-level metrics itself; the batch and KV-cache metrics come
+from the scheduler's ``SchedulerStats`` messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from tgi_zmq.messages import SchedulerStats
+from tgi_zmq.validation import RequestError
+
+log = logging.getLogger("tgi_zmq.frontend")
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+# TGI's router: 35 geometric buckets from 0.00015 s (x1.5) for every "*_duration" histogram,
+# multiplied step by step as TGI does, so that the ``le`` labels are the same floats.
+DURATION_BUCKETS = tuple(itertools.accumulate(range(35), lambda value, _: value * 1.5, initial=0.0001))[1:]
+FORWARD_METHODS = ("prefill", "decode")
+
+
+def length_buckets(max_tokens: int) -> tuple[float, ...]:
+    """TGI's token-count buckets: 100 linear steps up to ``max_tokens``."""
+    return tuple(max_tokens / 100.0 * (i + 1) for i in range(100))
+
+
+class BareCounter(Collector):
+    """A counter exposed under its bare name (``tgi_request_count``, not ``..._total``), as TGI's are.
+
+    prometheus_client's ``Counter`` always exposes ``<name>_total``; ``Metrics.render`` fixes the
+    ``# HELP``/``# TYPE`` lines that ``generate_latest`` writes for these families.
+    """
+
+    def __init__(self, name: str, documentation: str, label: str | None = None) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.label = label
+        self._values: dict[str | None, float] = {} if label else {None: 0.0}
+
+    def inc(self, label_value: str | None = None, amount: float = 1.0) -> None:
+        if (label_value is None) != (self.label is None):
+            raise ValueError(f"{self.name}: label value {label_value!r} for label {self.label!r}")
+        self._values[label_value] = self._values.get(label_value, 0.0) + amount
+
+    def collect(self) -> Iterator[Metric]:
+        metric = Metric(self.name, self.documentation, "counter")
+        for label_value, value in sorted(self._values.items(), key=lambda kv: kv[0] or ""):
+            labels = {} if self.label is None else {self.label: label_value}
+            metric.add_sample(self.name, labels, value)
+        yield metric
+
+    def fix_header(self, text: str) -> str:
+        """``generate_latest`` names a counter family ``<name>_total`` in its HELP and TYPE lines."""
+        for kind in ("HELP", "TYPE"):
+            text = text.replace(f"# {kind} {self.name}_total ", f"# {kind} {self.name} ")
+        return text
+
+
+class Metrics:
+    """The frontend's metrics; ``render()`` is the body of ``GET /metrics``."""
+
+    def __init__(self, *, max_input_tokens: int, max_total_tokens: int) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self._bare = [
+            count := BareCounter("tgi_request_count", "Generation requests received"),
+            success := BareCounter("tgi_request_success", "Generation requests that succeeded"),
+            failure := BareCounter("tgi_request_failure", "Generation requests that failed", "err"),
+        ]
+        for counter in self._bare:
+            r.register(counter)
+        self.request_count, self.request_success, self.request_failure = count, success, failure
+
+        self.request_duration = Histogram(
+            "tgi_request_duration", "End-to-end request duration (s)", buckets=DURATION_BUCKETS, registry=r
+        )
+        self.request_input_length = Histogram(
+            "tgi_request_input_length",
+            "Prompt length (tokens)",
+            buckets=length_buckets(max_input_tokens),
+            registry=r,
+        )
+        self.request_generated_tokens = Histogram(
+            "tgi_request_generated_tokens",
+            "Generated tokens per request",
+            buckets=length_buckets(max_total_tokens),
+            registry=r,
+        )
+        self.request_mean_time_per_token = Histogram(
+            "tgi_request_mean_time_per_token_duration",
+            "Mean time between generated tokens after the first (s)",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.request_queue_duration = Histogram(
+            "tgi_request_queue_duration",
+            "Time from arrival to the first step (s)",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.batch_forward_duration = Histogram(
+            "tgi_batch_forward_duration",
+            "Forward pass duration (s)",
+            ["method"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        for method in FORWARD_METHODS:
+            self.batch_forward_duration.labels(method=method)
+
+        self.queue_size = Gauge("tgi_queue_size", "Requests waiting for their first step", registry=r)
+        self.batch_current_size = Gauge("tgi_batch_current_size", "Requests running", registry=r)
+        self.batch_max_total_tokens = Gauge(
+            "tgi_batch_max_total_tokens", "Token capacity of the KV cache", registry=r
+        )
+        self.kv_blocks_used = Gauge("tgi_kv_blocks_used", "KV-cache blocks in use", registry=r)
+        self.kv_blocks_total = Gauge("tgi_kv_blocks_total", "KV-cache blocks", registry=r)
+        self.kv_blocks_cached = Gauge(
+            "tgi_kv_blocks_cached", "KV-cache blocks held only by the prefix cache (reusable)", registry=r
+        )
+        self.prefix_cache_hit_tokens = Counter(
+            "tgi_prefix_cache_hit_tokens_total", "Prompt tokens served from the prefix cache", registry=r
+        )
+        self.preemptions = Counter(
+            "tgi_preemptions_total", "Requests preempted to free KV blocks", registry=r
+        )
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition (content type ``CONTENT_TYPE_LATEST``)."""
+        text = generate_latest(self.registry).decode()
+        for counter in self._bare:
+            text = counter.fix_header(text)
+        return text.encode()
+
+    # ------------------------------------------------------------------ request outcomes
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        """Count one generation request, and its failure if an exception escapes its handler.
+
+        Handlers that return normally report their outcome themselves (``succeeded``/``failed``):
+        an error inside a 200 stream, or a client gone mid-stream, never reaches here.
+        """
+        self.request_count.inc()
+        try:
+            yield
+        except RequestError as exc:
+            self.failed(exc.error_type)
+            raise
+        except (asyncio.CancelledError, ConnectionError):
+            self.failed("dropped")
+            raise
+        except Exception:
+            self.failed("internal")
+            raise
+
+    def succeeded(self) -> None:
+        self.request_success.inc()
+
+    def failed(self, err: str) -> None:
+        self.request_failure.inc(err)
+
+    def generation_finished(
+        self, *, seconds: float, prompt_tokens: int, generated_tokens: int, decode_seconds: float
+    ) -> None:
+        """One generation ran to its end (``decode_seconds``: from its first token to its last)."""
+        self.request_duration.observe(seconds)
+        self.request_input_length.observe(prompt_tokens)
+        self.request_generated_tokens.observe(generated_tokens)
+        if generated_tokens > 1:
+            self.request_mean_time_per_token.observe(decode_seconds / (generated_tokens - 1))
+
+    # ------------------------------------------------------------------ scheduler
+
+    def observe_scheduler(self, stats: SchedulerStats) -> None:
+        self.queue_size.set(stats.queue_size)
+        self.batch_current_size.set(stats.batch_size)
+        self.batch_max_total_tokens.set(stats.max_batch_total_tokens)
+        self.kv_blocks_used.set(stats.kv_blocks_used)
+        self.kv_blocks_total.set(stats.kv_blocks_total)
+        self.kv_blocks_cached.set(stats.kv_blocks_cached)
+        self.prefix_cache_hit_tokens.inc(max(stats.prefix_cache_hit_tokens, 0))
+        self.preemptions.inc(max(stats.preemptions, 0))
+        for seconds in stats.queue_seconds:
+            self.request_queue_duration.observe(seconds)
+        for entry in stats.forward_seconds:
+            self._observe_forward(entry)
+
+    def _observe_forward(self, entry: list) -> None:
+        match entry:
+            case [str() as method, int() | float() as seconds] if not isinstance(seconds, bool):
+                self.batch_forward_duration.labels(method=method).observe(seconds)
+            case _:
+                log.warning("SchedulerStats: bad forward_seconds entry %.80r", entry)
