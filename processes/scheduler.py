@@ -35,7 +35,7 @@ def step_buffer_size(config: ServerConfig) -> int:
     rows = config.max_concurrent_requests
     max_blocks = -(-config.max_total_tokens // config.block_size)
     return (
-        24 * config.max_batch_prefill_tokens
+        24 * (config.max_batch_prefill_tokens + rows)
         + 4 * rows * max_blocks
         + 8 * rows * config.max_total_tokens
         + 128 * rows

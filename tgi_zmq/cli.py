@@ -52,7 +52,8 @@ LAUNCH_FLAGS = [
         "--max-batch-prefill-tokens",
         int,
         None,
-        "tokens per forward step (longer prompts are chunked); default 4096",
+        "tokens per forward step: longer prompts are split into chunks that share steps with the running "
+        "decodes (default 512 on CPU, where a 4096-token step stalls every stream for seconds; 4096 on GPU)",
     ),
     (
         "--max-batch-total-tokens",
@@ -155,7 +156,8 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
         device=device,
         max_input_tokens=max_input,
         max_total_tokens=total,
-        max_batch_prefill_tokens=args.max_batch_prefill_tokens or min(4096, batch_total),
+        max_batch_prefill_tokens=args.max_batch_prefill_tokens
+        or min(512 if device == "cpu" else 4096, batch_total),
         max_batch_total_tokens=batch_total,
         max_concurrent_requests=args.max_concurrent_requests,
         max_stop_sequences=args.max_stop_sequences,

@@ -142,20 +142,24 @@ class Scheduler:
     # ------------------------------------------------------------------ the step
 
     def schedule(self) -> ScheduledBatch | None:
-        """Pick the next step: running requests first (oldest first), then waiting ones in order."""
+        """Pick the next step: running requests first (oldest first), then waiting ones in order.
+
+        Every decode (one new token) runs; prompt chunks share ``max_step_tokens`` (TGI's
+        ``max_batch_prefill_tokens``), so a long prompt is spread over steps instead of stalling.
+        """
         budget = self.max_step_tokens
         batch = ScheduledBatch()
         preemptions = self.num_preemptions
         for req in list(self.running):
-            if budget == 0:
-                break
             if req not in self.running or self._awaits_last_token(req):
                 continue  # preempted to make room for an older one, or done once its result lands
-            n = min(req.num_tokens - req.num_computed, budget)
-            if not self._reserve(req, n):
+            gap = req.num_tokens - req.num_computed
+            n = gap if gap == 1 else min(gap, budget)  # decodes always run; prefill chunks share the budget
+            if n == 0 or not self._reserve(req, n):
                 continue
             batch.add(req, n)
-            budget -= n
+            if gap > 1:
+                budget -= n
         admit = self.num_preemptions == preemptions  # no room made this step: don't take it back
         while admit and self.waiting and budget > 0 and len(self.running) < self.max_running:
             req = self.waiting[0]
