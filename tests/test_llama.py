@@ -70,3 +70,13 @@ def test_prefix_cache_gives_the_same_tokens(llama_dir):
     )
     assert sched.prefix_hit_tokens == 0
     assert cached == uncached == expected
+
+
+def test_decodes_of_very_different_lengths_match(tmp_path):
+    """Short and long contexts decode in separate padded groups (see attention._by_length)."""
+    folder = tiny_llama(tmp_path, max_position_embeddings=1024)
+    rng = random.Random(9)
+    ps = [[rng.randrange(3, 512) for _ in range(n)] for n in (5, 700, 12, 650)]
+    expected = [hf_greedy(folder, p, 6) for p in ps]
+    got, _ = run_engine(folder, ps, [SamplingParams()] * 4, 6, num_blocks=400, max_step_tokens=2048)
+    assert got == expected

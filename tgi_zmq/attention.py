@@ -3,7 +3,7 @@
 The cache of a layer is ``[num_blocks, block_size, kv_heads, head_dim]`` for K and for V.
 A step writes its new K/V by slot (``block * block_size + offset``), then gathers whole
 blocks with ``index_select`` (about 8x faster than gathering token by token) and attends:
-- decodes (one query token per request) together in one padded SDPA call with a mask;
+- decodes (one query token per request) together in padded batches of similar context length;
 - prefill chunks one request at a time; a prompt with nothing cached yet uses the K/V it
   just computed with ``is_causal``; a chunk that continues a cached prefix reads its pages.
 ``AttentionMetadata`` holds the index tensors, built once per step and shared by all layers.
@@ -28,14 +28,21 @@ class PrefillSeq:
 
 
 @dataclasses.dataclass
+class DecodeGroup:
+    """Decoding requests of similar context length, attended in one padded batch."""
+
+    rows: torch.Tensor  # [Bd] their query rows in the step
+    blocks: torch.Tensor  # [Bd * max_blocks] block ids, padded with block 0
+    bias: torch.Tensor  # [Bd, 1, 1, max_len] float32: 0 for real keys, -inf for padding
+    max_len: int
+
+
+@dataclasses.dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor
-    decode_rows: torch.Tensor  # [Bd] query rows of decoding requests
-    decode_blocks: torch.Tensor  # [Bd * max_blocks] block ids, padded with block 0
-    decode_bias: torch.Tensor  # [Bd, 1, 1, max_len] float32: 0 for real keys, -inf for padding
-    decode_max_len: int
+    decode_groups: list[DecodeGroup]
     prefills: list[PrefillSeq]
-    all_decode: bool
+    in_order: bool  # one decode group covering every row of the step, in order
 
     @classmethod
     def build(cls, step: dict[str, torch.Tensor], block_size: int) -> AttentionMetadata:
@@ -49,8 +56,9 @@ class AttentionMetadata:
                 decodes.append(b)
             else:
                 prefills.append(_prefill_seq(qs[b], qs[b + 1], ctx[b], tables[b], block_size))
-        rows, blocks, bias, max_len = _decode_index(decodes, qs, ctx, tables, block_size)
-        return cls(step["slot_mapping"], rows, blocks, bias, max_len, prefills, not prefills)
+        groups = [_decode_group(g, qs, ctx, tables, block_size) for g in _by_length(decodes, ctx)]
+        in_order = not prefills and len(groups) == 1 and decodes == list(range(len(ctx)))
+        return cls(step["slot_mapping"], groups, prefills, in_order)
 
 
 def _prefill_seq(lo: int, hi: int, ctx: int, table: torch.Tensor, block_size: int) -> PrefillSeq:
@@ -63,10 +71,24 @@ def _prefill_seq(lo: int, hi: int, ctx: int, table: torch.Tensor, block_size: in
     return PrefillSeq(lo, hi, cached, table[:num_blocks].clone(), mask)
 
 
-def _decode_index(decodes: list[int], qs: list[int], ctx: list[int], tables: torch.Tensor, block_size: int):
+def _by_length(decodes: list[int], ctx: list[int]) -> list[list[int]]:
+    """Group decodes so that padding to the group's longest context wastes at most about half.
+
+    One long request among short ones would otherwise make every row of the batch attend
+    over the long context (3,000 padded keys instead of 300 costs 10x per step).
+    """
     if not decodes:
-        empty = torch.empty(0, dtype=torch.int64)
-        return empty, empty, torch.empty(0), 0
+        return []
+    order = sorted(decodes, key=lambda b: ctx[b])
+    groups = [[order[0]]]
+    for b in order[1:]:
+        if ctx[b] > 2 * ctx[groups[-1][0]] + 512:
+            groups.append([])
+        groups[-1].append(b)
+    return [sorted(g) for g in groups]
+
+
+def _decode_group(decodes: list[int], qs: list[int], ctx: list[int], tables: torch.Tensor, block_size: int):
     lens = torch.tensor([ctx[b] for b in decodes])
     num_blocks = -(-int(lens.max()) // block_size)
     blocks = tables[decodes, :num_blocks].reshape(-1)  # tables are padded with block 0
@@ -74,7 +96,7 @@ def _decode_index(decodes: list[int], qs: list[int], ctx: list[int], tables: tor
     valid = torch.arange(max_len).view(1, -1) < lens.view(-1, 1)
     bias = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf")).view(len(decodes), 1, 1, max_len)
     rows = torch.tensor([qs[b] for b in decodes], dtype=torch.int64)
-    return rows, blocks, bias, max_len
+    return DecodeGroup(rows, blocks, bias, max_len)
 
 
 class KVCache:
@@ -116,17 +138,17 @@ def paged_attention(
     """Store this step's K/V, then attend. Returns [T, heads, dim]."""
     k_cache.view(-1, *k.shape[1:]).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, *v.shape[1:]).index_copy_(0, meta.slot_mapping, v)
-    if meta.all_decode:
-        return _decode(q, k_cache, v_cache, meta, scale)
+    if meta.in_order:
+        return _decode(q, k_cache, v_cache, meta.decode_groups[0], scale)
     out = torch.empty_like(q)
-    if meta.decode_rows.numel():
-        out[meta.decode_rows] = _decode(q[meta.decode_rows], k_cache, v_cache, meta, scale)
+    for group in meta.decode_groups:
+        out[group.rows] = _decode(q[group.rows], k_cache, v_cache, group, scale)
     for seq in meta.prefills:
         out[seq.lo : seq.hi] = _prefill(q, k, v, k_cache, v_cache, seq, scale)
     return out
 
 
-def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def _decode(q, k_cache, v_cache, group: DecodeGroup, scale: float) -> torch.Tensor:
     """One query token per request, all requests at once: two small batched matmuls.
 
     Plain matmul + softmax beats SDPA's CPU kernel here (it is tuned for long queries).
@@ -134,11 +156,11 @@ def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch
     """
     n, heads, dim = q.shape
     kv_heads = k_cache.shape[2]
-    keys = k_cache.index_select(0, meta.decode_blocks).view(n, meta.decode_max_len, kv_heads, dim)
-    values = v_cache.index_select(0, meta.decode_blocks).view(n, meta.decode_max_len, kv_heads, dim)
+    keys = k_cache.index_select(0, group.blocks).view(n, group.max_len, kv_heads, dim)
+    values = v_cache.index_select(0, group.blocks).view(n, group.max_len, kv_heads, dim)
     keys, values = keys.permute(0, 2, 3, 1), values.transpose(1, 2)
     query = q.view(n, kv_heads, heads // kv_heads, dim)
-    scores = torch.matmul(query, keys).float() * scale + meta.decode_bias
+    scores = torch.matmul(query, keys).float() * scale + group.bias
     probs = torch.softmax(scores, dim=-1).to(values.dtype)
     return torch.matmul(probs, values).view(n, heads, dim)
 
