@@ -177,6 +177,8 @@ class SchedulerProcess:
         step = self.inflight[0]
         waiting = time.perf_counter()
         answer = self.wait_for(step.step_id)
+        if not self.inflight or self.inflight[0] is not step:
+            return  # a worker restarted meanwhile: every request was failed and the queue cleared
         self.inflight.popleft()
         if isinstance(answer, m.WorkerFailure):
             self.fail_batch(step.batch, answer.message)
