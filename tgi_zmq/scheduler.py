@@ -127,7 +127,11 @@ class Scheduler:
         return None
 
     def finish(self, request: Request, reason: str) -> None:
-        """Remove a request wherever it is and free its pages at once."""
+        """Remove a request wherever it is and free its pages at once.
+
+        Safe even while a step that writes those pages is in flight: the worker runs steps in
+        order, so a later step that reuses the pages writes them after that one is done.
+        """
         request.finish_reason = reason
         if request in self.running:
             self.running.remove(request)
