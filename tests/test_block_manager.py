@@ -29,6 +29,7 @@ def check_invariants(sched: Scheduler) -> None:
         assert (block in bm.free_ids) == (holders[block] == 0), f"block {block} free and held, or leaked"
     for req in sched.running:
         assert len(set(req.blocks)) == len(req.blocks), "a request holds a block twice"
+    assert bm.num_cached_free == sum(1 for b in bm.free_ids if bm.block_key[b] is not None)
     for req in sched.waiting:
         assert req.blocks == [] and req.num_computed == 0
     for req in sched.running:

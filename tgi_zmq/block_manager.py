@@ -28,6 +28,7 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         self.block_key: list[tuple[int, tuple[int, ...]] | None] = [None] * num_blocks
         self.cached: dict[int, int] = {}  # hash -> block id
+        self.num_cached_free = 0  # free blocks that still hold a registered prefix
 
     @property
     def num_free(self) -> int:
@@ -37,10 +38,6 @@ class BlockManager:
     def num_used(self) -> int:
         """Blocks held by requests or kept by the prefix cache."""
         return self.num_blocks - self.num_free + self.num_cached_free
-
-    @property
-    def num_cached_free(self) -> int:
-        return sum(1 for b in self.free_ids if self.block_key[b] is not None)
 
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks needed to hold ``num_tokens`` tokens."""
@@ -73,6 +70,7 @@ class BlockManager:
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
                 self.free_ids[block] = None
+                self.num_cached_free += self.block_key[block] is not None
         table.clear()
 
     # ------------------------------------------------------------------ prefix cache
@@ -98,6 +96,7 @@ class BlockManager:
         for block in blocks:
             if self.ref_counts[block] == 0:
                 del self.free_ids[block]
+                self.num_cached_free -= 1  # revived: matched blocks are registered
             self.ref_counts[block] += 1
         return blocks, parent
 
@@ -126,6 +125,7 @@ class BlockManager:
         """A cached block is handed out again: evict its entry."""
         key = self.block_key[block]
         if key is not None:
+            self.num_cached_free -= 1  # only free blocks are handed out
             digest = hash(key)
             if self.cached.get(digest) == block:
                 del self.cached[digest]

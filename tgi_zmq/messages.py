@@ -351,5 +351,3 @@ class WorkerFailure:
     step_id: int
     message: str
 
-
-MESSAGE_TYPES = tuple(_REGISTRY.values())

@@ -54,10 +54,6 @@ class Request:
         return len(self.token_ids) - self.prompt_len
 
     @property
-    def prompt_ids(self) -> list[int]:
-        return self.token_ids[: self.prompt_len]
-
-    @property
     def output_ids(self) -> list[int]:
         return self.token_ids[self.prompt_len :]
 
