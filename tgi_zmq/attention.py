@@ -7,15 +7,22 @@ blocks with ``index_select`` (about 8x faster than gathering token by token) and
 - prefill chunks one request at a time; a prompt with nothing cached yet uses the K/V it
   just computed with ``is_causal``; a chunk that continues a cached prefix reads its pages.
 ``AttentionMetadata`` holds the index tensors, built once per step and shared by all layers.
+Models with position-dependent scores (ALiBi, T5's relative buckets) add their bias to it
+once per step (``add_position_bias``); cross-attention (T5) uses a non-causal metadata over
+the encoder's pages (``causal=False``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import mmap
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+PositionBias = Callable[[torch.Tensor], torch.Tensor]
+"""Maps relative positions ``key - query`` [..., q, k] to float32 score biases [..., heads, q, k]."""
 
 
 @dataclasses.dataclass
@@ -24,7 +31,7 @@ class PrefillSeq:
     hi: int
     cached: int  # tokens already in the cache before this chunk
     blocks: torch.Tensor | None  # its block table, when cached > 0
-    mask: torch.Tensor | None  # [chunk, padded context] causal mask over the gathered blocks
+    mask: torch.Tensor | None  # [chunk, padded context] bool, or float [heads, chunk, padded context]
 
 
 @dataclasses.dataclass
@@ -33,8 +40,9 @@ class DecodeGroup:
 
     rows: torch.Tensor  # [Bd] their query rows in the step
     blocks: torch.Tensor  # [Bd * max_blocks] block ids, padded with block 0
-    bias: torch.Tensor  # [Bd, 1, 1, max_len] float32: 0 for real keys, -inf for padding
+    bias: torch.Tensor  # [Bd, 1 or heads, 1, max_len] float32: -inf for padding (+ position bias)
     max_len: int
+    query_pos: torch.Tensor  # [Bd] the query's position (its context length - 1)
 
 
 @dataclasses.dataclass
@@ -46,29 +54,70 @@ class AttentionMetadata:
 
     @classmethod
     def build(cls, step: dict[str, torch.Tensor], block_size: int) -> AttentionMetadata:
-        qs = step["query_start"].tolist()
-        ctx = step["context_lens"].tolist()
-        tables = step["block_tables"].long()
+        return cls.for_pages(
+            step["query_start"], step["context_lens"], step["block_tables"], step["slot_mapping"], block_size
+        )
+
+    @classmethod
+    def for_pages(
+        cls,
+        query_start: torch.Tensor,
+        context_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        slot_mapping: torch.Tensor | None,
+        block_size: int,
+        causal: bool = True,
+    ) -> AttentionMetadata:
+        """Index tensors for queries ``query_start`` over pages holding ``context_lens`` keys each.
+
+        Non-causal (cross-attention): every query sees all its request's keys, which are
+        all in the pages already.
+        """
+        qs = query_start.tolist()
+        ctx = context_lens.tolist()
+        tables = block_tables.long()
         decodes, prefills = [], []
         for b in range(len(ctx)):
             n = qs[b + 1] - qs[b]
-            if n == 1 and ctx[b] > 1:
+            if n == 1 and (ctx[b] > 1 or not causal):
                 decodes.append(b)
             else:
-                prefills.append(_prefill_seq(qs[b], qs[b + 1], ctx[b], tables[b], block_size))
+                prefills.append(_prefill_seq(qs[b], qs[b + 1], ctx[b], tables[b], block_size, causal))
         groups = [_decode_group(g, qs, ctx, tables, block_size) for g in _by_length(decodes, ctx)]
         in_order = not prefills and len(groups) == 1 and decodes == list(range(len(ctx)))
-        return cls(step["slot_mapping"], groups, prefills, in_order)
+        return cls(slot_mapping, groups, prefills, in_order)
+
+    def add_position_bias(self, bias: PositionBias) -> None:
+        """Fold a position-dependent score bias into the masks (once per step, for all layers)."""
+        for g in self.decode_groups:
+            rel = torch.arange(g.max_len).view(1, 1, -1) - g.query_pos.view(-1, 1, 1)  # [Bd, 1, L]
+            g.bias = g.bias + bias(rel)  # [Bd, heads, 1, L]
+        for seq in self.prefills:
+            ctx = seq.cached + seq.hi - seq.lo
+            num_keys = seq.mask.shape[-1] if seq.mask is not None else ctx
+            mask = seq.mask if seq.mask is not None else _causal(0, ctx, num_keys)
+            rel = torch.arange(num_keys).view(1, -1) - torch.arange(seq.cached, ctx).view(-1, 1)
+            seq.mask = bias(rel).masked_fill(~mask, float("-inf"))
 
 
-def _prefill_seq(lo: int, hi: int, ctx: int, table: torch.Tensor, block_size: int) -> PrefillSeq:
+def _causal(cached: int, ctx: int, num_keys: int) -> torch.Tensor:
+    return torch.arange(num_keys).view(1, -1) <= torch.arange(cached, ctx).view(-1, 1)
+
+
+def _prefill_seq(
+    lo: int, hi: int, ctx: int, table: torch.Tensor, block_size: int, causal: bool
+) -> PrefillSeq:
+    if not causal:  # all keys are in the pages
+        num_blocks = -(-ctx // block_size)
+        mask = (torch.arange(num_blocks * block_size) < ctx).expand(hi - lo, -1)
+        return PrefillSeq(lo, hi, ctx, table[:num_blocks].clone(), mask)
     cached = ctx - (hi - lo)
     if cached == 0:
         return PrefillSeq(lo, hi, 0, None, None)
     num_blocks = -(-ctx // block_size)
-    q_pos = torch.arange(cached, ctx).view(-1, 1)
-    mask = torch.arange(num_blocks * block_size).view(1, -1) <= q_pos
-    return PrefillSeq(lo, hi, cached, table[:num_blocks].clone(), mask)
+    return PrefillSeq(
+        lo, hi, cached, table[:num_blocks].clone(), _causal(cached, ctx, num_blocks * block_size)
+    )
 
 
 def _by_length(decodes: list[int], ctx: list[int]) -> list[list[int]]:
@@ -96,7 +145,7 @@ def _decode_group(decodes: list[int], qs: list[int], ctx: list[int], tables: tor
     valid = torch.arange(max_len).view(1, -1) < lens.view(-1, 1)
     bias = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf")).view(len(decodes), 1, 1, max_len)
     rows = torch.tensor([qs[b] for b in decodes], dtype=torch.int64)
-    return DecodeGroup(rows, blocks, bias, max_len)
+    return DecodeGroup(rows, blocks, bias, max_len, lens - 1)
 
 
 class KVCache:
@@ -126,18 +175,24 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache, v_cache, slots: torch.Tensor) -> None:
+    """Write K/V [T, kv_heads, dim] into the cache slots ``block * block_size + offset``."""
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v)
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, heads, dim]
-    k: torch.Tensor,  # [T, kv_heads, dim]
-    v: torch.Tensor,
+    k: torch.Tensor | None,  # [T, kv_heads, dim]; None: the keys are in the pages already
+    v: torch.Tensor | None,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """Store this step's K/V, then attend. Returns [T, heads, dim]."""
-    k_cache.view(-1, *k.shape[1:]).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, *v.shape[1:]).index_copy_(0, meta.slot_mapping, v)
+    """Store this step's K/V (if given), then attend. Returns [T, heads, dim]."""
+    if k is not None:
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     if meta.in_order:
         return _decode(q, k_cache, v_cache, meta.decode_groups[0], scale)
     out = torch.empty_like(q)
@@ -160,7 +215,8 @@ def _decode(q, k_cache, v_cache, group: DecodeGroup, scale: float) -> torch.Tens
     values = v_cache.index_select(0, group.blocks).view(n, group.max_len, kv_heads, dim)
     keys, values = keys.permute(0, 2, 3, 1), values.transpose(1, 2)
     query = q.view(n, kv_heads, heads // kv_heads, dim)
-    scores = torch.matmul(query, keys).float() * scale + group.bias
+    bias = group.bias if group.bias.shape[1] == 1 else group.bias.view(n, kv_heads, -1, group.max_len)
+    scores = torch.matmul(query, keys).float() * scale + bias
     probs = torch.softmax(scores, dim=-1).to(values.dtype)
     return torch.matmul(probs, values).view(n, heads, dim)
 
@@ -170,14 +226,16 @@ def _prefill(q, k, v, k_cache, v_cache, seq: PrefillSeq, scale: float) -> torch.
     if seq.cached == 0:
         keys = k[seq.lo : seq.hi].transpose(0, 1).unsqueeze(0)
         values = v[seq.lo : seq.hi].transpose(0, 1).unsqueeze(0)
+        mask = None if seq.mask is None else seq.mask.to(query.dtype)
         out = F.scaled_dot_product_attention(
-            query, keys, values, is_causal=True, scale=scale, enable_gqa=True
+            query, keys, values, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
         )
     else:
         kv_shape = (-1, *k_cache.shape[2:])
         keys = k_cache.index_select(0, seq.blocks).view(kv_shape).transpose(0, 1).unsqueeze(0)
         values = v_cache.index_select(0, seq.blocks).view(kv_shape).transpose(0, 1).unsqueeze(0)
+        mask = seq.mask if seq.mask.dtype == torch.bool else seq.mask.to(query.dtype)
         out = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=seq.mask, scale=scale, enable_gqa=True
+            query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
         )
     return out.squeeze(0).transpose(0, 1)

@@ -350,4 +350,3 @@ class WorkerFailure:
 
     step_id: int
     message: str
-

@@ -26,7 +26,7 @@ class ModelRunner:
             step[name] = self._fill_placeholders(step[name])
         meta = AttentionMetadata.build(step, self.block_size)
         logit_rows = step["query_start"][1:][step["sample_seq"]].long() - 1
-        logits = self.model.forward(step["input_ids"], step["positions"], self.cache, meta, logit_rows)
+        logits = self.model.forward(step, self.cache, meta, logit_rows)
         next_ids, logprobs = sample(logits, step)
         if next_ids.numel():
             self.prev_ids = next_ids

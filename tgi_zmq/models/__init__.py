@@ -12,7 +12,11 @@ from tgi_zmq.models.llama import LlamaConfig, LlamaModel
 from tgi_zmq.models.weights import Weights
 
 log = logging.getLogger(__name__)
-ARCHITECTURES = {"llama": (LlamaConfig, LlamaModel)}
+ARCHITECTURES = {
+    "llama": (LlamaConfig, LlamaModel),
+    "mistral": (LlamaConfig, LlamaModel),
+    "qwen2": (LlamaConfig, LlamaModel),
+}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

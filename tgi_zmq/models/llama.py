@@ -1,4 +1,7 @@
-"""Llama (SmolLM2, Llama 2/3) in plain torch over the paged KV cache.
+"""The Llama family (SmolLM2, Llama 2/3, Mistral, Qwen2) in plain torch over the paged KV cache.
+
+Mistral is Llama with a sliding window (the launcher caps the context to it); Qwen2 is Llama
+with q/k/v biases and, in its small sizes, tied embeddings.
 
 Weights are fused at load time (q|k|v into one matrix, gate|up into one) so a layer is
 four matmuls; the step's tokens are one flat batch (no padding) and only the rows that
@@ -32,12 +35,14 @@ class LlamaConfig:
     rope_scaling: dict[str, Any] | None
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool
+    qkv_bias: bool
+    o_bias: bool
     mlp_bias: bool
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> LlamaConfig:
         heads = cfg["num_attention_heads"]
+        qwen2 = cfg.get("model_type") == "qwen2"
         return cls(
             hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"],
@@ -51,7 +56,8 @@ class LlamaConfig:
             rope_scaling=cfg.get("rope_scaling"),
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            attention_bias=cfg.get("attention_bias", False),
+            qkv_bias=qwen2 or cfg.get("attention_bias", False),
+            o_bias=not qwen2 and cfg.get("attention_bias", False),
             mlp_bias=cfg.get("mlp_bias", False),
         )
 
@@ -88,9 +94,12 @@ class Layer:
     qkv: torch.Tensor
     qkv_bias: torch.Tensor | None
     o: torch.Tensor
+    o_bias: torch.Tensor | None
     post_norm: torch.Tensor
     gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
     down: torch.Tensor
+    down_bias: torch.Tensor | None
 
 
 class LlamaModel:
@@ -101,8 +110,7 @@ class LlamaModel:
         get = weights.get
         self.embed = get("model.embed_tokens.weight")
         self.norm = get("model.norm.weight")
-        has_head = weights.has("lm_head.weight")
-        self.lm_head = get("lm_head.weight") if has_head and not cfg.tie_word_embeddings else self.embed
+        self.lm_head = self.embed if cfg.tie_word_embeddings else get("lm_head.weight")
         self.layers = [self._load_layer(weights, i) for i in range(cfg.num_layers)]
         inv_freq = rope_inv_freq(cfg)
         positions = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
@@ -113,19 +121,25 @@ class LlamaModel:
         self.scale = cfg.head_dim**-0.5
 
     def _load_layer(self, w: Weights, i: int) -> Layer:
+        c = self.cfg
         p = f"model.layers.{i}."
-        attn = p + "self_attn."
-        qkv_bias = None
-        if self.cfg.attention_bias:
-            qkv_bias = torch.cat([w.get(attn + f"{n}_proj.bias") for n in "qkv"])
+        attn, mlp = p + "self_attn.", p + "mlp."
+
+        def fused(prefix: str, names: list[str], suffix: str, present: bool = True) -> torch.Tensor | None:
+            return torch.cat([w.get(f"{prefix}{n}.{suffix}") for n in names]) if present else None
+
+        qkv, gate_up = ["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]
         return Layer(
             input_norm=w.get(p + "input_layernorm.weight"),
-            qkv=torch.cat([w.get(attn + f"{n}_proj.weight") for n in "qkv"]),
-            qkv_bias=qkv_bias,
+            qkv=fused(attn, qkv, "weight"),
+            qkv_bias=fused(attn, qkv, "bias", c.qkv_bias),
             o=w.get(attn + "o_proj.weight"),
+            o_bias=fused(attn, ["o_proj"], "bias", c.o_bias),
             post_norm=w.get(p + "post_attention_layernorm.weight"),
-            gate_up=torch.cat([w.get(p + "mlp.gate_proj.weight"), w.get(p + "mlp.up_proj.weight")]),
-            down=w.get(p + "mlp.down_proj.weight"),
+            gate_up=fused(mlp, gate_up, "weight"),
+            gate_up_bias=fused(mlp, gate_up, "bias", c.mlp_bias),
+            down=w.get(mlp + "down_proj.weight"),
+            down_bias=fused(mlp, ["down_proj"], "bias", c.mlp_bias),
         )
 
     def new_cache(self, num_blocks: int, block_size: int) -> KVCache:
@@ -142,18 +156,13 @@ class LlamaModel:
 
     @torch.inference_mode()
     def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        cache: KVCache,
-        meta: AttentionMetadata,
-        logit_rows: torch.Tensor,
+        self, step: dict[str, torch.Tensor], cache: KVCache, meta: AttentionMetadata, logit_rows: torch.Tensor
     ) -> torch.Tensor:
-        """Run the step's flat tokens; return float32 logits of ``logit_rows`` only."""
+        """Run the step's flat tokens (see ``tgi_zmq.step``); return float32 logits of ``logit_rows``."""
         c = self.cfg
-        x = F.embedding(input_ids, self.embed)
-        cos = self.cos_table[positions].unsqueeze(1)
-        sin = self.sin_table[positions].unsqueeze(1)
+        x = F.embedding(step["input_ids"], self.embed)
+        cos = self.cos_table[step["positions"]].unsqueeze(1)
+        sin = self.sin_table[step["positions"]].unsqueeze(1)
         q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         for i, layer in enumerate(self.layers):
             h = self._rms_norm(x, layer.input_norm)
@@ -163,10 +172,10 @@ class LlamaModel:
             k = _rope(k.view(-1, c.num_kv_heads, c.head_dim), cos, sin)
             v = v.view(-1, c.num_kv_heads, c.head_dim)
             attn = paged_attention(q, k, v, cache.k[i], cache.v[i], meta, self.scale)
-            x = x + F.linear(attn.reshape(-1, q_size), layer.o)
+            x = x + F.linear(attn.reshape(-1, q_size), layer.o, layer.o_bias)
             h = self._rms_norm(x, layer.post_norm)
-            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = F.linear(h, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
         h = self._rms_norm(x[logit_rows], self.norm)
         return F.linear(h, self.lm_head).float()
 
