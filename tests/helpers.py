@@ -36,18 +36,83 @@ def tiny_llama(folder: Path, **overrides) -> Path:
     return folder
 
 
-def hf_greedy(folder: Path, prompt: list[int], max_new_tokens: int) -> list[int]:
-    from transformers import AutoModelForCausalLM
+ARCHITECTURES = ("llama", "mistral", "qwen2", "bloom", "t5")
+SEQ2SEQ = ("t5",)
 
-    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+
+def tiny_model(arch: str, folder: Path, vocab_size: int = 512, **overrides) -> Path:
+    """Save a small random-weight model of ``arch`` (transformers) as safetensors into ``folder``."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=vocab_size, eos_token_id=2, bos_token_id=1, pad_token_id=0)
+    heads = dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    llama_like = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, **heads)
+    configs = {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, dict(llama_like, tie_word_embeddings=False)),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM, dict(llama_like, sliding_window=None)),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(llama_like, tie_word_embeddings=True)),
+        "bloom": (tf.BloomConfig, tf.BloomForCausalLM, dict(hidden_size=64, n_layer=2, n_head=4)),
+        "t5": (
+            tf.T5Config,
+            tf.T5ForConditionalGeneration,
+            dict(
+                d_model=64,
+                d_kv=16,
+                d_ff=128,
+                num_layers=2,
+                num_decoder_layers=3,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                relative_attention_max_distance=20,
+                feed_forward_proj="gated-gelu",
+                tie_word_embeddings=False,
+                decoder_start_token_id=0,
+            ),
+        ),
+    }
+    config_cls, model_cls, cfg = configs[arch]
+    model = model_cls(config_cls(**{**common, **cfg, **overrides})).eval()
+    if arch in ("bloom", "qwen2"):  # transformers initialises biases to zero: make them count
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("bias"):
+                    param.normal_(0, 0.1)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def hf_greedy(folder: Path, prompt: list[int], max_new_tokens: int, stop_at_eos: bool = False) -> list[int]:
+    """transformers' greedy continuation of ``prompt`` (the decoder's output for seq2seq models)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    seq2seq = AutoConfig.from_pretrained(folder).is_encoder_decoder
+    loader = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    model = loader.from_pretrained(folder, torch_dtype=torch.float32).eval()
     out = model.generate(
         torch.tensor([prompt]),
         max_new_tokens=max_new_tokens,
-        min_new_tokens=max_new_tokens,
+        min_new_tokens=1 if stop_at_eos else max_new_tokens,
         do_sample=False,
         pad_token_id=0,
     )
-    return out[0, len(prompt) :].tolist()
+    return out[0, 1 if seq2seq else len(prompt) :].tolist()
+
+
+def hf_logits(folder: Path, prompt: list[int], continuation: list[int]) -> torch.Tensor:
+    """transformers' float32 logits [len(continuation) + 1 or len(prompt + continuation), vocab]."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    config = AutoConfig.from_pretrained(folder)
+    with torch.no_grad():
+        if config.is_encoder_decoder:
+            model = AutoModelForSeq2SeqLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+            decoder = [config.decoder_start_token_id, *continuation]
+            out = model(input_ids=torch.tensor([prompt]), decoder_input_ids=torch.tensor([decoder]))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+            out = model(torch.tensor([prompt + continuation]))
+    return out.logits[0].float()
 
 
 def run_engine(

@@ -39,6 +39,8 @@ class Request:
     epoch: int = 0  # bumped at each preemption: results of steps scheduled before it are stale
     announced: bool = False  # the detokenizer has been told about it
     scheduled_time: float | None = None  # first step (for the queue-duration metric)
+    encoder_ids: list[int] = dataclasses.field(default_factory=list)  # seq2seq (T5): the encoder's input
+    cross_blocks: list[int] = dataclasses.field(default_factory=list)  # pages of the encoder's K/V
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)
