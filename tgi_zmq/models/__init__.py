@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from tgi_zmq.models.bloom import BloomConfig, BloomModel
 from tgi_zmq.models.llama import LlamaConfig, LlamaModel
 from tgi_zmq.models.weights import Weights
 
@@ -16,6 +17,7 @@ ARCHITECTURES = {
     "llama": (LlamaConfig, LlamaModel),
     "mistral": (LlamaConfig, LlamaModel),
     "qwen2": (LlamaConfig, LlamaModel),
+    "bloom": (BloomConfig, BloomModel),
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
