@@ -60,8 +60,8 @@ def tiny_model(arch: str, folder: Path, vocab_size: int = 512, **overrides) -> P
                 d_model=64,
                 d_kv=16,
                 d_ff=128,
-                num_layers=2,
-                num_decoder_layers=3,
+                num_layers=3,  # transformers' cache breaks with more decoder than encoder layers
+                num_decoder_layers=2,
                 num_heads=4,
                 relative_attention_num_buckets=8,
                 relative_attention_max_distance=20,
@@ -137,7 +137,13 @@ def run_engine(
     blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
     sched = Scheduler(blocks, max_step_tokens, 64, (), 10_000)
     pairs = zip(prompts, params, strict=True)
-    reqs = [Request(f"r{i}", p, sp, max_new_tokens) for i, (p, sp) in enumerate(pairs)]
+    start = getattr(runner.model.cfg, "decoder_start_token_id", None)  # seq2seq: prompts go to the encoder
+    if start is None:
+        reqs = [Request(f"r{i}", p, sp, max_new_tokens) for i, (p, sp) in enumerate(pairs)]
+    else:
+        reqs = [
+            Request(f"r{i}", [start], sp, max_new_tokens, encoder_ids=p) for i, (p, sp) in enumerate(pairs)
+        ]
     arrivals = list(reqs)
     inflight: list = []
     step = 0

@@ -11,6 +11,12 @@ token the step will sample (``-(1 + its row among the step's samples)``), so the
 can be scheduled before this one's result is known; the worker replaces a placeholder by
 the token it sampled for that row in the step before. ``update`` later writes the real
 token in its place. At most one step's placeholders are unresolved at any time.
+
+Encoder-decoder models (T5): ``token_ids`` is the decoder's sequence (it starts with the
+decoder start token) and ``encoder_ids`` the prompt. The step that runs a request's first
+decoder token also runs its encoder, whose K/V go into ``cross_blocks``, pages taken from
+the same pool as the decoder's and freed with them. Their prefix is not cached (the decoder
+blocks depend on the encoder input too).
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ class ScheduledBatch:
     num_new: list[int] = dataclasses.field(default_factory=list)
     sample_slots: list[int] = dataclasses.field(default_factory=list)  # token index it samples, or -1
     epochs: list[int] = dataclasses.field(default_factory=list)
+    encodes: list[bool] = dataclasses.field(default_factory=list)  # runs its encoder this step (T5)
     num_samples: int = 0
 
     def samples(self) -> list[bool]:
@@ -78,6 +85,7 @@ class ScheduledBatch:
     def add(self, req: Request, n: int) -> None:
         """Record ``req`` running ``n`` tokens; advance it and reserve its sampled token's place."""
         self.requests.append(req)
+        self.encodes.append(bool(req.encoder_ids) and req.num_computed == 0)
         self.starts.append(req.num_computed)
         self.num_new.append(n)
         self.epochs.append(req.epoch)
@@ -136,6 +144,7 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self.blocks.release(request.blocks)
+        self.blocks.release(request.cross_blocks)
         _drop_placeholders(request)
 
     def has_work(self) -> bool:
@@ -165,9 +174,13 @@ class Scheduler:
         admit = self.num_preemptions == preemptions  # no room made this step: don't take it back
         while admit and self.waiting and budget > 0 and len(self.running) < self.max_running:
             req = self.waiting[0]
+            if len(req.encoder_ids) > budget and batch.requests:
+                break  # an encoder is not chunked: it waits for a step with room for all of it
+            budget -= len(req.encoder_ids)
             hit = self._reuse_prefix(req)
-            n = min(req.num_tokens - req.num_computed, budget)
-            if not self.blocks.grow(req.blocks, req.num_computed + n):
+            n = min(req.num_tokens - req.num_computed, max(budget, 1))
+            grown = self.blocks.grow(req.blocks, req.num_computed + n)
+            if not grown or not self.blocks.grow(req.cross_blocks, len(req.encoder_ids)):
                 self._reset(req)
                 break
             self.prefix_hit_tokens += hit
@@ -184,6 +197,8 @@ class Scheduler:
 
     def _reuse_prefix(self, req: Request) -> int:
         """Start a request on the cached blocks of its longest cached prefix; returns the hit tokens."""
+        if req.encoder_ids:
+            return 0
         blocks, parent = self.blocks.match_prefix(req.token_ids, req.num_tokens - 1)
         req.blocks = blocks
         req.num_computed = len(blocks) * self.blocks.block_size
@@ -193,6 +208,7 @@ class Scheduler:
     def _reset(self, req: Request) -> None:
         """Back to nothing computed, no pages (recompute later, prefix cache permitting)."""
         self.blocks.release(req.blocks)
+        self.blocks.release(req.cross_blocks)
         _drop_placeholders(req)
         req.num_computed = req.hashed_blocks = req.parent_hash = 0
 
@@ -229,13 +245,14 @@ class Scheduler:
             result = next(results) if slot >= 0 else None
             if req.finish_reason is not None or req.epoch != batch.epochs[i]:
                 continue  # finished, aborted or preempted since: its token is dropped
-            req.hashed_blocks, req.parent_hash = self.blocks.register(
-                req.blocks,
-                req.token_ids,
-                batch.starts[i] + batch.num_new[i],
-                req.hashed_blocks,
-                req.parent_hash,
-            )
+            if not req.encoder_ids:
+                req.hashed_blocks, req.parent_hash = self.blocks.register(
+                    req.blocks,
+                    req.token_ids,
+                    batch.starts[i] + batch.num_new[i],
+                    req.hashed_blocks,
+                    req.parent_hash,
+                )
             if result is None:
                 continue
             token, logprob = result

@@ -12,6 +12,11 @@ Tensors (B requests, R of them sampling, T tokens):
 - ``block_tables`` [B, max_blocks]: each request's pages, padded with 0.
 - ``sample_seq`` [R]: which requests sample; the rest are the per-row sampling parameters,
   plus ``penalty_ids``/``penalty_start`` with the token history of rows that use penalties.
+
+Encoder-decoder models (T5) add, for the ``Be`` requests whose encoder runs this step (``E`` tokens):
+- ``encoder_ids``, ``encoder_slots`` [E]: the prompts and the cross-attention KV slots they fill;
+  ``encoder_start`` [Be+1] delimits them;
+- ``cross_lens`` [B], ``cross_tables`` [B, max_cross_blocks]: every request's encoder length and pages.
 """
 
 from __future__ import annotations
@@ -45,7 +50,32 @@ def build_step(batch: ScheduledBatch, block_size: int) -> dict[str, torch.Tensor
         "block_tables": torch.tensor(tables, dtype=torch.int32),
     }
     tensors.update(_sampling_tensors(batch))
+    if batch.requests[0].encoder_ids:
+        tensors.update(_encoder_tensors(batch, block_size))
     return tensors
+
+
+def _encoder_tensors(batch: ScheduledBatch, block_size: int) -> dict[str, torch.Tensor]:
+    ids: list[int] = []
+    slots: list[int] = []
+    start = [0]
+    for req, encodes in zip(batch.requests, batch.encodes, strict=True):
+        if encodes:
+            ids.extend(req.encoder_ids)
+            slots.extend(
+                req.cross_blocks[p // block_size] * block_size + p % block_size
+                for p in range(len(req.encoder_ids))
+            )
+            start.append(len(ids))
+    max_blocks = max(len(r.cross_blocks) for r in batch.requests)
+    tables = [r.cross_blocks + [0] * (max_blocks - len(r.cross_blocks)) for r in batch.requests]
+    return {
+        "encoder_ids": torch.tensor(ids, dtype=torch.int64),
+        "encoder_slots": torch.tensor(slots, dtype=torch.int64),
+        "encoder_start": torch.tensor(start, dtype=torch.int32),
+        "cross_lens": torch.tensor([len(r.encoder_ids) for r in batch.requests], dtype=torch.int32),
+        "cross_tables": torch.tensor(tables, dtype=torch.int32),
+    }
 
 
 def _sampling_tensors(batch: ScheduledBatch) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ import torch
 
 from tgi_zmq.models.bloom import BloomConfig, BloomModel
 from tgi_zmq.models.llama import LlamaConfig, LlamaModel
+from tgi_zmq.models.t5 import T5Config, T5Model
 from tgi_zmq.models.weights import Weights
 
 log = logging.getLogger(__name__)
@@ -17,6 +18,7 @@ ARCHITECTURES = {
     "llama": (LlamaConfig, LlamaModel),
     "mistral": (LlamaConfig, LlamaModel),
     "qwen2": (LlamaConfig, LlamaModel),
+    "t5": (T5Config, T5Model),
     "bloom": (BloomConfig, BloomModel),
 }
 
