@@ -79,6 +79,7 @@ class SchedulerProcess:
         self.worker_boots: dict[int, str] = {}
         self.step_id = 0
         self.inflight: deque[InFlight] = deque()
+        self.answers: dict[int, m.StepResult | m.WorkerFailure] = {}  # arrived, not yet applied
         self.stats = StatsReporter(self.policy, config)
 
     @property
@@ -101,10 +102,9 @@ class SchedulerProcess:
 
     # ------------------------------------------------------------------ messages in
 
-    def receive(self, timeout_ms: int) -> m.StepResult | m.WorkerFailure | None:
-        """Handle everything that is waiting; a step's answer from a worker is returned."""
+    def receive(self, timeout_ms: int) -> None:
+        """Handle everything that is waiting; steps' answers are kept in ``self.answers``."""
         self.stats.maybe_send(self.to_frontend)
-        answer = None
         for sock, _ in self.poller.poll(timeout_ms):
             while True:
                 try:
@@ -116,12 +116,18 @@ class SchedulerProcess:
                 except m.ProtocolError as exc:
                     log.error("dropped a bad frame: %s", exc)
                     continue
-                answer = self.handle(msg) or answer
-        return answer
+                self.handle(msg)
 
-    def handle(self, msg) -> m.StepResult | m.WorkerFailure | None:
+    def new_request(self, msg: m.TokenizedRequest) -> Request:
+        args = (msg.params, msg.max_new_tokens, msg.arrival_time)
+        start = self.config.decoder_start_token_id
+        if start is None:
+            return Request(msg.rid, msg.input_ids, *args)
+        return Request(msg.rid, [start], *args, encoder_ids=msg.input_ids)  # the prompt feeds the encoder
+
+    def handle(self, msg) -> None:
         if isinstance(msg, m.TokenizedRequest):
-            self.policy.add(Request(msg.rid, msg.input_ids, msg.params, msg.max_new_tokens, msg.arrival_time))
+            self.policy.add(self.new_request(msg))
         elif isinstance(msg, m.AbortRequest | m.StopRequest):
             self.finish(msg.rid, "aborted" if isinstance(msg, m.AbortRequest) else "stop_sequence")
             if isinstance(msg, m.AbortRequest):
@@ -129,10 +135,10 @@ class SchedulerProcess:
         elif isinstance(msg, m.WorkerReady):
             self.worker_ready(msg)
         elif isinstance(msg, m.StepResult | m.WorkerFailure):
-            return msg
+            if any(step.step_id == msg.step_id for step in self.inflight):  # else: a failed step's
+                self.answers[msg.step_id] = msg  # may come before ``wait_for`` asks (fast models)
         else:
             log.error("unexpected message %s", type(msg).__name__)
-        return None
 
     def finish(self, rid: str, reason: str) -> None:
         req = self.policy.find(rid)
@@ -205,11 +211,11 @@ class SchedulerProcess:
         """Wait for the step's answer while still taking in requests and aborts."""
         while True:
             boots = dict(self.worker_boots)
-            answer = self.receive(timeout_ms=100)
+            if step_id in self.answers:
+                return self.answers.pop(step_id)
+            self.receive(timeout_ms=100)
             if boots != self.worker_boots:
                 return m.WorkerFailure(step_id, "a worker restarted during the step")
-            if answer is not None and answer.step_id == step_id:
-                return answer
 
     def emit(self, produced: list[tuple[Request, int, float]]) -> None:
         out = m.BatchTokenOutput([], [], [], [], [])
@@ -218,8 +224,10 @@ class SchedulerProcess:
                 req.announced = True
                 info = m.DetokRequestInfo(
                     req.rid,
-                    req.token_ids[max(0, req.prompt_len - PROMPT_TAIL) : req.prompt_len],
-                    req.prompt_len,
+                    []
+                    if req.encoder_ids
+                    else req.token_ids[max(0, req.prompt_len - PROMPT_TAIL) : req.prompt_len],
+                    len(req.encoder_ids) or req.prompt_len,
                     req.params.stop,
                     req.params.seed,
                 )
@@ -243,6 +251,7 @@ class SchedulerProcess:
 
     def fail_all(self, reason: str) -> None:
         self.inflight.clear()
+        self.answers.clear()
         for req in list(self.policy.running) + list(self.policy.waiting):
             self.fail(req, reason)
 

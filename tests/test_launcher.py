@@ -74,3 +74,48 @@ def test_launch_exits_with_a_clear_message():
     )
     assert out.returncode == 2
     assert "does not fit in a KV cache of 64 tokens" in out.stderr + out.stdout
+
+
+def write_config(folder, **config) -> str:
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def test_an_unsupported_architecture_is_refused_with_the_supported_list(tmp_path):
+    folder = write_config(tmp_path / "gpt2", model_type="gpt2", n_layer=2, n_head=2, n_embd=8)
+    with pytest.raises(ValueError, match=r"'gpt2'.*not supported; supported: bloom, llama, mistral, qwen2, t5"):
+        resolve("--model-id", folder, "--max-batch-total-tokens", "4096")
+
+
+def test_mistral_context_is_capped_to_its_sliding_window(tmp_path):
+    mistral = dict(
+        model_type="mistral",
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        hidden_size=64,
+        max_position_embeddings=32768,
+        sliding_window=1024,
+    )
+    folder = write_config(tmp_path / "mistral", **mistral)
+    assert resolve("--model-id", folder, "--max-batch-total-tokens", "8192").max_total_tokens == 1024
+    with pytest.raises(ValueError, match="sliding window"):
+        resolve("--model-id", folder, "--max-batch-total-tokens", "8192", "--max-total-tokens", "2048")
+    qwen2 = dict(mistral, model_type="qwen2", use_sliding_window=False)
+    folder = write_config(tmp_path / "qwen2", **qwen2)
+    assert resolve("--model-id", folder, "--max-batch-total-tokens", "8192").max_total_tokens == 8192
+
+
+def test_cache_geometry_of_bloom_and_t5_configs():
+    bloom = dict(model_type="bloom", n_layer=3, n_head=4, hidden_size=64)
+    assert kv_bytes_per_token(bloom, "float32") == 3 * 2 * 4 * 16 * 4
+    t5 = dict(model_type="t5", num_layers=6, num_decoder_layers=2, num_heads=4, d_kv=8, d_model=32)
+    assert kv_bytes_per_token(t5, "float32") == 2 * 2 * 4 * 8 * 4  # decoder layers only
+
+
+def test_t5_gets_its_decoder_start_token(tmp_path):
+    t5 = dict(model_type="t5", is_encoder_decoder=True, num_layers=2, num_heads=4, d_kv=8, d_model=32)
+    folder = write_config(tmp_path / "t5", decoder_start_token_id=0, **t5)
+    assert resolve("--model-id", folder, "--max-batch-total-tokens", "4096").decoder_start_token_id == 0
+    llama = resolve("--max-batch-total-tokens", "9000")
+    assert llama.decoder_start_token_id is None

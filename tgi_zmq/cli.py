@@ -132,16 +132,24 @@ def main(argv: list[str] | None = None) -> int:
 def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
     """Fill the defaults that depend on the model and the machine, and check the limits."""
     from tgi_zmq.convert import DEFAULT_MODEL_NAME, ensure_default_model
+    from tgi_zmq.models import architecture
 
     model_dir = Path(args.model_id) if args.model_id else ensure_default_model()
     if not (model_dir / "config.json").exists():
         raise ValueError(f"--model-id {model_dir}: no config.json there (a local model folder is needed)")
     hf_config = json.loads((model_dir / "config.json").read_text())
+    architecture(hf_config)  # refuse an unsupported model before any process starts
     device = pick_device()
     dtype = pick_dtype(args.dtype, device)
     batch_total = args.max_batch_total_tokens or kv_budget(model_dir, hf_config, dtype, device, args)
     context = min(hf_config.get("max_position_embeddings") or 4096, tokenizer_max_length(model_dir))
-    total = args.max_total_tokens or min(context, batch_total)
+    window = sliding_window(hf_config)
+    if window and args.max_total_tokens and args.max_total_tokens > window:
+        raise ValueError(
+            f"--max-total-tokens {args.max_total_tokens} is beyond the model's sliding window ({window}), "
+            "which is not implemented: keep it at or below the window"
+        )
+    total = args.max_total_tokens or min(context, batch_total, window or context)
     max_input = args.max_input_tokens or total - 1
     check_limits(max_input, total, batch_total, explicit_budget=bool(args.max_batch_total_tokens))
     if args.num_shard != 1:
@@ -167,7 +175,23 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
         enable_prefix_caching=not args.disable_prefix_caching,
         overlap_schedule=not args.disable_overlap_schedule,
         eos_token_ids=eos_token_ids(model_dir, hf_config),
+        decoder_start_token_id=decoder_start(hf_config),
     )
+
+
+def sliding_window(hf_config: dict) -> int | None:
+    """Mistral's (and Qwen2's, when enabled) attention window: the context is capped to it."""
+    window = hf_config.get("sliding_window")
+    if hf_config.get("model_type") == "qwen2" and not hf_config.get("use_sliding_window"):
+        return None
+    return window if isinstance(window, int) and window > 0 else None
+
+
+def decoder_start(hf_config: dict) -> int | None:
+    if not hf_config.get("is_encoder_decoder"):
+        return None
+    start = hf_config.get("decoder_start_token_id")
+    return start if isinstance(start, int) else hf_config.get("pad_token_id") or 0
 
 
 def kv_budget(model_dir: Path, hf_config: dict, dtype: str, device: str, args: argparse.Namespace) -> int:

@@ -38,6 +38,9 @@ class ServerConfig:
     enable_prefix_caching: bool = True
     overlap_schedule: bool = True
     eos_token_ids: tuple[int, ...] = ()
+    decoder_start_token_id: int | None = (
+        None  # set for encoder-decoder models (T5): prompts go to the encoder
+    )
     torch_threads: int = 0  # 0 = all cores
 
     @property

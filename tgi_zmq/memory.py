@@ -17,12 +17,23 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ACTIVATION_RESERVE = 1 << 30  # bytes kept for activations, logits and the runtime
 
 
+def cache_geometry(hf: dict) -> tuple[int, int, int]:
+    """(layers with KV pages, KV heads, head dim) from config.json, whatever the architecture's key names.
+
+    T5's pages hold the decoder layers' self-attention and, in other pages, their cross-attention K/V.
+    """
+    if hf.get("model_type") == "t5":
+        return hf.get("num_decoder_layers") or hf["num_layers"], hf["num_heads"], hf["d_kv"]
+    heads = hf.get("num_attention_heads") or hf["n_head"]
+    layers = hf.get("num_hidden_layers") or hf["n_layer"]
+    hidden = hf.get("hidden_size") or hf["n_embed"]
+    return layers, hf.get("num_key_value_heads") or heads, hf.get("head_dim") or hidden // heads
+
+
 def kv_bytes_per_token(hf_config: dict, dtype: str) -> int:
     """K and V of one token over all layers."""
-    heads = hf_config["num_attention_heads"]
-    kv_heads = hf_config.get("num_key_value_heads") or heads
-    head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // heads
-    return 2 * hf_config["num_hidden_layers"] * kv_heads * head_dim * DTYPE_BYTES[dtype]
+    layers, kv_heads, head_dim = cache_geometry(hf_config)
+    return 2 * layers * kv_heads * head_dim * DTYPE_BYTES[dtype]
 
 
 def weights_bytes(model_dir: Path, dtype: str) -> int:

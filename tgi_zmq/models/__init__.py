@@ -29,15 +29,19 @@ def read_config(folder: str | Path) -> dict:
     return json.loads((Path(folder) / "config.json").read_text())
 
 
+def architecture(hf: dict) -> tuple[type, type]:
+    """The config and model classes for config.json's ``model_type``; a clear error if unsupported."""
+    model_type = hf.get("model_type")
+    if model_type not in ARCHITECTURES:
+        names = ", ".join(sorted(ARCHITECTURES))
+        raise ValueError(f"model_type {model_type!r} (config.json) is not supported; supported: {names}")
+    return ARCHITECTURES[model_type]
+
+
 def load_model(folder: str | Path, dtype: str, device: str):
     """Build the model of ``folder`` with weights cast to ``dtype``."""
     hf = read_config(folder)
-    model_type = hf.get("model_type")
-    if model_type not in ARCHITECTURES:
-        raise ValueError(
-            f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}"
-        )
-    config_cls, model_cls = ARCHITECTURES[model_type]
+    config_cls, model_cls = architecture(hf)
     weights = Weights(folder, DTYPES[dtype], torch.device(device))
     model = model_cls(config_cls.from_hf(hf), weights, DTYPES[dtype], torch.device(device))
     unused = [n for n in weights.unused() if not n.endswith("rotary_emb.inv_freq")]
