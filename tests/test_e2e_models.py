@@ -55,3 +55,20 @@ def test_greedy_tokens_equal_transformers_alone_and_12_concurrent(served):
     assert generated_ids(service, PROMPTS[0]) == expected[0]
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         assert list(pool.map(lambda p: generated_ids(service, p), PROMPTS)) == expected
+
+
+def test_smollm2_in_bfloat16_still_says_paris(tmp_path):
+    service = start_service(tmp_path, "--dtype", "bfloat16", "--max-batch-total-tokens", "8192")
+    try:
+        info = requests.get(service.url + "/info", timeout=10).json()
+        assert info["model_dtype"] == "bfloat16"
+        body = {
+            "model": "tgi",
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 30,
+        }
+        response = requests.post(service.url + "/v1/chat/completions", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        assert "Paris" in response.json()["choices"][0]["message"]["content"]
+    finally:
+        stop_service(service)

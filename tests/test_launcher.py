@@ -84,7 +84,9 @@ def write_config(folder, **config) -> str:
 
 def test_an_unsupported_architecture_is_refused_with_the_supported_list(tmp_path):
     folder = write_config(tmp_path / "gpt2", model_type="gpt2", n_layer=2, n_head=2, n_embd=8)
-    with pytest.raises(ValueError, match=r"'gpt2'.*not supported; supported: bloom, llama, mistral, qwen2, t5"):
+    with pytest.raises(
+        ValueError, match=r"'gpt2'.*not supported; supported: bloom, llama, mistral, qwen2, t5"
+    ):
         resolve("--model-id", folder, "--max-batch-total-tokens", "4096")
 
 
@@ -119,3 +121,10 @@ def test_t5_gets_its_decoder_start_token(tmp_path):
     assert resolve("--model-id", folder, "--max-batch-total-tokens", "4096").decoder_start_token_id == 0
     llama = resolve("--max-batch-total-tokens", "9000")
     assert llama.decoder_start_token_id is None
+
+
+def test_eos_ids_come_from_config_and_generation_config(tmp_path):
+    folder = tmp_path / "m"
+    write_config(folder, model_type="llama", eos_token_id=2)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7, 9], "bos_token_id": 1}))
+    assert cli.eos_token_ids(folder, json.loads((folder / "config.json").read_text())) == (2, 7, 9)

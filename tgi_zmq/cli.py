@@ -116,7 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "convert":
         from tgi_zmq.convert import convert_command
 
-        convert_command(args.source, args.out, args.dtype)
+        try:
+            convert_command(args.source, args.out, args.dtype)
+        except (ValueError, FileNotFoundError) as exc:
+            log.error("%s", exc)
+            return 2
         return 0
     try:
         config = resolve_config(args, tempfile.mkdtemp(prefix="tgi-zmq-"))

@@ -7,12 +7,15 @@ it, so loading never holds a second full copy of the checkpoint.
 from __future__ import annotations
 
 import json
+import logging
+import time
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 INDEX_FILE = "model.safetensors.index.json"
+log = logging.getLogger(__name__)
 
 
 class MissingTensorError(KeyError):
@@ -38,6 +41,8 @@ class Weights:
         self.device = device
         self._handles: dict[Path, object] = {}
         self.used: set[str] = set()
+        self._started = time.perf_counter()
+        self._next_report = 0.25  # loading progress is logged at each quarter of the tensors
 
     def has(self, name: str) -> bool:
         return name in self.files
@@ -51,7 +56,19 @@ class Weights:
             self._handles[path] = safe_open(path, "pt")
         self.used.add(name)
         tensor = self._handles[path].get_tensor(name)
-        return tensor.to(dtype=self.dtype, device=self.device).contiguous()
+        tensor = tensor.to(dtype=self.dtype, device=self.device).contiguous()
+        self._report_progress()
+        return tensor
+
+    def _report_progress(self) -> None:
+        done = len(self.used) / len(self.files)
+        if done >= self._next_report:
+            elapsed = time.perf_counter() - self._started
+            log.info(
+                "loaded %d/%d tensors (%.0f%%) in %.1fs", len(self.used), len(self.files), done * 100, elapsed
+            )
+            while self._next_report <= done:
+                self._next_report += 0.25
 
     def unused(self) -> list[str]:
         """Checkpoint tensors the model did not read (reported at load time)."""
