@@ -11,7 +11,10 @@ schedule (default) step N+1 is picked and sent while the workers run step N.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import signal
 import time
 from collections import deque
 
@@ -76,7 +79,8 @@ class SchedulerProcess:
             eos_token_ids=config.eos_token_ids,
             max_total_tokens=config.max_total_tokens,
         )
-        self.worker_boots: dict[int, str] = {}
+        self.worker_boots: dict[int, str] = {}  # rank -> boot id, of the ranks loaded and ready
+        self.worker_pids: dict[int, int] = {}
         self.step_id = 0
         self.inflight: deque[InFlight] = deque()
         self.answers: dict[int, m.StepResult | m.WorkerFailure] = {}  # arrived, not yet applied
@@ -132,8 +136,12 @@ class SchedulerProcess:
             self.finish(msg.rid, "aborted" if isinstance(msg, m.AbortRequest) else "stop_sequence")
             if isinstance(msg, m.AbortRequest):
                 self.to_detok.send(m.encode(msg))
+        elif isinstance(msg, m.WorkerBooting):
+            self.worker_booting(msg)
         elif isinstance(msg, m.WorkerReady):
             self.worker_ready(msg)
+        elif isinstance(msg, m.WorkerFailure) and self.config.num_shard > 1:
+            self.restart_workers(f"a worker failed: {msg.message}")
         elif isinstance(msg, m.StepResult | m.WorkerFailure):
             if any(step.step_id == msg.step_id for step in self.inflight):  # else: a failed step's
                 self.answers[msg.step_id] = msg  # may come before ``wait_for`` asks (fast models)
@@ -145,6 +153,27 @@ class SchedulerProcess:
         if req is not None:
             self.policy.finish(req, reason)
             log.info("rid=%s %s after %d tokens", rid, reason, req.num_output)
+
+    def worker_booting(self, msg: m.WorkerBooting) -> None:
+        previous = self.worker_boots.get(msg.rank)
+        self.worker_pids[msg.rank] = msg.pid
+        if previous is not None and previous != msg.boot_id:
+            self.restart_workers(f"worker {msg.rank} restarted", spare=msg.rank)
+
+    def restart_workers(self, reason: str, spare: int | None = None) -> None:
+        """Fail every request; with tensor parallelism, kill the other ranks (supervisord restarts
+        them): a process group cannot take a new member, so all ranks form a new one."""
+        log.error(
+            "%s: failing every request%s", reason, ", restarting the workers" * (self.config.num_shard > 1)
+        )
+        self.fail_all(reason)
+        self.worker_boots.clear()  # not ready until every rank says so again
+        if self.config.num_shard == 1:
+            return
+        for rank, pid in self.worker_pids.items():
+            if rank != spare:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     def worker_ready(self, msg: m.WorkerReady) -> None:
         previous = self.worker_boots.get(msg.rank)

@@ -4,6 +4,11 @@ scheduler --ForwardStep--> [worker] --StepResult (rank 0; tensors in shared memo
 
 Main loop: receive a step header -> view its tensors in shared memory -> forward + sample
 -> write the sampled ids and logprobs into this worker's buffer -> answer with a header.
+
+With ``--num-shard N`` every rank gets every step header and reads the same shared memory;
+the ranks meet in collectives during the forward (``tgi_zmq.parallel``) and only rank 0
+answers. A failed step then leaves the group unusable (a peer is dead, hung, or out of step):
+the rank reports it and exits, and the scheduler has every rank restarted together.
 """
 
 from __future__ import annotations
@@ -31,13 +36,28 @@ def main() -> None:
     import torch
 
     from tgi_zmq.model_runner import ModelRunner
+    from tgi_zmq.parallel import init_group
     from tgi_zmq.transport import TensorReader, TensorRing
 
-    torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
+    torch.set_num_threads(config.torch_threads or max(1, (os.cpu_count() or 1) // config.num_shard))
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, f"worker-{rank}".encode())
+    sock.setsockopt(zmq.LINGER, 1000)  # a failure report must get out before the process exits
+    sock.connect(config.endpoint("worker"))
+    sock.send(m.encode(m.WorkerBooting(rank, BOOT_ID, os.getpid())))
 
     started = time.perf_counter()
-    log.info("loading %s (%s on %s)", config.model_id, config.dtype, config.device)
-    runner = ModelRunner(config.model_id, config.dtype, config.device, config.num_blocks, config.block_size)
+    shard = init_group(rank, config.num_shard, config.master_addr, config.master_port, config.device)
+    log.info(
+        "loading %s (%s on %s, rank %d of %d)",
+        config.model_id,
+        config.dtype,
+        config.device,
+        rank,
+        shard.world,
+    )
+    args = (config.model_id, config.dtype, config.device, config.num_blocks, config.block_size)
+    runner = ModelRunner(*args, shard)
     log.info(
         "loaded in %.1fs; KV cache %d blocks x %d tokens (%.0f MiB)",
         time.perf_counter() - started,
@@ -46,10 +66,6 @@ def main() -> None:
         runner.cache.nbytes() / 2**20,
     )
 
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.IDENTITY, f"worker-{rank}".encode())
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(config.endpoint("worker"))
     sock.send(m.encode(m.WorkerReady(rank, BOOT_ID, config.num_blocks)))
     loaded = True
 
@@ -64,15 +80,21 @@ def main() -> None:
                 log.error("dropped a bad frame: %s", exc)
                 continue
             idle = time.perf_counter() - idle
+            shard.comm_seconds = 0.0
             answer = run_step(runner, steps, results, msg, log)
             log.debug(
-                "step %d: idle %.2f ms before it, forward %.2f ms",
+                "step %d: idle %.2f ms before it, forward %.2f ms, all-reduce %.2f ms",
                 msg.step_id,
                 idle * 1e3,
                 getattr(answer, "forward_seconds", 0.0) * 1e3,
+                shard.comm_seconds * 1e3,
             )
             if rank == 0 or isinstance(answer, m.WorkerFailure):
                 sock.send(m.encode(answer))
+            if isinstance(answer, m.WorkerFailure) and shard.world > 1:
+                log.error("leaving: the ranks' group cannot go on after a failed step")
+                sock.close()  # lingers until the report is sent
+                os._exit(1)
     finally:
         results.close()
         steps.close()

@@ -9,6 +9,7 @@ import torch
 from tgi_zmq.block_manager import BlockManager
 from tgi_zmq.messages import SamplingParams
 from tgi_zmq.model_runner import ModelRunner
+from tgi_zmq.parallel import Shard
 from tgi_zmq.scheduler import Request, Scheduler
 from tgi_zmq.step import build_step
 
@@ -126,6 +127,7 @@ def run_engine(
     prefix_caching: bool = True,
     arrive_every: int = 0,
     overlap: bool = False,
+    shard: Shard | None = None,
 ) -> tuple[list[list[int]], Scheduler]:
     """Scheduler + step tensors + model runner in one process, until every request is done.
 
@@ -133,7 +135,7 @@ def run_engine(
     ``overlap`` the scheduler lags one step behind the worker, as the scheduler process does:
     step N+1 is scheduled (with placeholders) before step N's result is applied.
     """
-    runner = ModelRunner(str(folder), "float32", "cpu", num_blocks, block_size)
+    runner = ModelRunner(str(folder), "float32", "cpu", num_blocks, block_size, shard)
     blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
     sched = Scheduler(blocks, max_step_tokens, 64, (), 10_000)
     pairs = zip(prompts, params, strict=True)

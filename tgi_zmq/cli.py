@@ -74,7 +74,14 @@ LAUNCH_FLAGS = [
     ("--max-stop-sequences", int, 4, "stop sequences per request"),
     ("--max-client-batch-size", int, 4, "prompts per /v1/completions request"),
     ("--payload-limit", int, 2_000_000, "request body limit in bytes (413 above)"),
-    ("--num-shard", int, 1, "tensor-parallel worker processes"),
+    (
+        "--num-shard",
+        int,
+        1,
+        "tensor-parallel worker processes: each holds 1/N of every weight (gloo on CPU, NCCL on CUDA)",
+    ),
+    ("--master-addr", str, "localhost", "address of rank 0 for the ranks' process group (--num-shard > 1)"),
+    ("--master-port", int, 29500, "port of rank 0 for the ranks' process group (--num-shard > 1)"),
 ]
 
 
@@ -156,8 +163,8 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
     total = args.max_total_tokens or min(context, batch_total, window or context)
     max_input = args.max_input_tokens or total - 1
     check_limits(max_input, total, batch_total, explicit_budget=bool(args.max_batch_total_tokens))
-    if args.num_shard != 1:
-        raise ValueError("--num-shard > 1 (tensor parallelism) is not available yet; use --num-shard 1")
+    if args.num_shard < 1:
+        raise ValueError("--num-shard must be at least 1")
     return ServerConfig(
         model_id=str(model_dir),
         served_model_name=DEFAULT_MODEL_NAME if not args.model_id else str(args.model_id),
@@ -176,6 +183,8 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
         max_client_batch_size=args.max_client_batch_size,
         payload_limit=args.payload_limit,
         num_shard=args.num_shard,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
         enable_prefix_caching=not args.disable_prefix_caching,
         overlap_schedule=not args.disable_overlap_schedule,
         eos_token_ids=eos_token_ids(model_dir, hf_config),

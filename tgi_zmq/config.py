@@ -34,6 +34,8 @@ class ServerConfig:
     max_client_batch_size: int = 4
     payload_limit: int = 2_000_000
     num_shard: int = 1
+    master_addr: str = "localhost"
+    master_port: int = 29500
     block_size: int = 16
     enable_prefix_caching: bool = True
     overlap_schedule: bool = True

@@ -350,3 +350,13 @@ class WorkerFailure:
 
     step_id: int
     message: str
+
+
+@message(tag=25)
+class WorkerBooting:
+    """worker -> scheduler as soon as it starts (before loading): a new ``boot_id`` for a rank
+    means the old process is gone, and with tensor parallelism its whole group must restart."""
+
+    rank: int
+    boot_id: str
+    pid: int

@@ -6,13 +6,23 @@ import torch
 
 from tgi_zmq.attention import AttentionMetadata
 from tgi_zmq.models import load_model
+from tgi_zmq.parallel import Shard
 from tgi_zmq.sampler import sample
 
 
 class ModelRunner:
-    def __init__(self, model_id: str, dtype: str, device: str, num_blocks: int, block_size: int):
+    def __init__(
+        self,
+        model_id: str,
+        dtype: str,
+        device: str,
+        num_blocks: int,
+        block_size: int,
+        shard: Shard | None = None,
+    ):
         self.device = torch.device(device)
-        self.model = load_model(model_id, dtype, device)
+        self.shard = shard or Shard()
+        self.model = load_model(model_id, dtype, device, self.shard)
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.cache = self.model.new_cache(num_blocks, block_size)
@@ -20,14 +30,24 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Forward the step and sample; returns ``next_ids`` [R] and ``logprobs`` [R]."""
+        """Forward the step and sample; returns ``next_ids`` [R] and ``logprobs`` [R].
+
+        With tensor parallelism rank 0 samples and sends the ids to the other ranks (they need
+        them to fill the next step's placeholders); their ``logprobs`` are zeros.
+        """
         step = {name: t.to(self.device, non_blocking=True) for name, t in step.items()}
         for name in ("input_ids", "penalty_ids"):
             step[name] = self._fill_placeholders(step[name])
         meta = AttentionMetadata.build(step, self.block_size)
         logit_rows = step["query_start"][1:][step["sample_seq"]].long() - 1
         logits = self.model.forward(step, self.cache, meta, logit_rows)
-        next_ids, logprobs = sample(logits, step)
+        if logits is not None:
+            next_ids, logprobs = sample(logits, step)
+        else:
+            next_ids = torch.empty(len(step["sample_seq"]), dtype=torch.int64, device=self.device)
+            logprobs = torch.zeros(len(next_ids), device=self.device)
+        if self.shard.world > 1:
+            self.shard.broadcast(next_ids)
         if next_ids.numel():
             self.prev_ids = next_ids
         return {"next_ids": next_ids, "logprobs": logprobs.float()}

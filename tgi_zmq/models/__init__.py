@@ -12,6 +12,7 @@ from tgi_zmq.models.bloom import BloomConfig, BloomModel
 from tgi_zmq.models.llama import LlamaConfig, LlamaModel
 from tgi_zmq.models.t5 import T5Config, T5Model
 from tgi_zmq.models.weights import Weights
+from tgi_zmq.parallel import Shard
 
 log = logging.getLogger(__name__)
 ARCHITECTURES = {
@@ -38,12 +39,13 @@ def architecture(hf: dict) -> tuple[type, type]:
     return ARCHITECTURES[model_type]
 
 
-def load_model(folder: str | Path, dtype: str, device: str):
-    """Build the model of ``folder`` with weights cast to ``dtype``."""
+def load_model(folder: str | Path, dtype: str, device: str, shard: Shard | None = None):
+    """Build the model of ``folder`` with weights cast to ``dtype`` (this rank's slice of them)."""
     hf = read_config(folder)
     config_cls, model_cls = architecture(hf)
     weights = Weights(folder, DTYPES[dtype], torch.device(device))
-    model = model_cls(config_cls.from_hf(hf), weights, DTYPES[dtype], torch.device(device))
+    shard = shard or Shard()
+    model = model_cls(config_cls.from_hf(hf), weights, DTYPES[dtype], torch.device(device), shard)
     unused = [n for n in weights.unused() if not n.endswith("rotary_emb.inv_freq")]
     if unused:
         log.warning("checkpoint tensors not used by the model: %s", ", ".join(unused[:20]))

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from tgi_zmq.attention import AttentionMetadata, KVCache, paged_attention
 from tgi_zmq.models.weights import Weights
+from tgi_zmq.parallel import Shard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +83,11 @@ class Layer:
 
 
 class BloomModel:
-    def __init__(self, cfg: BloomConfig, weights: Weights, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self, cfg: BloomConfig, weights: Weights, dtype: torch.dtype, device: torch.device, shard: Shard
+    ):
+        if shard.world > 1:
+            raise ValueError(f"{cfg.__class__.__name__[:-6]} cannot be sharded yet: use --num-shard 1")
         self.cfg = cfg
         self.dtype = dtype
         self.device = device

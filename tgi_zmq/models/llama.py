@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from tgi_zmq.attention import AttentionMetadata, KVCache, paged_attention
 from tgi_zmq.models.weights import Weights
+from tgi_zmq.parallel import Shard, embed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,14 +104,23 @@ class Layer:
 
 
 class LlamaModel:
-    def __init__(self, cfg: LlamaConfig, weights: Weights, dtype: torch.dtype, device: torch.device):
+    """With tensor parallelism (``shard``), this rank's heads, MLP units and vocabulary slice."""
+
+    def __init__(
+        self, cfg: LlamaConfig, weights: Weights, dtype: torch.dtype, device: torch.device, shard: Shard
+    ):
         self.cfg = cfg
         self.dtype = dtype
         self.device = device
-        get = weights.get
-        self.embed = get("model.embed_tokens.weight")
-        self.norm = get("model.norm.weight")
-        self.lm_head = self.embed if cfg.tie_word_embeddings else get("lm_head.weight")
+        self.shard = shard
+        (q_lo, q_hi), (kv_lo, kv_hi) = shard.heads(cfg.num_heads, cfg.num_kv_heads)
+        self.num_heads, self.num_kv_heads = q_hi - q_lo, kv_hi - kv_lo
+        self.head_rows = (q_lo * cfg.head_dim, q_hi * cfg.head_dim) if shard.world > 1 else None
+        self.kv_rows = (kv_lo * cfg.head_dim, kv_hi * cfg.head_dim) if shard.world > 1 else None
+        vocab = shard.part(cfg.vocab_size)
+        self.embed = weights.get("model.embed_tokens.weight", rows=vocab)
+        self.norm = weights.get("model.norm.weight")
+        self.lm_head = self.embed if cfg.tie_word_embeddings else weights.get("lm_head.weight", rows=vocab)
         self.layers = [self._load_layer(weights, i) for i in range(cfg.num_layers)]
         inv_freq = rope_inv_freq(cfg)
         positions = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
@@ -125,27 +135,35 @@ class LlamaModel:
         p = f"model.layers.{i}."
         attn, mlp = p + "self_attn.", p + "mlp."
 
-        def fused(prefix: str, names: list[str], suffix: str, present: bool = True) -> torch.Tensor | None:
-            return torch.cat([w.get(f"{prefix}{n}.{suffix}") for n in names]) if present else None
+        units = self.shard.part(c.intermediate_size)
+        qkv_rows = {"q_proj": self.head_rows, "k_proj": self.kv_rows, "v_proj": self.kv_rows}
+        first = self.shard.rank == 0  # a row-parallel layer's bias is added once, before the sum
 
-        qkv, gate_up = ["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]
+        def fused(prefix: str, rows: dict, suffix: str, present: bool = True) -> torch.Tensor | None:
+            return (
+                torch.cat([w.get(f"{prefix}{n}.{suffix}", rows=r) for n, r in rows.items()])
+                if present
+                else None
+            )
+
+        gate_up = {"gate_proj": units, "up_proj": units}
         return Layer(
             input_norm=w.get(p + "input_layernorm.weight"),
-            qkv=fused(attn, qkv, "weight"),
-            qkv_bias=fused(attn, qkv, "bias", c.qkv_bias),
-            o=w.get(attn + "o_proj.weight"),
-            o_bias=fused(attn, ["o_proj"], "bias", c.o_bias),
+            qkv=fused(attn, qkv_rows, "weight"),
+            qkv_bias=fused(attn, qkv_rows, "bias", c.qkv_bias),
+            o=w.get(attn + "o_proj.weight", cols=self.head_rows),
+            o_bias=fused(attn, {"o_proj": None}, "bias", c.o_bias and first),
             post_norm=w.get(p + "post_attention_layernorm.weight"),
             gate_up=fused(mlp, gate_up, "weight"),
             gate_up_bias=fused(mlp, gate_up, "bias", c.mlp_bias),
-            down=w.get(mlp + "down_proj.weight"),
-            down_bias=fused(mlp, ["down_proj"], "bias", c.mlp_bias),
+            down=w.get(mlp + "down_proj.weight", cols=units),
+            down_bias=fused(mlp, {"down_proj": None}, "bias", c.mlp_bias and first),
         )
 
     def new_cache(self, num_blocks: int, block_size: int) -> KVCache:
         c = self.cfg
         return KVCache(
-            c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, self.dtype, self.device
+            c.num_layers, num_blocks, block_size, self.num_kv_heads, c.head_dim, self.dtype, self.device
         )
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -157,27 +175,30 @@ class LlamaModel:
     @torch.inference_mode()
     def forward(
         self, step: dict[str, torch.Tensor], cache: KVCache, meta: AttentionMetadata, logit_rows: torch.Tensor
-    ) -> torch.Tensor:
-        """Run the step's flat tokens (see ``tgi_zmq.step``); return float32 logits of ``logit_rows``."""
-        c = self.cfg
-        x = F.embedding(step["input_ids"], self.embed)
+    ) -> torch.Tensor | None:
+        """Run the step's flat tokens (see ``tgi_zmq.step``); float32 logits of ``logit_rows``.
+
+        With tensor parallelism only rank 0 gets the logits (None on the other ranks).
+        """
+        c, shard = self.cfg, self.shard
+        x = embed(step["input_ids"], self.embed, shard, c.vocab_size)
         cos = self.cos_table[step["positions"]].unsqueeze(1)
         sin = self.sin_table[step["positions"]].unsqueeze(1)
-        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        q_size, kv_size = self.num_heads * c.head_dim, self.num_kv_heads * c.head_dim
         for i, layer in enumerate(self.layers):
             h = self._rms_norm(x, layer.input_norm)
             qkv = F.linear(h, layer.qkv, layer.qkv_bias)
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-            q = _rope(q.view(-1, c.num_heads, c.head_dim), cos, sin)
-            k = _rope(k.view(-1, c.num_kv_heads, c.head_dim), cos, sin)
-            v = v.view(-1, c.num_kv_heads, c.head_dim)
+            q = _rope(q.view(-1, self.num_heads, c.head_dim), cos, sin)
+            k = _rope(k.view(-1, self.num_kv_heads, c.head_dim), cos, sin)
+            v = v.view(-1, self.num_kv_heads, c.head_dim)
             attn = paged_attention(q, k, v, cache.k[i], cache.v[i], meta, self.scale)
-            x = x + F.linear(attn.reshape(-1, q_size), layer.o, layer.o_bias)
+            x = x + shard.all_reduce(F.linear(attn.reshape(-1, q_size), layer.o, layer.o_bias))
             h = self._rms_norm(x, layer.post_norm)
             gate, up = F.linear(h, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+            x = x + shard.all_reduce(F.linear(F.silu(gate) * up, layer.down, layer.down_bias))
         h = self._rms_norm(x[logit_rows], self.norm)
-        return F.linear(h, self.lm_head).float()
+        return shard.gather_vocab(F.linear(h, self.lm_head).float(), c.vocab_size)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

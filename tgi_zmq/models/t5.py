@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from tgi_zmq.attention import AttentionMetadata, KVCache, paged_attention, store_kv
 from tgi_zmq.models.weights import Weights
+from tgi_zmq.parallel import Shard
 
 ACTIVATIONS = {
     "relu": F.relu,
@@ -108,7 +109,11 @@ class Block:
 
 
 class T5Model:
-    def __init__(self, cfg: T5Config, weights: Weights, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self, cfg: T5Config, weights: Weights, dtype: torch.dtype, device: torch.device, shard: Shard
+    ):
+        if shard.world > 1:
+            raise ValueError(f"{cfg.__class__.__name__[:-6]} cannot be sharded yet: use --num-shard 1")
         self.cfg = cfg
         self.dtype = dtype
         self.device = device

@@ -47,15 +47,25 @@ class Weights:
     def has(self, name: str) -> bool:
         return name in self.files
 
-    def get(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` cast to the model's dtype and device; MissingTensorError if absent."""
+    def get(
+        self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """Tensor ``name`` cast to the model's dtype and device; MissingTensorError if absent.
+
+        ``rows``/``cols``: read only that range of the first/second dimension (a tensor-parallel slice).
+        """
         if name not in self.files:
             raise MissingTensorError(self.folder, name)
         path = self.files[name]
         if path not in self._handles:
             self._handles[path] = safe_open(path, "pt")
         self.used.add(name)
-        tensor = self._handles[path].get_tensor(name)
+        if rows is None and cols is None:
+            tensor = self._handles[path].get_tensor(name)
+        else:
+            part = self._handles[path].get_slice(name)
+            r, c = slice(*rows) if rows else slice(None), slice(*cols) if cols else slice(None)
+            tensor = part[r] if cols is None else part[r, c]
         tensor = tensor.to(dtype=self.dtype, device=self.device).contiguous()
         self._report_progress()
         return tensor

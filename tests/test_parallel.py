@@ -1,0 +1,93 @@
+"""Tensor parallelism: slices, head splits, and 2 ranks (gloo, one process each) giving 1 rank's tokens."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tests.conftest import free_port
+from tests.helpers import hf_greedy, run_engine, tiny_model
+from tgi_zmq.messages import SamplingParams
+from tgi_zmq.models import load_model
+from tgi_zmq.parallel import Shard, init_group
+
+SHARDED = ("llama", "mistral", "qwen2")
+
+
+def test_split_covers_every_unit_once():
+    for n in (1, 5, 9, 49152):
+        for world in (1, 2, 3, 4):
+            ranges = [Shard(r, world).split(n) for r in range(world)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+
+
+def test_heads_follow_their_kv_group_or_replicate_it():
+    # SmolLM2: 9 query heads over 3 KV heads, 2 ranks: KV heads 2 + 1, query heads 6 + 3.
+    assert [Shard(r, 2).heads(9, 3) for r in range(2)] == [((0, 6), (0, 2)), ((6, 9), (2, 3))]
+    # One KV head, 2 ranks: both keep it, each takes half of the query heads.
+    assert [Shard(r, 2).heads(4, 1) for r in range(2)] == [((0, 2), (0, 1)), ((2, 4), (0, 1))]
+    with pytest.raises(ValueError, match="cannot split 3 heads"):
+        Shard(0, 2).heads(3, 1)
+
+
+def tensors_bytes(obj, seen=None) -> int:
+    """Bytes of every distinct tensor reachable from a model's attributes."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        if obj.data_ptr() in seen:
+            return 0
+        seen.add(obj.data_ptr())
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, list | tuple):
+        return sum(tensors_bytes(x, seen) for x in obj)
+    if hasattr(obj, "__dict__"):
+        return sum(tensors_bytes(v, seen) for k, v in vars(obj).items() if not k.endswith("_table"))
+    return 0
+
+
+@pytest.mark.parametrize("arch", SHARDED)
+def test_each_rank_holds_about_half_of_the_weights(arch, tmp_path):
+    folder = tiny_model(arch, tmp_path, vocab_size=4096)
+    whole = tensors_bytes(load_model(folder, "float32", "cpu"))
+    halves = [tensors_bytes(load_model(folder, "float32", "cpu", Shard(r, 2))) for r in range(2)]
+    print(f"{arch}: whole {whole} bytes, ranks {halves}")
+    assert all(0.45 * whole < h < 0.56 * whole for h in halves)
+
+
+def _rank(rank: int, port: int, folder, prompts, results) -> None:
+    torch.set_num_threads(1)
+    shard = init_group(rank, 2, "127.0.0.1", port, "cpu")
+    params = [SamplingParams()] * 3 + [
+        SamplingParams(do_sample=True, seed=s) for s in range(len(prompts) - 3)
+    ]
+    out, _ = run_engine(
+        folder, prompts, params, 8, num_blocks=40, max_step_tokens=16, overlap=True, shard=shard
+    )
+    if rank == 0:
+        results.put(out)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("arch", SHARDED)
+def test_two_ranks_give_the_tokens_of_one(arch, tmp_path):
+    folder = tiny_model(arch, tmp_path)
+    rng = random.Random(7)
+    prompts = [[rng.randrange(3, 512) for _ in range(rng.randrange(2, 30))] for _ in range(5)]
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank, args=(r, port, folder, prompts, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    sharded = results.get()
+    params = [SamplingParams()] * 3 + [SamplingParams(do_sample=True, seed=s) for s in range(2)]
+    single, _ = run_engine(folder, prompts, params, 8, num_blocks=40, max_step_tokens=16, overlap=True)
+    assert sharded == single
+    assert sharded[:3] == [hf_greedy(folder, p, 8) for p in prompts[:3]]
