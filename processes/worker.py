@@ -36,6 +36,7 @@ def main() -> None:
     import torch
 
     from tgi_zmq.model_runner import ModelRunner
+    from tgi_zmq.models import weight_bytes
     from tgi_zmq.parallel import init_group
     from tgi_zmq.transport import TensorReader, TensorRing
 
@@ -59,8 +60,9 @@ def main() -> None:
     args = (config.model_id, config.dtype, config.device, config.num_blocks, config.block_size)
     runner = ModelRunner(*args, shard)
     log.info(
-        "loaded in %.1fs; KV cache %d blocks x %d tokens (%.0f MiB)",
+        "loaded in %.1fs; weights %.1f MiB on this rank; KV cache %d blocks x %d tokens (%.0f MiB)",
         time.perf_counter() - started,
+        weight_bytes(runner.model) / 2**20,
         config.num_blocks,
         config.block_size,
         runner.cache.nbytes() / 2**20,

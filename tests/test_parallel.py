@@ -11,10 +11,10 @@ import torch.multiprocessing as mp
 from tests.conftest import free_port
 from tests.helpers import hf_greedy, run_engine, tiny_model
 from tgi_zmq.messages import SamplingParams
-from tgi_zmq.models import load_model
+from tgi_zmq.models import load_model, weight_bytes
 from tgi_zmq.parallel import Shard, init_group
 
-SHARDED = ("llama", "mistral", "qwen2")
+SHARDED = ("llama", "mistral", "qwen2", "bloom", "t5")
 
 
 def test_split_covers_every_unit_once():
@@ -34,26 +34,11 @@ def test_heads_follow_their_kv_group_or_replicate_it():
         Shard(0, 2).heads(3, 1)
 
 
-def tensors_bytes(obj, seen=None) -> int:
-    """Bytes of every distinct tensor reachable from a model's attributes."""
-    seen = set() if seen is None else seen
-    if isinstance(obj, torch.Tensor):
-        if obj.data_ptr() in seen:
-            return 0
-        seen.add(obj.data_ptr())
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, list | tuple):
-        return sum(tensors_bytes(x, seen) for x in obj)
-    if hasattr(obj, "__dict__"):
-        return sum(tensors_bytes(v, seen) for k, v in vars(obj).items() if not k.endswith("_table"))
-    return 0
-
-
 @pytest.mark.parametrize("arch", SHARDED)
 def test_each_rank_holds_about_half_of_the_weights(arch, tmp_path):
     folder = tiny_model(arch, tmp_path, vocab_size=4096)
-    whole = tensors_bytes(load_model(folder, "float32", "cpu"))
-    halves = [tensors_bytes(load_model(folder, "float32", "cpu", Shard(r, 2))) for r in range(2)]
+    whole = weight_bytes(load_model(folder, "float32", "cpu"))
+    halves = [weight_bytes(load_model(folder, "float32", "cpu", Shard(r, 2))) for r in range(2)]
     print(f"{arch}: whole {whole} bytes, ranks {halves}")
     assert all(0.45 * whole < h < 0.56 * whole for h in halves)
 

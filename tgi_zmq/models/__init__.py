@@ -50,3 +50,18 @@ def load_model(folder: str | Path, dtype: str, device: str, shard: Shard | None 
     if unused:
         log.warning("checkpoint tensors not used by the model: %s", ", ".join(unused[:20]))
     return model
+
+
+def weight_bytes(model, seen: set[int] | None = None) -> int:
+    """Bytes of the distinct weight tensors reachable from ``model`` (rotary ``*_table`` buffers excluded)."""
+    seen = set() if seen is None else seen
+    if isinstance(model, torch.Tensor):
+        if model.data_ptr() in seen:
+            return 0
+        seen.add(model.data_ptr())
+        return model.numel() * model.element_size()
+    if isinstance(model, list | tuple):
+        return sum(weight_bytes(x, seen) for x in model)
+    if hasattr(model, "__dict__"):
+        return sum(weight_bytes(v, seen) for k, v in vars(model).items() if not k.endswith("_table"))
+    return 0

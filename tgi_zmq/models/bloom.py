@@ -12,6 +12,9 @@ What differs from Llama:
 - ``apply_residual_connection_post_layernorm``: the residual is the normed input, not the input;
 - the LM head is the word embeddings (unless the checkpoint says otherwise).
 Checkpoints saved by transformers prefix names with ``transformer.``; bigscience's own don't.
+
+Tensor parallelism splits by heads as for Llama: a head's q|k|v rows are contiguous in the fused
+matrix, so a rank reads its heads' rows in one slice (and takes their ALiBi slopes).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 
 from tgi_zmq.attention import AttentionMetadata, KVCache, paged_attention
 from tgi_zmq.models.weights import Weights
-from tgi_zmq.parallel import Shard
+from tgi_zmq.parallel import Shard, embed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,32 +77,37 @@ class Layer:
     qkv: torch.Tensor
     qkv_bias: torch.Tensor
     o: torch.Tensor
-    o_bias: torch.Tensor
+    o_bias: torch.Tensor | None
     post_norm: tuple[torch.Tensor, torch.Tensor]
     up: torch.Tensor
     up_bias: torch.Tensor
     down: torch.Tensor
-    down_bias: torch.Tensor
+    down_bias: torch.Tensor | None
 
 
 class BloomModel:
+    """With tensor parallelism (``shard``), this rank's heads, MLP units and vocabulary slice."""
+
     def __init__(
         self, cfg: BloomConfig, weights: Weights, dtype: torch.dtype, device: torch.device, shard: Shard
     ):
-        if shard.world > 1:
-            raise ValueError(f"{cfg.__class__.__name__[:-6]} cannot be sharded yet: use --num-shard 1")
         self.cfg = cfg
         self.dtype = dtype
         self.device = device
+        self.shard = shard
+        (lo, hi), _ = shard.heads(cfg.num_heads, cfg.num_heads)
+        self.num_heads = hi - lo
+        self.heads = (lo, hi) if shard.world > 1 else None
         w = weights
         self.prefix = "transformer." if w.has("transformer.word_embeddings.weight") else ""
-        self.embed = w.get(self.prefix + "word_embeddings.weight")
+        vocab = shard.part(cfg.vocab_size)
+        self.embed = w.get(self.prefix + "word_embeddings.weight", rows=vocab)
         self.embed_norm = self._norm(w, "word_embeddings_layernorm")
         self.final_norm = self._norm(w, "ln_f")
         own_head = not cfg.tie_word_embeddings and w.has("lm_head.weight")
-        self.lm_head = w.get("lm_head.weight") if own_head else self.embed
+        self.lm_head = w.get("lm_head.weight", rows=vocab) if own_head else self.embed
         self.layers = [self._load_layer(w, i) for i in range(cfg.num_layers)]
-        self.slopes = alibi_slopes(cfg.num_heads).view(-1, 1, 1)  # [heads, 1, 1]
+        self.slopes = alibi_slopes(cfg.num_heads)[lo:hi].view(-1, 1, 1)  # [local heads, 1, 1]
         self.scale = 1.0 / math.sqrt(cfg.head_dim)  # transformers' inv_norm_factor (beta = 1)
 
     def _norm(self, w: Weights, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,53 +117,69 @@ class BloomModel:
         c = self.cfg
         p = f"{self.prefix}h.{i}."
         attn, mlp = p + "self_attention.", p + "mlp."
+        heads, units = self.heads, self.shard.part(4 * c.hidden_size)
+        qkv_rows = (heads[0] * 3 * c.head_dim, heads[1] * 3 * c.head_dim) if heads else None
+        o_cols = (heads[0] * c.head_dim, heads[1] * c.head_dim) if heads else None
+
+        def row_bias(name: str) -> torch.Tensor | None:
+            """A row-parallel layer's bias: added once, before the sum, so only rank 0 reads it."""
+            if self.shard.rank == 0:
+                return w.get(name)
+            w.used.add(name)  # not an unused tensor of the checkpoint
+            return None
 
         def per_head_to_qkv(t: torch.Tensor) -> torch.Tensor:
             """Rows [heads, 3, head_dim] -> [3, heads, head_dim]: q rows, then k rows, then v rows."""
-            return t.view(c.num_heads, 3, c.head_dim, -1).transpose(0, 1).reshape(t.shape).contiguous()
+            return t.view(self.num_heads, 3, c.head_dim, -1).transpose(0, 1).reshape(t.shape).contiguous()
 
         return Layer(
             input_norm=self._norm(w, f"h.{i}.input_layernorm"),
-            qkv=per_head_to_qkv(w.get(attn + "query_key_value.weight")),
-            qkv_bias=per_head_to_qkv(w.get(attn + "query_key_value.bias")),
-            o=w.get(attn + "dense.weight"),
-            o_bias=w.get(attn + "dense.bias"),
+            qkv=per_head_to_qkv(w.get(attn + "query_key_value.weight", rows=qkv_rows)),
+            qkv_bias=per_head_to_qkv(w.get(attn + "query_key_value.bias", rows=qkv_rows)),
+            o=w.get(attn + "dense.weight", cols=o_cols),
+            o_bias=row_bias(attn + "dense.bias"),
             post_norm=self._norm(w, f"h.{i}.post_attention_layernorm"),
-            up=w.get(mlp + "dense_h_to_4h.weight"),
-            up_bias=w.get(mlp + "dense_h_to_4h.bias"),
-            down=w.get(mlp + "dense_4h_to_h.weight"),
-            down_bias=w.get(mlp + "dense_4h_to_h.bias"),
+            up=w.get(mlp + "dense_h_to_4h.weight", rows=units),
+            up_bias=w.get(mlp + "dense_h_to_4h.bias", rows=units),
+            down=w.get(mlp + "dense_4h_to_h.weight", cols=units),
+            down_bias=row_bias(mlp + "dense_4h_to_h.bias"),
         )
 
     def new_cache(self, num_blocks: int, block_size: int) -> KVCache:
         c = self.cfg
-        return KVCache(c.num_layers, num_blocks, block_size, c.num_heads, c.head_dim, self.dtype, self.device)
+        return KVCache(
+            c.num_layers, num_blocks, block_size, self.num_heads, c.head_dim, self.dtype, self.device
+        )
 
     def _layer_norm(self, x: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return F.layer_norm(x, (self.cfg.hidden_size,), norm[0], norm[1], self.cfg.layer_norm_epsilon)
 
     def _alibi(self, rel: torch.Tensor) -> torch.Tensor:
-        """Relative positions [..., q, k] -> float32 biases [..., heads, q, k]."""
+        """Relative positions [..., q, k] -> float32 biases [..., local heads, q, k]."""
         return rel.unsqueeze(-3).float() * self.slopes.to(rel.device)
 
     @torch.inference_mode()
     def forward(
         self, step: dict[str, torch.Tensor], cache: KVCache, meta: AttentionMetadata, logit_rows: torch.Tensor
-    ) -> torch.Tensor:
-        """Run the step's flat tokens (see ``tgi_zmq.step``); return float32 logits of ``logit_rows``."""
-        c = self.cfg
+    ) -> torch.Tensor | None:
+        """Run the step's flat tokens (see ``tgi_zmq.step``); return float32 logits of ``logit_rows``.
+
+        With tensor parallelism only rank 0 gets the logits (None on the other ranks).
+        """
+        c, shard = self.cfg, self.shard
         meta.add_position_bias(self._alibi)
-        x = self._layer_norm(F.embedding(step["input_ids"], self.embed), self.embed_norm)
+        x = self._layer_norm(embed(step["input_ids"], self.embed, shard, c.vocab_size), self.embed_norm)
         for i, layer in enumerate(self.layers):
             h = self._layer_norm(x, layer.input_norm)
             residual = h if c.residual_post_layernorm else x
-            q, k, v = F.linear(h, layer.qkv, layer.qkv_bias).view(-1, 3, c.num_heads, c.head_dim).unbind(1)
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            q, k, v = qkv.view(-1, 3, self.num_heads, c.head_dim).unbind(1)
             attn = paged_attention(q, k, v, cache.k[i], cache.v[i], meta, self.scale)
-            x = residual + F.linear(attn.reshape(-1, c.hidden_size), layer.o, layer.o_bias)
+            x = residual + shard.all_reduce(F.linear(attn.flatten(1), layer.o, layer.o_bias))
             h = self._layer_norm(x, layer.post_norm)
             residual = h if c.residual_post_layernorm else x
             # transformers' bloom_gelu_forward is the tanh GELU (its sqrt(2/pi) rounded to 8 digits)
             up = F.gelu(F.linear(h, layer.up, layer.up_bias), approximate="tanh")
-            x = residual + F.linear(up, layer.down, layer.down_bias)
+            x = residual + shard.all_reduce(F.linear(up, layer.down, layer.down_bias))
         h = self._layer_norm(x[logit_rows], self.final_norm)
-        return F.linear(h, self.lm_head).float()
+        return shard.gather_vocab(F.linear(h, self.lm_head).float(), c.vocab_size)

@@ -10,6 +10,10 @@ What differs from the decoder-only models:
   every layer). Scores are not scaled by 1/sqrt(d).
 - RMS norms without mean, a ReLU or gated-GELU feed-forward, and with tied embeddings the
   decoder output is scaled by d_model^-0.5 before the LM head.
+
+Tensor parallelism splits every attention (and the relative-bias tables) by heads and the
+feed-forward by units, as for Llama; every rank runs the encoder with its heads and stores its
+heads' cross-attention K/V in its own cache.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch.nn.functional as F
 
 from tgi_zmq.attention import AttentionMetadata, KVCache, paged_attention, store_kv
 from tgi_zmq.models.weights import Weights
-from tgi_zmq.parallel import Shard
+from tgi_zmq.parallel import Shard, embed
 
 ACTIVATIONS = {
     "relu": F.relu,
@@ -37,6 +41,8 @@ ACTIVATIONS = {
 @dataclasses.dataclass(frozen=True)
 class T5Config:
     d_model: int
+    d_ff: int
+    vocab_size: int
     num_heads: int
     head_dim: int
     num_encoder_layers: int
@@ -60,6 +66,8 @@ class T5Config:
         act = proj.split("-")[-1]
         return cls(
             d_model=cfg["d_model"],
+            d_ff=cfg["d_ff"],
+            vocab_size=cfg["vocab_size"],
             num_heads=cfg["num_heads"],
             head_dim=cfg["d_kv"],
             num_encoder_layers=cfg["num_layers"],
@@ -109,39 +117,46 @@ class Block:
 
 
 class T5Model:
+    """With tensor parallelism (``shard``), this rank's heads, feed-forward units and vocabulary slice."""
+
     def __init__(
         self, cfg: T5Config, weights: Weights, dtype: torch.dtype, device: torch.device, shard: Shard
     ):
-        if shard.world > 1:
-            raise ValueError(f"{cfg.__class__.__name__[:-6]} cannot be sharded yet: use --num-shard 1")
         self.cfg = cfg
         self.dtype = dtype
         self.device = device
+        self.shard = shard
+        (lo, hi), _ = shard.heads(cfg.num_heads, cfg.num_heads)
+        self.num_heads = hi - lo
+        heads = (lo, hi) if shard.world > 1 else None
+        self.head_rows = (lo * cfg.head_dim, hi * cfg.head_dim) if heads else None
         get = weights.get
-        self.embed = get("shared.weight")
+        vocab = shard.part(cfg.vocab_size)
+        self.embed = get("shared.weight", rows=vocab)
         for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
             if weights.has(alias):
                 weights.used.add(alias)  # saved copies of the shared embedding
-        self.lm_head = self.embed if cfg.tie_word_embeddings else get("lm_head.weight")
+        self.lm_head = self.embed if cfg.tie_word_embeddings else get("lm_head.weight", rows=vocab)
         self.encoder = [self._load_block(weights, "encoder", i) for i in range(cfg.num_encoder_layers)]
         self.decoder = [self._load_block(weights, "decoder", i) for i in range(cfg.num_layers)]
         self.encoder_norm = get("encoder.final_layer_norm.weight")
         self.decoder_norm = get("decoder.final_layer_norm.weight")
-        bias_name = "{}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
-        self.encoder_bias = get(bias_name.format("encoder")).float()
-        self.decoder_bias = get(bias_name.format("decoder")).float()
+        bias_name = "{}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"  # [buckets, heads]
+        self.encoder_bias = get(bias_name.format("encoder"), cols=heads).float()
+        self.decoder_bias = get(bias_name.format("decoder"), cols=heads).float()
 
     def _load_block(self, w: Weights, stack: str, i: int) -> Block:
         p = f"{stack}.block.{i}.layer."
         decoder = stack == "decoder"
+        rows, units = self.head_rows, self.shard.part(self.cfg.d_ff)
 
         def attention(layer: str, name: str) -> Attention:
             a = f"{p}{layer}.{name}."
             return Attention(
                 norm=w.get(f"{p}{layer}.layer_norm.weight"),
-                q=w.get(a + "q.weight"),
-                kv=torch.cat([w.get(a + "k.weight"), w.get(a + "v.weight")]),
-                o=w.get(a + "o.weight"),
+                q=w.get(a + "q.weight", rows=rows),
+                kv=torch.cat([w.get(a + "k.weight", rows=rows), w.get(a + "v.weight", rows=rows)]),
+                o=w.get(a + "o.weight", cols=rows),
             )
 
         ff = f"{p}{2 if decoder else 1}."
@@ -150,13 +165,15 @@ class T5Model:
             self_attn=attention("0", "SelfAttention"),
             cross_attn=attention("1", "EncDecAttention") if decoder else None,
             ff_norm=w.get(ff + "layer_norm.weight"),
-            wi=torch.cat([w.get(f"{ff}DenseReluDense.{n}.weight") for n in wi]),
-            wo=w.get(ff + "DenseReluDense.wo.weight"),
+            wi=torch.cat([w.get(f"{ff}DenseReluDense.{n}.weight", rows=units) for n in wi]),
+            wo=w.get(ff + "DenseReluDense.wo.weight", cols=units),
         )
 
     def new_cache(self, num_blocks: int, block_size: int) -> KVCache:
         c = self.cfg
-        return KVCache(c.num_layers, num_blocks, block_size, c.num_heads, c.head_dim, self.dtype, self.device)
+        return KVCache(
+            c.num_layers, num_blocks, block_size, self.num_heads, c.head_dim, self.dtype, self.device
+        )
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         variance = x.float().pow(2).mean(-1, keepdim=True)
@@ -175,14 +192,17 @@ class T5Model:
         h = F.linear(self._norm(x, block.ff_norm), block.wi)
         act = ACTIVATIONS[self.cfg.activation]
         h = act(h[..., : h.shape[-1] // 2]) * h[..., h.shape[-1] // 2 :] if self.cfg.gated else act(h)
-        return x + F.linear(h, block.wo)
+        return x + self.shard.all_reduce(F.linear(h, block.wo))
 
     @torch.inference_mode()
     def forward(
         self, step: dict[str, torch.Tensor], cache: KVCache, meta: AttentionMetadata, logit_rows: torch.Tensor
-    ) -> torch.Tensor:
-        """Encode the new prompts (filling their cross-attention pages), then run the decoder tokens."""
-        c = self.cfg
+    ) -> torch.Tensor | None:
+        """Encode the new prompts (filling their cross-attention pages), then run the decoder tokens.
+
+        With tensor parallelism only rank 0 gets the logits (None on the other ranks).
+        """
+        c, shard = self.cfg, self.shard
         if step["encoder_ids"].numel():
             self._encode(step, cache)
         block_size = cache.k[0].shape[1]
@@ -190,26 +210,28 @@ class T5Model:
             step["query_start"], step["cross_lens"], step["cross_tables"], None, block_size, causal=False
         )
         meta.add_position_bias(self._position_bias(self.decoder_bias, bidirectional=False))
-        x = F.embedding(step["input_ids"], self.embed)
+        x = embed(step["input_ids"], self.embed, shard, c.vocab_size)
         for i, block in enumerate(self.decoder):
             q, k, v = self._qkv(x, block.self_attn)
             attn = paged_attention(q, k, v, cache.k[i], cache.v[i], meta, 1.0)
-            x = x + F.linear(attn.flatten(1), block.self_attn.o)
+            x = x + shard.all_reduce(F.linear(attn.flatten(1), block.self_attn.o))
             cross_q = F.linear(self._norm(x, block.cross_attn.norm), block.cross_attn.q).view(q.shape)
             attn = paged_attention(cross_q, None, None, cache.k[i], cache.v[i], cross, 1.0)
-            x = x + F.linear(attn.flatten(1), block.cross_attn.o)
+            x = x + shard.all_reduce(F.linear(attn.flatten(1), block.cross_attn.o))
             x = self._feed_forward(x, block)
         h = self._norm(x[logit_rows], self.decoder_norm)
         if c.tie_word_embeddings:
             h = h * c.d_model**-0.5
-        return F.linear(h, self.lm_head).float()
+        return shard.gather_vocab(F.linear(h, self.lm_head).float(), c.vocab_size)
 
     def _qkv(self, x: torch.Tensor, attn: Attention) -> tuple[torch.Tensor, ...]:
-        c = self.cfg
         h = self._norm(x, attn.norm)
-        q = F.linear(h, attn.q).view(-1, c.num_heads, c.head_dim)
-        k, v = F.linear(h, attn.kv).view(-1, 2 * c.num_heads, c.head_dim).chunk(2, dim=1)
-        return q, k, v
+        q = F.linear(h, attn.q).view(-1, self.num_heads, self.cfg.head_dim)
+        return q, *self._kv(h, attn)
+
+    def _kv(self, h: torch.Tensor, attn: Attention) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = F.linear(h, attn.kv).view(-1, 2 * self.num_heads, self.cfg.head_dim).chunk(2, dim=1)
+        return k, v
 
     def _encode(self, step: dict[str, torch.Tensor], cache: KVCache) -> None:
         """Run the encoder over each new prompt; store every decoder layer's cross K/V in the pages."""
@@ -220,7 +242,7 @@ class T5Model:
         for lo, hi in zip(bounds, bounds[1:], strict=False):
             pos = torch.arange(hi - lo, device=self.device)
             masks.append(bias(pos.view(1, -1) - pos.view(-1, 1)).unsqueeze(0).to(self.dtype))
-        x = F.embedding(step["encoder_ids"], self.embed)
+        x = embed(step["encoder_ids"], self.embed, self.shard, c.vocab_size)
         for block in self.encoder:
             q, k, v = self._qkv(x, block.self_attn)
             attn = torch.empty_like(q)
@@ -228,11 +250,9 @@ class T5Model:
                 seq = [t[lo:hi].transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
                 out = F.scaled_dot_product_attention(*seq, attn_mask=mask, scale=1.0)
                 attn[lo:hi] = out.squeeze(0).transpose(0, 1)
-            x = x + F.linear(attn.flatten(1), block.self_attn.o)
+            x = x + self.shard.all_reduce(F.linear(attn.flatten(1), block.self_attn.o))
             x = self._feed_forward(x, block)
         encoded = self._norm(x, self.encoder_norm)
         for i, block in enumerate(self.decoder):
-            k, v = (
-                F.linear(encoded, block.cross_attn.kv).view(-1, 2 * c.num_heads, c.head_dim).chunk(2, dim=1)
-            )
+            k, v = self._kv(encoded, block.cross_attn)
             store_kv(k, v, cache.k[i], cache.v[i], step["encoder_slots"])
