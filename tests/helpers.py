@@ -74,7 +74,7 @@ def tiny_model(arch: str, folder: Path, vocab_size: int = 512, **overrides) -> P
     }
     config_cls, model_cls, cfg = configs[arch]
     model = model_cls(config_cls(**{**common, **cfg, **overrides})).eval()
-    if arch in ("bloom", "qwen2"):  # transformers initialises biases to zero: make them count
+    if any(name.endswith("bias") for name, _ in model.named_parameters()):  # transformers zeroes them
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if name.endswith("bias"):

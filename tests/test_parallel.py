@@ -57,9 +57,11 @@ def _rank(rank: int, port: int, folder, prompts, results) -> None:
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("arch", SHARDED)
+@pytest.mark.parametrize("arch", [*SHARDED, "llama-biases"])
 def test_two_ranks_give_the_tokens_of_one(arch, tmp_path):
-    folder = tiny_model(arch, tmp_path)
+    # llama-biases: Llama with attention and MLP biases (the row-parallel ones live on rank 0 only)
+    biases = dict(attention_bias=True, mlp_bias=True) if arch == "llama-biases" else {}
+    folder = tiny_model(arch.removesuffix("-biases"), tmp_path, **biases)
     rng = random.Random(7)
     prompts = [[rng.randrange(3, 512) for _ in range(rng.randrange(2, 30))] for _ in range(5)]
     ctx = mp.get_context("spawn")
@@ -76,3 +78,10 @@ def test_two_ranks_give_the_tokens_of_one(arch, tmp_path):
     single, _ = run_engine(folder, prompts, params, 8, num_blocks=40, max_step_tokens=16, overlap=True)
     assert sharded == single
     assert sharded[:3] == [hf_greedy(folder, p, 8) for p in prompts[:3]]
+
+
+def test_one_shard_never_touches_torch_distributed(tmp_path):
+    from tgi_zmq.model_runner import ModelRunner
+
+    runner = ModelRunner(str(tiny_model("llama", tmp_path)), "float32", "cpu", 8, 4)
+    assert runner.shard.world == 1 and not torch.distributed.is_initialized()

@@ -121,13 +121,6 @@ class BloomModel:
         qkv_rows = (heads[0] * 3 * c.head_dim, heads[1] * 3 * c.head_dim) if heads else None
         o_cols = (heads[0] * c.head_dim, heads[1] * c.head_dim) if heads else None
 
-        def row_bias(name: str) -> torch.Tensor | None:
-            """A row-parallel layer's bias: added once, before the sum, so only rank 0 reads it."""
-            if self.shard.rank == 0:
-                return w.get(name)
-            w.used.add(name)  # not an unused tensor of the checkpoint
-            return None
-
         def per_head_to_qkv(t: torch.Tensor) -> torch.Tensor:
             """Rows [heads, 3, head_dim] -> [3, heads, head_dim]: q rows, then k rows, then v rows."""
             return t.view(self.num_heads, 3, c.head_dim, -1).transpose(0, 1).reshape(t.shape).contiguous()
@@ -137,12 +130,12 @@ class BloomModel:
             qkv=per_head_to_qkv(w.get(attn + "query_key_value.weight", rows=qkv_rows)),
             qkv_bias=per_head_to_qkv(w.get(attn + "query_key_value.bias", rows=qkv_rows)),
             o=w.get(attn + "dense.weight", cols=o_cols),
-            o_bias=row_bias(attn + "dense.bias"),
+            o_bias=w.get_row_bias(attn + "dense.bias", self.shard.rank),
             post_norm=self._norm(w, f"h.{i}.post_attention_layernorm"),
             up=w.get(mlp + "dense_h_to_4h.weight", rows=units),
             up_bias=w.get(mlp + "dense_h_to_4h.bias", rows=units),
             down=w.get(mlp + "dense_4h_to_h.weight", cols=units),
-            down_bias=row_bias(mlp + "dense_4h_to_h.bias"),
+            down_bias=w.get_row_bias(mlp + "dense_4h_to_h.bias", self.shard.rank),
         )
 
     def new_cache(self, num_blocks: int, block_size: int) -> KVCache:

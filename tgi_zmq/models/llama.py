@@ -137,7 +137,6 @@ class LlamaModel:
 
         units = self.shard.part(c.intermediate_size)
         qkv_rows = {"q_proj": self.head_rows, "k_proj": self.kv_rows, "v_proj": self.kv_rows}
-        first = self.shard.rank == 0  # a row-parallel layer's bias is added once, before the sum
 
         def fused(prefix: str, rows: dict, suffix: str, present: bool = True) -> torch.Tensor | None:
             return (
@@ -152,12 +151,12 @@ class LlamaModel:
             qkv=fused(attn, qkv_rows, "weight"),
             qkv_bias=fused(attn, qkv_rows, "bias", c.qkv_bias),
             o=w.get(attn + "o_proj.weight", cols=self.head_rows),
-            o_bias=fused(attn, {"o_proj": None}, "bias", c.o_bias and first),
+            o_bias=w.get_row_bias(attn + "o_proj.bias", self.shard.rank) if c.o_bias else None,
             post_norm=w.get(p + "post_attention_layernorm.weight"),
             gate_up=fused(mlp, gate_up, "weight"),
             gate_up_bias=fused(mlp, gate_up, "bias", c.mlp_bias),
             down=w.get(mlp + "down_proj.weight", cols=units),
-            down_bias=fused(mlp, {"down_proj": None}, "bias", c.mlp_bias and first),
+            down_bias=w.get_row_bias(mlp + "down_proj.bias", self.shard.rank) if c.mlp_bias else None,
         )
 
     def new_cache(self, num_blocks: int, block_size: int) -> KVCache:

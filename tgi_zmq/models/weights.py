@@ -70,6 +70,13 @@ class Weights:
         self._report_progress()
         return tensor
 
+    def get_row_bias(self, name: str, rank: int) -> torch.Tensor | None:
+        """A row-parallel layer's bias: added once, before the ranks' sum, so only rank 0 holds it."""
+        if rank == 0:
+            return self.get(name)
+        self.used.add(name)  # read by rank 0: not an unused tensor of the checkpoint
+        return None
+
     def _report_progress(self) -> None:
         done = len(self.used) / len(self.files)
         if done >= self._next_report:
