@@ -1,4 +1,5 @@
-"""End to end, each architecture: the real service on a random tiny model gives transformers' greedy tokens.
+"""End to end, each architecture: the real service on a random tiny model gives transformers' greedy tokens,
+on one worker and on two tensor-parallel shards.
 
 The tiny models use SmolLM2's tokenizer (copied beside the weights), so prompts are text as
 for any client; transformers gets the same token ids.
@@ -12,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.conftest import start_service, stop_service
+from tests.conftest import free_port, start_service, stop_service
 from tests.helpers import ARCHITECTURES, hf_greedy, tiny_model
 from tgi_zmq.convert import ensure_default_model
 
@@ -23,12 +24,13 @@ PROMPTS = [" ".join(WORDS[i : i + 3 + i % 4]) for i in range(12)]
 MAX_NEW = 10
 
 
-@pytest.fixture(scope="module", params=ARCHITECTURES)
+@pytest.fixture(scope="module", params=[(arch, shards) for arch in ARCHITECTURES for shards in (1, 2)])
 def served(request, tmp_path_factory):
-    """(service, model folder, tokenizer) for a random tiny model of one architecture."""
+    """(service, model folder, tokenizer) for a random tiny model of one architecture, on 1 or 2 shards."""
     from transformers import AutoTokenizer
 
-    folder = tiny_model(request.param, tmp_path_factory.mktemp(request.param), vocab_size=49152)
+    arch, shards = request.param
+    folder = tiny_model(arch, tmp_path_factory.mktemp(arch), vocab_size=49152)
     smol = ensure_default_model()
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (smol / name).exists():
@@ -37,6 +39,7 @@ def served(request, tmp_path_factory):
         tmp_path_factory.mktemp("service"),
         *("--model-id", str(folder), "--dtype", "float32"),
         *("--max-batch-total-tokens", "8192", "--max-total-tokens", "512"),
+        *("--num-shard", str(shards), "--master-port", str(free_port())),
     )
     yield service, folder, AutoTokenizer.from_pretrained(folder)
     stop_service(service)
@@ -66,6 +69,7 @@ def test_smollm2_in_bfloat16_still_says_paris(tmp_path):
             "model": "tgi",
             "messages": [{"role": "user", "content": "What is the capital of France?"}],
             "max_tokens": 30,
+            "temperature": 0,  # greedy (TGI's chat route samples by default)
         }
         response = requests.post(service.url + "/v1/chat/completions", json=body, timeout=120)
         assert response.status_code == 200, response.text
