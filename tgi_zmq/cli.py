@@ -160,7 +160,9 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
             f"--max-total-tokens {args.max_total_tokens} is beyond the model's sliding window ({window}), "
             "which is not implemented: keep it at or below the window"
         )
-    total = args.max_total_tokens or min(context, batch_total, window or context)
+    # An encoder-decoder request holds two page tables (decoder and encoder), each with a partly filled page.
+    pool = batch_total - (2 * ServerConfig.block_size if decoder_start(hf_config) is not None else 0)
+    total = args.max_total_tokens or min(context, pool, window or context)
     max_input = args.max_input_tokens or total - 1
     check_limits(max_input, total, batch_total, explicit_budget=bool(args.max_batch_total_tokens))
     if args.num_shard < 1:
