@@ -141,7 +141,8 @@ class SchedulerProcess:
         elif isinstance(msg, m.WorkerReady):
             self.worker_ready(msg)
         elif isinstance(msg, m.WorkerFailure) and self.config.num_shard > 1:
-            self.restart_workers(f"a worker failed: {msg.message}")
+            if self.worker_boots:  # else: the group is already being restarted
+                self.restart_workers(f"a worker failed: {msg.message}")
         elif isinstance(msg, m.StepResult | m.WorkerFailure):
             if any(step.step_id == msg.step_id for step in self.inflight):  # else: a failed step's
                 self.answers[msg.step_id] = msg  # may come before ``wait_for`` asks (fast models)
@@ -155,34 +156,29 @@ class SchedulerProcess:
             log.info("rid=%s %s after %d tokens", rid, reason, req.num_output)
 
     def worker_booting(self, msg: m.WorkerBooting) -> None:
-        previous = self.worker_boots.get(msg.rank)
+        """A worker (re)starts: if any rank was up, its process or its group is gone."""
         self.worker_pids[msg.rank] = msg.pid
-        if previous is not None and previous != msg.boot_id:
+        if self.worker_boots:
             self.restart_workers(f"worker {msg.rank} restarted", spare=msg.rank)
 
     def restart_workers(self, reason: str, spare: int | None = None) -> None:
-        """Fail every request; with tensor parallelism, kill the other ranks (supervisord restarts
-        them): a process group cannot take a new member, so all ranks form a new one."""
+        """Fail every request; with tensor parallelism also kill the ranks that were up (supervisord
+        restarts them): a process group cannot take a new member, so all ranks form a new one."""
         log.error(
             "%s: failing every request%s", reason, ", restarting the workers" * (self.config.num_shard > 1)
         )
         self.fail_all(reason)
+        members = [rank for rank in self.worker_boots if rank != spare]
         self.worker_boots.clear()  # not ready until every rank says so again
-        if self.config.num_shard == 1:
-            return
-        for rank, pid in self.worker_pids.items():
-            if rank != spare:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        for rank in members if self.config.num_shard > 1 else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.worker_pids[rank], signal.SIGKILL)
 
     def worker_ready(self, msg: m.WorkerReady) -> None:
-        previous = self.worker_boots.get(msg.rank)
         self.worker_boots[msg.rank] = msg.boot_id
         if msg.num_blocks < self.policy.blocks.num_blocks:
             raise RuntimeError(f"worker {msg.rank} has {msg.num_blocks} KV blocks, fewer than configured")
         log.info("worker %d ready (boot %s)", msg.rank, msg.boot_id)
-        if previous is not None and previous != msg.boot_id:
-            self.fail_all(f"worker {msg.rank} restarted")
 
     # ------------------------------------------------------------------ the step
 
