@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from tgi_zmq.attention import AttentionMetadata, KVCache, paged_attention
+from tgi_zmq.models.base import PagedModel
 from tgi_zmq.models.weights import Weights
 from tgi_zmq.parallel import Shard, embed
 
@@ -85,18 +86,15 @@ class Layer:
     down_bias: torch.Tensor | None
 
 
-class BloomModel:
+class BloomModel(PagedModel):
     """With tensor parallelism (``shard``), this rank's heads, MLP units and vocabulary slice."""
 
     def __init__(
         self, cfg: BloomConfig, weights: Weights, dtype: torch.dtype, device: torch.device, shard: Shard
     ):
-        self.cfg = cfg
-        self.dtype = dtype
-        self.device = device
-        self.shard = shard
+        super().__init__(cfg, dtype, device, shard)
         (lo, hi), _ = shard.heads(cfg.num_heads, cfg.num_heads)
-        self.num_heads = hi - lo
+        self.num_heads = self.num_kv_heads = hi - lo
         self.heads = (lo, hi) if shard.world > 1 else None
         w = weights
         self.prefix = "transformer." if w.has("transformer.word_embeddings.weight") else ""
@@ -136,12 +134,6 @@ class BloomModel:
             up_bias=w.get(mlp + "dense_h_to_4h.bias", rows=units),
             down=w.get(mlp + "dense_4h_to_h.weight", cols=units),
             down_bias=w.get_row_bias(mlp + "dense_4h_to_h.bias", self.shard.rank),
-        )
-
-    def new_cache(self, num_blocks: int, block_size: int) -> KVCache:
-        c = self.cfg
-        return KVCache(
-            c.num_layers, num_blocks, block_size, self.num_heads, c.head_dim, self.dtype, self.device
         )
 
     def _layer_norm(self, x: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

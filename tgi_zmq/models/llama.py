@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from tgi_zmq.attention import AttentionMetadata, KVCache, paged_attention
+from tgi_zmq.models.base import PagedModel
 from tgi_zmq.models.weights import Weights
 from tgi_zmq.parallel import Shard, embed
 
@@ -103,16 +104,13 @@ class Layer:
     down_bias: torch.Tensor | None
 
 
-class LlamaModel:
+class LlamaModel(PagedModel):
     """With tensor parallelism (``shard``), this rank's heads, MLP units and vocabulary slice."""
 
     def __init__(
         self, cfg: LlamaConfig, weights: Weights, dtype: torch.dtype, device: torch.device, shard: Shard
     ):
-        self.cfg = cfg
-        self.dtype = dtype
-        self.device = device
-        self.shard = shard
+        super().__init__(cfg, dtype, device, shard)
         (q_lo, q_hi), (kv_lo, kv_hi) = shard.heads(cfg.num_heads, cfg.num_kv_heads)
         self.num_heads, self.num_kv_heads = q_hi - q_lo, kv_hi - kv_lo
         self.head_rows = (q_lo * cfg.head_dim, q_hi * cfg.head_dim) if shard.world > 1 else None
@@ -157,12 +155,6 @@ class LlamaModel:
             gate_up_bias=fused(mlp, gate_up, "bias", c.mlp_bias),
             down=w.get(mlp + "down_proj.weight", cols=units),
             down_bias=w.get_row_bias(mlp + "down_proj.bias", self.shard.rank) if c.mlp_bias else None,
-        )
-
-    def new_cache(self, num_blocks: int, block_size: int) -> KVCache:
-        c = self.cfg
-        return KVCache(
-            c.num_layers, num_blocks, block_size, self.num_kv_heads, c.head_dim, self.dtype, self.device
         )
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from tgi_zmq.attention import AttentionMetadata, KVCache, paged_attention, store_kv
+from tgi_zmq.models.base import PagedModel
 from tgi_zmq.models.weights import Weights
 from tgi_zmq.parallel import Shard, embed
 
@@ -55,10 +56,6 @@ class T5Config:
     tie_word_embeddings: bool
     decoder_start_token_id: int
     model_type: str = "t5"
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.num_heads
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> T5Config:
@@ -116,18 +113,15 @@ class Block:
     wo: torch.Tensor
 
 
-class T5Model:
+class T5Model(PagedModel):
     """With tensor parallelism (``shard``), this rank's heads, feed-forward units and vocabulary slice."""
 
     def __init__(
         self, cfg: T5Config, weights: Weights, dtype: torch.dtype, device: torch.device, shard: Shard
     ):
-        self.cfg = cfg
-        self.dtype = dtype
-        self.device = device
-        self.shard = shard
+        super().__init__(cfg, dtype, device, shard)
         (lo, hi), _ = shard.heads(cfg.num_heads, cfg.num_heads)
-        self.num_heads = hi - lo
+        self.num_heads = self.num_kv_heads = hi - lo
         heads = (lo, hi) if shard.world > 1 else None
         self.head_rows = (lo * cfg.head_dim, hi * cfg.head_dim) if heads else None
         get = weights.get
@@ -167,12 +161,6 @@ class T5Model:
             ff_norm=w.get(ff + "layer_norm.weight"),
             wi=torch.cat([w.get(f"{ff}DenseReluDense.{n}.weight", rows=units) for n in wi]),
             wo=w.get(ff + "DenseReluDense.wo.weight", cols=units),
-        )
-
-    def new_cache(self, num_blocks: int, block_size: int) -> KVCache:
-        c = self.cfg
-        return KVCache(
-            c.num_layers, num_blocks, block_size, self.num_heads, c.head_dim, self.dtype, self.device
         )
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
