@@ -109,9 +109,10 @@ def test_mistral_context_is_capped_to_its_sliding_window(tmp_path):
 
 
 def test_cache_geometry_of_bloom_and_t5_configs():
-    bloom = dict(model_type="bloom", n_layer=3, n_head=4, hidden_size=64)
+    bloom = dict(model_type="bloom", n_layer=3, n_head=4, hidden_size=64, vocab_size=256)
     assert kv_bytes_per_token(bloom, "float32") == 3 * 2 * 4 * 16 * 4
-    t5 = dict(model_type="t5", num_layers=6, num_decoder_layers=2, num_heads=4, d_kv=8, d_model=32)
+    t5 = dict(model_type="t5", num_layers=6, num_decoder_layers=2, num_heads=4, d_kv=8, d_model=32, d_ff=64)
+    t5["vocab_size"] = 256
     assert kv_bytes_per_token(t5, "float32") == 2 * 2 * 4 * 8 * 4  # decoder layers only
 
 

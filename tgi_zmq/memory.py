@@ -18,16 +18,14 @@ ACTIVATION_RESERVE = 1 << 30  # bytes kept for activations, logits and the runti
 
 
 def cache_geometry(hf: dict) -> tuple[int, int, int]:
-    """(layers with KV pages, KV heads, head dim) from config.json, whatever the architecture's key names.
+    """(layers with KV pages, KV heads, head dim), read by the architecture's own config class.
 
     T5's pages hold the decoder layers' self-attention and, in other pages, their cross-attention K/V.
     """
-    if hf.get("model_type") == "t5":
-        return hf.get("num_decoder_layers") or hf["num_layers"], hf["num_heads"], hf["d_kv"]
-    heads = hf.get("num_attention_heads") or hf["n_head"]
-    layers = hf.get("num_hidden_layers") or hf["n_layer"]
-    hidden = hf.get("hidden_size") or hf["n_embed"]
-    return layers, hf.get("num_key_value_heads") or heads, hf.get("head_dim") or hidden // heads
+    from tgi_zmq.models import architecture
+
+    cfg = architecture(hf)[0].from_hf(hf)
+    return cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
 
 
 def kv_bytes_per_token(hf_config: dict, dtype: str) -> int:

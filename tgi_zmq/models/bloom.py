@@ -43,6 +43,10 @@ class BloomConfig:
     residual_post_layernorm: bool
     tie_word_embeddings: bool
 
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_heads
+
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> BloomConfig:
         hidden = cfg.get("hidden_size") or cfg["n_embed"]
@@ -93,7 +97,7 @@ class BloomModel(PagedModel):
         self, cfg: BloomConfig, weights: Weights, dtype: torch.dtype, device: torch.device, shard: Shard
     ):
         super().__init__(cfg, dtype, device, shard)
-        (lo, hi), _ = shard.heads(cfg.num_heads, cfg.num_heads)
+        (lo, hi), _ = shard.heads(cfg.num_heads, cfg.num_kv_heads)
         self.num_heads = self.num_kv_heads = hi - lo
         self.heads = (lo, hi) if shard.world > 1 else None
         w = weights

@@ -57,6 +57,10 @@ class T5Config:
     decoder_start_token_id: int
     model_type: str = "t5"
 
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_heads
+
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> T5Config:
         proj = cfg.get("feed_forward_proj", "relu")
@@ -120,7 +124,7 @@ class T5Model(PagedModel):
         self, cfg: T5Config, weights: Weights, dtype: torch.dtype, device: torch.device, shard: Shard
     ):
         super().__init__(cfg, dtype, device, shard)
-        (lo, hi), _ = shard.heads(cfg.num_heads, cfg.num_heads)
+        (lo, hi), _ = shard.heads(cfg.num_heads, cfg.num_kv_heads)
         self.num_heads = self.num_kv_heads = hi - lo
         heads = (lo, hi) if shard.world > 1 else None
         self.head_rows = (lo * cfg.head_dim, hi * cfg.head_dim) if heads else None
