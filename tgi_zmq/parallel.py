@@ -37,6 +37,11 @@ class Shard:
         """``split(n)`` as a weight slice; None (read the whole tensor) with a single rank."""
         return self.split(n) if self.world > 1 else None
 
+    def rows(self, units: tuple[int, int], width: int) -> tuple[int, int] | None:
+        """Weight rows of the ``units`` (e.g. heads) this rank holds, ``width`` rows each; None (the
+        whole tensor) with a single rank."""
+        return (units[0] * width, units[1] * width) if self.world > 1 else None
+
     def heads(self, num_heads: int, num_kv_heads: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """(query head range, KV head range) of this rank; KV heads are replicated when fewer than ranks."""
         group = num_heads // num_kv_heads

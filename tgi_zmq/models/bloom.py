@@ -99,7 +99,8 @@ class BloomModel(PagedModel):
         super().__init__(cfg, dtype, device, shard)
         (lo, hi), _ = shard.heads(cfg.num_heads, cfg.num_kv_heads)
         self.num_heads = self.num_kv_heads = hi - lo
-        self.heads = (lo, hi) if shard.world > 1 else None
+        self.qkv_rows = shard.rows((lo, hi), 3 * cfg.head_dim)  # per head: its q, k and v rows
+        self.o_cols = shard.rows((lo, hi), cfg.head_dim)
         w = weights
         self.prefix = "transformer." if w.has("transformer.word_embeddings.weight") else ""
         vocab = shard.part(cfg.vocab_size)
@@ -119,9 +120,7 @@ class BloomModel(PagedModel):
         c = self.cfg
         p = f"{self.prefix}h.{i}."
         attn, mlp = p + "self_attention.", p + "mlp."
-        heads, units = self.heads, self.shard.part(4 * c.hidden_size)
-        qkv_rows = (heads[0] * 3 * c.head_dim, heads[1] * 3 * c.head_dim) if heads else None
-        o_cols = (heads[0] * c.head_dim, heads[1] * c.head_dim) if heads else None
+        qkv_rows, units = self.qkv_rows, self.shard.part(4 * c.hidden_size)
 
         def per_head_to_qkv(t: torch.Tensor) -> torch.Tensor:
             """Rows [heads, 3, head_dim] -> [3, heads, head_dim]: q rows, then k rows, then v rows."""
@@ -131,7 +130,7 @@ class BloomModel(PagedModel):
             input_norm=self._norm(w, f"h.{i}.input_layernorm"),
             qkv=per_head_to_qkv(w.get(attn + "query_key_value.weight", rows=qkv_rows)),
             qkv_bias=per_head_to_qkv(w.get(attn + "query_key_value.bias", rows=qkv_rows)),
-            o=w.get(attn + "dense.weight", cols=o_cols),
+            o=w.get(attn + "dense.weight", cols=self.o_cols),
             o_bias=w.get_row_bias(attn + "dense.bias", self.shard.rank),
             post_norm=self._norm(w, f"h.{i}.post_attention_layernorm"),
             up=w.get(mlp + "dense_h_to_4h.weight", rows=units),

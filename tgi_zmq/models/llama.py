@@ -113,8 +113,8 @@ class LlamaModel(PagedModel):
         super().__init__(cfg, dtype, device, shard)
         (q_lo, q_hi), (kv_lo, kv_hi) = shard.heads(cfg.num_heads, cfg.num_kv_heads)
         self.num_heads, self.num_kv_heads = q_hi - q_lo, kv_hi - kv_lo
-        self.head_rows = (q_lo * cfg.head_dim, q_hi * cfg.head_dim) if shard.world > 1 else None
-        self.kv_rows = (kv_lo * cfg.head_dim, kv_hi * cfg.head_dim) if shard.world > 1 else None
+        self.head_rows = shard.rows((q_lo, q_hi), cfg.head_dim)
+        self.kv_rows = shard.rows((kv_lo, kv_hi), cfg.head_dim)
         vocab = shard.part(cfg.vocab_size)
         self.embed = weights.get("model.embed_tokens.weight", rows=vocab)
         self.norm = weights.get("model.norm.weight")
