@@ -103,9 +103,16 @@ def relative_bucket(
 @dataclasses.dataclass
 class Attention:
     norm: torch.Tensor
-    q: torch.Tensor
-    kv: torch.Tensor  # k|v fused
+    qkv: torch.Tensor  # q|k|v fused: self-attention projects once; cross-attention uses ``q`` and ``kv``
     o: torch.Tensor
+
+    @property
+    def q(self) -> torch.Tensor:
+        return self.qkv[: len(self.qkv) // 3]
+
+    @property
+    def kv(self) -> torch.Tensor:
+        return self.qkv[len(self.qkv) // 3 :]
 
 
 @dataclasses.dataclass
@@ -126,8 +133,8 @@ class T5Model(PagedModel):
         super().__init__(cfg, dtype, device, shard)
         (lo, hi), _ = shard.heads(cfg.num_heads, cfg.num_kv_heads)
         self.num_heads = self.num_kv_heads = hi - lo
-        heads = (lo, hi) if shard.world > 1 else None
-        self.head_rows = (lo * cfg.head_dim, hi * cfg.head_dim) if heads else None
+        heads = shard.rows((lo, hi), 1)  # columns of the relative-bias tables [buckets, heads]
+        self.head_rows = shard.rows((lo, hi), cfg.head_dim)
         get = weights.get
         vocab = shard.part(cfg.vocab_size)
         self.embed = get("shared.weight", rows=vocab)
@@ -152,8 +159,7 @@ class T5Model(PagedModel):
             a = f"{p}{layer}.{name}."
             return Attention(
                 norm=w.get(f"{p}{layer}.layer_norm.weight"),
-                q=w.get(a + "q.weight", rows=rows),
-                kv=torch.cat([w.get(a + "k.weight", rows=rows), w.get(a + "v.weight", rows=rows)]),
+                qkv=torch.cat([w.get(f"{a}{n}.weight", rows=rows) for n in "qkv"]),
                 o=w.get(a + "o.weight", cols=rows),
             )
 
@@ -217,9 +223,8 @@ class T5Model(PagedModel):
         return shard.gather_vocab(F.linear(h, self.lm_head).float(), c.vocab_size)
 
     def _qkv(self, x: torch.Tensor, attn: Attention) -> tuple[torch.Tensor, ...]:
-        h = self._norm(x, attn.norm)
-        q = F.linear(h, attn.q).view(-1, self.num_heads, self.cfg.head_dim)
-        return q, *self._kv(h, attn)
+        qkv = F.linear(self._norm(x, attn.norm), attn.qkv)
+        return qkv.view(-1, 3 * self.num_heads, self.cfg.head_dim).chunk(3, dim=1)
 
     def _kv(self, h: torch.Tensor, attn: Attention) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = F.linear(h, attn.kv).view(-1, 2 * self.num_heads, self.cfg.head_dim).chunk(2, dim=1)
