@@ -162,8 +162,9 @@ class Scheduler:
         batch = ScheduledBatch()
         preemptions = self.num_preemptions
         for req in list(self.running):
-            if req not in self.running or self._awaits_last_token(req):
-                continue  # preempted to make room for an older one, or done once its result lands
+            if not req.blocks or self._awaits_last_token(req):
+                # preempted to make room for an older one (pages freed), or done once its result lands
+                continue
             gap = req.num_tokens - req.num_computed
             n = gap if gap == 1 else min(gap, budget)  # decodes always run; prefill chunks share the budget
             if n == 0 or not self._reserve(req, n):
