@@ -129,3 +129,10 @@ def test_eos_ids_come_from_config_and_generation_config(tmp_path):
     write_config(folder, model_type="llama", eos_token_id=2)
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7, 9], "bos_token_id": 1}))
     assert cli.eos_token_ids(folder, json.loads((folder / "config.json").read_text())) == (2, 7, 9)
+
+
+def test_a_shard_count_that_cannot_split_the_heads_is_refused_at_start():
+    # SmolLM2: 9 query heads over 3 KV heads. 2 or 3 shards split them; 4 cannot.
+    assert resolve("--num-shard", "2", "--max-batch-total-tokens", "9000").num_shard == 2
+    with pytest.raises(ValueError, match="--num-shard 4 cannot split 9 heads over 3 KV heads"):
+        resolve("--num-shard", "4", "--max-batch-total-tokens", "9000")

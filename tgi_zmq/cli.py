@@ -144,12 +144,18 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
     """Fill the defaults that depend on the model and the machine, and check the limits."""
     from tgi_zmq.convert import DEFAULT_MODEL_NAME, ensure_default_model
     from tgi_zmq.models import architecture
+    from tgi_zmq.parallel import Shard
 
     model_dir = Path(args.model_id) if args.model_id else ensure_default_model()
     if not (model_dir / "config.json").exists():
         raise ValueError(f"--model-id {model_dir}: no config.json there (a local model folder is needed)")
     hf_config = json.loads((model_dir / "config.json").read_text())
-    architecture(hf_config)  # refuse an unsupported model before any process starts
+    config_cls, _ = architecture(hf_config)  # refuses an unsupported model before any process starts
+    if args.num_shard < 1:
+        raise ValueError("--num-shard must be at least 1")
+    if args.num_shard > 1:  # refuse a head split the workers could not make (they would fail at load)
+        model = config_cls.from_hf(hf_config)
+        Shard(0, args.num_shard).heads(model.num_heads, model.num_kv_heads)
     device = pick_device()
     dtype = pick_dtype(args.dtype, device)
     batch_total = args.max_batch_total_tokens or kv_budget(model_dir, hf_config, dtype, device, args)
@@ -165,8 +171,6 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
     total = args.max_total_tokens or min(context, pool, window or context)
     max_input = args.max_input_tokens or total - 1
     check_limits(max_input, total, batch_total, explicit_budget=bool(args.max_batch_total_tokens))
-    if args.num_shard < 1:
-        raise ValueError("--num-shard must be at least 1")
     return ServerConfig(
         model_id=str(model_dir),
         served_model_name=DEFAULT_MODEL_NAME if not args.model_id else str(args.model_id),
