@@ -48,16 +48,19 @@ def main() -> None:
     sock.send(m.encode(m.WorkerBooting(rank, BOOT_ID, os.getpid())))
 
     started = time.perf_counter()
-    shard = init_group(rank, config.num_shard, config.master_addr, config.master_port, config.device)
+    device = f"cuda:{rank}" if config.device == "cuda" else config.device  # one GPU per rank
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    shard = init_group(rank, config.num_shard, config.master_addr, config.master_port, device)
     log.info(
         "loading %s (%s on %s, rank %d of %d)",
         config.model_id,
         config.dtype,
-        config.device,
+        device,
         rank,
         shard.world,
     )
-    args = (config.model_id, config.dtype, config.device, config.num_blocks, config.block_size)
+    args = (config.model_id, config.dtype, device, config.num_blocks, config.block_size)
     runner = ModelRunner(*args, shard)
     log.info(
         "loaded in %.1fs; weights %.1f MiB on this rank; KV cache %d blocks x %d tokens (%.0f MiB)",
@@ -71,8 +74,8 @@ def main() -> None:
     sock.send(m.encode(m.WorkerReady(rank, BOOT_ID, config.num_blocks)))
     loaded = True
 
-    steps = TensorReader(config.device)
-    results = TensorRing(f"{config.shm_prefix}-result-{rank}", 4, 1 << 20, config.device)
+    steps = TensorReader(device)
+    results = TensorRing(f"{config.shm_prefix}-result-{rank}", 4, 1 << 20, device)
     try:
         while True:
             idle = time.perf_counter()
