@@ -1,6 +1,6 @@
 """Detokenizer process: token ids -> incremental text, stop sequences, deltas to the frontend.
 
-scheduler --BatchTokenOutput/AbortRequest--> [detokenizer] --BatchTextOutput--> frontend
+scheduler --BatchTokenOutput/AbortRequest/FrontendStarted--> [detokenizer] --BatchTextOutput--> frontend
                                                            --StopRequest--> scheduler
 """
 
@@ -32,12 +32,15 @@ def main() -> None:
     log.info("ready")
     while True:
         try:
-            msg = m.decode(inbox.recv(), (m.BatchTokenOutput, m.AbortRequest))
+            msg = m.decode(inbox.recv(), (m.BatchTokenOutput, m.AbortRequest, m.FrontendStarted))
         except m.ProtocolError as exc:
             log.error("dropped a bad frame: %s", exc)
             continue
         if isinstance(msg, m.AbortRequest):
             detok.forget(msg.rid)
+            continue
+        if isinstance(msg, m.FrontendStarted):
+            detok.forget_all()
             continue
         text_out, stopped = detok.process(msg)
         for rid in stopped:

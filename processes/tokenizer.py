@@ -1,8 +1,10 @@
 """Tokenizer process: chat template, tokenization and length validation.
 
-frontend --GenerateRequest/TokenizeRequest/AbortRequest--> [tokenizer]
-[tokenizer] --TokenizedRequest/AbortRequest--> scheduler
-[tokenizer] --ErrorOutput/TokenizeResult--> frontend
+frontend --GenerateRequest/TokenizeRequest/AbortRequest/FrontendStarted--> [tokenizer]
+[tokenizer] --TokenizedRequest/AbortRequest/FrontendStarted--> scheduler
+[tokenizer] --PromptIds/ErrorOutput/TokenizeResult--> frontend
+
+A replayed request (after a fault) comes with its prompt ids: it is not tokenized again.
 """
 
 from __future__ import annotations
@@ -40,16 +42,19 @@ def prompt_ids(tokenizer, req: m.GenerateRequest) -> list[int]:
 
 
 def tokenize(tokenizer, config: ServerConfig, req: m.GenerateRequest) -> m.TokenizedRequest:
-    ids = prompt_ids(tokenizer, req)
-    if req.params.truncate is not None and 0 < req.params.truncate < len(ids):
-        ids = ids[-req.params.truncate :]
+    if req.prompt_ids is not None:  # a replay: tokenized (and truncated) the first time
+        ids = req.prompt_ids
+    else:
+        ids = prompt_ids(tokenizer, req)
+        if req.params.truncate is not None and 0 < req.params.truncate < len(ids):
+            ids = ids[-req.params.truncate :]
     max_new = check_lengths(
         len(ids),
         req.params,
         max_input_tokens=config.max_input_tokens,
         max_total_tokens=config.max_total_tokens,
     )
-    return m.TokenizedRequest(req.rid, ids, req.params, max_new, req.arrival_time)
+    return m.TokenizedRequest(req.rid, ids, req.params, max_new, req.arrival_time, req.output_ids)
 
 
 def token_rows(tokenizer, prompt: str) -> list[list]:
@@ -77,11 +82,13 @@ def main() -> None:
     log.info("ready (model %s)", config.model_id)
     while True:
         try:
-            msg = m.decode(inbox.recv(), (m.GenerateRequest, m.TokenizeRequest, m.AbortRequest))
+            msg = m.decode(
+                inbox.recv(), (m.GenerateRequest, m.TokenizeRequest, m.AbortRequest, m.FrontendStarted)
+            )
         except m.ProtocolError as exc:
             log.error("dropped a bad frame: %s", exc)
             continue
-        if isinstance(msg, m.AbortRequest):
+        if isinstance(msg, m.AbortRequest | m.FrontendStarted):
             to_scheduler.send(m.encode(msg))
         elif isinstance(msg, m.TokenizeRequest):
             to_frontend.send(m.encode(m.TokenizeResult(msg.rid, token_rows(tokenizer, msg.prompt))))
@@ -101,11 +108,14 @@ def handle_generate(tokenizer, config, req: m.GenerateRequest, to_scheduler, to_
         log.info("rid=%s rejected: %s", req.rid, exc)
         to_frontend.send(m.encode(m.ErrorOutput(req.rid, str(exc), "template_error", 422)))
         return
+    if req.prompt_ids is None:
+        to_frontend.send(m.encode(m.PromptIds(req.rid, tokenized.input_ids)))
     log.info(
-        "rid=%s tokenized: %d input tokens, max_new_tokens %d",
+        "rid=%s tokenized: %d input tokens, max_new_tokens %d%s",
         req.rid,
         len(tokenized.input_ids),
         tokenized.max_new_tokens,
+        f", replayed after {len(req.output_ids)} output tokens" if req.prompt_ids is not None else "",
     )
     to_scheduler.send(m.encode(tokenized))
 

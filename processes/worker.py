@@ -9,11 +9,16 @@ With ``--num-shard N`` every rank gets every step header and reads the same shar
 the ranks meet in collectives during the forward (``tgi_zmq.parallel``) and only rank 0
 answers. A failed step then leaves the group unusable (a peer is dead, hung, or out of step):
 the rank reports it and exits, and the scheduler has every rank restarted together.
+
+While idle a worker says ``WorkerReady`` again every second: a scheduler that restarted learns
+that it is up. Steps of a scheduler other than the last one seen are from a dead one; a new one
+starts from nothing, so the worker drops what it kept of the old one (mapped buffers, samples).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 
@@ -22,6 +27,8 @@ import zmq
 from tgi_zmq import messages as m
 from tgi_zmq.config import ServerConfig
 from tgi_zmq.runtime import BOOT_ID, exit_on_sigterm, setup_logging, start_heartbeat
+
+ANNOUNCE_MS = 1000  # idle time after which a worker says again that it is ready
 
 
 def main() -> None:
@@ -38,7 +45,7 @@ def main() -> None:
     from tgi_zmq.model_runner import ModelRunner
     from tgi_zmq.models import weight_bytes
     from tgi_zmq.parallel import init_group
-    from tgi_zmq.transport import TensorReader, TensorRing
+    from tgi_zmq.transport import TensorReader, TensorRing, remove_stale
 
     torch.set_num_threads(config.torch_threads or max(1, (os.cpu_count() or 1) // config.num_shard))
     sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -71,20 +78,35 @@ def main() -> None:
         runner.cache.nbytes() / 2**20,
     )
 
-    sock.send(m.encode(m.WorkerReady(rank, BOOT_ID, config.num_blocks)))
+    ready = m.encode(m.WorkerReady(rank, BOOT_ID, os.getpid(), config.num_blocks))
+    sock.send(ready)
     loaded = True
 
     steps = TensorReader(device)
-    results = TensorRing(f"{config.shm_prefix}-result-{rank}", 4, 1 << 20, device)
+    remove_stale(f"{config.shm_prefix}-result-{rank}")  # a killed predecessor's buffers
+    results = TensorRing(f"{config.shm_prefix}-result-{rank}-{BOOT_ID}", 4, 1 << 20, device)
+    scheduler_boot = None
     try:
         while True:
             idle = time.perf_counter()
+            while not sock.poll(ANNOUNCE_MS):
+                with contextlib.suppress(zmq.Again):  # no scheduler now: the next one will hear it
+                    sock.send(ready, zmq.NOBLOCK)
             try:
                 msg = m.decode(sock.recv(), m.ForwardStep)
             except m.ProtocolError as exc:
                 log.error("dropped a bad frame: %s", exc)
                 continue
             idle = time.perf_counter() - idle
+            if msg.scheduler_boot != scheduler_boot:
+                if scheduler_boot is not None:
+                    log.warning(
+                        "a new scheduler (boot %s): dropping the old one's buffers", msg.scheduler_boot
+                    )
+                scheduler_boot = msg.scheduler_boot
+                steps.close()
+                steps = TensorReader(device)
+                runner.forget_samples()
             shard.comm_seconds = 0.0
             answer = run_step(runner, steps, results, msg, log)
             log.debug(
@@ -112,9 +134,9 @@ def run_step(runner, steps, results, msg: m.ForwardStep, log):
         out = runner.execute(steps.read(msg.buffer, msg.tensors, msg.cuda_handle))
     except Exception as exc:  # a bad step must not take the worker down
         log.exception("step %d failed", msg.step_id)
-        return m.WorkerFailure(msg.step_id, f"{type(exc).__name__}: {exc}")
+        return m.WorkerFailure(msg.step_id, msg.scheduler_boot, BOOT_ID, f"{type(exc).__name__}: {exc}")
     buffer, refs, handle = results.write(out)
-    return m.StepResult(msg.step_id, buffer, refs, handle, time.perf_counter() - started)
+    return m.StepResult(msg.step_id, msg.scheduler_boot, buffer, refs, handle, time.perf_counter() - started)
 
 
 if __name__ == "__main__":

@@ -173,3 +173,41 @@ def test_scheduler_reuses_a_shared_prefix():
     batch = sched.schedule()
     assert batch.requests == [b] and batch.starts == [12] and batch.num_new == [1]
     assert sched.prefix_hit_tokens == 12
+
+
+def test_forget_cache_drops_every_page_and_the_prefix_cache():
+    """A worker restart empties its KV cache: nothing cached may be matched again, every request
+    recomputes from its tokens (oldest first), and results of steps in flight are dropped."""
+    sched = Scheduler(BlockManager(16, 4), 64, 8, eos_token_ids=(0,), max_total_tokens=64)
+    old = Request("old", list(range(1, 10)), SamplingParams(), 5)
+    sched.add(old)
+    sched.update(sched.schedule(), [7], [0.0])  # prompt computed, 2 full blocks registered
+    new = Request("new", list(range(1, 10)), SamplingParams(), 5)
+    sched.add(new)
+    in_flight = sched.schedule()  # old decodes, new reuses old's cached prefix
+    assert sched.prefix_hit_tokens == 8 and len(sched.blocks.cached) == 2
+
+    assert sched.forget_cache() == [old, new]
+    assert list(sched.waiting) == [old, new] and sched.running == []
+    assert sched.blocks.num_free == 16 and sched.blocks.cached == {}
+    for req in (old, new):
+        assert req.blocks == [] and req.num_computed == 0 and req.faults == 1
+        assert all(t >= 0 for t in req.token_ids)  # placeholders of the void step are gone
+    assert old.token_ids == [*range(1, 10), 7]
+    assert sched.update(in_flight, [8, 9], [0.0, 0.0]) == []  # the void step's tokens are dropped
+    batch = sched.schedule()
+    assert batch.starts == [0, 0] and sched.prefix_hit_tokens == 8  # no stale prefix hit
+    check_invariants(sched)
+
+
+def test_a_replayed_request_continues_its_output_and_its_sample_index():
+    from tgi_zmq.step import build_step
+
+    sched = Scheduler(BlockManager(16, 4), 64, 8, eos_token_ids=(0,), max_total_tokens=64)
+    req = Request("r~1", [5, 6, 7, 8, 9, 10], SamplingParams(), 4, prompt_len=3, resumed=3)
+    sched.add(req)
+    batch = sched.schedule()
+    assert batch.num_new == [6] and req.output_ids[:3] == [8, 9, 10]
+    assert build_step(batch, 4)["sample_index"].tolist() == [3]  # its 4th token: the seed stream goes on
+    (produced,) = sched.update(batch, [11], [0.0])
+    assert produced[1] == 11 and req.finish_reason == "length"

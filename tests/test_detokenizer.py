@@ -74,3 +74,20 @@ def test_batch_detokenizer_streams_deltas_and_drops_late_tokens(tokenizer):
     assert stopped == ["r"] and out.deltas[0].finish_reason == "stop_sequence"
     out, _ = batch.process(m.BatchTokenOutput([], ["r"], [ids[2]], [-0.5], [None]))
     assert out.deltas == []  # the scheduler may still send a token or two: ignored
+
+
+def test_a_replayed_request_decodes_on_as_if_never_interrupted(tokenizer):
+    """A replay's first delta continues the text (spacing, stop sequences) of the tokens it had."""
+    ids = tokenizer(" the cat sat on the mat and then it sat", add_special_tokens=False)["input_ids"]
+    whole = BatchDetokenizer(tokenizer)
+    first = m.DetokRequestInfo("r", [1], 4, ["sat on"], None)
+    texts = [
+        whole.process(m.BatchTokenOutput([first] if i == 0 else [], ["r"], [t], [0.0], [None]))[0]
+        for i, t in enumerate(ids)
+    ]
+    replay = BatchDetokenizer(tokenizer)
+    info = m.DetokRequestInfo("r~1", [1], 4, ["sat on"], None, ids[:2])
+    out, stopped = replay.process(m.BatchTokenOutput([info], ["r~1"], [ids[2]], [0.0], [None]))
+    assert out.deltas[0].text == texts[2].deltas[0].text and out.deltas[0].generated_tokens == 3
+    out, stopped = replay.process(m.BatchTokenOutput([], ["r~1"], [ids[3]], [0.0], [None]))
+    assert stopped == ["r~1"] and out.deltas[0].text == texts[3].deltas[0].text

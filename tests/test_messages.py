@@ -14,11 +14,17 @@ def test_every_message_round_trips():
     params = m.SamplingParams(do_sample=True, temperature=0.7, top_k=5, seed=2**64 - 1, stop=["\n"])
     samples = [
         m.GenerateRequest("a", None, [{"role": "user", "content": "hi"}], params, 1.5),
+        m.GenerateRequest("a~1", "hi", None, params, 1.5, prompt_ids=[1, 2], output_ids=[7, 8]),
         m.TokenizedRequest("a", [1, 2, 3], params, 10, 2.0),
+        m.TokenizedRequest("a~1", [1, 2, 3], params, 10, 2.0, [9]),
+        m.PromptIds("a", [1, 2, 3]),
+        m.FrontendStarted("boot"),
         m.BatchTokenOutput([m.DetokRequestInfo("a", [1], 3, [], None)], ["a"], [5], [-0.25], ["length"]),
         m.BatchTextOutput([m.RequestDelta("a", [5], ["x"], [-0.1], [False], "x", None, 1, 3, 7)]),
-        m.ForwardStep(3, "buf", [m.TensorRef("input_ids", "int64", [4], 0)], None),
-        m.StepResult(3, "cuda-buf", [], [0, b"\x01handle", 1024, 0, b"ref", 0, b"ev", True], 0.01),
+        m.ForwardStep(3, "sched", "buf", [m.TensorRef("input_ids", "int64", [4], 0)], None),
+        m.StepResult(3, "sched", "cuda-buf", [], [0, b"\x01handle", 1024, 0, b"ref", 0, b"ev", True], 0.01),
+        m.WorkerReady(0, "boot", 123, 64),
+        m.WorkerFailure(3, "sched", "boot", "RuntimeError: x"),
         m.ErrorOutput("a", "bad", "validation", 422),
         m.Heartbeat("worker-0", "boot", 12, True),
     ]

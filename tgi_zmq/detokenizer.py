@@ -103,7 +103,9 @@ class BatchDetokenizer:
     def process(self, out: messages.BatchTokenOutput) -> tuple[messages.BatchTextOutput, list[str]]:
         """Turn one step's tokens into deltas; also return rids whose stop sequence matched."""
         for info in out.new_requests:
-            self.states[info.rid] = DecodeState.start(info.prompt_tail, info.stop)
+            state = self.states[info.rid] = DecodeState.start(info.prompt_tail, info.stop)
+            for token in info.output_ids:  # a replay: rebuild the state its earlier tokens left
+                self.detok.add(state, token)
             self.infos[info.rid] = info
         deltas: dict[str, messages.RequestDelta] = {}
         stopped = []
@@ -137,3 +139,7 @@ class BatchDetokenizer:
     def forget(self, rid: str) -> None:
         self.states.pop(rid, None)
         self.infos.pop(rid, None)
+
+    def forget_all(self) -> None:
+        self.states.clear()
+        self.infos.clear()

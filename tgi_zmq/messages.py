@@ -169,6 +169,9 @@ class GenerateRequest:
     chat: list[dict[str, Any]] | None
     params: SamplingParams
     arrival_time: float
+    # A replay after a fault: the prompt as tokenized the first time, and the tokens already streamed.
+    prompt_ids: list[int] | None = None
+    output_ids: list[int] = dataclasses.field(default_factory=list)
 
 
 @message(tag=3)
@@ -187,6 +190,22 @@ class TokenizeResult:
     tokens: list[list[Any]]
 
 
+@message(tag=15)
+class PromptIds:
+    """tokenizer -> frontend: a request's prompt as tokenized, kept to replay it after a fault."""
+
+    rid: str
+    input_ids: list[int]
+
+
+@message(tag=16)
+class FrontendStarted:
+    """frontend -> tokenizer -> scheduler -> detokenizer: a (new) frontend owns no request yet, so
+    every request in the pipeline belongs to a dead frontend's clients: forget them all."""
+
+    boot_id: str
+
+
 @message(tag=5)
 class AbortRequest:
     """frontend -> tokenizer -> scheduler -> detokenizer: forget this request, free its pages."""
@@ -203,6 +222,7 @@ class TokenizedRequest:
     params: SamplingParams
     max_new_tokens: int
     arrival_time: float
+    output_ids: list[int] = dataclasses.field(default_factory=list)  # already generated (a replay)
 
 
 @message(tag=7)
@@ -227,6 +247,7 @@ class DetokRequestInfo:
     prompt_tokens: int
     stop: list[str]
     seed: int | None
+    output_ids: list[int] = dataclasses.field(default_factory=list)  # a replay's earlier tokens, not re-sent
 
 
 @message(tag=9)
@@ -319,6 +340,7 @@ class ForwardStep:
     """scheduler -> every worker: run one forward pass over the tensors in ``buffer``."""
 
     step_id: int
+    scheduler_boot: str  # a worker answers with it, so a new scheduler ignores its predecessor's steps
     buffer: str
     tensors: list[TensorRef]
     cuda_handle: list[Any] | None  # CUDA IPC handle of ``buffer`` on GPU; None for shared memory
@@ -329,6 +351,7 @@ class StepResult:
     """worker rank 0 -> scheduler: the sampled ids and logprobs of a step, in ``buffer``."""
 
     step_id: int
+    scheduler_boot: str
     buffer: str
     tensors: list[TensorRef]
     cuda_handle: list[Any] | None
@@ -337,18 +360,23 @@ class StepResult:
 
 @message(tag=23)
 class WorkerReady:
-    """worker -> scheduler when the model is loaded and the KV pages are allocated."""
+    """worker -> scheduler when the model is loaded and the KV pages are allocated, and again every
+    second while idle, so a restarted scheduler learns which workers are up (their KV cache holds
+    nothing it knows of: it starts with an empty prefix cache)."""
 
     rank: int
     boot_id: str
+    pid: int
     num_blocks: int
 
 
 @message(tag=24)
 class WorkerFailure:
-    """worker -> scheduler: a step raised; the scheduler fails the step's requests."""
+    """worker -> scheduler: a step raised (``message`` is for the log; clients get a short one)."""
 
     step_id: int
+    scheduler_boot: str
+    boot_id: str  # the worker's: a report from a process already replaced is ignored
     message: str
 
 

@@ -26,7 +26,7 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.cache = self.model.new_cache(num_blocks, block_size)
-        self.prev_ids = torch.zeros(1, dtype=torch.int64, device=self.device)  # last step's samples
+        self.forget_samples()
 
     @torch.inference_mode()
     def execute(self, step: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -51,6 +51,10 @@ class ModelRunner:
         if next_ids.numel():
             self.prev_ids = next_ids
         return {"next_ids": next_ids, "logprobs": logprobs.float()}
+
+    def forget_samples(self) -> None:
+        """Drop the last step's samples (a new scheduler's steps never refer to them)."""
+        self.prev_ids = torch.zeros(1, dtype=torch.int64, device=self.device)
 
     def _fill_placeholders(self, ids: torch.Tensor) -> torch.Tensor:
         """Replace ``-(1 + row)`` by the token sampled for ``row`` in the previous step."""

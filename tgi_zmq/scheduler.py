@@ -47,6 +47,8 @@ class Request:
     scheduled_time: float | None = None  # first step (for the queue-duration metric)
     encoder_ids: list[int] = dataclasses.field(default_factory=list)  # seq2seq (T5): the encoder's input
     cross_blocks: list[int] = dataclasses.field(default_factory=list)  # pages of the encoder's K/V
+    resumed: int = 0  # output tokens it arrived with (a replay after a fault): already streamed
+    faults: int = 0  # worker losses it was running through (it recomputes after each)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)
@@ -149,6 +151,26 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
+
+    def forget_cache(self) -> list[Request]:
+        """The workers' KV cache is gone (a worker restarted): forget every page and the prefix
+        cache, and put every request back in the queue, oldest first, to recompute from its tokens.
+
+        Returns the requests that were running (their ``faults`` counted), for the caller's budget.
+        """
+        hit = list(self.running)
+        for req in hit:
+            req.faults += 1
+        for req in [*self.running, *self.waiting]:
+            req.blocks, req.cross_blocks = [], []  # the whole pool is dropped below
+            self._reset(req)
+            req.epoch += 1  # results of steps in flight are stale
+        self.waiting.extendleft(reversed(self.running))
+        self.running = []
+        self.blocks = BlockManager(
+            self.blocks.num_blocks, self.blocks.block_size, self.blocks.enable_prefix_caching
+        )
+        return hit
 
     # ------------------------------------------------------------------ the step
 

@@ -46,7 +46,7 @@ class Health:
         self._peers: dict[str, _Peer] = {}
 
     def observe(self, beat: Heartbeat) -> str | None:
-        """Record a heartbeat; return a failure reason if an expected process restarted."""
+        """Record a heartbeat; return the process's name if it restarted (a new boot id)."""
         now = self._clock()
         peer = self._peers.get(beat.process)
         self._peers[beat.process] = _Peer(beat.boot_id, beat.pid, beat.ready, now)
@@ -55,7 +55,7 @@ class Health:
             return None
         if peer.boot_id != beat.boot_id:
             log.warning("%s restarted (pid %d -> %d)", beat.process, peer.pid, beat.pid)
-            return f"{beat.process} restarted" if beat.process in self.expected else None
+            return beat.process
         if peer.silent:
             log.info("%s is responding again (pid %d)", beat.process, beat.pid)
         if peer.ready != beat.ready:

@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import Iterator
 
-from tgi_zmq.messages import AbortRequest, ErrorOutput, GenerateRequest, RequestDelta
+from tgi_zmq.messages import ErrorOutput, GenerateRequest, RequestDelta
 from tgi_zmq.validation import RequestError
 
 from .metrics import Metrics
@@ -172,12 +172,9 @@ def submit(
     block exits normally, otherwise by ``Metrics.request`` around the route handler.
     """
     wakeup = asyncio.Event()
-    jobs = [Job(req, pipeline.open(req.rid, wakeup), index=i) for i, req in enumerate(requests)]
-    for job in jobs:
-        log.info(
-            "%s received route=%s prompt_chars=%d", tag(job.rid, client_id), route, _prompt_chars(job.request)
-        )
-        pipeline.post(job.request)
+    for req in requests:
+        log.info("%s received route=%s prompt_chars=%d", tag(req.rid, client_id), route, _prompt_chars(req))
+    jobs = [Job(req, pipeline.open(req, wakeup), index=i) for i, req in enumerate(requests)]
     group = JobGroup(jobs, wakeup, client_id)
     try:
         yield group
@@ -185,9 +182,8 @@ def submit(
     finally:
         for job in jobs:
             _observe(pipeline.metrics, job)
-            pipeline.discard(job.rid)
+            pipeline.close_box(job.box)
             if not job.done:
-                pipeline.post(AbortRequest(job.rid))
                 log.info(
                     "%s aborted after %d tokens (%.3fs)",
                     tag(job.rid, client_id),

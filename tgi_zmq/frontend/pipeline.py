@@ -4,13 +4,25 @@ One reader task decodes every frame arriving on the frontend socket and drops ea
 request's outputs into its ``Mailbox`` (never blocking); the HTTP handler that owns the
 mailbox drains it. One sender task writes the outgoing queue, so handlers (and ``finally``
 blocks of cancelled handlers) post messages without awaiting.
+
+Replay: every request passes here, so the mailbox also keeps what it takes to run the request
+again: the request, its prompt ids (``PromptIds`` from the tokenizer) and the tokens already
+received. When the tokenizer, the scheduler or the detokenizer restarts (a new boot id in its
+heartbeat), the requests they held are lost: each unfinished one is aborted and sent again under a
+new wire rid with its prompt ids and received tokens, and the stream goes on where it stopped
+(sampling is seeded per token: the same tokens come). Outputs of the old rid are dropped. A lost
+worker needs no replay: the scheduler recomputes its requests. A request replayed ``MAX_REPLAYS``
+times fails with a 424; in-flight requests fail with a 503 when the pipeline stays unhealthy for
+``--recovery-timeout`` seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import time
 from typing import Any
 
 import zmq
@@ -22,12 +34,16 @@ from tgi_zmq.messages import (
     AbortRequest,
     BatchTextOutput,
     ErrorOutput,
+    FrontendStarted,
+    GenerateRequest,
     Heartbeat,
+    PromptIds,
     ProtocolError,
     SchedulerStats,
     TokenizeRequest,
     TokenizeResult,
 )
+from tgi_zmq.runtime import BOOT_ID
 from tgi_zmq.validation import VALIDATION_PREFIX, RequestError
 
 from .health import Health
@@ -35,27 +51,46 @@ from .metrics import Metrics
 
 log = logging.getLogger("tgi_zmq.frontend")
 
-INBOUND = (BatchTextOutput, ErrorOutput, TokenizeResult, Heartbeat, SchedulerStats)
+INBOUND = (BatchTextOutput, ErrorOutput, TokenizeResult, Heartbeat, SchedulerStats, PromptIds)
 MONITOR_PERIOD_S = 0.5
 GENERATION_PREFIX = "Request failed during generation: "
+MAX_REPLAYS = 3
+STATEFUL = ("tokenizer", "scheduler", "detokenizer")  # their restart loses the requests they held
 
 
 class Mailbox:
-    """The outputs of one request not yet read by its handler; sets ``wakeup`` on arrival.
+    """The outputs of one request not yet read by its handler (sets ``wakeup`` on arrival), and
+    what it takes to replay the request after a fault.
 
-    Several mailboxes may share one ``wakeup`` event (a multi-prompt completion).
+    Several mailboxes may share one ``wakeup`` event (a multi-prompt completion). ``rid`` is the
+    request's id on the wire, which changes at each replay.
     """
 
-    __slots__ = ("rid", "items", "wakeup")
+    __slots__ = ("rid", "items", "wakeup", "request", "prompt_ids", "output_ids", "replays", "ended")
 
-    def __init__(self, rid: str, wakeup: asyncio.Event) -> None:
+    def __init__(self, rid: str, wakeup: asyncio.Event, request: GenerateRequest | TokenizeRequest) -> None:
         self.rid = rid
         self.items: list[Any] = []
         self.wakeup = wakeup
+        self.request = request
+        self.prompt_ids: list[int] | None = None
+        self.output_ids: list[int] = []  # tokens received so far
+        self.replays = 0
+        self.ended = False  # its last output or its error arrived
 
     def put(self, item: Any) -> None:
         self.items.append(item)
         self.wakeup.set()
+
+    def replayed(self) -> GenerateRequest | TokenizeRequest:
+        """The request to send again, under a new wire rid (outputs of the old one are dropped)."""
+        self.replays += 1
+        if isinstance(self.request, TokenizeRequest):
+            return self.request
+        self.rid = f"{self.request.rid}~{self.replays}"
+        return dataclasses.replace(
+            self.request, rid=self.rid, prompt_ids=self.prompt_ids, output_ids=list(self.output_ids)
+        )
 
     def take(self) -> list[Any]:
         items, self.items = self.items, []
@@ -84,10 +119,11 @@ class Pipeline:
         self.metrics = Metrics(
             max_input_tokens=config.max_input_tokens, max_total_tokens=config.max_total_tokens
         )
-        self._boxes: dict[str, Mailbox] = {}
+        self._boxes: dict[str, Mailbox] = {}  # by wire rid
         self._outbox: asyncio.Queue[bytes] = asyncio.Queue()
         self._ctx: zmq.asyncio.Context | None = None
         self._tasks: list[asyncio.Task] = []
+        self._unhealthy_since: float | None = None
 
     @property
     def in_flight(self) -> int:
@@ -107,6 +143,7 @@ class Pipeline:
             asyncio.create_task(self._read_loop(pull), name="frontend-reader"),
             asyncio.create_task(self._monitor_loop(), name="frontend-health"),
         ]
+        self.post(FrontendStarted(BOOT_ID))  # requests of a frontend that died before this one are orphans
 
     async def close(self) -> None:
         """Flush what handlers posted (aborts of cancelled requests), then stop."""
@@ -124,13 +161,17 @@ class Pipeline:
 
     # ------------------------------------------------------------------ handler side
 
-    def open(self, rid: str, wakeup: asyncio.Event) -> Mailbox:
-        """Register a mailbox; do it before posting the request so no output is missed."""
-        box = self._boxes[rid] = Mailbox(rid, wakeup)
+    def open(self, request: GenerateRequest | TokenizeRequest, wakeup: asyncio.Event) -> Mailbox:
+        """Register a request's mailbox and post the request."""
+        box = self._boxes[request.rid] = Mailbox(request.rid, wakeup, request)
+        self.post(request)
         return box
 
-    def discard(self, rid: str) -> None:
-        self._boxes.pop(rid, None)
+    def close_box(self, box: Mailbox) -> None:
+        """The handler is done with the request; abort it in the pipeline unless it ended."""
+        self._boxes.pop(box.rid, None)
+        if not box.ended and isinstance(box.request, GenerateRequest):
+            self.post(AbortRequest(box.rid))
 
     def post(self, msg: Any) -> None:
         """Queue a message for the tokenizer (never blocks)."""
@@ -139,8 +180,7 @@ class Pipeline:
     async def tokenize(self, rid: str, prompt: str) -> list[list[Any]]:
         """The ``[id, text, start, stop]`` rows of ``prompt``."""
         wakeup = asyncio.Event()
-        box = self.open(rid, wakeup)
-        self.post(TokenizeRequest(rid, prompt))
+        box = self.open(TokenizeRequest(rid, prompt), wakeup)
         try:
             while True:
                 await wakeup.wait()
@@ -151,15 +191,31 @@ class Pipeline:
                     if isinstance(item, ErrorOutput):
                         raise error_from_output(item)
         finally:
-            self.discard(rid)
+            self.close_box(box)
 
-    def fail_all(self, reason: str) -> None:
-        """Fail every in-flight request with a 424 and tell the pipeline to forget it."""
-        if self._boxes:
-            log.error("failing %d in-flight requests: %s", len(self._boxes), reason)
-        for rid, box in list(self._boxes.items()):
-            box.put(ErrorOutput(rid, GENERATION_PREFIX + reason, "generation", 424))
-            self.post(AbortRequest(rid))
+    def fail(self, box: Mailbox, error: ErrorOutput) -> None:
+        """End a request with an error and tell the pipeline to forget it."""
+        box.ended = True
+        box.put(error)
+        self.post(AbortRequest(box.rid))
+
+    def replay_all(self, reason: str) -> None:
+        """Send every unfinished request again (see the module's docstring)."""
+        boxes = [box for box in self._boxes.values() if not box.ended]
+        if boxes:
+            log.warning("%s: replaying %d in-flight requests", reason, len(boxes))
+        for box in boxes:
+            if box.replays >= MAX_REPLAYS:
+                message = (
+                    f"{GENERATION_PREFIX}the pipeline failed {box.replays + 1} times during this request"
+                )
+                self.fail(box, ErrorOutput(box.rid, message, "generation", 424))
+                continue
+            self.post(AbortRequest(box.rid))
+            del self._boxes[box.rid]
+            self.post(box.replayed())
+            self._boxes[box.rid] = box
+            log.info("rid=%s replayed as %s after %d tokens", box.request.rid, box.rid, len(box.output_ids))
 
     # ------------------------------------------------------------------ background tasks
 
@@ -187,23 +243,44 @@ class Pipeline:
     def _dispatch(self, msg: Any) -> None:
         if isinstance(msg, BatchTextOutput):
             for delta in msg.deltas:
-                self._deliver(delta.rid, delta)
+                box = self._boxes.get(delta.rid)
+                if box is not None:  # unknown rids: finished, aborted, replayed since or not ours
+                    box.output_ids += delta.token_ids
+                    box.ended = delta.finish_reason is not None
+                    box.put(delta)
         elif isinstance(msg, Heartbeat):
-            reason = self.health.observe(msg)
-            if reason is not None:
-                self.fail_all(reason)
+            restarted = self.health.observe(msg)
+            if restarted in STATEFUL:
+                self.replay_all(f"{restarted} restarted")
         elif isinstance(msg, SchedulerStats):
             self.metrics.observe_scheduler(msg)
-        else:  # ErrorOutput, TokenizeResult
-            self._deliver(msg.rid, msg)
-
-    def _deliver(self, rid: str, item: Any) -> None:
-        box = self._boxes.get(rid)
-        if box is not None:  # unknown rids: finished, aborted or not ours
-            box.put(item)
+        elif isinstance(msg, PromptIds):
+            box = self._boxes.get(msg.rid)
+            if box is not None:
+                box.prompt_ids = msg.input_ids
+        elif (box := self._boxes.get(msg.rid)) is not None:  # ErrorOutput, TokenizeResult
+            box.ended = True
+            box.put(msg)
 
     async def _monitor_loop(self) -> None:
+        """Note processes gone silent; fail every request when the pipeline stays unhealthy too long."""
         while True:
             await asyncio.sleep(MONITOR_PERIOD_S)
-            for name in self.health.newly_silent():
-                self.fail_all(f"{name} stopped responding")
+            self.health.newly_silent()
+            now = time.monotonic()
+            if self.health.healthy():
+                self._unhealthy_since = None
+            elif self._unhealthy_since is None:
+                self._unhealthy_since = now
+            elif now - self._unhealthy_since > self.config.recovery_timeout:
+                self.fail_stuck(now - self._unhealthy_since)
+
+    def fail_stuck(self, unhealthy_for: float) -> None:
+        boxes = [box for box in self._boxes.values() if not box.ended]
+        if boxes:
+            log.error(
+                "pipeline unhealthy for %.0fs: failing %d in-flight requests", unhealthy_for, len(boxes)
+            )
+        for box in boxes:
+            message = f"the service did not recover from a fault within {self.config.recovery_timeout:.0f}s"
+            self.fail(box, ErrorOutput(box.rid, message, "unavailable", 503))

@@ -1,0 +1,89 @@
+"""The frontend's replay after a fault (pure: the pipeline's dispatch, no sockets)."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+from tgi_zmq import messages as m
+from tgi_zmq.config import ServerConfig
+from tgi_zmq.frontend.health import Health
+from tgi_zmq.frontend.jobs import submit
+from tgi_zmq.frontend.pipeline import MAX_REPLAYS, Pipeline
+from tgi_zmq.validation import RequestError
+
+
+@pytest.fixture
+def pipeline() -> Iterator[Pipeline]:
+    with tempfile.TemporaryDirectory(prefix="tgizmq-r") as path:
+        config = ServerConfig(model_id="none", served_model_name="m", runtime_dir=path)
+        yield Pipeline(config, Health(("tokenizer", "scheduler", "detokenizer", "worker-0")))
+
+
+def sent(pipeline: Pipeline) -> list:
+    out = []
+    while not pipeline._outbox.empty():
+        out.append(m.decode(pipeline._outbox.get_nowait()))
+    return out
+
+
+def delta(rid: str, token: int, finish: str | None = None) -> m.BatchTextOutput:
+    return m.BatchTextOutput([m.RequestDelta(rid, [token], ["x"], [0.0], [False], "x", finish, 0, 7, None)])
+
+
+def beat(process: str, boot: str) -> m.Heartbeat:
+    return m.Heartbeat(process, boot, 1, True)
+
+
+def request(rid: str) -> m.GenerateRequest:
+    return m.GenerateRequest(rid, "hi", None, m.SamplingParams(max_new_tokens=5, seed=3), 0.0)
+
+
+async def test_a_restarted_scheduler_gets_the_request_again_with_its_tokens(pipeline):
+    with submit(pipeline, [request("a")], route="/generate", client_id=None) as group:
+        pipeline._dispatch(beat("scheduler", "boot-1"))
+        pipeline._dispatch(m.PromptIds("a", [1, 2, 3]))
+        pipeline._dispatch(delta("a", 10))
+        pipeline._dispatch(delta("a", 11))
+        assert [type(msg).__name__ for msg in sent(pipeline)] == ["GenerateRequest"]
+
+        pipeline._dispatch(beat("worker-0", "w2"))  # a worker is the scheduler's business: no replay
+        pipeline._dispatch(beat("worker-0", "w3"))
+        assert sent(pipeline) == []
+        pipeline._dispatch(beat("scheduler", "boot-2"))
+        abort, replay = sent(pipeline)
+        assert abort == m.AbortRequest("a")
+        assert (replay.rid, replay.prompt_ids, replay.output_ids, replay.params.seed) == (
+            "a~1",
+            [1, 2, 3],
+            [10, 11],
+            3,
+        )
+
+        pipeline._dispatch(delta("a", 99))  # the old attempt's late token: dropped
+        pipeline._dispatch(delta("a~1", 12))
+        pipeline._dispatch(delta("a~1", 13, "length"))
+        await group.collect()
+    (job,) = group.jobs
+    assert job.token_ids == [10, 11, 12, 13] and job.finish_reason == "length"
+    assert sent(pipeline) == []  # it ended: nothing to abort
+
+
+async def test_a_request_replayed_too_often_fails_with_a_424(pipeline):
+    with submit(pipeline, [request("a")], route="/generate", client_id=None) as group:
+        for boot in range(MAX_REPLAYS + 2):
+            pipeline._dispatch(beat("detokenizer", f"boot-{boot}"))
+        with pytest.raises(RequestError) as failure:
+            await group.collect()
+    assert failure.value.status == 424 and "failed 4 times" in failure.value.error
+    assert sent(pipeline)[-1] == m.AbortRequest(f"a~{MAX_REPLAYS}")
+
+
+async def test_a_pipeline_that_does_not_heal_fails_its_requests_with_a_503(pipeline):
+    with submit(pipeline, [request("a")], route="/generate", client_id=None) as group:
+        pipeline.fail_stuck(61.0)
+        with pytest.raises(RequestError) as failure:
+            await group.collect()
+    assert (failure.value.status, failure.value.error_type) == (503, "unavailable")
