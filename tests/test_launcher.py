@@ -136,3 +136,16 @@ def test_a_shard_count_that_cannot_split_the_heads_is_refused_at_start():
     assert resolve("--num-shard", "2", "--max-batch-total-tokens", "9000").num_shard == 2
     with pytest.raises(ValueError, match="--num-shard 4 cannot split 9 heads over 3 KV heads"):
         resolve("--num-shard", "4", "--max-batch-total-tokens", "9000")
+
+
+def test_guard_flags_come_from_the_command_line_or_their_env_vars(monkeypatch):
+    plain = resolve("--max-batch-total-tokens", "9000")
+    assert (plain.api_key, plain.body_timeout, plain.shutdown_timeout) == (None, 10.0, 20.0)
+    monkeypatch.setenv("API_KEY", "k1")
+    monkeypatch.setenv("BODY_TIMEOUT", "2.5")
+    monkeypatch.setenv("SHUTDOWN_TIMEOUT", "7")
+    from_env = resolve("--max-batch-total-tokens", "9000")
+    assert (from_env.api_key, from_env.body_timeout, from_env.shutdown_timeout) == ("k1", 2.5, 7.0)
+    assert resolve("--max-batch-total-tokens", "9000", "--api-key", "k2").api_key == "k2"
+    with pytest.raises(ValueError, match="--body-timeout must be > 0"):
+        resolve("--max-batch-total-tokens", "9000", "--body-timeout", "0")

@@ -82,6 +82,34 @@ LAUNCH_FLAGS = [
     ),
     ("--master-addr", str, "localhost", "address of rank 0 for the ranks' process group (--num-shard > 1)"),
     ("--master-port", int, 29500, "port of rank 0 for the ranks' process group (--num-shard > 1)"),
+    (
+        "--watchdog-timeout",
+        float,
+        20.0,
+        "seconds a forward step may take (plus 5 ms per token in it) before the workers count as hung: "
+        "they are killed and restarted, and their requests recompute",
+    ),
+    (
+        "--recovery-timeout",
+        float,
+        60.0,
+        "seconds in-flight requests wait for a faulty pipeline to become healthy again before they fail "
+        "with 503",
+    ),
+    (
+        "--api-key",
+        str,
+        None,
+        "require the header 'Authorization: Bearer <key>' on every route but /health, /ping, GET / and "
+        "/metrics (401 otherwise)",
+    ),
+    ("--body-timeout", float, 10.0, "seconds a request body may take to arrive (408 after)"),
+    (
+        "--shutdown-timeout",
+        float,
+        20.0,
+        "on SIGTERM, seconds to wait for the requests in flight while /health and new requests get 503",
+    ),
 ]
 
 
@@ -153,6 +181,10 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
     config_cls, _ = architecture(hf_config)  # refuses an unsupported model before any process starts
     if args.num_shard < 1:
         raise ValueError("--num-shard must be at least 1")
+    if args.watchdog_timeout <= 0 or args.recovery_timeout <= 0:
+        raise ValueError("--watchdog-timeout and --recovery-timeout must be > 0")
+    if args.body_timeout <= 0 or args.shutdown_timeout < 0:
+        raise ValueError("--body-timeout must be > 0 and --shutdown-timeout >= 0")
     if args.num_shard > 1:  # refuse a head split the workers could not make (they would fail at load)
         model = config_cls.from_hf(hf_config)
         Shard(0, args.num_shard).heads(model.num_heads, model.num_kv_heads)
@@ -195,6 +227,11 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
         overlap_schedule=not args.disable_overlap_schedule,
         eos_token_ids=eos_token_ids(model_dir, hf_config),
         decoder_start_token_id=decoder_start(hf_config),
+        watchdog_timeout=args.watchdog_timeout,
+        recovery_timeout=args.recovery_timeout,
+        api_key=args.api_key or None,
+        body_timeout=args.body_timeout,
+        shutdown_timeout=args.shutdown_timeout,
     )
 
 
@@ -298,6 +335,8 @@ def run_supervisord(config: ServerConfig) -> int:
             RUNTIME_DIR_ENV: config.runtime_dir,
             "TGI_ZMQ_PYTHON": sys.executable,
             "TGI_ZMQ_NUM_SHARD": str(config.num_shard),
+            # supervisord stops the frontend first: let it drain before SIGKILL
+            "TGI_ZMQ_FRONTEND_STOPWAIT": str(int(config.shutdown_timeout) + 10),
         }
     )
     log.info(

@@ -44,6 +44,11 @@ class ServerConfig:
         None  # set for encoder-decoder models (T5): prompts go to the encoder
     )
     torch_threads: int = 0  # 0 = all cores
+    watchdog_timeout: float = 20.0  # a step's time bound before the workers count as hung (+5 ms/token)
+    recovery_timeout: float = 60.0  # how long requests wait for a faulty pipeline to heal
+    api_key: str | None = None  # when set, routes other than health and metrics need "Bearer <key>"
+    body_timeout: float = 10.0  # seconds to receive a request body (408 after)
+    shutdown_timeout: float = 20.0  # seconds a SIGTERM'd frontend waits for requests in flight
 
     @property
     def num_blocks(self) -> int:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -14,6 +16,7 @@ from tgi_zmq.config import ServerConfig
 from tgi_zmq.validation import RequestError
 
 from . import openai_routes, tgi_routes
+from .auth import require_api_key
 from .http import error_response, json_response
 from .jobs import tag
 from .metrics import CONTENT_TYPE_LATEST
@@ -23,7 +26,8 @@ from .streaming import log_failure
 log = logging.getLogger("tgi_zmq.frontend")
 
 KEEPALIVE_TIMEOUT_S = 75.0  # longer than the usual 60 s idle timeout of load balancers
-SHUTDOWN_TIMEOUT_S = 5.0  # graceful wait for in-flight requests on SIGTERM (then they are cancelled)
+CLOSE_TIMEOUT_S = 1.0  # after draining: wait for the handlers still running (then they are cancelled)
+DRAIN_POLL_S = 0.1
 LOG_FORMAT = "%(asctime)s %(levelname)s frontend %(message)s"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -37,7 +41,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except RequestError as exc:
         log_failure(tag(request["rid"], client_id_of(request)), exc)
-        return error_response(exc)
+        response = error_response(exc)
+        if exc.status == 408:  # as RFC 9110 asks: the rest of the body may never come
+            response.force_close()
+        return response
 
 
 async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
@@ -46,11 +53,29 @@ async def _echo_request_id(request: web.Request, response: web.StreamResponse) -
         response.headers["x-request-id"] = client_id
 
 
+def _shutting_down() -> RequestError:
+    return RequestError("the server is shutting down", error_type="unavailable", status=503)
+
+
 async def health(request: web.Request) -> web.Response:
-    """200 with an empty body iff every pipeline process is alive and ready."""
-    if frontend(request).health.healthy():
+    """200 with an empty body iff every pipeline process is alive and ready and we are not draining."""
+    fe = frontend(request)
+    if fe.draining:
+        return error_response(_shutting_down())
+    if fe.health.healthy():
         return web.Response(status=200)
     return error_response(RequestError("unhealthy", error_type="healthcheck", status=503))
+
+
+def _refused_when_draining(handler: Handler) -> Handler:
+    """A route that sends work down the pipeline: 503 once the server drains, before the body is read."""
+
+    async def refused_when_draining(request: web.Request) -> web.StreamResponse:
+        if frontend(request).draining:
+            raise _shutting_down()
+        return await handler(request)
+
+    return refused_when_draining
 
 
 def _counted(handler: Handler) -> Handler:
@@ -61,6 +86,11 @@ def _counted(handler: Handler) -> Handler:
             return await handler(request)
 
     return counted
+
+
+def _generation(handler: Handler) -> Handler:
+    """A generation route: refused while draining, else counted in ``tgi_request_count``."""
+    return _refused_when_draining(_counted(handler))
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -105,21 +135,22 @@ async def _run_pipeline(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(config: ServerConfig) -> web.Application:
     """The application; its pipeline sockets open on startup and close on cleanup."""
-    app = web.Application(middlewares=[_errors], client_max_size=config.payload_limit)
+    middlewares = [_errors] + ([require_api_key(config.api_key)] if config.api_key else [])
+    app = web.Application(middlewares=middlewares, client_max_size=config.payload_limit)
     app[FRONTEND] = Frontend.create(config)
     app.cleanup_ctx.append(_run_pipeline)
     app.on_response_prepare.append(_echo_request_id)
     app.router.add_get("/", health)
-    app.router.add_post("/", _counted(tgi_routes.compat_generate))
+    app.router.add_post("/", _generation(tgi_routes.compat_generate))
     app.router.add_get("/health", health)
     app.router.add_get("/ping", health)
     app.router.add_get("/info", info)
     app.router.add_get("/metrics", metrics)
-    app.router.add_post("/generate", _counted(tgi_routes.generate))
-    app.router.add_post("/generate_stream", _counted(tgi_routes.generate_stream))
-    app.router.add_post("/tokenize", tgi_routes.tokenize)
-    app.router.add_post("/v1/chat/completions", _counted(openai_routes.chat_completions))
-    app.router.add_post("/v1/completions", _counted(openai_routes.completions))
+    app.router.add_post("/generate", _generation(tgi_routes.generate))
+    app.router.add_post("/generate_stream", _generation(tgi_routes.generate_stream))
+    app.router.add_post("/tokenize", _refused_when_draining(tgi_routes.tokenize))
+    app.router.add_post("/v1/chat/completions", _generation(openai_routes.chat_completions))
+    app.router.add_post("/v1/completions", _generation(openai_routes.completions))
     app.router.add_get("/v1/models", openai_routes.models)
     return app
 
@@ -128,15 +159,47 @@ def main() -> None:
     """Entry point of the frontend process (config from ``$TGI_ZMQ_RUNTIME_DIR``)."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     prometheus_client.disable_created_metrics()  # TGI exposes no *_created series
-    config = ServerConfig.load()
-    web.run_app(
-        create_app(config),
-        host=config.hostname,
-        port=config.port,
-        loop=uvloop.new_event_loop(),
+    uvloop.run(serve(ServerConfig.load()))
+
+
+async def serve(config: ServerConfig) -> None:
+    """Serve until SIGTERM or SIGINT, drain, then close the listener, the connections and the pipeline."""
+    app = create_app(config)
+    runner = web.AppRunner(
+        app,
         handler_cancellation=True,
         keepalive_timeout=KEEPALIVE_TIMEOUT_S,
-        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
         access_log=None,
-        print=None,
+        shutdown_timeout=CLOSE_TIMEOUT_S,
     )
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, config.hostname, config.port).start()
+        await _signalled()
+        await drain(app[FRONTEND])
+    finally:
+        await runner.cleanup()
+
+
+async def _signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def drain(fe: Frontend) -> None:
+    """Refuse new work (503) with the listener still open, so that a load balancer sees /health fail
+    instead of connections refused, until the requests in flight finish or ``--shutdown-timeout``."""
+    fe.draining = True
+    timeout = fe.config.shutdown_timeout
+    log.info("draining: %d requests in flight, waiting up to %g s", fe.admission.in_flight, timeout)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while fe.admission.in_flight and loop.time() < deadline:
+        await asyncio.sleep(DRAIN_POLL_S)
+    if fe.admission.in_flight:
+        log.warning("drain timed out: cancelling %d requests in flight", fe.admission.in_flight)
+    else:
+        log.info("drained: no request in flight, stopping")

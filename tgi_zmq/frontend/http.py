@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 from aiohttp import web
 
 from tgi_zmq.validation import RequestError, ValidationError
+
+from .state import frontend
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -35,14 +38,21 @@ def _reject_constant(name: str) -> Any:
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object: 413 over the payload limit, 400 if not JSON, 422 if not an object."""
+    """The body as a JSON object: 413 over the payload limit, 408 if it takes longer than
+    ``--body-timeout`` to arrive, 400 if not JSON, 422 if not an object."""
     limit = request.client_max_size
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(request.content_length, limit)
+    timeout = frontend(request).config.body_timeout
     try:
-        raw = await request.read()
+        async with asyncio.timeout(timeout):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(None, limit) from None
+    except TimeoutError:
+        raise RequestError(
+            f"Request body not received within {timeout:g} s", error_type="request_timeout", status=408
+        ) from None
     try:
         body = json.loads(raw, parse_constant=_reject_constant)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors

@@ -27,6 +27,7 @@ class Frontend:
     health: Health
     pipeline: Pipeline
     admission: Admission
+    draining: bool = False  # set on SIGTERM: /health and new work get 503 until the process exits
 
     @classmethod
     def create(cls, config: ServerConfig) -> Frontend:
