@@ -113,8 +113,13 @@ class SchedulerProcess:
         return len(self.worker_boots) == self.config.num_shard
 
     def live(self) -> bool:
-        """Ready and making progress (the heartbeat's readiness: /health is 503 otherwise)."""
-        return self.ready and not (self.inflight and time.perf_counter() > self.deadline(self.inflight[0]))
+        """Ready and making progress (the heartbeat's readiness: /health is 503 otherwise).
+        Called from the heartbeat thread, so it reads the queue's head once."""
+        try:
+            head = self.inflight[0]
+        except IndexError:
+            return self.ready
+        return self.ready and time.perf_counter() <= self.deadline(head)
 
     def deadline(self, step: InFlight) -> float:
         """When the watchdog gives up on ``step``: its bound grows with its size, from the moment

@@ -78,6 +78,17 @@ def stop_service(service: Service) -> None:
         raise
 
 
+def pids(service: Service, name: str) -> list[int]:
+    """Pids of this service's pipeline processes whose command line has ``processes/<name>``."""
+    (supervisord,) = children(service.process.pid)
+    return children(supervisord, f"processes/{name}")
+
+
+def children(pid: int, pattern: str = ".") -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid), "-f", pattern], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
 @pytest.fixture(scope="session")
 def service(tmp_path_factory) -> Service:
     """One float32 service shared by the end-to-end tests (float32: exact against transformers)."""
