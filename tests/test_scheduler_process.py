@@ -14,7 +14,7 @@ spec.loader.exec_module(scheduler_process)
 def test_clients_never_see_source_paths_of_a_worker_error():
     gloo = (
         "RuntimeError: [/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
-        "[127.0.0.1]:41234\nException raised from recvFromPeer at /pytorch/torch/csrc/distributed/c10d/x.cpp:99"
+        "[127.0.0.1]:41234\nException raised from recvFromPeer at /pytorch/torch/csrc/c10d/x.cpp:99"
     )
     reason = scheduler_process.public_reason(gloo)
     assert "/" not in reason and ".cc" not in reason and "\n" not in reason

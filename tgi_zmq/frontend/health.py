@@ -31,7 +31,12 @@ class _Peer:
 
 
 class Health:
-    """Who is alive and ready; reports restarts and processes gone silent (once each)."""
+    """Who is alive and ready; reports restarts and processes gone silent (once each).
+
+    A heartbeat only goes silent after ``timeout``; a process that dies closes its sockets at once,
+    though. ``peer_lost`` (a connection to the frontend closed) starts a roll call: /health stays 503
+    until every process has beaten again since, which the living ones do within half a second.
+    """
 
     def __init__(
         self,
@@ -44,6 +49,12 @@ class Health:
         self.timeout = timeout
         self._clock = clock
         self._peers: dict[str, _Peer] = {}
+        self._roll_call: float | None = None  # when a connection closed; None when all beat since
+
+    def peer_lost(self) -> None:
+        if self._roll_call is None:
+            log.warning("a pipeline process closed its connection: waiting for every heartbeat")
+        self._roll_call = self._clock()
 
     def observe(self, beat: Heartbeat) -> str | None:
         """Record a heartbeat; return the process's name if it restarted (a new boot id)."""
@@ -74,9 +85,15 @@ class Health:
         return silent
 
     def healthy(self) -> bool:
-        """Every expected process sent a ready heartbeat within the timeout."""
+        """Every expected process sent a ready heartbeat within the timeout (and since the roll call)."""
         now = self._clock()
-        return all(self._alive_and_ready(self._peers.get(name), now) for name in self.expected)
+        if not all(self._alive_and_ready(self._peers.get(name), now) for name in self.expected):
+            return False
+        if self._roll_call is not None:
+            if any(self._peers[name].last_seen < self._roll_call for name in self.expected):
+                return False
+            self._roll_call = None
+        return True
 
     def _alive_and_ready(self, peer: _Peer | None, now: float) -> bool:
         return peer is not None and peer.ready and now - peer.last_seen <= self.timeout

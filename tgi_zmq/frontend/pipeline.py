@@ -138,7 +138,9 @@ class Pipeline:
         pull.setsockopt(zmq.LINGER, 0)
         pull.setsockopt(zmq.RCVHWM, 0)
         pull.bind(self.config.endpoint("frontend"))
+        peers = pull.get_monitor_socket(zmq.EVENT_DISCONNECTED)  # every process connects to ``pull``
         self._tasks = [
+            asyncio.create_task(self._watch_peers(peers), name="frontend-peers"),
             asyncio.create_task(self._send_loop(push), name="frontend-sender"),
             asyncio.create_task(self._read_loop(pull), name="frontend-reader"),
             asyncio.create_task(self._monitor_loop(), name="frontend-health"),
@@ -261,6 +263,11 @@ class Pipeline:
         elif (box := self._boxes.get(msg.rid)) is not None:  # ErrorOutput, TokenizeResult
             box.ended = True
             box.put(msg)
+
+    async def _watch_peers(self, monitor: zmq.asyncio.Socket) -> None:
+        while True:
+            await monitor.recv_multipart()
+            self.health.peer_lost()
 
     async def _monitor_loop(self) -> None:
         """Note processes gone silent; fail every request when the pipeline stays unhealthy too long."""
