@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from tests.conftest import free_port, pids, start_service, stop_service
+from tgi_zmq.frontend.health import HUNG_AFTER_S
 
 pytestmark = pytest.mark.e2e
 
@@ -70,9 +71,9 @@ class Stream(threading.Thread):
             self.error = repr(exc)
 
 
-def run_load(service, fault=None) -> list[list[int]]:
+def run_load(service, fault=None, healed_within: float = HEALED_WITHIN_S) -> list[list[int]]:
     """Stream every prompt at once; once each stream has some tokens, call ``fault()`` and check that
-    /health is 200 again within ``HEALED_WITHIN_S``. Returns each request's tokens."""
+    /health is 200 again within ``healed_within`` seconds. Returns each request's tokens."""
     streams = [Stream(service, i) for i in range(len(PROMPTS))]
     if fault is not None:
         wait_until(lambda: all(len(s.tokens) >= 4 or s.error for s in streams), 60, "streams started")
@@ -80,7 +81,7 @@ def run_load(service, fault=None) -> list[list[int]]:
         faulted = time.time()
         fault()
         wait_until(lambda: health(service) != 200, 5, "/health noticed the fault")
-        wait_until(lambda: health(service) == 200, faulted + HEALED_WITHIN_S - time.time(), "healed")
+        wait_until(lambda: health(service) == 200, faulted + healed_within - time.time(), "healed")
     for stream in streams:
         stream.join(timeout=180)
     errors = [s.error for s in streams if s.error]
@@ -148,6 +149,16 @@ def test_a_hung_worker_is_killed_by_the_watchdog_and_its_requests_complete(fault
     assert run_load(faulty, kill(faulty, "worker", signal.SIGSTOP)) == reference
     assert not os.path.exists(f"/proc/{worker}")
     assert "watchdog: step" in faulty.log()
+
+
+def test_a_hung_scheduler_is_killed_by_the_frontend_and_its_requests_complete(faulty, reference):
+    (scheduler,) = pids(faulty, "scheduler")
+    assert (
+        run_load(faulty, kill(faulty, "scheduler", signal.SIGSTOP), healed_within=HUNG_AFTER_S + 10)
+        == reference
+    )
+    assert not os.path.exists(f"/proc/{scheduler}")
+    assert "sent no heartbeat for" in faulty.log()
 
 
 def test_overload_gets_429s_and_answers_but_no_5xx(faulty):

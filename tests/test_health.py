@@ -1,6 +1,6 @@
 """Liveness from heartbeats (pure, with a fake clock)."""
 
-from tgi_zmq.frontend.health import Health
+from tgi_zmq.frontend.health import HUNG_AFTER_S, Health
 from tgi_zmq.messages import Heartbeat
 
 
@@ -39,3 +39,16 @@ def test_silence_is_unhealthy_after_the_timeout():
     clock.now += 0.2
     assert not health.healthy() and health.newly_silent() == ["worker-0"]
     assert health.newly_silent() == []  # reported once
+
+
+def test_a_process_silent_for_long_is_reported_hung_once():
+    clock = Clock()
+    health = Health(("scheduler", "tokenizer"), clock=clock)
+    health.observe(Heartbeat("scheduler", "b1", 41, True))
+    health.observe(Heartbeat("tokenizer", "b1", 42, True))
+    clock.now += HUNG_AFTER_S - 1
+    health.observe(Heartbeat("tokenizer", "b1", 42, True))
+    assert health.hung() == []
+    clock.now += 2
+    assert health.hung() == [("scheduler", 41)]
+    assert health.hung() == []  # its replacement will beat with a new boot id

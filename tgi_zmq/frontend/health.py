@@ -13,6 +13,7 @@ from tgi_zmq.messages import Heartbeat
 log = logging.getLogger("tgi_zmq.frontend")
 
 HEARTBEAT_TIMEOUT_S = 3.0
+HUNG_AFTER_S = 10.0  # a process silent this long is stopped or deadlocked: it is killed and replaced
 
 
 def expected_processes(config: ServerConfig) -> tuple[str, ...]:
@@ -28,6 +29,7 @@ class _Peer:
     ready: bool
     last_seen: float
     silent: bool = False
+    killed: bool = False
 
 
 class Health:
@@ -83,6 +85,16 @@ class Health:
                 log.warning("%s stopped responding (no heartbeat for %.1f s)", name, now - peer.last_seen)
                 silent.append(name)
         return silent
+
+    def hung(self) -> list[tuple[str, int]]:
+        """(name, pid) of the expected processes silent for ``HUNG_AFTER_S`` (each reported once)."""
+        now, hung = self._clock(), []
+        for name in self.expected:
+            peer = self._peers.get(name)
+            if peer is not None and not peer.killed and now - peer.last_seen > HUNG_AFTER_S:
+                peer.killed = True
+                hung.append((name, peer.pid))
+        return hung
 
     def healthy(self) -> bool:
         """Every expected process sent a ready heartbeat within the timeout (and since the roll call)."""

@@ -22,6 +22,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
+import signal
 import time
 from typing import Any
 
@@ -46,7 +48,7 @@ from tgi_zmq.messages import (
 from tgi_zmq.runtime import BOOT_ID
 from tgi_zmq.validation import VALIDATION_PREFIX, RequestError
 
-from .health import Health
+from .health import HUNG_AFTER_S, Health
 from .metrics import Metrics
 
 log = logging.getLogger("tgi_zmq.frontend")
@@ -270,10 +272,15 @@ class Pipeline:
             self.health.peer_lost()
 
     async def _monitor_loop(self) -> None:
-        """Note processes gone silent; fail every request when the pipeline stays unhealthy too long."""
+        """Note processes gone silent, kill hung ones (supervisord replaces them, and their
+        requests replay); fail every request when the pipeline stays unhealthy too long."""
         while True:
             await asyncio.sleep(MONITOR_PERIOD_S)
             self.health.newly_silent()
+            for name, pid in self.health.hung():
+                log.error("%s (pid %d) sent no heartbeat for %.0fs: killing it", name, pid, HUNG_AFTER_S)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             now = time.monotonic()
             if self.health.healthy():
                 self._unhealthy_since = None
