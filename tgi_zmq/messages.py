@@ -20,7 +20,7 @@ from typing import Any, TypeVar, Union
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: boot ids on steps, replays (prompt and output ids)
 
 _REGISTRY: dict[int, type] = {}
 T = TypeVar("T")
