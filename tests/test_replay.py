@@ -69,6 +69,10 @@ async def test_a_restarted_scheduler_gets_the_request_again_with_its_tokens(pipe
     (job,) = group.jobs
     assert job.token_ids == [10, 11, 12, 13] and job.finish_reason == "length"
     assert sent(pipeline) == []  # it ended: nothing to abort
+    metrics = pipeline.metrics.render().decode()
+    assert "tgi_request_replays_total 1.0" in metrics
+    assert 'tgi_process_restarts_total{process="scheduler"} 1.0' in metrics
+    assert 'tgi_process_restarts_total{process="worker-0"} 1.0' in metrics  # its first beat is no restart
 
 
 async def test_a_request_replayed_too_often_fails_with_a_424(pipeline):

@@ -134,6 +134,12 @@ class Metrics:
         self.preemptions = Counter(
             "tgi_preemptions_total", "Requests preempted to free KV blocks", registry=r
         )
+        self.process_restarts = Counter(
+            "tgi_process_restarts_total", "Pipeline processes seen restarting", ["process"], registry=r
+        )
+        self.request_replays = Counter(
+            "tgi_request_replays_total", "Requests sent down the pipeline again after a fault", registry=r
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition (content type ``CONTENT_TYPE_LATEST``)."""

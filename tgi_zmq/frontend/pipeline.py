@@ -219,6 +219,7 @@ class Pipeline:
             del self._boxes[box.rid]
             self.post(box.replayed())
             self._boxes[box.rid] = box
+            self.metrics.request_replays.inc()
             log.info("rid=%s replayed as %s after %d tokens", box.request.rid, box.rid, len(box.output_ids))
 
     # ------------------------------------------------------------------ background tasks
@@ -254,6 +255,8 @@ class Pipeline:
                     box.put(delta)
         elif isinstance(msg, Heartbeat):
             restarted = self.health.observe(msg)
+            if restarted is not None:
+                self.metrics.process_restarts.labels(process=restarted).inc()
             if restarted in STATEFUL:
                 self.replay_all(f"{restarted} restarted")
         elif isinstance(msg, SchedulerStats):
