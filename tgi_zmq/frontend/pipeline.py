@@ -127,10 +127,6 @@ class Pipeline:
         self._tasks: list[asyncio.Task] = []
         self._unhealthy_since: float | None = None
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._boxes)
-
     async def start(self) -> None:
         self._ctx = zmq.asyncio.Context()
         push = self._ctx.socket(zmq.PUSH)
