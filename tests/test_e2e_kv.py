@@ -31,38 +31,28 @@ def wait_for_metric(service, name: str, predicate, timeout: float = 10) -> float
         time.sleep(0.3)
 
 
-def ttft(service, prompt: str) -> float:
-    """Seconds to the first streamed token."""
-    body = {"inputs": prompt, "parameters": {"max_new_tokens": 2}}
-    start = time.perf_counter()
-    with requests.post(service.url + "/generate_stream", json=body, stream=True, timeout=120) as response:
-        for line in response.iter_lines():
-            if line.startswith(b"data:"):
-                return time.perf_counter() - start
-    raise AssertionError("no token streamed")
+def generate(service, prompt: str, max_new_tokens: int) -> list[int]:
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens, "details": True}}
+    response = requests.post(service.url + "/generate", json=body, timeout=300)
+    assert response.status_code == 200, response.text
+    return [t["id"] for t in response.json()["details"]["tokens"]]
 
 
-def test_shared_prefix_is_reused_and_faster(service):
+def test_shared_prefix_is_reused(service):
+    """The second prompt's shared prefix comes from the cache (how much faster that is: scripts/bench
+    --scenario prefix, docs/benchmarks/issue3-prefix.json; tests time nothing)."""
     rng = random.Random(0)
     words = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega".split()
     system = " ".join(rng.choice(words) for _ in range(1100))
     system_tokens = len(requests.post(service.url + "/tokenize", json={"inputs": system}, timeout=10).json())
     assert system_tokens > 1000
     hits_before = metrics(service).get("tgi_prefix_cache_hit_tokens_total", 0.0)
-    cold = ttft(service, system + "\nQuestion one?")
-    warm = ttft(service, system + "\nSecond question?")
+    generate(service, system + "\nQuestion one?", 2)
+    generate(service, system + "\nSecond question?", 2)
     hits = (
         wait_for_metric(service, "tgi_prefix_cache_hit_tokens_total", lambda v: v > hits_before) - hits_before
     )
     assert hits >= system_tokens - 16, (hits, system_tokens)  # whole 16-token blocks
-    assert warm < 0.5 * cold, (cold, warm)
-
-
-def generate(service, prompt: str, max_new_tokens: int) -> list[int]:
-    body = {"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens, "details": True}}
-    response = requests.post(service.url + "/generate", json=body, timeout=300)
-    assert response.status_code == 200, response.text
-    return [t["id"] for t in response.json()["details"]["tokens"]]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +70,7 @@ def small_kv(tmp_path_factory):
         "32",
     )
     yield svc
-    stop_service(svc)
+    stop_service(svc, wait=False)
 
 
 def test_preemption_keeps_outputs_equal_to_solo(small_kv):

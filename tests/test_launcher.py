@@ -2,12 +2,14 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 
 import pytest
 
 from tgi_zmq import cli
+from tgi_zmq.config import DEFAULT_PREFILL_TOKENS, ServerConfig
 from tgi_zmq.convert import default_model_dir
 from tgi_zmq.memory import kv_bytes_per_token, weights_bytes
 
@@ -149,3 +151,38 @@ def test_guard_flags_come_from_the_command_line_or_their_env_vars(monkeypatch):
     assert resolve("--max-batch-total-tokens", "9000", "--api-key", "k2").api_key == "k2"
     with pytest.raises(ValueError, match="--body-timeout must be > 0"):
         resolve("--max-batch-total-tokens", "9000", "--body-timeout", "0")
+
+
+def test_flag_defaults_are_the_config_defaults():
+    config = resolve("--max-batch-total-tokens", "9000")
+    defaults = ServerConfig(model_id="m", served_model_name="m", runtime_dir="/tmp/unused")
+    fields = "port hostname max_concurrent_requests payload_limit master_port torch_threads api_key"
+    for field in fields.split():
+        assert getattr(config, field) == getattr(defaults, field), field
+    assert config.enable_prefix_caching and config.overlap_schedule
+    assert config.max_batch_prefill_tokens == DEFAULT_PREFILL_TOKENS["cpu"]
+
+
+@pytest.mark.parametrize("value", ["1", "true", "TRUE"])
+def test_switches_come_from_the_command_line_or_their_env_vars(monkeypatch, value):
+    flags = ("--max-batch-total-tokens", "9000")
+    assert not resolve(*flags, "--disable-prefix-caching").enable_prefix_caching
+    assert not resolve(*flags, "--disable-overlap-schedule").overlap_schedule
+    monkeypatch.setenv("DISABLE_PREFIX_CACHING", value)
+    monkeypatch.setenv("DISABLE_OVERLAP_SCHEDULE", value)
+    from_env = resolve(*flags)
+    assert not from_env.enable_prefix_caching and not from_env.overlap_schedule
+    monkeypatch.setenv("DISABLE_PREFIX_CACHING", "0")
+    assert resolve(*flags).enable_prefix_caching
+
+
+def test_torch_threads_per_worker(monkeypatch):
+    flags = ("--max-batch-total-tokens", "9000")
+    assert resolve(*flags, "--torch-threads", "3").worker_threads == 3
+    monkeypatch.setenv("TORCH_THREADS", "2")
+    assert resolve(*flags).torch_threads == 2
+    monkeypatch.delenv("TORCH_THREADS")
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert resolve(*flags, "--num-shard", "2").worker_threads == 4
+    with pytest.raises(ValueError, match="--torch-threads must be >= 0"):
+        resolve(*flags, "--torch-threads", "-1")

@@ -13,18 +13,38 @@ import os
 from pathlib import Path
 
 RUNTIME_DIR_ENV = "TGI_ZMQ_RUNTIME_DIR"
-PROCESSES = ("frontend", "tokenizer", "scheduler", "detokenizer")
+
+# Timing the processes must agree on, in one place.
+HEARTBEAT_SECONDS = 0.5  # every pipeline process -> frontend
+HEARTBEAT_TIMEOUT_S = 3.0  # the frontend counts a process down after this much silence
+HUNG_AFTER_S = 10.0  # ... and kills it after this much (stopped or deadlocked)
+MONITOR_PERIOD_S = 0.5  # how often the frontend checks for silent processes
+STATS_PERIOD_S = 0.5  # scheduler -> frontend statistics
+POLL_MS = 100  # an idle process loop wakes at least this often
+WORKER_ANNOUNCE_MS = 1000  # an idle worker says again that it is ready
+RING_SLOTS = 4  # shared-memory buffers per producer: more than the steps in flight
+RESULT_BUFFER_BYTES = 1 << 20  # one step's sampled ids and logprobs
+
+# Launcher defaults that depend on the device it finds ("cpu" or "cuda").
+# Tokens per forward step: on a CPU a 4096-token step stalls every running stream for seconds.
+DEFAULT_PREFILL_TOKENS = {"cpu": 512, "cuda": 4096}
+# Share of the free memory the KV cache takes: of available RAM (mapped lazily), of free GPU memory.
+DEFAULT_MEMORY_FRACTION = {"cpu": 0.3, "cuda": 0.9}
 
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
+    """Everything the processes share. The field defaults are also the launcher's flag defaults
+    (``cli.LAUNCH_FLAGS``); fields the launcher derives from the model and the machine say so."""
+
     model_id: str  # local folder with config.json, tokenizer files and *.safetensors
     served_model_name: str
     runtime_dir: str
     hostname: str = "0.0.0.0"
     port: int = 8080
-    dtype: str = "float32"  # resolved: float32 | bfloat16 | float16
+    dtype: str = "float32"  # resolved from --dtype: one of dtypes.SERVED
     device: str = "cpu"
+    # The launcher derives these four from the model, the device and the memory.
     max_input_tokens: int = 4095
     max_total_tokens: int = 4096
     max_batch_prefill_tokens: int = 4096
@@ -40,15 +60,19 @@ class ServerConfig:
     enable_prefix_caching: bool = True
     overlap_schedule: bool = True
     eos_token_ids: tuple[int, ...] = ()
-    decoder_start_token_id: int | None = (
-        None  # set for encoder-decoder models (T5): prompts go to the encoder
-    )
-    torch_threads: int = 0  # 0 = all cores
+    # Set for encoder-decoder models (T5): prompts go to the encoder.
+    decoder_start_token_id: int | None = None
+    torch_threads: int = 0  # per worker; 0: see worker_threads
     watchdog_timeout: float = 20.0  # a step's time bound before the workers count as hung (+5 ms/token)
     recovery_timeout: float = 60.0  # how long requests wait for a faulty pipeline to heal
     api_key: str | None = None  # when set, routes other than health and metrics need "Bearer <key>"
     body_timeout: float = 10.0  # seconds to receive a request body (408 after)
     shutdown_timeout: float = 20.0  # seconds a SIGTERM'd frontend waits for requests in flight
+
+    @property
+    def worker_threads(self) -> int:
+        """torch threads per worker: ``torch_threads``, else the cores shared out over the ranks."""
+        return self.torch_threads or max(1, (os.cpu_count() or 1) // self.num_shard)
 
     @property
     def num_blocks(self) -> int:

