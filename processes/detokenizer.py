@@ -1,10 +1,13 @@
-"""Detokenizer process: token ids -> incremental text, stop sequences, deltas to the frontend.
+"""Detokenizer process: the socket loop around ``tgi_zmq.detokenizer`` (incremental text, stops).
 
 scheduler --BatchTokenOutput/AbortRequest/FrontendStarted--> [detokenizer] --BatchTextOutput--> frontend
                                                            --StopRequest--> scheduler
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 
@@ -16,6 +19,39 @@ from tgi_zmq.runtime import exit_on_sigterm, pull, push, setup_logging, start_he
 log = setup_logging("detokenizer")
 
 
+class DetokenizerProcess:
+    """The sockets and a ``{message type: handler}`` table."""
+
+    def __init__(self, config: ServerConfig, tokenizer: Any) -> None:
+        self.detok = BatchDetokenizer(tokenizer)
+        ctx = zmq.Context.instance()
+        self.inbox = pull(ctx, config.endpoint("detokenizer"))
+        self.to_frontend = push(ctx, config.endpoint("frontend"))
+        self.to_scheduler = push(ctx, config.endpoint("scheduler"))
+        self.handlers: dict[type, Callable[[Any], None]] = {
+            m.BatchTokenOutput: self.tokens,
+            m.AbortRequest: lambda msg: self.detok.forget(msg.rid),
+            m.FrontendStarted: lambda msg: self.detok.forget_all(),
+        }
+
+    def run(self) -> None:
+        accepted = tuple(self.handlers)
+        while True:
+            try:
+                msg = m.decode(self.inbox.recv(), accepted)
+            except m.ProtocolError as exc:
+                log.error("dropped a bad frame: %s", exc)
+                continue
+            self.handlers[type(msg)](msg)
+
+    def tokens(self, out: m.BatchTokenOutput) -> None:
+        text_out, stopped = self.detok.process(out)
+        for rid in stopped:
+            self.to_scheduler.send(m.encode(m.StopRequest(rid)))
+        if text_out.deltas:
+            self.to_frontend.send(m.encode(text_out))
+
+
 def main() -> None:
     exit_on_sigterm()
     config = ServerConfig.load()
@@ -23,30 +59,10 @@ def main() -> None:
     start_heartbeat(config, "detokenizer", lambda: loaded)
     from transformers import AutoTokenizer
 
-    detok = BatchDetokenizer(AutoTokenizer.from_pretrained(config.model_id))
-    ctx = zmq.Context.instance()
-    inbox = pull(ctx, config.endpoint("detokenizer"))
-    to_frontend = push(ctx, config.endpoint("frontend"))
-    to_scheduler = push(ctx, config.endpoint("scheduler"))
+    process = DetokenizerProcess(config, AutoTokenizer.from_pretrained(config.model_id))
     loaded = True
     log.info("ready")
-    while True:
-        try:
-            msg = m.decode(inbox.recv(), (m.BatchTokenOutput, m.AbortRequest, m.FrontendStarted))
-        except m.ProtocolError as exc:
-            log.error("dropped a bad frame: %s", exc)
-            continue
-        if isinstance(msg, m.AbortRequest):
-            detok.forget(msg.rid)
-            continue
-        if isinstance(msg, m.FrontendStarted):
-            detok.forget_all()
-            continue
-        text_out, stopped = detok.process(msg)
-        for rid in stopped:
-            to_scheduler.send(m.encode(m.StopRequest(rid)))
-        if text_out.deltas:
-            to_frontend.send(m.encode(text_out))
+    process.run()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from transformers import AutoTokenizer
 
 from tgi_zmq import messages as m
 from tgi_zmq.convert import default_model_dir
-from tgi_zmq.detokenizer import BatchDetokenizer, DecodeState, IncrementalDetokenizer
+from tgi_zmq.detokenizer import PROMPT_TAIL, BatchDetokenizer, DecodeState, IncrementalDetokenizer
 
 
 @pytest.fixture(scope="module")
@@ -67,26 +67,37 @@ def test_stop_sequence_split_over_tokens():
 def test_batch_detokenizer_streams_deltas_and_drops_late_tokens(tokenizer):
     batch = BatchDetokenizer(tokenizer)
     ids = tokenizer(" one two three", add_special_tokens=False)["input_ids"]
-    info = m.DetokRequestInfo("r", [], 4, ["two"], 5)
+    info = m.DetokRequestInfo("r", [], 4, ["two"])
     out, stopped = batch.process(m.BatchTokenOutput([info], ["r"], [ids[0]], [-0.5], [None]))
-    assert out.deltas[0].text == " one" and out.deltas[0].prompt_tokens == 4 and out.deltas[0].seed == 5
+    assert out.deltas[0].text == " one" and out.deltas[0].prompt_tokens == 4
     out, stopped = batch.process(m.BatchTokenOutput([], ["r"], [ids[1]], [-0.5], [None]))
     assert stopped == ["r"] and out.deltas[0].finish_reason == "stop_sequence"
     out, _ = batch.process(m.BatchTokenOutput([], ["r"], [ids[2]], [-0.5], [None]))
     assert out.deltas == []  # the scheduler may still send a token or two: ignored
 
 
+def test_the_whole_prompt_comes_and_only_its_tail_is_kept(tokenizer):
+    """The scheduler sends the whole prompt: the detokenizer alone decides how much context it keeps."""
+    prompt = tokenizer("A long prompt, " * 20)["input_ids"]
+    (token,) = tokenizer(" yes", add_special_tokens=False)["input_ids"]
+    batch = BatchDetokenizer(tokenizer)
+    info = m.DetokRequestInfo("r", prompt, len(prompt), [])
+    out, _ = batch.process(m.BatchTokenOutput([info], ["r"], [token], [0.0], [None]))
+    assert batch.states["r"].ids == prompt[-PROMPT_TAIL:] + [token]
+    assert out.deltas[0].text == " yes" and out.deltas[0].prompt_tokens == len(prompt)
+
+
 def test_a_replayed_request_decodes_on_as_if_never_interrupted(tokenizer):
     """A replay's first delta continues the text (spacing, stop sequences) of the tokens it had."""
     ids = tokenizer(" the cat sat on the mat and then it sat", add_special_tokens=False)["input_ids"]
     whole = BatchDetokenizer(tokenizer)
-    first = m.DetokRequestInfo("r", [1], 4, ["sat on"], None)
+    first = m.DetokRequestInfo("r", [1], 4, ["sat on"])
     texts = [
         whole.process(m.BatchTokenOutput([first] if i == 0 else [], ["r"], [t], [0.0], [None]))[0]
         for i, t in enumerate(ids)
     ]
     replay = BatchDetokenizer(tokenizer)
-    info = m.DetokRequestInfo("r~1", [1], 4, ["sat on"], None, ids[:2])
+    info = m.DetokRequestInfo("r~1", [1], 4, ["sat on"], ids[:2])
     out, stopped = replay.process(m.BatchTokenOutput([info], ["r~1"], [ids[2]], [0.0], [None]))
     assert out.deltas[0].text == texts[2].deltas[0].text and out.deltas[0].generated_tokens == 3
     out, stopped = replay.process(m.BatchTokenOutput([], ["r~1"], [ids[3]], [0.0], [None]))

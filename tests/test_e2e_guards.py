@@ -55,7 +55,7 @@ def guarded(tmp_path_factory) -> Service:
     )
     yield svc
     if svc.process.poll() is None:  # the last test stops it itself
-        stop_service(svc)
+        stop_service(svc, wait=False)
 
 
 # ---------------------------------------------------------------------------- --api-key

@@ -12,9 +12,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from tgi_zmq.config import ServerConfig
 from tgi_zmq.frontend import create_app
-from tgi_zmq.frontend.app import drain
+from tgi_zmq.frontend.app import FRONTEND, drain
 from tgi_zmq.frontend.auth import authorized
-from tgi_zmq.frontend.state import FRONTEND
 
 KEY = "secret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

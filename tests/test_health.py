@@ -1,6 +1,7 @@
 """Liveness from heartbeats (pure, with a fake clock)."""
 
-from tgi_zmq.frontend.health import HUNG_AFTER_S, Health
+from tgi_zmq.config import HUNG_AFTER_S
+from tgi_zmq.frontend.health import Health
 from tgi_zmq.messages import Heartbeat
 
 

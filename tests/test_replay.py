@@ -30,7 +30,7 @@ def sent(pipeline: Pipeline) -> list:
 
 
 def delta(rid: str, token: int, finish: str | None = None) -> m.BatchTextOutput:
-    return m.BatchTextOutput([m.RequestDelta(rid, [token], ["x"], [0.0], [False], "x", finish, 0, 7, None)])
+    return m.BatchTextOutput([m.RequestDelta(rid, [token], ["x"], [0.0], [False], "x", finish, 0, 7)])
 
 
 def beat(process: str, boot: str) -> m.Heartbeat:
@@ -38,13 +38,13 @@ def beat(process: str, boot: str) -> m.Heartbeat:
 
 
 def request(rid: str) -> m.GenerateRequest:
-    return m.GenerateRequest(rid, "hi", None, m.SamplingParams(max_new_tokens=5, seed=3), 0.0)
+    return m.GenerateRequest(rid, "hi", None, m.SamplingParams(seed=3), 5, 0.0)
 
 
 async def test_a_restarted_scheduler_gets_the_request_again_with_its_tokens(pipeline):
     with submit(pipeline, [request("a")], route="/generate", client_id=None) as group:
         pipeline._dispatch(beat("scheduler", "boot-1"))
-        pipeline._dispatch(m.PromptIds("a", [1, 2, 3]))
+        pipeline._dispatch(m.PromptIdsOutput("a", [1, 2, 3]))
         pipeline._dispatch(delta("a", 10))
         pipeline._dispatch(delta("a", 11))
         assert [type(msg).__name__ for msg in sent(pipeline)] == ["GenerateRequest"]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tgi_zmq.messages import SamplingParams
+from tgi_zmq.messages import ErrorOutput, SamplingParams
 from tgi_zmq.validation import (
+    GenerationParams,
     RequestError,
     ValidationError,
     chat_messages,
@@ -15,17 +16,23 @@ from tgi_zmq.validation import (
     completion_prompts,
     generate_inputs,
     generate_params,
+    generation_error,
+    request_error,
 )
 
 MAX_STOP = 4
 
 
 def gen(parameters, **kw) -> SamplingParams:
-    return generate_params(parameters, max_stop_sequences=MAX_STOP, **kw)
+    return generate_params(parameters, max_stop_sequences=MAX_STOP, **kw).sampling
+
+
+def chat_asked(**body) -> GenerationParams:
+    return chat_params({"messages": [{"role": "user", "content": "hi"}], **body}, max_stop_sequences=MAX_STOP)
 
 
 def chat(**body) -> SamplingParams:
-    return chat_params({"messages": [{"role": "user", "content": "hi"}], **body}, max_stop_sequences=MAX_STOP)
+    return chat_asked(**body).sampling
 
 
 def message_of(call, *args, **kwargs) -> str:
@@ -49,6 +56,18 @@ def test_request_error_keeps_its_own_type_and_status():
     assert (exc.error, exc.error_type, exc.status) == ("Model is overloaded", "overloaded", 429)
 
 
+def test_errors_cross_the_wire_with_their_prefix_and_come_back_unchanged():
+    output = ValidationError("`inputs` cannot be empty").output("r")
+    assert output == ErrorOutput("r", "Input validation error: `inputs` cannot be empty", "validation", 422)
+    failed = generation_error("r", "the model workers failed")
+    assert failed == ErrorOutput(
+        "r", "Request failed during generation: the model workers failed", "generation", 424
+    )
+    for out in (output, failed):
+        exc = request_error(out)
+        assert (exc.error, exc.error_type, exc.status) == (out.message, out.error_type, out.status)
+
+
 # ---------------------------------------------------------------------------- /generate defaults
 
 
@@ -61,7 +80,7 @@ def test_omitted_parameters_sample_with_a_random_seed():
 def test_empty_parameters_are_greedy_without_seed():
     params = gen({})
     assert params == SamplingParams()
-    assert params.greedy and params.seed is None
+    assert not params.do_sample and params.seed is None
 
 
 def test_random_seeds_differ_between_requests():
@@ -91,7 +110,7 @@ def test_non_warpers_stay_greedy(parameters):
 
 
 def test_values_are_carried_over():
-    params = gen(
+    params, max_new_tokens = generate_params(
         {
             "temperature": 0.7,
             "top_k": 5,
@@ -103,8 +122,10 @@ def test_values_are_carried_over():
             "seed": 3,
             "truncate": 9,
             "ignore_eos": True,
-        }
+        },
+        max_stop_sequences=MAX_STOP,
     )
+    assert max_new_tokens == 17
     assert params == SamplingParams(
         do_sample=True,
         temperature=0.7,
@@ -113,7 +134,6 @@ def test_values_are_carried_over():
         repetition_penalty=1.2,
         frequency_penalty=-0.5,
         seed=3,
-        max_new_tokens=17,
         stop=["\n", "###"],
         ignore_eos=True,
         truncate=9,
@@ -269,10 +289,10 @@ def test_chat_temperature_samples_with_it():
 
 
 def test_chat_max_tokens_and_alias():
-    assert chat().max_new_tokens is None
-    assert chat(max_tokens=7).max_new_tokens == 7
-    assert chat(max_completion_tokens=8).max_new_tokens == 8
-    assert chat(max_tokens=7, max_completion_tokens=8).max_new_tokens == 7
+    assert chat_asked().max_new_tokens is None
+    assert chat_asked(max_tokens=7).max_new_tokens == 7
+    assert chat_asked(max_completion_tokens=8).max_new_tokens == 8
+    assert chat_asked(max_tokens=7, max_completion_tokens=8).max_new_tokens == 7
 
 
 @pytest.mark.parametrize(
@@ -378,10 +398,10 @@ def test_bad_chat_messages(messages, fragment):
 
 
 def test_completion_params_follow_the_chat_rules():
-    params = completion_params(
+    params, max_new_tokens = completion_params(
         {"prompt": "x", "temperature": 0, "max_tokens": 3}, max_stop_sequences=MAX_STOP
     )
-    assert (params.do_sample, params.max_new_tokens) == (False, 3)
+    assert (params.do_sample, max_new_tokens) == (False, 3)
 
 
 def test_completion_suffix_is_refused():
@@ -419,51 +439,53 @@ def test_empty_completion_prompt():
 # ---------------------------------------------------------------------------- lengths
 
 
-def lengths(input_tokens: int, params: SamplingParams, max_input: int = 10, max_total: int = 20) -> int:
-    return check_lengths(input_tokens, params, max_input_tokens=max_input, max_total_tokens=max_total)
+def lengths(input_tokens: int, max_new_tokens: int | None = None, truncate: int | None = None) -> int:
+    return check_lengths(
+        input_tokens, max_new_tokens, truncate=truncate, max_input_tokens=10, max_total_tokens=20
+    )
 
 
 def test_max_new_tokens_defaults_to_the_rest_of_the_context():
-    assert lengths(4, SamplingParams()) == 16
+    assert lengths(4) == 16
 
 
 def test_explicit_max_new_tokens_is_kept():
-    assert lengths(4, SamplingParams(max_new_tokens=16)) == 16
+    assert lengths(4, 16) == 16
 
 
 def test_total_tokens_message():
-    message = message_of(lengths, 5, SamplingParams(max_new_tokens=16))
+    message = message_of(lengths, 5, 16)
     assert message == (
         "`inputs` tokens + `max_new_tokens` must be <= 20. Given: 5 `inputs` tokens and 16 `max_new_tokens`"
     )
 
 
 def test_input_length_message():
-    message = message_of(lengths, 11, SamplingParams(max_new_tokens=2))
+    message = message_of(lengths, 11, 2)
     assert message == "`inputs` must have less than 10 tokens. Given: 11"
 
 
 def test_total_is_checked_before_input_length():
-    message = message_of(lengths, 12, SamplingParams(max_new_tokens=10))
+    message = message_of(lengths, 12, 10)
     assert message.startswith("`inputs` tokens + `max_new_tokens` must be <= 20")
 
 
 def test_prompt_longer_than_the_context_without_max_new_tokens():
-    message = message_of(lengths, 25, SamplingParams())
+    message = message_of(lengths, 25)
     assert message == (
         "`inputs` tokens + `max_new_tokens` must be <= 20. Given: 25 `inputs` tokens and 0 `max_new_tokens`"
     )
 
 
 def test_prompt_filling_the_context_is_an_input_length_error():
-    assert message_of(lengths, 20, SamplingParams()) == "`inputs` must have less than 10 tokens. Given: 20"
+    assert message_of(lengths, 20) == "`inputs` must have less than 10 tokens. Given: 20"
 
 
 @pytest.mark.parametrize("truncate", [0, 11])
 def test_truncate_bounds(truncate):
-    message = message_of(lengths, 5, SamplingParams(truncate=truncate))
+    message = message_of(lengths, 5, truncate=truncate)
     assert message == f"`truncate` must be strictly positive and less than 10. Given: {truncate}"
 
 
 def test_truncate_at_the_limit_is_fine():
-    assert lengths(10, SamplingParams(truncate=10, max_new_tokens=1)) == 1
+    assert lengths(10, 1, truncate=10) == 1

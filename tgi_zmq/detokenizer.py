@@ -6,6 +6,9 @@ ends in U+FFFD, which means a multi-byte character is still incomplete and we wa
 the next token. The window starts a few tokens back so spacing rules see their
 neighbours. Stop sequences are matched on the text just produced (plus the tail that a
 stop could straddle); the stop text stays in the output, as in TGI.
+
+The scheduler sends a new request's whole prompt; which of its last ids give the first tokens their
+context (``PROMPT_TAIL``) is decided here alone.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import dataclasses
 from tgi_zmq import messages
 
 PROMPT_TAIL = 5  # prompt ids kept as decoding context for the first generated tokens
+DECODED_KEPT = 64  # ids already turned into text kept in the window before it is cut
 
 
 @dataclasses.dataclass
@@ -27,8 +31,9 @@ class DecodeState:
     generated: int = 0
 
     @classmethod
-    def start(cls, prompt_tail: list[int], stop: list[str]) -> DecodeState:
-        tail = prompt_tail[-PROMPT_TAIL:]
+    def start(cls, prompt_ids: list[int], stop: list[str]) -> DecodeState:
+        """A request's state before its first token: the prompt's tail is context, not output."""
+        tail = prompt_ids[-PROMPT_TAIL:]
         return cls(list(tail), 0, len(tail), stop)
 
 
@@ -69,7 +74,7 @@ class IncrementalDetokenizer:
         state.prefix_offset = state.read_offset
         state.read_offset = len(state.ids)
         # Keep the window short: everything before prefix_offset is already text.
-        if state.prefix_offset > 64:
+        if state.prefix_offset > DECODED_KEPT:
             cut = state.prefix_offset
             del state.ids[:cut]
             state.prefix_offset -= cut
@@ -103,7 +108,7 @@ class BatchDetokenizer:
     def process(self, out: messages.BatchTokenOutput) -> tuple[messages.BatchTextOutput, list[str]]:
         """Turn one step's tokens into deltas; also return rids whose stop sequence matched."""
         for info in out.new_requests:
-            state = self.states[info.rid] = DecodeState.start(info.prompt_tail, info.stop)
+            state = self.states[info.rid] = DecodeState.start(info.prompt_ids, info.stop)
             for token in info.output_ids:  # a replay: rebuild the state its earlier tokens left
                 self.detok.add(state, token)
             self.infos[info.rid] = info
@@ -134,7 +139,7 @@ class BatchDetokenizer:
 
     def _new_delta(self, rid: str) -> messages.RequestDelta:
         info = self.infos[rid]
-        return messages.RequestDelta(rid, [], [], [], [], "", None, 0, info.prompt_tokens, info.seed)
+        return messages.RequestDelta(rid, [], [], [], [], "", None, 0, info.prompt_tokens)
 
     def forget(self, rid: str) -> None:
         self.states.pop(rid, None)

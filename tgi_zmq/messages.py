@@ -6,9 +6,23 @@ encoded the same way (as arrays). Decoding checks the version, the tag and the t
 of every field, so a malformed or foreign frame raises ``ProtocolError`` instead of
 reaching a process's logic. No pickle anywhere.
 
-Bulk per-step tensors do not travel in these messages: ``ForwardStep`` and
+Bulk per-step tensors do not travel in these messages: ``StepRequest`` and
 ``StepResult`` carry only ``TensorRef`` headers that point into shared memory
 (see ``tgi_zmq.transport``).
+
+Naming rule (``tests/test_messages.py`` checks every type against it); a name says what its
+receiver does with it:
+
+- ``…Request``: a command, acted on by its receiver. Commands follow the pipeline (frontend ->
+  tokenizer -> scheduler -> workers or detokenizer), except ``StopRequest`` (detokenizer -> scheduler).
+- ``…Result``: the answer to one command, back to its sender (``TokenizeTextRequest`` ->
+  ``TokenizeResult``, ``StepRequest`` -> ``StepResult``).
+- ``…Output``: what a stage produced for requests, sent on towards the frontend. ``Batch…Output``
+  covers every request of one step, as parallel lists (every field is a list).
+- ``<Process><Fact>``: a notice a process sends about itself, answered by nobody (``FrontendStarted``,
+  ``SchedulerStats``, ``WorkerReady``...); ``Heartbeat``, sent by every process, names no process.
+- Anything else is a part: a value nested in other messages, never sent alone (``SamplingParams``,
+  ``TensorRef``...).
 """
 
 from __future__ import annotations
@@ -20,7 +34,7 @@ from typing import Any, TypeVar, Union
 
 import msgpack
 
-PROTOCOL_VERSION = 2  # 2: boot ids on steps, replays (prompt and output ids)
+PROTOCOL_VERSION = 3  # 3: the naming rule's renames, typed parts, max_new_tokens asked once and resolved once
 
 _REGISTRY: dict[int, type] = {}
 T = TypeVar("T")
@@ -141,7 +155,9 @@ def _check(value: Any, hint: Any, where: str) -> Any:
 
 @message(tag=1)
 class SamplingParams:
-    """Generation parameters after validation and defaulting (see ``tgi_zmq.validation``)."""
+    """How to pick each token and when to stop, after validation and defaulting (see
+    ``tgi_zmq.validation``). How many tokens to generate is not here: the frontend asks for it
+    (``GenerateRequest.max_new_tokens``), the tokenizer resolves it (``ScheduleRequest``)."""
 
     do_sample: bool = False
     temperature: float = 1.0
@@ -150,14 +166,14 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
     seed: int | None = None  # set for sampled requests, None for greedy
-    max_new_tokens: int | None = None  # None = up to max_total_tokens
     stop: list[str] = dataclasses.field(default_factory=list)
     ignore_eos: bool = False
-    truncate: int | None = None
+    truncate: int | None = None  # keep only the prompt's last ``truncate`` tokens (the tokenizer does)
 
     @property
-    def greedy(self) -> bool:
-        return not self.do_sample
+    def penalised(self) -> bool:
+        """Its logits depend on the counts of the tokens so far."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
 
 
 @message(tag=2)
@@ -166,8 +182,9 @@ class GenerateRequest:
 
     rid: str
     prompt: str | None
-    chat: list[dict[str, Any]] | None
+    chat: list[dict[str, str]] | None  # [{"role", "content"}], as ``validation.chat_messages`` made them
     params: SamplingParams
+    max_new_tokens: int | None  # as the client asked; None = up to max_total_tokens
     arrival_time: float
     # A replay after a fault: the prompt as tokenized the first time, and the tokens already streamed.
     prompt_ids: list[int] | None = None
@@ -175,23 +192,33 @@ class GenerateRequest:
 
 
 @message(tag=3)
-class TokenizeRequest:
+class TokenizeTextRequest:
     """frontend -> tokenizer: the /tokenize route."""
 
     rid: str
     prompt: str
 
 
+@message(tag=17)
+class TokenSpan:
+    """One token of a /tokenize answer: its id and where its text lies in the input."""
+
+    id: int
+    text: str
+    start: int  # character offsets into the input: ``text == input[start:stop]``
+    stop: int
+
+
 @message(tag=4)
 class TokenizeResult:
-    """tokenizer -> frontend: one ``[id, text, start, stop]`` row per token."""
+    """tokenizer -> frontend: the answer to a ``TokenizeTextRequest``, one span per token."""
 
     rid: str
-    tokens: list[list[Any]]
+    tokens: list[TokenSpan]
 
 
 @message(tag=15)
-class PromptIds:
+class PromptIdsOutput:
     """tokenizer -> frontend: a request's prompt as tokenized, kept to replay it after a fault."""
 
     rid: str
@@ -208,26 +235,34 @@ class FrontendStarted:
 
 @message(tag=5)
 class AbortRequest:
-    """frontend -> tokenizer -> scheduler -> detokenizer: forget this request, free its pages."""
+    """frontend -> tokenizer -> scheduler -> detokenizer: forget this request, free its pages.
+
+    It takes the same road as the request itself, not a shortcut to the scheduler: each hop is one
+    ordered pipe, so an abort always arrives after its request (and, at the detokenizer, after the
+    tokens already sent). Sent straight to the scheduler, it could overtake a request still in the
+    tokenizer, find nothing to abort, and the request would then run for nobody."""
 
     rid: str
 
 
 @message(tag=6)
-class TokenizedRequest:
-    """tokenizer -> scheduler: a validated request ready to be scheduled."""
+class ScheduleRequest:
+    """tokenizer -> scheduler: a validated, tokenized request ready to be scheduled."""
 
     rid: str
     input_ids: list[int]
     params: SamplingParams
-    max_new_tokens: int
+    max_new_tokens: int  # resolved by the tokenizer (``validation.check_lengths``): the limit to obey
     arrival_time: float
     output_ids: list[int] = dataclasses.field(default_factory=list)  # already generated (a replay)
 
 
 @message(tag=7)
 class ErrorOutput:
-    """any process -> frontend: the request failed; ``status`` is the HTTP code to answer with."""
+    """any process -> frontend: the request failed; ``status`` is the HTTP code to answer with.
+
+    Built from a ``validation.RequestError`` (``RequestError.output``, ``generation_error``), so
+    ``message`` is the text of the response's ``error`` field, TGI's prefix included."""
 
     rid: str
     message: str
@@ -243,10 +278,11 @@ class DetokRequestInfo:
     """scheduler -> detokenizer, with a request's first tokens: what the detokenizer needs to know."""
 
     rid: str
-    prompt_tail: list[int]  # last prompt ids, so the first word's spacing decodes right
+    # The whole prompt ([] for seq2seq, whose output is decoded on its own): the detokenizer keeps
+    # only its last ids (``detokenizer.PROMPT_TAIL``) so the first word's spacing decodes right.
+    prompt_ids: list[int]
     prompt_tokens: int
     stop: list[str]
-    seed: int | None
     output_ids: list[int] = dataclasses.field(default_factory=list)  # a replay's earlier tokens, not re-sent
 
 
@@ -274,7 +310,6 @@ class RequestDelta:
     finish_reason: str | None  # "length" | "eos_token" | "stop_sequence" | None
     generated_tokens: int
     prompt_tokens: int
-    seed: int | None
 
 
 @message(tag=11)
@@ -301,6 +336,14 @@ class Heartbeat:
     ready: bool
 
 
+@message(tag=18)
+class ForwardTiming:
+    """One forward pass, for ``tgi_batch_forward_duration{method}``."""
+
+    method: str  # "prefill" | "decode"
+    seconds: float
+
+
 @message(tag=14)
 class SchedulerStats:
     """scheduler -> frontend, twice a second: gauges now, and what happened since the last one.
@@ -317,9 +360,7 @@ class SchedulerStats:
     prefix_cache_hit_tokens: int  # since the last stats message
     preemptions: int  # since the last stats message
     queue_seconds: list[float]  # per request admitted since the last message: arrival -> first step
-    forward_seconds: list[
-        list[Any]
-    ]  # per step since the last message: [method, seconds], method prefill|decode
+    forward_seconds: list[ForwardTiming]  # per step since the last message
 
 
 # ---------------------------------------------------------------------------- scheduler <-> worker
@@ -335,15 +376,20 @@ class TensorRef:
     offset: int
 
 
+# A CUDA IPC handle is torch's own tuple (``storage._share_cuda_()``: ints, bytes and bools, whose
+# layout torch may change between versions): it is passed through untouched, so it stays ``list[Any]``.
+CudaHandle = list[Any]
+
+
 @message(tag=21)
-class ForwardStep:
+class StepRequest:
     """scheduler -> every worker: run one forward pass over the tensors in ``buffer``."""
 
     step_id: int
     scheduler_boot: str  # a worker answers with it, so a new scheduler ignores its predecessor's steps
     buffer: str
     tensors: list[TensorRef]
-    cuda_handle: list[Any] | None  # CUDA IPC handle of ``buffer`` on GPU; None for shared memory
+    cuda_handle: CudaHandle | None  # of ``buffer`` on GPU; None for shared memory
 
 
 @message(tag=22)
@@ -354,7 +400,7 @@ class StepResult:
     scheduler_boot: str
     buffer: str
     tensors: list[TensorRef]
-    cuda_handle: list[Any] | None
+    cuda_handle: CudaHandle | None
     forward_seconds: float
 
 

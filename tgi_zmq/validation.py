@@ -1,9 +1,13 @@
 """Request validation: TGI's parameter rules and messages, as pure functions (no I/O).
 
-The HTTP frontend turns request bodies into ``SamplingParams`` with these functions; the
+The HTTP frontend turns request bodies into ``GenerationParams`` with these functions; the
 tokenizer process calls ``check_lengths`` once it knows the prompt's token count. Every
 rejection is a ``RequestError`` carrying the HTTP status and TGI ``error_type`` to answer with;
 ``ValidationError`` is TGI's 422 ``Input validation error: ...``.
+
+TGI's error texts live here only: a process that finds an error sends it to the frontend as an
+``ErrorOutput`` built by ``RequestError.output`` or ``generation_error`` (prefix included), and
+the frontend answers with ``request_error(output)`` as it is.
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ import json
 import math
 import random
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
-from tgi_zmq.messages import SamplingParams
+from tgi_zmq.messages import ErrorOutput, SamplingParams
 
 VALIDATION_PREFIX = "Input validation error: "
+GENERATION_PREFIX = "Request failed during generation: "
 
 
 class RequestError(Exception):
@@ -32,6 +37,10 @@ class RequestError(Exception):
         """The text of the response's ``error`` field."""
         return str(self)
 
+    def output(self, rid: str) -> ErrorOutput:
+        """This error as an ``ErrorOutput``: how a process hands it to the frontend's request."""
+        return ErrorOutput(rid, self.error, self.error_type, self.status)
+
 
 class ValidationError(RequestError):
     """TGI's 422 validation error; ``str(exc)`` is the text after "Input validation error: "."""
@@ -42,6 +51,23 @@ class ValidationError(RequestError):
     @property
     def error(self) -> str:
         return VALIDATION_PREFIX + str(self)
+
+
+def generation_error(rid: str, reason: str) -> ErrorOutput:
+    """TGI's 424 for a request the pipeline failed to finish (``reason`` is fit for clients)."""
+    return ErrorOutput(rid, GENERATION_PREFIX + reason, "generation", 424)
+
+
+def request_error(output: ErrorOutput) -> RequestError:
+    """The HTTP error for an ``ErrorOutput`` (its message is final: built by the helpers above)."""
+    return RequestError(output.message, error_type=output.error_type, status=output.status)
+
+
+class GenerationParams(NamedTuple):
+    """A generation's parameters as the client asked for them."""
+
+    sampling: SamplingParams
+    max_new_tokens: int | None  # None = up to max_total_tokens (the tokenizer resolves it)
 
 
 # ---------------------------------------------------------------------------- typed field readers
@@ -154,7 +180,7 @@ def generate_params(
     max_stop_sequences: int,
     stream: bool = False,
     max_input_tokens: int | None = None,
-) -> SamplingParams:
+) -> GenerationParams:
     """``parameters`` of ``/generate``, ``/generate_stream`` and ``POST /`` (None = omitted).
 
     ``max_input_tokens``, when given, checks ``truncate``'s upper bound here (as TGI does, before
@@ -195,7 +221,7 @@ def generate_params(
         or (top_p is not None and top_p < 1.0)
         or (typical_p is not None and typical_p < 1.0)
     )
-    return SamplingParams(
+    sampling_params = SamplingParams(
         do_sample=sampling,
         temperature=1.0 if temperature is None else temperature,
         top_k=top_k or 0,
@@ -203,11 +229,11 @@ def generate_params(
         repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
         frequency_penalty=frequency_penalty or 0.0,
         seed=_seed(seed, sampling),
-        max_new_tokens=max_new_tokens,
         stop=stop,
         ignore_eos=flag(p, "ignore_eos", False),  # extension (vLLM), handy for benchmarks
         truncate=truncate,
     )
+    return GenerationParams(sampling_params, max_new_tokens)
 
 
 def _check_stream_only(p: Mapping[str, Any], stream: bool) -> None:
@@ -244,7 +270,7 @@ def generate_inputs(body: Mapping[str, Any]) -> str:
 
 def _openai_params(
     body: Mapping[str, Any], *, max_stop_sequences: int, repetition_penalty: float | None
-) -> SamplingParams:
+) -> GenerationParams:
     """Rules shared by chat and completions: temperature 0 means greedy, anything else samples."""
     temperature = _float(body, "temperature")
     max_tokens = _int(body, "max_tokens")
@@ -266,17 +292,17 @@ def _openai_params(
         max_stop_sequences=max_stop_sequences,
     )
     _check_n(body)
-    return SamplingParams(
+    sampling_params = SamplingParams(
         do_sample=not greedy,
         temperature=1.0 if temperature is None else temperature,
         top_p=1.0 if top_p is None else top_p,
         repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
         frequency_penalty=frequency_penalty or 0.0,
         seed=_seed(_uint(body, "seed"), not greedy),
-        max_new_tokens=max_tokens,
         stop=stop,
         ignore_eos=flag(body, "ignore_eos", False),
     )
+    return GenerationParams(sampling_params, max_tokens)
 
 
 def _check_n(body: Mapping[str, Any]) -> None:
@@ -299,7 +325,7 @@ def _repetition_penalty(body: Mapping[str, Any]) -> float | None:
     return penalty
 
 
-def chat_params(body: Mapping[str, Any], *, max_stop_sequences: int) -> SamplingParams:
+def chat_params(body: Mapping[str, Any], *, max_stop_sequences: int) -> GenerationParams:
     """Sampling parameters of a ``/v1/chat/completions`` body."""
     flag(body, "logprobs", False)
     _int(body, "top_logprobs")  # accepted, ignored: no top tokens
@@ -322,7 +348,7 @@ def _reject_tools(body: Mapping[str, Any]) -> None:
         raise RequestError("Tool error: tools are not supported", error_type="tool_error")
 
 
-def completion_params(body: Mapping[str, Any], *, max_stop_sequences: int) -> SamplingParams:
+def completion_params(body: Mapping[str, Any], *, max_stop_sequences: int) -> GenerationParams:
     """Sampling parameters of a ``/v1/completions`` body (``suffix`` is refused like TGI)."""
     if body.get("suffix") is not None:
         raise RequestError(
@@ -395,14 +421,18 @@ def _tool_calls_text(tool_calls: Any) -> str:
 
 
 def check_lengths(
-    input_tokens: int, params: SamplingParams, *, max_input_tokens: int, max_total_tokens: int
+    input_tokens: int,
+    max_new_tokens: int | None,
+    *,
+    truncate: int | None = None,
+    max_input_tokens: int,
+    max_total_tokens: int,
 ) -> int:
-    """Check a tokenized (and truncated) prompt against the limits; return the resolved max_new_tokens."""
-    _check_truncate(params.truncate, max_input_tokens)
-    if params.max_new_tokens is None:
+    """Check a tokenized (and truncated) prompt against the limits; return the resolved
+    ``max_new_tokens`` (the asked one, or the rest of the context when None)."""
+    _check_truncate(truncate, max_input_tokens)
+    if max_new_tokens is None:
         max_new_tokens = max(max_total_tokens - input_tokens, 0)
-    else:
-        max_new_tokens = params.max_new_tokens
     if input_tokens + max_new_tokens > max_total_tokens:
         raise ValidationError(
             f"`inputs` tokens + `max_new_tokens` must be <= {max_total_tokens}. "

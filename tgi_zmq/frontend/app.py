@@ -1,36 +1,70 @@
-"""The aiohttp application: routes, error middleware, info/health, and ``main()``."""
+"""The aiohttp application: the frontend's shared state, routes, error middleware, info/health,
+and ``main()``."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib import metadata
 
 import prometheus_client
 import uvloop
 from aiohttp import web
 
 from tgi_zmq.config import ServerConfig
+from tgi_zmq.runtime import setup_logging
 from tgi_zmq.validation import RequestError
 
 from . import openai_routes, tgi_routes
 from .auth import require_api_key
-from .http import error_response, json_response
-from .jobs import tag
+from .health import Health, expected_processes
+from .http import FRONTEND, client_id_of, error_response, frontend, json_response
+from .jobs import Admission, tag
 from .metrics import CONTENT_TYPE_LATEST
-from .state import FRONTEND, VERSION, Frontend, client_id_of, frontend
+from .pipeline import Pipeline
 from .streaming import log_failure
 
 log = logging.getLogger("tgi_zmq.frontend")
 
+try:
+    VERSION = metadata.version("tgi-zmq")
+except metadata.PackageNotFoundError:  # running from a source tree
+    VERSION = "0.1.0"
+
 KEEPALIVE_TIMEOUT_S = 75.0  # longer than the usual 60 s idle timeout of load balancers
 CLOSE_TIMEOUT_S = 1.0  # after draining: wait for the handlers still running (then they are cancelled)
 DRAIN_POLL_S = 0.1
-LOG_FORMAT = "%(asctime)s %(levelname)s frontend %(message)s"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclasses.dataclass
+class Frontend:
+    """The process's shared state, which every handler reaches with ``http.frontend(request)``."""
+
+    config: ServerConfig
+    health: Health
+    pipeline: Pipeline
+    admission: Admission
+    draining: bool = False  # set on SIGTERM: /health and new work get 503 until the process exits
+
+    @classmethod
+    def create(cls, config: ServerConfig) -> Frontend:
+        health = Health(expected_processes(config))
+        return cls(config, health, Pipeline(config, health), Admission(config.max_concurrent_requests))
+
+    @property
+    def compute_type(self) -> str:
+        return "cpu" if self.config.device == "cpu" else "gpu+optimized"
+
+    @property
+    def system_fingerprint(self) -> str:
+        """OpenAI's ``system_fingerprint``: this server's version and backend."""
+        return f"{VERSION}-native"
 
 
 @web.middleware
@@ -157,7 +191,7 @@ def create_app(config: ServerConfig) -> web.Application:
 
 def main() -> None:
     """Entry point of the frontend process (config from ``$TGI_ZMQ_RUNTIME_DIR``)."""
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    setup_logging("frontend")
     prometheus_client.disable_created_metrics()  # TGI exposes no *_created series
     uvloop.run(serve(ServerConfig.load()))
 

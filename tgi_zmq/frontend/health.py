@@ -7,13 +7,10 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
-from tgi_zmq.config import ServerConfig
+from tgi_zmq.config import HEARTBEAT_TIMEOUT_S, HUNG_AFTER_S, ServerConfig
 from tgi_zmq.messages import Heartbeat
 
 log = logging.getLogger("tgi_zmq.frontend")
-
-HEARTBEAT_TIMEOUT_S = 3.0
-HUNG_AFTER_S = 10.0  # a process silent this long is stopped or deadlocked: it is killed and replaced
 
 
 def expected_processes(config: ServerConfig) -> tuple[str, ...]:

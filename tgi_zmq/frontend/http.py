@@ -1,22 +1,41 @@
-"""HTTP plumbing: JSON bodies in and out, TGI error bodies, Server-Sent Events."""
+"""HTTP plumbing: what a handler reads off its request, JSON bodies in and out, TGI error bodies,
+Server-Sent Events."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from tgi_zmq.validation import RequestError, ValidationError
 
-from .state import frontend
+if TYPE_CHECKING:  # app.py imports the routes, which import this module
+    from .app import Frontend
+
+FRONTEND: web.AppKey[Frontend] = web.AppKey("frontend")
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
+
+
+def frontend(request: web.Request) -> Frontend:
+    """The process's shared state (``app.Frontend``)."""
+    return request.app[FRONTEND]
+
+
+def rid_of(request: web.Request) -> str:
+    """The request's internal id (unique, set by the app's middleware)."""
+    return request["rid"]
+
+
+def client_id_of(request: web.Request) -> str | None:
+    """The client's own ``x-request-id``, echoed back and logged but never used as our rid."""
+    return request.headers.get("x-request-id")
 
 
 def dumps(obj: Any) -> str:

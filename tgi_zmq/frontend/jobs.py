@@ -10,10 +10,10 @@ import time
 from collections.abc import Iterator
 
 from tgi_zmq.messages import ErrorOutput, GenerateRequest, RequestDelta
-from tgi_zmq.validation import RequestError
+from tgi_zmq.validation import RequestError, request_error
 
 from .metrics import Metrics
-from .pipeline import Mailbox, Pipeline, error_from_output
+from .pipeline import Mailbox, Pipeline
 
 log = logging.getLogger("tgi_zmq.frontend")
 
@@ -137,7 +137,7 @@ class JobGroup:
     def _receive(self, job: Job, item: RequestDelta | ErrorOutput, out: list) -> None:
         if isinstance(item, ErrorOutput):
             job.error_type = item.error_type
-            raise error_from_output(item)
+            raise request_error(item)
         job.absorb(item)
         out.append((job, item))
         if job.finish_reason is not None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import logging
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -19,8 +18,6 @@ from prometheus_client.registry import Collector
 
 from tgi_zmq.messages import SchedulerStats
 from tgi_zmq.validation import RequestError
-
-log = logging.getLogger("tgi_zmq.frontend")
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
@@ -199,12 +196,5 @@ class Metrics:
         self.preemptions.inc(max(stats.preemptions, 0))
         for seconds in stats.queue_seconds:
             self.request_queue_duration.observe(seconds)
-        for entry in stats.forward_seconds:
-            self._observe_forward(entry)
-
-    def _observe_forward(self, entry: list) -> None:
-        match entry:
-            case [str() as method, int() | float() as seconds] if not isinstance(seconds, bool):
-                self.batch_forward_duration.labels(method=method).observe(seconds)
-            case _:
-                log.warning("SchedulerStats: bad forward_seconds entry %.80r", entry)
+        for forward in stats.forward_seconds:  # typed by the codec: a malformed stats frame never gets here
+            self.batch_forward_duration.labels(method=forward.method).observe(forward.seconds)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -20,10 +19,12 @@ from tgi_zmq.validation import (
     flag,
 )
 
-from .http import json_response, read_json
-from .jobs import Job, JobGroup, submit
-from .state import SYSTEM_FINGERPRINT, Frontend, client_id_of, frontend, rid_of
-from .streaming import Render, stream_group
+from .http import frontend, json_response, read_json, rid_of
+from .jobs import Job, JobGroup
+from .streaming import respond
+
+if TYPE_CHECKING:
+    from .app import Frontend
 
 CHAT_CHUNK = "chat.completion.chunk"
 COMPLETION = "text_completion"
@@ -34,6 +35,7 @@ class _Shape:
     """Per-request choices about the response's shape."""
 
     model: str
+    fingerprint: str
     logprobs: bool = False
     include_usage: bool = False
 
@@ -43,6 +45,7 @@ def _shape(fe: Frontend, body: dict[str, Any], *, logprobs: bool = False) -> _Sh
     options = body.get("stream_options")
     return _Shape(
         model=model if isinstance(model, str) and model else fe.config.served_model_name,
+        fingerprint=fe.system_fingerprint,
         logprobs=logprobs,
         include_usage=isinstance(options, dict) and flag(options, "include_usage", False),
     )
@@ -65,7 +68,7 @@ def _envelope(obj: str, shape: _Shape, choices: list[dict[str, Any]]) -> dict[st
         "object": obj,
         "created": int(time.time()),
         "model": shape.model,
-        "system_fingerprint": SYSTEM_FINGERPRINT,
+        "system_fingerprint": shape.fingerprint,
         "choices": choices,
     }
 
@@ -89,32 +92,6 @@ def _tail(obj: str, group: JobGroup, shape: _Shape) -> list[Any]:
     return [{**_envelope(obj, shape, []), "usage": _usage(group.jobs)}, "[DONE]"]
 
 
-async def _run(
-    request: web.Request,
-    requests: list[GenerateRequest],
-    *,
-    stream: bool,
-    render: Render,
-    tail: Callable[[JobGroup], list[Any]],
-    build: Callable[[JobGroup], dict[str, Any]],
-) -> web.StreamResponse:
-    """Submit, then either stream ``render`` events or answer ``build(group)``."""
-    fe = frontend(request)
-    with submit(fe.pipeline, requests, route=request.path, client_id=client_id_of(request)) as group:
-        if stream:
-            headers = {"x-compute-type": fe.compute_type}
-            return await stream_group(
-                request,
-                group,
-                render=render,
-                error_events=_error_events,
-                tail=functools.partial(tail, group),
-                headers=headers,
-            )
-        await group.collect()
-    return json_response(build(group))
-
-
 # ---------------------------------------------------------------------------- chat
 
 
@@ -123,16 +100,18 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     stream = flag(body, "stream", False)
     with fe.admission.admit():
         messages = chat_messages(body)
-        params = chat_params(body, max_stop_sequences=fe.config.max_stop_sequences)
+        params, max_new_tokens = chat_params(body, max_stop_sequences=fe.config.max_stop_sequences)
         shape = _shape(fe, body, logprobs=flag(body, "logprobs", False))
-        req = GenerateRequest(rid_of(request), None, messages, params, time.time())
-        return await _run(
+        req = GenerateRequest(rid_of(request), None, messages, params, max_new_tokens, time.time())
+        return await respond(
             request,
             [req],
             stream=stream,
             render=functools.partial(_chat_chunk, shape=shape),
+            error_events=_error_events,
             tail=functools.partial(_tail, CHAT_CHUNK, shape=shape),
             build=functools.partial(_chat_completion, shape=shape),
+            headers={"x-compute-type": fe.compute_type},
         )
 
 
@@ -148,7 +127,7 @@ def _chat_chunk(job: Job, delta: RequestDelta, *, shape: _Shape) -> list[dict[st
     return [{**_envelope(CHAT_CHUNK, shape, [choice]), "usage": None}]
 
 
-def _chat_completion(group: JobGroup, *, shape: _Shape) -> dict[str, Any]:
+def _chat_completion(group: JobGroup, *, shape: _Shape) -> web.Response:
     job = group.jobs[0]
     choice = {
         "index": 0,
@@ -156,7 +135,7 @@ def _chat_completion(group: JobGroup, *, shape: _Shape) -> dict[str, Any]:
         "logprobs": _logprobs(job.token_texts, job.logprobs) if shape.logprobs else None,
         "finish_reason": _finish_reason(job.finish_reason),
     }
-    return {**_envelope("chat.completion", shape, [choice]), "usage": _usage(group.jobs)}
+    return json_response({**_envelope("chat.completion", shape, [choice]), "usage": _usage(group.jobs)})
 
 
 # ---------------------------------------------------------------------------- completions
@@ -167,26 +146,22 @@ async def completions(request: web.Request) -> web.StreamResponse:
     stream = flag(body, "stream", False)
     prompts = completion_prompts(body, max_client_batch_size=fe.config.max_client_batch_size)
     with fe.admission.admit(len(prompts)):
-        rid = rid_of(request)
-        requests = [
-            GenerateRequest(
-                rid if len(prompts) == 1 else f"{rid}-{i}",
-                prompt,
-                None,
-                # one call per prompt: each gets its own random seed when none is given
-                completion_params(body, max_stop_sequences=fe.config.max_stop_sequences),
-                time.time(),
-            )
-            for i, prompt in enumerate(prompts)
-        ]
+        rid, requests = rid_of(request), []
+        for i, prompt in enumerate(prompts):
+            # one call per prompt: each gets its own random seed when none is given
+            params, max_new_tokens = completion_params(body, max_stop_sequences=fe.config.max_stop_sequences)
+            wire_rid = rid if len(prompts) == 1 else f"{rid}-{i}"
+            requests.append(GenerateRequest(wire_rid, prompt, None, params, max_new_tokens, time.time()))
         shape = _shape(fe, body)
-        return await _run(
+        return await respond(
             request,
             requests,
             stream=stream,
             render=functools.partial(_completion_chunk, shape=shape),
+            error_events=_error_events,
             tail=functools.partial(_tail, COMPLETION, shape=shape),
             build=functools.partial(_completion, shape=shape),
+            headers={"x-compute-type": fe.compute_type},
         )
 
 
@@ -206,7 +181,7 @@ def _completion_chunk(job: Job, delta: RequestDelta, *, shape: _Shape) -> list[d
     return [chunk]
 
 
-def _completion(group: JobGroup, *, shape: _Shape) -> dict[str, Any]:
+def _completion(group: JobGroup, *, shape: _Shape) -> web.Response:
     choices = [
         {
             "index": job.index,
@@ -216,7 +191,7 @@ def _completion(group: JobGroup, *, shape: _Shape) -> dict[str, Any]:
         }
         for job in group.jobs
     ]
-    return {**_envelope(COMPLETION, shape, choices), "usage": _usage(group.jobs)}
+    return json_response({**_envelope(COMPLETION, shape, choices), "usage": _usage(group.jobs)})
 
 
 # ---------------------------------------------------------------------------- models

@@ -6,7 +6,7 @@ mailbox drains it. One sender task writes the outgoing queue, so handlers (and `
 blocks of cancelled handlers) post messages without awaiting.
 
 Replay: every request passes here, so the mailbox also keeps what it takes to run the request
-again: the request, its prompt ids (``PromptIds`` from the tokenizer) and the tokens already
+again: the request, its prompt ids (``PromptIdsOutput`` from the tokenizer) and the tokens already
 received. When the tokenizer, the scheduler or the detokenizer restarts (a new boot id in its
 heartbeat), the requests they held are lost: each unfinished one is aborted and sent again under a
 new wire rid with its prompt ids and received tokens, and the stream goes on where it stopped
@@ -25,13 +25,14 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
 from tgi_zmq import messages
-from tgi_zmq.config import ServerConfig
+from tgi_zmq.config import HUNG_AFTER_S, MONITOR_PERIOD_S, ServerConfig
 from tgi_zmq.messages import (
     AbortRequest,
     BatchTextOutput,
@@ -39,23 +40,21 @@ from tgi_zmq.messages import (
     FrontendStarted,
     GenerateRequest,
     Heartbeat,
-    PromptIds,
+    PromptIdsOutput,
     ProtocolError,
     SchedulerStats,
-    TokenizeRequest,
     TokenizeResult,
+    TokenizeTextRequest,
+    TokenSpan,
 )
 from tgi_zmq.runtime import BOOT_ID
-from tgi_zmq.validation import VALIDATION_PREFIX, RequestError
+from tgi_zmq.validation import RequestError, generation_error, request_error
 
-from .health import HUNG_AFTER_S, Health
+from .health import Health
 from .metrics import Metrics
 
 log = logging.getLogger("tgi_zmq.frontend")
 
-INBOUND = (BatchTextOutput, ErrorOutput, TokenizeResult, Heartbeat, SchedulerStats, PromptIds)
-MONITOR_PERIOD_S = 0.5
-GENERATION_PREFIX = "Request failed during generation: "
 MAX_REPLAYS = 3
 STATEFUL = ("tokenizer", "scheduler", "detokenizer")  # their restart loses the requests they held
 
@@ -70,7 +69,9 @@ class Mailbox:
 
     __slots__ = ("rid", "items", "wakeup", "request", "prompt_ids", "output_ids", "replays", "ended")
 
-    def __init__(self, rid: str, wakeup: asyncio.Event, request: GenerateRequest | TokenizeRequest) -> None:
+    def __init__(
+        self, rid: str, wakeup: asyncio.Event, request: GenerateRequest | TokenizeTextRequest
+    ) -> None:
         self.rid = rid
         self.items: list[Any] = []
         self.wakeup = wakeup
@@ -84,10 +85,10 @@ class Mailbox:
         self.items.append(item)
         self.wakeup.set()
 
-    def replayed(self) -> GenerateRequest | TokenizeRequest:
+    def replayed(self) -> GenerateRequest | TokenizeTextRequest:
         """The request to send again, under a new wire rid (outputs of the old one are dropped)."""
         self.replays += 1
-        if isinstance(self.request, TokenizeRequest):
+        if isinstance(self.request, TokenizeTextRequest):
             return self.request
         self.rid = f"{self.request.rid}~{self.replays}"
         return dataclasses.replace(
@@ -97,16 +98,6 @@ class Mailbox:
     def take(self) -> list[Any]:
         items, self.items = self.items, []
         return items
-
-
-def error_from_output(out: ErrorOutput) -> RequestError:
-    """The HTTP error for an ``ErrorOutput`` (adds TGI's message prefix if the sender left it out)."""
-    message = out.message
-    if out.error_type == "validation" and not message.startswith(VALIDATION_PREFIX):
-        message = VALIDATION_PREFIX + message
-    elif out.error_type == "generation" and not message.startswith(GENERATION_PREFIX):
-        message = GENERATION_PREFIX + message
-    return RequestError(message, error_type=out.error_type, status=out.status)
 
 
 class Pipeline:
@@ -126,6 +117,14 @@ class Pipeline:
         self._ctx: zmq.asyncio.Context | None = None
         self._tasks: list[asyncio.Task] = []
         self._unhealthy_since: float | None = None
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            BatchTextOutput: self._text,
+            Heartbeat: self._heartbeat,
+            SchedulerStats: self.metrics.observe_scheduler,
+            PromptIdsOutput: self._prompt_ids,
+            ErrorOutput: self._last_output,
+            TokenizeResult: self._last_output,
+        }
 
     async def start(self) -> None:
         self._ctx = zmq.asyncio.Context()
@@ -161,7 +160,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------ handler side
 
-    def open(self, request: GenerateRequest | TokenizeRequest, wakeup: asyncio.Event) -> Mailbox:
+    def open(self, request: GenerateRequest | TokenizeTextRequest, wakeup: asyncio.Event) -> Mailbox:
         """Register a request's mailbox and post the request."""
         box = self._boxes[request.rid] = Mailbox(request.rid, wakeup, request)
         self.post(request)
@@ -177,10 +176,10 @@ class Pipeline:
         """Queue a message for the tokenizer (never blocks)."""
         self._outbox.put_nowait(messages.encode(msg))
 
-    async def tokenize(self, rid: str, prompt: str) -> list[list[Any]]:
-        """The ``[id, text, start, stop]`` rows of ``prompt``."""
+    async def tokenize(self, rid: str, prompt: str) -> list[TokenSpan]:
+        """The tokens of ``prompt``, with their text."""
         wakeup = asyncio.Event()
-        box = self.open(TokenizeRequest(rid, prompt), wakeup)
+        box = self.open(TokenizeTextRequest(rid, prompt), wakeup)
         try:
             while True:
                 await wakeup.wait()
@@ -189,7 +188,7 @@ class Pipeline:
                     if isinstance(item, TokenizeResult):
                         return item.tokens
                     if isinstance(item, ErrorOutput):
-                        raise error_from_output(item)
+                        raise request_error(item)
         finally:
             self.close_box(box)
 
@@ -206,10 +205,8 @@ class Pipeline:
             log.warning("%s: replaying %d in-flight requests", reason, len(boxes))
         for box in boxes:
             if box.replays >= MAX_REPLAYS:
-                message = (
-                    f"{GENERATION_PREFIX}the pipeline failed {box.replays + 1} times during this request"
-                )
-                self.fail(box, ErrorOutput(box.rid, message, "generation", 424))
+                reason = f"the pipeline failed {box.replays + 1} times during this request"
+                self.fail(box, generation_error(box.rid, reason))
                 continue
             self.post(AbortRequest(box.rid))
             del self._boxes[box.rid]
@@ -229,10 +226,11 @@ class Pipeline:
                 log.error("could not send to the tokenizer: %s", exc)
 
     async def _read_loop(self, pull: zmq.asyncio.Socket) -> None:
+        accepted = tuple(self._handlers)
         while True:
             frame = await pull.recv(copy=True)
             try:
-                msg = messages.decode(frame, INBOUND)
+                msg = messages.decode(frame, accepted)
             except ProtocolError as exc:
                 log.warning("dropped a malformed frame (%d bytes): %s", len(frame), exc)
                 continue
@@ -242,28 +240,35 @@ class Pipeline:
                 log.exception("failed to dispatch %s", type(msg).__name__)
 
     def _dispatch(self, msg: Any) -> None:
-        if isinstance(msg, BatchTextOutput):
-            for delta in msg.deltas:
-                box = self._boxes.get(delta.rid)
-                if box is not None:  # unknown rids: finished, aborted, replayed since or not ours
-                    box.output_ids += delta.token_ids
-                    box.ended = delta.finish_reason is not None
-                    box.put(delta)
-        elif isinstance(msg, Heartbeat):
-            restarted = self.health.observe(msg)
-            if restarted is not None:
-                self.metrics.process_restarts.labels(process=restarted).inc()
-            if restarted in STATEFUL:
-                self.replay_all(f"{restarted} restarted")
-        elif isinstance(msg, SchedulerStats):
-            self.metrics.observe_scheduler(msg)
-        elif isinstance(msg, PromptIds):
-            box = self._boxes.get(msg.rid)
+        self._handlers[type(msg)](msg)
+
+    # Outputs for a rid with no mailbox are dropped: finished, aborted, replayed since or not ours.
+
+    def _text(self, msg: BatchTextOutput) -> None:
+        for delta in msg.deltas:
+            box = self._boxes.get(delta.rid)
             if box is not None:
-                box.prompt_ids = msg.input_ids
-        elif (box := self._boxes.get(msg.rid)) is not None:  # ErrorOutput, TokenizeResult
+                box.output_ids += delta.token_ids
+                box.ended = delta.finish_reason is not None
+                box.put(delta)
+
+    def _prompt_ids(self, msg: PromptIdsOutput) -> None:
+        box = self._boxes.get(msg.rid)
+        if box is not None:
+            box.prompt_ids = msg.input_ids
+
+    def _last_output(self, msg: ErrorOutput | TokenizeResult) -> None:
+        box = self._boxes.get(msg.rid)
+        if box is not None:
             box.ended = True
             box.put(msg)
+
+    def _heartbeat(self, msg: Heartbeat) -> None:
+        restarted = self.health.observe(msg)
+        if restarted is not None:
+            self.metrics.process_restarts.labels(process=restarted).inc()
+        if restarted in STATEFUL:
+            self.replay_all(f"{restarted} restarted")
 
     async def _watch_peers(self, monitor: zmq.asyncio.Socket) -> None:
         while True:
@@ -294,6 +299,7 @@ class Pipeline:
             log.error(
                 "pipeline unhealthy for %.0fs: failing %d in-flight requests", unhealthy_for, len(boxes)
             )
+        message = f"the service did not recover from a fault within {self.config.recovery_timeout:.0f}s"
+        error = RequestError(message, error_type="unavailable", status=503)
         for box in boxes:
-            message = f"the service did not recover from a fault within {self.config.recovery_timeout:.0f}s"
-            self.fail(box, ErrorOutput(box.rid, message, "unavailable", 503))
+            self.fail(box, error.output(box.rid))

@@ -1,4 +1,5 @@
-"""Streaming a job group's deltas to the client as Server-Sent Events."""
+"""Answering a job group: its deltas streamed to the client as Server-Sent Events, or collected
+into one response."""
 
 from __future__ import annotations
 
@@ -8,12 +9,11 @@ from typing import Any
 
 from aiohttp import web
 
-from tgi_zmq.messages import RequestDelta
+from tgi_zmq.messages import GenerateRequest, RequestDelta
 from tgi_zmq.validation import RequestError
 
-from .http import Sse
-from .jobs import Job, JobGroup, tag
-from .state import client_id_of, rid_of
+from .http import Sse, client_id_of, frontend, rid_of
+from .jobs import Job, JobGroup, submit, tag
 
 log = logging.getLogger("tgi_zmq.frontend")
 
@@ -27,6 +27,34 @@ Render = Callable[[Job, RequestDelta], list[Any]]
 
 def log_failure(name: str, exc: RequestError) -> None:
     log.warning("%s failed status=%d error_type=%s error=%s", name, exc.status, exc.error_type, exc.error)
+
+
+async def respond(
+    request: web.Request,
+    requests: list[GenerateRequest],
+    *,
+    stream: bool,
+    render: Render,
+    error_events: Callable[[RequestError], list[Any]],
+    build: Callable[[JobGroup], web.Response],
+    tail: Callable[[JobGroup], list[Any]] = lambda group: [],
+    headers: dict[str, str] | None = None,
+) -> web.StreamResponse:
+    """Submit ``requests``, then stream them (see ``stream_group``) or answer ``build(group)`` once
+    every one finished. ``headers`` are the stream's (``build`` sets the response's own)."""
+    pipeline = frontend(request).pipeline
+    with submit(pipeline, requests, route=request.path, client_id=client_id_of(request)) as group:
+        if stream:
+            return await stream_group(
+                request,
+                group,
+                render=render,
+                error_events=error_events,
+                tail=lambda: tail(group),
+                headers=headers,
+            )
+        await group.collect()
+    return build(group)
 
 
 async def stream_group(

@@ -5,17 +5,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from tgi_zmq.messages import GenerateRequest, RequestDelta
 from tgi_zmq.validation import RequestError, flag, generate_inputs, generate_params
 
-from .http import json_response, read_json
-from .jobs import Job, submit
-from .state import Frontend, client_id_of, frontend, rid_of
-from .streaming import stream_group
+from .http import frontend, json_response, read_json, rid_of
+from .jobs import Job, JobGroup
+from .streaming import respond
+
+if TYPE_CHECKING:
+    from .app import Frontend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +34,7 @@ def _prepare(
 ) -> tuple[GenerateRequest, _Options]:
     parameters = body.get("parameters")  # null is treated like omitted
     config = fe.config
-    params = generate_params(
+    params, max_new_tokens = generate_params(
         parameters,
         max_stop_sequences=config.max_stop_sequences,
         stream=stream,
@@ -45,65 +47,57 @@ def _prepare(
         return_full_text=flag(p, "return_full_text", full_text_default),
         prompt=inputs,
     )
-    return GenerateRequest(rid_of(request), inputs, None, params, time.time()), options
+    return GenerateRequest(rid_of(request), inputs, None, params, max_new_tokens, time.time()), options
 
 
 # ---------------------------------------------------------------------------- handlers
 
 
-async def generate(request: web.Request) -> web.Response:
+async def generate(request: web.Request) -> web.StreamResponse:
     """``POST /generate``: one GenerateResponse object."""
-    return await _respond(request, await read_json(request), full_text_default=False, as_list=False)
+    return await _generate(request, await read_json(request), stream=False, full_text_default=False)
 
 
 async def generate_stream(request: web.Request) -> web.StreamResponse:
     """``POST /generate_stream``: SSE StreamResponse events, no ``[DONE]``."""
-    return await _stream(request, await read_json(request), full_text_default=False)
+    return await _generate(request, await read_json(request), stream=True, full_text_default=False)
 
 
 async def compat_generate(request: web.Request) -> web.StreamResponse:
     """``POST /``: ``stream`` picks the SSE or the one-element-array form; full text by default."""
     body = await read_json(request)
-    if flag(body, "stream", False):
-        return await _stream(request, body, full_text_default=True)
-    return await _respond(request, body, full_text_default=True, as_list=True)
+    stream = flag(body, "stream", False)
+    return await _generate(request, body, stream=stream, full_text_default=True, as_list=True)
 
 
 async def tokenize(request: web.Request) -> web.Response:
     """``POST /tokenize``: ``[{id, text, start, stop}]`` (byte offsets into the input)."""
     fe, body = frontend(request), await read_json(request)
-    rows = await fe.pipeline.tokenize(rid_of(request), generate_inputs(body))
-    return json_response([{"id": i, "text": t, "start": a, "stop": b} for i, t, a, b in rows])
+    spans = await fe.pipeline.tokenize(rid_of(request), generate_inputs(body))
+    return json_response([{"id": s.id, "text": s.text, "start": s.start, "stop": s.stop} for s in spans])
 
 
-async def _respond(
-    request: web.Request, body: dict[str, Any], *, full_text_default: bool, as_list: bool
-) -> web.Response:
-    fe = frontend(request)
-    with fe.admission.admit():
-        req, options = _prepare(fe, request, body, stream=False, full_text_default=full_text_default)
-        with submit(fe.pipeline, [req], route=request.path, client_id=client_id_of(request)) as group:
-            await group.collect()
-    job = group.jobs[0]
-    payload = _generate_response(job, options)
-    return json_response([payload] if as_list else payload, headers=_timing_headers(fe, job))
-
-
-async def _stream(
-    request: web.Request, body: dict[str, Any], *, full_text_default: bool
+async def _generate(
+    request: web.Request,
+    body: dict[str, Any],
+    *,
+    stream: bool,
+    full_text_default: bool,
+    as_list: bool = False,
 ) -> web.StreamResponse:
+    """One generation, streamed as SSE or answered as one object (``as_list``: in a one-element array)."""
     fe = frontend(request)
     with fe.admission.admit():
-        req, options = _prepare(fe, request, body, stream=True, full_text_default=full_text_default)
-        headers = {"x-compute-type": fe.compute_type, "x-compute-characters": str(len(req.prompt or ""))}
-        with submit(fe.pipeline, [req], route=request.path, client_id=client_id_of(request)) as group:
-            return await stream_group(
-                request,
-                group,
-                render=functools.partial(_stream_events, options=options),
-                error_events=_error_event,
-                headers=headers,
-            )
+        req, options = _prepare(fe, request, body, stream=stream, full_text_default=full_text_default)
+        return await respond(
+            request,
+            [req],
+            stream=stream,
+            render=functools.partial(_stream_events, options=options),
+            error_events=_error_event,
+            build=functools.partial(_generate_json, fe=fe, options=options, as_list=as_list),
+            headers={"x-compute-type": fe.compute_type, "x-compute-characters": str(len(req.prompt or ""))},
+        )
 
 
 # ---------------------------------------------------------------------------- response shapes
@@ -120,6 +114,12 @@ def _token(job_or_delta: Job | RequestDelta, i: int) -> dict[str, Any]:
 
 def _full_text(job: Job, options: _Options) -> str:
     return options.prompt + job.text if options.return_full_text else job.text
+
+
+def _generate_json(group: JobGroup, *, fe: Frontend, options: _Options, as_list: bool) -> web.Response:
+    job = group.jobs[0]
+    payload = _generate_response(job, options)
+    return json_response([payload] if as_list else payload, headers=_timing_headers(fe, job))
 
 
 def _generate_response(job: Job, options: _Options) -> dict[str, Any]:
