@@ -1,18 +1,21 @@
-"""Every architecture of the zoo gives transformers' greedy tokens and logits (random tiny models)."""
+"""Every architecture of the zoo gives transformers' greedy tokens and logits (random tiny models);
+on Llama, the engine's scheduling (chunks, preemption, overlap, prefix cache, decode groups) and
+its penalties give transformers' tokens too."""
 
 from __future__ import annotations
 
+import functools
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.helpers import ARCHITECTURES, SEQ2SEQ, hf_greedy, hf_logits, run_engine, tiny_model
-from tgi_zmq.attention import AttentionMetadata
 from tgi_zmq.block_manager import BlockManager
 from tgi_zmq.messages import SamplingParams
 from tgi_zmq.model_runner import ModelRunner
-from tgi_zmq.scheduler import Request, Scheduler
+from tgi_zmq.scheduler import Request, SchedulePolicy
 from tgi_zmq.step import build_step
 
 
@@ -21,9 +24,17 @@ def model_dir(request, tmp_path_factory):
     return request.param, tiny_model(request.param, tmp_path_factory.mktemp(request.param))
 
 
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return tiny_model("llama", tmp_path_factory.mktemp("llama"))
+
+
 def prompts(n: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(3, 512) for _ in range(rng.randrange(1, 40))] for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------- every architecture
 
 
 def test_greedy_alone_and_batched_match_transformers(model_dir):
@@ -54,7 +65,7 @@ def test_logits_of_one_forward_match_transformers(model_dir):
 def forward_logits(seq2seq: bool, folder, prompt: list[int], continuation: list[int]) -> torch.Tensor:
     """Our logits for every decoder position, from one prefill step of prompt + continuation."""
     runner = ModelRunner(str(folder), "float32", "cpu", 64, 4)
-    sched = Scheduler(BlockManager(64, 4), 512, 8, (), 10_000)
+    sched = SchedulePolicy(BlockManager(64, 4), 512, 8, (), 10_000)
     if seq2seq:
         req = Request("r", [runner.model.cfg.decoder_start_token_id, *continuation], SamplingParams(), 1)
         req.encoder_ids = prompt
@@ -62,9 +73,10 @@ def forward_logits(seq2seq: bool, folder, prompt: list[int], continuation: list[
         req = Request("r", prompt + continuation, SamplingParams(), 1)
     sched.add(req)
     step = build_step(sched.schedule(), 4)
-    meta = AttentionMetadata.build(step, 4)
-    rows = torch.arange(len(step["input_ids"]))
-    return runner.model.forward(step, runner.cache, meta, rows)
+    runner.states.apply(step)
+    batch = runner.forward_batch(step, step.layout())
+    batch.logit_rows = torch.arange(len(step.inputs.input_ids))
+    return runner.model.forward(batch, runner.cache)
 
 
 def test_t5_with_relu_and_tied_embeddings(tmp_path):
@@ -75,3 +87,110 @@ def test_t5_with_relu_and_tied_embeddings(tmp_path):
     assert run_engine(folder, ps, [SamplingParams()] * 3, 8)[0] == expected
     err = (forward_logits(True, folder, ps[0], ps[1]) - hf_logits(folder, ps[0], ps[1])).abs().max().item()
     assert err < 1e-4
+
+
+# ---------------------------------------------------------------------------------- scheduling (Llama)
+
+
+@pytest.mark.parametrize("max_step_tokens", [5, 16, 64])
+def test_overlapped_scheduling_gives_the_same_tokens(llama_dir, max_step_tokens):
+    """The scheduler one step behind the worker (placeholders), with chunking and preemption."""
+    ps = prompts(6, seed=1)
+    greedy = [SamplingParams()] * 3
+    sampled = [SamplingParams(do_sample=True, seed=s, repetition_penalty=1.2) for s in range(3)]
+    args = (llama_dir, ps, greedy + sampled, 10)
+    kwargs = dict(num_blocks=30, max_step_tokens=max_step_tokens, arrive_every=1)
+    lagging, _ = run_engine(*args, overlap=True, **kwargs)
+    assert lagging == run_engine(*args, overlap=False, **kwargs)[0]
+    assert all(t >= 0 for out in lagging for t in out)
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(llama_dir):
+    ps = prompts(4, seed=2)
+    sp = SamplingParams(do_sample=True, temperature=0.8, top_k=50, top_p=0.9, seed=42)
+    alone, _ = run_engine(llama_dir, [ps[0]], [sp], 8)
+    others = [SamplingParams(do_sample=True, seed=i) for i in range(3)]
+    batched, _ = run_engine(llama_dir, ps, [sp, *others], 8)
+    assert batched[0] == alone[0]
+
+
+def test_prefix_cache_gives_the_same_tokens(llama_dir):
+    system = prompts(1, seed=5)[0] * 4
+    ps = [system + p for p in prompts(5, seed=6)]
+    expected = [hf_greedy(llama_dir, p, 8) for p in ps]
+    params = [SamplingParams()] * len(ps)
+    cached, sched = run_engine(llama_dir, ps, params, 8, num_blocks=200, arrive_every=3)
+    assert sched.prefix_hit_tokens >= 4 * (len(system) // 4 * 4) - 4
+    uncached, sched = run_engine(
+        llama_dir, ps, params, 8, num_blocks=200, arrive_every=3, prefix_caching=False
+    )
+    assert sched.prefix_hit_tokens == 0
+    assert cached == uncached == expected
+
+
+def test_decodes_of_very_different_lengths_match(llama_dir):
+    """Short and long contexts decode in separate padded groups (see attention._by_length)."""
+    rng = random.Random(9)
+    ps = [[rng.randrange(3, 512) for _ in range(n)] for n in (5, 700, 12, 650)]
+    expected = [hf_greedy(llama_dir, p, 6) for p in ps]
+    got, _ = run_engine(llama_dir, ps, [SamplingParams()] * 4, 6, num_blocks=400, max_step_tokens=2048)
+    assert got == expected
+
+
+# ---------------------------------------------------------------------------------- penalties (Llama)
+
+
+@functools.cache
+def hf_causal_lm(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def hf_generate(folder: Path, prompt: list[int], max_new_tokens: int, **kwargs) -> list[int]:
+    """transformers' greedy continuation of ``prompt`` with extra ``generate`` arguments."""
+    out = hf_causal_lm(folder).generate(
+        torch.tensor([prompt]),
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        **kwargs,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+class FrequencyPenalty:
+    """The reference for ``frequency_penalty`` (transformers has no processor for it): each token's
+    logit loses ``penalty * count / len(history)``, the history being the prompt and the tokens
+    generated so far."""
+
+    def __init__(self, penalty: float):
+        self.penalty = penalty
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        ones = torch.ones_like(input_ids, dtype=scores.dtype)
+        counts = torch.zeros_like(scores).scatter_add_(1, input_ids, ones)
+        return scores - self.penalty * counts / input_ids.shape[1]
+
+
+@pytest.mark.parametrize(
+    ("params", "reference"),
+    [
+        (SamplingParams(repetition_penalty=1.3), dict(repetition_penalty=1.3)),
+        (SamplingParams(frequency_penalty=1.5), dict(logits_processor=[FrequencyPenalty(1.5)])),
+    ],
+    ids=["repetition", "frequency"],
+)
+def test_greedy_penalties_match_transformers(llama_dir, params, reference):
+    """Alone, then batched with unpenalised rows under the overlap schedule (the workers count the
+    sampled tokens) and preemption (a recomputed request sends its history again)."""
+    ps = prompts(6, seed=11)
+    expected = [hf_generate(llama_dir, p, 12, **reference) for p in ps]
+    plain = [hf_generate(llama_dir, p, 12) for p in ps]
+    assert expected != plain  # the penalty changes tokens here, so the test can tell
+    assert run_engine(llama_dir, [ps[1]], [params], 12)[0] == expected[1:2]
+    mixed = [params, SamplingParams()] * 3
+    got, sched = run_engine(llama_dir, ps, mixed, 12, num_blocks=30, max_step_tokens=16, overlap=True)
+    assert sched.num_preemptions > 0
+    assert got[0::2] == expected[0::2] and got[1::2] == plain[1::2]

@@ -9,12 +9,10 @@ import torch
 import torch.multiprocessing as mp
 
 from tests.conftest import free_port
-from tests.helpers import hf_greedy, run_engine, tiny_model
+from tests.helpers import ARCHITECTURES, hf_greedy, run_engine, tiny_model
 from tgi_zmq.messages import SamplingParams
 from tgi_zmq.models import load_model, weight_bytes
 from tgi_zmq.parallel import Shard, init_group
-
-SHARDED = ("llama", "mistral", "qwen2", "bloom", "t5")
 
 
 def test_split_covers_every_unit_once():
@@ -34,7 +32,7 @@ def test_heads_follow_their_kv_group_or_replicate_it():
         Shard(0, 2).heads(3, 1)
 
 
-@pytest.mark.parametrize("arch", SHARDED)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_each_rank_holds_about_half_of_the_weights(arch, tmp_path):
     folder = tiny_model(arch, tmp_path, vocab_size=4096)
     whole = weight_bytes(load_model(folder, "float32", "cpu"))
@@ -57,7 +55,7 @@ def _rank(rank: int, port: int, folder, prompts, results) -> None:
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("arch", [*SHARDED, "llama-biases"])
+@pytest.mark.parametrize("arch", [*ARCHITECTURES, "llama-biases"])
 def test_two_ranks_give_the_tokens_of_one(arch, tmp_path):
     # llama-biases: Llama with attention and MLP biases (the row-parallel ones live on rank 0 only)
     biases = dict(attention_bias=True, mlp_bias=True) if arch == "llama-biases" else {}

@@ -72,6 +72,7 @@ def test_tensors_are_read_on_demand_and_cast(sharded: Path) -> None:
     assert weights.has(MISSING) and not weights.has("nope")
     assert weights.used == set()
     assert weights.get(MISSING).dtype == torch.bfloat16
+    assert weights.get(MISSING, dtype=torch.float32).dtype == torch.float32  # a layer's own choice
     assert weights.used == {MISSING}
     assert MISSING not in weights.unused()
 

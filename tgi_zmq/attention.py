@@ -21,6 +21,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from tgi_zmq.block_manager import ceil_div
+
 PositionBias = Callable[[torch.Tensor], torch.Tensor]
 """Maps relative positions ``key - query`` [..., q, k] to float32 score biases [..., heads, q, k]."""
 
@@ -53,28 +55,21 @@ class AttentionMetadata:
     in_order: bool  # one decode group covering every row of the step, in order
 
     @classmethod
-    def build(cls, step: dict[str, torch.Tensor], block_size: int) -> AttentionMetadata:
-        return cls.for_pages(
-            step["query_start"], step["context_lens"], step["block_tables"], step["slot_mapping"], block_size
-        )
-
-    @classmethod
     def for_pages(
         cls,
-        query_start: torch.Tensor,
-        context_lens: torch.Tensor,
+        qs: list[int],
+        ctx: list[int],
         block_tables: torch.Tensor,
         slot_mapping: torch.Tensor | None,
         block_size: int,
         causal: bool = True,
     ) -> AttentionMetadata:
-        """Index tensors for queries ``query_start`` over pages holding ``context_lens`` keys each.
+        """Index tensors for queries ``qs`` (request b's are ``qs[b]:qs[b+1]``) over pages holding
+        ``ctx[b]`` keys each, made on the device of ``block_tables`` from host integers only.
 
         Non-causal (cross-attention): every query sees all its request's keys, which are
         all in the pages already.
         """
-        qs = query_start.tolist()
-        ctx = context_lens.tolist()
         tables = block_tables.long()
         decodes, prefills = [], []
         for b in range(len(ctx)):
@@ -90,34 +85,36 @@ class AttentionMetadata:
     def add_position_bias(self, bias: PositionBias) -> None:
         """Fold a position-dependent score bias into the masks (once per step, for all layers)."""
         for g in self.decode_groups:
-            rel = torch.arange(g.max_len).view(1, 1, -1) - g.query_pos.view(-1, 1, 1)  # [Bd, 1, L]
+            keys = torch.arange(g.max_len, device=g.bias.device)
+            rel = keys.view(1, 1, -1) - g.query_pos.view(-1, 1, 1)  # [Bd, 1, L]
             g.bias = g.bias + bias(rel)  # [Bd, heads, 1, L]
         for seq in self.prefills:
             ctx = seq.cached + seq.hi - seq.lo
             num_keys = seq.mask.shape[-1] if seq.mask is not None else ctx
-            mask = seq.mask if seq.mask is not None else _causal(0, ctx, num_keys)
-            rel = torch.arange(num_keys).view(1, -1) - torch.arange(seq.cached, ctx).view(-1, 1)
+            mask = seq.mask if seq.mask is not None else _causal(0, ctx, num_keys, self.slot_mapping.device)
+            keys = torch.arange(num_keys, device=mask.device)
+            rel = keys.view(1, -1) - torch.arange(seq.cached, ctx, device=mask.device).view(-1, 1)
             seq.mask = bias(rel).masked_fill(~mask, float("-inf"))
 
 
-def _causal(cached: int, ctx: int, num_keys: int) -> torch.Tensor:
-    return torch.arange(num_keys).view(1, -1) <= torch.arange(cached, ctx).view(-1, 1)
+def _causal(cached: int, ctx: int, num_keys: int, device: torch.device) -> torch.Tensor:
+    keys = torch.arange(num_keys, device=device).view(1, -1)
+    return keys <= torch.arange(cached, ctx, device=device).view(-1, 1)
 
 
 def _prefill_seq(
     lo: int, hi: int, ctx: int, table: torch.Tensor, block_size: int, causal: bool
 ) -> PrefillSeq:
     if not causal:  # all keys are in the pages
-        num_blocks = -(-ctx // block_size)
-        mask = (torch.arange(num_blocks * block_size) < ctx).expand(hi - lo, -1)
+        num_blocks = ceil_div(ctx, block_size)
+        mask = (torch.arange(num_blocks * block_size, device=table.device) < ctx).expand(hi - lo, -1)
         return PrefillSeq(lo, hi, ctx, table[:num_blocks].clone(), mask)
     cached = ctx - (hi - lo)
     if cached == 0:
         return PrefillSeq(lo, hi, 0, None, None)
-    num_blocks = -(-ctx // block_size)
-    return PrefillSeq(
-        lo, hi, cached, table[:num_blocks].clone(), _causal(cached, ctx, num_blocks * block_size)
-    )
+    num_blocks = ceil_div(ctx, block_size)
+    mask = _causal(cached, ctx, num_blocks * block_size, table.device)
+    return PrefillSeq(lo, hi, cached, table[:num_blocks].clone(), mask)
 
 
 def _by_length(decodes: list[int], ctx: list[int]) -> list[list[int]]:
@@ -138,13 +135,17 @@ def _by_length(decodes: list[int], ctx: list[int]) -> list[list[int]]:
 
 
 def _decode_group(decodes: list[int], qs: list[int], ctx: list[int], tables: torch.Tensor, block_size: int):
-    lens = torch.tensor([ctx[b] for b in decodes])
-    num_blocks = -(-int(lens.max()) // block_size)
-    blocks = tables[decodes, :num_blocks].reshape(-1)  # tables are padded with block 0
+    device = tables.device
+    lens = torch.tensor([ctx[b] for b in decodes], device=device)
+    num_blocks = ceil_div(max(ctx[b] for b in decodes), block_size)
+    # rows of a group share the longest row's page count; a shorter row's extra entries are stale
+    # or zero page ids, masked out below
+    blocks = tables[decodes, :num_blocks].reshape(-1)
     max_len = num_blocks * block_size
-    valid = torch.arange(max_len).view(1, -1) < lens.view(-1, 1)
-    bias = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf")).view(len(decodes), 1, 1, max_len)
-    rows = torch.tensor([qs[b] for b in decodes], dtype=torch.int64)
+    valid = torch.arange(max_len, device=device).view(1, -1) < lens.view(-1, 1)
+    bias = torch.zeros(valid.shape, device=device).masked_fill_(~valid, float("-inf"))
+    bias = bias.view(len(decodes), 1, 1, max_len)
+    rows = torch.tensor([qs[b] for b in decodes], dtype=torch.int64, device=device)
     return DecodeGroup(rows, blocks, bias, max_len, lens - 1)
 
 

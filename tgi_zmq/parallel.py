@@ -6,7 +6,8 @@ all-reduce; the embedding and the LM head are split by vocabulary rows (the embe
 lookups all-reduced, the LM head's logits gathered on rank 0, which samples). Splits may be
 uneven (SmolLM2 has 3 KV heads for 2 ranks): each rank takes a contiguous range.
 
-With one rank every collective is a no-op and nothing of ``torch.distributed`` is touched.
+The layers that hold these slices and call the collectives are in ``tgi_zmq.layers``. With one
+rank every collective is a no-op and nothing of ``torch.distributed`` is touched.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from tgi_zmq.block_manager import ceil_div
 
 COLLECTIVE_TIMEOUT = timedelta(seconds=10)  # a dead or hung rank fails the others' step in seconds
 
@@ -71,7 +74,7 @@ class Shard:
         if self.world == 1:
             return logits
         started = time.perf_counter()
-        width = -(-vocab_size // self.world)  # gather needs equal shapes: pad to the widest slice
+        width = ceil_div(vocab_size, self.world)  # gather needs equal shapes: pad to the widest slice
         padded = torch.nn.functional.pad(logits, (0, width - logits.shape[-1]))
         parts = [torch.empty_like(padded) for _ in range(self.world)] if self.rank == 0 else None
         dist.gather(padded, parts, dst=0)
@@ -101,13 +104,3 @@ def init_group(rank: int, world: int, master_addr: str, master_port: int, device
             timeout=COLLECTIVE_TIMEOUT,
         )
     return Shard(rank, world)
-
-
-def embed(ids: torch.Tensor, table: torch.Tensor, shard: Shard, vocab_size: int) -> torch.Tensor:
-    """Vocab-parallel embedding: each rank looks up the ids of its vocabulary slice, then a sum."""
-    if shard.world == 1:
-        return torch.nn.functional.embedding(ids, table)
-    lo, hi = shard.split(vocab_size)
-    mine = (ids >= lo) & (ids < hi)
-    x = torch.nn.functional.embedding((ids - lo).clamp(0, hi - lo - 1), table)
-    return shard.all_reduce(x * mine.unsqueeze(-1).to(x.dtype))

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from tgi_zmq.dtypes import to_torch
+from tgi_zmq.models.base import LaunchRules, ModelConfig, PagedModel
 from tgi_zmq.models.bloom import BloomConfig, BloomModel
 from tgi_zmq.models.llama import LlamaConfig, LlamaModel
 from tgi_zmq.models.t5 import T5Config, T5Model
@@ -23,14 +25,12 @@ ARCHITECTURES = {
     "bloom": (BloomConfig, BloomModel),
 }
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def read_config(folder: str | Path) -> dict:
     return json.loads((Path(folder) / "config.json").read_text())
 
 
-def architecture(hf: dict) -> tuple[type, type]:
+def architecture(hf: dict) -> tuple[type[ModelConfig], type[PagedModel]]:
     """The config and model classes for config.json's ``model_type``; a clear error if unsupported."""
     model_type = hf.get("model_type")
     if model_type not in ARCHITECTURES:
@@ -39,13 +39,39 @@ def architecture(hf: dict) -> tuple[type, type]:
     return ARCHITECTURES[model_type]
 
 
+def launch_rules(folder: str | Path, hf: dict) -> LaunchRules:
+    """The model-specific rules the launcher applies before any process loads the model."""
+    config_cls, _ = architecture(hf)
+    return LaunchRules(
+        context=config_cls.context_length(hf),
+        sliding_window=config_cls.sliding_window(hf),
+        decoder_start_token_id=config_cls.decoder_start(hf),
+        eos_token_ids=eos_token_ids(folder, hf),
+    )
+
+
+def eos_token_ids(folder: str | Path, hf: dict) -> tuple[int, ...]:
+    """EOS ids from config.json and generation_config.json (each an int or a list)."""
+    ids: list[int] = []
+    sources = [hf]
+    gen = Path(folder) / "generation_config.json"
+    if gen.exists():
+        sources.append(json.loads(gen.read_text()))
+    for source in sources:
+        value = source.get("eos_token_id")
+        for eos in value if isinstance(value, list) else [value]:
+            if isinstance(eos, int) and eos not in ids:
+                ids.append(eos)
+    return tuple(ids)
+
+
 def load_model(folder: str | Path, dtype: str, device: str, shard: Shard | None = None):
     """Build the model of ``folder`` with weights cast to ``dtype`` (this rank's slice of them)."""
     hf = read_config(folder)
     config_cls, model_cls = architecture(hf)
-    weights = Weights(folder, DTYPES[dtype], torch.device(device))
+    weights = Weights(folder, to_torch(dtype), torch.device(device))
     shard = shard or Shard()
-    model = model_cls(config_cls.from_hf(hf), weights, DTYPES[dtype], torch.device(device), shard)
+    model = model_cls(config_cls.from_hf(hf), weights, to_torch(dtype), torch.device(device), shard)
     unused = [n for n in weights.unused() if not n.endswith("rotary_emb.inv_freq")]
     if unused:
         log.warning("checkpoint tensors not used by the model: %s", ", ".join(unused[:20]))

@@ -1,13 +1,50 @@
-"""What every architecture shares: where it runs, its tensor-parallel slice and its KV pages."""
+"""What every architecture shares: its launch rules, where it runs, its tensor-parallel slice and its
+KV pages."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 
 from tgi_zmq.attention import KVCache
 from tgi_zmq.parallel import Shard
+
+DEFAULT_CONTEXT = 4096  # tokens served for a model whose positions set no limit (ALiBi, relative buckets)
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchRules:
+    """What the launcher must know of a checkpoint before any process loads it."""
+
+    context: int  # the longest sequence the model's positions allow
+    sliding_window: int | None  # attention window (not implemented: the context is capped to it)
+    decoder_start_token_id: int | None  # encoder-decoder models: the decoder's first token
+    eos_token_ids: tuple[int, ...]
+
+
+class ModelConfig:
+    """Base of the architectures' config classes. The launch rules are read from config.json alone:
+    the launcher applies them before any process loads the model (a subclass overrides what differs)."""
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
+        """The architecture's config from config.json."""
+        raise NotImplementedError
+
+    @classmethod
+    def context_length(cls, hf: dict[str, Any]) -> int:
+        return hf.get("max_position_embeddings") or DEFAULT_CONTEXT
+
+    @classmethod
+    def sliding_window(cls, hf: dict[str, Any]) -> int | None:
+        return None
+
+    @classmethod
+    def decoder_start(cls, hf: dict[str, Any]) -> int | None:
+        """The decoder's first token of an encoder-decoder model; None for a decoder-only one."""
+        return None
 
 
 class PagedModel:

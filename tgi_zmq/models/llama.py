@@ -3,9 +3,8 @@
 Mistral is Llama with a sliding window (the launcher caps the context to it); Qwen2 is Llama
 with q/k/v biases and, in its small sizes, tied embeddings.
 
-Weights are fused at load time (q|k|v into one matrix, gate|up into one) so a layer is
-four matmuls; the step's tokens are one flat batch (no padding) and only the rows that
-sample a token go through the LM head.
+q|k|v and gate|up are each one fused layer (one matmul), so a layer is four matmuls; the step's
+tokens are one flat batch (no padding) and only the rows that sample a token go through the LM head.
 """
 
 from __future__ import annotations
@@ -17,14 +16,23 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tgi_zmq.attention import AttentionMetadata, KVCache, paged_attention
-from tgi_zmq.models.base import PagedModel
+from tgi_zmq.attention import KVCache, paged_attention
+from tgi_zmq.layers import (
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RMSNorm,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from tgi_zmq.models.base import ModelConfig, PagedModel
 from tgi_zmq.models.weights import Weights
-from tgi_zmq.parallel import Shard, embed
+from tgi_zmq.parallel import Shard
+from tgi_zmq.step import ForwardBatch
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(ModelConfig):
     hidden_size: int
     intermediate_size: int
     num_layers: int
@@ -63,6 +71,14 @@ class LlamaConfig:
             mlp_bias=cfg.get("mlp_bias", False),
         )
 
+    @classmethod
+    def sliding_window(cls, hf: dict[str, Any]) -> int | None:
+        """Mistral's attention window (and Qwen2's, when it enables it)."""
+        window = hf.get("sliding_window")
+        if hf.get("model_type") == "qwen2" and not hf.get("use_sliding_window"):
+            return None
+        return window if isinstance(window, int) and window > 0 else None
+
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     """Inverse frequencies, with Llama 3 / linear rope scaling when the config asks for it."""
@@ -92,16 +108,12 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
 
 @dataclasses.dataclass
 class Layer:
-    input_norm: torch.Tensor
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
-    o_bias: torch.Tensor | None
-    post_norm: torch.Tensor
-    gate_up: torch.Tensor
-    gate_up_bias: torch.Tensor | None
-    down: torch.Tensor
-    down_bias: torch.Tensor | None
+    input_norm: RMSNorm
+    qkv: QKVParallelLinear
+    o: RowParallelLinear
+    post_norm: RMSNorm
+    gate_up: MergedColumnParallelLinear
+    down: RowParallelLinear
 
 
 class LlamaModel(PagedModel):
@@ -111,15 +123,12 @@ class LlamaModel(PagedModel):
         self, cfg: LlamaConfig, weights: Weights, dtype: torch.dtype, device: torch.device, shard: Shard
     ):
         super().__init__(cfg, dtype, device, shard)
-        (q_lo, q_hi), (kv_lo, kv_hi) = shard.heads(cfg.num_heads, cfg.num_kv_heads)
-        self.num_heads, self.num_kv_heads = q_hi - q_lo, kv_hi - kv_lo
-        self.head_rows = shard.rows((q_lo, q_hi), cfg.head_dim)
-        self.kv_rows = shard.rows((kv_lo, kv_hi), cfg.head_dim)
-        vocab = shard.part(cfg.vocab_size)
-        self.embed = weights.get("model.embed_tokens.weight", rows=vocab)
-        self.norm = weights.get("model.norm.weight")
-        self.lm_head = self.embed if cfg.tie_word_embeddings else weights.get("lm_head.weight", rows=vocab)
+        self.embed = VocabParallelEmbedding(weights, "model.embed_tokens.weight", shard, cfg.vocab_size)
+        self.norm = RMSNorm(weights, "model.norm.weight", cfg.rms_norm_eps)
+        tied = self.embed if cfg.tie_word_embeddings else None
+        self.lm_head = ParallelLMHead(weights, "lm_head", shard, cfg.vocab_size, tied)
         self.layers = [self._load_layer(weights, i) for i in range(cfg.num_layers)]
+        self.num_heads, self.num_kv_heads = self.layers[0].qkv.num_heads, self.layers[0].qkv.num_kv_heads
         inv_freq = rope_inv_freq(cfg)
         positions = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)
@@ -129,67 +138,39 @@ class LlamaModel(PagedModel):
         self.scale = cfg.head_dim**-0.5
 
     def _load_layer(self, w: Weights, i: int) -> Layer:
-        c = self.cfg
+        c, shard = self.cfg, self.shard
         p = f"model.layers.{i}."
         attn, mlp = p + "self_attn.", p + "mlp."
-
-        units = self.shard.part(c.intermediate_size)
-        qkv_rows = {"q_proj": self.head_rows, "k_proj": self.kv_rows, "v_proj": self.kv_rows}
-
-        def fused(prefix: str, rows: dict, suffix: str, present: bool = True) -> torch.Tensor | None:
-            return (
-                torch.cat([w.get(f"{prefix}{n}.{suffix}", rows=r) for n, r in rows.items()])
-                if present
-                else None
-            )
-
-        gate_up = {"gate_proj": units, "up_proj": units}
+        qkv_names = [attn + n for n in ("q_proj", "k_proj", "v_proj")]
+        qkv = QKVParallelLinear(w, qkv_names, shard, c.num_heads, c.num_kv_heads, c.head_dim, bias=c.qkv_bias)
         return Layer(
-            input_norm=w.get(p + "input_layernorm.weight"),
-            qkv=fused(attn, qkv_rows, "weight"),
-            qkv_bias=fused(attn, qkv_rows, "bias", c.qkv_bias),
-            o=w.get(attn + "o_proj.weight", cols=self.head_rows),
-            o_bias=w.get_row_bias(attn + "o_proj.bias", self.shard.rank) if c.o_bias else None,
-            post_norm=w.get(p + "post_attention_layernorm.weight"),
-            gate_up=fused(mlp, gate_up, "weight"),
-            gate_up_bias=fused(mlp, gate_up, "bias", c.mlp_bias),
-            down=w.get(mlp + "down_proj.weight", cols=units),
-            down_bias=w.get_row_bias(mlp + "down_proj.bias", self.shard.rank) if c.mlp_bias else None,
+            input_norm=RMSNorm(w, p + "input_layernorm.weight", c.rms_norm_eps),
+            qkv=qkv,
+            o=RowParallelLinear(w, attn + "o_proj", shard, qkv.q_heads, c.head_dim, bias=c.o_bias),
+            post_norm=RMSNorm(w, p + "post_attention_layernorm.weight", c.rms_norm_eps),
+            gate_up=MergedColumnParallelLinear(
+                w, [mlp + "gate_proj", mlp + "up_proj"], shard, c.intermediate_size, bias=c.mlp_bias
+            ),
+            down=RowParallelLinear(w, mlp + "down_proj", shard, c.intermediate_size, bias=c.mlp_bias),
         )
 
-    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # Like transformers: normalise in float32, scale in the model dtype.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps)
-        return weight * xf.to(x.dtype)
-
     @torch.inference_mode()
-    def forward(
-        self, step: dict[str, torch.Tensor], cache: KVCache, meta: AttentionMetadata, logit_rows: torch.Tensor
-    ) -> torch.Tensor | None:
+    def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor | None:
         """Run the step's flat tokens (see ``tgi_zmq.step``); float32 logits of ``logit_rows``.
 
         With tensor parallelism only rank 0 gets the logits (None on the other ranks).
         """
-        c, shard = self.cfg, self.shard
-        x = embed(step["input_ids"], self.embed, shard, c.vocab_size)
-        cos = self.cos_table[step["positions"]].unsqueeze(1)
-        sin = self.sin_table[step["positions"]].unsqueeze(1)
-        q_size, kv_size = self.num_heads * c.head_dim, self.num_kv_heads * c.head_dim
+        x = self.embed(batch.input_ids)
+        cos = self.cos_table[batch.positions].unsqueeze(1)
+        sin = self.sin_table[batch.positions].unsqueeze(1)
         for i, layer in enumerate(self.layers):
-            h = self._rms_norm(x, layer.input_norm)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
-            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-            q = _rope(q.view(-1, self.num_heads, c.head_dim), cos, sin)
-            k = _rope(k.view(-1, self.num_kv_heads, c.head_dim), cos, sin)
-            v = v.view(-1, self.num_kv_heads, c.head_dim)
-            attn = paged_attention(q, k, v, cache.k[i], cache.v[i], meta, self.scale)
-            x = x + shard.all_reduce(F.linear(attn.reshape(-1, q_size), layer.o, layer.o_bias))
-            h = self._rms_norm(x, layer.post_norm)
-            gate, up = F.linear(h, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-            x = x + shard.all_reduce(F.linear(F.silu(gate) * up, layer.down, layer.down_bias))
-        h = self._rms_norm(x[logit_rows], self.norm)
-        return shard.gather_vocab(F.linear(h, self.lm_head).float(), c.vocab_size)
+            q, k, v = layer.qkv.split(layer.qkv(layer.input_norm(x)))
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            attn = paged_attention(q, k, v, cache.k[i], cache.v[i], batch.attention, self.scale)
+            x = x + layer.o(attn.flatten(1))
+            gate, up = layer.gate_up.split(layer.gate_up(layer.post_norm(x)))
+            x = x + layer.down(F.silu(gate) * up)
+        return self.lm_head(self.norm(x[batch.logit_rows]))
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

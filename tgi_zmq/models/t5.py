@@ -25,10 +25,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tgi_zmq.attention import AttentionMetadata, KVCache, paged_attention, store_kv
-from tgi_zmq.models.base import PagedModel
+from tgi_zmq.attention import KVCache, paged_attention, store_kv
+from tgi_zmq.layers import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RMSNorm,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from tgi_zmq.models.base import ModelConfig, PagedModel
 from tgi_zmq.models.weights import Weights
-from tgi_zmq.parallel import Shard, embed
+from tgi_zmq.parallel import Shard
+from tgi_zmq.step import EncoderBatch, ForwardBatch
 
 ACTIVATIONS = {
     "relu": F.relu,
@@ -40,7 +50,7 @@ ACTIVATIONS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class T5Config:
+class T5Config(ModelConfig):
     d_model: int
     d_ff: int
     vocab_size: int
@@ -55,7 +65,6 @@ class T5Config:
     gated: bool
     tie_word_embeddings: bool
     decoder_start_token_id: int
-    model_type: str = "t5"
 
     @property
     def num_kv_heads(self) -> int:
@@ -79,8 +88,14 @@ class T5Config:
             activation="gelu_new" if proj == "gated-gelu" else act,
             gated=proj.startswith("gated-"),
             tie_word_embeddings=cfg.get("tie_word_embeddings", True),
-            decoder_start_token_id=cfg.get("decoder_start_token_id") or 0,
+            decoder_start_token_id=cls.decoder_start(cfg),
         )
+
+    @classmethod
+    def decoder_start(cls, hf: dict[str, Any]) -> int:
+        """config.json's ``decoder_start_token_id``, else the pad token (T5 starts from it), else 0."""
+        start = hf.get("decoder_start_token_id")
+        return start if isinstance(start, int) else hf.get("pad_token_id") or 0
 
 
 def relative_bucket(
@@ -101,27 +116,29 @@ def relative_bucket(
 
 
 @dataclasses.dataclass
-class Attention:
-    norm: torch.Tensor
-    qkv: torch.Tensor  # q|k|v fused: self-attention projects once; cross-attention uses ``q`` and ``kv``
-    o: torch.Tensor
+class SelfAttention:
+    norm: RMSNorm
+    qkv: QKVParallelLinear
+    o: RowParallelLinear
 
-    @property
-    def q(self) -> torch.Tensor:
-        return self.qkv[: len(self.qkv) // 3]
 
-    @property
-    def kv(self) -> torch.Tensor:
-        return self.qkv[len(self.qkv) // 3 :]
+@dataclasses.dataclass
+class CrossAttention:
+    """Queries from the decoder; keys and values from the encoder output (once per request)."""
+
+    norm: RMSNorm
+    q: ColumnParallelLinear
+    kv: MergedColumnParallelLinear
+    o: RowParallelLinear
 
 
 @dataclasses.dataclass
 class Block:
-    self_attn: Attention
-    cross_attn: Attention | None  # decoder blocks only
-    ff_norm: torch.Tensor
-    wi: torch.Tensor  # gated: wi_0|wi_1 fused
-    wo: torch.Tensor
+    self_attn: SelfAttention
+    cross_attn: CrossAttention | None  # decoder blocks only
+    ff_norm: RMSNorm
+    wi: MergedColumnParallelLinear  # gated: wi_0|wi_1
+    wo: RowParallelLinear
 
 
 class T5Model(PagedModel):
@@ -131,51 +148,49 @@ class T5Model(PagedModel):
         self, cfg: T5Config, weights: Weights, dtype: torch.dtype, device: torch.device, shard: Shard
     ):
         super().__init__(cfg, dtype, device, shard)
-        (lo, hi), _ = shard.heads(cfg.num_heads, cfg.num_kv_heads)
-        self.num_heads = self.num_kv_heads = hi - lo
-        heads = shard.rows((lo, hi), 1)  # columns of the relative-bias tables [buckets, heads]
-        self.head_rows = shard.rows((lo, hi), cfg.head_dim)
-        get = weights.get
-        vocab = shard.part(cfg.vocab_size)
-        self.embed = get("shared.weight", rows=vocab)
+        self.heads, _ = shard.heads(cfg.num_heads, cfg.num_kv_heads)
+        self.num_heads = self.num_kv_heads = self.heads[1] - self.heads[0]
+        self.embed = VocabParallelEmbedding(weights, "shared.weight", shard, cfg.vocab_size)
         for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
-            if weights.has(alias):
-                weights.used.add(alias)  # saved copies of the shared embedding
-        self.lm_head = self.embed if cfg.tie_word_embeddings else get("lm_head.weight", rows=vocab)
+            weights.mark_used(alias)  # saved copies of the shared embedding
+        tied = self.embed if cfg.tie_word_embeddings else None
+        self.lm_head = ParallelLMHead(weights, "lm_head", shard, cfg.vocab_size, tied)
         self.encoder = [self._load_block(weights, "encoder", i) for i in range(cfg.num_encoder_layers)]
         self.decoder = [self._load_block(weights, "decoder", i) for i in range(cfg.num_layers)]
-        self.encoder_norm = get("encoder.final_layer_norm.weight")
-        self.decoder_norm = get("decoder.final_layer_norm.weight")
+        self.encoder_norm = RMSNorm(weights, "encoder.final_layer_norm.weight", cfg.eps)
+        self.decoder_norm = RMSNorm(weights, "decoder.final_layer_norm.weight", cfg.eps)
         bias_name = "{}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"  # [buckets, heads]
-        self.encoder_bias = get(bias_name.format("encoder"), cols=heads).float()
-        self.decoder_bias = get(bias_name.format("decoder"), cols=heads).float()
+        heads = shard.rows(self.heads, 1)  # this rank's columns of the tables
+        self.encoder_bias = weights.get(bias_name.format("encoder"), cols=heads).float()
+        self.decoder_bias = weights.get(bias_name.format("decoder"), cols=heads).float()
 
     def _load_block(self, w: Weights, stack: str, i: int) -> Block:
+        c, shard, heads = self.cfg, self.shard, self.heads
         p = f"{stack}.block.{i}.layer."
-        decoder = stack == "decoder"
-        rows, units = self.head_rows, self.shard.part(self.cfg.d_ff)
-
-        def attention(layer: str, name: str) -> Attention:
-            a = f"{p}{layer}.{name}."
-            return Attention(
-                norm=w.get(f"{p}{layer}.layer_norm.weight"),
-                qkv=torch.cat([w.get(f"{a}{n}.weight", rows=rows) for n in "qkv"]),
-                o=w.get(a + "o.weight", cols=rows),
-            )
-
-        ff = f"{p}{2 if decoder else 1}."
-        wi = ["wi_0", "wi_1"] if self.cfg.gated else ["wi"]
-        return Block(
-            self_attn=attention("0", "SelfAttention"),
-            cross_attn=attention("1", "EncDecAttention") if decoder else None,
-            ff_norm=w.get(ff + "layer_norm.weight"),
-            wi=torch.cat([w.get(f"{ff}DenseReluDense.{n}.weight", rows=units) for n in wi]),
-            wo=w.get(ff + "DenseReluDense.wo.weight", cols=units),
+        attn, cross = f"{p}0.SelfAttention.", f"{p}1.EncDecAttention."
+        qkv = QKVParallelLinear(w, [attn + n for n in "qkv"], shard, c.num_heads, c.num_kv_heads, c.head_dim)
+        self_attn = SelfAttention(
+            norm=RMSNorm(w, f"{p}0.layer_norm.weight", c.eps),
+            qkv=qkv,
+            o=RowParallelLinear(w, attn + "o", shard, qkv.q_heads, c.head_dim),
         )
-
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return weight * (x * torch.rsqrt(variance + self.cfg.eps)).to(x.dtype)
+        cross_attn = None
+        if stack == "decoder":
+            cross_attn = CrossAttention(
+                norm=RMSNorm(w, f"{p}1.layer_norm.weight", c.eps),
+                q=ColumnParallelLinear(w, cross + "q", shard, heads, c.head_dim),
+                kv=MergedColumnParallelLinear(w, [cross + "k", cross + "v"], shard, heads, c.head_dim),
+                o=RowParallelLinear(w, cross + "o", shard, heads, c.head_dim),
+            )
+        ff = f"{p}{1 if cross_attn is None else 2}."
+        wi = ["wi_0", "wi_1"] if c.gated else ["wi"]
+        return Block(
+            self_attn=self_attn,
+            cross_attn=cross_attn,
+            ff_norm=RMSNorm(w, ff + "layer_norm.weight", c.eps),
+            wi=MergedColumnParallelLinear(w, [f"{ff}DenseReluDense.{n}" for n in wi], shard, c.d_ff),
+            wo=RowParallelLinear(w, ff + "DenseReluDense.wo", shard, c.d_ff),
+        )
 
     def _position_bias(self, table: torch.Tensor, bidirectional: bool):
         c = self.cfg
@@ -187,69 +202,56 @@ class T5Model(PagedModel):
         return bias
 
     def _feed_forward(self, x: torch.Tensor, block: Block) -> torch.Tensor:
-        h = F.linear(self._norm(x, block.ff_norm), block.wi)
+        h = block.wi.split(block.wi(block.ff_norm(x)))
         act = ACTIVATIONS[self.cfg.activation]
-        h = act(h[..., : h.shape[-1] // 2]) * h[..., h.shape[-1] // 2 :] if self.cfg.gated else act(h)
-        return x + self.shard.all_reduce(F.linear(h, block.wo))
+        return x + block.wo(act(h[0]) * h[1] if self.cfg.gated else act(h[0]))
 
     @torch.inference_mode()
-    def forward(
-        self, step: dict[str, torch.Tensor], cache: KVCache, meta: AttentionMetadata, logit_rows: torch.Tensor
-    ) -> torch.Tensor | None:
+    def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor | None:
         """Encode the new prompts (filling their cross-attention pages), then run the decoder tokens.
 
         With tensor parallelism only rank 0 gets the logits (None on the other ranks).
         """
-        c, shard = self.cfg, self.shard
-        if step["encoder_ids"].numel():
-            self._encode(step, cache)
-        block_size = cache.k[0].shape[1]
-        cross = AttentionMetadata.for_pages(
-            step["query_start"], step["cross_lens"], step["cross_tables"], None, block_size, causal=False
-        )
+        c, encoder = self.cfg, batch.encoder
+        if len(encoder.start) > 1:
+            self._encode(encoder, cache)
+        meta, cross = batch.attention, encoder.cross_attention
         meta.add_position_bias(self._position_bias(self.decoder_bias, bidirectional=False))
-        x = embed(step["input_ids"], self.embed, shard, c.vocab_size)
+        x = self.embed(batch.input_ids)
         for i, block in enumerate(self.decoder):
-            q, k, v = self._qkv(x, block.self_attn)
-            attn = paged_attention(q, k, v, cache.k[i], cache.v[i], meta, 1.0)
-            x = x + shard.all_reduce(F.linear(attn.flatten(1), block.self_attn.o))
-            cross_q = F.linear(self._norm(x, block.cross_attn.norm), block.cross_attn.q).view(q.shape)
-            attn = paged_attention(cross_q, None, None, cache.k[i], cache.v[i], cross, 1.0)
-            x = x + shard.all_reduce(F.linear(attn.flatten(1), block.cross_attn.o))
+            a = block.self_attn
+            q, k, v = a.qkv.split(a.qkv(a.norm(x)))
+            x = x + a.o(paged_attention(q, k, v, cache.k[i], cache.v[i], meta, 1.0).flatten(1))
+            a = block.cross_attn
+            q = a.q(a.norm(x)).view(q.shape)  # the keys and values are in the cross-attention pages
+            x = x + a.o(paged_attention(q, None, None, cache.k[i], cache.v[i], cross, 1.0).flatten(1))
             x = self._feed_forward(x, block)
-        h = self._norm(x[logit_rows], self.decoder_norm)
+        h = self.decoder_norm(x[batch.logit_rows])
         if c.tie_word_embeddings:
             h = h * c.d_model**-0.5
-        return shard.gather_vocab(F.linear(h, self.lm_head).float(), c.vocab_size)
+        return self.lm_head(h)
 
-    def _qkv(self, x: torch.Tensor, attn: Attention) -> tuple[torch.Tensor, ...]:
-        qkv = F.linear(self._norm(x, attn.norm), attn.qkv)
-        return qkv.view(-1, 3 * self.num_heads, self.cfg.head_dim).chunk(3, dim=1)
-
-    def _kv(self, h: torch.Tensor, attn: Attention) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = F.linear(h, attn.kv).view(-1, 2 * self.num_heads, self.cfg.head_dim).chunk(2, dim=1)
-        return k, v
-
-    def _encode(self, step: dict[str, torch.Tensor], cache: KVCache) -> None:
+    def _encode(self, encoder: EncoderBatch, cache: KVCache) -> None:
         """Run the encoder over each new prompt; store every decoder layer's cross K/V in the pages."""
-        c = self.cfg
-        bounds = step["encoder_start"].tolist()
+        bounds = list(zip(encoder.start, encoder.start[1:], strict=False))  # host ints: no device reads
         bias = self._position_bias(self.encoder_bias, bidirectional=True)
         masks = []
-        for lo, hi in zip(bounds, bounds[1:], strict=False):
+        for lo, hi in bounds:
             pos = torch.arange(hi - lo, device=self.device)
             masks.append(bias(pos.view(1, -1) - pos.view(-1, 1)).unsqueeze(0).to(self.dtype))
-        x = embed(step["encoder_ids"], self.embed, self.shard, c.vocab_size)
+        x = self.embed(encoder.ids)
         for block in self.encoder:
-            q, k, v = self._qkv(x, block.self_attn)
+            a = block.self_attn
+            q, k, v = a.qkv.split(a.qkv(a.norm(x)))
             attn = torch.empty_like(q)
-            for (lo, hi), mask in zip(zip(bounds, bounds[1:], strict=False), masks, strict=True):
+            for (lo, hi), mask in zip(bounds, masks, strict=True):
                 seq = [t[lo:hi].transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
                 out = F.scaled_dot_product_attention(*seq, attn_mask=mask, scale=1.0)
                 attn[lo:hi] = out.squeeze(0).transpose(0, 1)
-            x = x + self.shard.all_reduce(F.linear(attn.flatten(1), block.self_attn.o))
+            x = x + a.o(attn.flatten(1))
             x = self._feed_forward(x, block)
-        encoded = self._norm(x, self.encoder_norm)
+        encoded = self.encoder_norm(x)
         for i, block in enumerate(self.decoder):
-            k, v = self._kv(encoded, block.cross_attn)
-            store_kv(k, v, cache.k[i], cache.v[i], step["encoder_slots"])
+            kv = block.cross_attn.kv
+            k, v = (t.view(-1, self.num_heads, self.cfg.head_dim) for t in kv.split(kv(encoded)))
+            store_kv(k, v, cache.k[i], cache.v[i], encoder.slots)

@@ -48,9 +48,14 @@ class Weights:
         return name in self.files
 
     def get(
-        self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None
+        self,
+        name: str,
+        rows: tuple[int, int] | None = None,
+        cols: tuple[int, int] | None = None,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """Tensor ``name`` cast to the model's dtype and device; MissingTensorError if absent.
+        """Tensor ``name`` on the model's device, cast to ``dtype`` (None: the model's dtype; a
+        quantized layer keeps its integers); MissingTensorError if absent.
 
         ``rows``/``cols``: read only that range of the first/second dimension (a tensor-parallel slice).
         """
@@ -66,16 +71,15 @@ class Weights:
             part = self._handles[path].get_slice(name)
             r, c = slice(*rows) if rows else slice(None), slice(*cols) if cols else slice(None)
             tensor = part[r] if cols is None else part[r, c]
-        tensor = tensor.to(dtype=self.dtype, device=self.device).contiguous()
+        tensor = tensor.to(dtype=dtype or self.dtype, device=self.device).contiguous()
         self._report_progress()
         return tensor
 
-    def get_row_bias(self, name: str, rank: int) -> torch.Tensor | None:
-        """A row-parallel layer's bias: added once, before the ranks' sum, so only rank 0 holds it."""
-        if rank == 0:
-            return self.get(name)
-        self.used.add(name)  # read by rank 0: not an unused tensor of the checkpoint
-        return None
+    def mark_used(self, name: str) -> None:
+        """Count ``name`` as read without reading it (a tensor only another rank holds, a saved copy
+        of a shared one), so that it is not reported as unused."""
+        if name in self.files:
+            self.used.add(name)
 
     def _report_progress(self) -> None:
         done = len(self.used) / len(self.files)

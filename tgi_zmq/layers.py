@@ -1,0 +1,247 @@
+"""Layers that load their own tensor-parallel slice of a checkpoint: the seam between the models and
+how weights are stored and split.
+
+A model declares its layers by checkpoint name; each layer reads the rows or columns its rank holds
+through ``Weights`` and owns the communication its split needs (Megatron's, see ``tgi_zmq.parallel``):
+- column-parallel linears hold a range of output features (heads, MLP units) and need none: their
+  consumer works on the same range;
+- a row-parallel linear holds the matching range of input features, and one all-reduce sums the
+  ranks' partial outputs; its bias is added once, so only rank 0 holds it;
+- the embedding and the LM head hold a range of the vocabulary (lookups all-reduced, logits gathered
+  on rank 0).
+With one rank every slice is the whole tensor and nothing communicates.
+
+A linear layer's weights are made and multiplied by its ``LinearMethod``: a quantized format or a
+LoRA delta is one new method class, not an edit of every model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from tgi_zmq.parallel import Shard
+
+if TYPE_CHECKING:  # the models package imports this module
+    from tgi_zmq.models.weights import Weights
+
+Range = tuple[int, int] | None
+"""Rows (or columns) ``[lo, hi)`` of a checkpoint tensor; None: all of them (one rank)."""
+
+Units = int | tuple[int, int]
+"""How a layer is split: a count of units split evenly over the ranks, or this rank's range of them
+when the split is decided elsewhere (the query heads of a ``QKVParallelLinear``)."""
+
+
+class LinearMethod(Protocol):
+    """How a linear layer's weights are stored and multiplied (dense, quantized, with a LoRA delta)."""
+
+    def load(self, layer: Linear, weights: Weights, parts: Sequence[tuple[str, Range]], cols: Range) -> None:
+        """Set ``layer``'s parameters from the checkpoint: the ``parts`` (tensor prefix, its rows)
+        stacked by output rows, each read with the input columns ``cols``."""
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        """``x W^T + layer.bias`` (the bias may be None)."""
+
+
+class UnquantizedLinear:
+    """A dense ``<prefix>.weight`` [out, in] stored in ``dtype`` (None: the model's dtype)."""
+
+    def __init__(self, dtype: torch.dtype | None = None):
+        self.dtype = dtype
+
+    def load(self, layer: Linear, weights: Weights, parts: Sequence[tuple[str, Range]], cols: Range) -> None:
+        layer.weight = _cat([weights.get(f"{p}.weight", rows, cols, self.dtype) for p, rows in parts])
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight, layer.bias)
+
+
+class Linear:
+    """``x W^T + b`` over checkpoint ``parts`` (tensor prefix, its rows) stacked by output rows, read
+    with input columns ``cols``: several parts make one matmul (q|k|v, gate|up)."""
+
+    def __init__(
+        self,
+        weights: Weights,
+        parts: Sequence[tuple[str, Range]],
+        cols: Range = None,
+        bias: bool = False,
+        method: LinearMethod | None = None,
+    ):
+        self.method = method or UnquantizedLinear()
+        self.method.load(self, weights, parts, cols)
+        self.bias = _cat([weights.get(f"{p}.bias", rows) for p, rows in parts]) if bias else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(self, x)
+
+
+class MergedColumnParallelLinear(Linear):
+    """Linears with the same input stacked into one matmul (gate|up, T5's k|v): each splits its
+    ``units`` of ``width`` output rows over the ranks alike; ``split`` cuts the output back."""
+
+    def __init__(
+        self,
+        weights: Weights,
+        prefixes: Sequence[str],
+        shard: Shard,
+        units: Units,
+        width: int = 1,
+        bias: bool = False,
+        method: LinearMethod | None = None,
+    ):
+        (lo, hi), rows = _slice(shard, units, width)
+        super().__init__(weights, [(p, rows) for p in prefixes], None, bias, method)
+        self.sizes = [(hi - lo) * width] * len(prefixes)
+
+    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return y.split(self.sizes, dim=-1)
+
+
+class ColumnParallelLinear(MergedColumnParallelLinear):
+    """This rank's range of the output features (``units`` of ``width`` rows), a merge of one: no
+    communication, as its consumer works on the same range (heads, MLP units)."""
+
+    def __init__(
+        self,
+        weights: Weights,
+        prefix: str,
+        shard: Shard,
+        units: Units,
+        width: int = 1,
+        bias: bool = False,
+        method: LinearMethod | None = None,
+    ):
+        super().__init__(weights, [prefix], shard, units, width, bias, method)
+
+
+class QKVParallelLinear(Linear):
+    """q|k|v in one matmul, split by heads: a rank's query heads follow their KV heads, and KV heads
+    are replicated when there are fewer than ranks (``Shard.heads``)."""
+
+    def __init__(
+        self,
+        weights: Weights,
+        prefixes: Sequence[str],
+        shard: Shard,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        bias: bool = False,
+        method: LinearMethod | None = None,
+    ):
+        q_heads, kv_heads = shard.heads(num_heads, num_kv_heads)
+        q, kv = shard.rows(q_heads, head_dim), shard.rows(kv_heads, head_dim)
+        super().__init__(weights, list(zip(prefixes, (q, kv, kv), strict=True)), None, bias, method)
+        self.q_heads = q_heads  # the output projection takes the matching input columns
+        self.num_heads, self.num_kv_heads = q_heads[1] - q_heads[0], kv_heads[1] - kv_heads[0]
+        self.head_dim = head_dim
+
+    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The output as q [T, heads, head_dim], k and v [T, kv_heads, head_dim]."""
+        d, heads, kv_heads = self.head_dim, self.num_heads, self.num_kv_heads
+        q, k, v = y.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+        return q.view(-1, heads, d), k.view(-1, kv_heads, d), v.view(-1, kv_heads, d)
+
+
+class RowParallelLinear(Linear):
+    """This rank's range of the input features (``units`` of ``width`` columns); one all-reduce sums
+    the ranks' partial outputs, so the bias, added once, lives on rank 0 only."""
+
+    def __init__(
+        self,
+        weights: Weights,
+        prefix: str,
+        shard: Shard,
+        units: Units,
+        width: int = 1,
+        bias: bool = False,
+        method: LinearMethod | None = None,
+    ):
+        _, cols = _slice(shard, units, width)
+        super().__init__(weights, [(prefix, None)], cols, bias and shard.rank == 0, method)
+        if bias and shard.rank != 0:
+            weights.mark_used(f"{prefix}.bias")  # rank 0 reads it
+        self.shard = shard
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shard.all_reduce(self.method.apply(self, x))
+
+
+class VocabParallelEmbedding:
+    """This rank's range of the vocabulary: each rank looks up the ids it holds (zeros for the
+    others) and an all-reduce sums the lookups."""
+
+    def __init__(self, weights: Weights, name: str, shard: Shard, vocab_size: int):
+        self.weight = weights.get(name, rows=shard.part(vocab_size))
+        self.shard, self.vocab_size = shard, vocab_size
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.shard.world == 1:
+            return F.embedding(ids, self.weight)
+        lo, hi = self.shard.split(self.vocab_size)
+        mine = (ids >= lo) & (ids < hi)
+        x = F.embedding((ids - lo).clamp(0, hi - lo - 1), self.weight)
+        return self.shard.all_reduce(x * mine.unsqueeze(-1).to(x.dtype))
+
+
+class ParallelLMHead(Linear):
+    """This rank's range of the vocabulary's logits, gathered on rank 0 in float32 (None elsewhere).
+    ``tied``: the embedding's own weight (same vocabulary range) instead of ``<prefix>.weight``."""
+
+    def __init__(
+        self,
+        weights: Weights,
+        prefix: str,
+        shard: Shard,
+        vocab_size: int,
+        tied: VocabParallelEmbedding | None = None,
+        method: LinearMethod | None = None,
+    ):
+        if tied is None:
+            super().__init__(weights, [(prefix, shard.part(vocab_size))], None, False, method)
+        else:
+            self.method, self.weight, self.bias = UnquantizedLinear(), tied.weight, None
+        self.shard, self.vocab_size = shard, vocab_size
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor | None:
+        return self.shard.gather_vocab(self.method.apply(self, h).float(), self.vocab_size)
+
+
+class RMSNorm:
+    """RMS norm (Llama, T5) as transformers: normalised in float32, scaled in the model dtype."""
+
+    def __init__(self, weights: Weights, name: str, eps: float):
+        self.weight = weights.get(name)
+        self.eps = eps
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class LayerNorm:
+    """LayerNorm with ``<prefix>.weight`` and ``<prefix>.bias`` (BLOOM)."""
+
+    def __init__(self, weights: Weights, prefix: str, eps: float):
+        self.weight = weights.get(f"{prefix}.weight")
+        self.bias = weights.get(f"{prefix}.bias")
+        self.eps = eps
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+def _slice(shard: Shard, units: Units, width: int) -> tuple[tuple[int, int], Range]:
+    """(this rank's unit range, its rows or columns in the checkpoint tensor)."""
+    lo, hi = shard.split(units) if isinstance(units, int) else units
+    return (lo, hi), shard.rows((lo, hi), width)
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
