@@ -7,7 +7,7 @@ import uuid
 import pytest
 import torch
 
-from tgi_zmq.transport import SHM_DIR, ShmBuffer, TensorReader, TensorRing, remove_stale
+from tgi_zmq.transport import SHM_DIR, ShmBuffer, TensorBuffer, TensorReader, TensorRing, remove_stale
 
 
 @pytest.fixture
@@ -45,6 +45,26 @@ def test_ring_round_trip_and_round_robin(prefix):
     reader.close()
     ring.close()
     assert not list(SHM_DIR.glob(prefix + "-*"))
+
+
+def test_any_byte_tensor_is_a_buffer():
+    """The packing is the base class's (``CudaIpcBuffer`` uses it on device bytes): here plain host bytes."""
+
+    class Plain(TensorBuffer):
+        def __init__(self, size: int):
+            self.name, self.size, self.bytes = "plain", size, torch.zeros(size, dtype=torch.uint8)
+
+        def close(self) -> None:
+            pass
+
+    buffer = Plain(1 << 12)
+    tensors = sample_tensors()
+    refs = buffer.write(tensors)
+    assert all(ref.offset % 64 == 0 for ref in refs)
+    got = buffer.read(refs)
+    for key, value in tensors.items():
+        assert got[key].dtype == value.dtype and torch.equal(got[key], value)
+    assert buffer.handle() is None and ShmBuffer.handle is TensorBuffer.handle
 
 
 def test_another_process_reads_the_same_bytes(prefix):

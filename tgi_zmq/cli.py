@@ -14,15 +14,19 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
-from tgi_zmq.config import RUNTIME_DIR_ENV, ServerConfig
+from tgi_zmq.config import DEFAULT_MEMORY_FRACTION, DEFAULT_PREFILL_TOKENS, RUNTIME_DIR_ENV, ServerConfig
+from tgi_zmq.dtypes import CONVERTED, SERVED
 
 log = logging.getLogger("launcher")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUPERVISORD_CONF = REPO_ROOT / "supervisord.conf"
 
-# (flag, type, default, help); each flag is also read from its upper-case env var, as in TGI.
-LAUNCH_FLAGS = [
+# (flag, type, default, help). Defaults are ServerConfig's own; None: derived at launch, as the help says.
+# Each flag is also read from its upper-case environment variable, as in TGI; a bool flag's variable turns
+# it on with "1" or "true".
+LAUNCH_FLAGS: list[tuple[str, type, Any, str]] = [
     (
         "--model-id",
         str,
@@ -30,8 +34,8 @@ LAUNCH_FLAGS = [
         "local folder with config.json, tokenizer files and *.safetensors "
         "(default: the bundled SmolLM2-135M-Instruct, converted once from its GGUF)",
     ),
-    ("--port", int, 8080, "HTTP port"),
-    ("--hostname", str, "0.0.0.0", "HTTP bind address"),
+    ("--port", int, ServerConfig.port, "HTTP port"),
+    ("--hostname", str, ServerConfig.hostname, "HTTP bind address"),
     (
         "--dtype",
         str,
@@ -53,7 +57,8 @@ LAUNCH_FLAGS = [
         int,
         None,
         "tokens per forward step: longer prompts are split into chunks that share steps with the running "
-        "decodes (default 512 on CPU, where a 4096-token step stalls every stream for seconds; 4096 on GPU)",
+        f"decodes (default {DEFAULT_PREFILL_TOKENS['cpu']} on CPU, where a 4096-token step stalls every "
+        f"stream for seconds; {DEFAULT_PREFILL_TOKENS['cuda']} on GPU)",
     ),
     (
         "--max-batch-total-tokens",
@@ -67,48 +72,91 @@ LAUNCH_FLAGS = [
         float,
         None,
         "share of the memory left free after the weights that the KV cache may take when "
-        "--max-batch-total-tokens is not given (default: 0.9 of free GPU memory; 0.3 of available RAM on "
-        "CPU, mapped lazily)",
+        f"--max-batch-total-tokens is not given (default: {DEFAULT_MEMORY_FRACTION['cuda']} of free GPU "
+        f"memory; {DEFAULT_MEMORY_FRACTION['cpu']} of available RAM on CPU, mapped lazily)",
     ),
-    ("--max-concurrent-requests", int, 128, "requests in flight before answering 429"),
-    ("--max-stop-sequences", int, 4, "stop sequences per request"),
-    ("--max-client-batch-size", int, 4, "prompts per /v1/completions request"),
-    ("--payload-limit", int, 2_000_000, "request body limit in bytes (413 above)"),
+    (
+        "--max-concurrent-requests",
+        int,
+        ServerConfig.max_concurrent_requests,
+        "requests in flight before answering 429",
+    ),
+    ("--max-stop-sequences", int, ServerConfig.max_stop_sequences, "stop sequences per request"),
+    (
+        "--max-client-batch-size",
+        int,
+        ServerConfig.max_client_batch_size,
+        "prompts per /v1/completions request",
+    ),
+    ("--payload-limit", int, ServerConfig.payload_limit, "request body limit in bytes (413 above)"),
     (
         "--num-shard",
         int,
-        1,
+        ServerConfig.num_shard,
         "tensor-parallel worker processes: each holds 1/N of every weight (gloo on CPU, NCCL on CUDA)",
     ),
-    ("--master-addr", str, "localhost", "address of rank 0 for the ranks' process group (--num-shard > 1)"),
-    ("--master-port", int, 29500, "port of rank 0 for the ranks' process group (--num-shard > 1)"),
+    (
+        "--master-addr",
+        str,
+        ServerConfig.master_addr,
+        "address of rank 0 for the ranks' process group (--num-shard > 1)",
+    ),
+    (
+        "--master-port",
+        int,
+        ServerConfig.master_port,
+        "port of rank 0 for the ranks' process group (--num-shard > 1)",
+    ),
+    (
+        "--torch-threads",
+        int,
+        ServerConfig.torch_threads,
+        "torch threads per worker process (default 0: the machine's cores divided by --num-shard)",
+    ),
     (
         "--watchdog-timeout",
         float,
-        20.0,
+        ServerConfig.watchdog_timeout,
         "seconds a forward step may take (plus 5 ms per token in it) before the workers count as hung: "
         "they are killed and restarted, and their requests recompute",
     ),
     (
         "--recovery-timeout",
         float,
-        60.0,
+        ServerConfig.recovery_timeout,
         "seconds in-flight requests wait for a faulty pipeline to become healthy again before they fail "
         "with 503",
     ),
     (
         "--api-key",
         str,
-        None,
+        ServerConfig.api_key,
         "require the header 'Authorization: Bearer <key>' on every route but /health, /ping, GET / and "
         "/metrics (401 otherwise)",
     ),
-    ("--body-timeout", float, 10.0, "seconds a request body may take to arrive (408 after)"),
+    (
+        "--body-timeout",
+        float,
+        ServerConfig.body_timeout,
+        "seconds a request body may take to arrive (408 after)",
+    ),
     (
         "--shutdown-timeout",
         float,
-        20.0,
+        ServerConfig.shutdown_timeout,
         "on SIGTERM, seconds to wait for the requests in flight while /health and new requests get 503",
+    ),
+    (
+        "--disable-prefix-caching",
+        bool,
+        not ServerConfig.enable_prefix_caching,
+        "do not reuse the KV pages of shared prompt prefixes",
+    ),
+    (
+        "--disable-overlap-schedule",
+        bool,
+        not ServerConfig.overlap_schedule,
+        "build each step only after the previous one returned",
     ),
 ]
 
@@ -117,31 +165,28 @@ def env_name(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_").upper()
 
 
+def env_default(flag: str, kind: type, default: Any) -> Any:
+    """The flag's default, or the value of its environment variable when that is set."""
+    env = os.environ.get(env_name(flag))
+    if not env:
+        return default
+    return env.lower() in ("1", "true") if kind is bool else kind(env)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tgi-zmq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     launch = sub.add_parser("launch", help="start the service (supervisord in the foreground)")
     for flag, kind, default, text in LAUNCH_FLAGS:
-        env = os.environ.get(env_name(flag))
-        launch.add_argument(
-            flag, type=kind, default=kind(env) if env else default, help=f"{text} [env {env_name(flag)}]"
-        )
-    launch.add_argument(
-        "--disable-prefix-caching",
-        action="store_true",
-        default=os.environ.get("DISABLE_PREFIX_CACHING", "").lower() in ("1", "true"),
-        help="do not reuse the KV pages of shared prompt prefixes [env DISABLE_PREFIX_CACHING]",
-    )
-    launch.add_argument(
-        "--disable-overlap-schedule",
-        action="store_true",
-        default=os.environ.get("DISABLE_OVERLAP_SCHEDULE", "").lower() in ("1", "true"),
-        help="build each step only after the previous one returned [env DISABLE_OVERLAP_SCHEDULE]",
-    )
+        value, text = env_default(flag, kind, default), f"{text} [env {env_name(flag)}]"
+        if kind is bool:
+            launch.add_argument(flag, action="store_true", default=value, help=text)
+        else:
+            launch.add_argument(flag, type=kind, default=value, help=text)
     convert = sub.add_parser("convert", help="turn a GGUF or .bin checkpoint into a safetensors folder")
     convert.add_argument("source", help="a .gguf, 'default' (bundled SmolLM2), a *.bin or its folder")
     convert.add_argument("--out", help="output folder (default: in the tgi-zmq cache)")
-    convert.add_argument("--dtype", choices=["float32", "bfloat16"], help="GGUF: float32; .bin: unchanged")
+    convert.add_argument("--dtype", choices=CONVERTED, help="GGUF: float32; .bin: unchanged")
     return parser
 
 
@@ -171,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
 def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
     """Fill the defaults that depend on the model and the machine, and check the limits."""
     from tgi_zmq.convert import DEFAULT_MODEL_NAME, ensure_default_model
-    from tgi_zmq.models import architecture
+    from tgi_zmq.models import architecture, launch_rules
     from tgi_zmq.parallel import Shard
 
     model_dir = Path(args.model_id) if args.model_id else ensure_default_model()
@@ -181,6 +226,8 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
     config_cls, _ = architecture(hf_config)  # refuses an unsupported model before any process starts
     if args.num_shard < 1:
         raise ValueError("--num-shard must be at least 1")
+    if args.torch_threads < 0:
+        raise ValueError("--torch-threads must be >= 0 (0: the cores divided by --num-shard)")
     if args.watchdog_timeout <= 0 or args.recovery_timeout <= 0:
         raise ValueError("--watchdog-timeout and --recovery-timeout must be > 0")
     if args.body_timeout <= 0 or args.shutdown_timeout < 0:
@@ -191,15 +238,16 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
     device = pick_device()
     dtype = pick_dtype(args.dtype, device)
     batch_total = args.max_batch_total_tokens or kv_budget(model_dir, hf_config, dtype, device, args)
-    context = min(hf_config.get("max_position_embeddings") or 4096, tokenizer_max_length(model_dir))
-    window = sliding_window(hf_config)
+    rules = launch_rules(model_dir, hf_config)
+    context = min(rules.context, tokenizer_max_length(model_dir))
+    window = rules.sliding_window
     if window and args.max_total_tokens and args.max_total_tokens > window:
         raise ValueError(
             f"--max-total-tokens {args.max_total_tokens} is beyond the model's sliding window ({window}), "
             "which is not implemented: keep it at or below the window"
         )
     # An encoder-decoder request holds two page tables (decoder and encoder), each with a partly filled page.
-    pool = batch_total - (2 * ServerConfig.block_size if decoder_start(hf_config) is not None else 0)
+    pool = batch_total - (2 * ServerConfig.block_size if rules.decoder_start_token_id is not None else 0)
     total = args.max_total_tokens or min(context, pool, window or context)
     max_input = args.max_input_tokens or total - 1
     check_limits(max_input, total, batch_total, explicit_budget=bool(args.max_batch_total_tokens))
@@ -214,7 +262,7 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
         max_input_tokens=max_input,
         max_total_tokens=total,
         max_batch_prefill_tokens=args.max_batch_prefill_tokens
-        or min(512 if device == "cpu" else 4096, batch_total),
+        or min(DEFAULT_PREFILL_TOKENS[device], batch_total),
         max_batch_total_tokens=batch_total,
         max_concurrent_requests=args.max_concurrent_requests,
         max_stop_sequences=args.max_stop_sequences,
@@ -223,10 +271,11 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
         num_shard=args.num_shard,
         master_addr=args.master_addr,
         master_port=args.master_port,
+        torch_threads=args.torch_threads,
         enable_prefix_caching=not args.disable_prefix_caching,
         overlap_schedule=not args.disable_overlap_schedule,
-        eos_token_ids=eos_token_ids(model_dir, hf_config),
-        decoder_start_token_id=decoder_start(hf_config),
+        eos_token_ids=rules.eos_token_ids,
+        decoder_start_token_id=rules.decoder_start_token_id,
         watchdog_timeout=args.watchdog_timeout,
         recovery_timeout=args.recovery_timeout,
         api_key=args.api_key or None,
@@ -235,27 +284,18 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
     )
 
 
-def sliding_window(hf_config: dict) -> int | None:
-    """Mistral's (and Qwen2's, when enabled) attention window: the context is capped to it."""
-    window = hf_config.get("sliding_window")
-    if hf_config.get("model_type") == "qwen2" and not hf_config.get("use_sliding_window"):
-        return None
-    return window if isinstance(window, int) and window > 0 else None
-
-
-def decoder_start(hf_config: dict) -> int | None:
-    if not hf_config.get("is_encoder_decoder"):
-        return None
-    start = hf_config.get("decoder_start_token_id")
-    return start if isinstance(start, int) else hf_config.get("pad_token_id") or 0
-
-
 def kv_budget(model_dir: Path, hf_config: dict, dtype: str, device: str, args: argparse.Namespace) -> int:
     from tgi_zmq.memory import kv_budget_tokens
 
-    fraction = args.memory_fraction or (0.9 if device == "cuda" else 0.3)
-    tokens = kv_budget_tokens(model_dir, hf_config, dtype, device, fraction)
-    log.info("KV cache: %d tokens fit in %.0f%% of the free %s memory", tokens, fraction * 100, device)
+    fraction = args.memory_fraction or DEFAULT_MEMORY_FRACTION[device]
+    tokens = kv_budget_tokens(model_dir, hf_config, dtype, device, fraction, args.num_shard)
+    log.info(
+        "KV cache: %d tokens fit in %.0f%% of the free %s memory left to each rank (--num-shard %d)",
+        tokens,
+        fraction * 100,
+        device,
+        args.num_shard,
+    )
     return tokens
 
 
@@ -292,8 +332,8 @@ def cpu_has_bf16() -> bool:
 
 
 def pick_dtype(requested: str, device: str) -> str:
-    if requested not in ("auto", "float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype {requested}: choose float32, bfloat16, float16 or auto")
+    if requested not in ("auto", *SERVED):
+        raise ValueError(f"--dtype {requested}: choose {', '.join(SERVED)} or auto")
     if requested == "float16" and device == "cpu":
         raise ValueError("--dtype float16 has no fast path on this CPU; use bfloat16 or float32")
     if requested != "auto":
@@ -306,18 +346,10 @@ def pick_dtype(requested: str, device: str) -> str:
 
 
 def eos_token_ids(model_dir: Path, hf_config: dict) -> tuple[int, ...]:
-    """EOS ids from config.json and generation_config.json (each an int or a list)."""
-    ids: list[int] = []
-    sources = [hf_config]
-    gen = model_dir / "generation_config.json"
-    if gen.exists():
-        sources.append(json.loads(gen.read_text()))
-    for source in sources:
-        value = source.get("eos_token_id")
-        for eos in value if isinstance(value, list) else [value]:
-            if isinstance(eos, int) and eos not in ids:
-                ids.append(eos)
-    return tuple(ids)
+    """The checkpoint's EOS ids (the rule lives with the models: ``tgi_zmq.models.eos_token_ids``)."""
+    from tgi_zmq import models
+
+    return models.eos_token_ids(model_dir, hf_config)
 
 
 # ---------------------------------------------------------------------------- supervisord

@@ -2,14 +2,19 @@
 
 The producer owns a ``TensorRing`` of a few fixed-size slots, packs a step's tensors into
 one slot and sends only ``TensorRef`` headers (name, dtype, shape, offset) over ZeroMQ.
-The consumer maps the same file once and views the tensors in place.
+The consumer maps the same buffer once and views the tensors in place.
 
 A slot is reused only after the consumer has answered for the step that used it
 (the scheduler waits for a step's result before reusing its slot), so no locking is needed.
 
-On CPU the buffers are POSIX shared memory (files in /dev/shm, mmap'd). On CUDA they are
-device allocations shared by CUDA IPC handle (``CudaIpcBuffer``), chosen by the device switch
-of ``TensorRing``; the handle rides in the header the first time a buffer is used.
+Both kinds of buffer are a ``TensorBuffer`` (the packing and the views): on CPU POSIX shared
+memory (``ShmBuffer``, files in /dev/shm, mmap'd, found by name); on CUDA a device allocation
+shared by CUDA IPC handle (``CudaIpcBuffer``), chosen by the device switch of ``TensorRing``.
+Steps always travel in host shared memory (each worker copies them to its own device); a worker's
+results travel in a CUDA buffer on its GPU. ``TensorRing.write`` returns the buffer's CUDA handle
+with every write, so it rides in every result header (it is built once per buffer, and a few
+hundred bytes); ``TensorReader`` opens it the first time it sees the buffer's name and ignores it
+afterwards.
 """
 
 from __future__ import annotations
@@ -20,21 +25,59 @@ from pathlib import Path
 
 import torch
 
+from tgi_zmq.dtypes import DTYPES, name_of, to_torch
 from tgi_zmq.messages import TensorRef
 
 SHM_DIR = Path("/dev/shm")
 _ALIGN = 64
-_DTYPES = {
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "bool": torch.bool,
-}
 
 
-class ShmBuffer:
+class TensorBuffer:
+    """A flat byte buffer shared between processes: tensors packed one after another (64-byte
+    aligned), each described by a ``TensorRef``. A subclass sets ``name``, ``size`` and ``bytes``
+    (a uint8 tensor over the whole buffer) and says how the buffer is opened and closed."""
+
+    name: str
+    size: int
+    bytes: torch.Tensor
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> list[TensorRef]:
+        """Pack tensors one after the other (64-byte aligned) and return their headers."""
+        refs, offset = [], 0
+        for name, tensor in tensors.items():
+            tensor = tensor.contiguous()
+            nbytes = tensor.numel() * tensor.element_size()
+            if offset + nbytes > self.size:
+                raise ValueError(f"step tensors need more than the {self.size} bytes of {self.name}")
+            if nbytes:
+                self.bytes[offset : offset + nbytes].copy_(tensor.view(-1).view(torch.uint8))
+            refs.append(TensorRef(name, name_of(tensor.dtype), list(tensor.shape), offset))
+            offset += -(-nbytes // _ALIGN) * _ALIGN
+        return refs
+
+    def read(self, refs: list[TensorRef]) -> dict[str, torch.Tensor]:
+        """Views (no copy) of the tensors described by ``refs``."""
+        out = {}
+        for ref in refs:
+            numel = 1
+            for dim in ref.shape:
+                numel *= dim
+            nbytes = numel * DTYPES[ref.dtype].size
+            if ref.offset < 0 or ref.offset + nbytes > self.size:
+                raise ValueError(f"tensor {ref.name} lies outside {self.name}")
+            view = self.bytes[ref.offset : ref.offset + nbytes].view(to_torch(ref.dtype))
+            out[ref.name] = view.view(ref.shape)
+        return out
+
+    def handle(self) -> list | None:
+        """What another process needs besides the name to open this buffer (None: the name is enough)."""
+        return None
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class ShmBuffer(TensorBuffer):
     """One named shared-memory file mapped into this process."""
 
     def __init__(self, name: str, size: int, create: bool):
@@ -54,43 +97,50 @@ class ShmBuffer:
         self.size = size
         self.bytes = torch.frombuffer(self.mmap, dtype=torch.uint8)
 
-    def write(self, tensors: dict[str, torch.Tensor]) -> list[TensorRef]:
-        """Pack tensors one after the other (64-byte aligned) and return their headers."""
-        refs, offset = [], 0
-        for name, tensor in tensors.items():
-            tensor = tensor.contiguous()
-            nbytes = tensor.numel() * tensor.element_size()
-            if offset + nbytes > self.size:
-                raise ValueError(f"step tensors need more than the {self.size} bytes of {self.name}")
-            if nbytes:
-                self.bytes[offset : offset + nbytes].copy_(tensor.view(-1).view(torch.uint8))
-            refs.append(TensorRef(name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape), offset))
-            offset += -(-nbytes // _ALIGN) * _ALIGN
-        return refs
-
-    def read(self, refs: list[TensorRef]) -> dict[str, torch.Tensor]:
-        """Views (no copy) of the tensors described by ``refs``."""
-        out = {}
-        for ref in refs:
-            dtype = _DTYPES[ref.dtype]
-            numel = 1
-            for dim in ref.shape:
-                numel *= dim
-            nbytes = numel * torch.empty((), dtype=dtype).element_size()
-            if ref.offset < 0 or ref.offset + nbytes > self.size:
-                raise ValueError(f"tensor {ref.name} lies outside {self.name}")
-            out[ref.name] = self.bytes[ref.offset : ref.offset + nbytes].view(dtype).view(ref.shape)
-        return out
-
-    def handle(self) -> None:
-        """Shared memory is found by name; only CUDA buffers need a handle."""
-        return None
-
     def close(self) -> None:
         del self.bytes
         self.mmap.close()
         if self.owner:
             self.path.unlink(missing_ok=True)
+
+
+class CudaIpcBuffer(TensorBuffer):
+    """A device buffer shared between processes by CUDA IPC handle (GPU path only).
+
+    The owner allocates ``size`` bytes on its device and publishes ``handle()``, a list of
+    plain values (ints, bytes, bools) that fits in a msgpack header; another process rebuilds
+    a tensor aliasing the same device memory with ``CudaIpcBuffer.open``. Writes synchronise
+    the device before the header is sent, so the reader never sees a half-written step.
+    """
+
+    def __init__(self, name: str, size: int, device: torch.device, storage=None):
+        if storage is None:
+            storage = torch.empty(size, dtype=torch.uint8, device=device).untyped_storage()
+        self.name = name
+        self.device = device
+        self.storage = storage
+        self.bytes = torch.empty(0, dtype=torch.uint8, device=device).set_(storage)
+        self.size = storage.nbytes()
+        self._handle: list | None = None
+
+    def handle(self) -> list:
+        """The IPC handle (the same private call ``torch.multiprocessing`` makes), built on first use."""
+        if self._handle is None:
+            self._handle = list(self.storage._share_cuda_())
+        return self._handle
+
+    @classmethod
+    def open(cls, name: str, handle: list) -> CudaIpcBuffer:
+        storage = torch.UntypedStorage._new_shared_cuda(*handle)
+        return cls(name, 0, storage.device, storage)
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> list[TensorRef]:
+        refs = super().write(tensors)
+        torch.cuda.synchronize(self.device)
+        return refs
+
+    def close(self) -> None:
+        del self.bytes, self.storage
 
 
 class TensorRing:
@@ -124,7 +174,7 @@ class TensorReader:
 
     def __init__(self, device: str = "cpu") -> None:
         self.device = torch.device(device)
-        self.buffers: dict[str, ShmBuffer | CudaIpcBuffer] = {}
+        self.buffers: dict[str, TensorBuffer] = {}
 
     def read(self, name: str, refs: list[TensorRef], handle: list | None = None) -> dict[str, torch.Tensor]:
         if "/" in name or name.startswith("."):
@@ -145,43 +195,3 @@ def remove_stale(prefix: str) -> None:
     """Delete leftovers of a service that was killed before it could unlink its buffers."""
     for path in SHM_DIR.glob(f"{prefix}-*"):
         path.unlink(missing_ok=True)
-
-
-class CudaIpcBuffer:
-    """A device buffer shared between processes by CUDA IPC handle (GPU path only).
-
-    The owner allocates ``size`` bytes on its device and publishes ``handle()``, a list of
-    plain values (ints, bytes, bools) that fits in a msgpack header; another process rebuilds
-    a tensor aliasing the same device memory with ``CudaIpcBuffer.open``. Writes synchronise
-    the device before the header is sent, so the reader never sees a half-written step.
-    """
-
-    def __init__(self, name: str, size: int, device: torch.device, storage=None):
-        if storage is None:
-            storage = torch.empty(size, dtype=torch.uint8, device=device).untyped_storage()
-        self.name = name
-        self.device = device
-        self.storage = storage
-        self.bytes = torch.empty(0, dtype=torch.uint8, device=device).set_(storage)
-        self.size = storage.nbytes()
-        self._handle = None
-
-    def handle(self) -> list:
-        if self._handle is None:
-            self._handle = [v for v in self.storage._share_cuda_()]
-        return self._handle
-
-    @classmethod
-    def open(cls, name: str, handle: list) -> CudaIpcBuffer:
-        storage = torch.UntypedStorage._new_shared_cuda(*handle)
-        return cls(name, 0, storage.device, storage)
-
-    def write(self, tensors: dict[str, torch.Tensor]) -> list[TensorRef]:
-        refs = ShmBuffer.write(self, tensors)
-        torch.cuda.synchronize(self.device)
-        return refs
-
-    read = ShmBuffer.read
-
-    def close(self) -> None:
-        del self.bytes, self.storage
