@@ -1,6 +1,6 @@
 """Model worker process (one per tensor-parallel rank): holds the weights and the KV pages.
 
-scheduler --ForwardStep--> [worker] --StepResult (rank 0; tensors in shared memory)--> scheduler
+scheduler --StepRequest--> [worker] --StepResult (rank 0; tensors in shared memory)--> scheduler
 
 Main loop: receive a step header -> view its tensors in shared memory -> forward + sample
 -> write the sampled ids and logprobs into this worker's buffer -> answer with a header.
@@ -12,23 +12,156 @@ the rank reports it and exits, and the scheduler has every rank restarted togeth
 
 While idle a worker says ``WorkerReady`` again every second: a scheduler that restarted learns
 that it is up. Steps of a scheduler other than the last one seen are from a dead one; a new one
-starts from nothing, so the worker drops what it kept of the old one (mapped buffers, samples).
+starts from nothing, so the worker drops what it kept of the old one (mapped buffers, per-request
+state, samples).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import time
 
 import zmq
 
 from tgi_zmq import messages as m
-from tgi_zmq.config import ServerConfig
+from tgi_zmq.config import RESULT_BUFFER_BYTES, RING_SLOTS, WORKER_ANNOUNCE_MS, ServerConfig
 from tgi_zmq.runtime import BOOT_ID, exit_on_sigterm, setup_logging, start_heartbeat
+from tgi_zmq.steplog import WORKER_STEP
 
-ANNOUNCE_MS = 1000  # idle time after which a worker says again that it is ready
+
+class Worker:
+    def __init__(self, rank: int, config: ServerConfig, log: logging.Logger):
+        self.rank, self.config, self.log = rank, config, log
+        self.loaded = False
+        self.scheduler_boot: str | None = None
+
+    def boot(self) -> None:
+        """Join the ranks' group, load this rank's slice of the model, say so."""
+        import torch  # the slow imports come after the heartbeat started: /health is 503 meanwhile
+
+        from tgi_zmq.memory import rank_device
+        from tgi_zmq.model_runner import ModelRunner
+        from tgi_zmq.models import weight_bytes
+        from tgi_zmq.parallel import init_group
+        from tgi_zmq.transport import TensorReader, TensorRing, remove_stale
+
+        config, rank = self.config, self.rank
+        torch.set_num_threads(config.worker_threads)
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, f"worker-{rank}".encode())
+        self.sock.setsockopt(zmq.LINGER, 1000)  # a failure report must get out before the process exits
+        self.sock.connect(config.endpoint("worker"))
+        self.sock.send(m.encode(m.WorkerBooting(rank, BOOT_ID, os.getpid())))
+
+        started = time.perf_counter()
+        self.device = rank_device(config.device, rank)
+        if self.device.startswith("cuda"):
+            torch.cuda.set_device(self.device)
+        self.shard = init_group(rank, config.num_shard, config.master_addr, config.master_port, self.device)
+        self.log.info(
+            "loading %s (%s on %s, rank %d of %d)",
+            config.model_id,
+            config.dtype,
+            self.device,
+            rank,
+            self.shard.world,
+        )
+        self.runner = ModelRunner(
+            config.model_id,
+            config.dtype,
+            self.device,
+            config.num_blocks,
+            config.block_size,
+            self.shard,
+            config.max_concurrent_requests,
+            config.max_total_tokens,
+        )
+        self.log.info(
+            "loaded in %.1fs; weights %.1f MiB on this rank; KV cache %d blocks x %d tokens (%.0f MiB)",
+            time.perf_counter() - started,
+            weight_bytes(self.runner.model) / 2**20,
+            config.num_blocks,
+            config.block_size,
+            self.runner.cache.nbytes() / 2**20,
+        )
+        self.ready = m.encode(m.WorkerReady(rank, BOOT_ID, os.getpid(), config.num_blocks))
+        self.sock.send(self.ready)
+        self.loaded = True
+        self.new_reader = lambda: TensorReader("cpu")  # steps always come in host shared memory
+        self.steps = self.new_reader()
+        remove_stale(f"{config.shm_prefix}-result-{rank}")  # a killed predecessor's buffers
+        self.results = TensorRing(
+            f"{config.shm_prefix}-result-{rank}-{BOOT_ID}", RING_SLOTS, RESULT_BUFFER_BYTES, self.device
+        )
+
+    def run(self) -> None:
+        try:
+            while True:
+                waiting = time.perf_counter()
+                msg = self.next_step()
+                idle = time.perf_counter() - waiting
+                if msg is None:
+                    continue
+                self.take_scheduler(msg.scheduler_boot)
+                self.shard.comm_seconds = 0.0
+                answer = self.run_step(msg)
+                if self.log.isEnabledFor(logging.DEBUG):
+                    line = WORKER_STEP.format(
+                        step=msg.step_id,
+                        idle_ms=idle * 1e3,
+                        worker_forward_ms=getattr(answer, "forward_seconds", 0.0) * 1e3,
+                        comm_ms=self.shard.comm_seconds * 1e3,
+                    )
+                    self.log.debug("%s", line)
+                if self.rank == 0 or isinstance(answer, m.WorkerFailure):
+                    self.sock.send(m.encode(answer))
+                if isinstance(answer, m.WorkerFailure) and self.shard.world > 1:
+                    self.log.error("leaving: the ranks' group cannot go on after a failed step")
+                    self.sock.close()  # lingers until the report is sent
+                    os._exit(1)
+        finally:
+            self.results.close()
+            self.steps.close()
+
+    def next_step(self) -> m.StepRequest | None:
+        """Wait for a step header, saying ``WorkerReady`` every second meanwhile."""
+        while not self.sock.poll(WORKER_ANNOUNCE_MS):
+            with contextlib.suppress(zmq.Again):  # no scheduler now: the next one will hear it
+                self.sock.send(self.ready, zmq.NOBLOCK)
+        try:
+            return m.decode(self.sock.recv(), m.StepRequest)
+        except m.ProtocolError as exc:
+            self.log.error("dropped a bad frame: %s", exc)
+            return None
+
+    def take_scheduler(self, boot: str) -> None:
+        """A step of a new scheduler: drop what was kept of the old one."""
+        if boot == self.scheduler_boot:
+            return
+        if self.scheduler_boot is not None:
+            self.log.warning("a new scheduler (boot %s): dropping the old one's buffers and requests", boot)
+        self.scheduler_boot = boot
+        self.steps.close()
+        self.steps = self.new_reader()
+        self.runner.forget_requests()
+
+    def run_step(self, msg: m.StepRequest) -> m.StepResult | m.WorkerFailure:
+        """Forward one step; a failure becomes a ``WorkerFailure`` answer instead of a crash."""
+        from tgi_zmq.step import Step
+
+        started = time.perf_counter()
+        try:
+            step = Step.from_tensors(self.steps.read(msg.buffer, msg.tensors, msg.cuda_handle))
+            out = self.runner.execute(step)
+        except Exception as exc:  # a bad step must not take the worker down
+            self.log.exception("step %d failed", msg.step_id)
+            return m.WorkerFailure(msg.step_id, msg.scheduler_boot, BOOT_ID, f"{type(exc).__name__}: {exc}")
+        buffer, refs, handle = self.results.write(out.to_tensors())
+        seconds = time.perf_counter() - started
+        return m.StepResult(msg.step_id, msg.scheduler_boot, buffer, refs, handle, seconds)
 
 
 def main() -> None:
@@ -37,106 +170,10 @@ def main() -> None:
     rank = parser.parse_args().rank
     log = setup_logging(f"worker-{rank}")
     exit_on_sigterm()
-    config = ServerConfig.load()
-    loaded = False
-    start_heartbeat(config, f"worker-{rank}", lambda: loaded)  # before the slow imports: /health is 503 now
-    import torch
-
-    from tgi_zmq.model_runner import ModelRunner
-    from tgi_zmq.models import weight_bytes
-    from tgi_zmq.parallel import init_group
-    from tgi_zmq.transport import TensorReader, TensorRing, remove_stale
-
-    torch.set_num_threads(config.torch_threads or max(1, (os.cpu_count() or 1) // config.num_shard))
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.IDENTITY, f"worker-{rank}".encode())
-    sock.setsockopt(zmq.LINGER, 1000)  # a failure report must get out before the process exits
-    sock.connect(config.endpoint("worker"))
-    sock.send(m.encode(m.WorkerBooting(rank, BOOT_ID, os.getpid())))
-
-    started = time.perf_counter()
-    device = f"cuda:{rank}" if config.device == "cuda" else config.device  # one GPU per rank
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
-    shard = init_group(rank, config.num_shard, config.master_addr, config.master_port, device)
-    log.info(
-        "loading %s (%s on %s, rank %d of %d)",
-        config.model_id,
-        config.dtype,
-        device,
-        rank,
-        shard.world,
-    )
-    args = (config.model_id, config.dtype, device, config.num_blocks, config.block_size)
-    runner = ModelRunner(*args, shard)
-    log.info(
-        "loaded in %.1fs; weights %.1f MiB on this rank; KV cache %d blocks x %d tokens (%.0f MiB)",
-        time.perf_counter() - started,
-        weight_bytes(runner.model) / 2**20,
-        config.num_blocks,
-        config.block_size,
-        runner.cache.nbytes() / 2**20,
-    )
-
-    ready = m.encode(m.WorkerReady(rank, BOOT_ID, os.getpid(), config.num_blocks))
-    sock.send(ready)
-    loaded = True
-
-    steps = TensorReader(device)
-    remove_stale(f"{config.shm_prefix}-result-{rank}")  # a killed predecessor's buffers
-    results = TensorRing(f"{config.shm_prefix}-result-{rank}-{BOOT_ID}", 4, 1 << 20, device)
-    scheduler_boot = None
-    try:
-        while True:
-            idle = time.perf_counter()
-            while not sock.poll(ANNOUNCE_MS):
-                with contextlib.suppress(zmq.Again):  # no scheduler now: the next one will hear it
-                    sock.send(ready, zmq.NOBLOCK)
-            try:
-                msg = m.decode(sock.recv(), m.ForwardStep)
-            except m.ProtocolError as exc:
-                log.error("dropped a bad frame: %s", exc)
-                continue
-            idle = time.perf_counter() - idle
-            if msg.scheduler_boot != scheduler_boot:
-                if scheduler_boot is not None:
-                    log.warning(
-                        "a new scheduler (boot %s): dropping the old one's buffers", msg.scheduler_boot
-                    )
-                scheduler_boot = msg.scheduler_boot
-                steps.close()
-                steps = TensorReader(device)
-                runner.forget_samples()
-            shard.comm_seconds = 0.0
-            answer = run_step(runner, steps, results, msg, log)
-            log.debug(
-                "step %d: idle %.2f ms before it, forward %.2f ms, all-reduce %.2f ms",
-                msg.step_id,
-                idle * 1e3,
-                getattr(answer, "forward_seconds", 0.0) * 1e3,
-                shard.comm_seconds * 1e3,
-            )
-            if rank == 0 or isinstance(answer, m.WorkerFailure):
-                sock.send(m.encode(answer))
-            if isinstance(answer, m.WorkerFailure) and shard.world > 1:
-                log.error("leaving: the ranks' group cannot go on after a failed step")
-                sock.close()  # lingers until the report is sent
-                os._exit(1)
-    finally:
-        results.close()
-        steps.close()
-
-
-def run_step(runner, steps, results, msg: m.ForwardStep, log):
-    """Forward one step; a failure becomes a ``WorkerFailure`` answer instead of a crash."""
-    started = time.perf_counter()
-    try:
-        out = runner.execute(steps.read(msg.buffer, msg.tensors, msg.cuda_handle))
-    except Exception as exc:  # a bad step must not take the worker down
-        log.exception("step %d failed", msg.step_id)
-        return m.WorkerFailure(msg.step_id, msg.scheduler_boot, BOOT_ID, f"{type(exc).__name__}: {exc}")
-    buffer, refs, handle = results.write(out)
-    return m.StepResult(msg.step_id, msg.scheduler_boot, buffer, refs, handle, time.perf_counter() - started)
+    worker = Worker(rank, ServerConfig.load(), log)
+    start_heartbeat(worker.config, f"worker-{rank}", lambda: worker.loaded)
+    worker.boot()
+    worker.run()
 
 
 if __name__ == "__main__":

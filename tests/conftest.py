@@ -65,17 +65,38 @@ def start_service(tmp: Path, *flags: str) -> Service:
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     service = Service(f"http://127.0.0.1:{port}", log_path, process, ensure_default_model())
-    service.wait_healthy()
+    try:
+        service.wait_healthy()
+    except BaseException:
+        stop_service(service)  # a service that never got healthy must not outlive its test
+        raise
     return service
 
 
-def stop_service(service: Service) -> None:
+_stopping: list[Service] = []  # told to stop, waited for at the end of the session
+
+
+def stop_service(service: Service, wait: bool = True) -> None:
+    """SIGTERM the launcher. ``wait=False`` (fixtures' teardown) lets the few seconds of the stop
+    overlap the next tests; ``pytest_sessionfinish`` waits for it."""
     service.process.send_signal(signal.SIGTERM)
+    if wait:
+        _reap(service)
+    else:
+        _stopping.append(service)
+
+
+def _reap(service: Service) -> None:
     try:
         service.process.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(service.process.pid, signal.SIGKILL)
         raise
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    while _stopping:
+        _reap(_stopping.pop())
 
 
 def pids(service: Service, name: str) -> list[int]:
@@ -104,7 +125,7 @@ def service(tmp_path_factory) -> Service:
         "12",
     )
     yield svc
-    stop_service(svc)
+    stop_service(svc, wait=False)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Shared test helpers: tiny random models and an in-process engine loop."""
+"""Shared test helpers: tiny random models, transformers references and the engine over them."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 
 from tgi_zmq.block_manager import BlockManager
+from tgi_zmq.engine import EngineCore, LocalExecutor, run_to_completion
 from tgi_zmq.messages import SamplingParams
 from tgi_zmq.model_runner import ModelRunner
 from tgi_zmq.parallel import Shard
-from tgi_zmq.scheduler import Request, Scheduler
-from tgi_zmq.step import build_step
+from tgi_zmq.scheduler import Request, SchedulePolicy
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "bloom", "t5")
 SEQ2SEQ = ("t5",)
@@ -109,36 +109,26 @@ def run_engine(
     arrive_every: int = 0,
     overlap: bool = False,
     shard: Shard | None = None,
-) -> tuple[list[list[int]], Scheduler]:
-    """Scheduler + step tensors + model runner in one process, until every request is done.
+    device: str = "cpu",
+) -> tuple[list[list[int]], SchedulePolicy]:
+    """The engine core over a model in this process (``LocalExecutor``), until every request is done.
 
-    With ``arrive_every`` > 0 the requests arrive one by one, that many steps apart. With
-    ``overlap`` the scheduler lags one step behind the worker, as the scheduler process does:
-    step N+1 is scheduled (with placeholders) before step N's result is applied.
+    With ``arrive_every`` > 0 the requests arrive one by one, that many engine turns apart. With
+    ``overlap`` the scheduler lags one step behind the worker, as in the service.
     """
-    runner = ModelRunner(str(folder), "float32", "cpu", num_blocks, block_size, shard)
+    max_running, max_total = 64, 10_000
+    runner = ModelRunner(
+        str(folder), "float32", device, num_blocks, block_size, shard, max_running, max_total
+    )
     blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
-    sched = Scheduler(blocks, max_step_tokens, 64, (), 10_000)
-    pairs = zip(prompts, params, strict=True)
+    sched = SchedulePolicy(blocks, max_step_tokens, max_running, (), max_total)
+    engine = EngineCore(sched, LocalExecutor(runner), block_size, overlap=overlap)
     start = getattr(runner.model.cfg, "decoder_start_token_id", None)  # seq2seq: prompts go to the encoder
+    pairs = enumerate(zip(prompts, params, strict=True))
     if start is None:
-        reqs = [Request(f"r{i}", p, sp, max_new_tokens) for i, (p, sp) in enumerate(pairs)]
+        reqs = [Request(f"r{i}", p, sp, max_new_tokens) for i, (p, sp) in pairs]
     else:
-        reqs = [
-            Request(f"r{i}", [start], sp, max_new_tokens, encoder_ids=p) for i, (p, sp) in enumerate(pairs)
-        ]
-    arrivals = list(reqs)
-    inflight: list = []
-    step = 0
-    while arrivals or sched.has_work() or inflight:
-        while arrivals and step >= arrive_every * (len(reqs) - len(arrivals)):
-            sched.add(arrivals.pop(0))
-        step += 1
-        batch = sched.schedule()
-        if batch is not None:
-            result = runner.execute(build_step(batch, block_size))
-            inflight.append((batch, result["next_ids"].tolist(), result["logprobs"].tolist()))
-        if inflight and (len(inflight) > int(overlap) or batch is None):
-            sched.update(*inflight.pop(0))
-    assert sched.blocks.num_free == num_blocks
+        reqs = [Request(f"r{i}", [start], sp, max_new_tokens, encoder_ids=p) for i, (p, sp) in pairs]
+    run_to_completion(engine, reqs, arrive_every)
+    assert sched.block_manager.num_free == num_blocks
     return [r.output_ids for r in reqs], sched

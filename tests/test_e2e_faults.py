@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from tests.conftest import free_port, pids, start_service, stop_service
-from tgi_zmq.frontend.health import HUNG_AFTER_S
+from tgi_zmq.config import HUNG_AFTER_S
 
 pytestmark = pytest.mark.e2e
 
@@ -121,7 +121,7 @@ def faulty(tmp_path_factory):
         *("--watchdog-timeout", "5", "--max-concurrent-requests", "32"),
     )
     yield svc
-    stop_service(svc)
+    stop_service(svc, wait=False)
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +202,7 @@ def sharded(tmp_path_factory):
         *("--max-batch-total-tokens", "8192", "--max-total-tokens", "1024"),
     )
     yield svc
-    stop_service(svc)
+    stop_service(svc, wait=False)
 
 
 def test_a_killed_rank_of_two_loses_no_request_and_no_token(sharded):

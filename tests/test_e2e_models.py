@@ -42,7 +42,7 @@ def served(request, tmp_path_factory):
         *("--num-shard", str(shards), "--master-port", str(free_port())),
     )
     yield service, folder, AutoTokenizer.from_pretrained(folder)
-    stop_service(service)
+    stop_service(service, wait=False)
 
 
 def generated_ids(service, prompt: str) -> list[int]:
@@ -75,4 +75,4 @@ def test_smollm2_in_bfloat16_still_says_paris(tmp_path):
         assert response.status_code == 200, response.text
         assert "Paris" in response.json()["choices"][0]["message"]["content"]
     finally:
-        stop_service(service)
+        stop_service(service, wait=False)

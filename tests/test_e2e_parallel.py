@@ -25,7 +25,7 @@ def sharded(tmp_path_factory):
         *("--max-batch-total-tokens", "16384", "--max-total-tokens", "2048"),
     )
     yield svc
-    stop_service(svc)
+    stop_service(svc, wait=False)
 
 
 def greedy(service, prompt: str) -> list[int]:

@@ -20,7 +20,7 @@ def own_service(tmp_path_factory):
         tmp_path_factory.mktemp("restart"), "--dtype", "float32", "--max-batch-total-tokens", "8192"
     )
     yield svc
-    stop_service(svc)
+    stop_service(svc, wait=False)
 
 
 def test_every_process_runs_under_its_own_name(own_service):

@@ -2,29 +2,42 @@
 
 import torch
 
-from tgi_zmq.sampler import apply_penalties, mix_seed, sample, warp
+from tgi_zmq.sampler import (
+    Draw,
+    LogitBias,
+    SamplingMetadata,
+    VocabMask,
+    apply_penalties,
+    mix_seed,
+    sample,
+    warp,
+)
 
 
-def step_params(rows: int, **overrides) -> dict[str, torch.Tensor]:
-    s = {
-        "greedy": torch.ones(rows, dtype=torch.bool),
-        "temperature": torch.ones(rows),
-        "top_k": torch.zeros(rows, dtype=torch.int64),
-        "top_p": torch.ones(rows),
-        "repetition_penalty": torch.ones(rows),
-        "frequency_penalty": torch.zeros(rows),
-        "seeds": torch.zeros(rows, dtype=torch.int64),
-        "sample_index": torch.zeros(rows, dtype=torch.int64),
-        "penalty_ids": torch.zeros(0, dtype=torch.int64),
-        "penalty_start": torch.zeros(rows + 1, dtype=torch.int64),
-    }
-    s.update(overrides)
-    return s
+def metadata(
+    rows: int, history: list[list[int]] | None = None, vocab: int = 4, **overrides
+) -> SamplingMetadata:
+    """Greedy rows without penalties, unless ``overrides`` say otherwise; ``history`` gives each
+    row's token history (the worker keeps it as counts)."""
+    counts = lens = None
+    if history is not None:
+        counts = torch.stack(
+            [torch.bincount(torch.tensor(h, dtype=torch.int64), minlength=vocab) for h in history]
+        )
+        counts, lens = counts.float(), torch.tensor([float(len(h)) for h in history])
+    fields = dict(
+        repetition_penalty=torch.ones(rows),
+        frequency_penalty=torch.zeros(rows),
+        counts=counts,
+        history_lens=lens,
+        draws=[],
+    )
+    return SamplingMetadata(**{**fields, **overrides})
 
 
 def test_greedy_is_argmax_with_its_logprob():
     logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 0.0]])
-    ids, logprobs = sample(logits, step_params(2))
+    ids, logprobs = sample(logits, metadata(2))
     assert ids.tolist() == [1, 0]
     assert torch.allclose(logprobs, torch.log_softmax(logits, -1)[[0, 1], [1, 0]])
 
@@ -33,25 +46,50 @@ def test_repetition_penalty_matches_transformers():
     from transformers import RepetitionPenaltyLogitsProcessor
 
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
-    history = torch.tensor([0, 1, 1])
-    expected = RepetitionPenaltyLogitsProcessor(1.5)(history.view(1, -1), logits.clone())
-    s = step_params(
-        1, repetition_penalty=torch.tensor([1.5]), penalty_ids=history, penalty_start=torch.tensor([0, 3])
-    )
-    apply_penalties(logits, s)
-    assert torch.allclose(logits, expected)
+    history = [0, 1, 1]
+    expected = RepetitionPenaltyLogitsProcessor(1.5)(torch.tensor([history]), logits.clone())
+    ours = apply_penalties(logits, metadata(1, [history], repetition_penalty=torch.tensor([1.5])))
+    assert torch.equal(ours, expected)
 
 
 def test_frequency_penalty_scales_with_counts():
-    logits = torch.zeros(1, 4)
-    s = step_params(
-        1,
-        frequency_penalty=torch.tensor([1.0]),
-        penalty_ids=torch.tensor([3, 3, 1, 0]),
-        penalty_start=torch.tensor([0, 4]),
+    ours = apply_penalties(
+        torch.zeros(1, 4), metadata(1, [[3, 3, 1, 0]], frequency_penalty=torch.tensor([1.0]))
     )
-    apply_penalties(logits, s)
-    assert logits.tolist() == [[-0.25, -0.25, 0.0, -0.5]]
+    assert ours.tolist() == [[-0.25, -0.25, 0.0, -0.5]]
+
+
+def test_rows_without_penalties_are_untouched_by_other_rows_counts():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0], [1.0, 1.0, 1.0, 1.0]])
+    meta = metadata(
+        2,
+        [[0, 1], [2, 2]],
+        repetition_penalty=torch.tensor([2.0, 1.0]),
+        frequency_penalty=torch.tensor([0.0, 0.0]),
+    )
+    ours = apply_penalties(logits, meta)
+    assert ours[1].tolist() == [1.0, 1.0, 1.0, 1.0]
+    assert ours[0].tolist() == [1.0, -2.0, 0.5, 3.0]
+
+
+def test_logits_processors_run_before_the_choice():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 0.0]])
+    allowed = torch.tensor([[True, False, True], [True, True, True]])  # row 1 unconstrained
+    ids, logprobs = sample(logits, metadata(2), [VocabMask(allowed)])
+    assert ids.tolist() == [2, 0]
+    assert torch.isfinite(logprobs).all()
+    bias = torch.tensor([[0.0, 0.0, 0.0], [0.0, 10.0, 0.0]])
+    assert sample(logits, metadata(2), [LogitBias(bias)])[0].tolist() == [1, 1]
+    assert logits.tolist() == [[0.0, 3.0, 1.0], [5.0, 0.0, 0.0]]  # the caller's logits are not changed
+
+
+def test_a_mask_holds_for_sampled_rows_too():
+    logits = torch.zeros(1, 50)
+    allowed = torch.zeros(1, 50, dtype=torch.bool)
+    allowed[0, [7, 31]] = True
+    draws = [Draw(0, 1.0, 0, 1.0, seed, 0) for seed in range(40)]
+    picks = {sample(logits, metadata(1, draws=[d]), [VocabMask(allowed)])[0].item() for d in draws}
+    assert picks == {7, 31}
 
 
 def test_top_k_and_top_p_filter():
@@ -63,13 +101,8 @@ def test_top_k_and_top_p_filter():
 
 
 def sampled(logits, seed, index, rows=1):
-    s = step_params(
-        rows,
-        greedy=torch.zeros(rows, dtype=torch.bool),
-        seeds=torch.full((rows,), seed),
-        sample_index=torch.full((rows,), index),
-    )
-    return sample(logits, s)[0].tolist()
+    draws = [Draw(row, 1.0, 0, 1.0, seed, index) for row in range(rows)]
+    return sample(logits, metadata(rows, draws=draws))[0].tolist()
 
 
 def test_seeded_sampling_depends_only_on_seed_and_position():

@@ -1,4 +1,4 @@
-"""Block manager and scheduler policy under random arrivals, aborts and preemptions (hypothesis)."""
+"""The page allocator (block manager, prefix cache) and the scheduling policy over it (hypothesis)."""
 
 from collections import Counter
 
@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from tgi_zmq.block_manager import BlockManager
 from tgi_zmq.messages import SamplingParams
-from tgi_zmq.scheduler import Request, Scheduler
+from tgi_zmq.scheduler import Request, SchedulePolicy
 
 
 def test_grow_and_release():
@@ -21,8 +21,8 @@ def test_grow_and_release():
     assert table == [] and bm.num_free == 4
 
 
-def check_invariants(sched: Scheduler) -> None:
-    bm = sched.blocks
+def check_invariants(sched: SchedulePolicy) -> None:
+    bm = sched.block_manager
     holders = Counter(b for r in sched.running + list(sched.waiting) for b in r.blocks)
     for block in range(bm.num_blocks):
         assert bm.ref_counts[block] == holders[block], f"block {block}: refcount != holders"
@@ -34,6 +34,9 @@ def check_invariants(sched: Scheduler) -> None:
         assert req.blocks == [] and req.num_computed == 0
     for req in sched.running:
         assert len(req.blocks) >= bm.blocks_for(req.num_computed)
+    rows = [req.state_row for req in sched.running]
+    assert sorted(rows + sched.free_rows) == list(range(sched.max_running)), "a state row shared or lost"
+    assert all(req.state_row == -1 for req in sched.waiting)
 
 
 actions = st.lists(
@@ -50,7 +53,7 @@ actions = st.lists(
 @given(actions=actions, num_blocks=st.integers(3, 24), budget=st.integers(1, 48), lag=st.booleans())
 def test_policy_never_double_allocates_or_leaks(actions, num_blocks, budget, lag):
     """Random arrivals, lengths, aborts and preemptions; with ``lag`` results land one step late."""
-    sched = Scheduler(
+    sched = SchedulePolicy(
         BlockManager(num_blocks, 4), budget, 8, eos_token_ids=(0,), max_total_tokens=num_blocks * 4
     )
     made = []
@@ -84,13 +87,13 @@ def test_policy_never_double_allocates_or_leaks(actions, num_blocks, budget, lag
     while sched.has_work() or pending:  # everything finishes: every block comes back
         assert step(1), "deadlock: work left but nothing schedulable"
         check_invariants(sched)
-    assert sched.blocks.num_free == num_blocks
+    assert sched.block_manager.num_free == num_blocks
     assert all(r.finish_reason for r in made)
     assert all(t >= 0 for r in made for t in r.token_ids)
 
 
 def test_preemption_takes_the_newest_and_requeues_it_first():
-    sched = Scheduler(BlockManager(4, 4), 64, 8, eos_token_ids=(), max_total_tokens=16)
+    sched = SchedulePolicy(BlockManager(4, 4), 64, 8, eos_token_ids=(), max_total_tokens=16)
     old, new = Request("old", [1] * 8, SamplingParams(), 8), Request("new", [1] * 7, SamplingParams(), 8)
     sched.add(old)
     sched.add(new)
@@ -103,7 +106,7 @@ def test_preemption_takes_the_newest_and_requeues_it_first():
 
 
 def test_chunked_prefill_respects_the_step_budget():
-    sched = Scheduler(BlockManager(64, 4), 10, 8, eos_token_ids=(), max_total_tokens=256)
+    sched = SchedulePolicy(BlockManager(64, 4), 10, 8, eos_token_ids=(), max_total_tokens=256)
     long = Request("long", list(range(25)), SamplingParams(), 4)
     sched.add(long)
     chunks = []
@@ -115,7 +118,7 @@ def test_chunked_prefill_respects_the_step_budget():
 
 
 def test_finish_reasons():
-    sched = Scheduler(BlockManager(64, 4), 64, 8, eos_token_ids=(2,), max_total_tokens=12)
+    sched = SchedulePolicy(BlockManager(64, 4), 64, 8, eos_token_ids=(2,), max_total_tokens=12)
     eos = Request("eos", [5, 5], SamplingParams(), 10)
     ignore = Request("ignore", [5, 5], SamplingParams(ignore_eos=True), 2)
     ctx = Request("ctx", [5] * 10, SamplingParams(ignore_eos=True), 10)  # hits max_total_tokens
@@ -162,7 +165,7 @@ def test_match_never_covers_the_last_token_and_checks_tokens():
 
 
 def test_scheduler_reuses_a_shared_prefix():
-    sched = Scheduler(BlockManager(32, 4), 64, 8, eos_token_ids=(), max_total_tokens=64)
+    sched = SchedulePolicy(BlockManager(32, 4), 64, 8, eos_token_ids=(), max_total_tokens=64)
     system = list(range(100, 112))
     a = Request("a", system + [1, 2], SamplingParams(), 1)
     sched.add(a)
@@ -178,18 +181,18 @@ def test_scheduler_reuses_a_shared_prefix():
 def test_forget_cache_drops_every_page_and_the_prefix_cache():
     """A worker restart empties its KV cache: nothing cached may be matched again, every request
     recomputes from its tokens (oldest first), and results of steps in flight are dropped."""
-    sched = Scheduler(BlockManager(16, 4), 64, 8, eos_token_ids=(0,), max_total_tokens=64)
+    sched = SchedulePolicy(BlockManager(16, 4), 64, 8, eos_token_ids=(0,), max_total_tokens=64)
     old = Request("old", list(range(1, 10)), SamplingParams(), 5)
     sched.add(old)
     sched.update(sched.schedule(), [7], [0.0])  # prompt computed, 2 full blocks registered
     new = Request("new", list(range(1, 10)), SamplingParams(), 5)
     sched.add(new)
     in_flight = sched.schedule()  # old decodes, new reuses old's cached prefix
-    assert sched.prefix_hit_tokens == 8 and len(sched.blocks.cached) == 2
+    assert sched.prefix_hit_tokens == 8 and len(sched.block_manager.cached) == 2
 
     assert sched.forget_cache() == [old, new]
     assert list(sched.waiting) == [old, new] and sched.running == []
-    assert sched.blocks.num_free == 16 and sched.blocks.cached == {}
+    assert sched.block_manager.num_free == 16 and sched.block_manager.cached == {}
     for req in (old, new):
         assert req.blocks == [] and req.num_computed == 0 and req.faults == 1
         assert all(t >= 0 for t in req.token_ids)  # placeholders of the void step are gone
@@ -203,11 +206,11 @@ def test_forget_cache_drops_every_page_and_the_prefix_cache():
 def test_a_replayed_request_continues_its_output_and_its_sample_index():
     from tgi_zmq.step import build_step
 
-    sched = Scheduler(BlockManager(16, 4), 64, 8, eos_token_ids=(0,), max_total_tokens=64)
+    sched = SchedulePolicy(BlockManager(16, 4), 64, 8, eos_token_ids=(0,), max_total_tokens=64)
     req = Request("r~1", [5, 6, 7, 8, 9, 10], SamplingParams(), 4, prompt_len=3, resumed=3)
     sched.add(req)
     batch = sched.schedule()
     assert batch.num_new == [6] and req.output_ids[:3] == [8, 9, 10]
-    assert build_step(batch, 4)["sample_index"].tolist() == [3]  # its 4th token: the seed stream goes on
+    assert build_step(batch, 4).sampling.sample_index.tolist() == [3]  # its 4th token: the seeds go on
     (produced,) = sched.update(batch, [11], [0.0])
     assert produced[1] == 11 and req.finish_reason == "length"

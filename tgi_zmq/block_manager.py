@@ -17,6 +17,11 @@ from __future__ import annotations
 from collections import OrderedDict
 
 
+def ceil_div(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ints: the pages that ``a`` tokens need, say."""
+    return -(-a // b)
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         if num_blocks <= 0 or block_size <= 0:
@@ -41,7 +46,7 @@ class BlockManager:
 
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks needed to hold ``num_tokens`` tokens."""
-        return -(-num_tokens // self.block_size)
+        return ceil_div(num_tokens, self.block_size)
 
     # ------------------------------------------------------------------ allocation
 

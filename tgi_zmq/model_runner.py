@@ -1,13 +1,45 @@
-"""Runs one step's tensors through the model and the sampler (what a worker does per step)."""
+"""One step on a worker: take in the step's state changes, forward, then sample.
+
+``forward`` returns the logits of the rows that sample; ``sample`` applies the logits processors
+(the hook: a vocabulary mask, a logit bias), the penalties from the per-request token counts kept
+here, and the sampler. Both run on the step's device from host integers (``StepLayout``).
+
+Overlap and masks that depend on the previous token. With the overlap schedule the scheduler
+builds step N+1 before it knows the tokens of step N, so it cannot compute a grammar's mask for
+N+1 in time. The forward of N+1 does not need that mask, only its sampling does; so structured
+output will split the step in two messages, as vLLM v1 does (``execute_model`` then
+``sample_tokens(grammar_output)``): the worker runs ``forward(N+1)`` while the scheduler applies
+N's tokens to the grammar matchers and fills N+1's bitmask, then ``sample(N+1, [VocabMask])``
+runs once the mask arrives. Requests without a grammar keep the one-message step. (SGLang instead
+resolves the previous step's tokens on the forward thread before it builds the mask.)
+"""
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
 
 import torch
 
 from tgi_zmq.attention import AttentionMetadata
+from tgi_zmq.block_manager import ceil_div
 from tgi_zmq.models import load_model
 from tgi_zmq.parallel import Shard
-from tgi_zmq.sampler import sample
+from tgi_zmq.sampler import LogitsProcessor, SamplingMetadata, sample
+from tgi_zmq.step import EncoderBatch, ForwardBatch, RequestStates, Step, StepLayout
+
+
+@dataclasses.dataclass
+class StepOutput:
+    next_ids: torch.Tensor  # [R] int64
+    logprobs: torch.Tensor  # [R] float32 (zeros on ranks other than 0)
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {"next_ids": self.next_ids, "logprobs": self.logprobs}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> StepOutput:
+        return cls(tensors["next_ids"], tensors["logprobs"])
 
 
 class ModelRunner:
@@ -19,6 +51,8 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         shard: Shard | None = None,
+        max_rows: int = 128,
+        max_total_tokens: int = 4096,
     ):
         self.device = torch.device(device)
         self.shard = shard or Shard()
@@ -26,35 +60,85 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.cache = self.model.new_cache(num_blocks, block_size)
-        self.forget_samples()
+        self.max_rows = max_rows
+        self.max_pages = ceil_div(max_total_tokens, block_size) + 1
+        self.forget_requests()
+
+    def forget_requests(self) -> None:
+        """Drop the per-request state and the last step's samples (a new scheduler starts afresh)."""
+        self.states = RequestStates(self.max_rows, self.max_pages, self.model.cfg.vocab_size, self.device)
+        self.prev_ids = torch.zeros(1, dtype=torch.int64, device=self.device)
 
     @torch.inference_mode()
-    def execute(self, step: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Forward the step and sample; returns ``next_ids`` [R] and ``logprobs`` [R].
+    def execute(self, step: Step, processors: Sequence[LogitsProcessor] = ()) -> StepOutput:
+        """Forward and sample one step (its tensors on any device; they are moved to ours).
 
         With tensor parallelism rank 0 samples and sends the ids to the other ranks (they need
-        them to fill the next step's placeholders); their ``logprobs`` are zeros.
+        them to fill the next step's placeholders and count penalised tokens).
         """
-        step = {name: t.to(self.device, non_blocking=True) for name, t in step.items()}
-        for name in ("input_ids", "penalty_ids"):
-            step[name] = self._fill_placeholders(step[name])
-        meta = AttentionMetadata.build(step, self.block_size)
-        logit_rows = step["query_start"][1:][step["sample_seq"]].long() - 1
-        logits = self.model.forward(step, self.cache, meta, logit_rows)
+        layout = step.layout()
+        step = step.to(self.device)
+        logits = self.forward(step, layout)
+        return self.sample(step, layout, logits, processors)
+
+    @torch.inference_mode()
+    def forward(self, step: Step, layout: StepLayout) -> torch.Tensor | None:
+        """Take in the step's state changes and run the model: logits [R, vocab] (None off rank 0)."""
+        step.inputs.input_ids = self._fill_placeholders(step.inputs.input_ids)
+        step.sampling.history_ids = self._fill_placeholders(step.sampling.history_ids)
+        self.states.apply(step)
+        self.states.start_histories(step, layout.num_histories)
+        return self.model.forward(self.forward_batch(step, layout), self.cache)
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        step: Step,
+        layout: StepLayout,
+        logits: torch.Tensor | None,
+        processors: Sequence[LogitsProcessor] = (),
+    ) -> StepOutput:
+        rows = len(layout.sample_rows)
         if logits is not None:
-            next_ids, logprobs = sample(logits, step)
+            next_ids, logprobs = sample(logits, self._sampling_metadata(step, layout), processors)
         else:
-            next_ids = torch.empty(len(step["sample_seq"]), dtype=torch.int64, device=self.device)
-            logprobs = torch.zeros(len(next_ids), device=self.device)
+            next_ids = torch.empty(rows, dtype=torch.int64, device=self.device)
+            logprobs = torch.zeros(rows, device=self.device)
         if self.shard.world > 1:
             self.shard.broadcast(next_ids)
-        if next_ids.numel():
+        if layout.penalised:
+            self.states.count_sampled(step, next_ids)
+        if rows:
             self.prev_ids = next_ids
-        return {"next_ids": next_ids, "logprobs": logprobs.float()}
+        return StepOutput(next_ids, logprobs.float())
 
-    def forget_samples(self) -> None:
-        """Drop the last step's samples (a new scheduler's steps never refer to them)."""
-        self.prev_ids = torch.zeros(1, dtype=torch.int64, device=self.device)
+    def forward_batch(self, step: Step, layout: StepLayout) -> ForwardBatch:
+        """The model's view of a step whose state changes are taken in."""
+        qs = layout.query_start
+        inputs = step.inputs
+        tables = self.states.tables(step)
+        attention = AttentionMetadata.for_pages(
+            qs, layout.context_lens, tables, inputs.slot_mapping, self.block_size
+        )
+        logit_rows = torch.tensor(
+            [qs[r + 1] - 1 for r in layout.sample_rows], dtype=torch.int64, device=self.device
+        )
+        encoder = None
+        if step.encoder is not None:
+            cross_tables = self.states.cross_pages[inputs.state_rows]
+            cross = AttentionMetadata.for_pages(
+                qs, layout.encoder_lens, cross_tables, None, self.block_size, causal=False
+            )
+            encoder = EncoderBatch(step.encoder.ids, step.encoder.slots, layout.encoder_start, cross)
+        return ForwardBatch(inputs.input_ids, inputs.positions, attention, logit_rows, encoder)
+
+    def _sampling_metadata(self, step: Step, layout: StepLayout) -> SamplingMetadata:
+        s = step.sampling
+        counts = lens = None
+        if layout.penalised:
+            rows = step.inputs.state_rows[s.rows]
+            counts, lens = self.states.counts[rows], self.states.history_lens[rows]
+        return SamplingMetadata(s.repetition_penalty, s.frequency_penalty, counts, lens, layout.draws)
 
     def _fill_placeholders(self, ids: torch.Tensor) -> torch.Tensor:
         """Replace ``-(1 + row)`` by the token sampled for ``row`` in the previous step."""

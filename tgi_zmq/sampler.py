@@ -1,17 +1,77 @@
 """Next-token choice for a batch of rows, each with its own parameters.
 
-Order as in TGI: repetition penalty -> frequency penalty -> temperature -> top-k -> top-p ->
-sample (or argmax for greedy rows). Sampling uses the exponential race
-(``argmax(probs / Exp(1))``) with noise from a generator seeded by ``(seed, index of the
-token)``: the draw for a request's n-th token depends only on its own seed, not on what
-else is in the batch, nor on whether the request was preempted and recomputed.
+Order as in TGI: logits processors (a vocabulary mask, a logit bias) -> repetition penalty ->
+frequency penalty -> temperature -> top-k -> top-p -> sample (or argmax for greedy rows).
+Sampling uses the exponential race (``argmax(probs / Exp(1))``) with noise from a generator
+seeded by ``(seed, index of the token)``: the draw for a request's n-th token depends only on
+its own seed, not on what else is in the batch, nor on whether the request was preempted and
+recomputed.
+
+Everything runs on the logits' device; the branches are taken from host integers
+(``SamplingMetadata.draws``), so greedy and penalised rows never read a device value back. A
+random row's noise is drawn on the CPU (the same tokens on every device) and copied over.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
+from typing import Protocol
+
 import torch
 
 _MASK64 = (1 << 64) - 1
+
+
+class LogitsProcessor(Protocol):
+    """Changes the float32 logits [R, vocab] of a step's sampling rows in place, on their device.
+
+    The hook between the forward and the sampler (``ModelRunner.sample``). Structured output
+    will pass a ``VocabMask``; a processor must not read values back to the host.
+    """
+
+    def __call__(self, logits: torch.Tensor) -> None: ...
+
+
+@dataclasses.dataclass
+class VocabMask:
+    """Only the allowed tokens of each row can be chosen; a row that allows all is unconstrained."""
+
+    allowed: torch.Tensor  # [R, vocab] bool
+
+    def __call__(self, logits: torch.Tensor) -> None:
+        logits.masked_fill_(~self.allowed, float("-inf"))
+
+
+@dataclasses.dataclass
+class LogitBias:
+    bias: torch.Tensor  # [R, vocab] float32, 0 where a row has no bias
+
+    def __call__(self, logits: torch.Tensor) -> None:
+        logits += self.bias
+
+
+@dataclasses.dataclass(frozen=True)
+class Draw:
+    """The host-side parameters of one row that samples at random."""
+
+    row: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    index: int  # the token's index among the request's outputs
+
+
+@dataclasses.dataclass
+class SamplingMetadata:
+    """What the sampler needs for one step's rows, on their device (plus host-side draws)."""
+
+    repetition_penalty: torch.Tensor  # [R] float32
+    frequency_penalty: torch.Tensor  # [R] float32
+    counts: torch.Tensor | None  # [R, vocab] float32 token counts of each row's history; None: no penalties
+    history_lens: torch.Tensor | None  # [R] float32
+    draws: list[Draw]  # rows that sample at random; the others are greedy
 
 
 def mix_seed(seed: int, index: int) -> int:
@@ -22,23 +82,13 @@ def mix_seed(seed: int, index: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
-def apply_penalties(logits: torch.Tensor, s: dict[str, torch.Tensor]) -> None:
-    """Repetition (HF/CTRL style) and frequency penalties over each row's token history, in place."""
-    starts = s["penalty_start"].tolist()
-    ids_all = s["penalty_ids"]
-    rep = s["repetition_penalty"].tolist()
-    freq = s["frequency_penalty"].tolist()
-    for row in range(logits.shape[0]):
-        lo, hi = starts[row], starts[row + 1]
-        if lo == hi:
-            continue
-        ids = ids_all[lo:hi]
-        if rep[row] != 1.0:
-            score = logits[row, ids]
-            logits[row, ids] = torch.where(score < 0, score * rep[row], score / rep[row])
-        if freq[row] != 0.0:
-            counts = torch.bincount(ids, minlength=logits.shape[1]).to(logits.dtype)
-            logits[row] -= freq[row] * counts / (hi - lo)
+def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Repetition (HF/CTRL style) and frequency penalties from each row's token counts."""
+    rep = meta.repetition_penalty.view(-1, 1)
+    freq = meta.frequency_penalty.view(-1, 1)
+    present = (meta.counts > 0) & (rep != 1.0)
+    logits = torch.where(present, torch.where(logits < 0, logits * rep, logits / rep), logits)
+    return logits - freq * meta.counts / meta.history_lens.clamp(min=1).view(-1, 1)
 
 
 def warp(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -55,32 +105,28 @@ def warp(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> 
     return logits
 
 
-def sample(logits: torch.Tensor, s: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(
+    logits: torch.Tensor, meta: SamplingMetadata, processors: Sequence[LogitsProcessor] = ()
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose one token per row. Returns (token ids [R] int64, their logprobs [R] float32)."""
-    logits = logits.float()
-    if s["penalty_ids"].numel():
-        apply_penalties(logits, s)
-    greedy = s["greedy"]
+    logits = logits.to(torch.float32, copy=bool(processors))  # processors work in place, on our copy
+    for processor in processors:
+        processor(logits)
+    if meta.counts is not None:
+        logits = apply_penalties(logits, meta)
     next_ids = logits.argmax(-1)
     logprobs = torch.log_softmax(logits, -1)
-    if not bool(greedy.all()):
-        for row in torch.nonzero(~greedy).flatten().tolist():
-            next_ids[row], logprobs[row] = _sample_row(logits[row], s, row)
+    for draw in meta.draws:
+        next_ids[draw.row], logprobs[draw.row] = _sample_row(logits[draw.row], draw)
     chosen = logprobs.gather(1, next_ids.view(-1, 1)).view(-1)
     return next_ids, chosen
 
 
-def _sample_row(row_logits: torch.Tensor, s: dict[str, torch.Tensor], row: int):
-    scores = warp(
-        row_logits,
-        float(s["temperature"][row]),
-        int(s["top_k"][row]),
-        float(s["top_p"][row]),
-    )
+def _sample_row(row_logits: torch.Tensor, draw: Draw) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = warp(row_logits, draw.temperature, draw.top_k, draw.top_p)
     probs = scores.softmax(-1)
-    gen = torch.Generator(device=probs.device).manual_seed(
-        mix_seed(int(s["seeds"][row]), int(s["sample_index"][row]))
-    )
-    noise = torch.empty_like(probs).exponential_(generator=gen)
+    # the noise comes from a CPU generator on every device: CUDA's draws other numbers for a seed
+    gen = torch.Generator().manual_seed(mix_seed(draw.seed, draw.index))
+    noise = torch.empty(probs.shape, dtype=probs.dtype).exponential_(generator=gen).to(probs.device)
     token = torch.argmax(probs / noise)
     return token, torch.log_softmax(scores, -1)

@@ -49,6 +49,12 @@ class Request:
     cross_blocks: list[int] = dataclasses.field(default_factory=list)  # pages of the encoder's K/V
     resumed: int = 0  # output tokens it arrived with (a replay after a fault): already streamed
     faults: int = 0  # worker losses it was running through (it recomputes after each)
+    # Its row in the workers' per-request state (page tables, penalty counts) while it runs, and what
+    # the workers already hold there (``tgi_zmq.step``): both start over when it (re)enters ``running``.
+    state_row: int = -1
+    pages_sent: int = 0
+    cross_pages_sent: int = 0
+    history_sent: bool = False
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)
@@ -80,6 +86,11 @@ class ScheduledBatch:
     encodes: list[bool] = dataclasses.field(default_factory=list)  # runs its encoder this step (T5)
     num_samples: int = 0
 
+    @property
+    def is_decode(self) -> bool:
+        """Every request runs one token over a cached context: the rule the attention uses per row."""
+        return all(n == 1 and start > 0 for start, n in zip(self.starts, self.num_new, strict=True))
+
     def samples(self) -> list[bool]:
         """Which requests sample a token this step (their gap closes)."""
         return [slot >= 0 for slot in self.sample_slots]
@@ -100,22 +111,23 @@ class ScheduledBatch:
             self.sample_slots.append(-1)
 
 
-class Scheduler:
+class SchedulePolicy:
     def __init__(
         self,
-        blocks: BlockManager,
+        block_manager: BlockManager,
         max_step_tokens: int,
         max_running: int,
         eos_token_ids: tuple[int, ...],
         max_total_tokens: int,
     ):
-        self.blocks = blocks
+        self.block_manager = block_manager
         self.max_step_tokens = max_step_tokens
         self.max_running = max_running
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_total_tokens = max_total_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.free_rows = list(range(max_running - 1, -1, -1))  # state rows, lowest handed out first
         self.num_preemptions = 0
         self.prefix_hit_tokens = 0
         self.queue_waits: list[float] = []  # seconds from arrival to first step, drained by the stats
@@ -142,11 +154,11 @@ class Scheduler:
         """
         request.finish_reason = reason
         if request in self.running:
-            self.running.remove(request)
+            self._leave_running(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        self.blocks.release(request.blocks)
-        self.blocks.release(request.cross_blocks)
+        self.block_manager.release(request.blocks)
+        self.block_manager.release(request.cross_blocks)
         _drop_placeholders(request)
 
     def has_work(self) -> bool:
@@ -165,11 +177,11 @@ class Scheduler:
             req.blocks, req.cross_blocks = [], []  # the whole pool is dropped below
             self._reset(req)
             req.epoch += 1  # results of steps in flight are stale
-        self.waiting.extendleft(reversed(self.running))
-        self.running = []
-        self.blocks = BlockManager(
-            self.blocks.num_blocks, self.blocks.block_size, self.blocks.enable_prefix_caching
-        )
+        for req in list(self.running):
+            self._leave_running(req)
+        self.waiting.extendleft(reversed(hit))
+        old = self.block_manager
+        self.block_manager = BlockManager(old.num_blocks, old.block_size, old.enable_prefix_caching)
         return hit
 
     # ------------------------------------------------------------------ the step
@@ -202,18 +214,32 @@ class Scheduler:
             budget -= len(req.encoder_ids)
             hit = self._reuse_prefix(req)
             n = min(req.num_tokens - req.num_computed, max(budget, 1))
-            grown = self.blocks.grow(req.blocks, req.num_computed + n)
-            if not grown or not self.blocks.grow(req.cross_blocks, len(req.encoder_ids)):
+            grown = self.block_manager.grow(req.blocks, req.num_computed + n)
+            if not grown or not self.block_manager.grow(req.cross_blocks, len(req.encoder_ids)):
                 self._reset(req)
                 break
             self.prefix_hit_tokens += hit
             if req.scheduled_time is None:
                 req.scheduled_time = time.time()
                 self.queue_waits.append(req.scheduled_time - req.arrival_time)
-            self.running.append(self.waiting.popleft())
+            self._enter_running(self.waiting.popleft())
             batch.add(req, n)
             budget -= n
         return batch if batch.requests else None
+
+    def _enter_running(self, req: Request) -> None:
+        """A state row for ``req``; the workers hold nothing of it there yet."""
+        req.state_row = self.free_rows.pop()
+        req.pages_sent = req.cross_pages_sent = 0
+        req.history_sent = False
+        self.running.append(req)
+
+    def _leave_running(self, req: Request) -> None:
+        """Its row is free for the next request: steps run in order, so one already in flight still
+        reads this request's state, and a later step writes the next one's before using it."""
+        self.running.remove(req)
+        self.free_rows.append(req.state_row)
+        req.state_row = -1
 
     def _awaits_last_token(self, req: Request) -> bool:
         return req.num_output >= req.max_new_tokens or req.num_tokens >= self.max_total_tokens
@@ -222,22 +248,22 @@ class Scheduler:
         """Start a request on the cached blocks of its longest cached prefix; returns the hit tokens."""
         if req.encoder_ids:
             return 0
-        blocks, parent = self.blocks.match_prefix(req.token_ids, req.num_tokens - 1)
+        blocks, parent = self.block_manager.match_prefix(req.token_ids, req.num_tokens - 1)
         req.blocks = blocks
-        req.num_computed = len(blocks) * self.blocks.block_size
+        req.num_computed = len(blocks) * self.block_manager.block_size
         req.hashed_blocks, req.parent_hash = len(blocks), parent
         return req.num_computed
 
     def _reset(self, req: Request) -> None:
         """Back to nothing computed, no pages (recompute later, prefix cache permitting)."""
-        self.blocks.release(req.blocks)
-        self.blocks.release(req.cross_blocks)
+        self.block_manager.release(req.blocks)
+        self.block_manager.release(req.cross_blocks)
         _drop_placeholders(req)
         req.num_computed = req.hashed_blocks = req.parent_hash = 0
 
     def _reserve(self, req: Request, n: int) -> bool:
         """Give ``req`` pages for ``n`` more tokens, preempting the newest requests if needed."""
-        while not self.blocks.grow(req.blocks, req.num_computed + n):
+        while not self.block_manager.grow(req.blocks, req.num_computed + n):
             victim = self.running[-1]
             self._preempt(victim)
             if victim is req:
@@ -246,7 +272,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         """Recompute later: free the pages, keep the tokens, go back to the head of the queue."""
-        self.running.remove(req)
+        self._leave_running(req)
         self._reset(req)
         req.epoch += 1
         self.waiting.appendleft(req)
@@ -269,7 +295,7 @@ class Scheduler:
             if req.finish_reason is not None or req.epoch != batch.epochs[i]:
                 continue  # finished, aborted or preempted since: its token is dropped
             if not req.encoder_ids:
-                req.hashed_blocks, req.parent_hash = self.blocks.register(
+                req.hashed_blocks, req.parent_hash = self.block_manager.register(
                     req.blocks,
                     req.token_ids,
                     batch.starts[i] + batch.num_new[i],

@@ -1,109 +1,347 @@
-"""The layout of one forward step's tensors, written by the scheduler and read by the workers.
+"""The scheduler -> worker contract of one forward step: typed inputs, their transport layout, their size.
 
-Tokens of all scheduled requests are flattened into one sequence of ``T`` tokens
-(prefill chunks and decodes together); ``query_start`` delimits each request's tokens.
-A negative id in ``input_ids`` or ``penalty_ids`` is a placeholder for the token the
-previous step sampled in row ``-id - 1`` (see ``tgi_zmq.scheduler``): the worker fills it in.
+Tokens of all scheduled requests are flattened into one sequence of ``T`` tokens (prefill chunks
+and decodes together); ``query_start`` delimits each request's tokens. A negative id in
+``input_ids`` or a penalty history is a placeholder for the token the previous step sampled in
+row ``-id - 1`` (see ``tgi_zmq.scheduler``): the worker fills it in.
 
-Tensors (B requests, R of them sampling, T tokens):
-- ``input_ids``, ``positions``, ``slot_mapping`` [T]: token, its position, its KV slot
-  (``block * block_size + offset``).
-- ``query_start`` [B+1], ``context_lens`` [B]: token ranges and KV length after the step.
-- ``block_tables`` [B, max_blocks]: each request's pages, padded with 0.
-- ``sample_seq`` [R]: which requests sample; the rest are the per-row sampling parameters,
-  plus ``penalty_ids``/``penalty_start`` with the token history of rows that use penalties.
+A step carries what changed since the previous one, as vLLM v1's scheduler output does. What a
+request needs every step but that changes slowly lives in the worker (``RequestStates``), in the
+row of its state tables that the scheduler gave the request while it runs (``Request.state_row``):
+- its page table (and its encoder's pages, T5): a step sends only the pages added since the last
+  step, as ``(state row, page index, page id)`` triples;
+- its penalty token counts: a penalised request's token history is sent once, in the first step
+  that samples for it in its row; the worker then counts the tokens it samples itself.
 
-Encoder-decoder models (T5) add, for the ``Be`` requests whose encoder runs this step (``E`` tokens):
-- ``encoder_ids``, ``encoder_slots`` [E]: the prompts and the cross-attention KV slots they fill;
-  ``encoder_start`` [Be+1] delimits them;
-- ``cross_lens`` [B], ``cross_tables`` [B, max_cross_blocks]: every request's encoder length and pages.
+Shapes (B requests, R of them sampling, T tokens): ``StepInputs`` [T] and [B]; ``SamplingInputs``
+[R]; ``EncoderInputs`` for the requests whose encoder runs this step. ``Step.to_tensors`` names
+them ``<part>.<field>`` for the transport (``tgi_zmq.transport``); ``step_buffer_size`` bounds
+their bytes.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import TYPE_CHECKING
+
 import torch
 
-from tgi_zmq.scheduler import ScheduledBatch
+from tgi_zmq.block_manager import ceil_div
+from tgi_zmq.sampler import Draw
+
+if TYPE_CHECKING:
+    from tgi_zmq.attention import AttentionMetadata
+    from tgi_zmq.scheduler import Request, ScheduledBatch
+
+PAGE_UPDATE = 3  # ints per page-table update: state row, page index, page id
 
 
-def build_step(batch: ScheduledBatch, block_size: int) -> dict[str, torch.Tensor]:
+def slot_of(pages: list[int], position: int, block_size: int) -> int:
+    """The KV slot of ``position`` in a request's ``pages``: ``page * block_size + offset``."""
+    return pages[position // block_size] * block_size + position % block_size
+
+
+# ---------------------------------------------------------------------------------- the wire
+
+
+@dataclasses.dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T] int64; negative: a placeholder
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64: the KV slot each token writes
+    query_start: torch.Tensor  # [B+1] int32: request b's tokens are query_start[b]:query_start[b+1]
+    context_lens: torch.Tensor  # [B] int32: KV length after the step
+    state_rows: torch.Tensor  # [B] int64: each request's row in the worker's state tables
+    new_pages: torch.Tensor  # [N, 3] int64: (state row, page index, page id) added since the last step
+
+
+@dataclasses.dataclass
+class SamplingInputs:
+    rows: torch.Tensor  # [R] int64: which requests (indices into the step's B) sample a token
+    greedy: torch.Tensor  # [R] bool
+    temperature: torch.Tensor  # [R] float32
+    top_k: torch.Tensor  # [R] int64, 0: off
+    top_p: torch.Tensor  # [R] float32
+    repetition_penalty: torch.Tensor  # [R] float32
+    frequency_penalty: torch.Tensor  # [R] float32
+    seeds: torch.Tensor  # [R] int64
+    sample_index: torch.Tensor  # [R] int64: index of the token sampled among the request's outputs
+    history_rows: torch.Tensor  # [H] int64: rows (of R) whose penalty counts start over this step
+    history_ids: torch.Tensor  # [sum of lengths] int64: their token histories, back to back
+    history_start: torch.Tensor  # [H+1] int64
+
+    @property
+    def penalised(self) -> torch.Tensor:
+        """[R] bool: rows whose logits depend on their token counts."""
+        return (self.repetition_penalty != 1.0) | (self.frequency_penalty != 0.0)
+
+
+@dataclasses.dataclass
+class EncoderInputs:
+    """Encoder-decoder models (T5): the prompts whose encoder runs this step, and every request's
+    cross-attention context (its encoder length; its pages live in the worker's state)."""
+
+    ids: torch.Tensor  # [E] int64: the prompts, back to back
+    slots: torch.Tensor  # [E] int64: the cross-attention KV slots they fill
+    start: torch.Tensor  # [Be+1] int32: prompt boundaries in ``ids``
+    lens: torch.Tensor  # [B] int32: each request's encoder length
+    new_pages: torch.Tensor  # [N, 3] int64: cross-attention pages added since the last step
+
+
+_PARTS = {"inputs": StepInputs, "sampling": SamplingInputs, "encoder": EncoderInputs}
+
+
+@dataclasses.dataclass
+class Step:
+    inputs: StepInputs
+    sampling: SamplingInputs
+    encoder: EncoderInputs | None = None
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """The flat ``<part>.<field>`` names the transport writes."""
+        out = {}
+        for part in _PARTS:
+            value = getattr(self, part)
+            if value is not None:
+                out.update({f"{part}.{f.name}": getattr(value, f.name) for f in dataclasses.fields(value)})
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> Step:
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for name, tensor in tensors.items():
+            part, _, field = name.partition(".")
+            if part not in _PARTS:
+                raise ValueError(f"unknown step tensor {name!r}")
+            parts.setdefault(part, {})[field] = tensor
+        built = {part: _PARTS[part](**fields) for part, fields in parts.items()}
+        return cls(**built)
+
+    def to(self, device: torch.device) -> Step:
+        return Step.from_tensors({k: t.to(device, non_blocking=True) for k, t in self.to_tensors().items()})
+
+    def layout(self) -> StepLayout:
+        """The host-side numbers the worker plans with (read before the tensors go to the device)."""
+        enc, s = self.encoder, self.sampling
+        columns = [c.tolist() for c in (s.greedy, s.temperature, s.top_k, s.top_p, s.seeds, s.sample_index)]
+        draws = [
+            Draw(row, *values)
+            for row, (greedy, *values) in enumerate(zip(*columns, strict=True))
+            if not greedy
+        ]
+        return StepLayout(
+            query_start=self.inputs.query_start.tolist(),
+            context_lens=self.inputs.context_lens.tolist(),
+            sample_rows=s.rows.tolist(),
+            draws=draws,
+            penalised=bool(s.penalised.any()),
+            num_histories=len(s.history_rows),
+            encoder_start=enc.start.tolist() if enc is not None else [],
+            encoder_lens=enc.lens.tolist() if enc is not None else [],
+        )
+
+
+@dataclasses.dataclass
+class StepLayout:
+    """A step's shape as host integers: the attention plan and the sampler's branches are made from
+    these, so the forward never reads a device tensor back (no host synchronisation)."""
+
+    query_start: list[int]
+    context_lens: list[int]
+    sample_rows: list[int]  # requests that sample
+    draws: list[Draw]  # rows (of R) that sample at random; the others are greedy
+    penalised: bool  # some row applies penalties
+    num_histories: int  # rows whose penalty counts start over
+    encoder_start: list[int]
+    encoder_lens: list[int]
+
+
+def step_buffer_size(max_step_tokens: int, max_rows: int, max_total_tokens: int, block_size: int) -> int:
+    """Bytes one step's tensors can need at most.
+
+    Per token 3 int64 (+ an encoder's 2); per request 4+4+8 bytes and its page updates; per
+    sampling row 8 fields of 8 bytes at most; penalty histories are sent once per request, bounded
+    by every row starting over in one step (after a worker restart, say).
+    """
+    max_pages = ceil_div(max_total_tokens, block_size) + 1
+    return (
+        5 * 8 * (max_step_tokens + max_rows)
+        + (16 + 2 * 8 * PAGE_UPDATE * max_pages) * max_rows
+        + 8 * 16 * max_rows
+        + 8 * max_rows * max_total_tokens
+        + (1 << 16)
+    )
+
+
+# ---------------------------------------------------------------------------------- building
+
+
+def build_step(batch: ScheduledBatch, block_size: int) -> Step:
+    """The step of ``batch``; marks the pages and histories it sends as known to the workers."""
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
     query_start = [0]
-    context_lens = []
     for req, start, n in zip(batch.requests, batch.starts, batch.num_new, strict=True):
         input_ids.extend(req.token_ids[start : start + n])
-        for pos in range(start, start + n):
-            positions.append(pos)
-            slots.append(req.blocks[pos // block_size] * block_size + pos % block_size)
+        positions.extend(range(start, start + n))
+        slots.extend(slot_of(req.blocks, pos, block_size) for pos in range(start, start + n))
         query_start.append(query_start[-1] + n)
-        context_lens.append(start + n)
-    max_blocks = max(len(r.blocks) for r in batch.requests)
-    tables = [r.blocks + [0] * (max_blocks - len(r.blocks)) for r in batch.requests]
-    tensors = {
-        "input_ids": torch.tensor(input_ids, dtype=torch.int64),
-        "positions": torch.tensor(positions, dtype=torch.int64),
-        "slot_mapping": torch.tensor(slots, dtype=torch.int64),
-        "query_start": torch.tensor(query_start, dtype=torch.int32),
-        "context_lens": torch.tensor(context_lens, dtype=torch.int32),
-        "block_tables": torch.tensor(tables, dtype=torch.int32),
-    }
-    tensors.update(_sampling_tensors(batch))
-    if batch.requests[0].encoder_ids:
-        tensors.update(_encoder_tensors(batch, block_size))
-    return tensors
+    inputs = StepInputs(
+        input_ids=_ints(input_ids),
+        positions=_ints(positions),
+        slot_mapping=_ints(slots),
+        query_start=_ints(query_start, torch.int32),
+        context_lens=_ints([s + n for s, n in zip(batch.starts, batch.num_new, strict=True)], torch.int32),
+        state_rows=_ints([r.state_row for r in batch.requests]),
+        new_pages=_page_updates(batch.requests, "blocks", "pages_sent"),
+    )
+    encoder = _encoder_inputs(batch, block_size) if batch.requests[0].encoder_ids else None
+    return Step(inputs, _sampling_inputs(batch), encoder)
 
 
-def _encoder_tensors(batch: ScheduledBatch, block_size: int) -> dict[str, torch.Tensor]:
+def _page_updates(requests: list[Request], pages: str, sent: str) -> torch.Tensor:
+    updates: list[int] = []
+    for req in requests:
+        ids, known = getattr(req, pages), getattr(req, sent)
+        for index in range(known, len(ids)):
+            updates += (req.state_row, index, ids[index])
+        setattr(req, sent, len(ids))
+    return _ints(updates).view(-1, PAGE_UPDATE)
+
+
+def _encoder_inputs(batch: ScheduledBatch, block_size: int) -> EncoderInputs:
     ids: list[int] = []
     slots: list[int] = []
     start = [0]
     for req, encodes in zip(batch.requests, batch.encodes, strict=True):
         if encodes:
             ids.extend(req.encoder_ids)
-            slots.extend(
-                req.cross_blocks[p // block_size] * block_size + p % block_size
-                for p in range(len(req.encoder_ids))
-            )
+            slots.extend(slot_of(req.cross_blocks, p, block_size) for p in range(len(req.encoder_ids)))
             start.append(len(ids))
-    max_blocks = max(len(r.cross_blocks) for r in batch.requests)
-    tables = [r.cross_blocks + [0] * (max_blocks - len(r.cross_blocks)) for r in batch.requests]
-    return {
-        "encoder_ids": torch.tensor(ids, dtype=torch.int64),
-        "encoder_slots": torch.tensor(slots, dtype=torch.int64),
-        "encoder_start": torch.tensor(start, dtype=torch.int32),
-        "cross_lens": torch.tensor([len(r.encoder_ids) for r in batch.requests], dtype=torch.int32),
-        "cross_tables": torch.tensor(tables, dtype=torch.int32),
-    }
+    return EncoderInputs(
+        ids=_ints(ids),
+        slots=_ints(slots),
+        start=_ints(start, torch.int32),
+        lens=_ints([len(r.encoder_ids) for r in batch.requests], torch.int32),
+        new_pages=_page_updates(batch.requests, "cross_blocks", "cross_pages_sent"),
+    )
 
 
-def _sampling_tensors(batch: ScheduledBatch) -> dict[str, torch.Tensor]:
-    rows = [i for i, samples in enumerate(batch.samples()) if samples]
+def _sampling_inputs(batch: ScheduledBatch) -> SamplingInputs:
+    rows = [i for i, slot in enumerate(batch.sample_slots) if slot >= 0]
     reqs = [batch.requests[i] for i in rows]
     slots = [batch.sample_slots[i] for i in rows]
     params = [r.params for r in reqs]
-    penalty_ids: list[int] = []
-    penalty_start = [0]
-    for req, slot, p in zip(reqs, slots, params, strict=True):
-        if p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0:
-            penalty_ids.extend(req.token_ids[:slot])
-        penalty_start.append(len(penalty_ids))
-    return {
-        "sample_seq": torch.tensor(rows, dtype=torch.int64),
-        "greedy": torch.tensor([not p.do_sample for p in params], dtype=torch.bool),
-        "temperature": torch.tensor([p.temperature for p in params], dtype=torch.float32),
-        "top_k": torch.tensor([p.top_k for p in params], dtype=torch.int64),
-        "top_p": torch.tensor([p.top_p for p in params], dtype=torch.float32),
-        "repetition_penalty": torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32),
-        "frequency_penalty": torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32),
-        "seeds": torch.tensor([_as_int64(p.seed or 0) for p in params], dtype=torch.int64),
-        "sample_index": torch.tensor([slot - r.prompt_len for r, slot in zip(reqs, slots, strict=True)]),
-        "penalty_ids": torch.tensor(penalty_ids, dtype=torch.int64),
-        "penalty_start": torch.tensor(penalty_start, dtype=torch.int64),
-    }
+    history_rows: list[int] = []
+    history_ids: list[int] = []
+    history_start = [0]
+    for row, (req, slot) in enumerate(zip(reqs, slots, strict=True)):
+        if req.params.penalised and not req.history_sent:
+            history_rows.append(row)
+            history_ids.extend(req.token_ids[:slot])
+            history_start.append(len(history_ids))
+            req.history_sent = True
+    return SamplingInputs(
+        rows=_ints(rows),
+        greedy=torch.tensor([not p.do_sample for p in params], dtype=torch.bool),
+        temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
+        top_k=_ints([p.top_k for p in params]),
+        top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
+        repetition_penalty=torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32),
+        frequency_penalty=torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32),
+        seeds=_ints([_as_int64(p.seed or 0) for p in params]),
+        sample_index=_ints([slot - r.prompt_len for r, slot in zip(reqs, slots, strict=True)]),
+        history_rows=_ints(history_rows),
+        history_ids=_ints(history_ids),
+        history_start=_ints(history_start),
+    )
+
+
+def _ints(values: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype)
 
 
 def _as_int64(value: int) -> int:
     """Seeds are uint64 on the API; reinterpret the bits as int64 for the tensor."""
     return ((value + 2**63) % 2**64) - 2**63
+
+
+# ---------------------------------------------------------------------------------- the worker side
+
+
+class RequestStates:
+    """What the worker keeps per running request, one row per state row, on the step's device:
+    page tables (and cross-attention page tables) and penalty token counts."""
+
+    def __init__(self, rows: int, max_pages: int, vocab_size: int, device: torch.device):
+        self.rows, self.vocab_size, self.device = rows, vocab_size, torch.device(device)
+        self.pages = torch.zeros(rows, max_pages, dtype=torch.int64, device=self.device)
+        self.cross_pages = torch.zeros(rows, max_pages, dtype=torch.int64, device=self.device)
+        self._counts: torch.Tensor | None = None  # [rows, vocab] float32, made on first use
+        self.history_lens = torch.zeros(rows, dtype=torch.float32, device=self.device)
+
+    @property
+    def counts(self) -> torch.Tensor:
+        if self._counts is None:
+            self._counts = torch.zeros(self.rows, self.vocab_size, dtype=torch.float32, device=self.device)
+        return self._counts
+
+    def apply(self, step: Step) -> None:
+        """Take in the step's new pages (placeholders in histories are already filled)."""
+        _scatter_pages(self.pages, step.inputs.new_pages)
+        if step.encoder is not None:
+            _scatter_pages(self.cross_pages, step.encoder.new_pages)
+
+    def start_histories(self, step: Step, num_histories: int) -> None:
+        # the lengths are host-known through ``num_histories``; ``output_size`` keeps it sync-free
+        """Penalty counts of the rows that send their token history this step start from it."""
+        if not num_histories:
+            return
+        s = step.sampling
+        rows = step.inputs.state_rows[s.rows[s.history_rows]]
+        lengths = s.history_start[1:] - s.history_start[:-1]
+        owner = torch.repeat_interleave(
+            torch.arange(num_histories, device=self.device), lengths, output_size=s.history_ids.shape[0]
+        )
+        counts = torch.zeros(num_histories, self.vocab_size, dtype=torch.float32, device=self.device)
+        counts.index_put_(
+            (owner, s.history_ids), torch.ones_like(owner, dtype=torch.float32), accumulate=True
+        )
+        self.counts[rows] = counts
+        self.history_lens[rows] = lengths.float()
+
+    def count_sampled(self, step: Step, next_ids: torch.Tensor) -> None:
+        """Add each penalised row's sampled token to its counts (its history for the next step)."""
+        s = step.sampling
+        rows = step.inputs.state_rows[s.rows]
+        weight = s.penalised.float()
+        self.counts.index_put_((rows, next_ids), weight, accumulate=True)
+        self.history_lens.index_add_(0, rows, weight)
+
+    def tables(self, step: Step) -> torch.Tensor:
+        """[B, max_pages] page tables of the step's requests."""
+        return self.pages[step.inputs.state_rows]
+
+
+def _scatter_pages(table: torch.Tensor, updates: torch.Tensor) -> None:
+    table[updates[:, 0], updates[:, 1]] = updates[:, 2]
+
+
+@dataclasses.dataclass
+class ForwardBatch:
+    """What a model's forward reads, on its device: built by the worker from a step and its state."""
+
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    attention: AttentionMetadata
+    logit_rows: torch.Tensor  # [R] the flat token rows whose logits are returned
+    encoder: EncoderBatch | None = None
+
+
+@dataclasses.dataclass
+class EncoderBatch:
+    ids: torch.Tensor  # [E] prompts whose encoder runs now
+    slots: torch.Tensor  # [E] their cross-attention KV slots
+    start: list[int]  # [Be+1] host boundaries of the prompts
+    cross_attention: AttentionMetadata  # every request's decoder queries over its encoder's pages

@@ -1,0 +1,128 @@
+"""The typed step: its transport round trip, and the worker-side state it keeps in step with the policy
+(page tables and penalty counts are sent as changes, not resent every step)."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from tgi_zmq.block_manager import BlockManager
+from tgi_zmq.messages import SamplingParams
+from tgi_zmq.scheduler import Request, SchedulePolicy
+from tgi_zmq.step import RequestStates, Step, build_step, step_buffer_size
+
+VOCAB = 64
+PENALISED = SamplingParams(repetition_penalty=1.3)
+
+
+def policy(num_blocks: int = 64, block_size: int = 4, max_running: int = 8) -> SchedulePolicy:
+    return SchedulePolicy(BlockManager(num_blocks, block_size), 16, max_running, (), 400)
+
+
+def nbytes(step: Step) -> int:
+    return sum(t.numel() * t.element_size() for t in step.to_tensors().values())
+
+
+def test_round_trip_through_the_transport_names():
+    sched = policy()
+    sched.add(Request("a", list(range(1, 11)), PENALISED, 4))
+    step = build_step(sched.schedule(), 4)
+    tensors = step.to_tensors()
+    assert "inputs.input_ids" in tensors and "sampling.history_ids" in tensors and step.encoder is None
+    again = Step.from_tensors(tensors)
+    assert all(torch.equal(a, b) for a, b in zip(again.to_tensors().values(), tensors.values(), strict=True))
+
+
+def test_pages_and_histories_go_once():
+    sched = policy()
+    req = Request("a", list(range(1, 11)), PENALISED, 20)
+    sched.add(req)
+    first = build_step(sched.schedule(), 4)
+    assert first.inputs.new_pages.tolist() == [[req.state_row, i, page] for i, page in enumerate(req.blocks)]
+    assert first.sampling.history_ids.tolist() == list(range(1, 11))
+    sent = []
+    for token in range(20, 26):
+        batch = sched.schedule()
+        step = build_step(batch, 4)
+        sent.append(step.inputs.new_pages.tolist())
+        assert step.sampling.history_ids.numel() == 0  # the worker counts the tokens it samples
+        sched.update(batch, [token], [0.0])
+    # the loop's steps run positions 10..15 (the first one the prefill's sampled token, as with overlap):
+    # one new page, at position 12
+    assert [len(s) for s in sent] == [0, 0, 1, 0, 0, 0]
+
+
+def test_a_decode_step_at_context_4000_carries_kilobytes_not_the_context():
+    sched = SchedulePolicy(BlockManager(5000, 16), 512, 16, (), 8192)
+    reqs = [Request(f"r{i}", [1 + i] * 4000, PENALISED, 1000) for i in range(16)]
+    for req in reqs:
+        sched.add(req)
+    while any(r.num_computed < 4000 for r in reqs):
+        batch = sched.schedule()
+        build_step(batch, 16)
+        sched.update(batch, [5] * batch.num_samples, [0.0] * batch.num_samples)
+    batch = sched.schedule()
+    assert batch.is_decode and len(batch.requests) == 16
+    assert nbytes(build_step(batch, 16)) < 4096
+
+
+def test_the_buffer_bound_holds_a_worst_step():
+    sched = SchedulePolicy(BlockManager(600, 16), 512, 16, (), 512)
+    for i in range(16):
+        sched.add(Request(f"r{i}", [3] * 32, PENALISED, 400))
+    biggest = 0
+    while sched.has_work():
+        batch = sched.schedule()
+        biggest = max(biggest, nbytes(build_step(batch, 16)))
+        sched.update(batch, [5] * batch.num_samples, [0.0] * batch.num_samples)
+    assert biggest < step_buffer_size(512, 16, 512, 16)
+
+
+def test_worker_state_follows_the_policy_through_preemption_and_aborts():
+    """A random workload on a small pool (preemptions, aborts, prefix hits): after every step the
+    worker's tables hold each request's pages, and its counts each penalised row's history."""
+    rng = random.Random(0)
+    for _ in range(15):
+        sched = policy(num_blocks=24, max_running=6)
+        states = RequestStates(6, 120, VOCAB, torch.device("cpu"))
+        pending = [
+            Request(
+                f"r{i}",
+                [rng.randrange(1, VOCAB) for _ in range(rng.randrange(1, 20))],
+                PENALISED if rng.random() < 0.5 else SamplingParams(frequency_penalty=rng.choice([0.0, 0.5])),
+                rng.randrange(1, 12),
+            )
+            for i in range(10)
+        ]
+        while pending or sched.has_work():
+            if pending and rng.random() < 0.5:
+                sched.add(pending.pop())
+            if sched.running and rng.random() < 0.1:
+                sched.finish(rng.choice(sched.running), "aborted")
+            batch = sched.schedule()
+            if batch is None:
+                continue
+            step = build_step(batch, 4)
+            layout = step.layout()
+            states.apply(step)
+            states.start_histories(step, layout.num_histories)
+            tables = states.tables(step)
+            for b, req in enumerate(batch.requests):
+                assert tables[b, : len(req.blocks)].tolist() == req.blocks
+            rows = step.inputs.state_rows[step.sampling.rows]
+            for row, (req, slot) in zip(rows.tolist(), _samplers(batch), strict=True):
+                if req.params.penalised:
+                    history = torch.tensor(req.token_ids[:slot])
+                    assert torch.equal(states.counts[row], torch.bincount(history, minlength=VOCAB).float())
+            sampled = torch.tensor(
+                [rng.randrange(1, VOCAB) for _ in range(batch.num_samples)], dtype=torch.int64
+            )
+            if layout.penalised:
+                states.count_sampled(step, sampled)
+            sched.update(batch, sampled.tolist(), [0.0] * batch.num_samples)
+        assert sched.block_manager.num_free == 24 and sorted(sched.free_rows) == list(range(6))
+
+
+def _samplers(batch):
+    return [(r, s) for r, s in zip(batch.requests, batch.sample_slots, strict=True) if s >= 0]

@@ -1,0 +1,251 @@
+"""The engine core: schedule -> build the step -> execute -> apply the result, in one place.
+
+``EngineCore.step()`` is one turn of the engine: launch the next step if there is room, then
+apply the oldest step's result if it has come back. With the overlap schedule (``depth`` 2)
+step N+1 is built and submitted while the workers run step N. Nothing here blocks: the caller
+waits for input between turns (the scheduler process polls its sockets; ``run_to_completion``
+just loops).
+
+Where the steps run is an ``Executor``: the worker processes over ZeroMQ in the service
+(``tgi_zmq.worker_group``), a model in this process in the tests (``LocalExecutor``).
+
+Faults: a lost worker (restarted, failed in a sharded group, hung past the watchdog, unreachable)
+loses its KV cache, so ``lose_workers`` has the executor restart them, forgets every page and
+step in flight, and lets every request recompute from its tokens; sampling is seeded per token,
+so the streams go on with the tokens they would have had. A request that runs through
+``MAX_FAULTS`` losses fails instead (it may be what kills them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import deque
+from typing import Protocol
+
+from tgi_zmq.model_runner import ModelRunner, StepOutput
+from tgi_zmq.scheduler import Request, ScheduledBatch, SchedulePolicy
+from tgi_zmq.step import Step, build_step
+from tgi_zmq.steplog import SCHEDULER_STEP
+
+log = logging.getLogger("tgi_zmq.engine")
+
+MAX_FAULTS = 3  # worker losses a request may run through
+WATCHDOG_SECONDS_PER_TOKEN = 0.005  # on top of the watchdog timeout, for a step's size
+
+
+@dataclasses.dataclass
+class StepFailure:
+    """A step the workers could not run (the others go on)."""
+
+    reason: str  # fit for clients: no source paths
+
+
+@dataclasses.dataclass
+class StepDone:
+    output: StepOutput
+    forward_seconds: float
+
+
+class WorkersLost(Exception):
+    """The executor cannot reach its workers: they must restart."""
+
+
+class Executor(Protocol):
+    def submit(self, step_id: int, step: Step) -> None:
+        """Start ``step`` on the workers (raises ``WorkersLost`` when they cannot be reached)."""
+
+    def result(self, step_id: int) -> StepDone | StepFailure | None:
+        """The step's result if it has come back, else None. Never blocks."""
+
+    def restart(self, spare: int | None = None) -> None:
+        """The workers' state is lost: drop every step in flight and restart every worker but ``spare``."""
+
+
+@dataclasses.dataclass
+class InFlight:
+    """A step submitted to the executor whose result has not been applied yet."""
+
+    step_id: int
+    batch: ScheduledBatch
+    built: float  # when it was scheduled
+    steps_ahead: int  # steps already in flight when it was built
+    sent: float = 0.0
+    waiting_since: float | None = None  # when the engine first wanted its result
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What one turn produced, for the caller to send on."""
+
+    produced: list[tuple[Request, int, float]] = dataclasses.field(default_factory=list)
+    failed: list[tuple[Request, str]] = dataclasses.field(default_factory=list)
+    done: InFlight | None = None  # the step whose result was applied (not one that failed)
+    forward_seconds: float = 0.0
+    launched: bool = False
+
+    @property
+    def progressed(self) -> bool:
+        return self.launched or self.done is not None or bool(self.failed)
+
+
+class EngineCore:
+    def __init__(
+        self,
+        policy: SchedulePolicy,
+        executor: Executor,
+        block_size: int,
+        overlap: bool = True,
+        watchdog_timeout: float = 20.0,
+    ):
+        self.policy = policy
+        self.executor = executor
+        self.block_size = block_size
+        self.depth = 2 if overlap else 1
+        self.watchdog_timeout = watchdog_timeout
+        self.inflight: deque[InFlight] = deque()
+        self.step_id = 0
+        self.last_done = time.perf_counter()  # when the last step's result was applied
+        self.watchdog_strikes = 0  # restarts by the watchdog since the last step done: each doubles the bound
+
+    def has_work(self) -> bool:
+        return self.policy.has_work() or bool(self.inflight)
+
+    def step(self) -> Outcome:
+        """One turn: launch a step if there is room, then apply the oldest step's result if it is in."""
+        out = Outcome()
+        out.launched = len(self.inflight) < self.depth and self._launch(out)
+        if self.inflight and (len(self.inflight) == self.depth or not out.launched):
+            self._complete(out)
+        return out
+
+    def _launch(self, out: Outcome) -> bool:
+        built = time.perf_counter()
+        batch = self.policy.schedule()
+        if batch is None:
+            return False
+        self.step_id += 1
+        step = InFlight(self.step_id, batch, built, len(self.inflight))
+        self.inflight.append(step)
+        try:
+            self.executor.submit(step.step_id, build_step(batch, self.block_size))
+        except WorkersLost as exc:
+            out.failed += self.lose_workers(f"the workers are unreachable ({exc})")
+            return False
+        step.sent = time.perf_counter()
+        return True
+
+    def _complete(self, out: Outcome) -> None:
+        step = self.inflight[0]
+        now = time.perf_counter()
+        if step.waiting_since is None:
+            step.waiting_since = now
+        answer = self.executor.result(step.step_id)
+        if answer is None:
+            if now > self.deadline(step):
+                bound = self.deadline(step) - max(step.sent, self.last_done)
+                self.watchdog_strikes += 1
+                out.failed += self.lose_workers(f"watchdog: step {step.step_id} took more than {bound:.1f}s")
+            return
+        self.inflight.popleft()
+        self.last_done = received = time.perf_counter()
+        self.watchdog_strikes = 0
+        if isinstance(answer, StepFailure):
+            log.error("step %d failed: %s", step.step_id, answer.reason)
+            out.failed += [(req, answer.reason) for req in step.batch.requests if self._fail(req)]
+            return
+        out.done = step
+        ids, logprobs = answer.output.next_ids.tolist(), answer.output.logprobs.tolist()
+        out.produced = self.policy.update(step.batch, ids, logprobs)
+        out.forward_seconds = answer.forward_seconds
+        if log.isEnabledFor(logging.DEBUG):
+            line = SCHEDULER_STEP.format(
+                step=step.step_id,
+                requests=len(step.batch.requests),
+                tokens=sum(step.batch.num_new),
+                build_ms=(step.sent - step.built) * 1e3,
+                ahead=step.steps_ahead,
+                wait_ms=(received - step.waiting_since) * 1e3,
+                forward_ms=answer.forward_seconds * 1e3,
+                apply_ms=(time.perf_counter() - received) * 1e3,
+            )
+            log.debug("%s", line)
+
+    def deadline(self, step: InFlight) -> float:
+        """When the watchdog gives up on ``step``: its bound grows with its size, from the moment
+        the workers could start it (sent, and the step before it done). It doubles after each
+        watchdog restart until a step completes, so a merely overloaded machine is not caught in
+        a loop of restarts."""
+        bound = self.watchdog_timeout + WATCHDOG_SECONDS_PER_TOKEN * sum(step.batch.num_new)
+        return max(step.sent, self.last_done) + bound * 2**self.watchdog_strikes
+
+    def making_progress(self) -> bool:
+        """No step is overdue. Safe from another thread: it reads the queue's head once."""
+        try:
+            head = self.inflight[0]
+        except IndexError:
+            return True
+        return time.perf_counter() <= self.deadline(head)
+
+    def workers_ready(self) -> None:
+        """The workers are (back) up: the watchdog counts from now."""
+        self.last_done = time.perf_counter()
+
+    def lose_workers(self, reason: str, spare: int | None = None) -> list[tuple[Request, str]]:
+        """The workers' KV cache is lost: restart them (all but ``spare``, which is restarting
+        already), forget every page and step in flight; the requests recompute once they are back.
+        Returns the requests that failed instead (``MAX_FAULTS``), with the reason for clients."""
+        self.executor.restart(spare)
+        self.inflight.clear()
+        hit = self.policy.forget_cache()
+        log.error(
+            "%s: restarting the workers; %d running and %d waiting requests recompute when they are back",
+            reason,
+            len(hit),
+            len(self.policy.waiting) - len(hit),
+        )
+        failed = f"the model workers failed {MAX_FAULTS} times while running this request"
+        return [(req, failed) for req in hit if req.faults >= MAX_FAULTS and self._fail(req)]
+
+    def _fail(self, req: Request) -> bool:
+        """Finish ``req`` as failed; False if it had finished already."""
+        if req.finish_reason is not None:
+            return False
+        self.policy.finish(req, "error")
+        return True
+
+
+class LocalExecutor:
+    """Runs each step at once on a model in this process (tests, offline use)."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self.results: dict[int, StepDone | StepFailure] = {}
+
+    def submit(self, step_id: int, step: Step) -> None:
+        started = time.perf_counter()
+        output = self.runner.execute(step)
+        self.results[step_id] = StepDone(output, time.perf_counter() - started)
+
+    def result(self, step_id: int) -> StepDone | StepFailure | None:
+        return self.results.pop(step_id, None)
+
+    def restart(self, spare: int | None = None) -> None:
+        self.results.clear()
+        self.runner.cache = self.runner.model.new_cache(self.runner.num_blocks, self.runner.block_size)
+        self.runner.forget_requests()
+
+
+def run_to_completion(engine: EngineCore, requests: list[Request], arrive_every: int = 0) -> None:
+    """Feed ``requests`` to the engine (``arrive_every`` turns apart, 0: all at once) and turn it
+    until every one has finished."""
+    arrivals = deque(requests)
+    turn = 0
+    while arrivals or engine.has_work():
+        while arrivals and turn >= arrive_every * (len(requests) - len(arrivals)):
+            engine.policy.add(arrivals.popleft())
+        turn += 1
+        out = engine.step()
+        if out.failed:
+            raise RuntimeError(f"requests failed: {out.failed}")

@@ -1,0 +1,134 @@
+"""The model workers, seen from the scheduler: the engine's executor over ZeroMQ, and the group's
+supervision.
+
+Steps go out as a ``StepRequest`` header on a ROUTER socket to every rank, their tensors in a ring
+of shared-memory buffers (always host memory: each rank copies a step to its own device, so no
+rank reads another one's GPU); rank 0 answers with a ``StepResult`` whose tensors are in its own
+buffer (CUDA IPC on GPU) or a ``WorkerFailure``.
+
+Supervision: which ranks are loaded (their boot ids), and killing them when the group must
+restart (supervisord starts them again). A process group cannot take a new member, so every rank
+restarts together. Messages from a worker that was restarted or killed are void.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import signal
+
+import zmq
+
+from tgi_zmq import messages as m
+from tgi_zmq.config import RING_SLOTS, ServerConfig
+from tgi_zmq.engine import StepDone, StepFailure, WorkersLost
+from tgi_zmq.model_runner import StepOutput
+from tgi_zmq.runtime import BOOT_ID
+from tgi_zmq.step import Step, step_buffer_size
+from tgi_zmq.transport import TensorReader, TensorRing, remove_stale
+
+log = logging.getLogger("tgi_zmq.worker_group")
+
+
+def public_reason(message: str) -> str:
+    """A worker's error for clients: its first line without source paths (gloo, torch)."""
+    first = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    return re.sub(r"\S*/\S+:\d+\S*|\s*\(\S*/\S+\)", "", first)[:200]
+
+
+class WorkerGroup:
+    def __init__(self, config: ServerConfig, sock: zmq.Socket):
+        self.config = config
+        self.sock = sock  # ROUTER: a worker's identity is ``worker-<rank>``
+        remove_stale(f"{config.shm_prefix}-step")  # a killed predecessor's buffers (workers drop theirs)
+        size = step_buffer_size(
+            config.max_batch_prefill_tokens,
+            config.max_concurrent_requests,
+            config.max_total_tokens,
+            config.block_size,
+        )
+        # a name no worker has mapped before: a worker that outlived a scheduler cannot read stale steps
+        self.ring = TensorRing(f"{config.shm_prefix}-step-{BOOT_ID}", RING_SLOTS, size, "cpu")
+        self.results = TensorReader(config.device)
+        self.boots: dict[int, str] = {}  # rank -> boot id, of the ranks loaded and ready
+        self.pids: dict[int, int] = {}
+        self.lost_boots: set[str] = set()  # workers restarted or killed: their late messages are void
+        self.pending: set[int] = set()  # steps sent and not answered
+        self.answers: dict[int, m.StepResult | m.WorkerFailure] = {}  # arrived, not yet taken
+
+    @property
+    def ready(self) -> bool:
+        return len(self.boots) == self.config.num_shard
+
+    # ------------------------------------------------------------------ the executor
+
+    def submit(self, step_id: int, step: Step) -> None:
+        buffer, refs, handle = self.ring.write(step.to_tensors())
+        header = m.encode(m.StepRequest(step_id, BOOT_ID, buffer, refs, handle))
+        self.pending.add(step_id)
+        try:
+            for rank in range(self.config.num_shard):
+                self.sock.send_multipart([f"worker-{rank}".encode(), header])
+        except zmq.ZMQError as exc:  # a rank is gone (ROUTER_MANDATORY): its replacement will boot
+            raise WorkersLost(str(exc)) from exc
+
+    def result(self, step_id: int) -> StepDone | StepFailure | None:
+        answer = self.answers.pop(step_id, None)
+        if answer is None:
+            return None
+        self.pending.discard(step_id)
+        if isinstance(answer, m.WorkerFailure):
+            return StepFailure(public_reason(answer.message))
+        tensors = self.results.read(answer.buffer, answer.tensors, answer.cuda_handle)
+        return StepDone(StepOutput.from_tensors(tensors), answer.forward_seconds)
+
+    def restart(self, spare: int | None = None) -> None:
+        """Kill every rank still up but ``spare`` and forget the steps in flight."""
+        members = [rank for rank in self.boots if rank != spare]
+        self.lost_boots.update(self.boots.values())
+        self.boots.clear()  # not ready until every rank says so again
+        for rank in members:
+            with contextlib.suppress(ProcessLookupError, KeyError):
+                os.kill(self.pids[rank], signal.SIGKILL)
+        self.pending.clear()
+        self.answers.clear()
+        self.results.close()  # the old workers' result buffers
+        self.results = TensorReader(self.config.device)
+
+    # ------------------------------------------------------------------ what the workers say
+
+    def booting(self, msg: m.WorkerBooting) -> bool:
+        """A rank (re)starts; True if ranks were up (its process or its group is gone: restart)."""
+        self.pids[msg.rank] = msg.pid
+        return bool(self.boots)
+
+    def loaded(self, msg: m.WorkerReady) -> bool:
+        """A rank is loaded (said at start, then every second while idle); True if it is news."""
+        if msg.boot_id in self.lost_boots or self.boots.get(msg.rank) == msg.boot_id:
+            return False
+        if msg.num_blocks < self.config.num_blocks:
+            raise RuntimeError(f"worker {msg.rank} has {msg.num_blocks} KV blocks, fewer than configured")
+        self.boots[msg.rank] = msg.boot_id
+        self.pids[msg.rank] = msg.pid
+        log.info("worker %d ready (boot %s)", msg.rank, msg.boot_id)
+        return True
+
+    def answered(self, msg: m.StepResult | m.WorkerFailure) -> str | None:
+        """Keep a step's answer for ``result``; returns why the group must restart, if it must."""
+        if msg.scheduler_boot != BOOT_ID:
+            return None  # a step of the scheduler this one replaced
+        if isinstance(msg, m.WorkerFailure):
+            log.error("a worker failed step %d: %s", msg.step_id, msg.message)
+            if msg.boot_id in self.lost_boots:
+                return None  # its group is already being restarted
+            if self.config.num_shard > 1:  # the ranks' group cannot go on: every rank restarts
+                return f"a worker failed: {public_reason(msg.message)}"
+        if msg.step_id in self.pending:  # else a step of a group restarted since
+            self.answers[msg.step_id] = msg
+        return None
+
+    def close(self) -> None:
+        self.ring.close()
+        self.results.close()
