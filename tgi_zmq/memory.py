@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from tgi_zmq.block_manager import ceil_div
 from tgi_zmq.dtypes import DTYPES, to_torch
 from tgi_zmq.parallel import Shard
 
@@ -141,7 +142,7 @@ def rank_weights_bytes(model_dir: Path, dtype: str, shard: Shard) -> int:
             raise RuntimeError("the model read no tensor through Weights.get")
         return weights.nbytes
     except Exception as exc:  # sizing must not stop a launch: estimate instead
-        estimate = -(-weights_bytes(model_dir, dtype) // shard.world)
+        estimate = ceil_div(weights_bytes(model_dir, dtype), shard.world)
         log.warning(
             "could not size rank %d's weights on the meta device (%s); assuming 1/%d of them: %d bytes",
             shard.rank,

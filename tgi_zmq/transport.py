@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from tgi_zmq.block_manager import ceil_div
 from tgi_zmq.dtypes import DTYPES, name_of, to_torch
 from tgi_zmq.messages import TensorRef
 
@@ -52,7 +53,7 @@ class TensorBuffer:
             if nbytes:
                 self.bytes[offset : offset + nbytes].copy_(tensor.view(-1).view(torch.uint8))
             refs.append(TensorRef(name, name_of(tensor.dtype), list(tensor.shape), offset))
-            offset += -(-nbytes // _ALIGN) * _ALIGN
+            offset += ceil_div(nbytes, _ALIGN) * _ALIGN
         return refs
 
     def read(self, refs: list[TensorRef]) -> dict[str, torch.Tensor]:
