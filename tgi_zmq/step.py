@@ -288,14 +288,15 @@ class RequestStates:
         return self._counts
 
     def apply(self, step: Step) -> None:
-        """Take in the step's new pages (placeholders in histories are already filled)."""
+        """Take in the pages the step's requests got since their last step."""
         _scatter_pages(self.pages, step.inputs.new_pages)
         if step.encoder is not None:
             _scatter_pages(self.cross_pages, step.encoder.new_pages)
 
     def start_histories(self, step: Step, num_histories: int) -> None:
-        # the lengths are host-known through ``num_histories``; ``output_size`` keeps it sync-free
-        """Penalty counts of the rows that send their token history this step start from it."""
+        """Penalty counts of the rows that send their token history this step start from it (the
+        history's placeholders already filled). Sizes come from the host (``num_histories``, the
+        ids' shape), so nothing is read back from the device."""
         if not num_histories:
             return
         s = step.sampling
