@@ -57,6 +57,7 @@ class SchedulerProcess:
             self.policy, self.workers, config.block_size, config.overlap_schedule, config.watchdog_timeout
         )
         self.stats = StatsReporter(self.policy, config)
+        self.grammars = None  # a tgi_zmq.grammar.GrammarEngine, made on the first grammar
         self.handlers = {
             m.ScheduleRequest: self.new_request,
             m.AbortRequest: self.abort,
@@ -117,7 +118,20 @@ class SchedulerProcess:
         else:  # the prompt feeds the encoder
             tokens = [start, *msg.output_ids]
             req = Request(msg.rid, tokens, *args, prompt_len=1, encoder_ids=msg.input_ids, resumed=resumed)
+        if msg.params.grammar is not None:
+            req.grammar = self.grammar_engine().matcher(msg.params.grammar, msg.output_ids)
         self.policy.add(req)
+
+    def grammar_engine(self):
+        """llguidance over the model's tokenizer, loaded with the first grammar (the tokenizer process
+        has compiled that grammar already: one it refuses never gets here)."""
+        if self.grammars is None:
+            from transformers import AutoTokenizer
+
+            from tgi_zmq.grammar import GrammarEngine
+
+            self.grammars = GrammarEngine(AutoTokenizer.from_pretrained(self.config.model_id))
+        return self.grammars
 
     def abort(self, msg: m.AbortRequest) -> None:
         self.finish(msg.rid, "aborted")

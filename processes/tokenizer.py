@@ -16,7 +16,7 @@ from tgi_zmq import messages as m
 from tgi_zmq.config import ServerConfig
 from tgi_zmq.runtime import exit_on_sigterm, pull, push, setup_logging, start_heartbeat
 from tgi_zmq.tokenizer import token_spans, tokenize
-from tgi_zmq.validation import RequestError
+from tgi_zmq.validation import RequestError, ValidationError
 
 log = setup_logging("tokenizer")
 
@@ -27,6 +27,7 @@ class TokenizerProcess:
     def __init__(self, config: ServerConfig, tokenizer: Any) -> None:
         self.config = config
         self.tokenizer = tokenizer
+        self.grammars = None  # a GrammarEngine, made on the first grammar
         ctx = zmq.Context.instance()
         self.inbox = pull(ctx, config.endpoint("tokenizer"))
         self.to_scheduler = push(ctx, config.endpoint("scheduler"))
@@ -51,12 +52,28 @@ class TokenizerProcess:
     def pass_on(self, msg: m.AbortRequest | m.FrontendStarted) -> None:
         self.to_scheduler.send(m.encode(msg))
 
+    def check_grammar(self, grammar: m.Grammar) -> None:
+        """Compile it once here (cached), so a grammar the engine refuses is a 422, never a failure in
+        the scheduler or an unconstrained answer."""
+        from tgi_zmq.grammar import GrammarEngine, GrammarError
+
+        if self.config.disable_grammar_support:
+            raise ValidationError("grammar is not supported")
+        if self.grammars is None:
+            self.grammars = GrammarEngine(self.tokenizer)
+        try:
+            self.grammars.check(grammar)
+        except GrammarError as exc:
+            raise ValidationError(f"grammar: {exc}") from None
+
     def tokenize_text(self, req: m.TokenizeTextRequest) -> None:
         result = m.TokenizeResult(req.rid, token_spans(self.tokenizer, req.prompt))
         self.to_frontend.send(m.encode(result))
 
     def generate(self, req: m.GenerateRequest) -> None:
         try:
+            if req.params.grammar is not None:
+                self.check_grammar(req.params.grammar)
             scheduled = tokenize(
                 self.tokenizer,
                 req,

@@ -52,6 +52,7 @@ def guarded(tmp_path_factory) -> Service:
         str(BODY_TIMEOUT),
         "--shutdown-timeout",
         "10",
+        "--disable-grammar-support",
     )
     yield svc
     if svc.process.poll() is None:  # the last test stops it itself
@@ -78,6 +79,16 @@ def test_the_key_opens_them(guarded: Service) -> None:
     assert response.status_code == 200, response.text
     text = response.json()["generated_text"]
     assert isinstance(text, str) and text
+
+
+def test_grammars_are_refused_when_disabled(guarded: Service) -> None:
+    body = {"inputs": "x", "parameters": {"grammar": {"type": "regex", "value": "ab"}}}
+    response = requests.post(guarded.url + "/generate", json=body, headers=AUTH, timeout=60)
+    assert response.status_code == 422
+    assert response.json() == {
+        "error": "Input validation error: grammar is not supported",
+        "error_type": "validation",
+    }
     lower_scheme = {"Authorization": f"bearer {KEY}"}
     assert requests.get(guarded.url + "/info", headers=lower_scheme, timeout=10).status_code == 200
 

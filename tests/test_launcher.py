@@ -168,10 +168,14 @@ def test_switches_come_from_the_command_line_or_their_env_vars(monkeypatch, valu
     flags = ("--max-batch-total-tokens", "9000")
     assert not resolve(*flags, "--disable-prefix-caching").enable_prefix_caching
     assert not resolve(*flags, "--disable-overlap-schedule").overlap_schedule
+    assert resolve(*flags, "--disable-grammar-support").disable_grammar_support
+    assert not resolve(*flags).disable_grammar_support
     monkeypatch.setenv("DISABLE_PREFIX_CACHING", value)
     monkeypatch.setenv("DISABLE_OVERLAP_SCHEDULE", value)
+    monkeypatch.setenv("DISABLE_GRAMMAR_SUPPORT", value)
     from_env = resolve(*flags)
     assert not from_env.enable_prefix_caching and not from_env.overlap_schedule
+    assert from_env.disable_grammar_support
     monkeypatch.setenv("DISABLE_PREFIX_CACHING", "0")
     assert resolve(*flags).enable_prefix_caching
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from tgi_zmq.messages import ErrorOutput, SamplingParams
+from tgi_zmq.messages import ErrorOutput, Grammar, SamplingParams
 from tgi_zmq.validation import (
     GenerationParams,
     RequestError,
@@ -186,7 +188,15 @@ def test_accepted_parameters(parameters):
         ({"best_of": 0}, "`best_of` != 1 is not allowed for this endpoint"),
         ({"top_n_tokens": 2}, "`top_n_tokens` != 0 is not allowed for this endpoint"),
         ({"truncate": 0}, "`truncate` must be strictly positive. Given: 0"),
-        ({"grammar": {"type": "regex", "value": "a+"}}, "grammar is not supported"),
+        (
+            {"grammar": {"type": "cfg", "value": "a+"}},
+            '`grammar` must be {"type": "json" or "regex", "value": ...}',
+        ),
+        ({"grammar": {"type": "regex", "value": 3}}, "a regex grammar's `value` must be a string"),
+        (
+            {"grammar": {"type": "json", "value": [1]}},
+            "a json grammar's `value` must be a JSON schema (an object)",
+        ),
     ],
 )
 def test_rule_messages(parameters, message):
@@ -319,7 +329,14 @@ def test_chat_repetition_penalty(body, expected):
         ({"max_tokens": 0}, "`max_new_tokens` must be strictly positive"),
         ({"stop": ["1", "2", "3", "4", "5"]}, "`stop` supports up to 4 stop sequences. Given: 5"),
         ({"n": 2}, "`n` != 1 is not allowed for this endpoint"),
-        ({"response_format": {"type": "json_object", "value": {}}}, "grammar is not supported"),
+        (
+            {"response_format": {"type": "xml"}},
+            "`response_format.type` must be one of text, json_object, json_schema (or TGI's json, regex)",
+        ),
+        (
+            {"response_format": {"type": "json_schema"}},
+            "`response_format.json_schema` must be an object with a `schema`",
+        ),
     ],
 )
 def test_chat_rule_messages(body, message):
@@ -489,3 +506,25 @@ def test_truncate_bounds(truncate):
 
 def test_truncate_at_the_limit_is_fine():
     assert lengths(10, 1, truncate=10) == 1
+
+
+def test_grammars_from_tgi_and_openai_shapes():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    tgi = generate_params({"grammar": {"type": "json", "value": schema}}, max_stop_sequences=4).sampling
+    assert tgi.grammar == Grammar("json", json.dumps(schema))
+    as_text = {"grammar": {"type": "json", "value": json.dumps(schema)}}
+    assert generate_params(as_text, max_stop_sequences=4).sampling.grammar == tgi.grammar
+    regex = {"grammar": {"type": "regex", "value": "[0-9]+"}}
+    assert generate_params(regex, max_stop_sequences=4).sampling.grammar == Grammar("regex", "[0-9]+")
+
+    def chat_grammar(fmt):
+        body = {"messages": [{"role": "user", "content": "hi"}], "response_format": fmt}
+        return chat_params(body, max_stop_sequences=4).sampling.grammar
+
+    assert chat_grammar({"type": "text"}) is None
+    assert chat_grammar({"type": "json_object"}) == Grammar("json", '{"type": "object"}')
+    named = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    assert chat_grammar(named) == tgi.grammar
+    assert chat_grammar({"type": "json", "value": schema}) == tgi.grammar
+    completion = {"prompt": "hi", "response_format": named}
+    assert completion_params(completion, max_stop_sequences=4).sampling.grammar == tgi.grammar

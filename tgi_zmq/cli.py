@@ -158,6 +158,12 @@ LAUNCH_FLAGS: list[tuple[str, type, Any, str]] = [
         not ServerConfig.overlap_schedule,
         "build each step only after the previous one returned",
     ),
+    (
+        "--disable-grammar-support",
+        bool,
+        ServerConfig.disable_grammar_support,
+        "refuse `grammar` and `response_format` (structured output) with a 422, as TGI's flag",
+    ),
 ]
 
 
@@ -274,6 +280,7 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
         torch_threads=args.torch_threads,
         enable_prefix_caching=not args.disable_prefix_caching,
         overlap_schedule=not args.disable_overlap_schedule,
+        disable_grammar_support=args.disable_grammar_support,
         eos_token_ids=rules.eos_token_ids,
         decoder_start_token_id=rules.decoder_start_token_id,
         watchdog_timeout=args.watchdog_timeout,

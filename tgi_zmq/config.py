@@ -59,6 +59,7 @@ class ServerConfig:
     block_size: int = 16
     enable_prefix_caching: bool = True
     overlap_schedule: bool = True
+    disable_grammar_support: bool = False
     eos_token_ids: tuple[int, ...] = ()
     # Set for encoder-decoder models (T5): prompts go to the encoder.
     decoder_start_token_id: int | None = None

@@ -34,7 +34,8 @@ from typing import Any, TypeVar, Union
 
 import msgpack
 
-PROTOCOL_VERSION = 3  # 3: the naming rule's renames, typed parts, max_new_tokens asked once and resolved once
+# 4: SamplingParams.grammar; 3: the naming rule's renames, typed parts, max_new_tokens resolved once
+PROTOCOL_VERSION = 4
 
 _REGISTRY: dict[int, type] = {}
 T = TypeVar("T")
@@ -153,6 +154,14 @@ def _check(value: Any, hint: Any, where: str) -> Any:
 # ---------------------------------------------------------------------------- requests
 
 
+@message(tag=19)
+class Grammar:
+    """A constraint on the output: ``kind`` "json" (``value`` a JSON schema, as JSON text) or "regex"."""
+
+    kind: str
+    value: str
+
+
 @message(tag=1)
 class SamplingParams:
     """How to pick each token and when to stop, after validation and defaulting (see
@@ -169,6 +178,7 @@ class SamplingParams:
     stop: list[str] = dataclasses.field(default_factory=list)
     ignore_eos: bool = False
     truncate: int | None = None  # keep only the prompt's last ``truncate`` tokens (the tokenizer does)
+    grammar: Grammar | None = None  # structured output (``tgi_zmq.grammar``)
 
     @property
     def penalised(self) -> bool:

@@ -11,7 +11,9 @@ output will split the step in two messages, as vLLM v1 does (``execute_model`` t
 ``sample_tokens(grammar_output)``): the worker runs ``forward(N+1)`` while the scheduler applies
 N's tokens to the grammar matchers and fills N+1's bitmask, then ``sample(N+1, [VocabMask])``
 runs once the mask arrives. Requests without a grammar keep the one-message step. (SGLang instead
-resolves the previous step's tokens on the forward thread before it builds the mask.)
+resolves the previous step's tokens on the forward thread before it builds the mask.) Today the
+engine takes the simpler road while a grammar request runs: no overlap, the mask rides in the step
+(``SamplingInputs.allowed``) and is applied here as a ``VocabMask``.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import torch
 
 from tgi_zmq.attention import AttentionMetadata
 from tgi_zmq.block_manager import ceil_div
+from tgi_zmq.grammar import unpack
 from tgi_zmq.models import load_model
 from tgi_zmq.parallel import Shard
-from tgi_zmq.sampler import LogitsProcessor, SamplingMetadata, sample
+from tgi_zmq.sampler import LogitsProcessor, SamplingMetadata, VocabMask, sample
 from tgi_zmq.step import EncoderBatch, ForwardBatch, RequestStates, Step, StepLayout
 
 
@@ -100,6 +103,8 @@ class ModelRunner:
     ) -> StepOutput:
         rows = len(layout.sample_rows)
         if logits is not None:
+            if layout.masked:
+                processors = [*processors, VocabMask(unpack(step.sampling.allowed, logits.shape[-1]))]
             next_ids, logprobs = sample(logits, self._sampling_metadata(step, layout), processors)
         else:
             next_ids = torch.empty(rows, dtype=torch.int64, device=self.device)

@@ -24,9 +24,22 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import deque
+from typing import Protocol
 
 from tgi_zmq.block_manager import BlockManager
 from tgi_zmq.messages import SamplingParams
+
+
+class GrammarState(Protocol):
+    """A request's place in its grammar (``tgi_zmq.grammar.Matcher``)."""
+
+    mask_words: int
+
+    def fill(self, bitmask, row: int) -> None: ...  # the tokens allowed next, into ``bitmask[row]``
+    def consume(self, token: int) -> None: ...
+
+    @property
+    def done(self) -> bool: ...
 
 
 @dataclasses.dataclass(eq=False)
@@ -55,6 +68,7 @@ class Request:
     pages_sent: int = 0
     cross_pages_sent: int = 0
     history_sent: bool = False
+    grammar: GrammarState | None = None  # structured output: where it is in its grammar
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)
@@ -163,6 +177,11 @@ class SchedulePolicy:
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
+
+    def constrained(self) -> bool:
+        """Some request follows a grammar: its mask needs its last token, so no step may be built
+        before the one in flight is applied (the engine drops the overlap meanwhile)."""
+        return any(req.grammar is not None for req in (*self.running, *self.waiting))
 
     def forget_cache(self) -> list[Request]:
         """The workers' KV cache is gone (a worker restarted): forget every page and the prefix
@@ -306,6 +325,8 @@ class SchedulePolicy:
                 continue
             token, logprob = result
             req.token_ids[slot] = token
+            if req.grammar is not None:
+                req.grammar.consume(token)
             produced.append((req, token, logprob))
             reason = self._finish_reason(req, slot)
             if reason:
@@ -314,6 +335,8 @@ class SchedulePolicy:
 
     def _finish_reason(self, req: Request, slot: int) -> str | None:
         if req.token_ids[slot] in self.eos_token_ids and not req.params.ignore_eos:
+            return "eos_token"
+        if req.grammar is not None and req.grammar.done:  # its grammar allows nothing more
             return "eos_token"
         if slot + 1 - req.prompt_len >= req.max_new_tokens or slot + 1 >= self.max_total_tokens:
             return "length"

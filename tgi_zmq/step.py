@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from tgi_zmq.scheduler import Request, ScheduledBatch
 
 PAGE_UPDATE = 3  # ints per page-table update: state row, page index, page id
+MAX_MASK_WORDS = 8192  # a grammar mask's int32 words per row: vocabularies up to 262,144 tokens
 
 
 def slot_of(pages: list[int], position: int, block_size: int) -> int:
@@ -69,6 +70,7 @@ class SamplingInputs:
     history_rows: torch.Tensor  # [H] int64: rows (of R) whose penalty counts start over this step
     history_ids: torch.Tensor  # [sum of lengths] int64: their token histories, back to back
     history_start: torch.Tensor  # [H+1] int64
+    allowed: torch.Tensor  # [R, words] int32 bitmask of the tokens each row may sample; [0, 0]: no grammar
 
     @property
     def penalised(self) -> torch.Tensor:
@@ -135,6 +137,7 @@ class Step:
             sample_rows=s.rows.tolist(),
             draws=draws,
             penalised=bool(s.penalised.any()),
+            masked=s.allowed.shape[0] > 0,
             num_histories=len(s.history_rows),
             encoder_start=enc.start.tolist() if enc is not None else [],
             encoder_lens=enc.lens.tolist() if enc is not None else [],
@@ -151,6 +154,7 @@ class StepLayout:
     sample_rows: list[int]  # requests that sample
     draws: list[Draw]  # rows (of R) that sample at random; the others are greedy
     penalised: bool  # some row applies penalties
+    masked: bool  # some row follows a grammar (``SamplingInputs.allowed``)
     num_histories: int  # rows whose penalty counts start over
     encoder_start: list[int]
     encoder_lens: list[int]
@@ -169,6 +173,7 @@ def step_buffer_size(max_step_tokens: int, max_rows: int, max_total_tokens: int,
         + (16 + 2 * 8 * PAGE_UPDATE * max_pages) * max_rows
         + 8 * 16 * max_rows
         + 8 * max_rows * max_total_tokens
+        + 4 * max_rows * MAX_MASK_WORDS
         + (1 << 16)
     )
 
@@ -236,6 +241,7 @@ def _sampling_inputs(batch: ScheduledBatch) -> SamplingInputs:
     history_rows: list[int] = []
     history_ids: list[int] = []
     history_start = [0]
+    allowed = _grammar_masks(reqs)
     for row, (req, slot) in enumerate(zip(reqs, slots, strict=True)):
         if req.params.penalised and not req.history_sent:
             history_rows.append(row)
@@ -255,7 +261,19 @@ def _sampling_inputs(batch: ScheduledBatch) -> SamplingInputs:
         history_rows=_ints(history_rows),
         history_ids=_ints(history_ids),
         history_start=_ints(history_start),
+        allowed=allowed,
     )
+
+
+def _grammar_masks(reqs: list[Request]) -> torch.Tensor:
+    """Rows with a grammar get its mask for their next token, the others allow everything."""
+    grammars = [(row, req.grammar) for row, req in enumerate(reqs) if req.grammar is not None]
+    if not grammars:
+        return torch.zeros(0, 0, dtype=torch.int32)
+    allowed = torch.full((len(reqs), grammars[0][1].mask_words), -1, dtype=torch.int32)
+    for row, grammar in grammars:
+        grammar.fill(allowed, row)
+    return allowed
 
 
 def _ints(values: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:

@@ -18,7 +18,7 @@ import random
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from tgi_zmq.messages import ErrorOutput, SamplingParams
+from tgi_zmq.messages import ErrorOutput, Grammar, SamplingParams
 
 VALIDATION_PREFIX = "Input validation error: "
 GENERATION_PREFIX = "Request failed during generation: "
@@ -166,9 +166,26 @@ def _seed(seed: int | None, sampling: bool) -> int | None:
     return seed
 
 
-def _reject_grammar(value: Any) -> None:
-    if value is not None:
-        raise ValidationError("grammar is not supported")
+def grammar(value: Any) -> Grammar | None:
+    """TGI's ``grammar``: ``{"type": "json", "value": <JSON schema>}`` or ``{"type": "regex", "value":
+    "..."}`` (the engine checks that it compiles: ``tgi_zmq.grammar``, in the tokenizer)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("type") not in ("json", "regex") or "value" not in value:
+        raise ValidationError('`grammar` must be {"type": "json" or "regex", "value": ...}')
+    kind, body = value["type"], value["value"]
+    if kind == "regex":
+        if not isinstance(body, str):
+            raise ValidationError("a regex grammar's `value` must be a string")
+        return Grammar("regex", body)
+    if isinstance(body, str):
+        try:
+            body = json.loads(body)
+        except json.JSONDecodeError as exc:
+            raise ValidationError(f"a json grammar's `value` is not JSON: {exc}") from exc
+    if not isinstance(body, dict | bool):
+        raise ValidationError("a json grammar's `value` must be a JSON schema (an object)")
+    return Grammar("json", json.dumps(body))
 
 
 # ---------------------------------------------------------------------------- /generate family
@@ -211,7 +228,6 @@ def generate_params(
     if _uint(p, "top_n_tokens"):
         raise ValidationError("`top_n_tokens` != 0 is not allowed for this endpoint")
     _check_truncate(truncate, max_input_tokens)
-    _reject_grammar(p.get("grammar"))
     # Mirror the shard's NextTokenChooser: any warper turns sampling on. typical_p turns it on
     # too, as in TGI, but the typical-p warper itself is not implemented (the value is ignored).
     sampling = (
@@ -232,6 +248,7 @@ def generate_params(
         stop=stop,
         ignore_eos=flag(p, "ignore_eos", False),  # extension (vLLM), handy for benchmarks
         truncate=truncate,
+        grammar=grammar(p.get("grammar")),
     )
     return GenerationParams(sampling_params, max_new_tokens)
 
@@ -329,18 +346,33 @@ def chat_params(body: Mapping[str, Any], *, max_stop_sequences: int) -> Generati
     """Sampling parameters of a ``/v1/chat/completions`` body."""
     flag(body, "logprobs", False)
     _int(body, "top_logprobs")  # accepted, ignored: no top tokens
-    _reject_grammar(_response_format(body))
     _reject_tools(body)
-    return _openai_params(
+    params = _openai_params(
         body, max_stop_sequences=max_stop_sequences, repetition_penalty=_repetition_penalty(body)
     )
+    params.sampling.grammar = _response_format(body.get("response_format"))
+    return params
 
 
-def _response_format(body: Mapping[str, Any]) -> Any:
-    fmt = body.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") == "text":
+def _response_format(fmt: Any) -> Grammar | None:
+    """OpenAI's ``response_format`` (``text``, ``json_object``, ``json_schema``) or TGI's grammar form."""
+    if fmt is None:
         return None
-    return fmt
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Grammar("json", json.dumps({"type": "object"}))
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict | bool):
+            raise ValidationError("`response_format.json_schema` must be an object with a `schema`")
+        return Grammar("json", json.dumps(spec.get("schema", {"type": "object"})))
+    if kind in ("json", "regex"):
+        return grammar(fmt)
+    raise ValidationError(
+        "`response_format.type` must be one of text, json_object, json_schema (or TGI's json, regex)"
+    )
 
 
 def _reject_tools(body: Mapping[str, Any]) -> None:
@@ -355,9 +387,11 @@ def completion_params(body: Mapping[str, Any], *, max_stop_sequences: int) -> Ge
             "Suffix is not supported and can be achieved by preprocessing the prompt.",
             error_type="suffix not supported",
         )
-    return _openai_params(
+    params = _openai_params(
         body, max_stop_sequences=max_stop_sequences, repetition_penalty=_repetition_penalty(body)
     )
+    params.sampling.grammar = _response_format(body.get("response_format"))  # as vLLM takes it here
+    return params
 
 
 def completion_prompts(body: Mapping[str, Any], *, max_client_batch_size: int) -> list[str]:

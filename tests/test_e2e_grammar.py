@@ -1,0 +1,99 @@
+"""End to end: structured output through the real service (TGI's `grammar`, OpenAI's
+`response_format`), streamed and not, greedy and sampled; a grammar the engine refuses is a 422."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.e2e
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 20},
+        "population": {"type": "integer", "minimum": 0, "maximum": 99999999},
+    },
+    "required": ["city", "population"],
+    "additionalProperties": False,
+}
+
+
+def generate(service, prompt: str, **parameters) -> requests.Response:
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": 60, **parameters}}
+    return requests.post(service.url + "/generate", json=body, timeout=120)
+
+
+def conforms(text: str) -> bool:
+    value = json.loads(text)
+    return set(value) == {"city", "population"} and isinstance(value["population"], int)
+
+
+@pytest.mark.parametrize("sampling", [{}, {"do_sample": True, "temperature": 1.5, "seed": 3}])
+def test_tgi_json_and_regex_grammars_hold(service, sampling):
+    json_grammar = {"type": "json", "value": SCHEMA}
+    answer = generate(service, "The biggest city of France:", grammar=json_grammar, **sampling)
+    assert answer.status_code == 200, answer.text
+    assert conforms(answer.json()["generated_text"])
+    regex = {"type": "regex", "value": "(19|20)[0-9]{2}-[01][0-9]"}
+    answer = generate(service, "A date:", grammar=regex, **sampling)
+    assert re.fullmatch(regex["value"], answer.json()["generated_text"])
+
+
+def test_streamed_tokens_follow_the_grammar(service):
+    body = {
+        "inputs": "Give me a number:",
+        "parameters": {"max_new_tokens": 20, "grammar": {"type": "regex", "value": "[0-9]{4}"}},
+    }
+    with requests.post(service.url + "/generate_stream", json=body, stream=True, timeout=120) as r:
+        events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith(b"data:")]
+    assert re.fullmatch("[0-9]{4}", events[-1]["generated_text"])
+    assert "".join(e["token"]["text"] for e in events if not e["token"]["special"]) == "".join(
+        events[-1]["generated_text"]
+    )
+
+
+def test_openai_response_format_json_schema_and_json_object(service):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=service.url + "/v1", api_key="-")
+    messages = [{"role": "user", "content": "Name a big city and its population as JSON."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA, "strict": True}}
+    reply = client.chat.completions.create(model="tgi", messages=messages, response_format=fmt, max_tokens=60)
+    assert conforms(reply.choices[0].message.content)
+    stream = client.chat.completions.create(
+        model="tgi",
+        messages=messages,
+        response_format={"type": "json_object"},
+        max_tokens=100,
+        temperature=0,
+        stream=True,
+    )
+    chunks = [chunk for chunk in stream if chunk.choices]
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+    if chunks[-1].choices[0].finish_reason == "length":  # any object may be longer than max_tokens
+        assert text.startswith("{")
+    else:
+        assert isinstance(json.loads(text), dict)
+
+
+def test_unconstrained_requests_beside_a_grammar_keep_their_tokens(service):
+    plain = generate(service, "Once upon a time", max_new_tokens=20).json()["generated_text"]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(3) as pool:
+        constrained = pool.submit(generate, service, "Data:", grammar={"type": "json", "value": SCHEMA})
+        together = pool.submit(generate, service, "Once upon a time", max_new_tokens=20)
+        assert together.result().json()["generated_text"] == plain
+        assert conforms(constrained.result().json()["generated_text"])
+
+
+def test_a_grammar_the_engine_refuses_is_a_422_with_its_reason(service):
+    answer = generate(service, "x", grammar={"type": "regex", "value": "a(b"})
+    assert answer.status_code == 422
+    body = answer.json()
+    assert body["error_type"] == "validation" and "unclosed group" in body["error"]
+    assert generate(service, "x", grammar={"type": "regex", "value": "ab"}).json()["generated_text"] == "ab"
