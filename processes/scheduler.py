@@ -25,7 +25,7 @@ from tgi_zmq.config import POLL_MS, STATS_PERIOD_S, ServerConfig
 from tgi_zmq.engine import EngineCore, Outcome
 from tgi_zmq.runtime import exit_on_sigterm, pull, push, setup_logging, start_heartbeat
 from tgi_zmq.scheduler import Request, ScheduledBatch, SchedulePolicy
-from tgi_zmq.validation import generation_error
+from tgi_zmq.validation import ValidationError, generation_error
 from tgi_zmq.worker_group import WorkerGroup
 
 log = setup_logging("scheduler")
@@ -119,7 +119,13 @@ class SchedulerProcess:
             tokens = [start, *msg.output_ids]
             req = Request(msg.rid, tokens, *args, prompt_len=1, encoder_ids=msg.input_ids, resumed=resumed)
         if msg.params.grammar is not None:
-            req.grammar = self.grammar_engine().matcher(msg.params.grammar, msg.output_ids)
+            from tgi_zmq.grammar import GrammarError
+
+            try:
+                req.grammar = self.grammar_engine().matcher(msg.params.grammar, msg.output_ids)
+            except GrammarError as exc:  # checked by the tokenizer: only a replay could get here
+                self.to_frontend.send(m.encode(ValidationError(f"grammar: {exc}").output(msg.rid)))
+                return
         self.policy.add(req)
 
     def grammar_engine(self):
