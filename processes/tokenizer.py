@@ -14,7 +14,7 @@ import zmq
 
 from tgi_zmq import messages as m
 from tgi_zmq.config import ServerConfig
-from tgi_zmq.runtime import exit_on_sigterm, pull, push, setup_logging, start_heartbeat
+from tgi_zmq.runtime import exit_on_sigterm, pull, push, serve, setup_logging, start_heartbeat
 from tgi_zmq.tokenizer import token_spans, tokenize
 from tgi_zmq.validation import RequestError, ValidationError
 
@@ -40,14 +40,7 @@ class TokenizerProcess:
         }
 
     def run(self) -> None:
-        accepted = tuple(self.handlers)
-        while True:
-            try:
-                msg = m.decode(self.inbox.recv(), accepted)
-            except m.ProtocolError as exc:
-                log.error("dropped a bad frame: %s", exc)
-                continue
-            self.handlers[type(msg)](msg)
+        serve(self.inbox, self.handlers, log)
 
     def pass_on(self, msg: m.AbortRequest | m.FrontendStarted) -> None:
         self.to_scheduler.send(m.encode(msg))

@@ -9,12 +9,13 @@ import signal
 import sys
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import zmq
 
 from tgi_zmq.config import HEARTBEAT_SECONDS, ServerConfig
-from tgi_zmq.messages import Heartbeat, encode
+from tgi_zmq.messages import Heartbeat, ProtocolError, decode, encode
 
 BOOT_ID = uuid.uuid4().hex[:12]
 
@@ -70,3 +71,15 @@ def start_heartbeat(config: ServerConfig, process: str, ready: Callable[[], bool
     thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
     thread.start()
     return thread
+
+
+def serve(inbox: zmq.Socket, handlers: Mapping[type, Callable[[Any], None]], log: logging.Logger) -> None:
+    """A pipeline process's loop: decode each frame (only the handled types) and hand it to its handler."""
+    accepted = tuple(handlers)
+    while True:
+        try:
+            msg = decode(inbox.recv(), accepted)
+        except ProtocolError as exc:
+            log.error("dropped a bad frame: %s", exc)
+            continue
+        handlers[type(msg)](msg)
