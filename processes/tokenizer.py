@@ -1,8 +1,8 @@
 """Tokenizer process: the socket loop around ``tgi_zmq.tokenizer`` (templates, ids, length checks).
 
-frontend --GenerateRequest/TokenizeTextRequest/AbortRequest/FrontendStarted--> [tokenizer]
+frontend --GenerateRequest/TokenizeTextRequest/ChatTokenizeRequest/AbortRequest/FrontendStarted--> [tokenizer]
 [tokenizer] --ScheduleRequest/AbortRequest/FrontendStarted--> scheduler
-[tokenizer] --PromptIdsOutput/ErrorOutput/TokenizeResult--> frontend
+[tokenizer] --PromptIdsOutput/ErrorOutput/TokenizeResult/ChatTokenizeResult--> frontend
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import zmq
 from tgi_zmq import messages as m
 from tgi_zmq.config import ServerConfig
 from tgi_zmq.runtime import exit_on_sigterm, pull, push, serve, setup_logging, start_heartbeat
-from tgi_zmq.tokenizer import token_spans, tokenize
+from tgi_zmq.tokenizer import render_chat, token_spans, tokenize
 from tgi_zmq.validation import RequestError, ValidationError
 
 log = setup_logging("tokenizer")
@@ -35,6 +35,7 @@ class TokenizerProcess:
         self.handlers: dict[type, Callable[[Any], None]] = {
             m.GenerateRequest: self.generate,
             m.TokenizeTextRequest: self.tokenize_text,
+            m.ChatTokenizeRequest: self.chat_tokenize,
             m.AbortRequest: self.pass_on,  # on the same pipe as its request: it cannot overtake it
             m.FrontendStarted: self.pass_on,
         }
@@ -62,6 +63,16 @@ class TokenizerProcess:
     def tokenize_text(self, req: m.TokenizeTextRequest) -> None:
         result = m.TokenizeResult(req.rid, token_spans(self.tokenizer, req.prompt))
         self.to_frontend.send(m.encode(result))
+
+    def chat_tokenize(self, req: m.ChatTokenizeRequest) -> None:
+        """The /chat_tokenize route: the rendered template and its tokens (as a chat's prompt is)."""
+        try:
+            text = render_chat(self.tokenizer, req.chat, req.tools, req.tool_prompt)
+        except RequestError as exc:
+            self.to_frontend.send(m.encode(exc.output(req.rid)))
+            return
+        spans = token_spans(self.tokenizer, text, add_special_tokens=False)
+        self.to_frontend.send(m.encode(m.ChatTokenizeResult(req.rid, text, spans)))
 
     def generate(self, req: m.GenerateRequest) -> None:
         try:

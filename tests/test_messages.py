@@ -14,11 +14,24 @@ def roundtrip(msg):
 
 
 def test_every_message_round_trips():
-    params = m.SamplingParams(do_sample=True, temperature=0.7, top_k=5, seed=2**64 - 1, stop=["\n"])
+    params = m.SamplingParams(
+        do_sample=True,
+        temperature=0.7,
+        top_k=5,
+        seed=2**64 - 1,
+        stop=["\n"],
+        logit_bias=[m.TokenBias(5, -100.0)],
+        stop_token_ids=[2],
+        top_n_tokens=3,
+    )
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     samples = [
         m.GenerateRequest("a", None, [{"role": "user", "content": "hi"}], params, None, 1.5),
         m.GenerateRequest("a~1", "hi", None, params, 8, 1.5, prompt_ids=[1, 2], output_ids=[7, 8]),
+        m.GenerateRequest("c", None, [{"role": "user", "content": "hi"}], params, 4, 1.5, tools=tools),
         m.TokenizeTextRequest("t", "hi there"),
+        m.ChatTokenizeRequest("t", [{"role": "user", "content": "hi"}], tools, "use them"),
+        m.ChatTokenizeResult("t", "<user>hi", [m.TokenSpan(1, "<user>", 0, 6)]),
         m.TokenizeResult("t", [m.TokenSpan(1, "hi", 0, 2), m.TokenSpan(2, " there", 2, 8)]),
         m.ScheduleRequest("a", [1, 2, 3], params, 10, 2.0),
         m.ScheduleRequest("a~1", [1, 2, 3], params, 10, 2.0, [9]),
@@ -28,6 +41,24 @@ def test_every_message_round_trips():
         m.StopRequest("a"),
         m.BatchTokenOutput([m.DetokRequestInfo("a", [1], 3, [])], ["a"], [5], [-0.25], ["length"]),
         m.BatchTextOutput([m.RequestDelta("a", [5], ["x"], [-0.1], [False], "x", None, 1, 3)]),
+        m.BatchTokenOutput(
+            [m.DetokRequestInfo("a", [1, 2], 2, [], prompt_logprobs=[None, -1.5])],
+            ["a"],
+            [5],
+            [-0.25],
+            [None],
+            top_ids=[[5, 6]],
+            top_logprobs=[[-0.25, -2.0]],
+        ),
+        m.BatchTextOutput(
+            [
+                m.RequestDelta(
+                    "a", [5], ["x"], [-0.1], [False], "x", None, 1, 3,
+                    top_tokens=[m.TokenList([5, 6], ["x", "y"], [-0.1, -3.0])],
+                    prompt=m.TokenList([1, 2], ["<s>", "hi"], [None, -1.5]),
+                )
+            ]
+        ),
         m.SchedulerStats(1, 2, 3, 4, 5, 6, 7, 8, [0.5], [m.ForwardTiming("prefill", 0.25)]),
         m.StepRequest(3, "sched", "buf", [m.TensorRef("input_ids", "int64", [4], 0)], None),
         m.StepResult(3, "sched", "cuda-buf", [], [0, b"\x01handle", 1024, 0, b"ref", 0, b"ev", True], 0.01),

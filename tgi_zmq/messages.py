@@ -34,8 +34,8 @@ from typing import Any, TypeVar, Union
 
 import msgpack
 
-# 4: SamplingParams.grammar; 3: the naming rule's renames, typed parts, max_new_tokens resolved once
-PROTOCOL_VERSION = 4
+# 5: logprobs, top tokens, tools, more sampling parameters; 4: SamplingParams.grammar; 3: the naming rule's renames, typed parts, max_new_tokens resolved once
+PROTOCOL_VERSION = 5
 
 _REGISTRY: dict[int, type] = {}
 T = TypeVar("T")
@@ -162,6 +162,14 @@ class Grammar:
     value: str
 
 
+@message(tag=28)
+class TokenBias:
+    """A bias added to one token's logit (OpenAI's ``logit_bias``; -inf bans the token)."""
+
+    token: int
+    bias: float
+
+
 @message(tag=1)
 class SamplingParams:
     """How to pick each token and when to stop, after validation and defaulting (see
@@ -179,6 +187,13 @@ class SamplingParams:
     ignore_eos: bool = False
     truncate: int | None = None  # keep only the prompt's last ``truncate`` tokens (the tokenizer does)
     grammar: Grammar | None = None  # structured output (``tgi_zmq.grammar``)
+    typical_p: float = 1.0  # 1.0 = off
+    watermark: bool = False  # Kirchenbauer's green-list bias (``--watermark-gamma/-delta``)
+    logit_bias: list[TokenBias] = dataclasses.field(default_factory=list)
+    min_tokens: int = 0  # EOS and ``stop_token_ids`` are banned before this many tokens
+    stop_token_ids: list[int] = dataclasses.field(default_factory=list)  # finish like EOS
+    top_n_tokens: int = 0  # also return the n most likely tokens at each step
+    prompt_logprobs: bool = False  # also return each prompt token's logprob (no prefix cache)
 
     @property
     def penalised(self) -> bool:
@@ -199,6 +214,9 @@ class GenerateRequest:
     # A replay after a fault: the prompt as tokenized the first time, and the tokens already streamed.
     prompt_ids: list[int] | None = None
     output_ids: list[int] = dataclasses.field(default_factory=list)
+    # Chat only: OpenAI ``tools`` (function definitions) for the template, and TGI's ``tool_prompt``.
+    tools: list[dict[str, Any]] | None = None
+    tool_prompt: str | None = None
 
 
 @message(tag=3)
@@ -224,6 +242,25 @@ class TokenizeResult:
     """tokenizer -> frontend: the answer to a ``TokenizeTextRequest``, one span per token."""
 
     rid: str
+    tokens: list[TokenSpan]
+
+
+@message(tag=29)
+class ChatTokenizeRequest:
+    """frontend -> tokenizer: the /chat_tokenize route (render the chat template, tokenize it)."""
+
+    rid: str
+    chat: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None
+    tool_prompt: str | None
+
+
+@message(tag=30)
+class ChatTokenizeResult:
+    """tokenizer -> frontend: the answer to a ``ChatTokenizeRequest``."""
+
+    rid: str
+    templated_text: str
     tokens: list[TokenSpan]
 
 
@@ -294,6 +331,16 @@ class DetokRequestInfo:
     prompt_tokens: int
     stop: list[str]
     output_ids: list[int] = dataclasses.field(default_factory=list)  # a replay's earlier tokens, not re-sent
+    prompt_logprobs: list[float | None] = dataclasses.field(default_factory=list)  # if asked; first: None
+
+
+@message(tag=27)
+class TokenList:
+    """Tokens with their text and logprob (None where there is none): a step's top tokens, a prompt."""
+
+    ids: list[int]
+    texts: list[str]
+    logprobs: list[float | None]
 
 
 @message(tag=9)
@@ -305,6 +352,10 @@ class BatchTokenOutput:
     token_ids: list[int]
     logprobs: list[float]
     finish_reasons: list[str | None]  # "length" | "eos_token" | None
+    # Per token, the most likely tokens and their logprobs: [] when no request of the step asked
+    # (``top_n_tokens``), else parallel to ``rids`` ([] for a request that did not ask).
+    top_ids: list[list[int]] = dataclasses.field(default_factory=list)
+    top_logprobs: list[list[float]] = dataclasses.field(default_factory=list)
 
 
 @message(tag=10)
@@ -320,6 +371,8 @@ class RequestDelta:
     finish_reason: str | None  # "length" | "eos_token" | "stop_sequence" | None
     generated_tokens: int
     prompt_tokens: int
+    top_tokens: list[TokenList] = dataclasses.field(default_factory=list)  # per token, if asked
+    prompt: TokenList | None = None  # the prompt's tokens and logprobs, on the first delta, if asked
 
 
 @message(tag=11)

@@ -8,7 +8,7 @@ fault) comes with its prompt ids and is not tokenized again.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tgi_zmq.messages import GenerateRequest, ScheduleRequest, TokenSpan
 from tgi_zmq.validation import RequestError, ValidationError, check_lengths
@@ -30,16 +30,26 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, req: GenerateRequest) -> list
         if not req.prompt:
             raise ValidationError("`inputs` cannot be empty")
         return tokenizer(req.prompt, add_special_tokens=True)["input_ids"]
-    if not tokenizer.chat_template:
-        raise TemplateError("template not found")
-    try:
-        text = tokenizer.apply_chat_template(req.chat, tokenize=False, add_generation_prompt=True)
-    except Exception as exc:  # jinja raises many types, including the template's raise_exception
-        raise TemplateError(str(exc)) from None
+    text = render_chat(tokenizer, req.chat, req.tools, req.tool_prompt)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValidationError("`inputs` cannot be empty")
     return ids
+
+
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    chat: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    tool_prompt: str | None = None,
+) -> str:
+    """The prompt text of a chat: the model's template, with the generation prompt."""
+    if not tokenizer.chat_template:
+        raise TemplateError("template not found")
+    try:
+        return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # jinja raises many types, including the template's raise_exception
+        raise TemplateError(str(exc)) from None
 
 
 def tokenize(
@@ -63,9 +73,11 @@ def tokenize(
     return ScheduleRequest(req.rid, ids, req.params, max_new_tokens, req.arrival_time, req.output_ids)
 
 
-def token_spans(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[TokenSpan]:
+def token_spans(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, *, add_special_tokens: bool = True
+) -> list[TokenSpan]:
     """The /tokenize answer: each token of ``prompt`` (special tokens included) and its text."""
-    enc = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
+    enc = tokenizer(prompt, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     return [
         TokenSpan(tid, prompt[start:stop], start, stop)
         for tid, (start, stop) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
