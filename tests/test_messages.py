@@ -53,7 +53,15 @@ def test_every_message_round_trips():
         m.BatchTextOutput(
             [
                 m.RequestDelta(
-                    "a", [5], ["x"], [-0.1], [False], "x", None, 1, 3,
+                    "a",
+                    [5],
+                    ["x"],
+                    [-0.1],
+                    [False],
+                    "x",
+                    None,
+                    1,
+                    3,
                     top_tokens=[m.TokenList([5, 6], ["x", "y"], [-0.1, -3.0])],
                     prompt=m.TokenList([1, 2], ["<s>", "hi"], [None, -1.5]),
                 )

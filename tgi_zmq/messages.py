@@ -34,7 +34,8 @@ from typing import Any, TypeVar, Union
 
 import msgpack
 
-# 5: logprobs, top tokens, tools, more sampling parameters; 4: SamplingParams.grammar; 3: the naming rule's renames, typed parts, max_new_tokens resolved once
+# 5: logprobs, top tokens, tools, more sampling parameters; 4: SamplingParams.grammar;
+# 3: the naming rule's renames, typed parts, max_new_tokens resolved once
 PROTOCOL_VERSION = 5
 
 _REGISTRY: dict[int, type] = {}
