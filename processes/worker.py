@@ -46,6 +46,7 @@ class Worker:
         from tgi_zmq.model_runner import ModelRunner
         from tgi_zmq.models import weight_bytes
         from tgi_zmq.parallel import init_group
+        from tgi_zmq.sampler import Watermark
         from tgi_zmq.transport import TensorReader, TensorRing, remove_stale
 
         config, rank = self.config, self.rank
@@ -78,6 +79,7 @@ class Worker:
             self.shard,
             config.max_concurrent_requests,
             config.max_total_tokens,
+            Watermark(config.watermark_gamma, config.watermark_delta),
         )
         self.log.info(
             "loaded in %.1fs; weights %.1f MiB on this rank; KV cache %d blocks x %d tokens (%.0f MiB)",

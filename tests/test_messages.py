@@ -62,8 +62,8 @@ def test_every_message_round_trips():
                     None,
                     1,
                     3,
-                    top_tokens=[m.TokenList([5, 6], ["x", "y"], [-0.1, -3.0])],
-                    prompt=m.TokenList([1, 2], ["<s>", "hi"], [None, -1.5]),
+                    top_tokens=[m.TokenList([5, 6], ["x", "y"], [-0.1, -3.0], [False, False])],
+                    prompt=m.TokenList([1, 2], ["<s>", "hi"], [None, -1.5], [True, False]),
                 )
             ]
         ),

@@ -1,4 +1,5 @@
-"""Sampling: greedy, warpers, penalties and per-request seeds."""
+"""Sampling: greedy, warpers, penalties, processors, top tokens and per-request seeds; each against
+transformers' logits processor of the same name where it has one."""
 
 import torch
 
@@ -7,6 +8,7 @@ from tgi_zmq.sampler import (
     LogitBias,
     SamplingMetadata,
     VocabMask,
+    Watermark,
     apply_penalties,
     mix_seed,
     sample,
@@ -37,9 +39,18 @@ def metadata(
 
 def test_greedy_is_argmax_with_its_logprob():
     logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 0.0]])
-    ids, logprobs = sample(logits, metadata(2))
-    assert ids.tolist() == [1, 0]
-    assert torch.allclose(logprobs, torch.log_softmax(logits, -1)[[0, 1], [1, 0]])
+    out = sample(logits, metadata(2))
+    assert out.ids.tolist() == [1, 0]
+    assert torch.allclose(out.logprobs, torch.log_softmax(logits, -1)[[0, 1], [1, 0]])
+    assert out.top_ids.shape == (2, 0)
+
+
+def test_top_tokens_are_the_most_likely_with_their_logprobs():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, 0.0, 0.0, 1.0]])
+    out = sample(logits, metadata(2, top_n=2))
+    assert out.top_ids.tolist() == [[1, 3], [0, 3]]
+    assert torch.allclose(out.top_logprobs, torch.log_softmax(logits, -1).gather(1, out.top_ids))
+    assert torch.equal(out.top_logprobs[:, 0], out.logprobs)  # greedy: the first is the chosen one
 
 
 def test_repetition_penalty_matches_transformers():
@@ -75,11 +86,11 @@ def test_rows_without_penalties_are_untouched_by_other_rows_counts():
 def test_logits_processors_run_before_the_choice():
     logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 0.0]])
     allowed = torch.tensor([[True, False, True], [True, True, True]])  # row 1 unconstrained
-    ids, logprobs = sample(logits, metadata(2), [VocabMask(allowed)])
-    assert ids.tolist() == [2, 0]
-    assert torch.isfinite(logprobs).all()
-    bias = torch.tensor([[0.0, 0.0, 0.0], [0.0, 10.0, 0.0]])
-    assert sample(logits, metadata(2), [LogitBias(bias)])[0].tolist() == [1, 1]
+    out = sample(logits, metadata(2), [VocabMask(allowed)])
+    assert out.ids.tolist() == [2, 0]
+    assert torch.isfinite(out.logprobs).all()
+    bias = LogitBias(torch.tensor([1, 0]), torch.tensor([1, 0]), torch.tensor([10.0, -float("inf")]))
+    assert sample(logits, metadata(2), [bias]).ids.tolist() == [1, 1]
     assert logits.tolist() == [[0.0, 3.0, 1.0], [5.0, 0.0, 0.0]]  # the caller's logits are not changed
 
 
@@ -87,8 +98,8 @@ def test_a_mask_holds_for_sampled_rows_too():
     logits = torch.zeros(1, 50)
     allowed = torch.zeros(1, 50, dtype=torch.bool)
     allowed[0, [7, 31]] = True
-    draws = [Draw(0, 1.0, 0, 1.0, seed, 0) for seed in range(40)]
-    picks = {sample(logits, metadata(1, draws=[d]), [VocabMask(allowed)])[0].item() for d in draws}
+    draws = [Draw(0, 1.0, 0, 1.0, 1.0, seed, 0) for seed in range(40)]
+    picks = {sample(logits, metadata(1, draws=[d]), [VocabMask(allowed)]).ids.item() for d in draws}
     assert picks == {7, 31}
 
 
@@ -100,9 +111,55 @@ def test_top_k_and_top_p_filter():
     assert not torch.isinf(warp(probs, 1.0, 0, 0.01)[0])  # the top token always survives
 
 
+def test_logit_bias_matches_transformers_sequence_bias():
+    from transformers import SequenceBiasLogitsProcessor
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 50)
+    processor = SequenceBiasLogitsProcessor({(7,): 3.5, (11,): -2.0})
+    expected = processor(torch.tensor([[1, 2]]), logits.clone())
+    ours = logits.clone()
+    LogitBias(torch.tensor([0, 0]), torch.tensor([7, 11]), torch.tensor([3.5, -2.0]))(ours)
+    assert torch.equal(ours, expected)
+
+
+def test_typical_p_matches_transformers():
+    from transformers import TypicalLogitsWarper
+
+    torch.manual_seed(0)
+    for mass in (0.2, 0.5, 0.9, 0.99):
+        logits = torch.randn(1, 300) * 3
+        expected = TypicalLogitsWarper(mass)(torch.tensor([[0]]), logits.clone())[0]
+        assert torch.equal(torch.isinf(warp(logits[0], 1.0, 0, 1.0, mass)), torch.isinf(expected)), mass
+
+
+def test_watermark_matches_transformers():
+    from transformers import WatermarkLogitsProcessor
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 64)
+    history = torch.tensor([[3, 9], [5, 42]])
+    processor = WatermarkLogitsProcessor(64, "cpu", greenlist_ratio=0.5, bias=2.0)
+    expected = processor(history, logits.clone())
+    ours = logits.clone()
+    Watermark(gamma=0.5, delta=2.0).apply(ours, [(0, 9), (1, 42)])
+    assert torch.equal(ours, expected)
+
+
+def test_min_tokens_ban_matches_transformers():
+    from transformers import MinNewTokensLengthLogitsProcessor
+
+    logits = torch.randn(1, 10)
+    processor = MinNewTokensLengthLogitsProcessor(prompt_length_to_skip=2, min_new_tokens=3, eos_token_id=4)
+    expected = processor(torch.tensor([[1, 2, 6]]), logits.clone())  # one new token: still banned
+    ours = logits.clone()
+    LogitBias(torch.tensor([0]), torch.tensor([4]), torch.tensor([-float("inf")]))(ours)
+    assert torch.equal(ours, expected)
+
+
 def sampled(logits, seed, index, rows=1):
-    draws = [Draw(row, 1.0, 0, 1.0, seed, index) for row in range(rows)]
-    return sample(logits, metadata(rows, draws=draws))[0].tolist()
+    draws = [Draw(row, 1.0, 0, 1.0, 1.0, seed, index) for row in range(rows)]
+    return sample(logits, metadata(rows, draws=draws)).ids.tolist()
 
 
 def test_seeded_sampling_depends_only_on_seed_and_position():

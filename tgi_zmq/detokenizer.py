@@ -14,6 +14,7 @@ context (``PROMPT_TAIL``) is decided here alone.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from tgi_zmq import messages
 
@@ -49,6 +50,16 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.special_ids = set(tokenizer.all_special_ids)
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 (one per process, kept for its life)
+    def token_text(self, token_id: int) -> str:
+        """One token on its own, special tokens spelled out (TGI's text of top and prompt tokens)."""
+        tokenizer = self.tokenizer
+        return tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def token_list(self, ids: list[int], logprobs: list[float | None]) -> messages.TokenList:
+        texts = [self.token_text(t) for t in ids]
+        return messages.TokenList(list(ids), texts, list(logprobs), [t in self.special_ids for t in ids])
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -114,14 +125,18 @@ class BatchDetokenizer:
             self.infos[info.rid] = info
         deltas: dict[str, messages.RequestDelta] = {}
         stopped = []
+        tops = zip(out.top_ids, out.top_logprobs, strict=True) if out.top_ids else None
         for rid, token, logprob, reason in zip(
             out.rids, out.token_ids, out.logprobs, out.finish_reasons, strict=True
         ):
+            top = next(tops) if tops is not None else None
             state = self.states.get(rid)
             if state is None:  # finished by a stop sequence or aborted: late tokens are dropped
                 continue
             delta = deltas.get(rid) or self._new_delta(rid)
             deltas[rid] = delta
+            if top is not None and top[0]:
+                delta.top_tokens.append(self.detok.token_list(*top))
             piece = self.detok.add(state, token)
             delta.token_ids.append(token)
             delta.token_texts.append(piece.token_text)
@@ -138,8 +153,13 @@ class BatchDetokenizer:
         return messages.BatchTextOutput(list(deltas.values())), stopped
 
     def _new_delta(self, rid: str) -> messages.RequestDelta:
+        """A request's delta for this step; its first one carries the scored prompt, if asked."""
         info = self.infos[rid]
-        return messages.RequestDelta(rid, [], [], [], [], "", None, 0, info.prompt_tokens)
+        delta = messages.RequestDelta(rid, [], [], [], [], "", None, 0, info.prompt_tokens)
+        if info.prompt_logprobs:
+            delta.prompt = self.detok.token_list(info.prompt_ids, info.prompt_logprobs)
+            info.prompt_logprobs = []  # sent once
+        return delta
 
     def forget(self, rid: str) -> None:
         self.states.pop(rid, None)

@@ -26,7 +26,7 @@ from collections import deque
 from typing import Protocol
 
 from tgi_zmq.model_runner import ModelRunner, StepOutput
-from tgi_zmq.scheduler import Request, ScheduledBatch, SchedulePolicy
+from tgi_zmq.scheduler import Produced, Request, ScheduledBatch, SchedulePolicy
 from tgi_zmq.step import Step, build_step
 from tgi_zmq.steplog import SCHEDULER_STEP
 
@@ -80,7 +80,7 @@ class InFlight:
 class Outcome:
     """What one turn produced, for the caller to send on."""
 
-    produced: list[tuple[Request, int, float]] = dataclasses.field(default_factory=list)
+    produced: list[Produced] = dataclasses.field(default_factory=list)
     failed: list[tuple[Request, str]] = dataclasses.field(default_factory=list)
     done: InFlight | None = None  # the step whose result was applied (not one that failed)
     forward_seconds: float = 0.0
@@ -131,7 +131,8 @@ class EngineCore:
         step = InFlight(self.step_id, batch, built, len(self.inflight))
         self.inflight.append(step)
         try:
-            self.executor.submit(step.step_id, build_step(batch, self.block_size))
+            eos_token_ids = tuple(sorted(self.policy.eos_token_ids))
+            self.executor.submit(step.step_id, build_step(batch, self.block_size, eos_token_ids))
         except WorkersLost as exc:
             out.failed += self.lose_workers(f"the workers are unreachable ({exc})")
             return False
@@ -158,8 +159,15 @@ class EngineCore:
             out.failed += [(req, answer.reason) for req in step.batch.requests if self._fail(req)]
             return
         out.done = step
-        ids, logprobs = answer.output.next_ids.tolist(), answer.output.logprobs.tolist()
-        out.produced = self.policy.update(step.batch, ids, logprobs)
+        result = answer.output
+        top = (result.top_ids.tolist(), result.top_logprobs.tolist()) if result.top_ids.shape[-1] else None
+        out.produced = self.policy.update(
+            step.batch,
+            result.next_ids.tolist(),
+            result.logprobs.tolist(),
+            top,
+            result.prompt_logprobs.tolist(),
+        )
         out.forward_seconds = answer.forward_seconds
         if log.isEnabledFor(logging.DEBUG):
             line = SCHEDULER_STEP.format(

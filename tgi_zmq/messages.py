@@ -342,6 +342,7 @@ class TokenList:
     ids: list[int]
     texts: list[str]
     logprobs: list[float | None]
+    specials: list[bool]
 
 
 @message(tag=9)

@@ -28,21 +28,26 @@ from tgi_zmq.block_manager import ceil_div
 from tgi_zmq.grammar import unpack
 from tgi_zmq.models import load_model
 from tgi_zmq.parallel import Shard
-from tgi_zmq.sampler import LogitsProcessor, SamplingMetadata, VocabMask, sample
+from tgi_zmq.sampler import LogitBias, LogitsProcessor, SamplingMetadata, VocabMask, Watermark, sample
 from tgi_zmq.step import EncoderBatch, ForwardBatch, RequestStates, Step, StepLayout
 
 
 @dataclasses.dataclass
 class StepOutput:
+    """What a step sends back (rank 0's; other ranks hold only ``next_ids``)."""
+
     next_ids: torch.Tensor  # [R] int64
-    logprobs: torch.Tensor  # [R] float32 (zeros on ranks other than 0)
+    logprobs: torch.Tensor  # [R] float32
+    top_ids: torch.Tensor  # [R, top_n] int64
+    top_logprobs: torch.Tensor  # [R, top_n] float32
+    prompt_logprobs: torch.Tensor  # [P] float32: of each scored prompt token
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {"next_ids": self.next_ids, "logprobs": self.logprobs}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> StepOutput:
-        return cls(tensors["next_ids"], tensors["logprobs"])
+        return cls(**tensors)
 
 
 class ModelRunner:
@@ -56,6 +61,7 @@ class ModelRunner:
         shard: Shard | None = None,
         max_rows: int = 128,
         max_total_tokens: int = 4096,
+        watermark: Watermark = Watermark(),
     ):
         self.device = torch.device(device)
         self.shard = shard or Shard()
@@ -65,6 +71,7 @@ class ModelRunner:
         self.cache = self.model.new_cache(num_blocks, block_size)
         self.max_rows = max_rows
         self.max_pages = ceil_div(max_total_tokens, block_size) + 1
+        self.watermark = watermark
         self.forget_requests()
 
     def forget_requests(self) -> None:
@@ -86,7 +93,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, step: Step, layout: StepLayout) -> torch.Tensor | None:
-        """Take in the step's state changes and run the model: logits [R, vocab] (None off rank 0)."""
+        """Take in the step's state changes and run the model: logits [R + P, vocab] of the sampling
+        rows, then of the scored prompt rows (None off rank 0)."""
         step.inputs.input_ids = self._fill_placeholders(step.inputs.input_ids)
         step.sampling.history_ids = self._fill_placeholders(step.sampling.history_ids)
         self.states.apply(step)
@@ -102,20 +110,29 @@ class ModelRunner:
         processors: Sequence[LogitsProcessor] = (),
     ) -> StepOutput:
         rows = len(layout.sample_rows)
-        if logits is not None:
-            if layout.masked:
-                processors = [*processors, VocabMask(unpack(step.sampling.allowed, logits.shape[-1]))]
-            next_ids, logprobs = sample(logits, self._sampling_metadata(step, layout), processors)
+        if logits is None:
+            out = StepOutput(*_empty_output(rows, layout, self.device))
         else:
-            next_ids = torch.empty(rows, dtype=torch.int64, device=self.device)
-            logprobs = torch.zeros(rows, device=self.device)
+            out = self._choose(step, layout, logits[:rows], list(processors))
+            out.prompt_logprobs = _prompt_logprobs(logits[rows:], step.sampling.prompt_targets)
         if self.shard.world > 1:
-            self.shard.broadcast(next_ids)
+            self.shard.broadcast(out.next_ids)
         if layout.penalised:
-            self.states.count_sampled(step, next_ids)
+            self.states.count_sampled(step, out.next_ids)
         if rows:
-            self.prev_ids = next_ids
-        return StepOutput(next_ids, logprobs.float())
+            self.prev_ids = out.next_ids
+        return out
+
+    def _choose(
+        self, step: Step, layout: StepLayout, logits: torch.Tensor, processors: list[LogitsProcessor]
+    ) -> StepOutput:
+        s = step.sampling
+        if layout.biased:
+            processors.append(LogitBias(s.bias_rows, s.bias_ids, s.bias_values))
+        if layout.masked:
+            processors.append(VocabMask(unpack(s.allowed, logits.shape[-1])))
+        sampled = sample(logits, self._sampling_metadata(step, layout), processors)
+        return StepOutput(sampled.ids, sampled.logprobs, sampled.top_ids, sampled.top_logprobs, None)
 
     def forward_batch(self, step: Step, layout: StepLayout) -> ForwardBatch:
         """The model's view of a step whose state changes are taken in."""
@@ -128,6 +145,8 @@ class ModelRunner:
         logit_rows = torch.tensor(
             [qs[r + 1] - 1 for r in layout.sample_rows], dtype=torch.int64, device=self.device
         )
+        if layout.num_prompt_rows:
+            logit_rows = torch.cat([logit_rows, step.sampling.prompt_rows])
         encoder = None
         if step.encoder is not None:
             cross_tables = self.states.cross_pages[inputs.state_rows]
@@ -143,9 +162,42 @@ class ModelRunner:
         if layout.penalised:
             rows = step.inputs.state_rows[s.rows]
             counts, lens = self.states.counts[rows], self.states.history_lens[rows]
-        return SamplingMetadata(s.repetition_penalty, s.frequency_penalty, counts, lens, layout.draws)
+        watermarked = []
+        if layout.watermarked:  # the previous token seeds the green list: read back only for these rows
+            qs = layout.query_start
+            last = [qs[layout.sample_rows[row] + 1] - 1 for row in layout.watermarked]
+            previous = step.inputs.input_ids[last].tolist()
+            watermarked = list(zip(layout.watermarked, previous, strict=True))
+        return SamplingMetadata(
+            s.repetition_penalty,
+            s.frequency_penalty,
+            counts,
+            lens,
+            layout.draws,
+            top_n=layout.top_n,
+            watermarked=watermarked,
+            watermark=self.watermark,
+        )
 
     def _fill_placeholders(self, ids: torch.Tensor) -> torch.Tensor:
         """Replace ``-(1 + row)`` by the token sampled for ``row`` in the previous step."""
         rows = (-ids - 1).clamp(0, self.prev_ids.numel() - 1)
         return torch.where(ids < 0, self.prev_ids[rows], ids)
+
+
+def _prompt_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The logprob of each scored prompt token under the model (no sampling parameters apply)."""
+    if not len(targets):
+        return torch.zeros(0, device=logits.device)
+    return logits.float().log_softmax(-1).gather(1, targets.view(-1, 1)).view(-1)
+
+
+def _empty_output(rows: int, layout: StepLayout, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Ranks other than 0 do not sample: room for the ids rank 0 broadcasts, zeros elsewhere."""
+    return (
+        torch.empty(rows, dtype=torch.int64, device=device),
+        torch.zeros(rows, device=device),
+        torch.zeros(rows, layout.top_n, dtype=torch.int64, device=device),
+        torch.zeros(rows, layout.top_n, device=device),
+        torch.zeros(layout.num_prompt_rows, device=device),
+    )

@@ -1,7 +1,9 @@
 """Next-token choice for a batch of rows, each with its own parameters.
 
-Order as in TGI: logits processors (a vocabulary mask, a logit bias) -> repetition penalty ->
-frequency penalty -> temperature -> top-k -> top-p -> sample (or argmax for greedy rows).
+Order as in TGI: watermark -> repetition penalty -> frequency penalty -> logits processors (a logit
+bias, a grammar's vocabulary mask) -> temperature -> top-k -> top-p -> typical-p -> sample (or argmax
+for greedy rows). The logprobs returned (of the chosen token and of the most likely ones) are those
+of the distribution the token was drawn from, as TGI's.
 Sampling uses the exponential race (``argmax(probs / Exp(1))``) with noise from a generator
 seeded by ``(seed, index of the token)``: the draw for a request's n-th token depends only on
 its own seed, not on what else is in the batch, nor on whether the request was preempted and
@@ -26,8 +28,9 @@ _MASK64 = (1 << 64) - 1
 class LogitsProcessor(Protocol):
     """Changes the float32 logits [R, vocab] of a step's sampling rows in place, on their device.
 
-    The hook between the forward and the sampler (``ModelRunner.sample``). Structured output
-    will pass a ``VocabMask``; a processor must not read values back to the host.
+    The hook between the forward and the sampler (``ModelRunner.sample``): structured output passes
+    a ``VocabMask``, ``logit_bias`` and ``min_tokens`` a ``LogitBias``; a processor must not read
+    values back to the host.
     """
 
     def __call__(self, logits: torch.Tensor) -> None: ...
@@ -45,10 +48,35 @@ class VocabMask:
 
 @dataclasses.dataclass
 class LogitBias:
-    bias: torch.Tensor  # [R, vocab] float32, 0 where a row has no bias
+    """Sparse biases: ``values[i]`` is added to the logit of token ``ids[i]`` in row ``rows[i]``."""
+
+    rows: torch.Tensor  # [N] int64
+    ids: torch.Tensor  # [N] int64
+    values: torch.Tensor  # [N] float32 (-inf bans the token)
 
     def __call__(self, logits: torch.Tensor) -> None:
-        logits += self.bias
+        logits.index_put_((self.rows, self.ids), self.values, accumulate=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Watermark:
+    """Kirchenbauer et al.'s watermark as TGI applies it: before each token, a ``gamma`` share of the
+    vocabulary (the "green list", a permutation seeded by the previous token) gets ``delta`` added.
+    The permutation comes from a CPU generator, so every device gives the same list."""
+
+    gamma: float = 0.5
+    delta: float = 2.0
+    hash_key: int = 15485863
+
+    def greenlist(self, previous_token: int, vocab_size: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed((self.hash_key * previous_token) % (2**64 - 1))
+        return torch.randperm(vocab_size, generator=gen)[: int(vocab_size * self.gamma)]
+
+    def apply(self, logits: torch.Tensor, rows: list[tuple[int, int]]) -> None:
+        """Bias ``logits[row]``'s green list, for each ``(row, previous token)``."""
+        for row, previous in rows:
+            green = self.greenlist(previous, logits.shape[-1]).to(logits.device)
+            logits[row, green] += self.delta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +87,7 @@ class Draw:
     temperature: float
     top_k: int
     top_p: float
+    typical_p: float
     seed: int
     index: int  # the token's index among the request's outputs
 
@@ -72,6 +101,19 @@ class SamplingMetadata:
     counts: torch.Tensor | None  # [R, vocab] float32 token counts of each row's history; None: no penalties
     history_lens: torch.Tensor | None  # [R] float32
     draws: list[Draw]  # rows that sample at random; the others are greedy
+    top_n: int = 0  # also return each row's ``top_n`` most likely tokens
+    watermarked: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (row, previous token)
+    watermark: Watermark = Watermark()
+
+
+@dataclasses.dataclass
+class Sampled:
+    """A step's choices, on the logits' device: one token per row, and the most likely ones."""
+
+    ids: torch.Tensor  # [R] int64
+    logprobs: torch.Tensor  # [R] float32
+    top_ids: torch.Tensor  # [R, top_n] int64
+    top_logprobs: torch.Tensor  # [R, top_n] float32 (-inf: a token the row could not draw)
 
 
 def mix_seed(seed: int, index: int) -> int:
@@ -91,8 +133,10 @@ def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tenso
     return logits - freq * meta.counts / meta.history_lens.clamp(min=1).view(-1, 1)
 
 
-def warp(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Temperature, top-k and top-p for one row; filtered tokens get -inf."""
+def warp(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, typical_p: float = 1.0
+) -> torch.Tensor:
+    """Temperature, top-k, top-p and typical-p for one row; filtered tokens get -inf."""
     logits = logits / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
@@ -102,28 +146,45 @@ def warp(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> 
         probs = sorted_logits.softmax(-1)
         outside = probs.cumsum(-1) - probs > top_p  # keeps at least the first token
         logits = logits.index_fill(0, order[outside], float("-inf"))
+    if typical_p < 1.0:
+        logits = _typical(logits, typical_p)
     return logits
+
+
+def _typical(logits: torch.Tensor, mass: float) -> torch.Tensor:
+    """Locally typical sampling: keep the tokens whose surprise is closest to the entropy, up to
+    ``mass`` of probability (always at least one)."""
+    logp = logits.log_softmax(-1)
+    entropy = -(logp.exp() * logp).nansum()
+    distance, order = torch.sort((-logp - entropy).abs())
+    cumulative = logits[order].softmax(-1).cumsum(-1)
+    last = int((cumulative < mass).sum().clamp(max=logits.shape[-1] - 1))
+    outside = distance > distance[last]
+    return logits.index_fill(0, order[outside], float("-inf"))
 
 
 def sample(
     logits: torch.Tensor, meta: SamplingMetadata, processors: Sequence[LogitsProcessor] = ()
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Choose one token per row. Returns (token ids [R] int64, their logprobs [R] float32)."""
-    logits = logits.to(torch.float32, copy=bool(processors))  # processors work in place, on our copy
-    for processor in processors:
-        processor(logits)
+) -> Sampled:
+    """Choose one token per row, with its logprob and the ``meta.top_n`` most likely tokens."""
+    logits = logits.to(torch.float32, copy=bool(processors or meta.watermarked))  # in place below: our copy
+    if meta.watermarked:
+        meta.watermark.apply(logits, meta.watermarked)
     if meta.counts is not None:
         logits = apply_penalties(logits, meta)
+    for processor in processors:
+        processor(logits)
     next_ids = logits.argmax(-1)
     logprobs = torch.log_softmax(logits, -1)
     for draw in meta.draws:
         next_ids[draw.row], logprobs[draw.row] = _sample_row(logits[draw.row], draw)
     chosen = logprobs.gather(1, next_ids.view(-1, 1)).view(-1)
-    return next_ids, chosen
+    top_logprobs, top_ids = torch.topk(logprobs, min(meta.top_n, logprobs.shape[-1]), dim=-1)
+    return Sampled(next_ids, chosen, top_ids, top_logprobs)
 
 
 def _sample_row(row_logits: torch.Tensor, draw: Draw) -> tuple[torch.Tensor, torch.Tensor]:
-    scores = warp(row_logits, draw.temperature, draw.top_k, draw.top_p)
+    scores = warp(row_logits, draw.temperature, draw.top_k, draw.top_p, draw.typical_p)
     probs = scores.softmax(-1)
     # the noise comes from a CPU generator on every device: CUDA's draws other numbers for a seed
     gen = torch.Generator().manual_seed(mix_seed(draw.seed, draw.index))

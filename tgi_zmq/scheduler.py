@@ -22,12 +22,16 @@ blocks depend on the encoder input too).
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections import deque
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from tgi_zmq.block_manager import BlockManager
 from tgi_zmq.messages import SamplingParams
+
+# Prompt tokens a request that scores its prompt runs per step: each needs a row of logits.
+PROMPT_LOGPROBS_CHUNK = 512
 
 
 class GrammarState(Protocol):
@@ -69,11 +73,14 @@ class Request:
     cross_pages_sent: int = 0
     history_sent: bool = False
     grammar: GrammarState | None = None  # structured output: where it is in its grammar
+    prompt_logprobs: list[float | None] = dataclasses.field(default_factory=list)  # if asked, by position
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)
         if self.prompt_len < 0:
             self.prompt_len = len(self.token_ids)
+        if self.params.prompt_logprobs and not self.prompt_logprobs:
+            self.prompt_logprobs = [None] * self.prompt_len
 
     @property
     def num_tokens(self) -> int:
@@ -86,6 +93,16 @@ class Request:
     @property
     def output_ids(self) -> list[int]:
         return self.token_ids[self.prompt_len :]
+
+
+class Produced(NamedTuple):
+    """A token a request received from a step, and the most likely tokens it was chosen among."""
+
+    request: Request
+    token: int
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
 
 
 @dataclasses.dataclass
@@ -104,6 +121,16 @@ class ScheduledBatch:
     def is_decode(self) -> bool:
         """Every request runs one token over a cached context: the rule the attention uses per row."""
         return all(n == 1 and start > 0 for start, n in zip(self.starts, self.num_new, strict=True))
+
+    def scored_prompt(self) -> list[tuple[int, int, int]]:
+        """``(request index, first position, count)`` of the prompt positions this step scores for
+        requests that want their prompt's logprobs: position p scores prompt token p + 1."""
+        out = []
+        for i, (req, start, n) in enumerate(zip(self.requests, self.starts, self.num_new, strict=True)):
+            end = min(start + n, req.prompt_len - 1)
+            if req.params.prompt_logprobs and end > start:
+                out.append((i, start, end - start))
+        return out
 
     def samples(self) -> list[bool]:
         """Which requests sample a token this step (their gap closes)."""
@@ -219,7 +246,7 @@ class SchedulePolicy:
                 # preempted to make room for an older one (pages freed), or done once its result lands
                 continue
             gap = req.num_tokens - req.num_computed
-            n = gap if gap == 1 else min(gap, budget)  # decodes always run; prefill chunks share the budget
+            n = gap if gap == 1 else min(gap, budget, _chunk_cap(req))  # decodes run; chunks share the budget
             if n == 0 or not self._reserve(req, n):
                 continue
             batch.add(req, n)
@@ -232,7 +259,7 @@ class SchedulePolicy:
                 break  # an encoder is not chunked: it waits for a step with room for all of it
             budget -= len(req.encoder_ids)
             hit = self._reuse_prefix(req)
-            n = min(req.num_tokens - req.num_computed, max(budget, 1))
+            n = min(req.num_tokens - req.num_computed, max(budget, 1), _chunk_cap(req))
             grown = self.block_manager.grow(req.blocks, req.num_computed + n)
             if not grown or not self.block_manager.grow(req.cross_blocks, len(req.encoder_ids)):
                 self._reset(req)
@@ -264,8 +291,9 @@ class SchedulePolicy:
         return req.num_output >= req.max_new_tokens or req.num_tokens >= self.max_total_tokens
 
     def _reuse_prefix(self, req: Request) -> int:
-        """Start a request on the cached blocks of its longest cached prefix; returns the hit tokens."""
-        if req.encoder_ids:
+        """Start a request on the cached blocks of its longest cached prefix; returns the hit tokens.
+        A request that scores its prompt computes all of it (as TGI)."""
+        if req.encoder_ids or req.params.prompt_logprobs:
             return 0
         blocks, parent = self.block_manager.match_prefix(req.token_ids, req.num_tokens - 1)
         req.blocks = blocks
@@ -298,16 +326,25 @@ class SchedulePolicy:
         self.num_preemptions += 1
 
     def update(
-        self, batch: ScheduledBatch, sampled: list[int], logprobs: list[float]
-    ) -> list[tuple[Request, int, float]]:
+        self,
+        batch: ScheduledBatch,
+        sampled: list[int],
+        logprobs: list[float],
+        top: tuple[list[list[int]], list[list[float]]] | None = None,
+        prompt_logprobs: list[float] = (),
+    ) -> list[Produced]:
         """Apply a finished step: put the sampled tokens in place, register full blocks, finish requests.
 
-        ``sampled``/``logprobs`` hold one entry per request that sampled (in batch order).
-        Returns ``(request, token, logprob)`` for every request that received a token;
+        ``sampled``/``logprobs`` (and ``top``'s ids and logprobs) hold one entry per request that
+        sampled (in batch order); ``prompt_logprobs`` one per scored prompt token
+        (``ScheduledBatch.scored_prompt``). Returns what every request that received a token got;
         finished ones have ``finish_reason`` set and are already removed, their pages freed.
         """
+        self._record_prompt_logprobs(batch, prompt_logprobs)
         produced = []
-        results = iter(zip(sampled, logprobs, strict=True))
+        rows = len(sampled)
+        top_ids, top_logprobs = top or ([[]] * rows, [[]] * rows)
+        results = iter(zip(sampled, logprobs, top_ids, top_logprobs, strict=True))
         for i, req in enumerate(batch.requests):
             slot = batch.sample_slots[i]
             result = next(results) if slot >= 0 else None
@@ -323,24 +360,48 @@ class SchedulePolicy:
                 )
             if result is None:
                 continue
-            token, logprob = result
+            token, logprob, ids, values = result
             req.token_ids[slot] = token
             if req.grammar is not None:
                 req.grammar.consume(token)
-            produced.append((req, token, logprob))
+            produced.append(Produced(req, token, logprob, *_top(req, ids, values)))
             reason = self._finish_reason(req, slot)
             if reason:
                 self.finish(req, reason)
         return produced
 
+    def _record_prompt_logprobs(self, batch: ScheduledBatch, values: list[float]) -> None:
+        """Each scored position p gives prompt token p + 1's logprob (the first has none)."""
+        values = iter(values)
+        for i, position, count in batch.scored_prompt():
+            req = batch.requests[i]
+            scores = [next(values) for _ in range(count)]
+            if req.finish_reason is None and req.epoch == batch.epochs[i]:
+                req.prompt_logprobs[position + 1 : position + 1 + count] = scores
+
     def _finish_reason(self, req: Request, slot: int) -> str | None:
-        if req.token_ids[slot] in self.eos_token_ids and not req.params.ignore_eos:
+        token = req.token_ids[slot]
+        if (token in self.eos_token_ids and not req.params.ignore_eos) or token in req.params.stop_token_ids:
             return "eos_token"
         if req.grammar is not None and req.grammar.done:  # its grammar allows nothing more
             return "eos_token"
         if slot + 1 - req.prompt_len >= req.max_new_tokens or slot + 1 >= self.max_total_tokens:
             return "length"
         return None
+
+
+def _chunk_cap(req: Request) -> int:
+    """The most tokens ``req`` may run in one step (a request that scores its prompt is limited)."""
+    if req.params.prompt_logprobs and req.num_computed < req.prompt_len - 1:
+        return PROMPT_LOGPROBS_CHUNK
+    return req.num_tokens
+
+
+def _top(req: Request, ids: list[int], logprobs: list[float]) -> tuple[list[int], list[float]]:
+    """The request's own share of a row's top tokens: as many as it asked, none it could not draw."""
+    n = req.params.top_n_tokens
+    kept = [(t, lp) for t, lp in zip(ids[:n], logprobs[:n], strict=True) if math.isfinite(lp)]
+    return [t for t, _ in kept], [lp for _, lp in kept]
 
 
 def _drop_placeholders(req: Request) -> None:

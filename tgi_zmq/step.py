@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tgi_zmq.block_manager import ceil_div
+from tgi_zmq.config import MAX_EOS_TOKEN_IDS, MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
 from tgi_zmq.sampler import Draw
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
 PAGE_UPDATE = 3  # ints per page-table update: state row, page index, page id
 MAX_MASK_WORDS = 8192  # a grammar mask's int32 words per row: vocabularies up to 262,144 tokens
+MAX_BIAS_PER_ROW = MAX_LOGIT_BIAS + MAX_STOP_TOKEN_IDS + MAX_EOS_TOKEN_IDS
 
 
 def slot_of(pages: list[int], position: int, block_size: int) -> int:
@@ -63,6 +65,7 @@ class SamplingInputs:
     temperature: torch.Tensor  # [R] float32
     top_k: torch.Tensor  # [R] int64, 0: off
     top_p: torch.Tensor  # [R] float32
+    typical_p: torch.Tensor  # [R] float32
     repetition_penalty: torch.Tensor  # [R] float32
     frequency_penalty: torch.Tensor  # [R] float32
     seeds: torch.Tensor  # [R] int64
@@ -71,6 +74,13 @@ class SamplingInputs:
     history_ids: torch.Tensor  # [sum of lengths] int64: their token histories, back to back
     history_start: torch.Tensor  # [H+1] int64
     allowed: torch.Tensor  # [R, words] int32 bitmask of the tokens each row may sample; [0, 0]: no grammar
+    watermark: torch.Tensor  # [R] bool
+    top_n: torch.Tensor  # [R] int64: how many of the most likely tokens to return
+    bias_rows: torch.Tensor  # [N] int64: sparse logit biases (``logit_bias``; -inf bans, ``min_tokens``)
+    bias_ids: torch.Tensor  # [N] int64
+    bias_values: torch.Tensor  # [N] float32
+    prompt_rows: torch.Tensor  # [P] int64: flat token rows whose next prompt token is scored
+    prompt_targets: torch.Tensor  # [P] int64: that next prompt token
 
     @property
     def penalised(self) -> torch.Tensor:
@@ -125,7 +135,8 @@ class Step:
     def layout(self) -> StepLayout:
         """The host-side numbers the worker plans with (read before the tensors go to the device)."""
         enc, s = self.encoder, self.sampling
-        columns = [c.tolist() for c in (s.greedy, s.temperature, s.top_k, s.top_p, s.seeds, s.sample_index)]
+        fields = (s.greedy, s.temperature, s.top_k, s.top_p, s.typical_p, s.seeds, s.sample_index)
+        columns = [c.tolist() for c in fields]
         draws = [
             Draw(row, *values)
             for row, (greedy, *values) in enumerate(zip(*columns, strict=True))
@@ -139,6 +150,10 @@ class Step:
             penalised=bool(s.penalised.any()),
             masked=s.allowed.shape[0] > 0,
             num_histories=len(s.history_rows),
+            top_n=max(s.top_n.tolist(), default=0),
+            watermarked=[row for row, on in enumerate(s.watermark.tolist()) if on],
+            biased=len(s.bias_rows) > 0,
+            num_prompt_rows=len(s.prompt_rows),
             encoder_start=enc.start.tolist() if enc is not None else [],
             encoder_lens=enc.lens.tolist() if enc is not None else [],
         )
@@ -156,6 +171,10 @@ class StepLayout:
     penalised: bool  # some row applies penalties
     masked: bool  # some row follows a grammar (``SamplingInputs.allowed``)
     num_histories: int  # rows whose penalty counts start over
+    top_n: int  # the most top tokens a row asks for
+    watermarked: list[int]  # rows (of R) with the watermark
+    biased: bool  # some row has logit biases
+    num_prompt_rows: int  # prompt tokens scored (``prompt_logprobs``)
     encoder_start: list[int]
     encoder_lens: list[int]
 
@@ -163,17 +182,19 @@ class StepLayout:
 def step_buffer_size(max_step_tokens: int, max_rows: int, max_total_tokens: int, block_size: int) -> int:
     """Bytes one step's tensors can need at most.
 
-    Per token 3 int64 (+ an encoder's 2); per request 4+4+8 bytes and its page updates; per
-    sampling row 8 fields of 8 bytes at most; penalty histories are sent once per request, bounded
-    by every row starting over in one step (after a worker restart, say).
+    Per token 3 int64 (+ an encoder's 2, + 2 for a scored prompt token); per request 4+4+8 bytes and
+    its page updates; per sampling row 12 fields of 8 bytes at most, its grammar mask and its logit
+    biases; penalty histories are sent once per request, bounded by every row starting over in one
+    step (after a worker restart, say).
     """
     max_pages = ceil_div(max_total_tokens, block_size) + 1
     return (
-        5 * 8 * (max_step_tokens + max_rows)
+        7 * 8 * (max_step_tokens + max_rows)
         + (16 + 2 * 8 * PAGE_UPDATE * max_pages) * max_rows
         + 8 * 16 * max_rows
         + 8 * max_rows * max_total_tokens
         + 4 * max_rows * MAX_MASK_WORDS
+        + 20 * max_rows * MAX_BIAS_PER_ROW
         + (1 << 16)
     )
 
@@ -181,8 +202,9 @@ def step_buffer_size(max_step_tokens: int, max_rows: int, max_total_tokens: int,
 # ---------------------------------------------------------------------------------- building
 
 
-def build_step(batch: ScheduledBatch, block_size: int) -> Step:
-    """The step of ``batch``; marks the pages and histories it sends as known to the workers."""
+def build_step(batch: ScheduledBatch, block_size: int, eos_token_ids: tuple[int, ...] = ()) -> Step:
+    """The step of ``batch``; marks the pages and histories it sends as known to the workers.
+    ``eos_token_ids`` are banned for rows still short of their ``min_tokens``."""
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -202,7 +224,20 @@ def build_step(batch: ScheduledBatch, block_size: int) -> Step:
         new_pages=_page_updates(batch.requests, "blocks", "pages_sent"),
     )
     encoder = _encoder_inputs(batch, block_size) if batch.requests[0].encoder_ids else None
-    return Step(inputs, _sampling_inputs(batch), encoder)
+    sampling = _sampling_inputs(batch, eos_token_ids[:MAX_EOS_TOKEN_IDS])
+    sampling.prompt_rows, sampling.prompt_targets = _scored_prompt(batch, query_start)
+    return Step(inputs, sampling, encoder)
+
+
+def _scored_prompt(batch: ScheduledBatch, query_start: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat rows whose next prompt token is scored, and those tokens (``prompt_logprobs``)."""
+    rows: list[int] = []
+    targets: list[int] = []
+    for i, position, count in batch.scored_prompt():
+        first = query_start[i] + position - batch.starts[i]
+        rows.extend(range(first, first + count))
+        targets.extend(batch.requests[i].token_ids[position + 1 : position + 1 + count])
+    return _ints(rows), _ints(targets)
 
 
 def _page_updates(requests: list[Request], pages: str, sent: str) -> torch.Tensor:
@@ -233,7 +268,7 @@ def _encoder_inputs(batch: ScheduledBatch, block_size: int) -> EncoderInputs:
     )
 
 
-def _sampling_inputs(batch: ScheduledBatch) -> SamplingInputs:
+def _sampling_inputs(batch: ScheduledBatch, eos_token_ids: tuple[int, ...]) -> SamplingInputs:
     rows = [i for i, slot in enumerate(batch.sample_slots) if slot >= 0]
     reqs = [batch.requests[i] for i in rows]
     slots = [batch.sample_slots[i] for i in rows]
@@ -242,7 +277,14 @@ def _sampling_inputs(batch: ScheduledBatch) -> SamplingInputs:
     history_ids: list[int] = []
     history_start = [0]
     allowed = _grammar_masks(reqs)
+    bias_rows: list[int] = []
+    bias_ids: list[int] = []
+    bias_values: list[float] = []
     for row, (req, slot) in enumerate(zip(reqs, slots, strict=True)):
+        for token, value in _biases(req, slot, eos_token_ids):
+            bias_rows.append(row)
+            bias_ids.append(token)
+            bias_values.append(value)
         if req.params.penalised and not req.history_sent:
             history_rows.append(row)
             history_ids.extend(req.token_ids[:slot])
@@ -254,6 +296,7 @@ def _sampling_inputs(batch: ScheduledBatch) -> SamplingInputs:
         temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
         top_k=_ints([p.top_k for p in params]),
         top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
+        typical_p=torch.tensor([p.typical_p for p in params], dtype=torch.float32),
         repetition_penalty=torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32),
         frequency_penalty=torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32),
         seeds=_ints([_as_int64(p.seed or 0) for p in params]),
@@ -262,7 +305,23 @@ def _sampling_inputs(batch: ScheduledBatch) -> SamplingInputs:
         history_ids=_ints(history_ids),
         history_start=_ints(history_start),
         allowed=allowed,
+        watermark=torch.tensor([p.watermark for p in params], dtype=torch.bool),
+        top_n=_ints([p.top_n_tokens for p in params]),
+        bias_rows=_ints(bias_rows),
+        bias_ids=_ints(bias_ids),
+        bias_values=torch.tensor(bias_values, dtype=torch.float32),
+        prompt_rows=_ints([]),  # set by ``build_step``
+        prompt_targets=_ints([]),
     )
+
+
+def _biases(req: Request, slot: int, eos_token_ids: tuple[int, ...]) -> list[tuple[int, float]]:
+    """A row's logit biases: the client's, and a ban on the tokens that would end it too soon."""
+    p = req.params
+    biases = [(b.token, b.bias) for b in p.logit_bias]
+    if slot - req.prompt_len < p.min_tokens:
+        biases += [(token, float("-inf")) for token in (*eos_token_ids, *p.stop_token_ids)]
+    return biases
 
 
 def _grammar_masks(reqs: list[Request]) -> torch.Tensor:

@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import Iterator
 
-from tgi_zmq.messages import ErrorOutput, GenerateRequest, RequestDelta
+from tgi_zmq.messages import ErrorOutput, GenerateRequest, RequestDelta, TokenList
 from tgi_zmq.validation import RequestError, request_error
 
 from .metrics import Metrics
@@ -56,6 +56,8 @@ class Job:
     token_texts: list[str] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
     specials: list[bool] = dataclasses.field(default_factory=list)
+    top_tokens: list[TokenList] = dataclasses.field(default_factory=list)  # per token, if asked
+    prompt: TokenList | None = None  # the scored prompt, if asked
     finish_reason: str | None = None
     error_type: str | None = None  # set when the pipeline reported a failure
     generated_tokens: int = 0
@@ -90,6 +92,9 @@ class Job:
         self.token_texts += delta.token_texts
         self.logprobs += delta.logprobs
         self.specials += delta.specials
+        self.top_tokens += delta.top_tokens
+        if self.prompt is None:  # a replayed request scores its prompt again: keep the first
+            self.prompt = delta.prompt
         self.generated_tokens = delta.generated_tokens
         self.prompt_tokens = delta.prompt_tokens
         if delta.finish_reason is not None:

@@ -9,8 +9,16 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from tgi_zmq.messages import GenerateRequest, RequestDelta
-from tgi_zmq.validation import RequestError, flag, generate_inputs, generate_params
+from tgi_zmq.messages import GenerateRequest, RequestDelta, TokenList
+from tgi_zmq.validation import (
+    Limits,
+    RequestError,
+    best_of,
+    copy_seed,
+    flag,
+    generate_inputs,
+    generate_params,
+)
 
 from .http import frontend, json_response, read_json, rid_of
 from .jobs import Job, JobGroup
@@ -27,27 +35,37 @@ class _Options:
     details: bool
     return_full_text: bool
     prompt: str
+    decoder_input_details: bool = False  # ``prefill`` in the details (empty unless enabled, as TGI)
 
 
 def _prepare(
     fe: Frontend, request: web.Request, body: dict[str, Any], *, stream: bool, full_text_default: bool
-) -> tuple[GenerateRequest, _Options]:
+) -> tuple[list[GenerateRequest], _Options]:
+    """The request's copies (``best_of`` of them: the best is answered) and its options."""
     parameters = body.get("parameters")  # null is treated like omitted
     config = fe.config
-    params, max_new_tokens = generate_params(
-        parameters,
-        max_stop_sequences=config.max_stop_sequences,
-        stream=stream,
-        max_input_tokens=config.max_input_tokens,
+    limits = Limits(
+        config.max_stop_sequences, config.max_top_n_tokens, config.max_best_of, config.max_input_tokens
     )
+    params, max_new_tokens = generate_params(parameters, limits, stream=stream)
+    params.prompt_logprobs &= config.enable_prefill_logprobs  # else TGI's empty ``prefill``
     inputs = generate_inputs(body)
     p = parameters or {}
+    decoder_input_details = flag(p, "decoder_input_details", False)
     options = _Options(
-        details=flag(p, "details", False) or flag(p, "decoder_input_details", False),
+        details=flag(p, "details", False) or decoder_input_details,
         return_full_text=flag(p, "return_full_text", full_text_default),
         prompt=inputs,
+        decoder_input_details=decoder_input_details,
     )
-    return GenerateRequest(rid_of(request), inputs, None, params, max_new_tokens, time.time()), options
+    rid, copies, now = rid_of(request), best_of(p), time.time()
+    requests = [
+        GenerateRequest(
+            rid if copies == 1 else f"{rid}-{i}", inputs, None, copy_seed(params, i), max_new_tokens, now
+        )
+        for i in range(copies)
+    ]
+    return requests, options
 
 
 # ---------------------------------------------------------------------------- handlers
@@ -88,15 +106,15 @@ async def _generate(
     """One generation, streamed as SSE or answered as one object (``as_list``: in a one-element array)."""
     fe = frontend(request)
     with fe.admission.admit():
-        req, options = _prepare(fe, request, body, stream=stream, full_text_default=full_text_default)
+        requests, options = _prepare(fe, request, body, stream=stream, full_text_default=full_text_default)
         return await respond(
             request,
-            [req],
+            requests,
             stream=stream,
             render=functools.partial(_stream_events, options=options),
             error_events=_error_event,
             build=functools.partial(_generate_json, fe=fe, options=options, as_list=as_list),
-            headers={"x-compute-type": fe.compute_type, "x-compute-characters": str(len(req.prompt or ""))},
+            headers={"x-compute-type": fe.compute_type, "x-compute-characters": str(len(options.prompt))},
         )
 
 
@@ -112,33 +130,67 @@ def _token(job_or_delta: Job | RequestDelta, i: int) -> dict[str, Any]:
     }
 
 
+def _top_tokens(tokens: TokenList) -> list[dict[str, Any]]:
+    return [
+        {"id": t, "text": text, "logprob": lp, "special": special}
+        for t, text, lp, special in zip(
+            tokens.ids, tokens.texts, tokens.logprobs, tokens.specials, strict=True
+        )
+    ]
+
+
+def _prefill(job: Job) -> list[dict[str, Any]]:
+    """The prompt's tokens with their logprobs (the first has none); empty if not scored."""
+    p = job.prompt
+    if p is None:
+        return []
+    return [
+        {"id": t, "text": text, "logprob": lp} for t, text, lp in zip(p.ids, p.texts, p.logprobs, strict=True)
+    ]
+
+
+def _mean_logprob(job: Job) -> float:
+    return sum(job.logprobs) / max(len(job.logprobs), 1)
+
+
 def _full_text(job: Job, options: _Options) -> str:
     return options.prompt + job.text if options.return_full_text else job.text
 
 
 def _generate_json(group: JobGroup, *, fe: Frontend, options: _Options, as_list: bool) -> web.Response:
-    job = group.jobs[0]
-    payload = _generate_response(job, options)
-    return json_response([payload] if as_list else payload, headers=_timing_headers(fe, job))
-
-
-def _generate_response(job: Job, options: _Options) -> dict[str, Any]:
-    out: dict[str, Any] = {"generated_text": _full_text(job, options)}
+    """The best copy's answer (TGI's ``best_of``: the highest mean token logprob); the others go in
+    its details' ``best_of_sequences``."""
+    best, *others = sorted(group.jobs, key=_mean_logprob, reverse=True)
+    payload: dict[str, Any] = {"generated_text": _full_text(best, options)}
     if options.details:
-        out["details"] = {
-            "finish_reason": job.finish_reason,
-            "generated_tokens": job.generated_tokens,
-            "seed": job.seed,
-            "prefill": [],
-            "tokens": [_token(job, i) for i in range(len(job.token_ids))],
-        }
-    return out
+        payload["details"] = _details(best, options)
+        if others:
+            sequences = [
+                {"generated_text": _full_text(job, options), **_details(job, options)} for job in others
+            ]
+            payload["details"]["best_of_sequences"] = sequences
+    return json_response([payload] if as_list else payload, headers=_timing_headers(fe, best))
+
+
+def _details(job: Job, options: _Options) -> dict[str, Any]:
+    details: dict[str, Any] = {
+        "finish_reason": job.finish_reason,
+        "generated_tokens": job.generated_tokens,
+        "seed": job.seed,
+        "prefill": _prefill(job) if options.decoder_input_details else [],
+        "tokens": [_token(job, i) for i in range(len(job.token_ids))],
+    }
+    if job.top_tokens:
+        details["top_tokens"] = [_top_tokens(top) for top in job.top_tokens]
+    return details
 
 
 def _stream_events(job: Job, delta: RequestDelta, *, options: _Options) -> list[dict[str, Any]]:
     """One event per token (1-based ``index``); the last carries the text and the details."""
     first_index = len(job.token_ids) - len(delta.token_ids) + 1
     events = [_event(first_index + i, _token(delta, i)) for i in range(len(delta.token_ids))]
+    for event, top in zip(events, delta.top_tokens, strict=False):
+        event["top_tokens"] = _top_tokens(top)
     if delta.finish_reason is None:
         return events
     if not events:  # a final delta without tokens: close the stream with an empty special token
