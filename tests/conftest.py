@@ -123,6 +123,9 @@ def service(tmp_path_factory) -> Service:
         "2048",
         "--max-concurrent-requests",
         "12",
+        "--enable-prefill-logprobs",
+        "--max-best-of",
+        "4",
     )
     yield svc
     stop_service(svc, wait=False)
