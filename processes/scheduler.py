@@ -6,7 +6,9 @@ tokenizer --ScheduleRequest/AbortRequest--> [scheduler] <--StopRequest-- detoken
 
 Main loop: take in whatever arrived (requests, aborts, the workers' answers) -> one turn of the
 engine core (``tgi_zmq.engine``: launch the next step, apply the oldest one's result) -> send the
-tokens and failures on. The loop only waits for input when a turn made no progress.
+tokens and failures on. The loop only waits for input when a turn made no progress. A request with a
+grammar waits off the policy while a thread compiles it (``tgi_zmq.grammar.Compile``), whose end wakes
+the loop through a pipe.
 
 A restarted scheduler knows nothing: the workers re-announce themselves while idle and the frontend
 replays its requests (``frontend/pipeline.py``).
@@ -14,7 +16,11 @@ replays its requests (``frontend/pipeline.py``).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 import time
+from concurrent.futures import Future
 
 import torch
 import zmq
@@ -23,8 +29,9 @@ from tgi_zmq import messages as m
 from tgi_zmq.block_manager import BlockManager
 from tgi_zmq.config import POLL_MS, STATS_PERIOD_S, ServerConfig
 from tgi_zmq.engine import EngineCore, Outcome
+from tgi_zmq.grammar import Compile, GrammarEngine, GrammarError
 from tgi_zmq.runtime import exit_on_sigterm, pull, push, setup_logging, start_heartbeat
-from tgi_zmq.scheduler import Request, ScheduledBatch, SchedulePolicy
+from tgi_zmq.scheduler import Produced, Request, ScheduledBatch, SchedulePolicy
 from tgi_zmq.validation import ValidationError, generation_error
 from tgi_zmq.worker_group import WorkerGroup
 
@@ -45,6 +52,9 @@ class SchedulerProcess:
         self.poller = zmq.Poller()
         self.poller.register(self.inbox, zmq.POLLIN)
         self.poller.register(router, zmq.POLLIN)
+        self.wake_r, self.wake_w = os.pipe()  # a grammar compile's thread writes a byte: the loop wakes
+        os.set_blocking(self.wake_w, False)
+        self.poller.register(self.wake_r, zmq.POLLIN)
         self.workers = WorkerGroup(config, router)
         self.policy = SchedulePolicy(
             BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching),
@@ -57,7 +67,9 @@ class SchedulerProcess:
             self.policy, self.workers, config.block_size, config.overlap_schedule, config.watchdog_timeout
         )
         self.stats = StatsReporter(self.policy, config)
-        self.grammars = None  # a tgi_zmq.grammar.GrammarEngine, made on the first grammar
+        self.grammars: Future[GrammarEngine] = Future()  # loaded in the background (load_grammars)
+        threading.Thread(target=self.load_grammars, daemon=True, name="grammar-load").start()
+        self.compiling: dict[str, tuple[Request, Compile]] = {}  # requests waiting for their grammar
         self.handlers = {
             m.ScheduleRequest: self.new_request,
             m.AbortRequest: self.abort,
@@ -80,6 +92,7 @@ class SchedulerProcess:
         while True:
             self.stats.maybe_send(self.to_frontend)
             self.receive(timeout_ms=0 if progressed else POLL_MS)
+            self.admit_compiled()
             progressed = False
             if self.workers.ready:
                 outcome = self.engine.step()
@@ -89,6 +102,9 @@ class SchedulerProcess:
     def receive(self, timeout_ms: int) -> None:
         """Handle everything that is waiting."""
         for sock, _ in self.poller.poll(timeout_ms):
+            if sock == self.wake_r:
+                os.read(self.wake_r, 4096)  # a grammar's compile is over: admit_compiled takes it
+                continue
             while True:
                 try:
                     frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -118,26 +134,47 @@ class SchedulerProcess:
         else:  # the prompt feeds the encoder
             tokens = [start, *msg.output_ids]
             req = Request(msg.rid, tokens, *args, prompt_len=1, encoder_ids=msg.input_ids, resumed=resumed)
-        if msg.params.grammar is not None:
-            from tgi_zmq.grammar import GrammarError
+        if msg.params.grammar is None:
+            self.policy.add(req)
+        else:  # compiled off this loop (in a thread, or cached): admit_compiled adds it once ready
+            compiled = self.grammar_engine().compile(msg.params.grammar)
+            self.compiling[req.rid] = (req, compiled)
+            compiled.on_ready(self.wake)
 
+    def admit_compiled(self) -> None:
+        """Requests whose grammar is compiled enter the policy; one refused or timed out gets its 422
+        (the tokenizer process accepted it: only a compile slower here than there can be refused)."""
+        for rid, (req, compiled) in list(self.compiling.items()):
+            if not compiled.ready:
+                continue
+            del self.compiling[rid]
             try:
-                req.grammar = self.grammar_engine().matcher(msg.params.grammar, msg.output_ids)
-            except GrammarError as exc:  # checked by the tokenizer: only a replay could get here
-                self.to_frontend.send(m.encode(ValidationError(f"grammar: {exc}").output(msg.rid)))
-                return
-        self.policy.add(req)
+                req.grammar = compiled.matcher(req.token_ids[req.prompt_len :])  # past a replay's tokens
+            except GrammarError as exc:
+                self.to_frontend.send(m.encode(ValidationError(f"grammar: {exc}").output(rid)))
+                continue
+            self.policy.add(req)
 
-    def grammar_engine(self):
-        """llguidance over the model's tokenizer, loaded with the first grammar (the tokenizer process
-        has compiled that grammar already: one it refuses never gets here)."""
-        if self.grammars is None:
+    def wake(self) -> None:
+        """Wake the loop (called from a compile's thread); a full pipe has woken it already."""
+        with contextlib.suppress(BlockingIOError):
+            os.write(self.wake_w, b"!")
+
+    def load_grammars(self) -> None:
+        """llguidance over the model's tokenizer: seconds of work, done in a thread at start."""
+        try:
+            if self.config.disable_grammar_support:  # the tokenizer process refuses every grammar
+                raise ValueError("grammar support is disabled")
             from transformers import AutoTokenizer
 
-            from tgi_zmq.grammar import GrammarEngine
+            tokenizer = AutoTokenizer.from_pretrained(self.config.model_id)
+            self.grammars.set_result(GrammarEngine(tokenizer, self.config.grammar_compile_timeout))
+        except Exception as exc:  # raised again by the first grammar_engine()
+            self.grammars.set_exception(exc)
 
-            self.grammars = GrammarEngine(AutoTokenizer.from_pretrained(self.config.model_id))
-        return self.grammars
+    def grammar_engine(self) -> GrammarEngine:
+        """The engine; a grammar that comes before it is loaded waits for it."""
+        return self.grammars.result()
 
     def abort(self, msg: m.AbortRequest) -> None:
         self.finish(msg.rid, "aborted")
@@ -147,6 +184,9 @@ class SchedulerProcess:
         self.finish(msg.rid, "stop_sequence")
 
     def finish(self, rid: str, reason: str) -> None:
+        if self.compiling.pop(rid, None) is not None:
+            log.info("rid=%s %s while its grammar compiled", rid, reason)
+            return
         req = self.policy.find(rid)
         if req is not None:
             self.policy.finish(req, reason)
@@ -157,6 +197,8 @@ class SchedulerProcess:
         orphans = list(self.policy.running) + list(self.policy.waiting)
         for req in orphans:
             self.policy.finish(req, "aborted")
+        orphans += [req for req, _ in self.compiling.values()]
+        self.compiling.clear()
         if orphans:
             log.warning("a new frontend started: dropped %d requests of the old one", len(orphans))
         self.to_detok.send(m.encode(msg))
@@ -185,9 +227,10 @@ class SchedulerProcess:
         if outcome.done is not None:
             self.stats.step(outcome.done.batch, outcome.forward_seconds)
 
-    def emit(self, produced: list[tuple[Request, int, float]]) -> None:
+    def emit(self, produced: list[Produced]) -> None:
         out = m.BatchTokenOutput([], [], [], [], [])
-        for req, token, logprob in produced:
+        tops = any(p.top_ids for p in produced)
+        for req, token, logprob, top_ids, top_logprobs in produced:
             if not req.announced:
                 req.announced = True
                 out.new_requests.append(self.detok_info(req))
@@ -196,6 +239,9 @@ class SchedulerProcess:
             out.token_ids.append(token)
             out.logprobs.append(logprob)
             out.finish_reasons.append(req.finish_reason)
+            if tops:
+                out.top_ids.append(top_ids)
+                out.top_logprobs.append(top_logprobs)
             if req.finish_reason:
                 log.info("rid=%s finished: %s, %d tokens", req.rid, req.finish_reason, req.num_output)
         if out.rids:
@@ -212,6 +258,7 @@ class SchedulerProcess:
             len(req.encoder_ids) or req.prompt_len,
             req.params.stop,
             req.token_ids[req.prompt_len : req.prompt_len + req.resumed],
+            req.prompt_logprobs,
         )
 
     def close(self) -> None:

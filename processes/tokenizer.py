@@ -47,14 +47,15 @@ class TokenizerProcess:
         self.to_scheduler.send(m.encode(msg))
 
     def check_grammar(self, grammar: m.Grammar) -> None:
-        """Compile it once here (cached), so a grammar the engine refuses is a 422, never a failure in
-        the scheduler or an unconstrained answer."""
+        """Compile it once here (the verdict cached), so a grammar the engine refuses, or that takes
+        longer than ``--grammar-compile-timeout`` (this loop waits that long at most), is a 422, never
+        a failure in the scheduler or an unconstrained answer."""
         from tgi_zmq.grammar import GrammarEngine, GrammarError
 
         if self.config.disable_grammar_support:
             raise ValidationError("grammar is not supported")
         if self.grammars is None:
-            self.grammars = GrammarEngine(self.tokenizer)
+            self.grammars = GrammarEngine(self.tokenizer, self.config.grammar_compile_timeout)
         try:
             self.grammars.check(grammar)
         except GrammarError as exc:

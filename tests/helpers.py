@@ -110,11 +110,13 @@ def run_engine(
     overlap: bool = False,
     shard: Shard | None = None,
     device: str = "cpu",
+    requests_out: list[Request] | None = None,
 ) -> tuple[list[list[int]], SchedulePolicy]:
     """The engine core over a model in this process (``LocalExecutor``), until every request is done.
 
     With ``arrive_every`` > 0 the requests arrive one by one, that many engine turns apart. With
-    ``overlap`` the scheduler lags one step behind the worker, as in the service.
+    ``overlap`` the scheduler lags one step behind the worker, as in the service. ``requests_out``
+    receives the finished requests.
     """
     max_running, max_total = 64, 10_000
     runner = ModelRunner(
@@ -131,4 +133,6 @@ def run_engine(
         reqs = [Request(f"r{i}", [start], sp, max_new_tokens, encoder_ids=p) for i, (p, sp) in pairs]
     run_to_completion(engine, reqs, arrive_every)
     assert sched.block_manager.num_free == num_blocks
+    if requests_out is not None:
+        requests_out.extend(reqs)
     return [r.output_ids for r in reqs], sched

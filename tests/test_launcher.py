@@ -180,6 +180,16 @@ def test_switches_come_from_the_command_line_or_their_env_vars(monkeypatch, valu
     assert resolve(*flags).enable_prefix_caching
 
 
+def test_grammar_compile_timeout_comes_from_the_command_line_or_its_env_var(monkeypatch):
+    flags = ("--max-batch-total-tokens", "9000")
+    assert resolve(*flags).grammar_compile_timeout == 10.0
+    assert resolve(*flags, "--grammar-compile-timeout", "0.5").grammar_compile_timeout == 0.5
+    monkeypatch.setenv("GRAMMAR_COMPILE_TIMEOUT", "2")
+    assert resolve(*flags).grammar_compile_timeout == 2.0
+    with pytest.raises(ValueError, match="--grammar-compile-timeout must be > 0"):
+        resolve(*flags, "--grammar-compile-timeout", "0")
+
+
 def test_torch_threads_per_worker(monkeypatch):
     flags = ("--max-batch-total-tokens", "9000")
     assert resolve(*flags, "--torch-threads", "3").worker_threads == 3

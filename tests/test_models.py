@@ -194,3 +194,22 @@ def test_greedy_penalties_match_transformers(llama_dir, params, reference):
     got, sched = run_engine(llama_dir, ps, mixed, 12, num_blocks=30, max_step_tokens=16, overlap=True)
     assert sched.num_preemptions > 0
     assert got[0::2] == expected[0::2] and got[1::2] == plain[1::2]
+
+
+def test_prompt_logprobs_match_transformers_through_chunks_and_preemption(llama_dir):
+    """A request that scores its prompt gets each prompt token's logprob, whatever the chunking,
+    the batch around it, the overlap and a preemption (its recompute scores the prompt again)."""
+    ps = prompts(4, seed=5)
+    params = [SamplingParams(prompt_logprobs=True), SamplingParams()] * 2
+    done: list = []
+    _, sched = run_engine(
+        llama_dir, ps, params, 6, num_blocks=14, max_step_tokens=7, overlap=True, requests_out=done
+    )
+    assert sched.num_preemptions > 0
+    for prompt, req in zip(ps[0::2], done[0::2], strict=True):
+        expected = hf_logits(llama_dir, prompt, []).log_softmax(-1)
+        assert req.prompt_logprobs[0] is None
+        got = torch.tensor(req.prompt_logprobs[1:])
+        want = expected[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+        assert torch.allclose(got, want, atol=1e-4)
+    assert all(req.prompt_logprobs == [] for req in done[1::2])

@@ -88,6 +88,32 @@ LAUNCH_FLAGS: list[tuple[str, type, Any, str]] = [
         ServerConfig.max_client_batch_size,
         "prompts per /v1/completions request",
     ),
+    ("--max-best-of", int, ServerConfig.max_best_of, "the largest `best_of` (and OpenAI `n`) allowed"),
+    (
+        "--max-top-n-tokens",
+        int,
+        ServerConfig.max_top_n_tokens,
+        "the largest `top_n_tokens` (OpenAI `top_logprobs`, completions `logprobs`)",
+    ),
+    (
+        "--enable-prefill-logprobs",
+        bool,
+        ServerConfig.enable_prefill_logprobs,
+        "score the prompt's tokens when asked (`decoder_input_details`, completions `echo` with "
+        "`logprobs`): such requests skip the prefix cache; off, their `prefill` is empty as in TGI",
+    ),
+    (
+        "--watermark-gamma",
+        float,
+        ServerConfig.watermark_gamma,
+        "`watermark`: the share of the vocabulary in each green list",
+    ),
+    (
+        "--watermark-delta",
+        float,
+        ServerConfig.watermark_delta,
+        "`watermark`: the bias added to green-list logits",
+    ),
     ("--payload-limit", int, ServerConfig.payload_limit, "request body limit in bytes (413 above)"),
     (
         "--num-shard",
@@ -164,6 +190,12 @@ LAUNCH_FLAGS: list[tuple[str, type, Any, str]] = [
         ServerConfig.disable_grammar_support,
         "refuse `grammar` and `response_format` (structured output) with a 422, as TGI's flag",
     ),
+    (
+        "--grammar-compile-timeout",
+        float,
+        ServerConfig.grammar_compile_timeout,
+        "seconds a request's grammar may take to compile; one that takes longer is refused with a 422",
+    ),
 ]
 
 
@@ -238,6 +270,8 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
         raise ValueError("--watchdog-timeout and --recovery-timeout must be > 0")
     if args.body_timeout <= 0 or args.shutdown_timeout < 0:
         raise ValueError("--body-timeout must be > 0 and --shutdown-timeout >= 0")
+    if args.grammar_compile_timeout <= 0:
+        raise ValueError("--grammar-compile-timeout must be > 0")
     if args.num_shard > 1:  # refuse a head split the workers could not make (they would fail at load)
         model = config_cls.from_hf(hf_config)
         Shard(0, args.num_shard).heads(model.num_heads, model.num_kv_heads)
@@ -273,6 +307,11 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
         max_concurrent_requests=args.max_concurrent_requests,
         max_stop_sequences=args.max_stop_sequences,
         max_client_batch_size=args.max_client_batch_size,
+        max_best_of=args.max_best_of,
+        max_top_n_tokens=args.max_top_n_tokens,
+        enable_prefill_logprobs=args.enable_prefill_logprobs,
+        watermark_gamma=args.watermark_gamma,
+        watermark_delta=args.watermark_delta,
         payload_limit=args.payload_limit,
         num_shard=args.num_shard,
         master_addr=args.master_addr,
@@ -281,6 +320,7 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
         enable_prefix_caching=not args.disable_prefix_caching,
         overlap_schedule=not args.disable_overlap_schedule,
         disable_grammar_support=args.disable_grammar_support,
+        grammar_compile_timeout=args.grammar_compile_timeout,
         eos_token_ids=rules.eos_token_ids,
         decoder_start_token_id=rules.decoder_start_token_id,
         watchdog_timeout=args.watchdog_timeout,

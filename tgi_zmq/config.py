@@ -25,6 +25,11 @@ WORKER_ANNOUNCE_MS = 1000  # an idle worker says again that it is ready
 RING_SLOTS = 4  # shared-memory buffers per producer: more than the steps in flight
 RESULT_BUFFER_BYTES = 1 << 20  # one step's sampled ids and logprobs
 
+# Per-request bounds that size a step's buffer (validation refuses more).
+MAX_LOGIT_BIAS = 300  # ``logit_bias`` entries
+MAX_STOP_TOKEN_IDS = 64  # ``stop_token_ids``
+MAX_EOS_TOKEN_IDS = 16  # a model's end-of-sequence ids we ban before ``min_tokens``
+
 # Launcher defaults that depend on the device it finds ("cpu" or "cuda").
 # Tokens per forward step: on a CPU a 4096-token step stalls every running stream for seconds.
 DEFAULT_PREFILL_TOKENS = {"cpu": 512, "cuda": 4096}
@@ -52,6 +57,11 @@ class ServerConfig:
     max_concurrent_requests: int = 128
     max_stop_sequences: int = 4
     max_client_batch_size: int = 4
+    max_best_of: int = 2
+    max_top_n_tokens: int = 5
+    enable_prefill_logprobs: bool = False  # allow ``decoder_input_details`` / ``echo`` with logprobs
+    watermark_gamma: float = 0.5
+    watermark_delta: float = 2.0
     payload_limit: int = 2_000_000
     num_shard: int = 1
     master_addr: str = "localhost"
@@ -60,6 +70,7 @@ class ServerConfig:
     enable_prefix_caching: bool = True
     overlap_schedule: bool = True
     disable_grammar_support: bool = False
+    grammar_compile_timeout: float = 10.0  # seconds a grammar may take to compile (422 after)
     eos_token_ids: tuple[int, ...] = ()
     # Set for encoder-decoder models (T5): prompts go to the encoder.
     decoder_start_token_id: int | None = None
