@@ -6,16 +6,19 @@ import json
 
 import pytest
 
-from tgi_zmq.messages import ErrorOutput, Grammar, SamplingParams
+from tgi_zmq.messages import ErrorOutput, Grammar, SamplingParams, TokenBias
 from tgi_zmq.validation import (
     GenerationParams,
+    Limits,
     RequestError,
     ValidationError,
     chat_messages,
     chat_params,
     check_lengths,
+    choices,
     completion_params,
     completion_prompts,
+    copy_seed,
     generate_inputs,
     generate_params,
     generation_error,
@@ -25,8 +28,22 @@ from tgi_zmq.validation import (
 MAX_STOP = 4
 
 
-def gen(parameters, **kw) -> SamplingParams:
-    return generate_params(parameters, max_stop_sequences=MAX_STOP, **kw).sampling
+def test_openai_n_and_copy_seeds():
+    assert choices({"n": 2}, 2) == 2 and choices({}, 2) == 1
+    assert message_of(choices, {"n": 3}, 2) == "`n` must be > 0 and <= 2. Given: 3"
+    seeded = SamplingParams(do_sample=True, seed=2**64 - 1)
+    assert [copy_seed(seeded, i).seed for i in range(3)] == [2**64 - 1, 0, 1]
+    assert copy_seed(SamplingParams(), 1).seed is None
+
+
+def test_logit_bias_becomes_token_biases():
+    params = chat_asked(logit_bias={"12": -100, "7": 2.5}).sampling
+    assert params.logit_bias == [TokenBias(12, -100.0), TokenBias(7, 2.5)]
+    assert chat_asked(logit_bias=[0.5]).sampling.logit_bias == []  # TGI's list form: ignored
+
+
+def gen(parameters, stream: bool = False, **limits) -> SamplingParams:
+    return generate_params(parameters, Limits(max_stop_sequences=MAX_STOP, **limits), stream=stream).sampling
 
 
 def chat_asked(**body) -> GenerationParams:
@@ -125,7 +142,7 @@ def test_values_are_carried_over():
             "truncate": 9,
             "ignore_eos": True,
         },
-        max_stop_sequences=MAX_STOP,
+        Limits(max_stop_sequences=MAX_STOP),
     )
     assert max_new_tokens == 17
     assert params == SamplingParams(
@@ -184,9 +201,12 @@ def test_accepted_parameters(parameters):
         ({"top_k": -3}, "`top_k` must be strictly positive"),
         ({"max_new_tokens": 0}, "`max_new_tokens` must be strictly positive"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "`stop` supports up to 4 stop sequences. Given: 5"),
-        ({"best_of": 2}, "`best_of` != 1 is not allowed for this endpoint"),
-        ({"best_of": 0}, "`best_of` != 1 is not allowed for this endpoint"),
-        ({"top_n_tokens": 2}, "`top_n_tokens` != 0 is not allowed for this endpoint"),
+        ({"best_of": 2}, "you must use sampling when `best_of` is > 1"),
+        ({"best_of": 3, "do_sample": True}, "`best_of` must be > 0 and <= 2. Given: 3"),
+        ({"best_of": 0}, "`best_of` must be > 0 and <= 2. Given: 0"),
+        ({"best_of": 2, "do_sample": True, "seed": 1}, "`seed` must not be set when `best_of` > 1"),
+        ({"top_n_tokens": 6}, "`top_n_tokens` must be >= 0 and <= 5. Given: 6"),
+        ({"stop_token_ids": [1, "2"]}, "`stop_token_ids` must be a list of integers"),
         ({"truncate": 0}, "`truncate` must be strictly positive. Given: 0"),
         (
             {"grammar": {"type": "cfg", "value": "a+"}},
@@ -206,7 +226,7 @@ def test_rule_messages(parameters, message):
 @pytest.mark.parametrize(
     ("parameters", "message"),
     [
-        ({"best_of": 2}, "`best_of` != 1 is not supported when streaming tokens"),
+        ({"best_of": 2, "do_sample": True}, "`best_of` != 1 is not supported when streaming tokens"),
         (
             {"decoder_input_details": True},
             "`decoder_input_details` == true is not supported when streaming tokens",
@@ -218,7 +238,27 @@ def test_streaming_only_messages(parameters, message):
 
 
 def test_decoder_input_details_is_fine_without_streaming():
-    gen({"decoder_input_details": True})
+    assert gen({"decoder_input_details": True}).prompt_logprobs
+
+
+def test_best_of_disabled_by_the_limit():
+    message = message_of(gen, {"best_of": 2, "do_sample": True}, max_best_of=1)
+    assert message == "`best_of` != 1 is not allowed for this endpoint"
+
+
+def test_new_sampling_parameters_are_carried_over():
+    params = gen(
+        {
+            "typical_p": 0.5,
+            "watermark": True,
+            "top_n_tokens": 3,
+            "min_tokens": 4,
+            "stop_token_ids": [7, 9],
+            "best_of": 2,
+        }
+    )
+    assert (params.typical_p, params.watermark, params.top_n_tokens) == (0.5, True, 3)
+    assert (params.min_tokens, params.stop_token_ids, params.do_sample) == (4, [7, 9], True)
 
 
 def test_truncate_upper_bound_is_checked_when_the_limit_is_known():
@@ -328,7 +368,8 @@ def test_chat_repetition_penalty(body, expected):
         ({"frequency_penalty": 3}, "`frequency_penalty` must be >= -2.0 and <= 2.0"),
         ({"max_tokens": 0}, "`max_new_tokens` must be strictly positive"),
         ({"stop": ["1", "2", "3", "4", "5"]}, "`stop` supports up to 4 stop sequences. Given: 5"),
-        ({"n": 2}, "`n` != 1 is not allowed for this endpoint"),
+        ({"logit_bias": {"12": 101}}, "`logit_bias` values must be >= -100 and <= 100. Given: 101"),
+        ({"logit_bias": {"x": 1}}, "`logit_bias` must map token ids to numbers. Given: 'x': 1"),
         (
             {"response_format": {"type": "xml"}},
             "`response_format.type` must be one of text, json_object, json_schema (or TGI's json, regex)",
@@ -372,24 +413,29 @@ def test_chat_logprobs_must_be_a_boolean():
     assert "`logprobs`" in message_of(chat, logprobs=3)
 
 
-def test_chat_tools_are_a_tool_error():
-    with pytest.raises(RequestError) as info:
-        chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
-    assert (info.value.status, info.value.error_type) == (422, "tool_error")
+def test_chat_tools_and_response_format():
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    assert chat(tools=tools).grammar is None  # the route passes the tools' grammar (tgi_zmq.tools)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    assert chat(response_format={"type": "json_object", "value": schema}).grammar == Grammar(
+        "json", json.dumps(schema)
+    )  # TGI's (and huggingface_hub's) form
 
 
 def test_chat_messages_are_normalised():
     body = {
         "messages": [
-            {"role": "system", "content": "be brief", "name": "ignored"},
+            {"role": "system", "content": "be brief", "name": "rules"},
             {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
             {"role": "assistant", "content": None, "tool_calls": [{"id": "0"}]},
+            {"role": "tool", "content": "sunny", "tool_call_id": "0", "name": None},
         ]
     }
     assert chat_messages(body) == [
-        {"role": "system", "content": "be brief"},
+        {"role": "system", "content": "be brief", "name": "rules"},
         {"role": "user", "content": "ab"},
         {"role": "assistant", "content": '[{"id":"0"}]'},
+        {"role": "tool", "content": "sunny", "tool_call_id": "0"},
     ]
 
 
@@ -405,6 +451,7 @@ def test_chat_messages_are_normalised():
         ([{"role": "user", "content": 5}], "`messages[0].content`"),
         ([{"role": "user", "content": [{"type": "text"}]}], "`messages[0].content`"),
         ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "image modality"),
+        ([{"role": "tool", "content": "x", "tool_call_id": 0}], "`messages[0].tool_call_id`"),
     ],
 )
 def test_bad_chat_messages(messages, fragment):
@@ -510,12 +557,12 @@ def test_truncate_at_the_limit_is_fine():
 
 def test_grammars_from_tgi_and_openai_shapes():
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
-    tgi = generate_params({"grammar": {"type": "json", "value": schema}}, max_stop_sequences=4).sampling
+    tgi = generate_params({"grammar": {"type": "json", "value": schema}}).sampling
     assert tgi.grammar == Grammar("json", json.dumps(schema))
     as_text = {"grammar": {"type": "json", "value": json.dumps(schema)}}
-    assert generate_params(as_text, max_stop_sequences=4).sampling.grammar == tgi.grammar
+    assert generate_params(as_text).sampling.grammar == tgi.grammar
     regex = {"grammar": {"type": "regex", "value": "[0-9]+"}}
-    assert generate_params(regex, max_stop_sequences=4).sampling.grammar == Grammar("regex", "[0-9]+")
+    assert generate_params(regex).sampling.grammar == Grammar("regex", "[0-9]+")
 
     def chat_grammar(fmt):
         body = {"messages": [{"role": "user", "content": "hi"}], "response_format": fmt}

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from tgi_zmq.messages import GenerateRequest, ScheduleRequest, TokenSpan
+from tgi_zmq.tools import with_tool_prompt
 from tgi_zmq.validation import RequestError, ValidationError, check_lengths
 
 if TYPE_CHECKING:  # transformers is a slow import: the process loads it after its first heartbeat
@@ -43,11 +44,19 @@ def render_chat(
     tools: list[dict[str, Any]] | None = None,
     tool_prompt: str | None = None,
 ) -> str:
-    """The prompt text of a chat: the model's template, with the generation prompt."""
+    """The prompt text of a chat: the model's template, with the generation prompt. ``tools`` go to
+    a template that uses them; the tool prompt (and the tools' JSON, for a template that does not)
+    ends the last message, as in TGI."""
     if not tokenizer.chat_template:
         raise TemplateError("template not found")
+    in_template = "tools" in str(tokenizer.chat_template)
+    if tools:
+        chat = with_tool_prompt(chat, tools, tool_prompt, in_template=in_template)
+    template_tools = tools if tools and in_template else None
     try:
-        return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            chat, tools=template_tools, tokenize=False, add_generation_prompt=True
+        )
     except Exception as exc:  # jinja raises many types, including the template's raise_exception
         raise TemplateError(str(exc)) from None
 
@@ -59,6 +68,7 @@ def tokenize(
     if req.prompt_ids is not None:  # a replay: tokenized (and truncated) the first time
         ids = req.prompt_ids
     else:
+        _check_token_ids(req, len(tokenizer))
         ids = prompt_ids(tokenizer, req)
         truncate = req.params.truncate
         if truncate is not None and 0 < truncate < len(ids):
@@ -71,6 +81,14 @@ def tokenize(
         max_total_tokens=max_total_tokens,
     )
     return ScheduleRequest(req.rid, ids, req.params, max_new_tokens, req.arrival_time, req.output_ids)
+
+
+def _check_token_ids(req: GenerateRequest, vocab_size: int) -> None:
+    """Token ids given by the client must name tokens (a wrong one would index past the logits)."""
+    ids = [b.token for b in req.params.logit_bias] + req.params.stop_token_ids
+    wrong = [t for t in ids if not 0 <= t < vocab_size]
+    if wrong:
+        raise ValidationError(f"token id {wrong[0]} is not in the vocabulary (0 to {vocab_size - 1})")
 
 
 def token_spans(

@@ -12,13 +12,15 @@ the frontend answers with ``request_error(output)`` as it is.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from tgi_zmq.messages import ErrorOutput, Grammar, SamplingParams
+from tgi_zmq.config import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
+from tgi_zmq.messages import ErrorOutput, Grammar, SamplingParams, TokenBias
 
 VALIDATION_PREFIX = "Input validation error: "
 GENERATION_PREFIX = "Request failed during generation: "
@@ -108,6 +110,15 @@ def flag(obj: Mapping[str, Any], name: str, default: bool) -> bool:
     return value
 
 
+def _int_list(obj: Mapping[str, Any], name: str) -> list[int]:
+    value = obj.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ValidationError(f"`{name}` must be a list of integers")
+    return value
+
+
 def _str_list(obj: Mapping[str, Any], name: str, *, allow_str: bool = False) -> list[str]:
     value = obj.get(name)
     if value is None:
@@ -191,29 +202,33 @@ def grammar(value: Any) -> Grammar | None:
 # ---------------------------------------------------------------------------- /generate family
 
 
+class Limits(NamedTuple):
+    """The service's per-request bounds that validation checks (from ``ServerConfig``)."""
+
+    max_stop_sequences: int = 4
+    max_top_n_tokens: int = 5
+    max_best_of: int = 2
+    max_input_tokens: int | None = None  # checks ``truncate`` before tokenizing, as TGI
+
+
 def generate_params(
-    parameters: dict[str, Any] | None,
-    *,
-    max_stop_sequences: int,
-    stream: bool = False,
-    max_input_tokens: int | None = None,
+    parameters: dict[str, Any] | None, limits: Limits = Limits(), *, stream: bool = False
 ) -> GenerationParams:
     """``parameters`` of ``/generate``, ``/generate_stream`` and ``POST /`` (None = omitted).
 
-    ``max_input_tokens``, when given, checks ``truncate``'s upper bound here (as TGI does, before
-    tokenizing); ``check_lengths`` checks it again in any case.
+    ``best_of`` is checked here (the frontend runs that many copies, ``best_of``); ``truncate``'s
+    upper bound is checked again after tokenizing (``check_lengths``) in any case.
     """
     omitted = parameters is None
     p: dict[str, Any] = {} if omitted else parameters
     if not isinstance(p, dict):
         raise ValidationError("`parameters` must be an object")
-    _check_stream_only(p, stream)
     temperature, top_p, typical_p = _float(p, "temperature"), _float(p, "top_p"), _float(p, "typical_p")
     top_k, max_new_tokens = _int(p, "top_k"), _int(p, "max_new_tokens")
     repetition_penalty, frequency_penalty = _float(p, "repetition_penalty"), _float(p, "frequency_penalty")
     stop, seed, truncate = _str_list(p, "stop"), _uint(p, "seed"), _uint(p, "truncate")
-    for name in ("details", "return_full_text", "watermark", "decoder_input_details"):
-        flag(p, name, False)  # type check only: the frontend reads them (watermark is not implemented)
+    for name in ("details", "return_full_text"):
+        flag(p, name, False)  # type check only: the frontend reads them
     _check_ranges(
         temperature=temperature,
         repetition_penalty=repetition_penalty,
@@ -223,13 +238,11 @@ def generate_params(
         top_k=top_k,
         max_new_tokens=max_new_tokens,
         stop=stop,
-        max_stop_sequences=max_stop_sequences,
+        max_stop_sequences=limits.max_stop_sequences,
     )
-    if _uint(p, "top_n_tokens"):
-        raise ValidationError("`top_n_tokens` != 0 is not allowed for this endpoint")
-    _check_truncate(truncate, max_input_tokens)
-    # Mirror the shard's NextTokenChooser: any warper turns sampling on. typical_p turns it on
-    # too, as in TGI, but the typical-p warper itself is not implemented (the value is ignored).
+    top_n_tokens = _top_n(_uint(p, "top_n_tokens"), limits.max_top_n_tokens, "top_n_tokens")
+    _check_truncate(truncate, limits.max_input_tokens)
+    # Mirror the shard's NextTokenChooser: any warper turns sampling on.
     sampling = (
         flag(p, "do_sample", omitted)
         or (temperature is not None and temperature != 1.0)
@@ -237,31 +250,71 @@ def generate_params(
         or (top_p is not None and top_p < 1.0)
         or (typical_p is not None and typical_p < 1.0)
     )
+    _check_best_of(_uint(p, "best_of"), sampling=sampling, seed=seed, stream=stream, limit=limits.max_best_of)
+    if stream and flag(p, "decoder_input_details", False):
+        raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
     sampling_params = SamplingParams(
         do_sample=sampling,
         temperature=1.0 if temperature is None else temperature,
         top_k=top_k or 0,
         top_p=1.0 if top_p is None else top_p,
+        typical_p=1.0 if typical_p is None else typical_p,
         repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
         frequency_penalty=frequency_penalty or 0.0,
         seed=_seed(seed, sampling),
         stop=stop,
-        ignore_eos=flag(p, "ignore_eos", False),  # extension (vLLM), handy for benchmarks
         truncate=truncate,
         grammar=grammar(p.get("grammar")),
+        watermark=flag(p, "watermark", False),
+        top_n_tokens=top_n_tokens,
+        prompt_logprobs=flag(p, "decoder_input_details", False),  # the route drops it unless enabled
+        **_extensions(p),
     )
     return GenerationParams(sampling_params, max_new_tokens)
 
 
-def _check_stream_only(p: Mapping[str, Any], stream: bool) -> None:
-    """TGI's checks made before validation proper (``best_of`` is capped at 1 here)."""
-    best_of = _uint(p, "best_of")
-    if best_of is not None and best_of != 1:
-        if stream:
-            raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
+def _extensions(p: Mapping[str, Any]) -> dict[str, Any]:
+    """vLLM's parameters we take on every route: ``ignore_eos``, ``min_tokens``, ``stop_token_ids``."""
+    min_tokens = _uint(p, "min_tokens") or 0
+    stop_token_ids = _int_list(p, "stop_token_ids")
+    if len(stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise ValidationError(
+            f"`stop_token_ids` supports up to {MAX_STOP_TOKEN_IDS} tokens. Given: {len(stop_token_ids)}"
+        )
+    return {
+        "ignore_eos": flag(p, "ignore_eos", False),
+        "min_tokens": min_tokens,
+        "stop_token_ids": stop_token_ids,
+    }
+
+
+def _top_n(value: int | None, limit: int, name: str) -> int:
+    if value is not None and value > limit:
+        raise ValidationError(f"`{name}` must be >= 0 and <= {limit}. Given: {value}")
+    return value or 0
+
+
+def _check_best_of(
+    best_of: int | None, *, sampling: bool, seed: int | None, stream: bool, limit: int
+) -> None:
+    """TGI's ``best_of`` rules, in its order."""
+    if best_of is None or best_of == 1:
+        return
+    if limit == 1:
         raise ValidationError("`best_of` != 1 is not allowed for this endpoint")
-    if stream and flag(p, "decoder_input_details", False):
-        raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
+    if best_of == 0 or best_of > limit:
+        raise ValidationError(f"`best_of` must be > 0 and <= {limit}. Given: {best_of}")
+    if not sampling:
+        raise ValidationError("you must use sampling when `best_of` is > 1")
+    if seed is not None:
+        raise ValidationError("`seed` must not be set when `best_of` > 1")
+    if stream:
+        raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
+
+
+def best_of(parameters: Mapping[str, Any] | None) -> int:
+    """How many copies a ``/generate`` request runs (validated by ``generate_params``)."""
+    return (parameters or {}).get("best_of") or 1
 
 
 def _check_truncate(truncate: int | None, max_input_tokens: int | None) -> None:
@@ -308,7 +361,6 @@ def _openai_params(
         stop=stop,
         max_stop_sequences=max_stop_sequences,
     )
-    _check_n(body)
     sampling_params = SamplingParams(
         do_sample=not greedy,
         temperature=1.0 if temperature is None else temperature,
@@ -317,15 +369,46 @@ def _openai_params(
         frequency_penalty=frequency_penalty or 0.0,
         seed=_seed(_uint(body, "seed"), not greedy),
         stop=stop,
-        ignore_eos=flag(body, "ignore_eos", False),
+        logit_bias=_logit_bias(body.get("logit_bias")),
+        **_extensions(body),
     )
     return GenerationParams(sampling_params, max_tokens)
 
 
-def _check_n(body: Mapping[str, Any]) -> None:
+def choices(body: Mapping[str, Any], limit: int) -> int:
+    """OpenAI's ``n``: how many choices to generate for each prompt (at most ``--max-best-of``)."""
     n = _int(body, "n")
-    if n is not None and n != 1:
-        raise ValidationError("`n` != 1 is not allowed for this endpoint")
+    if n is not None and not 0 < n <= limit:
+        raise ValidationError(f"`n` must be > 0 and <= {limit}. Given: {n}")
+    return n or 1
+
+
+def copy_seed(params: SamplingParams, copy: int) -> SamplingParams:
+    """The parameters of choice ``copy`` of several (``n``, ``best_of``): a given seed moves on by
+    one per copy, so each copy is reproducible and they differ; without one each draws its own."""
+    if copy == 0 or params.seed is None:
+        return params
+    return dataclasses.replace(params, seed=(params.seed + copy) % 2**64)
+
+
+def _logit_bias(value: Any) -> list[TokenBias]:
+    """OpenAI's ``logit_bias``: ``{"<token id>": bias in [-100, 100]}`` (TGI's list form is ignored)."""
+    if value is None or isinstance(value, list):
+        return []
+    if not isinstance(value, dict):
+        raise ValidationError("`logit_bias` must map token ids to numbers")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise ValidationError(f"`logit_bias` supports up to {MAX_LOGIT_BIAS} tokens. Given: {len(value)}")
+    biases = []
+    for key, bias in value.items():
+        if not key.isdigit() or isinstance(bias, bool) or not isinstance(bias, int | float):
+            raise ValidationError(
+                f"`logit_bias` must map token ids to numbers. Given: {key!r:.20}: {bias!r:.20}"
+            )
+        if not -100 <= bias <= 100:
+            raise ValidationError(f"`logit_bias` values must be >= -100 and <= 100. Given: {bias}")
+        biases.append(TokenBias(int(key), float(bias)))
+    return biases
 
 
 def _repetition_penalty(body: Mapping[str, Any]) -> float | None:
@@ -342,15 +425,17 @@ def _repetition_penalty(body: Mapping[str, Any]) -> float | None:
     return penalty
 
 
-def chat_params(body: Mapping[str, Any], *, max_stop_sequences: int) -> GenerationParams:
-    """Sampling parameters of a ``/v1/chat/completions`` body."""
+def chat_params(
+    body: Mapping[str, Any], *, max_stop_sequences: int, tool_grammar: Grammar | None = None
+) -> GenerationParams:
+    """Sampling parameters of a ``/v1/chat/completions`` body; ``tool_grammar`` is the grammar of
+    the tools in effect (``tgi_zmq.tools.chat_tools``), if any."""
     flag(body, "logprobs", False)
     _int(body, "top_logprobs")  # accepted, ignored: no top tokens
-    _reject_tools(body)
     params = _openai_params(
         body, max_stop_sequences=max_stop_sequences, repetition_penalty=_repetition_penalty(body)
     )
-    params.sampling.grammar = _response_format(body.get("response_format"))
+    params.sampling.grammar = _chat_grammar(_response_format(body.get("response_format")), tool_grammar)
     return params
 
 
@@ -361,8 +446,8 @@ def _response_format(fmt: Any) -> Grammar | None:
     kind = fmt.get("type") if isinstance(fmt, dict) else None
     if kind == "text":
         return None
-    if kind == "json_object":
-        return Grammar("json", json.dumps({"type": "object"}))
+    if kind == "json_object":  # TGI's form (huggingface_hub's too) carries a schema in `value`
+        return grammar({**fmt, "type": "json"}) if "value" in fmt else Grammar("json", '{"type": "object"}')
     if kind == "json_schema":
         spec = fmt.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict | bool):
@@ -375,9 +460,13 @@ def _response_format(fmt: Any) -> Grammar | None:
     )
 
 
-def _reject_tools(body: Mapping[str, Any]) -> None:
-    if body.get("tools") and body.get("tool_choice") != "none":
-        raise RequestError("Tool error: tools are not supported", error_type="tool_error")
+def _chat_grammar(response_format: Grammar | None, tool_grammar: Grammar | None) -> Grammar | None:
+    """TGI refuses a ``response_format`` grammar while tools are in effect."""
+    if tool_grammar is None:
+        return response_format
+    if response_format is not None:
+        raise RequestError("Tool error: Grammar and tools are mutually exclusive", error_type="tool_error")
+    return tool_grammar
 
 
 def completion_params(body: Mapping[str, Any], *, max_stop_sequences: int) -> GenerationParams:
@@ -411,7 +500,8 @@ def completion_prompts(body: Mapping[str, Any], *, max_client_batch_size: int) -
 
 
 def chat_messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
-    """``messages`` normalised to ``[{"role", "content": str}]`` (text parts joined, no images)."""
+    """``messages`` normalised to ``[{"role", "content": str, "name"?, "tool_call_id"?}]`` (text parts
+    joined, no images, an assistant's tool calls as JSON text)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ValidationError("`messages` must be a non-empty list")
@@ -424,7 +514,15 @@ def _chat_message(message: Any, index: int) -> dict[str, str]:
     content = message.get("content")
     if content is None and message.get("tool_calls"):
         content = _tool_calls_text(message["tool_calls"])
-    return {"role": message["role"], "content": _content_text(content, index)}
+    normalised = {"role": message["role"], "content": _content_text(content, index)}
+    for key in ("name", "tool_call_id"):  # a template may show them (a tool reply's call id)
+        value = message.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise ValidationError(f"`messages[{index}].{key}` must be a string")
+        normalised[key] = value
+    return normalised
 
 
 def _content_text(content: Any, index: int) -> str:

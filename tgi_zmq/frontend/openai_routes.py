@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from tgi_zmq.messages import GenerateRequest, RequestDelta
+from tgi_zmq.tools import ToolStream, assistant_message, chat_tools, stream_call_id
 from tgi_zmq.validation import (
     RequestError,
     chat_messages,
@@ -100,42 +101,66 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     stream = flag(body, "stream", False)
     with fe.admission.admit():
         messages = chat_messages(body)
-        params, max_new_tokens = chat_params(body, max_stop_sequences=fe.config.max_stop_sequences)
+        tools = chat_tools(body)
+        params, max_new_tokens = chat_params(
+            body,
+            max_stop_sequences=fe.config.max_stop_sequences,
+            tool_grammar=tools.grammar if tools else None,
+        )
         shape = _shape(fe, body, logprobs=flag(body, "logprobs", False))
         req = GenerateRequest(rid_of(request), None, messages, params, max_new_tokens, time.time())
+        if tools:
+            req.tools, req.tool_prompt = tools.tools, tools.tool_prompt
+        tool_stream = ToolStream(stream_call_id(body["messages"])) if tools and stream else None
         return await respond(
             request,
             [req],
             stream=stream,
-            render=functools.partial(_chat_chunk, shape=shape),
+            render=functools.partial(_chat_chunk, shape=shape, tool_stream=tool_stream),
             error_events=_error_events,
             tail=functools.partial(_tail, CHAT_CHUNK, shape=shape),
-            build=functools.partial(_chat_completion, shape=shape),
+            build=functools.partial(_chat_completion, shape=shape, tools=tools is not None),
             headers={"x-compute-type": fe.compute_type},
         )
 
 
-def _chat_chunk(job: Job, delta: RequestDelta, *, shape: _Shape) -> list[dict[str, Any]]:
+def _chat_chunk(
+    job: Job, delta: RequestDelta, *, shape: _Shape, tool_stream: ToolStream | None = None
+) -> list[dict[str, Any]]:
     if not delta.token_ids and delta.finish_reason is None:
         return []
+    if tool_stream is None:
+        message = {"role": "assistant", "content": delta.text}
+    else:
+        message = tool_stream.push(delta.text, final=delta.finish_reason is not None)
+        if message is None:  # held until the function's name is known
+            return []
     choice = {
         "index": 0,
-        "delta": {"role": "assistant", "content": delta.text},
+        "delta": message,
         "logprobs": _logprobs(delta.token_texts, delta.logprobs) if shape.logprobs else None,
-        "finish_reason": _finish_reason(delta.finish_reason),
+        "finish_reason": _chat_finish_reason(delta.finish_reason, message),
     }
     return [{**_envelope(CHAT_CHUNK, shape, [choice]), "usage": None}]
 
 
-def _chat_completion(group: JobGroup, *, shape: _Shape) -> web.Response:
+def _chat_completion(group: JobGroup, *, shape: _Shape, tools: bool = False) -> web.Response:
     job = group.jobs[0]
+    message = assistant_message(job.text) if tools else {"role": "assistant", "content": job.text}
     choice = {
         "index": 0,
-        "message": {"role": "assistant", "content": job.text},
+        "message": message,
         "logprobs": _logprobs(job.token_texts, job.logprobs) if shape.logprobs else None,
-        "finish_reason": _finish_reason(job.finish_reason),
+        "finish_reason": _chat_finish_reason(job.finish_reason, message),
     }
     return json_response({**_envelope("chat.completion", shape, [choice]), "usage": _usage(group.jobs)})
+
+
+def _chat_finish_reason(reason: str | None, message: dict[str, Any]) -> str | None:
+    """A tool call the grammar saw through ends with OpenAI's ``tool_calls``."""
+    if reason == "eos_token" and "tool_calls" in message:
+        return "tool_calls"
+    return _finish_reason(reason)
 
 
 # ---------------------------------------------------------------------------- completions
