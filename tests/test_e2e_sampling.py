@@ -122,3 +122,37 @@ def test_best_of_answers_the_best_copy_and_typical_p_samples(service):
     )
     assert refused.status_code == 422
     assert json.loads(refused.text)["error"].endswith("`best_of` != 1 is not supported when streaming tokens")
+
+
+def test_openai_logprobs_n_echo_and_logit_bias(service):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=service.url + "/v1", api_key="x")
+    chat = [{"role": "user", "content": "Name a colour."}]
+    answer = client.chat.completions.create(
+        model="tgi", messages=chat, max_tokens=5, temperature=0, logprobs=True, top_logprobs=3
+    )
+    for token in answer.choices[0].logprobs.content:
+        assert len(token.top_logprobs) == 3 and token.top_logprobs[0].token == token.token  # greedy
+        assert token.top_logprobs[0].logprob == pytest.approx(token.logprob)
+    several = client.chat.completions.create(model="tgi", messages=chat, max_tokens=5, n=3, seed=4)
+    assert [c.index for c in several.choices] == [0, 1, 2]
+    again = client.chat.completions.create(model="tgi", messages=chat, max_tokens=5, n=3, seed=4)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in several.choices]
+    assert len({c.message.content for c in several.choices}) > 1
+
+    echoed = client.completions.create(
+        model="tgi", prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2, echo=True
+    )
+    logprobs = echoed.choices[0].logprobs
+    assert echoed.choices[0].text.startswith(PROMPT) and "".join(logprobs.tokens) == echoed.choices[0].text
+    assert logprobs.token_logprobs[0] is None and len(logprobs.top_logprobs[-1]) == 2
+    assert logprobs.text_offset == [len("".join(logprobs.tokens[:i])) for i in range(len(logprobs.tokens))]
+
+    biased = client.completions.create(
+        model="tgi", prompt=PROMPT, max_tokens=8, temperature=0, logit_bias={"260": 4.0}, logprobs=0
+    )
+    expected = hf_greedy(service, PROMPT, 8, sequence_bias={(260,): 4.0})
+    _, tok = hf(service.model_dir)
+    assert biased.choices[0].text == tok.decode(expected)
+    assert expected != hf_greedy(service, PROMPT, 8)  # the bias changed the text: the test can tell

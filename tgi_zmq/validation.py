@@ -426,16 +426,24 @@ def _repetition_penalty(body: Mapping[str, Any]) -> float | None:
 
 
 def chat_params(
-    body: Mapping[str, Any], *, max_stop_sequences: int, tool_grammar: Grammar | None = None
+    body: Mapping[str, Any],
+    *,
+    max_stop_sequences: int,
+    tool_grammar: Grammar | None = None,
+    max_top_n_tokens: int = 5,
 ) -> GenerationParams:
     """Sampling parameters of a ``/v1/chat/completions`` body; ``tool_grammar`` is the grammar of
-    the tools in effect (``tgi_zmq.tools.chat_tools``), if any."""
-    flag(body, "logprobs", False)
-    _int(body, "top_logprobs")  # accepted, ignored: no top tokens
+    the tools in effect (``tgi_zmq.tools.chat_tools``), if any. ``top_logprobs`` (with
+    ``logprobs``) asks for the most likely tokens, as TGI's ``top_n_tokens``."""
+    logprobs = flag(body, "logprobs", False)
+    top_logprobs = _top_n(_uint(body, "top_logprobs"), max_top_n_tokens, "top_logprobs")
+    if top_logprobs and not logprobs:
+        raise ValidationError("`top_logprobs` needs `logprobs` set to true")
     params = _openai_params(
         body, max_stop_sequences=max_stop_sequences, repetition_penalty=_repetition_penalty(body)
     )
     params.sampling.grammar = _chat_grammar(_response_format(body.get("response_format")), tool_grammar)
+    params.sampling.top_n_tokens = top_logprobs
     return params
 
 
@@ -469,18 +477,45 @@ def _chat_grammar(response_format: Grammar | None, tool_grammar: Grammar | None)
     return tool_grammar
 
 
-def completion_params(body: Mapping[str, Any], *, max_stop_sequences: int) -> GenerationParams:
-    """Sampling parameters of a ``/v1/completions`` body (``suffix`` is refused like TGI)."""
+def completion_params(
+    body: Mapping[str, Any], *, max_stop_sequences: int, max_top_n_tokens: int = 5
+) -> GenerationParams:
+    """Sampling parameters of a ``/v1/completions`` body (``suffix`` is refused like TGI).
+
+    ``logprobs`` N (0 to ``max_top_n_tokens``) returns each token's logprob and the N most likely;
+    with ``echo`` the prompt's tokens are scored too (``prompt_logprobs``)."""
     if body.get("suffix") is not None:
         raise RequestError(
             "Suffix is not supported and can be achieved by preprocessing the prompt.",
             error_type="suffix not supported",
         )
+    logprobs = completion_logprobs(body, max_top_n_tokens)
     params = _openai_params(
         body, max_stop_sequences=max_stop_sequences, repetition_penalty=_repetition_penalty(body)
     )
     params.sampling.grammar = _response_format(body.get("response_format"))  # as vLLM takes it here
+    params.sampling.top_n_tokens = logprobs or 0
+    params.sampling.prompt_logprobs = logprobs is not None and flag(body, "echo", False)
     return params
+
+
+def completion_logprobs(body: Mapping[str, Any], max_top_n_tokens: int) -> int | None:
+    """The legacy completions' ``logprobs``: None (no logprobs) or how many top tokens to return."""
+    value = _uint(body, "logprobs")
+    return None if value is None else _top_n(value, max_top_n_tokens, "logprobs")
+
+
+def completion_choices(body: Mapping[str, Any], limit: int, *, stream: bool) -> tuple[int, int]:
+    """``(n, best_of)`` of a completions body: ``best_of`` copies run, the ``n`` best answer."""
+    n = choices(body, limit)
+    runs = _int(body, "best_of")
+    if runs is None:
+        return n, n
+    if not n <= runs <= limit:
+        raise ValidationError(f"`best_of` must be >= `n` and <= {limit}. Given: {runs}")
+    if stream and runs != n:
+        raise ValidationError("`best_of` != `n` is not supported when streaming tokens")
+    return n, runs
 
 
 def completion_prompts(body: Mapping[str, Any], *, max_client_batch_size: int) -> list[str]:
