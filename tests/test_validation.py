@@ -371,6 +371,10 @@ def test_chat_repetition_penalty(body, expected):
         ({"logit_bias": {"12": 101}}, "`logit_bias` values must be >= -100 and <= 100. Given: 101"),
         ({"logit_bias": {"x": 1}}, "`logit_bias` must map token ids to numbers. Given: 'x': 1"),
         (
+            {"logit_bias": {"9" * 23: 1}},
+            "`logit_bias` must map token ids to numbers. Given: '9999999999999999999: 1",
+        ),
+        (
             {"response_format": {"type": "xml"}},
             "`response_format.type` must be one of text, json_object, json_schema (or TGI's json, regex)",
         ),

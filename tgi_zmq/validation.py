@@ -401,7 +401,7 @@ def _logit_bias(value: Any) -> list[TokenBias]:
         raise ValidationError(f"`logit_bias` supports up to {MAX_LOGIT_BIAS} tokens. Given: {len(value)}")
     biases = []
     for key, bias in value.items():
-        if not key.isdigit() or isinstance(bias, bool) or not isinstance(bias, int | float):
+        if not key.isdigit() or len(key) > 9 or isinstance(bias, bool) or not isinstance(bias, int | float):
             raise ValidationError(
                 f"`logit_bias` must map token ids to numbers. Given: {key!r:.20}: {bias!r:.20}"
             )

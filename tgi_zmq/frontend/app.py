@@ -10,21 +10,25 @@ import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import metadata
+from typing import Any
 
 import prometheus_client
 import uvloop
 from aiohttp import web
+from pydantic import BaseModel
 
 from tgi_zmq.config import ServerConfig
 from tgi_zmq.runtime import setup_logging
 from tgi_zmq.validation import RequestError
 
-from . import openai_routes, tgi_routes
+from . import extra_routes, openai_routes, openapi, responses_routes, tgi_routes
+from . import schemas as s
 from .auth import require_api_key
 from .health import Health, expected_processes
-from .http import FRONTEND, client_id_of, error_response, frontend, json_response
+from .http import BODY_MODELS, FRONTEND, client_id_of, error_response, frontend, json_response
 from .jobs import Admission, tag
 from .metrics import CONTENT_TYPE_LATEST
+from .openapi import Route
 from .pipeline import Pipeline
 from .streaming import log_failure
 
@@ -143,7 +147,7 @@ async def info(request: web.Request) -> web.Response:
             "model_device_type": c.device,
             "model_pipeline_tag": "text-generation",
             "max_concurrent_requests": c.max_concurrent_requests,
-            "max_best_of": 1,
+            "max_best_of": c.max_best_of,
             "max_stop_sequences": c.max_stop_sequences,
             "max_input_tokens": c.max_input_tokens,
             "max_total_tokens": c.max_total_tokens,
@@ -167,25 +171,61 @@ async def _run_pipeline(app: web.Application) -> AsyncIterator[None]:
     await fe.pipeline.close()
 
 
+def _post(
+    path: str,
+    handler: Handler,
+    request: type[BaseModel],
+    response: type[BaseModel] | None,
+    events: type[BaseModel] | None = None,
+    *,
+    summary: str,
+    wrap: Callable[[Handler], Handler] = _generation,
+) -> Route:
+    return Route("POST", path, wrap(handler), summary, request, response, events, errors=openapi.WORK_ERRORS)
+
+
+def _get(path: str, handler: Handler, summary: str, **fields: Any) -> Route:
+    return Route("GET", path, handler, summary, **fields)
+
+
+# Every route but the two of the document itself: what aiohttp serves and what the document says.
+ROUTES = (
+    _get("/", health, "Health (as /health)", errors=(503,)),
+    _get("/health", health, "200 when every process is ready", errors=(503,)),
+    _get("/ping", health, "Health (SageMaker)", errors=(503,)),
+    _get("/info", info, "The model and the server's limits", response=s.Info),
+    _get("/metrics", metrics, "Prometheus metrics", media="text/plain"),
+    _get("/v1/models", openai_routes.models, "The served model", response=s.ModelList),
+    _post("/", tgi_routes.compat_generate, s.GenerateRequest, s.CompatGenerateResponse, s.StreamResponse,
+          summary="Generate: a JSON array, or SSE with `stream`"),
+    _post("/generate", tgi_routes.generate, s.GenerateRequest, s.GenerateResponse, summary="Generate"),
+    _post("/generate_stream", tgi_routes.generate_stream, s.GenerateRequest, None, s.StreamResponse,
+          summary="Generate, as SSE"),
+    _post("/tokenize", tgi_routes.tokenize, s.TokenizeRequest, s.TokenizeResponse,
+          summary="A prompt's tokens", wrap=_refused_when_draining),
+    _post("/chat_tokenize", extra_routes.chat_tokenize, s.ChatTokenizeRequest, s.ChatTokenizeResponse,
+          summary="The chat template's prompt and its tokens", wrap=_refused_when_draining),
+    _post("/v1/chat/completions", openai_routes.chat_completions, s.ChatRequest, s.ChatCompletion,
+          s.ChatCompletionChunk, summary="Chat"),
+    _post("/v1/completions", openai_routes.completions, s.CompletionRequest, s.Completion, s.Completion,
+          summary="Completions"),
+    _post("/v1/responses", responses_routes.responses, s.ResponsesRequest, s.ResponseObject,
+          s.ResponseStreamEvent, summary="Responses (text only)"),
+    _post("/invocations", extra_routes.invocations, s.InvocationsRequest, s.InvocationsResponse,
+          s.StreamResponse, summary="SageMaker: a POST /, chat or completion body"),
+)  # fmt: skip
 def create_app(config: ServerConfig) -> web.Application:
     """The application; its pipeline sockets open on startup and close on cleanup."""
     middlewares = [_errors] + ([require_api_key(config.api_key)] if config.api_key else [])
     app = web.Application(middlewares=middlewares, client_max_size=config.payload_limit)
     app[FRONTEND] = Frontend.create(config)
+    app[BODY_MODELS] = openapi.body_models(ROUTES)
     app.cleanup_ctx.append(_run_pipeline)
     app.on_response_prepare.append(_echo_request_id)
-    app.router.add_get("/", health)
-    app.router.add_post("/", _generation(tgi_routes.compat_generate))
-    app.router.add_get("/health", health)
-    app.router.add_get("/ping", health)
-    app.router.add_get("/info", info)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_post("/generate", _generation(tgi_routes.generate))
-    app.router.add_post("/generate_stream", _generation(tgi_routes.generate_stream))
-    app.router.add_post("/tokenize", _refused_when_draining(tgi_routes.tokenize))
-    app.router.add_post("/v1/chat/completions", _generation(openai_routes.chat_completions))
-    app.router.add_post("/v1/completions", _generation(openai_routes.completions))
-    app.router.add_get("/v1/models", openai_routes.models)
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, route.handler)
+    app.router.add_get(openapi.DOCUMENT_PATH, openapi.document_handler(ROUTES, VERSION))
+    app.router.add_get(openapi.DOCS_PATH, openapi.docs)
     return app
 
 

@@ -1,4 +1,5 @@
-"""``--api-key``: every route but the health checks and the metrics needs ``Authorization: Bearer <key>``."""
+"""``--api-key``: every route but the health checks, the metrics and the API's document needs
+``Authorization: Bearer <key>``."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ from aiohttp import web
 
 from tgi_zmq.validation import RequestError
 
+from .openapi import DOCS_PATH, DOCUMENT_PATH
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
-OPEN_PATHS = frozenset({"/health", "/ping", "/metrics"})  # and GET /, the health alias
+# and GET /, the health alias; the API's document is open, like TGI's
+OPEN_PATHS = frozenset({"/health", "/ping", "/metrics", DOCUMENT_PATH, DOCS_PATH})
 
 
 def authorized(header: str | None, api_key: str) -> bool:

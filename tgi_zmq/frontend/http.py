@@ -4,17 +4,24 @@ Server-Sent Events."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from pydantic import BaseModel
 
 from tgi_zmq.validation import RequestError, ValidationError
+
+from .schemas import check_body
 
 if TYPE_CHECKING:  # app.py imports the routes, which import this module
     from .app import Frontend
 
 FRONTEND: web.AppKey[Frontend] = web.AppKey("frontend")
+BODY_MODELS: web.AppKey[dict[str, type[BaseModel]]] = web.AppKey("body_models")  # path -> request model
+# The request's checked body: a handler may hand the request on to another (``/invocations``).
+_BODY: web.RequestKey[dict[str, Any]] = web.RequestKey("json_body")
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -58,7 +65,18 @@ def _reject_constant(name: str) -> Any:
 
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object: 413 over the payload limit, 408 if it takes longer than
-    ``--body-timeout`` to arrive, 400 if not JSON, 422 if not an object."""
+    ``--body-timeout`` to arrive, 400 if not JSON, 422 if not an object or not of the route's
+    request model (``BODY_MODELS``). Read once: later calls return the same dict."""
+    if _BODY not in request:
+        body = await _read_object(request)
+        model = request.app.get(BODY_MODELS, {}).get(request.path)
+        if model is not None:
+            check_body(model, body)
+        request[_BODY] = body
+    return request[_BODY]
+
+
+async def _read_object(request: web.Request) -> dict[str, Any]:
     limit = request.client_max_size
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(request.content_length, limit)
@@ -90,6 +108,14 @@ def _too_large(size: int | None, limit: int) -> RequestError:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class NamedEvent:
+    """An SSE event with an ``event:`` line (the Responses API's typed events)."""
+
+    name: str
+    data: Any
+
+
 class Sse:
     """A ``text/event-stream`` response: ``data: <json>\\n\\n`` events and ``:`` keep-alive comments."""
 
@@ -102,7 +128,7 @@ class Sse:
         return self
 
     async def send(self, *events: Any) -> None:
-        """Write events (JSON-able payloads, or ``"[DONE]"``) in one write."""
+        """Write events (JSON-able payloads, ``NamedEvent``s or ``"[DONE]"``) in one write."""
         if events:
             await self.response.write("".join(map(_frame, events)).encode())
 
@@ -111,4 +137,6 @@ class Sse:
 
 
 def _frame(event: Any) -> str:
+    if isinstance(event, NamedEvent):
+        return f"event: {event.name}\ndata: {dumps(event.data)}\n\n"
     return f"data: {event if isinstance(event, str) else dumps(event)}\n\n"

@@ -36,6 +36,8 @@ from tgi_zmq.config import HUNG_AFTER_S, MONITOR_PERIOD_S, ServerConfig
 from tgi_zmq.messages import (
     AbortRequest,
     BatchTextOutput,
+    ChatTokenizeRequest,
+    ChatTokenizeResult,
     ErrorOutput,
     FrontendStarted,
     GenerateRequest,
@@ -58,6 +60,8 @@ log = logging.getLogger("tgi_zmq.frontend")
 MAX_REPLAYS = 3
 STATEFUL = ("tokenizer", "scheduler", "detokenizer")  # their restart loses the requests they held
 
+TokenizerQuery = TokenizeTextRequest | ChatTokenizeRequest  # answered by the tokenizer alone
+
 
 class Mailbox:
     """The outputs of one request not yet read by its handler (sets ``wakeup`` on arrival), and
@@ -69,9 +73,7 @@ class Mailbox:
 
     __slots__ = ("rid", "items", "wakeup", "request", "prompt_ids", "output_ids", "replays", "ended")
 
-    def __init__(
-        self, rid: str, wakeup: asyncio.Event, request: GenerateRequest | TokenizeTextRequest
-    ) -> None:
+    def __init__(self, rid: str, wakeup: asyncio.Event, request: GenerateRequest | TokenizerQuery) -> None:
         self.rid = rid
         self.items: list[Any] = []
         self.wakeup = wakeup
@@ -85,10 +87,10 @@ class Mailbox:
         self.items.append(item)
         self.wakeup.set()
 
-    def replayed(self) -> GenerateRequest | TokenizeTextRequest:
+    def replayed(self) -> GenerateRequest | TokenizerQuery:
         """The request to send again, under a new wire rid (outputs of the old one are dropped)."""
         self.replays += 1
-        if isinstance(self.request, TokenizeTextRequest):
+        if not isinstance(self.request, GenerateRequest):
             return self.request
         self.rid = f"{self.request.rid}~{self.replays}"
         return dataclasses.replace(
@@ -124,6 +126,7 @@ class Pipeline:
             PromptIdsOutput: self._prompt_ids,
             ErrorOutput: self._last_output,
             TokenizeResult: self._last_output,
+            ChatTokenizeResult: self._last_output,
         }
 
     async def start(self) -> None:
@@ -160,7 +163,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------ handler side
 
-    def open(self, request: GenerateRequest | TokenizeTextRequest, wakeup: asyncio.Event) -> Mailbox:
+    def open(self, request: GenerateRequest | TokenizerQuery, wakeup: asyncio.Event) -> Mailbox:
         """Register a request's mailbox and post the request."""
         box = self._boxes[request.rid] = Mailbox(request.rid, wakeup, request)
         self.post(request)
@@ -178,19 +181,33 @@ class Pipeline:
 
     async def tokenize(self, rid: str, prompt: str) -> list[TokenSpan]:
         """The tokens of ``prompt``, with their text."""
+        result = await self._ask(TokenizeTextRequest(rid, prompt))
+        return result.tokens
+
+    async def chat_tokenize(
+        self,
+        rid: str,
+        chat: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        tool_prompt: str | None,
+    ) -> ChatTokenizeResult:
+        """A chat's prompt as the template renders it, and its tokens."""
+        return await self._ask(ChatTokenizeRequest(rid, chat, tools, tool_prompt))
+
+    async def _ask(self, query: TokenizerQuery) -> Any:
+        """The tokenizer's answer to ``query``; its ``ErrorOutput`` raised as a ``RequestError``."""
         wakeup = asyncio.Event()
-        box = self.open(TokenizeTextRequest(rid, prompt), wakeup)
+        box = self.open(query, wakeup)
         try:
-            while True:
+            while not box.items:
                 await wakeup.wait()
                 wakeup.clear()
-                for item in box.take():
-                    if isinstance(item, TokenizeResult):
-                        return item.tokens
-                    if isinstance(item, ErrorOutput):
-                        raise request_error(item)
         finally:
             self.close_box(box)
+        item = box.take()[0]  # the tokenizer answers once
+        if isinstance(item, ErrorOutput):
+            raise request_error(item)
+        return item
 
     def fail(self, box: Mailbox, error: ErrorOutput) -> None:
         """End a request with an error and tell the pipeline to forget it."""
@@ -257,7 +274,7 @@ class Pipeline:
         if box is not None:
             box.prompt_ids = msg.input_ids
 
-    def _last_output(self, msg: ErrorOutput | TokenizeResult) -> None:
+    def _last_output(self, msg: ErrorOutput | TokenizeResult | ChatTokenizeResult) -> None:
         box = self._boxes.get(msg.rid)
         if box is not None:
             box.ended = True

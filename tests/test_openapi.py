@@ -1,0 +1,193 @@
+"""The request models, the body check they drive, and the OpenAPI document built from them (no pipeline)."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from openapi_spec_validator import validate
+
+from tgi_zmq.config import ServerConfig
+from tgi_zmq.frontend import create_app
+from tgi_zmq.frontend.schemas import (
+    ChatRequest,
+    CompletionRequest,
+    GenerateRequest,
+    InvocationsRequest,
+    ResponsesRequest,
+    check_body,
+)
+from tgi_zmq.validation import ValidationError
+
+AUTH = {"Authorization": "Bearer k"}
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[TestClient]:
+    with tempfile.TemporaryDirectory(prefix="tgizmq-o") as runtime_dir:  # short: ipc paths are limited
+        config = ServerConfig(model_id="none", served_model_name="m", runtime_dir=runtime_dir, api_key="k")
+        async with TestClient(TestServer(create_app(config))) as client:
+            yield client
+
+
+async def test_the_document_is_valid_openapi_and_open(client: TestClient) -> None:
+    response = await client.get("/api-doc/openapi.json")  # no key: open, like TGI's
+    assert response.status == 200
+    document = await response.json()
+    validate(document)
+    assert document["openapi"].startswith("3.1")
+    assert "ErrorResponse" in document["components"]["schemas"]
+
+
+async def test_every_post_route_is_documented_with_its_body(client: TestClient) -> None:
+    paths = (await (await client.get("/api-doc/openapi.json")).json())["paths"]
+    posts = {r.resource.canonical for r in client.app.router.routes() if r.method == "POST"}
+    assert posts >= {"/", "/generate", "/chat_tokenize", "/invocations", "/v1/responses"}
+    for path in posts:
+        operation = paths[path]["post"]
+        assert operation["requestBody"]["content"]["application/json"]["schema"]["$ref"], path
+        assert {"200", "422", "424", "429", "503"} <= set(operation["responses"]), path
+    streamed = paths["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+    assert set(streamed) == {"application/json", "text/event-stream"}
+    assert set(paths["/generate_stream"]["post"]["responses"]["200"]["content"]) == {"text/event-stream"}
+
+
+async def test_the_docs_page_loads_swagger_ui_over_the_document(client: TestClient) -> None:
+    response = await client.get("/docs")
+    assert response.status == 200 and response.content_type == "text/html"
+    page = await response.text()
+    assert "swagger-ui-bundle.js" in page and '"api-doc/openapi.json"' in page
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "error"),
+    [
+        ("/generate", {"parameters": {}}, "inputs: Field required"),
+        ("/generate", {"inputs": "x", "parameters": {"temperature": "hot"}}, "parameters.temperature: "),
+        (
+            "/generate",
+            {"inputs": "x", "parameters": {"stop": "a"}},
+            "parameters.stop: Input should be a valid list",
+        ),
+        ("/v1/chat/completions", {"messages": "hi"}, "messages: Input should be a valid list"),
+        ("/chat_tokenize", {"messages": [{"content": "hi"}]}, "messages[0].role: Field required"),
+        ("/v1/completions", {"prompt": ["a", 1]}, "prompt[1]: Input should be a valid string"),
+        ("/invocations", {"input": "hi"}, "the body must have `inputs`, `messages` or `prompt`"),
+        ("/invocations", {"inputs": 1}, "inputs: Input should be a valid string"),
+        ("/v1/responses", {"input": [{"role": "robot", "content": "hi"}]}, "input[0].role: Input should be"),
+        ("/v1/responses", {"input": "hi", "tools": [{"type": "web_search"}]}, "tools are not supported on"),
+    ],
+)
+async def test_a_body_of_the_wrong_type_is_a_422_before_the_handler(
+    client: TestClient, path: str, body: dict, error: str
+) -> None:
+    response = await client.post(path, json=body, headers=AUTH)
+    assert response.status == 422
+    answer = await response.json()
+    assert answer["error_type"] == "validation"
+    assert answer["error"].startswith("Input validation error: " + error), answer["error"]
+
+
+@pytest.mark.parametrize(
+    ("model", "body"),
+    [
+        (GenerateRequest, {"inputs": "x", "parameters": None, "unknown": {"any": 1}}),
+        (
+            GenerateRequest,
+            {"inputs": "x", "parameters": {"temperature": 1, "seed": 2**64 - 1, "grammar": None}},
+        ),
+        (
+            ChatRequest,
+            {
+                "messages": [
+                    {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}
+                ]
+            },
+        ),
+        (
+            ChatRequest,
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}], "stop": "x"},
+        ),
+        (
+            ChatRequest,
+            {"messages": [], "logit_bias": {"12": -100}, "response_format": {"type": "json_object"}},
+        ),
+        (CompletionRequest, {"prompt": ["a", "b"], "logprobs": 2, "stream": None}),
+        (InvocationsRequest, {"messages": [{"role": "user", "content": "hi"}], "prompt": 1}),  # chat wins
+        (ResponsesRequest, {"input": [{"role": "user", "content": [{"type": "input_text", "text": "a"}]}]}),
+    ],
+)
+def test_bodies_the_handlers_take_pass_the_check(model: type, body: dict) -> None:
+    check_body(model, body)  # value rules (ranges, empty lists) are the handlers' own
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ({"inputs": "x", "parameters": {"max_new_tokens": 1.5}}, "parameters.max_new_tokens: "),
+        (
+            {"inputs": "x", "parameters": {"do_sample": 1}},
+            "parameters.do_sample: Input should be a valid boolean",
+        ),
+        ({"inputs": "x", "parameters": {"top_k": True}}, "parameters.top_k: Input should be a valid integer"),
+        (
+            {"inputs": "x", "parameters": {"grammar": {"type": "xml", "value": 1}}},
+            "parameters.grammar.type: ",
+        ),
+    ],
+)
+def test_json_types_are_strict(body: dict, error: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        check_body(GenerateRequest, body)
+    assert str(caught.value).startswith(error)
+
+
+# ---------------------------------------------------------------------------- /v1/responses objects
+
+
+def _events_of(status: str) -> list:
+    """Every event of a streamed response of two deltas, finished with ``status``."""
+    from tgi_zmq.frontend.jobs import Job
+    from tgi_zmq.frontend.responses_routes import _Events, _Shape
+    from tgi_zmq.messages import GenerateRequest as Wire
+    from tgi_zmq.messages import RequestDelta, SamplingParams
+
+    shape = _Shape.of({"input": "hi", "max_output_tokens": 2}, "abc", "m")
+    job, events = Job(Wire("abc", None, [], SamplingParams(), 2, 0.0), box=None), _Events(shape)
+    out = []
+    for text, finish in (("Hel", None), ("lo", "length" if status == "incomplete" else "eos_token")):
+        delta = RequestDelta("abc", [1], [text], [-0.5], [False], text, finish, 1 if finish is None else 2, 5)
+        job.absorb(delta)
+        out += events.render(job, delta)
+    return out
+
+
+@pytest.mark.parametrize("status", ["completed", "incomplete"])
+def test_responses_events_parse_as_the_openai_sdk_types(status: str) -> None:
+    from openai.types.responses import ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    events = _events_of(status)
+    parsed = [TypeAdapter(ResponseStreamEvent).validate_python(e.data) for e in events]
+    assert [e.name for e in events] == [p.type for p in parsed]
+    assert [p.sequence_number for p in parsed] == list(range(len(parsed)))
+    final = parsed[-1].response
+    assert parsed[-1].type == f"response.{status}" and final.status == status
+    assert final.output_text == "Hello" and final.usage.total_tokens == 7
+    assert (final.incomplete_details is not None) == (status == "incomplete")
+
+
+def test_a_failed_response_stream_ends_with_error_and_response_failed() -> None:
+    from openai.types.responses import ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    from tgi_zmq.frontend.responses_routes import _Events, _Shape
+    from tgi_zmq.validation import RequestError
+
+    events = _Events(_Shape.of({"input": "hi"}, "abc", "m"))
+    failed = events.failed(RequestError("boom", error_type="generation", status=424))
+    parsed = [TypeAdapter(ResponseStreamEvent).validate_python(e.data) for e in failed]
+    assert [p.type for p in parsed] == ["error", "response.failed"]
+    assert parsed[1].response.error.message == "boom"
