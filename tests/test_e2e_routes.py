@@ -1,9 +1,11 @@
-"""End to end: /chat_tokenize, SageMaker's /invocations, OpenAI's /v1/responses, the API's document."""
+"""End to end: /chat_tokenize, SageMaker's /invocations, OpenAI's /v1/responses (function tools too), the
+API's document."""
 
 from __future__ import annotations
 
 import json
 
+import jsonschema
 import pytest
 import requests
 
@@ -144,11 +146,97 @@ def test_responses_stream_names_its_events_and_stops_at_max_output_tokens(servic
     )
 
 
-def test_responses_refuse_tools(service):
-    body = {"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {}}]}
+WEATHER_PARAMETERS = {
+    "type": "object",
+    "properties": {
+        "location": {"type": "string", "maxLength": 16},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["location", "unit"],
+}
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city",
+    "parameters": WEATHER_PARAMETERS,
+}
+WEATHER_QUESTION = "What is the weather like in Paris today?"
+
+
+def test_responses_function_call_with_the_openai_sdk(service):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=service.url + "/v1", api_key="-")
+    asked = dict(
+        model="tgi",
+        input=WEATHER_QUESTION,
+        tools=[WEATHER],
+        tool_choice="required",
+        max_output_tokens=60,
+        temperature=0,
+    )
+    response = client.responses.create(**asked)
+    (call,) = response.output
+    assert (call.type, call.name, call.status, response.status) == (
+        "function_call",
+        "get_weather",
+        "completed",
+        "completed",
+    )
+    assert call.id.startswith("fc_") and call.call_id.startswith("call_")
+    jsonschema.validate(json.loads(call.arguments), WEATHER_PARAMETERS)
+    assert response.tool_choice == "required" and response.tools[0].name == "get_weather"
+
+    events = list(client.responses.create(**asked, stream=True))
+    assert [e.type for e in events[:3]] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+    ]
+    assert [e.type for e in events[-3:]] == [
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert (events[2].item.type, events[2].item.arguments) == ("function_call", "")
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    streamed = events[-1].response.output[0]
+    assert deltas == events[-3].arguments == streamed.arguments == call.arguments
+    assert streamed.name == "get_weather"
+
+
+def test_responses_take_a_call_and_its_output_back(service):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=service.url + "/v1", api_key="-")
+    call = {
+        "type": "function_call",
+        "call_id": "call_1",
+        "name": "get_weather",
+        "arguments": '{"location": "Paris"}',
+    }
+    response = client.responses.create(
+        model="tgi",
+        input=[
+            {"role": "user", "content": WEATHER_QUESTION},
+            call,
+            {"type": "function_call_output", "call_id": "call_1", "output": "Sunny, 21 degrees celsius"},
+        ],
+        tools=[WEATHER],
+        tool_choice="none",
+        max_output_tokens=20,
+        temperature=0,
+    )
+    (message,) = response.output
+    assert message.type == "message" and response.output_text
+
+
+def test_responses_tool_errors_are_tgis_422s(service):
+    body = {"input": "hi", "tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}}
     answer = post(service, "/v1/responses", body)
     assert answer.status_code == 422
-    assert answer.json()["error"] == "Input validation error: tools are not supported on /v1/responses yet"
+    assert answer.json() == {"error": "Tool error: Tool with name nope not found", "error_type": "tool_error"}
 
 
 def test_the_api_document_and_its_page(service):

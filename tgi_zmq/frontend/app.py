@@ -210,7 +210,7 @@ ROUTES = (
     _post("/v1/completions", openai_routes.completions, s.CompletionRequest, s.Completion, s.Completion,
           summary="Completions"),
     _post("/v1/responses", responses_routes.responses, s.ResponsesRequest, s.ResponseObject,
-          s.ResponseStreamEvent, summary="Responses (text only)"),
+          s.ResponseStreamEvent, summary="Responses (text, function tools)"),
     _post("/invocations", extra_routes.invocations, s.InvocationsRequest, s.InvocationsResponse,
           s.StreamResponse, summary="SageMaker: a POST /, chat or completion body"),
 )  # fmt: skip

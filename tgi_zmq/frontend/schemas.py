@@ -229,6 +229,41 @@ class InputMessage(_Body):
     content: str | list[InputText]
 
 
+class FunctionCallInput(_Body):
+    """An earlier call of the model's, given back: an assistant message with ``tool_calls``."""
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str = Field(description="The call's arguments, JSON text")
+
+
+class FunctionCallOutputInput(_Body):
+    """A call's result: a ``tool`` message."""
+
+    type: Literal["function_call_output"]
+    call_id: str | None = None
+    output: str | list[InputText]
+
+
+def _input_item_kind(item: Any) -> str | None:
+    """Which input item ``item`` is, by its ``type`` (a message's may be left out)."""
+    kind = (item.get("type") or "message") if isinstance(item, dict) else None
+    return kind if kind in ("message", "function_call", "function_call_output") else None
+
+
+InputItem = Annotated[
+    Annotated[InputMessage, Tag("message")]
+    | Annotated[FunctionCallInput, Tag("function_call")]
+    | Annotated[FunctionCallOutputInput, Tag("function_call_output")],
+    Discriminator(
+        _input_item_kind,
+        custom_error_type="input_item_kind",
+        custom_error_message="an input item must be a message, function_call or function_call_output",
+    ),
+]
+
+
 class TextFormat(_Body):
     type: Literal["text", "json_object", "json_schema"]
     name: str | None = None
@@ -240,18 +275,36 @@ class TextConfig(_Body):
     format: TextFormat | None = None
 
 
+class FunctionTool(_Body):
+    """A Responses API tool: a function, flat (chat nests it under ``function``)."""
+
+    type: Literal["function"]
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="The arguments' JSON schema")
+    strict: bool | None = Field(None, description="Ignored: the tool grammar always holds")
+
+
+class FunctionToolChoice(_Body):
+    type: Literal["function"]
+    name: str
+
+
 class ResponsesRequest(_Body):
-    """``/v1/responses``: OpenAI's Responses API, text in and text out."""
+    """``/v1/responses``: OpenAI's Responses API (text and function tools)."""
 
     model: str | None = None
-    input: str | list[InputMessage]
+    input: str | list[InputItem]
     instructions: str | None = Field(None, description="A system message put first")
     max_output_tokens: U32 | None = Field(None, description="Strictly positive")
     temperature: float | None = Field(None, description="0 is greedy")
     top_p: float | None = Field(None, description="In (0, 1)")
     stream: bool | None = Field(None, description="Answer with typed Server-Sent Events")
     text: TextConfig | None = None
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported yet (422 when not empty)")
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | FunctionToolChoice | None = Field(
+        None, description="TGI's semantics: auto lets the model answer in words instead"
+    )
 
 
 # ---------------------------------------------------------------------------- SageMaker
@@ -518,6 +571,20 @@ class OutputMessage(_Out):
     content: list[OutputText]
 
 
+class OutputFunctionCall(_Out):
+    """A call of one of the request's tools."""
+
+    type: Literal["function_call"]
+    id: str = Field(description="fc_<hex>")
+    call_id: str = Field(description="call_<hex>: a function_call_output answers it")
+    name: str
+    arguments: str = Field(description="JSON text")
+    status: Literal["in_progress", "completed", "incomplete"]
+
+
+OutputItem = Annotated[OutputMessage | OutputFunctionCall, Field(discriminator="type")]
+
+
 class IncompleteDetails(_Out):
     reason: Literal["max_output_tokens"]
 
@@ -552,7 +619,7 @@ class ResponseObject(_Out):
     created_at: int
     status: Literal["in_progress", "completed", "incomplete", "failed"]
     model: str
-    output: list[OutputMessage]
+    output: list[OutputItem]
     usage: ResponseUsage | None
     incomplete_details: IncompleteDetails | None
     error: ResponseError | None
@@ -561,17 +628,19 @@ class ResponseObject(_Out):
     temperature: float | None
     top_p: float | None
     parallel_tool_calls: bool
-    tool_choice: str
-    tools: list[Any]
+    tool_choice: Literal["auto", "none", "required"] | FunctionToolChoice
+    tools: list[FunctionTool]
     text: dict[str, Any]
 
 
 class ResponseStreamEvent(_Out):
     """One ``/v1/responses`` event; its ``event:`` name is its ``type``: response.created,
-    response.in_progress, response.output_item.added, response.content_part.added,
-    response.output_text.delta, response.output_text.done, response.content_part.done,
-    response.output_item.done, then response.completed or response.incomplete (error and
-    response.failed on a failure)."""
+    response.in_progress, then the output item: response.output_item.added,
+    response.content_part.added, response.output_text.delta, response.output_text.done,
+    response.content_part.done, response.output_item.done for a message;
+    response.output_item.added, response.function_call_arguments.delta,
+    response.function_call_arguments.done, response.output_item.done for a function call; then
+    response.completed or response.incomplete (error and response.failed on a failure)."""
 
     type: str
     sequence_number: int
