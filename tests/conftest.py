@@ -111,6 +111,19 @@ def children(pid: int, pattern: str = ".") -> list[int]:
 
 
 @pytest.fixture(scope="session")
+def tokenizer():
+    """The default model's tokenizer (for the pure tests of tokenizing, detokenizing and tools)."""
+    from transformers import AutoTokenizer
+
+    from tgi_zmq.convert import default_model_dir
+
+    folder = default_model_dir()
+    if not (folder / "tokenizer.json").exists():
+        pytest.skip("default model not converted (./scripts/setup does it)")
+    return AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
 def service(tmp_path_factory) -> Service:
     """One float32 service shared by the end-to-end tests (float32: exact against transformers)."""
     svc = start_service(

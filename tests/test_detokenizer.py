@@ -1,20 +1,9 @@
 """Incremental detokenization equals a full decode; stop sequences; the per-step batch processor."""
 
 import pytest
-from transformers import AutoTokenizer
 
 from tgi_zmq import messages as m
-from tgi_zmq.convert import default_model_dir
 from tgi_zmq.detokenizer import PROMPT_TAIL, BatchDetokenizer, DecodeState, IncrementalDetokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    folder = default_model_dir()
-    if not (folder / "tokenizer.json").exists():
-        pytest.skip("default model not converted (./scripts/setup does it)")
-    return AutoTokenizer.from_pretrained(folder)
-
 
 TEXTS = [
     "Hello world, this is a test.",

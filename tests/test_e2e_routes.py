@@ -9,6 +9,8 @@ import jsonschema
 import pytest
 import requests
 
+from tests.test_e2e_tools import PARAMETERS
+
 pytestmark = pytest.mark.e2e
 
 INSTRUCTIONS = "You are a helpful assistant."
@@ -146,14 +148,7 @@ def test_responses_stream_names_its_events_and_stops_at_max_output_tokens(servic
     )
 
 
-WEATHER_PARAMETERS = {
-    "type": "object",
-    "properties": {
-        "location": {"type": "string", "maxLength": 16},
-        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-    },
-    "required": ["location", "unit"],
-}
+WEATHER_PARAMETERS = PARAMETERS  # chat's weather tool, flat as the Responses API writes tools
 WEATHER = {
     "type": "function",
     "name": "get_weather",

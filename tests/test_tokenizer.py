@@ -5,23 +5,13 @@ from __future__ import annotations
 import copy
 
 import pytest
-from transformers import AutoTokenizer
 
 from tgi_zmq import messages as m
-from tgi_zmq.convert import default_model_dir
 from tgi_zmq.tokenizer import TemplateError, prompt_ids, token_spans, tokenize
 from tgi_zmq.validation import ValidationError
 
 LIMITS = {"max_input_tokens": 10, "max_total_tokens": 20}
 CHAT = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    folder = default_model_dir()
-    if not (folder / "tokenizer.json").exists():
-        pytest.skip("default model not converted (./scripts/setup does it)")
-    return AutoTokenizer.from_pretrained(folder)
 
 
 def request(

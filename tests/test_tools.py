@@ -129,18 +129,6 @@ def test_tools_own_definitions_are_lifted_to_the_root():
     assert schema["$defs"] == {"unit": {"enum": ["C", "F"]}}
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from tgi_zmq.convert import default_model_dir
-
-    folder = default_model_dir()
-    if not (folder / "tokenizer.json").exists():
-        pytest.skip("default model not converted (./scripts/setup does it)")
-    return AutoTokenizer.from_pretrained(folder)
-
-
 def accepts(engine, grammar: Grammar, text: str, tokenizer) -> bool:
     matcher = engine.matcher(grammar)._matcher
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
