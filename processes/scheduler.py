@@ -149,7 +149,8 @@ class SchedulerProcess:
                 continue
             del self.compiling[rid]
             try:
-                req.grammar = compiled.matcher(req.token_ids[req.prompt_len :])  # past a replay's tokens
+                # past a replay's tokens; it says when the grammar is done (the worker makes the masks)
+                req.grammar = compiled.matcher(req.token_ids[req.prompt_len :])
             except GrammarError as exc:
                 self.to_frontend.send(m.encode(ValidationError(f"grammar: {exc}").output(rid)))
                 continue

@@ -3,7 +3,9 @@
 scheduler --StepRequest--> [worker] --StepResult (rank 0; tensors in shared memory)--> scheduler
 
 Main loop: receive a step header -> view its tensors in shared memory -> forward + sample
--> write the sampled ids and logprobs into this worker's buffer -> answer with a header.
+-> write the sampled ids and logprobs into this worker's buffer -> answer with a header. Rank 0
+also keeps the grammar matchers of structured output: the header brings a request's grammar once,
+and rank 0 fills the masks itself (``tgi_zmq.model_runner``).
 
 With ``--num-shard N`` every rank gets every step header and reads the same shared memory;
 the ranks meet in collectives during the forward (``tgi_zmq.parallel``) and only rank 0
@@ -80,6 +82,7 @@ class Worker:
             config.max_concurrent_requests,
             config.max_total_tokens,
             Watermark(config.watermark_gamma, config.watermark_delta),
+            grammar_timeout=config.watchdog_timeout,  # waiting longer is moot: the watchdog restarts us
         )
         self.log.info(
             "loaded in %.1fs; weights %.1f MiB on this rank; KV cache %d blocks x %d tokens (%.0f MiB)",
@@ -156,7 +159,7 @@ class Worker:
 
         started = time.perf_counter()
         try:
-            step = Step.from_tensors(self.steps.read(msg.buffer, msg.tensors, msg.cuda_handle))
+            step = Step.from_tensors(self.steps.read(msg.buffer, msg.tensors, msg.cuda_handle), msg.grammars)
             out = self.runner.execute(step)
         except Exception as exc:  # a bad step must not take the worker down
             self.log.exception("step %d failed", msg.step_id)

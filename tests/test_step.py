@@ -8,7 +8,7 @@ import random
 import torch
 
 from tgi_zmq.block_manager import BlockManager
-from tgi_zmq.messages import SamplingParams
+from tgi_zmq.messages import Grammar, SamplingParams
 from tgi_zmq.scheduler import Request, SchedulePolicy
 from tgi_zmq.step import RequestStates, Step, build_step, step_buffer_size
 
@@ -126,3 +126,63 @@ def test_worker_state_follows_the_policy_through_preemption_and_aborts():
 
 def _samplers(batch):
     return [(r, s) for r, s in zip(batch.requests, batch.sample_slots, strict=True) if s >= 0]
+
+
+def test_grammar_rows_resume_on_the_worker_with_real_tokens_through_overlap_and_preemption():
+    """With the overlap schedule (two steps in flight) on a small pool, with aborts and replays: a
+    grammar request's first sample in a row brings its grammar with real tokens only, and the
+    worker's matcher for the row, fed only with those and the tokens the worker sampled, is at the
+    request's real output whenever the request samples (where a recompute or a replay resumes)."""
+    rng = random.Random(1)
+    resumes = preemptions = 0
+    for _ in range(15):
+        sched = policy(num_blocks=20, max_running=6)
+        worker: dict[int, list[int]] = {}  # state row -> the tokens its matcher took
+        inflight: list[tuple] = []
+        pending = [_maybe_grammar_request(f"r{i}", rng) for i in range(10)]
+        starts, checked = [], 0
+        while pending or sched.has_work() or inflight:
+            if pending and rng.random() < 0.5:
+                sched.add(pending.pop())
+            if sched.running and rng.random() < 0.05:
+                sched.finish(rng.choice(sched.running), "aborted")
+            batch = sched.schedule() if len(inflight) < 2 else None
+            if batch is not None:
+                step = build_step(batch, 4)
+                starts += step.grammars
+                inflight.append((batch, *_run_grammars(batch, step, worker, rng)))
+            if inflight and (len(inflight) == 2 or batch is None):
+                batch, sampled, seen = inflight.pop(0)
+                sched.update(batch, sampled, [0.0] * len(sampled))
+                for req, slot, epoch, tokens in seen:
+                    if req.epoch == epoch and len(req.token_ids) > slot and req.token_ids[slot] >= 0:
+                        assert tokens == req.token_ids[req.prompt_len : slot]
+                        checked += 1
+        resumes += sum(bool(start.output_ids) for start in starts)
+        preemptions += sched.num_preemptions
+        assert starts and checked and sched.block_manager.num_free == 20
+    assert resumes and preemptions  # some rows started past tokens: a recompute's or a replay's
+
+
+def _maybe_grammar_request(rid: str, rng: random.Random) -> Request:
+    prompt = [rng.randrange(1, VOCAB) for _ in range(rng.randrange(1, 20))]
+    replayed = [rng.randrange(1, VOCAB) for _ in range(rng.choice([0, 0, 3]))]  # a replay's streamed tokens
+    params = SamplingParams(grammar=Grammar("regex", "[a-z]+") if rng.random() < 0.6 else None)
+    max_new = len(replayed) + rng.randrange(1, 12)
+    return Request(rid, prompt + replayed, params, max_new, prompt_len=len(prompt), resumed=len(replayed))
+
+
+def _run_grammars(batch, step: Step, worker: dict[int, list[int]], rng: random.Random) -> tuple:
+    """The worker's side of a step: start the rows it brings, sample, feed the grammar rows' matchers.
+    Returns the sampled tokens and, per grammar row, what its matcher had taken before sampling."""
+    for start in step.grammars:
+        assert min(start.output_ids, default=0) >= 0  # a placeholder: the worker could not resolve it
+        worker[start.row] = list(start.output_ids)
+    layout = step.layout()
+    sampled = [rng.randrange(1, VOCAB) for _ in layout.sample_rows]
+    seen = []
+    for row, state_row in layout.grammar_rows:
+        req, slot = _samplers(batch)[row]
+        seen.append((req, slot, req.epoch, list(worker[state_row])))
+        worker[state_row].append(sampled[row])
+    return sampled, seen

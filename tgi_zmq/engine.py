@@ -2,9 +2,9 @@
 
 ``EngineCore.step()`` is one turn of the engine: launch the next step if there is room, then
 apply the oldest step's result if it has come back. With the overlap schedule (``depth`` 2)
-step N+1 is built and submitted while the workers run step N; while a request follows a grammar
-the depth is 1 (its mask for step N+1 needs the token of step N, as SGLang does it). Nothing here
-blocks: the caller waits for input between turns (the scheduler process polls its sockets;
+step N+1 is built and submitted while the workers run step N, grammar requests included: the
+worker that samples fills their masks from its own matchers (``tgi_zmq.model_runner``). Nothing
+here blocks: the caller waits for input between turns (the scheduler process polls its sockets;
 ``run_to_completion`` just loops).
 
 Where the steps run is an ``Executor``: the worker processes over ZeroMQ in the service
@@ -116,9 +116,8 @@ class EngineCore:
     def step(self) -> Outcome:
         """One turn: launch a step if there is room, then apply the oldest step's result if it is in."""
         out = Outcome()
-        depth = 1 if self.policy.constrained() else self.depth
-        out.launched = len(self.inflight) < depth and self._launch(out)
-        if self.inflight and (len(self.inflight) >= depth or not out.launched):
+        out.launched = len(self.inflight) < self.depth and self._launch(out)
+        if self.inflight and (len(self.inflight) >= self.depth or not out.launched):
             self._complete(out)
         return out
 

@@ -5,11 +5,15 @@ Why llguidance: it compiles a JSON schema in about a millisecond, fills a vocabu
 microseconds, and says in plain words why a grammar is refused. This module is the one place that
 knows it: ``GrammarEngine.check`` compiles a request's grammar in the tokenizer process, a refusal
 being a 422; ``GrammarEngine.compile`` compiles it again, in the background, for the scheduler, whose
-``Compile.matcher`` copies it into the per-request ``Matcher``. A compile runs in a thread and counts
-as refused past ``timeout`` seconds; both processes keep the outcomes of the last grammars (LRU).
+``Compile.matcher`` copies it into the per-request ``Matcher`` (it only says when the grammar is
+done). A compile runs in a thread and counts as refused past ``timeout`` seconds; each process keeps
+the outcomes of the last grammars (LRU).
 
-The masks are bitmasks, 32 tokens to an int32 (llguidance's layout); ``unpack`` turns them into a
-boolean mask on the step's device (``sampler.VocabMask``).
+The masks are made where the tokens are sampled: the worker of rank 0 keeps a matcher per state row
+(``RowMatchers``), started from the grammar the step that first samples for a request brings, and
+advanced with the tokens it samples itself, so the scheduler may build a step before it knows the
+previous one's tokens. The masks are bitmasks, 32 tokens to an int32 (llguidance's layout);
+``unpack`` turns them into a boolean mask on the step's device (``sampler.VocabMask``).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tgi_zmq.messages import Grammar
+from tgi_zmq.messages import Grammar, GrammarStart
 
 if TYPE_CHECKING:
     import llguidance
@@ -183,10 +187,14 @@ class Matcher:
         self.mask_words = mask_words
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        """Write the tokens allowed next into ``bitmask[row]`` (int32, 32 tokens a word)."""
+        """Write the tokens allowed next into ``bitmask[row]`` (int32, 32 tokens a word). A matcher in
+        error allows every token, not none: a row of -inf logits samples NaNs (its request ends anyway)."""
         import llguidance.torch
 
-        llguidance.torch.fill_next_token_bitmask(self._matcher, bitmask, row)
+        if self._matcher.is_error():
+            bitmask[row] = -1
+        else:
+            llguidance.torch.fill_next_token_bitmask(self._matcher, bitmask, row)
 
     def consume(self, token: int) -> None:
         self._matcher.consume_token(token)
@@ -195,6 +203,54 @@ class Matcher:
     def done(self) -> bool:
         """Nothing can follow (the grammar is complete and allows no more tokens)."""
         return self._matcher.is_stopped()
+
+
+class RowMatchers:
+    """The grammar matchers of the worker that samples, one per state row (``tgi_zmq.step``).
+
+    A step brings a ``GrammarStart`` for a request's first sample in its row; after that the
+    worker advances the row's matcher with the tokens it samples itself. llguidance loads over the
+    model's tokenizer at the first grammar; a compile is waited for (the tokenizer process already
+    compiled the grammar within its timeout; the scheduler's watchdog bounds a slow one).
+    """
+
+    def __init__(self, tokenizer_id: str, timeout: float):
+        self.tokenizer_id = tokenizer_id
+        self.timeout = timeout
+        self._engine: GrammarEngine | None = None
+        self._rows: dict[int, Matcher] = {}
+
+    @property
+    def engine(self) -> GrammarEngine:
+        if self._engine is None:
+            from transformers import AutoTokenizer
+
+            self._engine = GrammarEngine(AutoTokenizer.from_pretrained(self.tokenizer_id), self.timeout)
+        return self._engine
+
+    def forget(self) -> None:
+        self._rows.clear()
+
+    def start(self, starts: Iterable[GrammarStart]) -> None:
+        """Each row's matcher at its grammar's start, past the tokens its request generated so far."""
+        for start in starts:
+            self._rows[start.row] = self.engine.matcher(start.grammar, start.output_ids)
+
+    def masks(self, rows: list[tuple[int, int]], num_rows: int, vocab_size: int) -> torch.Tensor:
+        """[num_rows, words] int32 bitmask over ``vocab_size`` tokens: each ``(row, state row)`` gets its
+        matcher's allowed tokens (none past the tokenizer's vocabulary), the other rows every token."""
+        words = self.engine.mask_words
+        bitmask = torch.full((num_rows, max(words, -(-vocab_size // 32))), -1, dtype=torch.int32)
+        for row, state_row in rows:
+            bitmask[row, words:] = 0
+            self._rows[state_row].fill(bitmask[:, :words], row)
+        return bitmask
+
+    def consume(self, rows: list[tuple[int, int]], sampled: torch.Tensor) -> None:
+        """Advance each ``(row, state row)``'s matcher with the token sampled in ``row`` (a host read)."""
+        tokens = sampled.tolist()
+        for row, state_row in rows:
+            self._rows[state_row].consume(tokens[row])
 
 
 def unpack(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -34,9 +34,10 @@ from typing import Any, TypeVar, Union
 
 import msgpack
 
-# 5: logprobs, top tokens, tools, more sampling parameters; 4: SamplingParams.grammar;
-# 3: the naming rule's renames, typed parts, max_new_tokens resolved once
-PROTOCOL_VERSION = 5
+# 6: StepRequest.grammars (the workers keep the grammar matchers); 5: logprobs, top tokens, tools, more
+# sampling parameters; 4: SamplingParams.grammar; 3: the naming rule's renames, typed parts,
+# max_new_tokens resolved once
+PROTOCOL_VERSION = 6
 
 _REGISTRY: dict[int, type] = {}
 T = TypeVar("T")
@@ -446,15 +447,29 @@ class TensorRef:
 CudaHandle = list[Any]
 
 
+@message(tag=31)
+class GrammarStart:
+    """A request's grammar, sent to the worker that samples (rank 0) in the first step that samples for
+    it in its state row: the worker's matcher for that row starts there, past ``output_ids`` (the
+    tokens generated so far: a replay or a recompute resumes its grammar where it was)."""
+
+    row: int  # the request's state row
+    grammar: Grammar
+    output_ids: list[int]
+
+
 @message(tag=21)
 class StepRequest:
-    """scheduler -> every worker: run one forward pass over the tensors in ``buffer``."""
+    """scheduler -> every worker: run one forward pass over the tensors in ``buffer``.
+
+    ``grammars`` travel here, not in shared memory: a grammar's text can be megabytes, sent once."""
 
     step_id: int
     scheduler_boot: str  # a worker answers with it, so a new scheduler ignores its predecessor's steps
     buffer: str
     tensors: list[TensorRef]
     cuda_handle: CudaHandle | None  # of ``buffer`` on GPU; None for shared memory
+    grammars: list[GrammarStart] = dataclasses.field(default_factory=list)  # rank 0's only
 
 
 @message(tag=22)

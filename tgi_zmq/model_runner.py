@@ -6,14 +6,14 @@ here, and the sampler. Both run on the step's device from host integers (``StepL
 
 Overlap and masks that depend on the previous token. With the overlap schedule the scheduler
 builds step N+1 before it knows the tokens of step N, so it cannot compute a grammar's mask for
-N+1 in time. The forward of N+1 does not need that mask, only its sampling does; so structured
-output will split the step in two messages, as vLLM v1 does (``execute_model`` then
-``sample_tokens(grammar_output)``): the worker runs ``forward(N+1)`` while the scheduler applies
-N's tokens to the grammar matchers and fills N+1's bitmask, then ``sample(N+1, [VocabMask])``
-runs once the mask arrives. Requests without a grammar keep the one-message step. (SGLang instead
-resolves the previous step's tokens on the forward thread before it builds the mask.) Today the
-engine takes the simpler road while a grammar request runs: no overlap, the mask rides in the step
-(``SamplingInputs.allowed``) and is applied here as a ``VocabMask``.
+N+1; the worker that samples (rank 0) can, since it sampled N's tokens itself. So the masks are
+made here (as SGLang resolves the previous step's tokens on its forward thread): rank 0 keeps a
+grammar matcher per state row (``tgi_zmq.grammar.RowMatchers``), started by the step that first
+samples for a request in its row (``Step.grammars``). Per step: forward (on CUDA launched
+asynchronously, so the host fills the masks while it runs) -> fill the grammar rows' bitmasks ->
+sample with them as a ``VocabMask`` on the step's device -> the matchers take the sampled tokens
+(a host read: one synchronisation on CUDA, only in steps with grammar rows). Steps without grammar
+rows do none of this, and the engine keeps its overlap depth either way.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 
 from tgi_zmq.attention import AttentionMetadata
 from tgi_zmq.block_manager import ceil_div
-from tgi_zmq.grammar import unpack
+from tgi_zmq.grammar import RowMatchers, unpack
 from tgi_zmq.models import load_model
 from tgi_zmq.parallel import Shard
 from tgi_zmq.sampler import LogitBias, LogitsProcessor, SamplingMetadata, VocabMask, Watermark, sample
@@ -62,6 +62,7 @@ class ModelRunner:
         max_rows: int = 128,
         max_total_tokens: int = 4096,
         watermark: Watermark = Watermark(),
+        grammar_timeout: float = 10.0,
     ):
         self.device = torch.device(device)
         self.shard = shard or Shard()
@@ -72,12 +73,14 @@ class ModelRunner:
         self.max_rows = max_rows
         self.max_pages = ceil_div(max_total_tokens, block_size) + 1
         self.watermark = watermark
+        self.grammars = RowMatchers(model_id, grammar_timeout)
         self.forget_requests()
 
     def forget_requests(self) -> None:
         """Drop the per-request state and the last step's samples (a new scheduler starts afresh)."""
         self.states = RequestStates(self.max_rows, self.max_pages, self.model.cfg.vocab_size, self.device)
         self.prev_ids = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.grammars.forget()
 
     @torch.inference_mode()
     def execute(self, step: Step, processors: Sequence[LogitsProcessor] = ()) -> StepOutput:
@@ -115,6 +118,8 @@ class ModelRunner:
         else:
             out = self._choose(step, layout, logits[:rows], list(processors))
             out.prompt_logprobs = _prompt_logprobs(logits[rows:], step.sampling.prompt_targets)
+            if layout.grammar_rows:
+                self.grammars.consume(layout.grammar_rows, out.next_ids)
         if self.shard.world > 1:
             self.shard.broadcast(out.next_ids)
         if layout.penalised:
@@ -129,10 +134,16 @@ class ModelRunner:
         s = step.sampling
         if layout.biased:
             processors.append(LogitBias(s.bias_rows, s.bias_ids, s.bias_values))
-        if layout.masked:
-            processors.append(VocabMask(unpack(s.allowed, logits.shape[-1])))
+        if layout.grammar_rows:
+            processors.append(self._grammar_mask(step, layout, logits.shape[-1]))
         sampled = sample(logits, self._sampling_metadata(step, layout), processors)
         return StepOutput(sampled.ids, sampled.logprobs, sampled.top_ids, sampled.top_logprobs, None)
+
+    def _grammar_mask(self, step: Step, layout: StepLayout, vocab_size: int) -> VocabMask:
+        """The grammar rows' allowed tokens, filled on the host (while the forward runs on CUDA)."""
+        self.grammars.start(step.grammars)
+        bitmask = self.grammars.masks(layout.grammar_rows, len(layout.sample_rows), vocab_size)
+        return VocabMask(unpack(bitmask.to(self.device, non_blocking=True), vocab_size))
 
     def forward_batch(self, step: Step, layout: StepLayout) -> ForwardBatch:
         """The model's view of a step whose state changes are taken in."""

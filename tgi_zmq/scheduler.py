@@ -35,11 +35,9 @@ PROMPT_LOGPROBS_CHUNK = 512
 
 
 class GrammarState(Protocol):
-    """A request's place in its grammar (``tgi_zmq.grammar.Matcher``)."""
+    """A request's place in its grammar (``tgi_zmq.grammar.Matcher``): the scheduler follows it only to
+    end the request when the grammar is done; the worker that samples keeps its own for the masks."""
 
-    mask_words: int
-
-    def fill(self, bitmask, row: int) -> None: ...  # the tokens allowed next, into ``bitmask[row]``
     def consume(self, token: int) -> None: ...
 
     @property
@@ -66,12 +64,14 @@ class Request:
     cross_blocks: list[int] = dataclasses.field(default_factory=list)  # pages of the encoder's K/V
     resumed: int = 0  # output tokens it arrived with (a replay after a fault): already streamed
     faults: int = 0  # worker losses it was running through (it recomputes after each)
-    # Its row in the workers' per-request state (page tables, penalty counts) while it runs, and what
-    # the workers already hold there (``tgi_zmq.step``): both start over when it (re)enters ``running``.
+    # Its row in the workers' per-request state (page tables, penalty counts, grammar matcher) while it
+    # runs, and what the workers already hold there (``tgi_zmq.step``): both start over when it
+    # (re)enters ``running``.
     state_row: int = -1
     pages_sent: int = 0
     cross_pages_sent: int = 0
     history_sent: bool = False
+    grammar_sent: bool = False
     grammar: GrammarState | None = None  # structured output: where it is in its grammar
     prompt_logprobs: list[float | None] = dataclasses.field(default_factory=list)  # if asked, by position
 
@@ -205,11 +205,6 @@ class SchedulePolicy:
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
 
-    def constrained(self) -> bool:
-        """Some request follows a grammar: its mask needs its last token, so no step may be built
-        before the one in flight is applied (the engine drops the overlap meanwhile)."""
-        return any(req.grammar is not None for req in (*self.running, *self.waiting))
-
     def forget_cache(self) -> list[Request]:
         """The workers' KV cache is gone (a worker restarted): forget every page and the prefix
         cache, and put every request back in the queue, oldest first, to recompute from its tokens.
@@ -277,7 +272,7 @@ class SchedulePolicy:
         """A state row for ``req``; the workers hold nothing of it there yet."""
         req.state_row = self.free_rows.pop()
         req.pages_sent = req.cross_pages_sent = 0
-        req.history_sent = False
+        req.history_sent = req.grammar_sent = False
         self.running.append(req)
 
     def _leave_running(self, req: Request) -> None:

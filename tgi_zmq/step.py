@@ -11,23 +11,30 @@ row of its state tables that the scheduler gave the request while it runs (``Req
 - its page table (and its encoder's pages, T5): a step sends only the pages added since the last
   step, as ``(state row, page index, page id)`` triples;
 - its penalty token counts: a penalised request's token history is sent once, in the first step
-  that samples for it in its row; the worker then counts the tokens it samples itself.
+  that samples for it in its row; the worker then counts the tokens it samples itself;
+- its grammar matcher (structured output, rank 0 only): the grammar and the tokens generated so far
+  are sent once, in the first step that samples for it in its row (``Step.grammars``, in the
+  ``StepRequest`` message: a grammar's text is no tensor); each step then flags the sampling rows
+  that follow a grammar (``SamplingInputs.grammar``), and the worker fills their masks itself and
+  advances their matchers with the tokens it samples, so no mask waits for the scheduler.
 
 Shapes (B requests, R of them sampling, T tokens): ``StepInputs`` [T] and [B]; ``SamplingInputs``
 [R]; ``EncoderInputs`` for the requests whose encoder runs this step. ``Step.to_tensors`` names
 them ``<part>.<field>`` for the transport (``tgi_zmq.transport``); ``step_buffer_size`` bounds
-their bytes.
+their bytes (the grammars are not among them).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
 
 from tgi_zmq.block_manager import ceil_div
 from tgi_zmq.config import MAX_EOS_TOKEN_IDS, MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
+from tgi_zmq.messages import GrammarStart
 from tgi_zmq.sampler import Draw
 
 if TYPE_CHECKING:
@@ -35,7 +42,6 @@ if TYPE_CHECKING:
     from tgi_zmq.scheduler import Request, ScheduledBatch
 
 PAGE_UPDATE = 3  # ints per page-table update: state row, page index, page id
-MAX_MASK_WORDS = 8192  # a grammar mask's int32 words per row: vocabularies up to 262,144 tokens
 MAX_BIAS_PER_ROW = MAX_LOGIT_BIAS + MAX_STOP_TOKEN_IDS + MAX_EOS_TOKEN_IDS
 
 
@@ -73,7 +79,7 @@ class SamplingInputs:
     history_rows: torch.Tensor  # [H] int64: rows (of R) whose penalty counts start over this step
     history_ids: torch.Tensor  # [sum of lengths] int64: their token histories, back to back
     history_start: torch.Tensor  # [H+1] int64
-    allowed: torch.Tensor  # [R, words] int32 bitmask of the tokens each row may sample; [0, 0]: no grammar
+    grammar: torch.Tensor  # [R] bool: follows a grammar (its matcher lives in the worker's row)
     watermark: torch.Tensor  # [R] bool
     top_n: torch.Tensor  # [R] int64: how many of the most likely tokens to return
     bias_rows: torch.Tensor  # [N] int64: sparse logit biases (``logit_bias``; -inf bans, ``min_tokens``)
@@ -108,6 +114,7 @@ class Step:
     inputs: StepInputs
     sampling: SamplingInputs
     encoder: EncoderInputs | None = None
+    grammars: list[GrammarStart] = dataclasses.field(default_factory=list)  # not tensors: in the message
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """The flat ``<part>.<field>`` names the transport writes."""
@@ -119,7 +126,7 @@ class Step:
         return out
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> Step:
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], grammars: Iterable[GrammarStart] = ()) -> Step:
         parts: dict[str, dict[str, torch.Tensor]] = {}
         for name, tensor in tensors.items():
             part, _, field = name.partition(".")
@@ -127,14 +134,16 @@ class Step:
                 raise ValueError(f"unknown step tensor {name!r}")
             parts.setdefault(part, {})[field] = tensor
         built = {part: _PARTS[part](**fields) for part, fields in parts.items()}
-        return cls(**built)
+        return cls(**built, grammars=list(grammars))
 
     def to(self, device: torch.device) -> Step:
-        return Step.from_tensors({k: t.to(device, non_blocking=True) for k, t in self.to_tensors().items()})
+        tensors = {k: t.to(device, non_blocking=True) for k, t in self.to_tensors().items()}
+        return Step.from_tensors(tensors, self.grammars)
 
     def layout(self) -> StepLayout:
         """The host-side numbers the worker plans with (read before the tensors go to the device)."""
         enc, s = self.encoder, self.sampling
+        sample_rows, state_rows = s.rows.tolist(), self.inputs.state_rows.tolist()
         fields = (s.greedy, s.temperature, s.top_k, s.top_p, s.typical_p, s.seeds, s.sample_index)
         columns = [c.tolist() for c in fields]
         draws = [
@@ -145,13 +154,13 @@ class Step:
         return StepLayout(
             query_start=self.inputs.query_start.tolist(),
             context_lens=self.inputs.context_lens.tolist(),
-            sample_rows=s.rows.tolist(),
+            sample_rows=sample_rows,
             draws=draws,
             penalised=bool(s.penalised.any()),
-            masked=s.allowed.shape[0] > 0,
+            grammar_rows=[(row, state_rows[sample_rows[row]]) for row in _true_rows(s.grammar)],
             num_histories=len(s.history_rows),
             top_n=max(s.top_n.tolist(), default=0),
-            watermarked=[row for row, on in enumerate(s.watermark.tolist()) if on],
+            watermarked=_true_rows(s.watermark),
             biased=len(s.bias_rows) > 0,
             num_prompt_rows=len(s.prompt_rows),
             encoder_start=enc.start.tolist() if enc is not None else [],
@@ -169,7 +178,7 @@ class StepLayout:
     sample_rows: list[int]  # requests that sample
     draws: list[Draw]  # rows (of R) that sample at random; the others are greedy
     penalised: bool  # some row applies penalties
-    masked: bool  # some row follows a grammar (``SamplingInputs.allowed``)
+    grammar_rows: list[tuple[int, int]]  # (row of R, its state row) of the rows that follow a grammar
     num_histories: int  # rows whose penalty counts start over
     top_n: int  # the most top tokens a row asks for
     watermarked: list[int]  # rows (of R) with the watermark
@@ -183,9 +192,9 @@ def step_buffer_size(max_step_tokens: int, max_rows: int, max_total_tokens: int,
     """Bytes one step's tensors can need at most.
 
     Per token 3 int64 (+ an encoder's 2, + 2 for a scored prompt token); per request 4+4+8 bytes and
-    its page updates; per sampling row 12 fields of 8 bytes at most, its grammar mask and its logit
-    biases; penalty histories are sent once per request, bounded by every row starting over in one
-    step (after a worker restart, say).
+    its page updates; per sampling row 16 fields of 8 bytes at most and its logit biases; penalty
+    histories are sent once per request, bounded by every row starting over in one step (after a
+    worker restart, say). Grammars travel in the step's message, not in this buffer.
     """
     max_pages = ceil_div(max_total_tokens, block_size) + 1
     return (
@@ -193,7 +202,6 @@ def step_buffer_size(max_step_tokens: int, max_rows: int, max_total_tokens: int,
         + (16 + 2 * 8 * PAGE_UPDATE * max_pages) * max_rows
         + 8 * 16 * max_rows
         + 8 * max_rows * max_total_tokens
-        + 4 * max_rows * MAX_MASK_WORDS
         + 20 * max_rows * MAX_BIAS_PER_ROW
         + (1 << 16)
     )
@@ -226,7 +234,7 @@ def build_step(batch: ScheduledBatch, block_size: int, eos_token_ids: tuple[int,
     encoder = _encoder_inputs(batch, block_size) if batch.requests[0].encoder_ids else None
     sampling = _sampling_inputs(batch, eos_token_ids[:MAX_EOS_TOKEN_IDS])
     sampling.prompt_rows, sampling.prompt_targets = _scored_prompt(batch, query_start)
-    return Step(inputs, sampling, encoder)
+    return Step(inputs, sampling, encoder, _grammar_starts(batch))
 
 
 def _scored_prompt(batch: ScheduledBatch, query_start: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,7 +284,6 @@ def _sampling_inputs(batch: ScheduledBatch, eos_token_ids: tuple[int, ...]) -> S
     history_rows: list[int] = []
     history_ids: list[int] = []
     history_start = [0]
-    allowed = _grammar_masks(reqs)
     bias_rows: list[int] = []
     bias_ids: list[int] = []
     bias_values: list[float] = []
@@ -304,7 +311,7 @@ def _sampling_inputs(batch: ScheduledBatch, eos_token_ids: tuple[int, ...]) -> S
         history_rows=_ints(history_rows),
         history_ids=_ints(history_ids),
         history_start=_ints(history_start),
-        allowed=allowed,
+        grammar=torch.tensor([p.grammar is not None for p in params], dtype=torch.bool),
         watermark=torch.tensor([p.watermark for p in params], dtype=torch.bool),
         top_n=_ints([p.top_n_tokens for p in params]),
         bias_rows=_ints(bias_rows),
@@ -324,15 +331,24 @@ def _biases(req: Request, slot: int, eos_token_ids: tuple[int, ...]) -> list[tup
     return biases
 
 
-def _grammar_masks(reqs: list[Request]) -> torch.Tensor:
-    """Rows with a grammar get its mask for their next token, the others allow everything."""
-    grammars = [(row, req.grammar) for row, req in enumerate(reqs) if req.grammar is not None]
-    if not grammars:
-        return torch.zeros(0, 0, dtype=torch.int32)
-    allowed = torch.full((len(reqs), grammars[0][1].mask_words), -1, dtype=torch.int32)
-    for row, grammar in grammars:
-        grammar.fill(allowed, row)
-    return allowed
+def _grammar_starts(batch: ScheduledBatch) -> list[GrammarStart]:
+    """The grammars of the rows that sample for the first time in their state row; marks them sent.
+
+    The tokens before the sampled one are all real: a request enters its row with none of its
+    placeholders left (``scheduler._drop_placeholders``) and samples nothing until this step.
+    """
+    starts = []
+    for req, slot in zip(batch.requests, batch.sample_slots, strict=True):
+        if slot >= 0 and req.params.grammar is not None and not req.grammar_sent:
+            starts.append(
+                GrammarStart(req.state_row, req.params.grammar, req.token_ids[req.prompt_len : slot])
+            )
+            req.grammar_sent = True
+    return starts
+
+
+def _true_rows(flags: torch.Tensor) -> list[int]:
+    return [row for row, on in enumerate(flags.tolist()) if on]
 
 
 def _ints(values: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:

@@ -3,8 +3,9 @@ supervision.
 
 Steps go out as a ``StepRequest`` header on a ROUTER socket to every rank, their tensors in a ring
 of shared-memory buffers (always host memory: each rank copies a step to its own device, so no
-rank reads another one's GPU); rank 0 answers with a ``StepResult`` whose tensors are in its own
-buffer (CUDA IPC on GPU) or a ``WorkerFailure``.
+rank reads another one's GPU); the grammars a step starts ride in rank 0's header only (it alone
+samples). Rank 0 answers with a ``StepResult`` whose tensors are in its own buffer (CUDA IPC on
+GPU) or a ``WorkerFailure``.
 
 Supervision: which ranks are loaded (their boot ids), and killing them when the group must
 restart (supervisord starts them again). A process group cannot take a new member, so every rank
@@ -66,11 +67,14 @@ class WorkerGroup:
 
     def submit(self, step_id: int, step: Step) -> None:
         buffer, refs, handle = self.ring.write(step.to_tensors())
-        header = m.encode(m.StepRequest(step_id, BOOT_ID, buffer, refs, handle))
+        header = m.encode(m.StepRequest(step_id, BOOT_ID, buffer, refs, handle, step.grammars))
+        others = header
+        if step.grammars and self.config.num_shard > 1:
+            others = m.encode(m.StepRequest(step_id, BOOT_ID, buffer, refs, handle))
         self.pending.add(step_id)
         try:
             for rank in range(self.config.num_shard):
-                self.sock.send_multipart([f"worker-{rank}".encode(), header])
+                self.sock.send_multipart([f"worker-{rank}".encode(), others if rank else header])
         except zmq.ZMQError as exc:  # a rank is gone (ROUTER_MANDATORY): its replacement will boot
             raise WorkersLost(str(exc)) from exc
 

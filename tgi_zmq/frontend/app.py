@@ -214,6 +214,8 @@ ROUTES = (
     _post("/invocations", extra_routes.invocations, s.InvocationsRequest, s.InvocationsResponse,
           s.StreamResponse, summary="SageMaker: a POST /, chat or completion body"),
 )  # fmt: skip
+
+
 def create_app(config: ServerConfig) -> web.Application:
     """The application; its pipeline sockets open on startup and close on cleanup."""
     middlewares = [_errors] + ([require_api_key(config.api_key)] if config.api_key else [])
