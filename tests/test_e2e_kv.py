@@ -55,6 +55,21 @@ def test_shared_prefix_is_reused(service):
     assert hits >= system_tokens - 16, (hits, system_tokens)  # whole 16-token blocks
 
 
+def test_copies_compute_their_prompt_once(service):
+    """``best_of`` (and ``n``) copies: the first computes the prompt, the others take its pages from the
+    prefix cache (that they wait for them when they arrive in the same step: test_scheduler_policy)."""
+    prompt = " ".join(random.Random(1).choice("red green blue cyan".split()) for _ in range(80))
+    tokens = len(requests.post(service.url + "/tokenize", json={"inputs": prompt}, timeout=10).json())
+    hits_before = metrics(service).get("tgi_prefix_cache_hit_tokens_total", 0.0)
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": 2, "best_of": 3, "do_sample": True}}
+    assert requests.post(service.url + "/generate", json=body, timeout=300).status_code == 200
+    full_pages = (tokens - 1) // 16 * 16
+    hits = wait_for_metric(
+        service, "tgi_prefix_cache_hit_tokens_total", lambda v: v >= hits_before + 2 * full_pages
+    )
+    assert hits - hits_before >= 2 * full_pages, (hits - hits_before, tokens)
+
+
 @pytest.fixture(scope="module")
 def small_kv(tmp_path_factory):
     """A KV cache of 512 tokens: 16 requests of ~100 tokens each need three times that."""

@@ -94,7 +94,7 @@ def test_policy_never_double_allocates_or_leaks(actions, num_blocks, budget, lag
 
 def test_preemption_takes_the_newest_and_requeues_it_first():
     sched = SchedulePolicy(BlockManager(4, 4), 64, 8, eos_token_ids=(), max_total_tokens=16)
-    old, new = Request("old", [1] * 8, SamplingParams(), 8), Request("new", [1] * 7, SamplingParams(), 8)
+    old, new = Request("old", [1] * 8, SamplingParams(), 8), Request("new", [2] * 7, SamplingParams(), 8)
     sched.add(old)
     sched.add(new)
     batch = sched.schedule()
@@ -198,9 +198,26 @@ def test_forget_cache_drops_every_page_and_the_prefix_cache():
         assert all(t >= 0 for t in req.token_ids)  # placeholders of the void step are gone
     assert old.token_ids == [*range(1, 10), 7]
     assert sched.update(in_flight, [8, 9], [0.0, 0.0]) == []  # the void step's tokens are dropped
-    batch = sched.schedule()
-    assert batch.starts == [0, 0] and sched.prefix_hit_tokens == 8  # no stale prefix hit
+    batch = sched.schedule()  # new waits for old to compute their common prompt again
+    assert batch.requests == [old] and batch.starts == [0] and sched.prefix_hit_tokens == 8  # no stale hit
     check_invariants(sched)
+
+
+def test_copies_of_a_prompt_compute_it_once():
+    """``n`` / ``best_of`` copies: the first computes the prompt, the others wait until its pages are
+    in the prefix cache (the overlap's lag included), then take them."""
+    sched = SchedulePolicy(BlockManager(16, 4), 64, 8, eos_token_ids=(), max_total_tokens=32)
+    copies = [Request(f"c{i}", list(range(1, 13)), SamplingParams(), 4) for i in range(3)]
+    other = Request("other", [7] * 12, SamplingParams(), 4)
+    for req in [*copies, other]:
+        sched.add(req)
+    first = sched.schedule()
+    assert first.requests == [copies[0]]  # the queue waits behind the copies, in order
+    assert sched.schedule().requests == [copies[0]]  # overlap: the first step's pages not registered yet
+    sched.update(first, [5], [0.0])
+    batch = sched.schedule()
+    assert batch.requests[1:] == [copies[1], copies[2], other]
+    assert batch.starts[1:] == [8, 8, 0] and sched.prefix_hit_tokens == 16
 
 
 def test_a_replayed_request_continues_its_output_and_its_sample_index():

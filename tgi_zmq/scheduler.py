@@ -250,6 +250,8 @@ class SchedulePolicy:
         admit = self.num_preemptions == preemptions  # no room made this step: don't take it back
         while admit and self.waiting and budget > 0 and len(self.running) < self.max_running:
             req = self.waiting[0]
+            if self._prompt_in_flight(req):
+                break  # a step or two later its first pages come from the prefix cache
             if len(req.encoder_ids) > budget and batch.requests:
                 break  # an encoder is not chunked: it waits for a step with room for all of it
             budget -= len(req.encoder_ids)
@@ -267,6 +269,19 @@ class SchedulePolicy:
             batch.add(req, n)
             budget -= n
         return batch if batch.requests else None
+
+    def _prompt_in_flight(self, req: Request) -> bool:
+        """A running request is still computing the first page of ``req``'s prompt (copies of one
+        prompt: ``n``, ``best_of``), up to the pages a prompt can take from the cache (its last token
+        is always computed). Admitting ``req`` now would compute those pages twice; once they are
+        registered, ``req`` takes them from the prefix cache."""
+        size = self.block_manager.block_size
+        if not self.block_manager.enable_prefix_caching or req.encoder_ids or req.params.prompt_logprobs:
+            return False
+        head = req.token_ids[:size]
+        return req.num_tokens > size and any(
+            r.hashed_blocks < (r.prompt_len - 1) // size and r.token_ids[:size] == head for r in self.running
+        )
 
     def _enter_running(self, req: Request) -> None:
         """A state row for ``req``; the workers hold nothing of it there yet."""
