@@ -67,8 +67,11 @@ def test_clients_get_top_tokens_streamed_and_not(service):
     from huggingface_hub import InferenceClient
     from text_generation import Client
 
-    out = Client(service.url, timeout=120).generate(PROMPT, max_new_tokens=4, top_n_tokens=2)
+    out = Client(service.url, timeout=120).generate(
+        PROMPT, max_new_tokens=4, top_n_tokens=2, decoder_input_details=True
+    )
     assert [len(top) for top in out.details.top_tokens] == [2] * 4
+    assert [t.text for t in out.details.prefill] == ["The", " capital", " of", " France", " is"]
     events = list(
         InferenceClient(base_url=service.url).text_generation(
             PROMPT, max_new_tokens=4, top_n_tokens=2, stream=True, details=True
