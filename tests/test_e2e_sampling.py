@@ -63,7 +63,7 @@ def test_prefill_and_top_tokens_are_transformers_logprobs(service):
         assert top[0]["id"] == generated[step]  # greedy: the first is the chosen one
 
 
-def test_clients_get_top_tokens_streamed_and_not(service):
+def test_clients_get_top_tokens_streamed_and_not(service, hub_online):
     from huggingface_hub import InferenceClient
     from text_generation import Client
 
