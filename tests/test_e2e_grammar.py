@@ -121,3 +121,19 @@ def test_a_grammar_that_compiles_too_long_is_a_422_and_the_service_carries_on(tm
         assert answer.json()["generated_text"] == "ab"
     finally:
         stop_service(svc, wait=False)
+
+
+def test_huggingface_hub_grammar_and_response_format(service, hub_online):
+    from huggingface_hub import InferenceClient
+
+    client = InferenceClient(base_url=service.url)
+    regex = "(19|20)[0-9]{2}-[01][0-9]"
+    grammar = {"type": "regex", "value": regex}
+    text = client.text_generation("A date:", max_new_tokens=20, grammar=grammar)
+    assert text.startswith("A date:") and re.fullmatch(regex, text[7:])  # POST /: full text, as TGI's
+    out = client.chat_completion(
+        [{"role": "user", "content": "The biggest city of France, as JSON."}],
+        max_tokens=60,
+        response_format={"type": "json", "value": SCHEMA},
+    )
+    assert conforms(out.choices[0].message.content)
