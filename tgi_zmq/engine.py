@@ -103,6 +103,7 @@ class EngineCore:
         self.policy = policy
         self.executor = executor
         self.block_size = block_size
+        self.eos_token_ids = tuple(sorted(policy.eos_token_ids))  # banned before a row's min_tokens
         self.depth = 2 if overlap else 1
         self.watchdog_timeout = watchdog_timeout
         self.inflight: deque[InFlight] = deque()
@@ -130,8 +131,7 @@ class EngineCore:
         step = InFlight(self.step_id, batch, built, len(self.inflight))
         self.inflight.append(step)
         try:
-            eos_token_ids = tuple(sorted(self.policy.eos_token_ids))
-            self.executor.submit(step.step_id, build_step(batch, self.block_size, eos_token_ids))
+            self.executor.submit(step.step_id, build_step(batch, self.block_size, self.eos_token_ids))
         except WorkersLost as exc:
             out.failed += self.lose_workers(f"the workers are unreachable ({exc})")
             return False

@@ -179,6 +179,9 @@ def sample(
     for draw in meta.draws:
         next_ids[draw.row], logprobs[draw.row] = _sample_row(logits[draw.row], draw)
     chosen = logprobs.gather(1, next_ids.view(-1, 1)).view(-1)
+    if not meta.top_n:  # the usual step: no top tokens asked, no top-k over the vocabulary
+        empty = logprobs.new_empty(len(chosen), 0)
+        return Sampled(next_ids, chosen, empty.long(), empty)
     top_logprobs, top_ids = torch.topk(logprobs, min(meta.top_n, logprobs.shape[-1]), dim=-1)
     return Sampled(next_ids, chosen, top_ids, top_logprobs)
 

@@ -80,6 +80,11 @@ class Job:
         return "".join(self.texts)
 
     @property
+    def mean_logprob(self) -> float:
+        """How ``best_of`` ranks copies (TGI's rule): the mean logprob of the generated tokens."""
+        return sum(self.logprobs) / max(len(self.logprobs), 1)
+
+    @property
     def seed(self) -> int | None:
         return self.request.params.seed
 

@@ -258,9 +258,7 @@ def _completion(group: JobGroup, *, shape: _Shape, n: int, runs: int) -> web.Res
     for first in range(0, len(group.jobs), runs):
         copies = group.jobs[first : first + runs]
         if runs > n:
-            copies = sorted(
-                copies, key=lambda job: sum(job.logprobs) / max(len(job.logprobs), 1), reverse=True
-            )
+            copies = sorted(copies, key=lambda job: job.mean_logprob, reverse=True)
         for job in copies[:n]:
             choices.append(
                 {

@@ -149,10 +149,6 @@ def _prefill(job: Job) -> list[dict[str, Any]]:
     ]
 
 
-def _mean_logprob(job: Job) -> float:
-    return sum(job.logprobs) / max(len(job.logprobs), 1)
-
-
 def _full_text(job: Job, options: _Options) -> str:
     return options.prompt + job.text if options.return_full_text else job.text
 
@@ -160,7 +156,7 @@ def _full_text(job: Job, options: _Options) -> str:
 def _generate_json(group: JobGroup, *, fe: Frontend, options: _Options, as_list: bool) -> web.Response:
     """The best copy's answer (TGI's ``best_of``: the highest mean token logprob); the others go in
     its details' ``best_of_sequences``."""
-    best, *others = sorted(group.jobs, key=_mean_logprob, reverse=True)
+    best, *others = sorted(group.jobs, key=lambda job: job.mean_logprob, reverse=True)
     payload: dict[str, Any] = {"generated_text": _full_text(best, options)}
     if options.details:
         payload["details"] = _details(best, options)
