@@ -65,9 +65,10 @@ class Worker:
             torch.cuda.set_device(self.device)
         self.shard = init_group(rank, config.num_shard, config.master_addr, config.master_port, self.device)
         self.log.info(
-            "loading %s (%s on %s, rank %d of %d)",
+            "loading %s (%s%s on %s, rank %d of %d)",
             config.model_id,
             config.dtype,
+            f", quantize {config.quantize}" if config.quantize else "",
             self.device,
             rank,
             self.shard.world,
@@ -83,6 +84,8 @@ class Worker:
             config.max_total_tokens,
             Watermark(config.watermark_gamma, config.watermark_delta),
             grammar_timeout=config.watchdog_timeout,  # waiting longer is moot: the watchdog restarts us
+            quantize=config.quantize,
+            kv_cache_dtype=config.kv_cache_dtype,
         )
         self.log.info(
             "loaded in %.1fs; weights %.1f MiB on this rank; KV cache %d blocks x %d tokens (%.0f MiB)",

@@ -111,6 +111,7 @@ def run_engine(
     shard: Shard | None = None,
     device: str = "cpu",
     requests_out: list[Request] | None = None,
+    quantize: str | None = None,
 ) -> tuple[list[list[int]], SchedulePolicy]:
     """The engine core over a model in this process (``LocalExecutor``), until every request is done.
 
@@ -120,7 +121,7 @@ def run_engine(
     """
     max_running, max_total = 64, 10_000
     runner = ModelRunner(
-        str(folder), "float32", device, num_blocks, block_size, shard, max_running, max_total
+        str(folder), "float32", device, num_blocks, block_size, shard, max_running, max_total, quantize=quantize
     )
     blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
     sched = SchedulePolicy(blocks, max_step_tokens, max_running, (), max_total)

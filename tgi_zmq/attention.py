@@ -176,10 +176,23 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
+FP8 = (torch.float8_e5m2, torch.float8_e4m3fn)
+
+
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache, v_cache, slots: torch.Tensor) -> None:
-    """Write K/V [T, kv_heads, dim] into the cache slots ``block * block_size + offset``."""
-    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
-    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v)
+    """Write K/V [T, kv_heads, dim] into the cache slots ``block * block_size + offset``
+    (cast to the cache's dtype: an 8-bit float cache is copied as bytes, which every device can)."""
+    for new, cache in ((k, k_cache), (v, v_cache)):
+        if cache.dtype in FP8:
+            new, cache = new.to(cache.dtype).view(torch.uint8), cache.view(torch.uint8)
+        cache.view(-1, *new.shape[1:]).index_copy_(0, slots, new)
+
+
+def read_pages(cache: torch.Tensor, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The pages ``blocks`` of a layer's cache, in ``dtype`` (an 8-bit float cache is widened)."""
+    if cache.dtype in FP8:
+        return cache.view(torch.uint8).index_select(0, blocks).view(cache.dtype).to(dtype)
+    return cache.index_select(0, blocks)
 
 
 def paged_attention(
@@ -212,8 +225,8 @@ def _decode(q, k_cache, v_cache, group: DecodeGroup, scale: float) -> torch.Tens
     """
     n, heads, dim = q.shape
     kv_heads = k_cache.shape[2]
-    keys = k_cache.index_select(0, group.blocks).view(n, group.max_len, kv_heads, dim)
-    values = v_cache.index_select(0, group.blocks).view(n, group.max_len, kv_heads, dim)
+    keys = read_pages(k_cache, group.blocks, q.dtype).view(n, group.max_len, kv_heads, dim)
+    values = read_pages(v_cache, group.blocks, q.dtype).view(n, group.max_len, kv_heads, dim)
     keys, values = keys.permute(0, 2, 3, 1), values.transpose(1, 2)
     query = q.view(n, kv_heads, heads // kv_heads, dim)
     bias = group.bias if group.bias.shape[1] == 1 else group.bias.view(n, kv_heads, -1, group.max_len)
@@ -233,8 +246,8 @@ def _prefill(q, k, v, k_cache, v_cache, seq: PrefillSeq, scale: float) -> torch.
         )
     else:
         kv_shape = (-1, *k_cache.shape[2:])
-        keys = k_cache.index_select(0, seq.blocks).view(kv_shape).transpose(0, 1).unsqueeze(0)
-        values = v_cache.index_select(0, seq.blocks).view(kv_shape).transpose(0, 1).unsqueeze(0)
+        keys = read_pages(k_cache, seq.blocks, q.dtype).view(kv_shape).transpose(0, 1).unsqueeze(0)
+        values = read_pages(v_cache, seq.blocks, q.dtype).view(kv_shape).transpose(0, 1).unsqueeze(0)
         mask = seq.mask if seq.mask.dtype == torch.bool else seq.mask.to(query.dtype)
         out = F.scaled_dot_product_attention(
             query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True

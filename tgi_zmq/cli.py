@@ -18,6 +18,7 @@ from typing import Any
 
 from tgi_zmq.config import DEFAULT_MEMORY_FRACTION, DEFAULT_PREFILL_TOKENS, RUNTIME_DIR_ENV, ServerConfig
 from tgi_zmq.dtypes import CONVERTED, SERVED
+from tgi_zmq.quant import KV_CACHE_DTYPES, check_kv_cache_dtype
 
 log = logging.getLogger("launcher")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -31,8 +32,24 @@ LAUNCH_FLAGS: list[tuple[str, type, Any, str]] = [
         "--model-id",
         str,
         None,
-        "local folder with config.json, tokenizer files and *.safetensors "
+        "local folder with config.json, tokenizer files and *.safetensors, or a .gguf file served as it "
+        "is (its quantized blocks repacked, its tokenizer and chat template) "
         "(default: the bundled SmolLM2-135M-Instruct, converted once from its GGUF)",
+    ),
+    (
+        "--quantize",
+        str,
+        None,
+        "bitsandbytes | eetq (8-bit weights) | bitsandbytes-nf4 | bitsandbytes-fp4 (4-bit) | gptq | awq "
+        "(a pre-quantized checkpoint; found from its config.json when left out) | fp8 (CUDA, compute "
+        "capability 8.9+). A value the device cannot run is refused. A .gguf keeps its own quantization",
+    ),
+    (
+        "--kv-cache-dtype",
+        str,
+        None,
+        "fp8_e5m2 | fp8_e4m3fn: KV cache entries in 8-bit floats (half of bfloat16's memory, a quarter "
+        "of float32's), cast back to the model's dtype when read (default: the model's dtype)",
     ),
     ("--port", int, ServerConfig.port, "HTTP port"),
     ("--hostname", str, ServerConfig.hostname, "HTTP bind address"),
@@ -257,7 +274,7 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
     from tgi_zmq.models import architecture, launch_rules
     from tgi_zmq.parallel import Shard
 
-    model_dir = Path(args.model_id) if args.model_id else ensure_default_model()
+    model_dir = model_folder(args.model_id) if args.model_id else ensure_default_model()
     if not (model_dir / "config.json").exists():
         raise ValueError(f"--model-id {model_dir}: no config.json there (a local model folder is needed)")
     hf_config = json.loads((model_dir / "config.json").read_text())
@@ -277,6 +294,9 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
         Shard(0, args.num_shard).heads(model.num_heads, model.num_kv_heads)
     device = pick_device()
     dtype = pick_dtype(args.dtype, device)
+    quantize = pick_quantize(args.quantize, model_dir, device)
+    if args.kv_cache_dtype:
+        check_kv_cache_dtype(args.kv_cache_dtype, device)
     batch_total = args.max_batch_total_tokens or kv_budget(model_dir, hf_config, dtype, device, args)
     rules = launch_rules(model_dir, hf_config)
     context = min(rules.context, tokenizer_max_length(model_dir))
@@ -299,6 +319,8 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
         port=args.port,
         dtype=dtype,
         device=device,
+        quantize=quantize,
+        kv_cache_dtype=args.kv_cache_dtype or None,
         max_input_tokens=max_input,
         max_total_tokens=total,
         max_batch_prefill_tokens=args.max_batch_prefill_tokens
@@ -335,7 +357,8 @@ def kv_budget(model_dir: Path, hf_config: dict, dtype: str, device: str, args: a
     from tgi_zmq.memory import kv_budget_tokens
 
     fraction = args.memory_fraction or DEFAULT_MEMORY_FRACTION[device]
-    tokens = kv_budget_tokens(model_dir, hf_config, dtype, device, fraction, args.num_shard)
+    kv_dtype = KV_CACHE_DTYPES[args.kv_cache_dtype] if args.kv_cache_dtype else None
+    tokens = kv_budget_tokens(model_dir, hf_config, dtype, device, fraction, args.num_shard, kv_dtype)
     log.info(
         "KV cache: %d tokens fit in %.0f%% of the free %s memory left to each rank (--num-shard %d)",
         tokens,
@@ -362,6 +385,50 @@ def check_limits(max_input: int, total: int, batch_total: int, explicit_budget: 
             + ": lower --max-total-tokens"
             + (" or raise --max-batch-total-tokens" if explicit_budget else " or raise --memory-fraction")
         )
+
+
+def model_folder(model_id: str) -> Path:
+    """The folder ``--model-id`` names; a .gguf file gets a folder of its config and tokenizer."""
+    path = Path(model_id).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"--model-id {model_id}: no such GGUF file")
+        from tgi_zmq.quant.gguf import prepare_gguf_folder
+
+        return prepare_gguf_folder(path)
+    return path
+
+
+def pick_quantize(requested: str | None, model_dir: Path, device: str) -> str | None:
+    """The ``--quantize`` value served: the one asked if this device runs it and the checkpoint allows
+    it; a GPTQ/AWQ checkpoint's own method when none is asked; "gguf" for a GGUF file."""
+    from tgi_zmq.quant import check_quantize
+    from tgi_zmq.quant.gguf import is_gguf_folder
+    from tgi_zmq.quant.gptq import read_quant_config
+
+    if is_gguf_folder(model_dir):
+        if requested:
+            raise ValueError(
+                f"--quantize {requested}: a GGUF file is served in its own quantization; leave it out"
+            )
+        return "gguf"
+    if requested:
+        check_quantize(requested, device, cuda_capability() if device == "cuda" else None)
+    own = read_quant_config(model_dir)
+    if own is not None and requested not in (None, own.method):
+        raise ValueError(f"--quantize {requested}: {model_dir} is a {own.method} checkpoint; leave it out")
+    if own is None and requested in ("gptq", "awq"):
+        raise ValueError(
+            f"--quantize {requested} needs a {requested} checkpoint; {model_dir}/config.json has no "
+            f"quantization_config with quant_method {requested!r}"
+        )
+    return own.method if own is not None else requested
+
+
+def cuda_capability() -> tuple[int, int]:
+    import torch
+
+    return torch.cuda.get_device_capability()
 
 
 def pick_device() -> str:

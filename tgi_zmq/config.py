@@ -49,6 +49,8 @@ class ServerConfig:
     port: int = 8080
     dtype: str = "float32"  # resolved from --dtype: one of dtypes.SERVED
     device: str = "cpu"
+    quantize: str | None = None  # a --quantize value, "gguf" for a GGUF file, None: dense weights
+    kv_cache_dtype: str | None = None  # fp8_e5m2 | fp8_e4m3fn; None: the model's dtype
     # The launcher derives these four from the model, the device and the memory.
     max_input_tokens: int = 4095
     max_total_tokens: int = 4096

@@ -24,6 +24,8 @@ DTYPES: dict[str, DType] = {
     "float32": DType(4, "F32"),
     "float16": DType(2, "F16"),
     "bfloat16": DType(2, "BF16"),
+    "float8_e5m2": DType(1, "F8_E5M2"),
+    "float8_e4m3fn": DType(1, "F8_E4M3"),
     "int64": DType(8, "I64"),
     "int32": DType(4, "I32"),
     "int16": DType(2, "I16"),

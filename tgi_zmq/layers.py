@@ -72,7 +72,7 @@ class Linear:
         bias: bool = False,
         method: LinearMethod | None = None,
     ):
-        self.method = method or UnquantizedLinear()
+        self.method = method or weights.linear_method or UnquantizedLinear()
         self.method.load(self, weights, parts, cols)
         self.bias = _cat([weights.get(f"{p}.bias", rows) for p, rows in parts]) if bias else None
 
@@ -174,24 +174,33 @@ class RowParallelLinear(Linear):
 
 class VocabParallelEmbedding:
     """This rank's range of the vocabulary: each rank looks up the ids it holds (zeros for the
-    others) and an all-reduce sums the lookups."""
+    others) and an all-reduce sums the lookups. A quantized checkpoint's table (GGUF) stays
+    quantized: only the rows looked up are dequantized."""
 
     def __init__(self, weights: Weights, name: str, shard: Shard, vocab_size: int):
-        self.weight = weights.get(name, rows=shard.part(vocab_size))
+        table = weights.get_quantized(name, rows=shard.part(vocab_size))
+        self.weight = table.to(weights.dtype) if isinstance(table, torch.Tensor) else table
+        self.name, self.dtype = name, weights.dtype
         self.shard, self.vocab_size = shard, vocab_size
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         if self.shard.world == 1:
-            return F.embedding(ids, self.weight)
+            return self._lookup(ids)
         lo, hi = self.shard.split(self.vocab_size)
         mine = (ids >= lo) & (ids < hi)
-        x = F.embedding((ids - lo).clamp(0, hi - lo - 1), self.weight)
+        x = self._lookup((ids - lo).clamp(0, hi - lo - 1))
         return self.shard.all_reduce(x * mine.unsqueeze(-1).to(x.dtype))
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.weight, torch.Tensor):
+            return F.embedding(ids, self.weight)
+        return self.weight.rows(ids.reshape(-1)).dequantize(self.dtype).view(*ids.shape, -1)
 
 
 class ParallelLMHead(Linear):
     """This rank's range of the vocabulary's logits, gathered on rank 0 in float32 (None elsewhere).
-    ``tied``: the embedding's own weight (same vocabulary range) instead of ``<prefix>.weight``."""
+    ``tied``: the embedding's own weight (same vocabulary range) instead of ``<prefix>.weight``,
+    shared when the head is dense, read again through the head's method when it is quantized."""
 
     def __init__(
         self,
@@ -202,10 +211,14 @@ class ParallelLMHead(Linear):
         tied: VocabParallelEmbedding | None = None,
         method: LinearMethod | None = None,
     ):
+        method = method or weights.head_method
         if tied is None:
             super().__init__(weights, [(prefix, shard.part(vocab_size))], None, False, method)
-        else:
+        elif method is None and isinstance(tied.weight, torch.Tensor):
             self.method, self.weight, self.bias = UnquantizedLinear(), tied.weight, None
+        else:
+            tied_prefix = tied.name.removesuffix(".weight")
+            super().__init__(weights, [(tied_prefix, shard.part(vocab_size))], None, False, method)
         self.shard, self.vocab_size = shard, vocab_size
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor | None:

@@ -159,7 +159,7 @@ def rank_device(device: str, rank: int) -> str:
 
 
 def rank_memory(
-    model_dir: Path, hf_config: dict, dtype: str, device: str, num_shard: int
+    model_dir: Path, hf_config: dict, dtype: str, device: str, num_shard: int, kv_dtype: str | None = None
 ) -> list[RankMemory]:
     """What each of the ``num_shard`` ranks holds; refuses more GPU ranks than GPUs."""
     if device.startswith("cuda") and num_shard > torch.cuda.device_count():
@@ -170,7 +170,7 @@ def rank_memory(
     for rank in range(num_shard):
         shard = Shard(rank, num_shard)
         weights = rank_weights_bytes(model_dir, dtype, shard)
-        kv = kv_bytes_per_token(hf_config, dtype, shard)
+        kv = kv_bytes_per_token(hf_config, kv_dtype or dtype, shard)
         ranks.append(RankMemory(rank, rank_device(device, rank), weights, kv))
     return ranks
 
@@ -186,14 +186,20 @@ def free_memory(device: str) -> int:
 
 
 def kv_budget_tokens(
-    model_dir: Path, hf_config: dict, dtype: str, device: str, fraction: float, num_shard: int = 1
+    model_dir: Path,
+    hf_config: dict,
+    dtype: str,
+    device: str,
+    fraction: float,
+    num_shard: int = 1,
+    kv_dtype: str | None = None,
 ) -> int:
     """Tokens of KV cache that every rank holds in ``fraction`` of its memory left after its weights.
 
     Ranks on one device (the CPU) share its memory: their weights, reserves and KV bytes add up.
     """
     by_device: dict[str, list[RankMemory]] = {}
-    for rank in rank_memory(model_dir, hf_config, dtype, device, num_shard):
+    for rank in rank_memory(model_dir, hf_config, dtype, device, num_shard, kv_dtype):
         by_device.setdefault(rank.device, []).append(rank)
     tokens = []
     for dev, ranks in by_device.items():

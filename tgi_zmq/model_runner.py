@@ -63,10 +63,12 @@ class ModelRunner:
         max_total_tokens: int = 4096,
         watermark: Watermark = Watermark(),
         grammar_timeout: float = 10.0,
+        quantize: str | None = None,
+        kv_cache_dtype: str | None = None,
     ):
         self.device = torch.device(device)
         self.shard = shard or Shard()
-        self.model = load_model(model_id, dtype, device, self.shard)
+        self.model = load_model(model_id, dtype, device, self.shard, quantize, kv_cache_dtype)
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.cache = self.model.new_cache(num_blocks, block_size)

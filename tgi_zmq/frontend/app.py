@@ -145,6 +145,8 @@ async def info(request: web.Request) -> web.Response:
             "model_sha": None,
             "model_dtype": c.dtype,
             "model_device_type": c.device,
+            "quantize": c.quantize,
+            "kv_cache_dtype": c.kv_cache_dtype,
             "model_pipeline_tag": "text-generation",
             "max_concurrent_requests": c.max_concurrent_requests,
             "max_best_of": c.max_best_of,

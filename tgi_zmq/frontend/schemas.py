@@ -424,6 +424,8 @@ class Info(_Out):
     model_sha: str | None
     model_dtype: str | None = None
     model_device_type: str | None = None
+    quantize: str | None = Field(None, description="--quantize in use; gguf: a GGUF file's own blocks")
+    kv_cache_dtype: str | None = None
     model_pipeline_tag: str | None
     max_concurrent_requests: int
     max_best_of: int

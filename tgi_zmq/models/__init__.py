@@ -15,6 +15,8 @@ from tgi_zmq.models.llama import LlamaConfig, LlamaModel
 from tgi_zmq.models.t5 import T5Config, T5Model
 from tgi_zmq.models.weights import Weights
 from tgi_zmq.parallel import Shard
+from tgi_zmq.quant import KV_CACHE_DTYPES, QUANTIZE
+from tgi_zmq.quant.linear import head_method, linear_method
 
 log = logging.getLogger(__name__)
 ARCHITECTURES = {
@@ -65,17 +67,44 @@ def eos_token_ids(folder: str | Path, hf: dict) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def load_model(folder: str | Path, dtype: str, device: str, shard: Shard | None = None):
-    """Build the model of ``folder`` with weights cast to ``dtype`` (this rank's slice of them)."""
+def load_model(
+    folder: str | Path,
+    dtype: str,
+    device: str,
+    shard: Shard | None = None,
+    quantize: str | None = None,
+    kv_cache_dtype: str | None = None,
+):
+    """Build the model of ``folder`` with weights cast to ``dtype`` (this rank's slice of them),
+    its linears quantized as ``quantize`` (a ``--quantize`` value, "gguf", or None) says."""
     hf = read_config(folder)
     config_cls, model_cls = architecture(hf)
-    weights = Weights(folder, to_torch(dtype), torch.device(device))
+    weights = open_weights(folder, to_torch(dtype), torch.device(device), quantize)
     shard = shard or Shard()
     model = model_cls(config_cls.from_hf(hf), weights, to_torch(dtype), torch.device(device), shard)
+    if kv_cache_dtype:
+        model.kv_dtype = to_torch(KV_CACHE_DTYPES[kv_cache_dtype])
     unused = [n for n in weights.unused() if not n.endswith("rotary_emb.inv_freq")]
     if unused:
         log.warning("checkpoint tensors not used by the model: %s", ", ".join(unused[:20]))
     return model
+
+
+def open_weights(
+    folder: str | Path, dtype: torch.dtype, device: torch.device, quantize: str | None = None
+) -> Weights:
+    """The checkpoint's reader (safetensors or a GGUF file) with the linear methods of ``quantize``."""
+    from tgi_zmq.quant.gguf import GGUFWeights, is_gguf_folder
+
+    gguf = is_gguf_folder(Path(folder))
+    weights = GGUFWeights(gguf, dtype, device) if gguf else Weights(folder, dtype, device)
+    storage = QUANTIZE[quantize].storage if quantize in QUANTIZE else None
+    if gguf or getattr(weights, "quant_config", None) is not None:
+        storage = "checkpoint"  # the checkpoint's own blocks, repacked
+    if storage:
+        weights.linear_method = linear_method(storage, device.type)
+        weights.head_method = head_method(storage, device.type)
+    return weights
 
 
 def weight_bytes(model, seen: set[int] | None = None) -> int:

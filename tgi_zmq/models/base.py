@@ -58,9 +58,10 @@ class PagedModel:
         self.dtype = dtype
         self.device = device
         self.shard = shard
+        self.kv_dtype = dtype  # the KV cache's (``--kv-cache-dtype``)
 
     def new_cache(self, num_blocks: int, block_size: int) -> KVCache:
         c = self.cfg
         return KVCache(
-            c.num_layers, num_blocks, block_size, self.num_kv_heads, c.head_dim, self.dtype, self.device
+            c.num_layers, num_blocks, block_size, self.num_kv_heads, c.head_dim, self.kv_dtype, self.device
         )

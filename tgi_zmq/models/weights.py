@@ -10,9 +10,15 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
+
+if TYPE_CHECKING:
+    from tgi_zmq.layers import LinearMethod
+    from tgi_zmq.quant.gptq import QuantConfig
+    from tgi_zmq.quant.linear import Loaded
 
 INDEX_FILE = "model.safetensors.index.json"
 log = logging.getLogger(__name__)
@@ -41,6 +47,10 @@ class Weights:
         self.device = device
         self._handles: dict[Path, object] = {}
         self.used: set[str] = set()
+        self.quant_config = read_quant_config(self.folder)
+        # how the linears (and the LM head) hold their weights; None: dense, in ``dtype``
+        self.linear_method: LinearMethod | None = None
+        self.head_method: LinearMethod | None = None
         self._started = time.perf_counter()
         self._next_report = 0.25  # loading progress is logged at each quarter of the tensors
 
@@ -75,6 +85,31 @@ class Weights:
         self._report_progress()
         return tensor
 
+    def get_quantized(
+        self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None
+    ) -> Loaded:
+        """The checkpoint's own quantized form of ``<prefix>.weight`` (GPTQ/AWQ tensors, repacked:
+        only this slice), else the tensor in the model's dtype (a quantized method quantizes it)."""
+        prefix = name.removesuffix(".weight")
+        if self.quant_config is None or not self.has(f"{prefix}.qweight"):
+            return self.get(name, rows, cols)
+        return self._repacked(prefix, rows, cols)
+
+    def _repacked(self, prefix: str, rows: tuple[int, int] | None, cols: tuple[int, int] | None) -> Loaded:
+        """A GPTQ/AWQ linear's tensors (read whole: they are 4-bit) repacked into our 4-bit format,
+        only the rows and input columns of this rank."""
+        from tgi_zmq.quant.gptq import awq_to_int4, gptq_to_int4
+        from tgi_zmq.quant.linear import ActOrder
+
+        cfg = self.quant_config
+        qweight, qzeros = (self.get(f"{prefix}.{n}", dtype=torch.int32) for n in ("qweight", "qzeros"))
+        scales = self.get(f"{prefix}.scales", dtype=torch.float32)
+        if cfg.method == "awq":
+            return awq_to_int4(qweight, qzeros, scales, cfg, rows, cols)
+        g_idx = self.get(f"{prefix}.g_idx", dtype=torch.int32) if self.has(f"{prefix}.g_idx") else None
+        weight, perm = gptq_to_int4(qweight, qzeros, scales, g_idx, cfg, rows, cols)
+        return weight if perm is None else ActOrder(weight, perm)
+
     def mark_used(self, name: str) -> None:
         """Count ``name`` as read without reading it (a tensor only another rank holds, a saved copy
         of a shared one), so that it is not reported as unused."""
@@ -94,6 +129,12 @@ class Weights:
     def unused(self) -> list[str]:
         """Checkpoint tensors the model did not read (reported at load time)."""
         return sorted(set(self.files) - self.used)
+
+
+def read_quant_config(folder: Path) -> QuantConfig | None:
+    from tgi_zmq.quant.gptq import read_quant_config as read
+
+    return read(folder)
 
 
 def _tensor_files(folder: Path) -> dict[str, Path]:

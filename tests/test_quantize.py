@@ -1,0 +1,129 @@
+"""Quantized models on every architecture: our engine's greedy tokens equal transformers' on a float
+model whose weights are the dequantized quantized ones (so only the kernels' arithmetic may differ),
+alone and on two tensor-parallel ranks; and the launcher's choices and refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.helpers import ARCHITECTURES, hf_greedy, run_engine, tiny_model
+from tgi_zmq.cli import pick_quantize
+from tgi_zmq.messages import SamplingParams
+from tgi_zmq.models import load_model
+from tgi_zmq.quant import check_kv_cache_dtype, check_quantize, runnable
+from tgi_zmq.quant.formats import Int4Weight, Int8Weight
+from tgi_zmq.quant.linear import quantizer
+
+EMBEDDINGS = ("embed_tokens", "word_embeddings", "shared", "relative_attention_bias")
+PROMPTS = [[5, 9, 14, 3, 77], [200, 31, 8], [42] * 6]
+MAX_NEW = 8
+
+
+def dequantized_reference(folder: Path, out: Path, storage: str) -> Path:
+    """``folder`` with each linear's weight replaced by its quantized-then-dequantized value, as the
+    server quantizes them: the body by ``storage``, the LM head in 8 bits (an untied copy)."""
+    out.mkdir()
+    config = json.loads((folder / "config.json").read_text())
+    state = load_file(folder / "model.safetensors")
+    if "lm_head.weight" not in state:  # tied: the head is the embedding, quantized apart from it
+        embedding = next(name for name in state if any(e in name for e in EMBEDDINGS[:3]))
+        state["lm_head.weight"] = state[embedding].clone()
+        config["tie_word_embeddings"] = False
+    body, head = quantizer(storage), quantizer("int8")
+    for name, w in state.items():
+        if w.ndim == 2 and not any(e in name for e in EMBEDDINGS):
+            state[name] = (head if name == "lm_head.weight" else body)(w).dequantize().contiguous()
+    save_file(state, out / "model.safetensors", {"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("quantize", ["bitsandbytes", "bitsandbytes-nf4"])
+def test_quantized_tokens_equal_transformers_on_the_dequantized_weights(arch, quantize, tmp_path):
+    folder = tiny_model(arch, tmp_path / "model")
+    storage = {"bitsandbytes": "int8", "bitsandbytes-nf4": "nf4"}[quantize]
+    reference = dequantized_reference(folder, tmp_path / "reference", storage)
+    expected = [hf_greedy(reference, p, MAX_NEW) for p in PROMPTS]
+    params = [SamplingParams()] * len(PROMPTS)
+    assert run_engine(folder, PROMPTS, params, MAX_NEW, quantize=quantize)[0] == expected
+
+
+def test_layers_hold_quantized_weights(tmp_path):
+    folder = tiny_model("llama", tmp_path / "model")
+    dense = load_model(folder, "float32", "cpu")
+    int8 = load_model(folder, "float32", "cpu", quantize="bitsandbytes")
+    nf4 = load_model(folder, "float32", "cpu", quantize="bitsandbytes-nf4")
+    from tgi_zmq.models import weight_bytes
+
+    assert weight_bytes(int8) < 0.6 * weight_bytes(dense)
+    assert weight_bytes(nf4) < weight_bytes(int8)
+    assert isinstance(_unprepared(int8.layers[0].qkv.qweight), Int8Weight)
+    assert isinstance(_unprepared(nf4.layers[0].gate_up.qweight), Int4Weight)
+
+
+def _unprepared(prepared):
+    """The format behind what the kernels prepared (the kernels may wrap it)."""
+    return getattr(prepared, "weight", prepared)
+
+
+def test_devices_refuse_what_they_cannot_run():
+    assert "fp8" not in runnable("cpu")
+    with pytest.raises(ValueError, match="fp8 needs a CUDA GPU .* this cpu can run: bitsandbytes, eetq"):
+        check_quantize("fp8", "cpu")
+    with pytest.raises(ValueError, match="fp8 needs a CUDA GPU of compute capability 8.9"):
+        check_quantize("fp8", "cuda", (8, 0))
+    check_quantize("fp8", "cuda", (9, 0))
+    with pytest.raises(ValueError, match="unknown; this cpu can run: .*gptq, awq"):
+        check_quantize("int3", "cpu")
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        check_kv_cache_dtype("fp8_e5m2", "cpu")
+    with pytest.raises(ValueError, match="choose fp8_e5m2, fp8_e4m3fn"):
+        check_kv_cache_dtype("int8", "cuda")
+    check_kv_cache_dtype("fp8_e4m3fn", "cuda")
+
+
+def test_gptq_needs_a_gptq_checkpoint(tmp_path):
+    folder = tiny_model("llama", tmp_path / "model")
+    with pytest.raises(ValueError, match="needs a gptq checkpoint"):
+        pick_quantize("gptq", folder, "cpu")
+    assert pick_quantize(None, folder, "cpu") is None
+    assert pick_quantize("eetq", folder, "cpu") == "eetq"
+
+
+def test_kv_cache_in_8_bit_floats_round_trips(tmp_path):
+    """The paths --kv-cache-dtype takes on CUDA, on the CPU: bytes in, widened on the way out."""
+    from tgi_zmq.attention import read_pages, store_kv
+
+    cache = torch.zeros(4, 2, 1, 8, dtype=torch.float8_e4m3fn)
+    k = torch.randn(3, 1, 8)
+    store_kv(k, k, cache, cache, torch.tensor([1, 4, 6]))
+    pages = read_pages(cache, torch.tensor([0, 2, 3]), torch.float32).view(-1, 1, 8)
+    assert torch.equal(pages[[1, 2, 4]], k.to(torch.float8_e4m3fn).float())
+    assert not pages[0].any()
+
+
+@pytest.mark.parametrize("method,desc_act", [("gptq", False), ("gptq", True), ("awq", False)])
+def test_prequantized_checkpoints_give_the_tokens_of_their_dequantized_weights(method, desc_act, tmp_path):
+    from tests.quant_checkpoints import (
+        write_awq_checkpoint,
+        write_dequantized_reference,
+        write_gptq_checkpoint,
+    )
+
+    folder = tiny_model("llama", tmp_path / "model")
+    checkpoint = tmp_path / method
+    if method == "gptq":
+        write_gptq_checkpoint(folder, checkpoint, group=32, desc_act=desc_act)
+    else:
+        write_awq_checkpoint(folder, checkpoint, group=32)
+    reference = write_dequantized_reference(checkpoint, tmp_path / "reference") or tmp_path / "reference"
+    expected = [hf_greedy(reference, p, MAX_NEW) for p in PROMPTS]
+    params = [SamplingParams()] * len(PROMPTS)
+    assert pick_quantize(None, checkpoint, "cpu") == method
+    assert run_engine(checkpoint, PROMPTS, params, MAX_NEW, quantize=method)[0] == expected
