@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -16,6 +18,7 @@ from tests.helpers import hf_greedy, run_engine, tiny_llama, tiny_model
 from tgi_zmq import convert
 from tgi_zmq.messages import SamplingParams
 
+PROMPT_TEXT = "The capital of France is Paris"
 TEMPLATE = "{% for message in messages %}<|im_start|>{{ message['content'] }}<|im_end|>{% endfor %}"
 
 
@@ -92,6 +95,22 @@ def test_fix_tokenizer_config_keeps_embedded_template_and_applies_overrides() ->
     }
 
 
+def test_fix_tokenizer_config_names_the_fast_class_for_bpe() -> None:
+    raw = {
+        "tokenizer_class": "LlamaTokenizer",
+        "legacy": True,
+        "add_prefix_space": None,
+        "model_max_length": 512,
+    }
+    assert convert.fix_tokenizer_config(raw, None, None, None, "gpt2") == {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": 512,
+    }
+    # SentencePiece keeps its class and settings
+    assert convert.fix_tokenizer_config(raw, None, None, None, "llama") == raw
+    assert convert.fix_tokenizer_config(raw, None, None) == raw
+
+
 def test_special_token_overrides_maps_ids_to_tokens() -> None:
     class Tokenizer:
         vocab = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -141,6 +160,104 @@ def test_read_gguf_tokenizer_flags_of_bundled_model() -> None:
     }
 
 
+def test_read_gguf_field_of_bundled_model() -> None:
+    path = convert.find_bundled_gguf()
+    with convert.shared_gguf_reader(path):  # parsed once
+        assert convert.read_gguf_field(path, "tokenizer.ggml.model") == "gpt2"
+        assert convert.read_gguf_field(path, "llama.attention.head_count") == 9
+        assert convert.read_gguf_field(path, "tokenizer.ggml.add_bos_token") is False
+        assert convert.read_gguf_field(path, "no.such.key") is None
+
+
+def test_shared_gguf_reader_parses_the_file_once() -> None:
+    import gguf
+
+    path = convert.find_bundled_gguf()
+    original = gguf.GGUFReader
+    with convert.shared_gguf_reader(path) as reader:
+        assert gguf.GGUFReader(str(path)) is reader and convert.open_gguf(path) is reader
+        assert convert.read_gguf_tokenizer_flags(path)["eos_token_id"] == 2
+        with convert.shared_gguf_reader(path) as inner:  # nested: the same
+            assert inner is reader
+        assert convert.open_gguf(path) is reader
+    assert gguf.GGUFReader is original and convert.open_gguf(path) is not reader
+    ours, theirs = convert.open_gguf(path), original(path)  # the fast reader reads what gguf's does
+    assert ours.fields.keys() == theirs.fields.keys()
+    for key, field in ours.fields.items():
+        other = theirs.fields[key]
+        assert field.types == other.types, key
+        assert [bytes(field.parts[i]) for i in field.data] == [bytes(other.parts[i]) for i in other.data], key
+    assert len(ours.tensors) == len(theirs.tensors)
+    for a, b in zip(ours.tensors, theirs.tensors, strict=True):
+        assert (a.name, a.tensor_type, list(a.shape), a.data.shape) == (
+            b.name,
+            b.tensor_type,
+            list(b.shape),
+            b.data.shape,
+        )
+        assert a.data_offset == b.data_offset and np.array_equal(a.data[:2], b.data[:2])
+
+
+def test_default_model_tokenizer_reads_the_same_everywhere() -> None:
+    """tokenizer.json as it is (the ``tokenizers`` library, what vLLM and llama.cpp read) and
+    transformers give the same ids: the tokenizer class names no SentencePiece pre-tokenizer."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    folder = convert.ensure_default_model()
+    assert convert.read_format_stamp(folder) == convert.FORMAT_VERSION
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert "legacy" not in config and config["chat_template"] and config["eos_token"] == "<|im_end|>"
+    expected = [504, 3575, 282, 4649, 314, 7042]
+    assert Tokenizer.from_file(str(folder / "tokenizer.json")).encode(PROMPT_TEXT).ids == expected
+    assert AutoTokenizer.from_pretrained(folder)(PROMPT_TEXT)["input_ids"] == expected
+
+
+TEXTS = [
+    "The capital of France is Paris",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+    "  two leading spaces,\ttabs and\n\nnewlines",
+    "café naïve 😀 日本語 Ünïcödé",
+    "def f(x):\n    return x ** 2  # 1234567",
+]
+IDS_SCRIPT = """
+import json, sys
+from transformers import AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+print(json.dumps([tokenizer(text)["input_ids"] for text in json.loads(sys.argv[2])]))
+"""
+
+
+@pytest.mark.e2e  # installs transformers 5 from the package registry into a new venv (~30 s)
+@pytest.mark.parametrize(
+    "requirement",
+    [
+        "transformers>=5",
+        "transformers==5.12.1",  # 5.5-5.12 read "LlamaTokenizer" with SentencePiece's pre-tokenizer
+    ],
+)
+def test_transformers_5_tokenizes_the_default_model_as_we_do(tmp_path: Path, requirement: str) -> None:
+    from transformers import AutoTokenizer
+
+    folder = convert.ensure_default_model()
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    pip = subprocess.run(
+        [python, "-m", "pip", "install", "-q", requirement, "tokenizers"], capture_output=True, text=True
+    )
+    if pip.returncode != 0:
+        pytest.skip(f"pip could not install {requirement}: {pip.stderr.strip()[-500:]}")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [python, "-c", IDS_SCRIPT, str(folder), json.dumps(TEXTS)], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    ours = AutoTokenizer.from_pretrained(folder)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [ours(text)["input_ids"] for text in TEXTS]
+
+
 def test_default_model_dir_honours_env(cache: Path) -> None:
     assert convert.cache_dir() == cache
     assert convert.default_model_dir() == cache / "models" / "SmolLM2-135M-Instruct"
@@ -152,13 +269,36 @@ def test_default_cache_dir_is_under_home(tmp_path: Path, monkeypatch: pytest.Mon
     assert convert.cache_dir() == tmp_path / ".cache" / "tgi-zmq"
 
 
-def test_ensure_default_model_fast_path(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    folder = convert.default_model_dir()
-    folder.mkdir(parents=True)
+def fake_conversion(folder: Path, stamp: str | None = str(convert.FORMAT_VERSION)) -> Path:
+    """A folder that looks converted, by the current format version unless ``stamp`` says otherwise."""
+    folder.mkdir(parents=True, exist_ok=True)
     for name in convert.REQUIRED_FILES:
         (folder / name).write_text("{}")
+    if stamp is not None:
+        (folder / convert.FORMAT_FILE).write_text(stamp + "\n")
+    return folder
+
+
+def test_ensure_default_model_fast_path(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = fake_conversion(convert.default_model_dir())
     monkeypatch.setattr(convert, "convert_gguf", pytest.fail)
     assert convert.ensure_default_model() == folder
+
+
+@pytest.mark.parametrize("stamp", [None, "1", "garbage"])
+def test_a_folder_of_an_older_format_is_converted_again_once(
+    cache: Path, monkeypatch: pytest.MonkeyPatch, stamp: str | None
+) -> None:
+    folder = fake_conversion(convert.default_model_dir(), stamp)
+    assert not convert.is_converted(folder)
+    calls: list[Path] = []
+    monkeypatch.setattr(
+        convert, "convert_gguf", lambda src, out, dtype: calls.append(out) or fake_conversion(out)
+    )
+    assert convert.ensure_default_model() == folder
+    assert convert.ensure_default_model() == folder
+    assert calls == [folder]
+    assert convert.read_format_stamp(folder) == convert.FORMAT_VERSION
 
 
 def test_ensure_default_model_converts_once(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -166,10 +306,7 @@ def test_ensure_default_model_converts_once(cache: Path, monkeypatch: pytest.Mon
 
     def fake_convert(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> Path:
         calls.append((gguf_path, out_dir, dtype))
-        out_dir.mkdir(parents=True)
-        for name in convert.REQUIRED_FILES:
-            (out_dir / name).write_text("{}")
-        return out_dir
+        return fake_conversion(out_dir)
 
     stale = convert.default_model_dir().with_name("SmolLM2-135M-Instruct.tmp-1")
     stale.mkdir(parents=True)

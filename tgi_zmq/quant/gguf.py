@@ -1,0 +1,344 @@
+"""Serve a GGUF file as it is: its quantized blocks repacked into our formats, tensor by tensor.
+
+``prepare_gguf_folder`` writes a small model folder (config, tokenizer, chat template, all from the GGUF,
+with the repairs of ``tgi_zmq.convert.gguf``) and ``gguf.json`` naming the file; ``GGUFWeights`` reads
+the tensors from the file itself. Nothing is dequantized to float but the tensors of types our formats do
+not hold (Q6_K, Q5_*...) and the float ones (norms, biases).
+
+Repacking is exact: GGUF's float16 scales (and Q4_K's 6-bit sub-scales times them) are float32 values,
+and GGML's nibble order within 32 inputs is our order, so ``dequantize()`` of what ``get_quantized``
+gives equals ``gguf.quants.dequantize`` of the same blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+    from gguf import ReaderTensor
+
+    from tgi_zmq.layers import LinearMethod
+    from tgi_zmq.quant.formats import Int4Weight, Int8Weight
+
+log = logging.getLogger(__name__)
+
+GGUF_JSON = "gguf.json"
+# general.architecture values whose tensors need no more than renaming (and llama's rotary rows): others
+# (gemma's norms, fused qkv...) transformers transforms further; convert them with ``tgi-zmq convert``.
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+GROUP = 32  # inputs per scale of our repacked weights (a GGUF block; Q4_K sub-block)
+# Per-layer GGUF names (blk.N.<name>) of the llama family (llama, mistral, qwen2/3) -> Hugging Face's.
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_MODEL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# Derived from the config's rope scaling by every loader (transformers ignores it too): never read.
+_IGNORED = ("rope_freqs.weight",)
+
+
+def is_gguf_folder(folder: Path) -> Path | None:
+    """The GGUF file whose tensors a ``prepare_gguf_folder`` folder serves; None for any other folder."""
+    marker = Path(folder) / GGUF_JSON
+    if not marker.is_file():
+        return None
+    return Path(json.loads(marker.read_text(encoding="utf-8"))["gguf"])
+
+
+def prepare_gguf_folder(gguf_path: Path) -> Path:
+    """The model folder of ``gguf_path`` in the cache, written on first use (a few seconds: no weights).
+
+    Its name has a hash of the file's path, size and modification time, so an edited or replaced file
+    gets a new folder. Built aside and renamed into place under the conversion lock, as conversions are.
+    """
+    from tgi_zmq.convert import FORMAT_VERSION, cache_dir, conversion_lock, remove_stale_builds
+    from tgi_zmq.convert.files import build_and_publish
+
+    gguf_path = Path(gguf_path).expanduser().resolve()
+    stat = gguf_path.stat()
+    key = f"{gguf_path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{FORMAT_VERSION}"
+    folder = cache_dir() / "gguf" / f"{gguf_path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if is_gguf_folder(folder):
+        return folder
+    with conversion_lock():
+        if not is_gguf_folder(folder):  # another process may have written it while we waited
+            remove_stale_builds(folder)
+            start = time.monotonic()
+            build_and_publish(folder, lambda tmp: _write_folder(gguf_path, tmp))
+            log.info("prepared %s for %s in %.1f s", folder, gguf_path.name, time.monotonic() - start)
+    return folder
+
+
+def _write_folder(gguf_path: Path, folder: Path) -> None:
+    from tgi_zmq.convert.files import fsync_tree
+    from tgi_zmq.convert.gguf import gguf_value, load_gguf_tokenizer, shared_gguf_reader, write_configs
+
+    folder.mkdir(parents=True)
+    log.info("importing transformers")
+    from transformers import AutoConfig
+
+    log.info("reading the metadata of %s", gguf_path.name)
+    with shared_gguf_reader(gguf_path) as reader:
+        check_architecture(gguf_path, gguf_value(reader, "general.architecture"))
+        log.info("reading the config")
+        config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        log.info("reading the tokenizer")
+        tokenizer, overrides = load_gguf_tokenizer(gguf_path)
+        log.info("writing the config and tokenizer files")
+        write_configs(folder, gguf_path, config, tokenizer, overrides, "float32")
+    (folder / GGUF_JSON).write_text(json.dumps({"gguf": str(gguf_path)}, indent=2) + "\n", encoding="utf-8")
+    fsync_tree(folder)
+
+
+def check_architecture(gguf_path: Path, arch: Any) -> None:
+    if arch not in ARCHITECTURES:
+        raise ValueError(
+            f"{gguf_path}: GGUF architecture {arch!r} is not served as it is (only "
+            f"{', '.join(ARCHITECTURES)}); convert it to safetensors with `tgi-zmq convert`"
+        )
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """The Hugging Face name of a llama-family GGUF tensor (``blk.3.attn_q.weight`` ->
+    ``model.layers.3.self_attn.q_proj.weight``); None for names outside the mapping."""
+    base, _, suffix = gguf_name.rpartition(".")
+    parts = base.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{suffix}"
+    if base in _MODEL_NAMES:
+        return f"{_MODEL_NAMES[base]}.{suffix}"
+    return None
+
+
+class GGUFWeights:
+    """The tensors of a GGUF file by their Hugging Face names, with the interface of
+    ``tgi_zmq.models.weights.Weights`` plus ``get_quantized``. The file is memory-mapped; each call
+    reads and converts only the slice it asks for (each tensor-parallel rank its own)."""
+
+    def __init__(self, gguf_path: str | Path, dtype: torch.dtype, device: torch.device):
+        from tgi_zmq.convert.gguf import gguf_value, open_gguf
+
+        self.path = self.folder = Path(gguf_path)  # ``folder``: what error messages name
+        if not self.path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {self.path}")
+        self.dtype = dtype
+        self.device = device
+        self.quant_config = None
+        self.linear_method: LinearMethod | None = None  # set by the loader, as on ``Weights``
+        self.head_method: LinearMethod | None = None
+        reader = open_gguf(self.path)
+        arch = gguf_value(reader, "general.architecture")
+        check_architecture(self.path, arch)
+        self.tensors: dict[str, ReaderTensor] = {hf_name(t.name) or t.name: t for t in reader.tensors}
+        # llama.cpp's converter interleaves the rotary halves of q/k rows of "llama" models (mistral too);
+        # transformers' GGUF loader undoes it: heads of each tensor whose rows must be un-permuted.
+        self._rotary_heads: dict[str, int] = {}
+        if arch == "llama":  # as transformers: only when the file gives the head counts
+            heads = gguf_value(reader, "llama.attention.head_count")
+            kv_heads = gguf_value(reader, "llama.attention.head_count_kv") or heads
+            for name in self.tensors if heads else ():
+                if ".self_attn.q_proj." in name or ".self_attn.k_proj." in name:
+                    self._rotary_heads[name] = heads if ".q_proj." in name else kv_heads
+        self.used: set[str] = {name for name in _IGNORED if name in self.tensors}
+        self._started = time.perf_counter()
+        self._next_report = 0.25
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def get(
+        self,
+        name: str,
+        rows: tuple[int, int] | None = None,
+        cols: tuple[int, int] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """Tensor ``name`` (its ``rows`` x ``cols`` slice) dequantized, in ``dtype`` (None: the model's)."""
+        tensor = self._tensor(name)
+        return self._done(self._float(name, tensor, rows, cols).to(dtype or self.dtype))
+
+    def get_quantized(
+        self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None
+    ) -> Int8Weight | Int4Weight | torch.Tensor:
+        """The slice as our format, repacked from the file's blocks: Q8_0 -> ``Int8Weight``; Q4_0, Q4_1,
+        Q4_K -> ``Int4Weight`` (group 32). Any other type: the float tensor in the model's dtype.
+
+        ``cols`` of a repacked tensor must fall on 32-input boundaries (its groups).
+        """
+        tensor = self._tensor(name)
+        repack = _REPACKERS.get(tensor.tensor_type.name)
+        if repack is None or len(tensor.shape) != 2:
+            return self._done(self._float(name, tensor, rows, cols).to(self.dtype))
+        k = int(tensor.shape[0])
+        c0, c1 = cols or (0, k)
+        if c0 % GROUP or c1 % GROUP or not 0 <= c0 < c1 <= k:
+            raise ValueError(
+                f"{name}: input columns [{c0}, {c1}) must lie in [0, {k}) on {GROUP}-input boundaries"
+            )
+        raw, first = _blocks(tensor, self._row_ids(name, tensor, rows), c0, c1)
+        weight = repack(raw, first // GROUP, (c1 - c0) // GROUP)
+        return self._done(weight)
+
+    def mark_used(self, name: str) -> None:
+        """Count ``name`` as read without reading it (a tensor only another rank holds)."""
+        if name in self.tensors:
+            self.used.add(name)
+
+    def unused(self) -> list[str]:
+        """File tensors the model did not read (reported at load time)."""
+        return sorted(set(self.tensors) - self.used)
+
+    def _tensor(self, name: str) -> ReaderTensor:
+        if name not in self.tensors:
+            from tgi_zmq.models.weights import MissingTensorError
+
+            raise MissingTensorError(self.folder, name)
+        self.used.add(name)
+        return self.tensors[name]
+
+    def _row_ids(self, name: str, tensor: ReaderTensor, rows: tuple[int, int] | None) -> slice | np.ndarray:
+        """The file rows of output rows [lo, hi): the same, or un-permuted for llama's q/k."""
+        n = int(tensor.shape[-1])
+        lo, hi = rows or (0, n)
+        heads = self._rotary_heads.get(name)
+        if heads is None:
+            return slice(lo, hi)
+        # transformers' _reverse_permute_weights: w.reshape(heads, dim, 2, ...).swapaxes(2, 1)
+        return np.arange(n).reshape(heads, n // heads // 2, 2).swapaxes(1, 2).reshape(-1)[lo:hi]
+
+    def _float(
+        self, name: str, tensor: ReaderTensor, rows: tuple[int, int] | None, cols: tuple[int, int] | None
+    ) -> torch.Tensor:
+        """The slice as float32, by ``gguf.quants.dequantize`` of only the blocks that hold it."""
+        import torch
+        from gguf.quants import dequantize
+
+        ids = self._row_ids(name, tensor, rows)
+        if len(tensor.shape) == 1:  # norms and biases: small
+            values = dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(-1)[ids]
+        else:
+            k = int(tensor.shape[0])
+            c0, c1 = cols or (0, k)
+            raw, first = _blocks(tensor, ids, c0, c1)
+            values = dequantize(raw, tensor.tensor_type)[:, first : first + c1 - c0]
+        return torch.from_numpy(np.array(values, dtype=np.float32))
+
+    def _done(self, value: Any) -> Any:
+        """``value`` on the model's device; logs progress at each quarter of the tensors read."""
+        import dataclasses
+
+        import torch
+
+        if isinstance(value, torch.Tensor):
+            value = value.to(self.device).contiguous()
+        else:
+            tensors = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+            value = dataclasses.replace(
+                value, **{k: v.to(self.device) for k, v in tensors.items() if torch.is_tensor(v)}
+            )
+        n = len(self.tensors)
+        done = len(self.used) / n
+        if done >= self._next_report:
+            elapsed = time.perf_counter() - self._started
+            log.info("loaded %d/%d tensors (%.0f%%) in %.1fs", len(self.used), n, done * 100, elapsed)
+            while self._next_report <= done:
+                self._next_report += 0.25
+        return value
+
+
+def _blocks(tensor: ReaderTensor, ids: slice | np.ndarray, c0: int, c1: int) -> tuple[np.ndarray, int]:
+    """The rows ``ids`` of the blocks holding input columns [c0, c1), and where c0 falls in them."""
+    from gguf import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[tensor.tensor_type]
+    b0, b1 = c0 // block, -(-c1 // block)
+    per_block = size if tensor.data.dtype == np.uint8 else 1  # bytes, or values of a float type
+    return np.ascontiguousarray(tensor.data[ids, b0 * per_block : b1 * per_block]), c0 - b0 * block
+
+
+def _halves(raw: np.ndarray, size: int, *fields: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Blocks of ``size`` bytes split into float16 fields (as float32 [rows, blocks]) and the rest."""
+    blocks = raw.reshape(raw.shape[0], -1, size)
+    values = [np.ascontiguousarray(blocks[..., at : at + 2]).view(np.float16)[..., 0] for at in fields]
+    return [v.astype(np.float32) for v in values], blocks[..., 2 * len(fields) :]
+
+
+def _int8(raw: np.ndarray, g0: int, ng: int) -> Int8Weight:
+    """Q8_0: a float16 scale and 32 int8 codes per block; w = q * scale."""
+    import torch
+
+    from tgi_zmq.quant.formats import Int8Weight
+
+    (scale,), codes = _halves(raw, 34, 0)
+    codes = np.ascontiguousarray(codes.reshape(raw.shape[0], -1)[:, g0 * GROUP : (g0 + ng) * GROUP])
+    return Int8Weight(
+        torch.from_numpy(codes.view(np.int8)), torch.from_numpy(scale[:, g0 : g0 + ng].copy()), GROUP
+    )
+
+
+def _int4(packed: np.ndarray, scales: np.ndarray, offsets: np.ndarray, g0: int, ng: int) -> Int4Weight:
+    """Our Int4Weight of groups [g0, g0 + ng) of packed nibbles [rows, groups, 16] (GGML order)."""
+    import torch
+
+    from tgi_zmq.quant.formats import UNIFORM, Int4Weight
+
+    rows = packed.shape[0]
+    part = slice(g0, g0 + ng)
+    return Int4Weight(
+        torch.from_numpy(np.ascontiguousarray(packed[:, part]).reshape(rows, ng * 16)),
+        torch.from_numpy(np.ascontiguousarray(scales[:, part])),
+        torch.from_numpy(np.ascontiguousarray(offsets[:, part])),
+        UNIFORM.clone(),
+        GROUP,
+    )
+
+
+def _q4_0(raw: np.ndarray, g0: int, ng: int) -> Int4Weight:
+    """Q4_0: float16 d and 16 bytes of nibbles per block; w = (q - 8) * d = q * d + (-8 d), exactly."""
+    (d,), packed = _halves(raw, 18, 0)
+    return _int4(packed, d, -8 * d, g0, ng)
+
+
+def _q4_1(raw: np.ndarray, g0: int, ng: int) -> Int4Weight:
+    """Q4_1: float16 d and m, 16 bytes of nibbles per block; w = q * d + m."""
+    (d, m), packed = _halves(raw, 20, 0, 2)
+    return _int4(packed, d, m, g0, ng)
+
+
+def _q4_k(raw: np.ndarray, g0: int, ng: int) -> Int4Weight:
+    """Q4_K: 256-input superblocks of float16 d and dmin, 8 sub-blocks of 32 with 6-bit scale ``sc`` and
+    min ``m`` (12 bytes), and 128 bytes of nibbles: w = q * (d sc) - dmin m. Bytes 32j..32j+31 hold
+    sub-block 2j in their low nibbles and 2j+1 in their high ones; repacked to GGML's order per 32."""
+    (d, dmin), rest = _halves(raw, 144, 0, 2)
+    rows, supers = d.shape
+    # ggml's get_scale_min_k4: 8 six-bit scales and mins in 12 bytes
+    s = rest[..., :12].reshape(rows, supers, 3, 4)
+    low, high, extra = s[..., 0, :], s[..., 1, :], s[..., 2, :]
+    sc = np.concatenate([low & 63, (extra & 15) | ((low >> 2) & 48)], axis=-1).astype(np.float32)
+    mn = np.concatenate([high & 63, (extra >> 4) | ((high >> 2) & 48)], axis=-1).astype(np.float32)
+    qs = rest[..., 12:].reshape(rows, supers, 4, 1, 32)
+    codes = np.concatenate([qs & 15, qs >> 4], axis=3)  # [rows, supers, 4, 2, 32]: sub-blocks in order
+    packed = codes[..., :16] | (codes[..., 16:] << 4)
+    scales = (d[..., None] * sc).reshape(rows, -1)
+    offsets = -(dmin[..., None] * mn).reshape(rows, -1)
+    return _int4(packed.reshape(rows, supers * 8, 16), scales, offsets, g0, ng)
+
+
+_REPACKERS = {"Q8_0": _int8, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k}
