@@ -230,16 +230,12 @@ print(json.dumps([tokenizer(text)["input_ids"] for text in json.loads(sys.argv[2
 
 
 @pytest.mark.e2e  # installs transformers 5 from the package registry into a new venv (~30 s)
-@pytest.mark.parametrize(
-    "requirement",
-    [
-        "transformers>=5",
-        "transformers==5.12.1",  # 5.5-5.12 read "LlamaTokenizer" with SentencePiece's pre-tokenizer
-    ],
-)
-def test_transformers_5_tokenizes_the_default_model_as_we_do(tmp_path: Path, requirement: str) -> None:
+def test_transformers_5_tokenizes_the_default_model_as_we_do(tmp_path: Path) -> None:
+    """5.5-5.12 read a "LlamaTokenizer" folder with SentencePiece's pre-tokenizer (5.0, 5.2 and the
+    newest do not), so the check pins one of them: it fails on a folder that names LlamaTokenizer."""
     from transformers import AutoTokenizer
 
+    requirement = "transformers==5.12.1"
     folder = convert.ensure_default_model()
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
