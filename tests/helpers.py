@@ -121,7 +121,15 @@ def run_engine(
     """
     max_running, max_total = 64, 10_000
     runner = ModelRunner(
-        str(folder), "float32", device, num_blocks, block_size, shard, max_running, max_total, quantize=quantize
+        str(folder),
+        "float32",
+        device,
+        num_blocks,
+        block_size,
+        shard,
+        max_running,
+        max_total,
+        quantize=quantize,
     )
     blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
     sched = SchedulePolicy(blocks, max_step_tokens, max_running, (), max_total)
