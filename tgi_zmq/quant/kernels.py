@@ -1,0 +1,271 @@
+"""Matmuls with quantized weights: ``linear(x, prepare(w), bias)`` = ``x @ w.dequantize().T + bias`` in
+``x``'s dtype, by the kernel measured fastest on this CPU for the weight's format and ``x``'s rows.
+
+Kernels:
+- ``fused``: our C++ extension (``csrc/qkernels.cpp``) reads the stored codes (1 or 0.5 byte a weight)
+  and dequantizes them in registers, float32 FMAs, AVX-512 or AVX2 picked at run time. Small M
+  (decode) is bound by weight bytes, where this beats a float32 matmul.
+- ``dequant``: the extension dequantizes into a reused scratch buffer in ``x``'s dtype (rows at a
+  time), then a dense matmul: large M (prefill) is bound by FLOPs, where BLAS's blocking wins.
+- ``reference``: ``w.dequantize()`` then ``F.linear``: always works (no extension, other devices,
+  shapes the extension refuses: K or a group not a multiple of 32).
+
+``RULES`` picks per (torch's CPU capability, format, x's dtype, M); it is written from ``scripts/qbench``
+runs (docs/quantization.md, ``## Kernels``), not measured at each start. Environment:
+``TGI_ZMQ_QKERNEL=fused|dequant|reference`` forces one kernel for every M; ``TGI_ZMQ_ISA=avx2|scalar``
+caps the extension's code path (to measure AVX2 on an AVX-512 machine). Both are read by ``prepare``.
+
+The extension is compiled by ``scripts/setup`` (``build()``) into ``build/`` under a name keyed by the
+source, flags and torch version; at run time it is only loaded, never compiled: if it is missing, a
+warning and the reference kernel. Memory: the prepared weight is the quantized one (same tensors), plus
+one dequant buffer per thread and dtype of at most SCRATCH_ELEMENTS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import logging
+import math
+import os
+import shutil
+import threading
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from tgi_zmq.machine import REPO
+from tgi_zmq.quant.formats import BLOCK, Int4Weight, Int8Weight, QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+SOURCE = REPO / "csrc" / "qkernels.cpp"
+BUILD_DIR = REPO / "build" / "qkernels"
+ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}  # the extension's codes for TGI_ZMQ_ISA
+KERNELS = ("fused", "dequant", "reference")
+# No -march: the AVX2/AVX-512 functions carry their own target attributes. -fopenmp: without it
+# at::parallel_for runs serially in an extension (libgomp.so.1 is then torch's own, already loaded).
+CFLAGS, LDFLAGS = ["-O3", "-fopenmp"], ["-fopenmp"]
+SCRATCH_ELEMENTS = 1 << 22  # the dequant kernel's buffer: 16 MB float32, so at most that many weights a pass
+
+# (torch CPU capability, format, x's dtype) -> (largest M, kernel) ranges, first match wins. Written from
+# scripts/qbench runs (docs/quantization.md, "## Kernels"): fused wins while the weight bytes dominate,
+# dequant + dense matmul once M rows of FLOPs amortise the dequantization. How soon depends on the dense
+# matmul in x's dtype: bfloat16 is 2-4x float32 with AVX-512 bf16 (crossover M ~16), float32 on AVX2
+# crosses at M 16-32, and bfloat16 without AVX-512 bf16 is so slow that fused always wins.
+Ranges = tuple[tuple[float, str], ...]
+FUSED: Ranges = ((math.inf, "fused"),)
+RULES: dict[tuple[str, str, torch.dtype], Ranges] = {
+    ("AVX512", "int8", torch.bfloat16): ((16, "fused"), (math.inf, "dequant")),
+    ("AVX512", "int4", torch.bfloat16): ((8, "fused"), (math.inf, "dequant")),
+    ("AVX512", "int8", torch.float32): ((128, "fused"), (math.inf, "dequant")),
+    ("AVX512", "int4", torch.float32): ((128, "fused"), (math.inf, "dequant")),
+    ("AVX2", "int8", torch.float32): ((32, "fused"), (math.inf, "dequant")),
+    ("AVX2", "int4", torch.float32): ((16, "fused"), (math.inf, "dequant")),
+    ("AVX2", "int8", torch.bfloat16): FUSED,
+    ("AVX2", "int4", torch.bfloat16): FUSED,
+}
+# Another capability (DEFAULT, a newer torch's name) reads AVX2's rows; another dtype (float16) is fused.
+CAPABILITY = torch.backends.cpu.get_cpu_capability()
+RULE_CAPABILITY = CAPABILITY if any(key[0] == CAPABILITY for key in RULES) else "AVX2"
+
+_ext: ModuleType | None = None
+_ext_tried = False
+_scratch = threading.local()
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A weight as its kernels read it: the stored codes (the extension's layout is the format's own,
+    so nothing is copied), and how its kernel is chosen."""
+
+    weight: QuantizedWeight
+    forced: str | None  # one kernel for every call (TGI_ZMQ_QKERNEL; reference without the extension)
+    isa: int  # the extension's code path (ISAS)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.weight.shape
+
+    @property
+    def format(self) -> str:
+        return "int8" if isinstance(self.weight, Int8Weight) else "int4"
+
+    def kernel(self, m: int, dtype: torch.dtype) -> str:
+        """The kernel for ``m`` rows of x in ``dtype``."""
+        if self.forced:
+            return self.forced
+        ranges = RULES.get((RULE_CAPABILITY, self.format, dtype), FUSED)
+        return next(kernel for top, kernel in ranges if m <= top)
+
+
+def prepare(w: QuantizedWeight) -> Prepared:
+    """At load: contiguous float32 scales and codes, and the kernels for this CPU (or the forced one)."""
+    if isinstance(w, Int8Weight):
+        w = Int8Weight(w.qweight.contiguous(), w.scales.float().contiguous(), w.group)
+    else:
+        scales, offsets, lut = (t.float().contiguous() for t in (w.scales, w.offsets, w.lut))
+        w = Int4Weight(w.packed.contiguous(), scales, offsets, lut, w.group)
+    return Prepared(w, _forced(w), ISAS[_env_isa()])
+
+
+def linear(x: torch.Tensor, prepared: Prepared, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T + bias`` for x [..., K], in x's dtype."""
+    n, k = prepared.shape
+    x2 = x.reshape(-1, k)
+    kernel = prepared.kernel(x2.shape[0], x.dtype) if x.device.type == "cpu" else "reference"
+    if kernel == "dequant" and x.dtype not in (torch.float32, torch.bfloat16):
+        kernel = "fused"  # the scratch buffer is float32 or bfloat16
+    y = _KERNEL_FNS[kernel](x2, prepared, bias)
+    return y.view(*x.shape[:-1], n)
+
+
+def backend() -> str:
+    """What this CPU runs, for logs and /info, e.g. 'qkernels avx512, torch AVX512: int8 bfloat16: fused
+    M<=8, dequant above; ...'."""
+    ext = extension()
+    if ext is None:
+        return "reference (dequantize + F.linear): the qkernels extension is not built"
+    head = f"qkernels {ext.isa_name(ISAS[_env_isa()])}, torch {CAPABILITY}"
+    if forced := os.environ.get("TGI_ZMQ_QKERNEL"):
+        return f"{head}: {forced} (TGI_ZMQ_QKERNEL)"
+    rules = [
+        f"{fmt} {str(dtype)[6:]}: " + ", ".join(_describe(ranges))
+        for (cap, fmt, dtype), ranges in RULES.items()
+        if cap == RULE_CAPABILITY
+    ]
+    return f"{head}: " + "; ".join(rules)
+
+
+# ---- the extension -------------------------------------------------------------------------------------
+
+
+def extension_name() -> str:
+    """One name per source, flags and torch version (its ABI): a change is a new build, never a stale .so."""
+    key = SOURCE.read_bytes() + " ".join([torch.__version__, *CFLAGS, *LDFLAGS]).encode()
+    digest = hashlib.sha256(key).hexdigest()[:12]
+    return f"tgi_zmq_qkernels_{digest}"
+
+
+def build(verbose: bool = False) -> ModuleType | None:
+    """Compile the extension (once per source hash; seconds when built) and load it. None, with a
+    warning, when the compiler fails: the reference kernel is used then."""
+    global _ext, _ext_tried
+    from torch.utils import cpp_extension
+
+    name = extension_name()
+    directory = BUILD_DIR / name
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        _ext = cpp_extension.load(
+            name,
+            [str(SOURCE)],
+            CFLAGS,
+            extra_ldflags=LDFLAGS,
+            build_directory=str(directory),
+            verbose=verbose,
+        )
+    except Exception as e:  # noqa: BLE001 - any compiler or loader failure leaves the fallback
+        log.warning(
+            "qkernels: building %s failed (%s); quantized matmuls use the reference kernel", SOURCE, e
+        )
+        _ext = None
+    else:
+        for stale in BUILD_DIR.glob("tgi_zmq_qkernels_*"):  # older sources' builds
+            if stale.name != name:
+                shutil.rmtree(stale, ignore_errors=True)
+    _ext_tried = True
+    return _ext
+
+
+def extension() -> ModuleType | None:
+    """The built extension, loaded without compiling (None, with one warning, when not built)."""
+    global _ext, _ext_tried
+    if not _ext_tried:
+        _ext_tried = True
+        name = extension_name()
+        path = BUILD_DIR / name / f"{name}.so"
+        if path.exists():
+            spec = importlib.util.spec_from_file_location(name, path)
+            assert spec is not None and spec.loader is not None
+            _ext = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(_ext)
+        else:
+            log.warning("qkernels: %s not built (run scripts/setup): the reference kernel is used", path)
+    return _ext
+
+
+# ---- kernels -------------------------------------------------------------------------------------------
+
+
+def _args(w: QuantizedWeight) -> tuple:
+    """The extension's weight arguments: codes, scales, offsets, lut, group (int8: no offsets, no lut)."""
+    if isinstance(w, Int8Weight):
+        return w.qweight, w.scales, None, None, w.group
+    return w.packed, w.scales, w.offsets, w.lut, w.group
+
+
+def _fused(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None) -> torch.Tensor:
+    return _ext.linear(x, *_args(p.weight), bias, p.isa)
+
+
+def _dequant(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None) -> torch.Tensor:
+    """Dequantize up to SCRATCH_ELEMENTS weights at a time into one reused buffer (a fresh one per call
+    would page-fault its every page), then BLAS: for large M the matmul dominates."""
+    n, k = p.shape
+    rows = max(1, min(n, SCRATCH_ELEMENTS // k))
+    buf = _scratch_buffer(rows * k, x.dtype)
+    bias = None if bias is None else bias.to(x.dtype)
+    codes, scales, offsets, lut, group = _args(p.weight)
+    outs = []
+    for lo in range(0, n, rows):
+        hi = min(n, lo + rows)
+        w = buf[: (hi - lo) * k].view(hi - lo, k)
+        _ext.dequantize(
+            codes[lo:hi], scales[lo:hi], None if offsets is None else offsets[lo:hi], lut, group, w, p.isa
+        )
+        outs.append(F.linear(x, w, None if bias is None else bias[lo:hi]))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+def _reference(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None) -> torch.Tensor:
+    w = p.weight.dequantize(x.dtype).to(x.device)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+_KERNEL_FNS = {"fused": _fused, "dequant": _dequant, "reference": _reference}
+
+
+def _scratch_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dequant kernel's buffer of this thread and dtype, grown to the largest request."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    buf = buffers.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buf
+
+
+def _forced(w: QuantizedWeight) -> str | None:
+    """TGI_ZMQ_QKERNEL's kernel, or reference when the extension is missing or refuses the weight (off
+    the CPU; K or group not a multiple of 32); None: RULES choose per call."""
+    n, k = w.shape
+    usable = (
+        extension() is not None and w.scales.device.type == "cpu" and k % BLOCK == 0 and w.group % BLOCK == 0
+    )
+    forced = os.environ.get("TGI_ZMQ_QKERNEL")
+    if forced and forced not in KERNELS:
+        raise ValueError(f"TGI_ZMQ_QKERNEL={forced}: choose one of {', '.join(KERNELS)}")
+    return forced if usable else "reference"
+
+
+def _env_isa() -> str:
+    isa = os.environ.get("TGI_ZMQ_ISA", "auto").lower()
+    if isa not in ISAS:
+        raise ValueError(f"TGI_ZMQ_ISA={isa}: choose one of {', '.join(ISAS)}")
+    return isa
+
+
+def _describe(ranges: Ranges) -> list[str]:
+    return [f"{kernel} above" if top == math.inf else f"{kernel} M<={int(top)}" for top, kernel in ranges]
