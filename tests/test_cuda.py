@@ -244,6 +244,8 @@ def test_quantized_models_on_cuda_stay_close_to_float(quantize, tmp_path):
 
     if quantize not in runnable("cuda", torch.cuda.get_device_capability()):
         pytest.skip(f"this GPU cannot run --quantize {quantize}")
+    if quantize.startswith("bitsandbytes"):  # its 43 MB wheel does not fit scripts/gpu-check's 64 MiB carry
+        pytest.importorskip("bitsandbytes")
     folder = tiny_model("llama", tmp_path / "model", hidden_size=128, intermediate_size=256)
     served = folder
     if quantize == "gptq":

@@ -102,9 +102,14 @@ def test_prequantized_checkpoints_are_found_and_served(tiny, method, tmp_path):
     assert info["quantize"] == method
 
 
-def test_the_default_model_from_its_own_q4_1_file_says_paris(tmp_path):
+@pytest.mark.parametrize("shards", [1, 2])
+def test_the_default_model_from_its_own_q4_1_file_says_paris(shards, tmp_path):
     gguf = find_bundled_gguf()
-    service = start_service(tmp_path, "--model-id", str(gguf), "--max-batch-total-tokens", "8192")
+    service = start_service(
+        tmp_path,
+        *("--model-id", str(gguf), "--max-batch-total-tokens", "8192"),
+        *("--num-shard", str(shards), "--master-port", str(free_port())),
+    )
     try:
         info = requests.get(service.url + "/info", timeout=10).json()
         assert info["quantize"] == "gguf" and info["model_id"] == str(gguf)
