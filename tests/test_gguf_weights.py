@@ -271,3 +271,8 @@ def test_prepare_gguf_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, co
     monkeypatch.setattr("tgi_zmq.quant.gguf._write_folder", pytest.fail)
     assert prepare_gguf_folder(source) == folder  # made once
     assert is_gguf_folder(converted) is None
+
+    from tgi_zmq.memory import rank_memory  # the KV budget counts each rank's share of the file's blocks
+
+    ranks = rank_memory(folder, config, "float32", "cpu", 2)
+    assert [r.weights for r in ranks] == [-(-source.stat().st_size // 2)] * 2
