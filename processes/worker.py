@@ -95,6 +95,10 @@ class Worker:
             config.block_size,
             self.runner.cache.nbytes() / 2**20,
         )
+        if config.quantize:
+            from tgi_zmq.quant import kernels
+
+            self.log.info("quantized matmuls (%s): %s", config.quantize, kernels.backend())
         self.ready = m.encode(m.WorkerReady(rank, BOOT_ID, os.getpid(), config.num_blocks))
         self.sock.send(self.ready)
         self.loaded = True
