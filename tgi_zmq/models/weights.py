@@ -96,19 +96,26 @@ class Weights:
         return self._repacked(prefix, rows, cols)
 
     def _repacked(self, prefix: str, rows: tuple[int, int] | None, cols: tuple[int, int] | None) -> Loaded:
-        """A GPTQ/AWQ linear's tensors (read whole: they are 4-bit) repacked into our 4-bit format,
-        only the rows and input columns of this rank."""
+        """A GPTQ/AWQ linear's tensors (read whole: they are 4-bit) repacked on the host into our 4-bit
+        format, only the rows and input columns of this rank, then moved to the model's device."""
+        from tgi_zmq.quant.formats import to_device
         from tgi_zmq.quant.gptq import awq_to_int4, gptq_to_int4
         from tgi_zmq.quant.linear import ActOrder
 
+        def host(name: str, dtype: torch.dtype) -> torch.Tensor | None:
+            return self.get(f"{prefix}.{name}", dtype=dtype).cpu() if self.has(f"{prefix}.{name}") else None
+
         cfg = self.quant_config
-        qweight, qzeros = (self.get(f"{prefix}.{n}", dtype=torch.int32) for n in ("qweight", "qzeros"))
-        scales = self.get(f"{prefix}.scales", dtype=torch.float32)
+        qweight, qzeros, scales = (
+            host("qweight", torch.int32),
+            host("qzeros", torch.int32),
+            host("scales", torch.float32),
+        )
         if cfg.method == "awq":
-            return awq_to_int4(qweight, qzeros, scales, cfg, rows, cols)
-        g_idx = self.get(f"{prefix}.g_idx", dtype=torch.int32) if self.has(f"{prefix}.g_idx") else None
-        weight, perm = gptq_to_int4(qweight, qzeros, scales, g_idx, cfg, rows, cols)
-        return weight if perm is None else ActOrder(weight, perm)
+            return to_device(awq_to_int4(qweight, qzeros, scales, cfg, rows, cols), self.device)
+        weight, perm = gptq_to_int4(qweight, qzeros, scales, host("g_idx", torch.int32), cfg, rows, cols)
+        weight = to_device(weight, self.device)
+        return weight if perm is None else ActOrder(weight, perm.to(self.device))
 
     def mark_used(self, name: str) -> None:
         """Count ``name`` as read without reading it (a tensor only another rank holds, a saved copy

@@ -153,6 +153,14 @@ def quantize_lut4(w: torch.Tensor, lut: torch.Tensor, group: int = 64) -> Int4We
     return Int4Weight(pack_codes(codes.view(n, k)), absmax.contiguous(), zeros, lut.clone(), group)
 
 
+def to_device(w: QuantizedWeight, device: torch.device | str) -> QuantizedWeight:
+    """The same weight with every tensor on ``device``."""
+    moved = {f.name: getattr(w, f.name) for f in dataclasses.fields(w)}
+    return dataclasses.replace(
+        w, **{k: v.to(device) for k, v in moved.items() if isinstance(v, torch.Tensor)}
+    )
+
+
 def cat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
     """Weights with the same inputs and format stacked by output rows (q|k|v, gate|up)."""
     if len(parts) == 1:

@@ -242,17 +242,15 @@ class GGUFWeights:
 
     def _done(self, value: Any) -> Any:
         """``value`` on the model's device; logs progress at each quarter of the tensors read."""
-        import dataclasses
-
         import torch
 
-        if isinstance(value, torch.Tensor):
-            value = value.to(self.device).contiguous()
-        else:
-            tensors = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-            value = dataclasses.replace(
-                value, **{k: v.to(self.device) for k, v in tensors.items() if torch.is_tensor(v)}
-            )
+        from tgi_zmq.quant.formats import to_device
+
+        value = (
+            value.to(self.device).contiguous()
+            if isinstance(value, torch.Tensor)
+            else to_device(value, self.device)
+        )
         n = len(self.tensors)
         done = len(self.used) / n
         if done >= self._next_report:
