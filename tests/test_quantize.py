@@ -127,3 +127,25 @@ def test_prequantized_checkpoints_give_the_tokens_of_their_dequantized_weights(m
     params = [SamplingParams()] * len(PROMPTS)
     assert pick_quantize(None, checkpoint, "cpu") == method
     assert run_engine(checkpoint, PROMPTS, params, MAX_NEW, quantize=method)[0] == expected
+
+
+def test_parts_in_different_formats_are_served_dense():
+    """A GGUF's q/k in Q4_K beside its v in Q6_K (served as float) stack into one dense weight."""
+    from types import SimpleNamespace
+
+    from tgi_zmq.quant.formats import quantize_int4
+    from tgi_zmq.quant.linear import QuantizedLinear
+
+    torch.manual_seed(0)
+    q, v = torch.randn(64, 64), torch.randn(32, 64)
+    stored = {"q.weight": quantize_int4(q), "v.weight": v}
+    weights = SimpleNamespace(get_quantized=lambda name, rows, cols: stored[name], dtype=torch.float32)
+    layer = SimpleNamespace(bias=None)
+    method = QuantizedLinear(None)
+    method.load(layer, weights, [("q", None), ("v", None)], None)
+    x = torch.randn(3, 64)
+    expected = x @ torch.cat([stored["q.weight"].dequantize(), v]).T
+    torch.testing.assert_close(method.apply(layer, x), expected)
+    stored["v.weight"] = quantize_int4(v)  # one format: one quantized weight
+    method.load(layer, weights, [("q", None), ("v", None)], None)
+    assert layer.weight is None and layer.qweight is not None

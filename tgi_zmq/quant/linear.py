@@ -17,7 +17,16 @@ import torch
 import torch.nn.functional as F
 
 from tgi_zmq.quant import kernels
-from tgi_zmq.quant.formats import BLOCK, FP4, NF4, QuantizedWeight, cat_rows, quantize_int8, quantize_lut4
+from tgi_zmq.quant.formats import (
+    BLOCK,
+    FP4,
+    NF4,
+    Int4Weight,
+    QuantizedWeight,
+    cat_rows,
+    quantize_int8,
+    quantize_lut4,
+)
 
 if TYPE_CHECKING:
     from tgi_zmq.layers import Linear, LinearMethod, Range
@@ -55,19 +64,20 @@ class QuantizedLinear:
         self.quantize = quantize
 
     def load(self, layer: Linear, weights: Weights, parts: Sequence[tuple[str, Range]], cols: Range) -> None:
+        """Parts stacked in one quantized weight when they share its format (and act-order); else
+        dense: float parts, or a mix (a GGUF's Q4_K q/k beside a Q6_K v) dequantized."""
         loaded = [self._quantized(weights.get_quantized(f"{p}.weight", rows, cols)) for p, rows in parts]
         layer.weight, layer.perm = None, None
-        if all(isinstance(w, torch.Tensor) for w in loaded):
-            layer.weight = _dense(loaded, weights.dtype)
-            return
         perms = [w.perm for w in loaded if isinstance(w, ActOrder)]
-        if perms and (len(perms) < len(loaded) or any(not torch.equal(p, perms[0]) for p in perms)):
-            log.warning("%s: parts with different input orders: served dense", parts[0][0])
+        quantized = [w.weight if isinstance(w, ActOrder) else w for w in loaded]
+        same_order = not perms or (len(perms) == len(loaded) and all(torch.equal(p, perms[0]) for p in perms))
+        if not (_one_format(quantized) and same_order):
+            if any(not isinstance(w, torch.Tensor) for w in loaded):
+                log.debug("%s: parts in different formats or orders: served dense", parts[0][0])
             layer.weight = _dense([_float(w) for w in loaded], weights.dtype)
             return
         layer.perm = perms[0] if perms else None
-        stacked = cat_rows([w.weight if isinstance(w, ActOrder) else w for w in loaded])
-        layer.qweight = kernels.prepare(stacked)
+        layer.qweight = kernels.prepare(cat_rows(quantized))
 
     def _quantized(self, w: Loaded) -> Loaded:
         if isinstance(w, torch.Tensor) and self.quantize is not None and w.shape[1] % BLOCK == 0:
@@ -137,6 +147,19 @@ def head_method(storage: str | None, device: str) -> LinearMethod:
     if storage in ("int8", "nf4", "fp4") and device == "cpu":
         return QuantizedLinear(quantize_int8)
     return linear_method(storage, device)
+
+
+def _one_format(parts: list[QuantizedWeight | torch.Tensor]) -> bool:
+    """All quantized alike: the same format, group and code table (so they stack into one)."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return False
+    return all(
+        type(w) is type(first)
+        and w.group == first.group
+        and (not isinstance(w, Int4Weight) or torch.equal(w.lut, first.lut))
+        for w in parts
+    )
 
 
 def _float(w: Loaded) -> torch.Tensor:
