@@ -16,13 +16,13 @@ import requests
 from tests.conftest import free_port, start_service, stop_service
 from tests.helpers import hf_greedy, tiny_model
 from tests.quant_checkpoints import write_awq_checkpoint, write_dequantized_reference, write_gptq_checkpoint
+from tests.test_e2e_models import MAX_NEW, generated_ids
 from tests.test_quantize import dequantized_reference
 from tgi_zmq.convert import ensure_default_model, find_bundled_gguf
 
 pytestmark = pytest.mark.e2e
 
 PROMPTS = ["the river model light", "paris seven orange quietly build", "window engine north"]
-MAX_NEW = 10
 STORAGE = {"bitsandbytes": "int8", "eetq": "int8", "bitsandbytes-nf4": "nf4", "bitsandbytes-fp4": "fp4"}
 
 
@@ -58,19 +58,12 @@ def _serve_and_compare(tmp_path: Path, model: Path, reference: Path, *flags: str
         *("--max-total-tokens", "512", "--master-port", str(free_port()), *flags),
     )
     try:
-        assert _generated_ids(service, PROMPTS[0]) == expected[0]
+        assert generated_ids(service, PROMPTS[0]) == expected[0]
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
-            assert list(pool.map(lambda p: _generated_ids(service, p), PROMPTS)) == expected
+            assert list(pool.map(lambda p: generated_ids(service, p), PROMPTS)) == expected
         return requests.get(service.url + "/info", timeout=10).json()
     finally:
         stop_service(service, wait=False)
-
-
-def _generated_ids(service, prompt: str) -> list[int]:
-    body = {"inputs": prompt, "parameters": {"max_new_tokens": MAX_NEW, "details": True}}
-    response = requests.post(service.url + "/generate", json=body, timeout=120)
-    assert response.status_code == 200, response.text
-    return [t["id"] for t in response.json()["details"]["tokens"]]
 
 
 @pytest.mark.parametrize(
