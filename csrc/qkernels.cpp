@@ -18,7 +18,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <immintrin.h>
-#include <torch/csrc/utils/pybind.h>  // lighter than torch/extension.h: a faster build
 
 #include <algorithm>
 #include <cstdint>
@@ -26,12 +25,13 @@
 #include <optional>
 #include <type_traits>
 
+#include "native.h"
+
+namespace tgi {
 namespace {
 
 #define TGI_AVX512 __attribute__((target("avx512f,avx2,fma")))
 #define TGI_AVX2 __attribute__((target("avx2,fma")))
-
-enum Isa : int64_t { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
 
 int64_t best_isa() {
   __builtin_cpu_init();
@@ -40,11 +40,6 @@ int64_t best_isa() {
   return kScalar;
 }
 
-// A request clamped to what the CPU has (kAuto: the best).
-int64_t resolve_isa(int64_t want) {
-  const int64_t best = best_isa();
-  return (want == kAuto || want > best) ? best : want;
-}
 
 // One matmul's operands as raw pointers. Weight row n starts at w + n * row_bytes; every group is a
 // multiple of 32 inputs (the kernels step 32 inputs: one run of nibbles).
@@ -460,6 +455,14 @@ int64_t grain_rows(int64_t k, int64_t m) {
   return std::max<int64_t>(4, (int64_t{1} << 16) / std::max<int64_t>(1, k * m));
 }
 
+}  // namespace
+
+// A request clamped to what the CPU has (kAuto: the best).
+int64_t resolve_isa(int64_t want) {
+  const int64_t best = best_isa();
+  return (want == kAuto || want > best) ? best : want;
+}
+
 // y = x W^T + bias in x's dtype (float32 or bfloat16; converted to float32 once per call).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                   const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& lut, int64_t group,
@@ -516,14 +519,4 @@ std::string isa_name(int64_t isa) {
   }
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "tgi-zmq quantized-weight matmuls (see csrc/qkernels.cpp)";
-  m.def("linear", &linear, "y = x W^T + bias with int8 / 4-bit LUT weights", py::arg("x"), py::arg("w"),
-        py::arg("scales"), py::arg("offsets"), py::arg("lut"), py::arg("group"), py::arg("bias"),
-        py::arg("isa") = 0);
-  m.def("dequantize", &dequantize, "dequantize into out (float32 or bfloat16)", py::arg("w"), py::arg("scales"),
-        py::arg("offsets"), py::arg("lut"), py::arg("group"), py::arg("out"), py::arg("isa") = 0);
-  m.def("isa_name", &isa_name, "the ISA a request resolves to on this CPU", py::arg("isa") = 0);
-}
+}  // namespace tgi

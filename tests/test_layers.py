@@ -76,14 +76,15 @@ X = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(1))
 def test_one_rank_is_plain_torch(ckpt):
     w, one = weights(ckpt), Shard()
     up = ColumnParallelLinear(w, "up", one, UNITS, bias=True)
-    assert torch.equal(up(X), F.linear(X, ckpt["up.weight"], ckpt["up.bias"]))
+    # few rows of x go through our gemv (another summation order than torch's): close, not equal
+    torch.testing.assert_close(up(X), F.linear(X, ckpt["up.weight"], ckpt["up.bias"]))
     h = torch.randn(5, UNITS)
     down = RowParallelLinear(w, "down", one, UNITS, bias=True)
-    assert torch.equal(down(h), F.linear(h, ckpt["down.weight"], ckpt["down.bias"]))
+    torch.testing.assert_close(down(h), F.linear(h, ckpt["down.weight"], ckpt["down.bias"]))
     ids = torch.tensor([0, 3, 10, 3])
     embed = VocabParallelEmbedding(w, "embed.weight", one, VOCAB)
     assert torch.equal(embed(ids), F.embedding(ids, ckpt["embed.weight"]))
-    assert torch.equal(ParallelLMHead(w, "head", one, VOCAB)(X), F.linear(X, ckpt["head.weight"]))
+    torch.testing.assert_close(ParallelLMHead(w, "head", one, VOCAB)(X), F.linear(X, ckpt["head.weight"]))
     assert ParallelLMHead(w, "head", one, VOCAB, tied=embed).weight is embed.weight
     expected = F.layer_norm(X, (HIDDEN,), ckpt["norm.weight"], ckpt["norm.bias"], 1e-5)
     assert torch.equal(LayerNorm(w, "norm", 1e-5)(X), expected)

@@ -10,6 +10,7 @@ import shutil
 import pytest
 import torch
 
+from tgi_zmq import native
 from tgi_zmq.quant import kernels
 from tgi_zmq.quant.formats import NF4, Int8Weight, quantize_int4, quantize_int8, quantize_lut4
 
@@ -18,13 +19,13 @@ N, K = 42, 192  # N not a multiple of the kernels' 4-row tiles; K of 3 groups of
 
 @pytest.fixture(scope="module")
 def ext():
-    if kernels.build() is None:
+    if native.build() is None:
         from torch.utils.cpp_extension import get_cxx_compiler
 
         if shutil.which(get_cxx_compiler()) is None:
-            pytest.skip("no C++ compiler: the qkernels extension cannot be built (the reference kernel runs)")
-        pytest.fail("the qkernels extension failed to build (see the warning above)")
-    return kernels.extension()
+            pytest.skip("no C++ compiler: the extension cannot be built (the reference kernel runs)")
+        pytest.fail("the C++ extension failed to build (see the warning above)")
+    return native.extension()
 
 
 WEIGHTS = {
@@ -46,7 +47,7 @@ def weight(name: str):
 
 def isas(ext) -> list[str]:
     """The code paths this CPU runs (a request above the CPU's best is clamped to it)."""
-    return sorted({ext.isa_name(code) for code in kernels.ISAS.values()})
+    return sorted({ext.isa_name(code) for code in native.ISAS.values()})
 
 
 def prepared(monkeypatch, w, kernel: str, isa: str = "auto") -> kernels.Prepared:
@@ -107,7 +108,7 @@ def test_dequantize_matches_reference_exactly_for_int8(ext):
     w = weight("int8-g32")
     for isa in isas(ext):
         out = torch.empty(N, K)
-        ext.dequantize(w.qweight, w.scales, None, None, w.group, out, kernels.ISAS[isa])
+        ext.dequantize(w.qweight, w.scales, None, None, w.group, out, native.ISAS[isa])
         assert torch.equal(out, w.dequantize())
 
 
@@ -135,8 +136,8 @@ def test_refused_shapes_and_devices_use_the_reference(ext, monkeypatch):
 
 def test_without_the_extension(monkeypatch):
     """No compiler at setup (or a stale build): every weight runs the reference kernel."""
-    monkeypatch.setattr(kernels, "_ext", None)
-    monkeypatch.setattr(kernels, "_ext_tried", True)
+    monkeypatch.setattr(native, "_ext", None)
+    monkeypatch.setattr(native, "_ext_tried", True)
     monkeypatch.delenv("TGI_ZMQ_QKERNEL", raising=False)
     w = weight("nf4-g64")
     p = kernels.prepare(w)
@@ -166,11 +167,11 @@ def test_prepare_keeps_the_quantized_size(ext, monkeypatch):
 
 def test_a_failed_build_leaves_the_reference(monkeypatch, tmp_path, caplog):
     """setup must not fail without a working compiler: build() warns and returns None."""
-    broken = tmp_path / "qkernels.cpp"
+    broken = tmp_path / "module.cpp"
     broken.write_text("#error no compiler here\n")
-    monkeypatch.setattr(kernels, "SOURCE", broken)
-    monkeypatch.setattr(kernels, "BUILD_DIR", tmp_path / "build")
-    monkeypatch.setattr(kernels, "_ext", kernels._ext)  # restored after the test
-    monkeypatch.setattr(kernels, "_ext_tried", kernels._ext_tried)
-    assert kernels.build() is None
-    assert "failed" in caplog.text and kernels.extension() is None
+    monkeypatch.setattr(native, "SOURCES", [broken])
+    monkeypatch.setattr(native, "BUILD_DIR", tmp_path / "build")
+    monkeypatch.setattr(native, "_ext", native._ext)  # restored after the test
+    monkeypatch.setattr(native, "_ext_tried", native._ext_tried)
+    assert native.build() is None
+    assert "failed" in caplog.text and native.extension() is None

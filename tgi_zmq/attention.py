@@ -1,10 +1,12 @@
-"""Paged KV cache and attention over it, built on torch's scaled_dot_product_attention.
+"""Paged KV cache and attention over it.
 
 The cache of a layer is ``[num_blocks, block_size, kv_heads, head_dim]`` for K and for V.
-A step writes its new K/V by slot (``block * block_size + offset``), then gathers whole
-blocks with ``index_select`` (about 8x faster than gathering token by token) and attends:
-- decodes (one query token per request) together in padded batches of similar context length;
-- prefill chunks one request at a time; a prompt with nothing cached yet uses the K/V it
+A step writes its new K/V by slot (``block * block_size + offset``), then attends:
+- decodes (one query token per request): on CPU all together in one call of our C++ kernel
+  (``csrc/paged_attention.cpp``), which reads each request's pages in place through its block table;
+  elsewhere (and for position-biased models, or without the extension) in padded batches of similar
+  context length over pages gathered with ``index_select`` (whole blocks: ~8x faster than token by token);
+- prefill chunks one request at a time with SDPA: a prompt with nothing cached yet uses the K/V it
   just computed with ``is_causal``; a chunk that continues a cached prefix reads its pages.
 ``AttentionMetadata`` holds the index tensors, built once per step and shared by all layers.
 Models with position-dependent scores (ALiBi, T5's relative buckets) add their bias to it
@@ -21,6 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from tgi_zmq import native
 from tgi_zmq.block_manager import ceil_div
 
 PositionBias = Callable[[torch.Tensor], torch.Tensor]
@@ -48,11 +51,44 @@ class DecodeGroup:
 
 
 @dataclasses.dataclass
+class Decodes:
+    """Every decoding request of a step (host lists: padded groups are made from them on demand)."""
+
+    which: list[int]  # their indices among the step's requests
+    qs: list[int]  # the step's query starts
+    ctx: list[int]  # every request's context length
+    tables: torch.Tensor  # [B, max_pages] int64: the step's block tables
+    block_size: int
+
+    def kernel_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Query rows, block tables [Bd, pages the longest needs] and lengths, for the in-place kernel."""
+        device = self.tables.device
+        lens = [self.ctx[b] for b in self.which]
+        pages = ceil_div(max(lens), self.block_size)
+        which = torch.tensor(self.which, dtype=torch.int64, device=device)
+        rows = torch.tensor([self.qs[b] for b in self.which], dtype=torch.int64, device=device)
+        return (
+            rows,
+            self.tables[which, :pages].contiguous(),
+            torch.tensor(lens, dtype=torch.int64, device=device),
+        )
+
+    def groups(self) -> list[DecodeGroup]:
+        return [
+            _decode_group(g, self.qs, self.ctx, self.tables, self.block_size)
+            for g in _by_length(self.which, self.ctx)
+        ]
+
+
+@dataclasses.dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor
-    decode_groups: list[DecodeGroup]
     prefills: list[PrefillSeq]
-    in_order: bool  # one decode group covering every row of the step, in order
+    in_order: bool  # the decodes are every row of the step, in order
+    # decodes: in place (rows, tables, lens for the kernel), or else padded groups over gathered pages
+    in_place: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    decode_groups: list[DecodeGroup] = dataclasses.field(default_factory=list)
+    decodes: Decodes | None = None
 
     @classmethod
     def for_pages(
@@ -71,19 +107,27 @@ class AttentionMetadata:
         all in the pages already.
         """
         tables = block_tables.long()
-        decodes, prefills = [], []
+        which, prefills = [], []
         for b in range(len(ctx)):
             n = qs[b + 1] - qs[b]
             if n == 1 and (ctx[b] > 1 or not causal):
-                decodes.append(b)
+                which.append(b)
             else:
                 prefills.append(_prefill_seq(qs[b], qs[b + 1], ctx[b], tables[b], block_size, causal))
-        groups = [_decode_group(g, qs, ctx, tables, block_size) for g in _by_length(decodes, ctx)]
-        in_order = not prefills and len(groups) == 1 and decodes == list(range(len(ctx)))
-        return cls(slot_mapping, groups, prefills, in_order)
+        meta = cls(slot_mapping, prefills, not prefills and which == list(range(len(ctx))))
+        if which:
+            meta.decodes = Decodes(which, qs, ctx, tables, block_size)
+            if tables.device.type == "cpu" and native.extension() is not None:
+                meta.in_place = meta.decodes.kernel_args()
+            else:
+                meta.decode_groups = meta.decodes.groups()
+        return meta
 
     def add_position_bias(self, bias: PositionBias) -> None:
-        """Fold a position-dependent score bias into the masks (once per step, for all layers)."""
+        """Fold a position-dependent score bias into the masks (once per step, for all layers); the
+        decodes are then attended in padded groups (the kernel takes no bias)."""
+        if self.in_place is not None:
+            self.in_place, self.decode_groups = None, self.decodes.groups()
         for g in self.decode_groups:
             keys = torch.arange(g.max_len, device=g.bias.device)
             rel = keys.view(1, 1, -1) - g.query_pos.view(-1, 1, 1)  # [Bd, 1, L]
@@ -177,6 +221,7 @@ class KVCache:
 
 
 FP8 = (torch.float8_e5m2, torch.float8_e4m3fn)
+ISA = native.env_isa()
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache, v_cache, slots: torch.Tensor) -> None:
@@ -207,14 +252,25 @@ def paged_attention(
     """Store this step's K/V (if given), then attend. Returns [T, heads, dim]."""
     if k is not None:
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-    if meta.in_order:
+    if meta.in_place is not None and meta.in_order:
+        return _decode_in_place(q, k_cache, v_cache, meta.in_place, scale)
+    if meta.in_order and len(meta.decode_groups) == 1:
         return _decode(q, k_cache, v_cache, meta.decode_groups[0], scale)
     out = torch.empty_like(q)
+    if meta.in_place is not None:
+        rows = meta.in_place[0]
+        out[rows] = _decode_in_place(q[rows], k_cache, v_cache, meta.in_place, scale)
     for group in meta.decode_groups:
         out[group.rows] = _decode(q[group.rows], k_cache, v_cache, group, scale)
     for seq in meta.prefills:
         out[seq.lo : seq.hi] = _prefill(q, k, v, k_cache, v_cache, seq, scale)
     return out
+
+
+def _decode_in_place(q, k_cache, v_cache, in_place, scale: float) -> torch.Tensor:
+    """One query token per request over its pages, read where they are (``csrc/paged_attention.cpp``)."""
+    _, tables, lens = in_place
+    return native.extension().paged_decode(q.contiguous(), k_cache, v_cache, tables, lens, scale, ISA)
 
 
 def _decode(q, k_cache, v_cache, group: DecodeGroup, scale: float) -> torch.Tensor:

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 import torch.nn.functional as F
 
+from tgi_zmq import native
+from tgi_zmq.machine import cpu_has_bf16
 from tgi_zmq.parallel import Shard
 
 if TYPE_CHECKING:  # the models package imports this module
@@ -57,7 +59,29 @@ class UnquantizedLinear:
         layer.weight = _cat([weights.get(f"{p}.weight", rows, cols, self.dtype) for p, rows in parts])
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, layer.weight, layer.bias)
+        return dense_linear(x, layer.weight, layer.bias)
+
+
+def _gemv_rows() -> dict[torch.dtype, int]:
+    """Up to how many rows of x our gemv beats torch's matmul, per x's dtype, on this CPU (measured
+    with SmolLM2's shapes, docs/benchmarks.md): float32 MKL reads weights at ~11 GB/s for a few rows
+    where ours streams ~20; with AVX512-BF16, oneDNN's bfloat16 dot products win from ~16 rows."""
+    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    return {torch.float32: 32 if avx512 else 16, torch.bfloat16: 8 if cpu_has_bf16() else 64}
+
+
+GEMV_ROWS = _gemv_rows()
+ISA = native.env_isa()
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear``, or our gemv (``csrc/gemv.cpp``) for few rows of x on CPU (decode steps)."""
+    rows = x.numel() // x.shape[-1]
+    if 0 < rows <= GEMV_ROWS.get(x.dtype, 0) and weight.device.type == "cpu" and weight.dtype == x.dtype:
+        ext = native.extension()
+        if ext is not None and weight.is_contiguous():
+            return ext.gemv(x.reshape(rows, -1), weight, bias, ISA).view(*x.shape[:-1], -1)
+    return F.linear(x, weight, bias)
 
 
 class Linear:

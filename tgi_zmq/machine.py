@@ -36,6 +36,15 @@ def repo_command(argv: list[str] | None = None) -> str:
     return shlex.join([name, *argv[1:]])
 
 
+def cpu_has_bf16() -> bool:
+    """The CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): bfloat16 is then the fast dtype."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def describe() -> dict[str, Any]:
     """CPU model, torch's CPU capability (AVX2, AVX512...), cores, load and Python."""
     import torch

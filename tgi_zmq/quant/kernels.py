@@ -15,39 +15,28 @@ runs (docs/quantization.md, ``## Kernels``), not measured at each start. Environ
 ``TGI_ZMQ_QKERNEL=fused|dequant|reference`` forces one kernel for every M; ``TGI_ZMQ_ISA=avx2|scalar``
 caps the extension's code path (to measure AVX2 on an AVX-512 machine). Both are read by ``prepare``.
 
-The extension is compiled by ``scripts/setup`` (``build()``) into ``build/`` under a name keyed by the
-source, flags and torch version; at run time it is only loaded, never compiled: if it is missing, a
-warning and the reference kernel. Memory: the prepared weight is the quantized one (same tensors), plus
+The extension is ``tgi_zmq.native`` (compiled by ``scripts/setup``; if it is missing, a warning and the
+reference kernel). Memory: the prepared weight is the quantized one (same tensors), plus
 one dequant buffer per thread and dtype of at most SCRATCH_ELEMENTS.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import importlib.util
 import logging
 import math
 import os
-import shutil
 import threading
-from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
-from tgi_zmq.machine import REPO
+from tgi_zmq.native import env_isa, extension
 from tgi_zmq.quant.formats import BLOCK, Int4Weight, Int8Weight, QuantizedWeight
 
 log = logging.getLogger(__name__)
 
-SOURCE = REPO / "csrc" / "qkernels.cpp"
-BUILD_DIR = REPO / "build" / "qkernels"
-ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}  # the extension's codes for TGI_ZMQ_ISA
 KERNELS = ("fused", "dequant", "reference")
-# No -march: the AVX2/AVX-512 functions carry their own target attributes. -fopenmp: without it
-# at::parallel_for runs serially in an extension (libgomp.so.1 is then torch's own, already loaded).
-CFLAGS, LDFLAGS = ["-O3", "-fopenmp"], ["-fopenmp"]
 SCRATCH_ELEMENTS = 1 << 22  # the dequant kernel's buffer: 16 MB float32, so at most that many weights a pass
 
 # (torch CPU capability, format, x's dtype) -> (largest M, kernel) ranges, first match wins. Written from
@@ -71,8 +60,6 @@ RULES: dict[tuple[str, str, torch.dtype], Ranges] = {
 CAPABILITY = torch.backends.cpu.get_cpu_capability()
 RULE_CAPABILITY = CAPABILITY if any(key[0] == CAPABILITY for key in RULES) else "AVX2"
 
-_ext: ModuleType | None = None
-_ext_tried = False
 _scratch = threading.local()
 
 
@@ -108,7 +95,7 @@ def prepare(w: QuantizedWeight) -> Prepared:
     else:
         scales, offsets, lut = (t.float().contiguous() for t in (w.scales, w.offsets, w.lut))
         w = Int4Weight(w.packed.contiguous(), scales, offsets, lut, w.group)
-    return Prepared(w, _forced(w), ISAS[_env_isa()])
+    return Prepared(w, _forced(w), env_isa())
 
 
 def linear(x: torch.Tensor, prepared: Prepared, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -128,7 +115,7 @@ def backend() -> str:
     ext = extension()
     if ext is None:
         return "reference (dequantize + F.linear): the qkernels extension is not built"
-    head = f"qkernels {ext.isa_name(ISAS[_env_isa()])}, torch {CAPABILITY}"
+    head = f"qkernels {ext.isa_name(env_isa())}, torch {CAPABILITY}"
     if forced := os.environ.get("TGI_ZMQ_QKERNEL"):
         return f"{head}: {forced} (TGI_ZMQ_QKERNEL)"
     rules = [
@@ -137,64 +124,6 @@ def backend() -> str:
         if cap == RULE_CAPABILITY
     ]
     return f"{head}: " + "; ".join(rules)
-
-
-# ---- the extension -------------------------------------------------------------------------------------
-
-
-def extension_name() -> str:
-    """One name per source, flags and torch version (its ABI): a change is a new build, never a stale .so."""
-    key = SOURCE.read_bytes() + " ".join([torch.__version__, *CFLAGS, *LDFLAGS]).encode()
-    digest = hashlib.sha256(key).hexdigest()[:12]
-    return f"tgi_zmq_qkernels_{digest}"
-
-
-def build(verbose: bool = False) -> ModuleType | None:
-    """Compile the extension (once per source hash; seconds when built) and load it. None, with a
-    warning, when the compiler fails: the reference kernel is used then."""
-    global _ext, _ext_tried
-    from torch.utils import cpp_extension
-
-    name = extension_name()
-    directory = BUILD_DIR / name
-    directory.mkdir(parents=True, exist_ok=True)
-    try:
-        _ext = cpp_extension.load(
-            name,
-            [str(SOURCE)],
-            CFLAGS,
-            extra_ldflags=LDFLAGS,
-            build_directory=str(directory),
-            verbose=verbose,
-        )
-    except Exception as e:  # noqa: BLE001 - any compiler or loader failure leaves the fallback
-        log.warning(
-            "qkernels: building %s failed (%s); quantized matmuls use the reference kernel", SOURCE, e
-        )
-        _ext = None
-    else:
-        for stale in BUILD_DIR.glob("tgi_zmq_qkernels_*"):  # older sources' builds
-            if stale.name != name:
-                shutil.rmtree(stale, ignore_errors=True)
-    _ext_tried = True
-    return _ext
-
-
-def extension() -> ModuleType | None:
-    """The built extension, loaded without compiling (None, with one warning, when not built)."""
-    global _ext, _ext_tried
-    if not _ext_tried:
-        _ext_tried = True
-        name = extension_name()
-        path = BUILD_DIR / name / f"{name}.so"
-        if path.exists():
-            spec = importlib.util.spec_from_file_location(name, path)
-            assert spec is not None and spec.loader is not None
-            _ext = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(_ext)
-        else:
-            log.warning("qkernels: %s not built (run scripts/setup): the reference kernel is used", path)
-    return _ext
 
 
 # ---- kernels -------------------------------------------------------------------------------------------
@@ -208,7 +137,7 @@ def _args(w: QuantizedWeight) -> tuple:
 
 
 def _fused(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None) -> torch.Tensor:
-    return _ext.linear(x, *_args(p.weight), bias, p.isa)
+    return extension().linear(x, *_args(p.weight), bias, p.isa)
 
 
 def _dequant(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None) -> torch.Tensor:
@@ -219,11 +148,12 @@ def _dequant(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None) -> torch.T
     buf = _scratch_buffer(rows * k, x.dtype)
     bias = None if bias is None else bias.to(x.dtype)
     codes, scales, offsets, lut, group = _args(p.weight)
+    ext = extension()
     outs = []
     for lo in range(0, n, rows):
         hi = min(n, lo + rows)
         w = buf[: (hi - lo) * k].view(hi - lo, k)
-        _ext.dequantize(
+        ext.dequantize(
             codes[lo:hi], scales[lo:hi], None if offsets is None else offsets[lo:hi], lut, group, w, p.isa
         )
         outs.append(F.linear(x, w, None if bias is None else bias[lo:hi]))
@@ -258,13 +188,6 @@ def _forced(w: QuantizedWeight) -> str | None:
     if forced and forced not in KERNELS:
         raise ValueError(f"TGI_ZMQ_QKERNEL={forced}: choose one of {', '.join(KERNELS)}")
     return forced if usable else "reference"
-
-
-def _env_isa() -> str:
-    isa = os.environ.get("TGI_ZMQ_ISA", "auto").lower()
-    if isa not in ISAS:
-        raise ValueError(f"TGI_ZMQ_ISA={isa}: choose one of {', '.join(ISAS)}")
-    return isa
 
 
 def _describe(ranges: Ranges) -> list[str]:

@@ -1,0 +1,19 @@
+// The Python module of tgi-zmq's C++ extension: one .so for every source in csrc/.
+#include <torch/csrc/utils/pybind.h>  // lighter than torch/extension.h: a faster build
+
+#include "native.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "tgi-zmq CPU kernels: quantized and small-M dense matmuls, paged decode attention";
+  m.def("linear", &tgi::linear, "y = x W^T + bias with int8 / 4-bit LUT weights", py::arg("x"), py::arg("w"),
+        py::arg("scales"), py::arg("offsets"), py::arg("lut"), py::arg("group"), py::arg("bias"),
+        py::arg("isa") = 0);
+  m.def("dequantize", &tgi::dequantize, "dequantize into out (float32 or bfloat16)", py::arg("w"),
+        py::arg("scales"), py::arg("offsets"), py::arg("lut"), py::arg("group"), py::arg("out"), py::arg("isa") = 0);
+  m.def("isa_name", &tgi::isa_name, "the ISA a request resolves to on this CPU", py::arg("isa") = 0);
+  m.def("gemv", &tgi::gemv, "y = x W^T + bias for few rows of x (float32 / bfloat16 W)", py::arg("x"),
+        py::arg("w"), py::arg("bias"), py::arg("isa") = 0);
+  m.def("paged_decode", &tgi::paged_decode, "decode attention over the paged KV cache, read in place",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("tables"), py::arg("lens"), py::arg("scale"),
+        py::arg("isa") = 0);
+}

@@ -1,0 +1,170 @@
+// Decode attention over the paged KV cache, read in place (tgi_zmq.attention).
+//
+// Why our own: torch has no CPU kernel that reads a block table. Gathering each request's pages into
+// a new tensor every step (index_select) and then attending reads and writes the whole context twice
+// more than attending in place; at 2k tokens of context that copy was most of a decode step.
+//
+// One query token per request, H query heads sharing KVH key/value heads (GQA: G = H / KVH query heads
+// read each K/V row once). Work is split over (request, KV head, part of the context) so that one long
+// request still fills every thread (flash-decoding); each part keeps a running max and sum (online
+// softmax) and the parts of a (request, head) are merged at the end. Float32 arithmetic; the query and
+// the cache may be float32 or bfloat16 (read as they are stored).
+//
+// One source for every x86-64 CPU: the loop (paged_attention_isa.inc) is compiled three times, over
+// AVX-512, AVX2 and one-lane vectors, the best chosen at run time (like qkernels.cpp, never -march).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "native.h"
+
+namespace tgi {
+namespace {
+
+#define TGI_INLINE inline __attribute__((always_inline))
+
+constexpr int64_t kMaxGroup = 16;  // query heads per KV head
+constexpr int64_t kMaxDim = 256;
+constexpr int64_t kChunk = 32;  // keys scored before the softmax update
+
+TGI_INLINE float to_float(float v) { return v; }
+TGI_INLINE float to_float(at::BFloat16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+TGI_INLINE void from_float(float v, float* out) { *out = v; }
+TGI_INLINE void from_float(float v, at::BFloat16* out) { *out = at::BFloat16(v); }
+
+struct Args {
+  const void* q;  // [n, H, D] contiguous
+  const void* k;  // [blocks, block_size, KVH, D] contiguous
+  const void* v;
+  void* out;  // [n, H, D] contiguous, q's dtype
+  const int64_t* tables;  // [n, max_blocks]
+  const int64_t* lens;  // [n] keys per request
+  int64_t heads, kv_heads, dim, block_size, max_blocks;
+  float scale;
+};
+
+// A task: keys [t0, t1) of request b for KV head h; writes its running max, sum and unnormalised output.
+struct Task {
+  int64_t b, h, t0, t1;
+};
+
+// Tasks [i0, i1): partial results at [task, G] (max, sum) and [task, G, D] (output).
+struct Partials {
+  float *max, *sum, *acc;
+};
+
+#define TGI_ISA_BODY "paged_attention_isa.inc"
+#include "isa.h"  // the loop, compiled once per instruction set: avx512::, avx2::, scalar::
+
+// The parts [first, last) of one (request, KV head) merged into out (q's dtype).
+template <class TQ>
+void merge(const Args& a, const Task* tasks, int64_t first, int64_t last, const Partials& p) {
+  const int64_t G = a.heads / a.kv_heads, D = a.dim;
+  const Task& t = tasks[first];
+  TQ* out = static_cast<TQ*>(a.out) + (t.b * a.heads + t.h * G) * D;
+  for (int64_t g = 0; g < G; g++) {
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t i = first; i < last; i++) top = std::max(top, p.max[i * G + g]);
+    float total = 0.f;
+    float o[kMaxDim] = {};
+    for (int64_t i = first; i < last; i++) {
+      const float w = p.sum[i * G + g] > 0.f ? std::exp(p.max[i * G + g] - top) : 0.f;
+      total += w * p.sum[i * G + g];
+      const float* acc = p.acc + (i * G + g) * D;
+      for (int64_t d = 0; d < D; d++) o[d] += w * acc[d];
+    }
+    const float inv = total > 0.f ? 1.f / total : 0.f;
+    for (int64_t d = 0; d < D; d++) from_float(o[d] * inv, out + g * D + d);
+  }
+}
+
+// Keys per task: whole requests while there are enough of them to fill the threads, else parts of at
+// least kMinPart keys, about 4 tasks per thread.
+constexpr int64_t kMinPart = 128;
+
+std::vector<Task> plan(const int64_t* lens, int64_t n, int64_t kv_heads, std::vector<int64_t>& starts) {
+  int64_t total = 0;
+  for (int64_t b = 0; b < n; b++) total += lens[b];
+  const int64_t want = 4 * at::get_num_threads();
+  const int64_t part = std::max<int64_t>(kMinPart, (total * kv_heads + want - 1) / want);
+  std::vector<Task> tasks;
+  for (int64_t b = 0; b < n; b++)
+    for (int64_t h = 0; h < kv_heads; h++) {
+      starts.push_back(static_cast<int64_t>(tasks.size()));
+      for (int64_t t0 = 0; t0 < std::max<int64_t>(lens[b], 1); t0 += part)
+        tasks.push_back({b, h, t0, std::min(lens[b], t0 + part)});
+    }
+  starts.push_back(static_cast<int64_t>(tasks.size()));
+  return tasks;
+}
+
+template <class TQ, class TKV>
+void run(const Args& a, const std::vector<Task>& tasks, const std::vector<int64_t>& starts, int64_t isa) {
+  const int64_t G = a.heads / a.kv_heads, count = static_cast<int64_t>(tasks.size());
+  std::vector<float> buffer(count * G * (2 + a.dim));
+  const Partials p{buffer.data(), buffer.data() + count * G, buffer.data() + 2 * count * G};
+  at::parallel_for(0, count, 1, [&](int64_t i0, int64_t i1) {
+    if (isa == kAvx512 && a.dim % 16 == 0) avx512::attend_tasks<TQ, TKV>(a, tasks.data(), i0, i1, p);
+    else if (isa >= kAvx2 && a.dim % 8 == 0) avx2::attend_tasks<TQ, TKV>(a, tasks.data(), i0, i1, p);
+    else scalar::attend_tasks<TQ, TKV>(a, tasks.data(), i0, i1, p);
+  });
+  const int64_t units = static_cast<int64_t>(starts.size()) - 1;
+  at::parallel_for(0, units, 16, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; u++) merge<TQ>(a, tasks.data(), starts[u], starts[u + 1], p);
+  });
+}
+
+}  // namespace
+
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                        const at::Tensor& tables, const at::Tensor& lens, double scale, int64_t isa) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q: contiguous [n, heads, dim]");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == k_cache.scalar_type(),
+              "caches: contiguous [blocks, block_size, kv_heads, dim], K and V alike");
+  TORCH_CHECK(tables.dim() == 2 && tables.scalar_type() == at::kLong && tables.is_contiguous() &&
+                  tables.size(0) == q.size(0),
+              "tables: contiguous int64 [n, max_blocks]");
+  TORCH_CHECK(lens.dim() == 1 && lens.scalar_type() == at::kLong && lens.is_contiguous() && lens.numel() == q.size(0),
+              "lens: contiguous int64 [n]");
+  Args a{};
+  a.heads = q.size(1), a.dim = q.size(2), a.kv_heads = k_cache.size(2), a.block_size = k_cache.size(1);
+  a.max_blocks = tables.size(1);
+  TORCH_CHECK(k_cache.size(3) == a.dim && a.dim <= kMaxDim, "head dim must match and be at most ", kMaxDim);
+  TORCH_CHECK(a.heads % a.kv_heads == 0 && a.heads / a.kv_heads <= kMaxGroup, "at most ", kMaxGroup,
+              " query heads per KV head");
+  const auto qt = q.scalar_type(), ct = k_cache.scalar_type();
+  TORCH_CHECK((qt == at::kFloat || qt == at::kBFloat16) && (ct == at::kFloat || ct == at::kBFloat16),
+              "float32 or bfloat16 query and cache");
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  a.q = q.data_ptr(), a.k = k_cache.data_ptr(), a.v = v_cache.data_ptr(), a.out = out.data_ptr();
+  a.tables = tables.data_ptr<int64_t>(), a.lens = lens.data_ptr<int64_t>();
+  a.scale = static_cast<float>(scale);
+  for (int64_t b = 0; b < q.size(0); b++)
+    TORCH_CHECK(a.lens[b] <= a.max_blocks * a.block_size, "a context is longer than its block table");
+  std::vector<int64_t> starts;
+  const std::vector<Task> tasks = plan(a.lens, q.size(0), a.kv_heads, starts);
+  isa = resolve_isa(isa);
+  using BF = at::BFloat16;
+  if (qt == at::kFloat && ct == at::kFloat) run<float, float>(a, tasks, starts, isa);
+  else if (qt == at::kFloat) run<float, BF>(a, tasks, starts, isa);
+  else if (ct == at::kFloat) run<BF, float>(a, tasks, starts, isa);
+  else run<BF, BF>(a, tasks, starts, isa);
+  return out;
+}
+
+}  // namespace tgi

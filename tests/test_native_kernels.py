@@ -1,0 +1,103 @@
+"""The C++ extension's dense and attention kernels (``csrc/gemv.cpp``, ``csrc/paged_attention.cpp``)
+equal torch on every code path this CPU has: small shapes, seconds in all."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tgi_zmq import native
+from tgi_zmq.attention import AttentionMetadata, paged_attention
+
+
+@pytest.fixture(scope="module")
+def ext():
+    if native.build() is None:
+        from torch.utils.cpp_extension import get_cxx_compiler
+
+        if shutil.which(get_cxx_compiler()) is None:
+            pytest.skip("no C++ compiler: the extension cannot be built (torch's paths run)")
+        pytest.fail("the C++ extension failed to build (see the warning above)")
+    return native.extension()
+
+
+def isas(ext) -> list[int]:
+    """One code per distinct path on this CPU (a request above the CPU is clamped down)."""
+    paths = {ext.isa_name(code): code for code in sorted(native.ISAS.values(), reverse=True)}
+    return sorted(paths.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [64, 72, 100])  # AVX-512 (k % 16), AVX2 (k % 8) and one-lane shapes
+def test_gemv_equals_linear(ext, dtype, k):
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(37, k, generator=g).to(dtype)  # 37 rows: whole 4-row tiles and single rows
+    bias = torch.randn(37, generator=g).to(dtype)
+    for m in (1, 3, 4, 9):
+        x = torch.randn(m, k, generator=g).to(dtype)
+        expected = F.linear(x.float(), w.float(), bias.float())
+        tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 0.2}
+        for isa in isas(ext):
+            y = ext.gemv(x, w, bias, isa)
+            assert y.dtype == dtype and y.shape == (m, 37)
+            torch.testing.assert_close(y.float(), expected, **tol)
+        torch.testing.assert_close(ext.gemv(x, w, None, 0).float(), expected - bias.float(), **tol)
+
+
+def reference(q, k_cache, v_cache, tables, lens, scale):
+    """Each request's keys gathered from its pages, then softmax(q k^T) v per query head (GQA)."""
+    heads, kv_heads = q.shape[1], k_cache.shape[2]
+    out = torch.empty(q.shape, dtype=torch.float32)
+    for b, n in enumerate(lens.tolist()):
+        keys = k_cache[tables[b]].flatten(0, 1)[:n].float().repeat_interleave(heads // kv_heads, 1)
+        values = v_cache[tables[b]].flatten(0, 1)[:n].float().repeat_interleave(heads // kv_heads, 1)
+        scores = torch.einsum("hd,nhd->hn", q[b].float(), keys) * scale
+        out[b] = torch.einsum("hn,nhd->hd", scores.softmax(-1), values)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [64, 40, 36])  # AVX-512 (dim % 16), AVX2 (dim % 8), one-lane paths
+def test_paged_decode_equals_gathered_attention(ext, dtype, dim):
+    g = torch.Generator().manual_seed(dim)
+    heads, kv_heads, block = 6, 2, 4
+    lens = torch.tensor([1, 5, 130, 700, 33])  # 700: split into parts over the threads
+    pages = (lens.max().item() + block - 1) // block
+    k_cache = torch.randn(len(lens) * pages + 3, block, kv_heads, dim, generator=g).to(dtype)
+    v_cache = torch.randn(k_cache.shape, generator=g).to(dtype)
+    tables = torch.randperm(k_cache.shape[0], generator=g)[: len(lens) * pages].view(len(lens), pages)
+    q = torch.randn(len(lens), heads, dim, generator=g).to(dtype)
+    expected = reference(q, k_cache, v_cache, tables, lens, dim**-0.5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for isa in isas(ext):
+        out = ext.paged_decode(q, k_cache, v_cache, tables, lens, dim**-0.5, isa)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
+
+
+def test_attention_reads_the_pages_in_place_and_equals_the_padded_groups(ext):
+    """paged_attention's decodes through the kernel equal its gathered, padded-group path."""
+    g = torch.Generator().manual_seed(0)
+    block, ctx = 16, [40, 900, 17]
+    tables = torch.arange(3 * 60).view(3, 60)
+    k_cache = torch.randn(3 * 60, block, 3, 64, generator=g)
+    v_cache = torch.randn(k_cache.shape, generator=g)
+    q = torch.randn(3, 9, 64, generator=g)
+    meta = AttentionMetadata.for_pages([0, 1, 2, 3], ctx, tables, None, block)
+    assert meta.in_place is not None and not meta.decode_groups
+    out = paged_attention(q, None, None, k_cache, v_cache, meta, 0.125)
+    meta.in_place, meta.decode_groups = None, meta.decodes.groups()
+    torch.testing.assert_close(out, paged_attention(q, None, None, k_cache, v_cache, meta, 0.125))
+
+
+def test_refuses_what_it_cannot_read(ext):
+    q = torch.randn(1, 4, 64)
+    cache = torch.zeros(2, 16, 2, 64)
+    tables, lens = torch.zeros(1, 1, dtype=torch.int64), torch.tensor([40])
+    with pytest.raises(RuntimeError, match="longer than its block table"):
+        ext.paged_decode(q, cache, cache, tables, lens, 1.0, 0)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        ext.paged_decode(q.half(), cache, cache, tables, torch.tensor([4]), 1.0, 0)
