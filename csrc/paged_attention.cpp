@@ -5,9 +5,10 @@
 // more than attending in place; at 2k tokens of context that copy was most of a decode step.
 //
 // One query token per request, H query heads sharing KVH key/value heads (GQA: G = H / KVH query heads
-// read each K/V row once). Work is split over (request, KV head, part of the context) so that one long
-// request still fills every thread (flash-decoding); each part keeps a running max and sum (online
-// softmax) and the parts of a (request, head) are merged at the end. Float32 arithmetic; the query and
+// read each K/V row once). Work is split over (request, part of its context) so that one long request
+// still fills every thread (flash-decoding); a task reads its tokens' K and V of every head, contiguous
+// in the cache; each part keeps a running max and sum (online softmax) and a request's parts are merged
+// at the end. Float32 arithmetic; the query and
 // the cache may be float32 or bfloat16 (read as they are stored).
 //
 // One source for every x86-64 CPU: the loop (paged_attention_isa.inc) is compiled three times, over
@@ -32,7 +33,6 @@ namespace {
 
 #define TGI_INLINE inline __attribute__((always_inline))
 
-constexpr int64_t kMaxGroup = 16;  // query heads per KV head
 constexpr int64_t kMaxDim = 256;
 constexpr int64_t kChunk = 32;  // keys scored before the softmax update
 
@@ -57,12 +57,12 @@ struct Args {
   float scale;
 };
 
-// A task: keys [t0, t1) of request b for KV head h; writes its running max, sum and unnormalised output.
+// A task: keys [t0, t1) of request b, every head; writes its running max, sum and unnormalised output.
 struct Task {
-  int64_t b, h, t0, t1;
+  int64_t b, t0, t1;
 };
 
-// Tasks [i0, i1): partial results at [task, G] (max, sum) and [task, G, D] (output).
+// Partial results: [task, H] (max, sum) and [task, H, D] (output).
 struct Partials {
   float *max, *sum, *acc;
 };
@@ -70,60 +70,57 @@ struct Partials {
 #define TGI_ISA_BODY "paged_attention_isa.inc"
 #include "isa.h"  // the loop, compiled once per instruction set: avx512::, avx2::, scalar::
 
-// The parts [first, last) of one (request, KV head) merged into out (q's dtype).
+// The parts [first, last) of one request merged into out (q's dtype).
 template <class TQ>
 void merge(const Args& a, const Task* tasks, int64_t first, int64_t last, const Partials& p) {
-  const int64_t G = a.heads / a.kv_heads, D = a.dim;
-  const Task& t = tasks[first];
-  TQ* out = static_cast<TQ*>(a.out) + (t.b * a.heads + t.h * G) * D;
-  for (int64_t g = 0; g < G; g++) {
+  const int64_t H = a.heads, D = a.dim;
+  TQ* out = static_cast<TQ*>(a.out) + tasks[first].b * H * D;
+  for (int64_t h = 0; h < H; h++) {
     float top = -std::numeric_limits<float>::infinity();
-    for (int64_t i = first; i < last; i++) top = std::max(top, p.max[i * G + g]);
+    for (int64_t i = first; i < last; i++) top = std::max(top, p.max[i * H + h]);
     float total = 0.f;
     float o[kMaxDim] = {};
     for (int64_t i = first; i < last; i++) {
-      const float w = p.sum[i * G + g] > 0.f ? std::exp(p.max[i * G + g] - top) : 0.f;
-      total += w * p.sum[i * G + g];
-      const float* acc = p.acc + (i * G + g) * D;
+      const float w = p.sum[i * H + h] > 0.f ? std::exp(p.max[i * H + h] - top) : 0.f;
+      total += w * p.sum[i * H + h];
+      const float* acc = p.acc + (i * H + h) * D;
       for (int64_t d = 0; d < D; d++) o[d] += w * acc[d];
     }
     const float inv = total > 0.f ? 1.f / total : 0.f;
-    for (int64_t d = 0; d < D; d++) from_float(o[d] * inv, out + g * D + d);
+    for (int64_t d = 0; d < D; d++) from_float(o[d] * inv, out + h * D + d);
   }
 }
 
 // Keys per task: whole requests while there are enough of them to fill the threads, else parts of at
-// least kMinPart keys, about 4 tasks per thread.
-constexpr int64_t kMinPart = 128;
+// least kMinPart keys, about 4 tasks per thread. starts[b] is request b's first task.
+constexpr int64_t kMinPart = 64;
 
-std::vector<Task> plan(const int64_t* lens, int64_t n, int64_t kv_heads, std::vector<int64_t>& starts) {
+std::vector<Task> plan(const int64_t* lens, int64_t n, std::vector<int64_t>& starts) {
   int64_t total = 0;
   for (int64_t b = 0; b < n; b++) total += lens[b];
   const int64_t want = 4 * at::get_num_threads();
-  const int64_t part = std::max<int64_t>(kMinPart, (total * kv_heads + want - 1) / want);
+  const int64_t part = std::max<int64_t>(kMinPart, (total + want - 1) / want);
   std::vector<Task> tasks;
-  for (int64_t b = 0; b < n; b++)
-    for (int64_t h = 0; h < kv_heads; h++) {
-      starts.push_back(static_cast<int64_t>(tasks.size()));
-      for (int64_t t0 = 0; t0 < std::max<int64_t>(lens[b], 1); t0 += part)
-        tasks.push_back({b, h, t0, std::min(lens[b], t0 + part)});
-    }
+  for (int64_t b = 0; b < n; b++) {
+    starts.push_back(static_cast<int64_t>(tasks.size()));
+    for (int64_t t0 = 0; t0 < std::max<int64_t>(lens[b], 1); t0 += part) tasks.push_back({b, t0, std::min(lens[b], t0 + part)});
+  }
   starts.push_back(static_cast<int64_t>(tasks.size()));
   return tasks;
 }
 
 template <class TQ, class TKV>
 void run(const Args& a, const std::vector<Task>& tasks, const std::vector<int64_t>& starts, int64_t isa) {
-  const int64_t G = a.heads / a.kv_heads, count = static_cast<int64_t>(tasks.size());
-  std::vector<float> buffer(count * G * (2 + a.dim));
-  const Partials p{buffer.data(), buffer.data() + count * G, buffer.data() + 2 * count * G};
+  const int64_t H = a.heads, count = static_cast<int64_t>(tasks.size());
+  std::vector<float> buffer(count * H * (2 + a.dim));
+  const Partials p{buffer.data(), buffer.data() + count * H, buffer.data() + 2 * count * H};
   at::parallel_for(0, count, 1, [&](int64_t i0, int64_t i1) {
     if (isa == kAvx512 && a.dim % 16 == 0) avx512::attend_tasks<TQ, TKV>(a, tasks.data(), i0, i1, p);
     else if (isa >= kAvx2 && a.dim % 8 == 0) avx2::attend_tasks<TQ, TKV>(a, tasks.data(), i0, i1, p);
     else scalar::attend_tasks<TQ, TKV>(a, tasks.data(), i0, i1, p);
   });
-  const int64_t units = static_cast<int64_t>(starts.size()) - 1;
-  at::parallel_for(0, units, 16, [&](int64_t u0, int64_t u1) {
+  const int64_t requests = static_cast<int64_t>(starts.size()) - 1;
+  at::parallel_for(0, requests, 16, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; u++) merge<TQ>(a, tasks.data(), starts[u], starts[u + 1], p);
   });
 }
@@ -145,8 +142,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   a.heads = q.size(1), a.dim = q.size(2), a.kv_heads = k_cache.size(2), a.block_size = k_cache.size(1);
   a.max_blocks = tables.size(1);
   TORCH_CHECK(k_cache.size(3) == a.dim && a.dim <= kMaxDim, "head dim must match and be at most ", kMaxDim);
-  TORCH_CHECK(a.heads % a.kv_heads == 0 && a.heads / a.kv_heads <= kMaxGroup, "at most ", kMaxGroup,
-              " query heads per KV head");
+  TORCH_CHECK(a.heads % a.kv_heads == 0, "query heads must be a multiple of KV heads");
   const auto qt = q.scalar_type(), ct = k_cache.scalar_type();
   TORCH_CHECK((qt == at::kFloat || qt == at::kBFloat16) && (ct == at::kFloat || ct == at::kBFloat16),
               "float32 or bfloat16 query and cache");
@@ -157,7 +153,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   for (int64_t b = 0; b < q.size(0); b++)
     TORCH_CHECK(a.lens[b] <= a.max_blocks * a.block_size, "a context is longer than its block table");
   std::vector<int64_t> starts;
-  const std::vector<Task> tasks = plan(a.lens, q.size(0), a.kv_heads, starts);
+  const std::vector<Task> tasks = plan(a.lens, q.size(0), starts);
   isa = resolve_isa(isa);
   using BF = at::BFloat16;
   if (qt == at::kFloat && ct == at::kFloat) run<float, float>(a, tasks, starts, isa);
