@@ -196,7 +196,16 @@ def test_torch_threads_per_worker(monkeypatch):
     monkeypatch.setenv("TORCH_THREADS", "2")
     assert resolve(*flags).torch_threads == 2
     monkeypatch.delenv("TORCH_THREADS")
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    assert resolve(*flags, "--num-shard", "2").worker_threads == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert resolve(*flags, "--num-shard", "2").worker_threads == 3  # 2 cores kept for the pipeline
     with pytest.raises(ValueError, match="--torch-threads must be >= 0"):
         resolve(*flags, "--torch-threads", "-1")
+
+
+def test_profile_dir_comes_from_the_command_line_or_its_env_var(monkeypatch, tmp_path):
+    flags = ("--max-batch-total-tokens", "9000")
+    assert resolve(*flags).profile_dir is None  # the profiling routes are off
+    monkeypatch.chdir(tmp_path)
+    assert resolve(*flags, "--profile-dir", "traces").profile_dir == str(tmp_path / "traces")  # absolute
+    monkeypatch.setenv("PROFILE_DIR", "/srv/traces")
+    assert resolve(*flags).profile_dir == "/srv/traces"

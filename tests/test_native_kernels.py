@@ -101,3 +101,28 @@ def test_refuses_what_it_cannot_read(ext):
         ext.paged_decode(q, cache, cache, tables, lens, 1.0, 0)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         ext.paged_decode(q.half(), cache, cache, tables, torch.tensor([4]), 1.0, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_chunk_after_its_cached_prefix_equals_one_masked_attention(dtype):
+    """Prefix (no mask) + own keys (causal), merged by log-sum-exp, equals SDPA over both with the
+    causal mask (torch's flash kernel, no extension needed)."""
+    from tgi_zmq.attention import PrefillSeq, _causal, _prefill, _prefix_then_causal
+
+    g = torch.Generator().manual_seed(1)
+    block, cached, n = 16, 45, 20
+    pages = torch.tensor([7, 2, 9, 4, 5])  # 80 keys: the 45 cached and the chunk's 20, in scattered pages
+    k_cache = torch.randn(10, block, 3, 64, generator=g).to(dtype)
+    v_cache = torch.randn(k_cache.shape, generator=g).to(dtype)
+    q = torch.randn(n, 9, 64, generator=g).to(dtype)
+    slots = torch.tensor([pages[p // block] * block + p % block for p in range(cached, cached + n)])
+    k, v = torch.randn(n, 3, 64, generator=g).to(dtype), torch.randn(n, 3, 64, generator=g).to(dtype)
+    for new, cache in ((k, k_cache), (v, v_cache)):
+        cache.view(-1, 3, 64)[slots] = new
+    seq = PrefillSeq(0, n, cached, pages, None, len(pages) * block)
+    query = q.transpose(0, 1).unsqueeze(0)
+    fast = _prefix_then_causal(query, k, v, k_cache, v_cache, seq, 0.125).squeeze(0).transpose(0, 1)
+    masked = PrefillSeq(0, n, cached, pages, _causal(seq, q.device), len(pages) * block)
+    expected = _prefill(q, k, v, k_cache, v_cache, masked, 0.125)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(fast, expected, **tol)

@@ -117,6 +117,30 @@ def test_chunked_prefill_respects_the_step_budget():
     assert chunks == [10, 10, 5]
 
 
+def test_a_prompt_beside_decodes_runs_in_chunks_sized_by_the_measured_step_costs():
+    """Decode-only steps take 50 ms and a prompt token 2 ms: a chunk beside the decodes gets
+    1.5 * 50 / 2 = 37 tokens (its step ~2.5 decode steps), alone it gets the whole budget."""
+    sched = SchedulePolicy(BlockManager(64, 4), 100, 8, (), 256)
+    sched.add(Request("a", [1, 2, 3], SamplingParams(), 50))
+    first = sched.schedule()
+    sched.costs.observe(first, 0.006)  # 3 prompt tokens, nothing decoding: 2 ms a token
+    sched.update(first, [5], [0.0])
+    for _ in range(3):
+        decode = sched.schedule()
+        assert decode.num_new == [1]
+        sched.costs.observe(decode, 0.05)
+        sched.update(decode, [5], [0.0])
+    assert sched.costs.mixed_chunk(100) == 37
+    sched.add(Request("b", list(range(1, 200)), SamplingParams(), 5))
+    mixed = sched.schedule()
+    assert mixed.num_new == [1, 37]
+    sched.costs.observe(mixed, 0.05 + 37 * 0.002)
+    assert abs(sched.costs.token_seconds - 0.002) < 1e-9
+    sched.update(mixed, [5], [0.0])
+    sched.finish(sched.find("a"), "aborted")
+    assert sched.schedule().num_new == [100]  # nothing decoding: the whole budget
+
+
 def test_finish_reasons():
     sched = SchedulePolicy(BlockManager(64, 4), 64, 8, eos_token_ids=(2,), max_total_tokens=12)
     eos = Request("eos", [5, 5], SamplingParams(), 10)

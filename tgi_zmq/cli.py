@@ -18,6 +18,7 @@ from typing import Any
 
 from tgi_zmq.config import DEFAULT_MEMORY_FRACTION, DEFAULT_PREFILL_TOKENS, RUNTIME_DIR_ENV, ServerConfig
 from tgi_zmq.dtypes import CONVERTED, SERVED
+from tgi_zmq.machine import cpu_has_bf16
 from tgi_zmq.quant import KV_CACHE_DTYPES, check_kv_cache_dtype
 
 log = logging.getLogger("launcher")
@@ -73,9 +74,10 @@ LAUNCH_FLAGS: list[tuple[str, type, Any, str]] = [
         "--max-batch-prefill-tokens",
         int,
         None,
-        "tokens per forward step: longer prompts are split into chunks that share steps with the running "
-        f"decodes (default {DEFAULT_PREFILL_TOKENS['cpu']} on CPU, where a 4096-token step stalls every "
-        f"stream for seconds; {DEFAULT_PREFILL_TOKENS['cuda']} on GPU)",
+        "prompt tokens per forward step: longer prompts are split into chunks. Beside running decodes a "
+        "chunk gets fewer, sized from the measured step times so that the streams' step costs at most "
+        f"~2.5 decode steps (default {DEFAULT_PREFILL_TOKENS['cpu']} on CPU, "
+        f"{DEFAULT_PREFILL_TOKENS['cuda']} on GPU)",
     ),
     (
         "--max-batch-total-tokens",
@@ -188,6 +190,14 @@ LAUNCH_FLAGS: list[tuple[str, type, Any, str]] = [
         float,
         ServerConfig.shutdown_timeout,
         "on SIGTERM, seconds to wait for the requests in flight while /health and new requests get 503",
+    ),
+    (
+        "--profile-dir",
+        str,
+        ServerConfig.profile_dir,
+        "enable POST /start_profile and /stop_profile (404 without it): torch.profiler traces of the "
+        "workers' steps go to this folder (worker-<rank>-<time>.trace.json, for Perfetto or "
+        "chrome://tracing); see scripts/profile",
     ),
     (
         "--disable-prefix-caching",
@@ -350,6 +360,7 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
         api_key=args.api_key or None,
         body_timeout=args.body_timeout,
         shutdown_timeout=args.shutdown_timeout,
+        profile_dir=str(Path(args.profile_dir).expanduser().resolve()) if args.profile_dir else None,
     )
 
 
@@ -435,14 +446,6 @@ def pick_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def pick_dtype(requested: str, device: str) -> str:

@@ -31,8 +31,8 @@ MAX_STOP_TOKEN_IDS = 64  # ``stop_token_ids``
 MAX_EOS_TOKEN_IDS = 16  # a model's end-of-sequence ids we ban before ``min_tokens``
 
 # Launcher defaults that depend on the device it finds ("cpu" or "cuda").
-# Tokens per forward step: on a CPU a 4096-token step stalls every running stream for seconds.
-DEFAULT_PREFILL_TOKENS = {"cpu": 512, "cuda": 4096}
+# Prompt tokens per forward step (fewer beside running decodes: scheduler.StepCosts sizes those chunks).
+DEFAULT_PREFILL_TOKENS = {"cpu": 4096, "cuda": 4096}
 # Share of the free memory the KV cache takes: of available RAM (mapped lazily), of free GPU memory.
 DEFAULT_MEMORY_FRACTION = {"cpu": 0.3, "cuda": 0.9}
 
@@ -82,11 +82,14 @@ class ServerConfig:
     api_key: str | None = None  # when set, routes other than health and metrics need "Bearer <key>"
     body_timeout: float = 10.0  # seconds to receive a request body (408 after)
     shutdown_timeout: float = 20.0  # seconds a SIGTERM'd frontend waits for requests in flight
+    profile_dir: str | None = None  # where /start_profile + /stop_profile put traces; None: routes off
 
     @property
     def worker_threads(self) -> int:
-        """torch threads per worker: ``torch_threads``, else the cores shared out over the ranks."""
-        return self.torch_threads or max(1, (os.cpu_count() or 1) // self.num_shard)
+        """torch threads per worker: ``torch_threads``, else by the rule of ``tgi_zmq.cpus``."""
+        from tgi_zmq.cpus import placement, service_cores
+
+        return placement("worker-0", service_cores(), self.num_shard, self.torch_threads).threads
 
     @property
     def num_blocks(self) -> int:

@@ -158,6 +158,7 @@ class EngineCore:
             out.failed += [(req, answer.reason) for req in step.batch.requests if self._fail(req)]
             return
         out.done = step
+        self.policy.costs.observe(step.batch, answer.forward_seconds)
         result = answer.output
         top = (result.top_ids.tolist(), result.top_logprobs.tolist()) if result.top_ids.shape[-1] else None
         out.produced = self.policy.update(

@@ -22,6 +22,7 @@ blocks depend on the encoder input too).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections import deque
@@ -30,8 +31,14 @@ from typing import NamedTuple, Protocol
 from tgi_zmq.block_manager import BlockManager
 from tgi_zmq.messages import SamplingParams
 
+log = logging.getLogger("tgi_zmq.scheduler")
+
 # Prompt tokens a request that scores its prompt runs per step: each needs a row of logits.
 PROMPT_LOGPROBS_CHUNK = 512
+# A prompt chunk that runs beside decodes makes their step this many times a decode-only step at most
+# (the streams' worst gap while a long prompt comes in), and has at least MIN_MIXED_CHUNK tokens.
+MIXED_STEP_RATIO = 2.5
+MIN_MIXED_CHUNK = 16
 
 
 class GrammarState(Protocol):
@@ -60,6 +67,8 @@ class Request:
     epoch: int = 0  # bumped at each preemption: results of steps scheduled before it are stale
     announced: bool = False  # the detokenizer has been told about it
     scheduled_time: float | None = None  # first step (for the queue-duration metric)
+    received_time: float = 0.0  # when the scheduler got it (its ``queue`` stage starts)
+    tokenize_seconds: float = 0.0  # the tokenizer's time on it (``messages.StageTimes``)
     encoder_ids: list[int] = dataclasses.field(default_factory=list)  # seq2seq (T5): the encoder's input
     cross_blocks: list[int] = dataclasses.field(default_factory=list)  # pages of the encoder's K/V
     resumed: int = 0  # output tokens it arrived with (a replay after a fault): already streamed
@@ -152,6 +161,35 @@ class ScheduledBatch:
             self.sample_slots.append(-1)
 
 
+@dataclasses.dataclass
+class StepCosts:
+    """What steps cost on the workers (moving averages of their measured times), to size the prompt
+    chunks that run beside decodes: the device's speed is measured, not assumed per CPU kind."""
+
+    decode_seconds: float | None = None  # a step of decodes only (at the current batch size)
+    token_seconds: float | None = None  # one prompt token's share of a step
+
+    def observe(self, batch: ScheduledBatch, seconds: float) -> None:
+        prompt = sum(n for n in batch.num_new if n > 1)
+        if not prompt:
+            self.decode_seconds = _average(self.decode_seconds, seconds)
+            return
+        decodes = len(batch.num_new) > sum(1 for n in batch.num_new if n > 1)
+        base = (self.decode_seconds or 0.0) if decodes else 0.0
+        self.token_seconds = _average(self.token_seconds, max(seconds - base, 0.0) / prompt)
+
+    def mixed_chunk(self, cap: int) -> int:
+        """Prompt tokens a step with decodes may run: its cost about ``MIXED_STEP_RATIO`` decode steps."""
+        if not self.decode_seconds or not self.token_seconds:
+            return cap
+        tokens = (MIXED_STEP_RATIO - 1) * self.decode_seconds / self.token_seconds
+        return max(MIN_MIXED_CHUNK, min(cap, int(tokens)))
+
+
+def _average(old: float | None, new: float, weight: float = 0.2) -> float:
+    return new if old is None else (1 - weight) * old + weight * new
+
+
 class SchedulePolicy:
     def __init__(
         self,
@@ -172,6 +210,7 @@ class SchedulePolicy:
         self.num_preemptions = 0
         self.prefix_hit_tokens = 0
         self.queue_waits: list[float] = []  # seconds from arrival to first step, drained by the stats
+        self.costs = StepCosts()  # fed by the engine with each step's time
 
     # ------------------------------------------------------------------ arrivals and departures
 
@@ -231,9 +270,11 @@ class SchedulePolicy:
         """Pick the next step: running requests first (oldest first), then waiting ones in order.
 
         Every decode (one new token) runs; prompt chunks share ``max_step_tokens`` (TGI's
-        ``max_batch_prefill_tokens``), so a long prompt is spread over steps instead of stalling.
+        ``max_batch_prefill_tokens``), so a long prompt is spread over steps instead of stalling;
+        beside decodes they share less (``StepCosts.mixed_chunk``), so the streams keep their pace.
         """
-        budget = self.max_step_tokens
+        decoding = any(r.blocks and r.num_tokens - r.num_computed == 1 for r in self.running)
+        budget = self.costs.mixed_chunk(self.max_step_tokens) if decoding else self.max_step_tokens
         batch = ScheduledBatch()
         preemptions = self.num_preemptions
         for req in list(self.running):
@@ -265,6 +306,7 @@ class SchedulePolicy:
             if req.scheduled_time is None:
                 req.scheduled_time = time.time()
                 self.queue_waits.append(req.scheduled_time - req.arrival_time)
+                log.debug("rid=%s scheduled: %d tokens in its first step, %d cached", req.rid, n, hit)
             self._enter_running(self.waiting.popleft())
             batch.add(req, n)
             budget -= n
