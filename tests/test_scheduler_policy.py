@@ -137,8 +137,10 @@ def test_a_prompt_beside_decodes_runs_in_chunks_sized_by_the_measured_step_costs
     sched.costs.observe(mixed, 0.05 + 37 * 0.002)
     assert abs(sched.costs.token_seconds - 0.002) < 1e-9
     sched.update(mixed, [5], [0.0])
-    sched.finish(sched.find("a"), "aborted")
-    assert sched.schedule().num_new == [100]  # nothing decoding: the whole budget
+    sched.add(Request("c", list(range(1, 50)), SamplingParams(), 5))
+    sched.add(Request("d", list(range(1, 50)), SamplingParams(), 5))
+    burst = sched.schedule()  # 2 waiting for 1 decoding (b's chunk aside): the whole budget
+    assert burst.num_new[0] == 1 and sum(burst.num_new) == 1 + 100  # a's decode, then 100 prompt tokens
 
 
 def test_finish_reasons():

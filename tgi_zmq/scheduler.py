@@ -39,6 +39,9 @@ PROMPT_LOGPROBS_CHUNK = 512
 # (the streams' worst gap while a long prompt comes in), and has at least MIN_MIXED_CHUNK tokens.
 MIXED_STEP_RATIO = 2.5
 MIN_MIXED_CHUNK = 16
+# ... unless this many waiting requests per decoding one wait (TGI's --waiting-served-ratio): then
+# prompts take the whole step budget, as a burst of arrivals fills the batch at once.
+WAITING_SERVED_RATIO = 1.2
 
 
 class GrammarState(Protocol):
@@ -271,10 +274,13 @@ class SchedulePolicy:
 
         Every decode (one new token) runs; prompt chunks share ``max_step_tokens`` (TGI's
         ``max_batch_prefill_tokens``), so a long prompt is spread over steps instead of stalling;
-        beside decodes they share less (``StepCosts.mixed_chunk``), so the streams keep their pace.
+        beside decodes they share less (``StepCosts.mixed_chunk``), so the streams keep their pace,
+        unless ``WAITING_SERVED_RATIO`` waiting requests per decoding one wait.
         """
-        decoding = any(r.blocks and r.num_tokens - r.num_computed == 1 for r in self.running)
-        budget = self.costs.mixed_chunk(self.max_step_tokens) if decoding else self.max_step_tokens
+        decoding = sum(1 for r in self.running if r.blocks and r.num_tokens - r.num_computed == 1)
+        budget = self.max_step_tokens
+        if len(self.waiting) < WAITING_SERVED_RATIO * decoding:
+            budget = self.costs.mixed_chunk(self.max_step_tokens)
         batch = ScheduledBatch()
         preemptions = self.num_preemptions
         for req in list(self.running):
