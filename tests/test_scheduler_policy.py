@@ -118,8 +118,9 @@ def test_chunked_prefill_respects_the_step_budget():
 
 
 def test_a_prompt_beside_decodes_runs_in_chunks_sized_by_the_measured_step_costs():
-    """Decode-only steps take 50 ms and a prompt token 2 ms: a chunk beside the decodes gets
-    1.5 * 50 / 2 = 37 tokens (its step ~2.5 decode steps), alone it gets the whole budget."""
+    """Decode-only steps take 50 ms and a prompt token 2 ms: the first chunk beside the decodes gets
+    1.5 * 50 / 2 = 37 tokens (its step ~2.5 decode steps); each mixed step's time then corrects the
+    size; alone, a prompt gets the whole budget, and so does a burst of arrivals."""
     sched = SchedulePolicy(BlockManager(64, 4), 100, 8, (), 256)
     sched.add(Request("a", [1, 2, 3], SamplingParams(), 50))
     first = sched.schedule()
@@ -130,13 +131,14 @@ def test_a_prompt_beside_decodes_runs_in_chunks_sized_by_the_measured_step_costs
         assert decode.num_new == [1]
         sched.costs.observe(decode, 0.05)
         sched.update(decode, [5], [0.0])
-    assert sched.costs.mixed_chunk(100) == 37
     sched.add(Request("b", list(range(1, 200)), SamplingParams(), 5))
     mixed = sched.schedule()
     assert mixed.num_new == [1, 37]
-    sched.costs.observe(mixed, 0.05 + 37 * 0.002)
-    assert abs(sched.costs.token_seconds - 0.002) < 1e-9
+    sched.costs.observe(mixed, 0.25)  # twice the 125 ms target: the next chunk is half
     sched.update(mixed, [5], [0.0])
+    assert sched.schedule().num_new == [1, 18]
+    sched.costs.observe(mixed, 0.0625)  # half the target: twice as many
+    assert sched.costs.mixed_chunk(100) == 36
     sched.add(Request("c", list(range(1, 50)), SamplingParams(), 5))
     sched.add(Request("d", list(range(1, 50)), SamplingParams(), 5))
     burst = sched.schedule()  # 2 waiting for 1 decoding (b's chunk aside): the whole budget

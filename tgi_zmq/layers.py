@@ -67,7 +67,7 @@ def _gemv_rows() -> dict[torch.dtype, int]:
     with SmolLM2's shapes, docs/benchmarks.md): float32 MKL reads weights at ~11 GB/s for a few rows
     where ours streams ~20; with AVX512-BF16, oneDNN's bfloat16 dot products win from ~16 rows."""
     avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
-    return {torch.float32: 32 if avx512 else 16, torch.bfloat16: 8 if cpu_has_bf16() else 64}
+    return {torch.float32: 64 if avx512 else 16, torch.bfloat16: 8 if cpu_has_bf16() else 64}
 
 
 GEMV_ROWS = _gemv_rows()

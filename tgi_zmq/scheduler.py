@@ -166,27 +166,38 @@ class ScheduledBatch:
 
 @dataclasses.dataclass
 class StepCosts:
-    """What steps cost on the workers (moving averages of their measured times), to size the prompt
-    chunks that run beside decodes: the device's speed is measured, not assumed per CPU kind."""
+    """What steps cost on the workers (their measured times), to size the prompt chunks that run
+    beside decodes: the device's speed is measured, not assumed per CPU kind.
 
-    decode_seconds: float | None = None  # a step of decodes only (at the current batch size)
-    token_seconds: float | None = None  # one prompt token's share of a step
+    The first chunk beside decodes is sized from the cost of a prompt token in a prefill step; then
+    each mixed step's time corrects it (times the target over the time, at most 2x either way): a
+    chunk's cost is not proportional to its tokens (small chunks pay per-call and prefix-reading
+    costs), so feedback converges where a per-token estimate would shrink chunks to nothing.
+    """
+
+    decode_seconds: float | None = None  # a step of decodes only (moving average, current batch)
+    token_seconds: float | None = None  # a prompt token's share of a prefill-only step
+    chunk: int | None = None  # tokens of the next chunk beside decodes
 
     def observe(self, batch: ScheduledBatch, seconds: float) -> None:
         prompt = sum(n for n in batch.num_new if n > 1)
+        decodes = len(batch.num_new) - sum(1 for n in batch.num_new if n > 1)
         if not prompt:
             self.decode_seconds = _average(self.decode_seconds, seconds)
-            return
-        decodes = len(batch.num_new) > sum(1 for n in batch.num_new if n > 1)
-        base = (self.decode_seconds or 0.0) if decodes else 0.0
-        self.token_seconds = _average(self.token_seconds, max(seconds - base, 0.0) / prompt)
+        elif not decodes:
+            self.token_seconds = _average(self.token_seconds, seconds / prompt)
+        elif self.decode_seconds and self.chunk:
+            target = MIXED_STEP_RATIO * self.decode_seconds
+            self.chunk = max(MIN_MIXED_CHUNK, int(self.chunk * min(2.0, max(0.5, target / seconds))))
 
     def mixed_chunk(self, cap: int) -> int:
         """Prompt tokens a step with decodes may run: its cost about ``MIXED_STEP_RATIO`` decode steps."""
-        if not self.decode_seconds or not self.token_seconds:
-            return cap
-        tokens = (MIXED_STEP_RATIO - 1) * self.decode_seconds / self.token_seconds
-        return max(MIN_MIXED_CHUNK, min(cap, int(tokens)))
+        if self.chunk is None:
+            if not self.decode_seconds or not self.token_seconds:
+                return cap
+            self.chunk = int((MIXED_STEP_RATIO - 1) * self.decode_seconds / self.token_seconds)
+        self.chunk = max(MIN_MIXED_CHUNK, min(cap, self.chunk))
+        return self.chunk
 
 
 def _average(old: float | None, new: float, weight: float = 0.2) -> float:
