@@ -6,11 +6,13 @@ scheduler --BatchTokenOutput/AbortRequest/FrontendStarted--> [detokenizer] --Bat
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import zmq
 
+from tgi_zmq import cpus
 from tgi_zmq import messages as m
 from tgi_zmq.config import ServerConfig
 from tgi_zmq.detokenizer import BatchDetokenizer
@@ -43,11 +45,30 @@ class DetokenizerProcess:
             self.to_scheduler.send(m.encode(m.StopRequest(rid)))
         if text_out.deltas:
             self.to_frontend.send(m.encode(text_out))
+        if log.isEnabledFor(logging.DEBUG):
+            log_requests(out, text_out)
+
+
+def log_requests(out: m.BatchTokenOutput, text_out: m.BatchTextOutput) -> None:
+    """DEBUG: the first tokens and the end of each request (``scripts/timeline --request``)."""
+    for info in out.new_requests:
+        log.debug("rid=%s detokenizing: first token", info.rid)
+    for delta in text_out.deltas:
+        if delta.finish_reason is not None:
+            spent = delta.stages.detokenize * 1e3 if delta.stages else 0.0
+            log.debug(
+                "rid=%s detokenized: %s after %d tokens, %.2f ms detokenizing",
+                delta.rid,
+                delta.finish_reason,
+                delta.generated_tokens,
+                spent,
+            )
 
 
 def main() -> None:
     exit_on_sigterm()
     config = ServerConfig.load()
+    cpus.apply("detokenizer", config.num_shard)
     loaded = False
     start_heartbeat(config, "detokenizer", lambda: loaded)
     from transformers import AutoTokenizer

@@ -1,7 +1,8 @@
 """Scheduler process: continuous batching over the KV pages, one forward step at a time.
 
-tokenizer --ScheduleRequest/AbortRequest--> [scheduler] <--StopRequest-- detokenizer
-[scheduler] --StepRequest (header; tensors in shared memory)--> workers --StepResult--> [scheduler]
+tokenizer --ScheduleRequest/AbortRequest/ProfileRequest--> [scheduler] <--StopRequest-- detokenizer
+[scheduler] --StepRequest (header; tensors in shared memory), ProfileRequest--> workers
+workers --StepResult--> [scheduler]
 [scheduler] --BatchTokenOutput--> detokenizer;  --ErrorOutput--> frontend
 
 Main loop: take in whatever arrived (requests, aborts, the workers' answers) -> one turn of the
@@ -22,9 +23,9 @@ import threading
 import time
 from concurrent.futures import Future
 
-import torch
 import zmq
 
+from tgi_zmq import cpus
 from tgi_zmq import messages as m
 from tgi_zmq.block_manager import BlockManager
 from tgi_zmq.config import POLL_MS, STATS_PERIOD_S, ServerConfig
@@ -75,6 +76,7 @@ class SchedulerProcess:
             m.AbortRequest: self.abort,
             m.StopRequest: self.stop,
             m.FrontendStarted: self.frontend_started,
+            m.ProfileRequest: self.profile,
             m.WorkerBooting: self.worker_booting,
             m.WorkerReady: self.worker_ready,
             m.StepResult: self.step_answer,
@@ -134,6 +136,8 @@ class SchedulerProcess:
         else:  # the prompt feeds the encoder
             tokens = [start, *msg.output_ids]
             req = Request(msg.rid, tokens, *args, prompt_len=1, encoder_ids=msg.input_ids, resumed=resumed)
+        req.received_time, req.tokenize_seconds = time.time(), msg.tokenize_seconds
+        log.debug("rid=%s queued: %d prompt tokens", msg.rid, len(msg.input_ids))
         if msg.params.grammar is None:
             self.policy.add(req)
         else:  # compiled off this loop (in a thread, or cached): admit_compiled adds it once ready
@@ -193,6 +197,11 @@ class SchedulerProcess:
             self.policy.finish(req, reason)
             log.info("rid=%s %s after %d tokens", rid, reason, req.num_output)
 
+    def profile(self, msg: m.ProfileRequest) -> None:
+        """Start or stop torch.profiler on every worker: each takes it between two steps."""
+        log.info("profiling %s: every worker, traces in %s", msg.action, msg.directory)
+        self.workers.broadcast(msg)
+
     def frontend_started(self, msg: m.FrontendStarted) -> None:
         """A new frontend: every request here belongs to clients whose connections died with the old one."""
         orphans = list(self.policy.running) + list(self.policy.waiting)
@@ -234,8 +243,9 @@ class SchedulerProcess:
         for req, token, logprob, top_ids, top_logprobs in produced:
             if not req.announced:
                 req.announced = True
-                out.new_requests.append(self.detok_info(req))
-                log.info("rid=%s first token after %.3fs", req.rid, time.time() - req.arrival_time)
+                now = time.time()
+                out.new_requests.append(self.detok_info(req, now))
+                log.info("rid=%s first token after %.3fs", req.rid, now - req.arrival_time)
             out.rids.append(req.rid)
             out.token_ids.append(token)
             out.logprobs.append(logprob)
@@ -249,10 +259,13 @@ class SchedulerProcess:
             self.to_detok.send(m.encode(out))
 
     @staticmethod
-    def detok_info(req: Request) -> m.DetokRequestInfo:
+    def detok_info(req: Request, now: float) -> m.DetokRequestInfo:
         """What the detokenizer needs of a new request: the prompt (its tail gives the first token's
-        context; none for seq2seq, whose output starts afresh), stops, and the tokens already streamed."""
+        context; none for seq2seq, whose output starts afresh), stops, the tokens already streamed, and
+        its stage times up to its first token (``now``), which the detokenizer completes."""
         prompt = [] if req.encoder_ids else req.token_ids[: req.prompt_len]
+        scheduled = req.scheduled_time or now
+        stages = m.StageTimes(req.tokenize_seconds, scheduled - req.received_time, now - scheduled, 0.0, 0.0)
         return m.DetokRequestInfo(
             req.rid,
             prompt,
@@ -260,6 +273,8 @@ class SchedulerProcess:
             req.params.stop,
             req.token_ids[req.prompt_len : req.prompt_len + req.resumed],
             req.prompt_logprobs,
+            stages,
+            now,
         )
 
     def close(self) -> None:
@@ -305,8 +320,9 @@ class StatsReporter:
 
 def main() -> None:
     exit_on_sigterm()
-    torch.set_num_threads(1)
-    process = SchedulerProcess(ServerConfig.load())
+    config = ServerConfig.load()
+    cpus.apply("scheduler", config.num_shard)
+    process = SchedulerProcess(config)
     try:
         process.run()
     finally:

@@ -1,17 +1,20 @@
 """Tokenizer process: the socket loop around ``tgi_zmq.tokenizer`` (templates, ids, length checks).
 
-frontend --GenerateRequest/TokenizeTextRequest/ChatTokenizeRequest/AbortRequest/FrontendStarted--> [tokenizer]
-[tokenizer] --ScheduleRequest/AbortRequest/FrontendStarted--> scheduler
+frontend --GenerateRequest/TokenizeTextRequest/ChatTokenizeRequest/AbortRequest/FrontendStarted
+          /ProfileRequest--> [tokenizer]
+[tokenizer] --ScheduleRequest/AbortRequest/FrontendStarted/ProfileRequest--> scheduler
 [tokenizer] --PromptIdsOutput/ErrorOutput/TokenizeResult/ChatTokenizeResult--> frontend
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 import zmq
 
+from tgi_zmq import cpus
 from tgi_zmq import messages as m
 from tgi_zmq.config import ServerConfig
 from tgi_zmq.runtime import exit_on_sigterm, pull, push, serve, setup_logging, start_heartbeat
@@ -38,12 +41,13 @@ class TokenizerProcess:
             m.ChatTokenizeRequest: self.chat_tokenize,
             m.AbortRequest: self.pass_on,  # on the same pipe as its request: it cannot overtake it
             m.FrontendStarted: self.pass_on,
+            m.ProfileRequest: self.pass_on,
         }
 
     def run(self) -> None:
         serve(self.inbox, self.handlers, log)
 
-    def pass_on(self, msg: m.AbortRequest | m.FrontendStarted) -> None:
+    def pass_on(self, msg: m.AbortRequest | m.FrontendStarted | m.ProfileRequest) -> None:
         self.to_scheduler.send(m.encode(msg))
 
     def check_grammar(self, grammar: m.Grammar) -> None:
@@ -76,6 +80,7 @@ class TokenizerProcess:
         self.to_frontend.send(m.encode(m.ChatTokenizeResult(req.rid, text, spans)))
 
     def generate(self, req: m.GenerateRequest) -> None:
+        started = time.perf_counter()
         try:
             if req.params.grammar is not None:
                 self.check_grammar(req.params.grammar)
@@ -89,12 +94,14 @@ class TokenizerProcess:
             log.info("rid=%s rejected: %s", req.rid, exc)
             self.to_frontend.send(m.encode(exc.output(req.rid)))
             return
+        scheduled.tokenize_seconds = time.perf_counter() - started
         replay = req.prompt_ids is not None
         if not replay:  # the frontend keeps the ids, to replay the request after a fault
             self.to_frontend.send(m.encode(m.PromptIdsOutput(req.rid, scheduled.input_ids)))
         log.info(
-            "rid=%s tokenized: %d input tokens, max_new_tokens %d%s",
+            "rid=%s tokenized in %.2f ms: %d input tokens, max_new_tokens %d%s",
             req.rid,
+            scheduled.tokenize_seconds * 1e3,
             len(scheduled.input_ids),
             scheduled.max_new_tokens,
             f", replayed after {len(req.output_ids)} output tokens" if replay else "",
@@ -105,6 +112,7 @@ class TokenizerProcess:
 def main() -> None:
     exit_on_sigterm()
     config = ServerConfig.load()
+    cpus.apply("tokenizer", config.num_shard)
     loaded = False
     start_heartbeat(config, "tokenizer", lambda: loaded)
     from transformers import AutoTokenizer

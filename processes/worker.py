@@ -1,6 +1,7 @@
 """Model worker process (one per tensor-parallel rank): holds the weights and the KV pages.
 
 scheduler --StepRequest--> [worker] --StepResult (rank 0; tensors in shared memory)--> scheduler
+scheduler --ProfileRequest--> [worker]: start/stop torch.profiler between two steps (``tgi_zmq.profiling``)
 
 Main loop: receive a step header -> view its tensors in shared memory -> forward + sample
 -> write the sampled ids and logprobs into this worker's buffer -> answer with a header. Rank 0
@@ -28,8 +29,10 @@ import time
 
 import zmq
 
+from tgi_zmq import cpus
 from tgi_zmq import messages as m
 from tgi_zmq.config import RESULT_BUFFER_BYTES, RING_SLOTS, WORKER_ANNOUNCE_MS, ServerConfig
+from tgi_zmq.profiling import StepProfiler
 from tgi_zmq.runtime import BOOT_ID, exit_on_sigterm, setup_logging, start_heartbeat
 from tgi_zmq.steplog import WORKER_STEP
 
@@ -39,6 +42,7 @@ class Worker:
         self.rank, self.config, self.log = rank, config, log
         self.loaded = False
         self.scheduler_boot: str | None = None
+        self.profiler = StepProfiler(f"worker-{rank}", config.device, log)
 
     def boot(self) -> None:
         """Join the ranks' group, load this rank's slice of the model, say so."""
@@ -52,7 +56,7 @@ class Worker:
         from tgi_zmq.transport import TensorReader, TensorRing, remove_stale
 
         config, rank = self.config, self.rank
-        torch.set_num_threads(config.worker_threads)
+        cpus.apply(f"worker-{rank}", config.num_shard, config.torch_threads)
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, f"worker-{rank}".encode())
         self.sock.setsockopt(zmq.LINGER, 1000)  # a failure report must get out before the process exits
@@ -119,7 +123,8 @@ class Worker:
                     continue
                 self.take_scheduler(msg.scheduler_boot)
                 self.shard.comm_seconds = 0.0
-                answer = self.run_step(msg)
+                with self.profiler.step(msg.step_id):
+                    answer = self.run_step(msg)
                 if self.log.isEnabledFor(logging.DEBUG):
                     line = WORKER_STEP.format(
                         step=msg.step_id,
@@ -139,15 +144,20 @@ class Worker:
             self.steps.close()
 
     def next_step(self) -> m.StepRequest | None:
-        """Wait for a step header, saying ``WorkerReady`` every second meanwhile."""
+        """Wait for a step header, saying ``WorkerReady`` every second meanwhile; a ``ProfileRequest``
+        is acted on here, between two steps (None is returned)."""
         while not self.sock.poll(WORKER_ANNOUNCE_MS):
             with contextlib.suppress(zmq.Again):  # no scheduler now: the next one will hear it
                 self.sock.send(self.ready, zmq.NOBLOCK)
         try:
-            return m.decode(self.sock.recv(), m.StepRequest)
+            msg = m.decode(self.sock.recv(), (m.StepRequest, m.ProfileRequest))
         except m.ProtocolError as exc:
             self.log.error("dropped a bad frame: %s", exc)
             return None
+        if isinstance(msg, m.ProfileRequest):
+            self.profiler.control(msg)
+            return None
+        return msg
 
     def take_scheduler(self, boot: str) -> None:
         """A step of a new scheduler: drop what was kept of the old one."""

@@ -47,10 +47,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_service(tmp: Path, *flags: str) -> Service:
+def start_service(tmp: Path, *flags: str, log_level: str = "INFO") -> Service:
     port = free_port()
     log_path = tmp / "service.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", LOG_LEVEL="INFO")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", LOG_LEVEL=log_level)
     cmd = [
         sys.executable,
         "-m",

@@ -1,5 +1,7 @@
 """Incremental detokenization equals a full decode; stop sequences; the per-step batch processor."""
 
+import time
+
 import pytest
 
 from tgi_zmq import messages as m
@@ -91,3 +93,22 @@ def test_a_replayed_request_decodes_on_as_if_never_interrupted(tokenizer):
     assert out.deltas[0].text == texts[2].deltas[0].text and out.deltas[0].generated_tokens == 3
     out, stopped = replay.process(m.BatchTokenOutput([], ["r~1"], [ids[3]], [0.0], [None]))
     assert stopped == ["r~1"] and out.deltas[0].text == texts[3].deltas[0].text
+
+
+def test_the_last_delta_carries_the_stage_times(tokenizer):
+    """The scheduler's stages come with the first tokens; the last delta closes ``decode`` (from the
+    scheduler's first-token time) and adds the detokenizer's own time; earlier deltas carry none."""
+    ids = tokenizer(" one two three", add_special_tokens=False)["input_ids"]
+    batch = BatchDetokenizer(tokenizer)
+    stages = m.StageTimes(tokenize=0.001, queue=0.02, prefill=0.3, decode=0.0, detokenize=0.0)
+    info = m.DetokRequestInfo("r", [1], 4, [], stages=stages, first_token_time=time.time() - 2.0)
+    out, _ = batch.process(m.BatchTokenOutput([info], ["r"], [ids[0]], [0.0], [None]))
+    assert out.deltas[0].stages is None
+    out, _ = batch.process(m.BatchTokenOutput([], ["r"], [ids[1]], [0.0], ["length"]))
+    last = out.deltas[0].stages
+    assert (last.tokenize, last.queue, last.prefill) == (0.001, 0.02, 0.3)
+    assert 2.0 <= last.decode < 10.0
+    assert 0.0 < last.detokenize < 1.0
+    untimed = m.DetokRequestInfo("u", [1], 4, [])  # without stages (as other tests make them): none sent
+    out, _ = batch.process(m.BatchTokenOutput([untimed], ["u"], [ids[0]], [0.0], ["eos_token"]))
+    assert out.deltas[0].stages is None

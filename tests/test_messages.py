@@ -25,6 +25,7 @@ def test_every_message_round_trips():
         top_n_tokens=3,
     )
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    first, last = m.StageTimes(0.001, 0.2, 0.05, 0, 0), m.StageTimes(0.001, 0.2, 0.05, 1.5, 0.01)
     samples = [
         m.GenerateRequest("a", None, [{"role": "user", "content": "hi"}], params, None, 1.5),
         m.GenerateRequest("a~1", "hi", None, params, 8, 1.5, prompt_ids=[1, 2], output_ids=[7, 8]),
@@ -35,12 +36,25 @@ def test_every_message_round_trips():
         m.TokenizeResult("t", [m.TokenSpan(1, "hi", 0, 2), m.TokenSpan(2, " there", 2, 8)]),
         m.ScheduleRequest("a", [1, 2, 3], params, 10, 2.0),
         m.ScheduleRequest("a~1", [1, 2, 3], params, 10, 2.0, [9]),
+        m.ScheduleRequest("b", [1, 2, 3], params, 10, 2.0, tokenize_seconds=0.001),
         m.PromptIdsOutput("a", [1, 2, 3]),
         m.FrontendStarted("boot"),
         m.AbortRequest("a"),
         m.StopRequest("a"),
         m.BatchTokenOutput([m.DetokRequestInfo("a", [1], 3, [])], ["a"], [5], [-0.25], ["length"]),
         m.BatchTextOutput([m.RequestDelta("a", [5], ["x"], [-0.1], [False], "x", None, 1, 3)]),
+        m.BatchTokenOutput(
+            [m.DetokRequestInfo("a", [1], 3, [], stages=first, first_token_time=5.5)],
+            ["a"],
+            [5],
+            [-0.25],
+            [None],
+        ),
+        m.BatchTextOutput(
+            [m.RequestDelta("a", [5], ["x"], [-0.1], [False], "x", "length", 1, 3, stages=last)]
+        ),
+        m.ProfileRequest("start", "/tmp/traces"),
+        m.ProfileRequest("stop", "/tmp/traces"),
         m.BatchTokenOutput(
             [m.DetokRequestInfo("a", [1, 2], 2, [], prompt_logprobs=[None, -1.5])],
             ["a"],

@@ -30,6 +30,7 @@ from tgi_zmq.messages import (
     RequestDelta,
     SamplingParams,
     SchedulerStats,
+    StageTimes,
 )
 from tgi_zmq.validation import RequestError
 
@@ -43,6 +44,7 @@ EXPOSED = {
     "tgi_request_generated_tokens": "histogram",
     "tgi_request_mean_time_per_token_duration": "histogram",
     "tgi_request_queue_duration": "histogram",
+    "tgi_request_stage_duration": "histogram",
     "tgi_batch_forward_duration": "histogram",
     "tgi_queue_size": "gauge",
     "tgi_batch_current_size": "gauge",
@@ -226,6 +228,21 @@ async def test_submit_counts_success_and_observes_the_generation(runtime_dir: st
     assert values["tgi_request_input_length_sum"] == 7
     assert values["tgi_request_generated_tokens_sum"] == 3
     assert values["tgi_request_mean_time_per_token_duration_count"] == 1
+
+
+async def test_the_last_delta_s_stage_times_fill_the_stage_histogram(runtime_dir: str) -> None:
+    pipeline = Pipeline(config(runtime_dir), Health(()))
+    assert samples(text(pipeline.metrics))['tgi_request_stage_duration_count{stage="detokenize"}'] == 0
+    last = delta("a", 1, "length")
+    last.stages = StageTimes(tokenize=0.001, queue=0.02, prefill=0.3, decode=4.0, detokenize=0.005)
+    with submit(pipeline, [request("a")], route="/generate", client_id=None) as group:
+        pipeline._dispatch(BatchTextOutput([last]))
+        await group.collect()
+    values = samples(text(pipeline.metrics))
+    for stage, seconds in (("tokenize", 0.001), ("queue", 0.02), ("prefill", 0.3), ("decode", 4.0)):
+        assert values[f'tgi_request_stage_duration_count{{stage="{stage}"}}'] == 1
+        assert values[f'tgi_request_stage_duration_sum{{stage="{stage}"}}'] == pytest.approx(seconds)
+    assert values["tgi_request_queue_duration_count"] == 0  # TGI's own comes from the scheduler's stats
 
 
 async def test_submit_counts_an_in_stream_error_and_a_client_gone(runtime_dir: str) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 
 from tgi_zmq import messages
 
@@ -30,6 +31,7 @@ class DecodeState:
     stop: list[str]
     text: str = ""  # visible text produced so far (special tokens skipped)
     generated: int = 0
+    seconds: float = 0.0  # spent detokenizing its tokens (the ``detokenize`` stage)
 
     @classmethod
     def start(cls, prompt_ids: list[int], stop: list[str]) -> DecodeState:
@@ -133,6 +135,7 @@ class BatchDetokenizer:
             state = self.states.get(rid)
             if state is None:  # finished by a stop sequence or aborted: late tokens are dropped
                 continue
+            started = time.perf_counter()
             delta = deltas.get(rid) or self._new_delta(rid)
             deltas[rid] = delta
             if top is not None and top[0]:
@@ -147,10 +150,20 @@ class BatchDetokenizer:
             if piece.stopped:
                 reason = "stop_sequence"
                 stopped.append(rid)
+            state.seconds += time.perf_counter() - started
             if reason:
                 delta.finish_reason = reason
+                delta.stages = self._stages(rid, state)
                 self.forget(rid)
         return messages.BatchTextOutput(list(deltas.values())), stopped
+
+    def _stages(self, rid: str, state: DecodeState) -> messages.StageTimes | None:
+        """A finished request's stage times: the scheduler's, with ``decode`` closed now and ours."""
+        info = self.infos[rid]
+        if info.stages is None:
+            return None
+        decode = max(time.time() - info.first_token_time, 0.0)
+        return dataclasses.replace(info.stages, decode=decode, detokenize=state.seconds)
 
     def _new_delta(self, rid: str) -> messages.RequestDelta:
         """A request's delta for this step; its first one carries the scored prompt, if asked."""

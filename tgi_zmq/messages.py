@@ -34,10 +34,11 @@ from typing import Any, TypeVar, Union
 
 import msgpack
 
+# 7: ProfileRequest; StageTimes on DetokRequestInfo and RequestDelta, ScheduleRequest.tokenize_seconds;
 # 6: StepRequest.grammars (the workers keep the grammar matchers); 5: logprobs, top tokens, tools, more
 # sampling parameters; 4: SamplingParams.grammar; 3: the naming rule's renames, typed parts,
 # max_new_tokens resolved once
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 
 _REGISTRY: dict[int, type] = {}
 T = TypeVar("T")
@@ -304,6 +305,7 @@ class ScheduleRequest:
     max_new_tokens: int  # resolved by the tokenizer (``validation.check_lengths``): the limit to obey
     arrival_time: float
     output_ids: list[int] = dataclasses.field(default_factory=list)  # already generated (a replay)
+    tokenize_seconds: float = 0.0  # the tokenizer process's time on it (the ``tokenize`` stage)
 
 
 @message(tag=7)
@@ -322,6 +324,19 @@ class ErrorOutput:
 # ---------------------------------------------------------------------------- outputs
 
 
+@message(tag=33)
+class StageTimes:
+    """Seconds a request spent in each stage of the pipeline, measured where it happens, for
+    ``tgi_request_stage_duration{stage}``. The scheduler fills the first four at the request's first
+    token (``decode`` 0 then); the detokenizer closes ``decode`` and adds its own time at the last."""
+
+    tokenize: float  # in the tokenizer process (grammar check and tokenization)
+    queue: float  # from its arrival at the scheduler to its first scheduled step
+    prefill: float  # from its first scheduled step to its first token
+    decode: float  # from its first token to its last
+    detokenize: float  # in the detokenizer, over all its tokens
+
+
 @message(tag=8)
 class DetokRequestInfo:
     """scheduler -> detokenizer, with a request's first tokens: what the detokenizer needs to know."""
@@ -334,6 +349,8 @@ class DetokRequestInfo:
     stop: list[str]
     output_ids: list[int] = dataclasses.field(default_factory=list)  # a replay's earlier tokens, not re-sent
     prompt_logprobs: list[float | None] = dataclasses.field(default_factory=list)  # if asked; first: None
+    stages: StageTimes | None = None  # up to its first token
+    first_token_time: float = 0.0  # time.time() when the scheduler got its first token
 
 
 @message(tag=27)
@@ -376,6 +393,7 @@ class RequestDelta:
     prompt_tokens: int
     top_tokens: list[TokenList] = dataclasses.field(default_factory=list)  # per token, if asked
     prompt: TokenList | None = None  # the prompt's tokens and logprobs, on the first delta, if asked
+    stages: StageTimes | None = None  # on the last delta: where the request spent its time
 
 
 @message(tag=11)
@@ -390,6 +408,16 @@ class StopRequest:
     """detokenizer -> scheduler: a stop sequence matched; finish the request and free its pages."""
 
     rid: str
+
+
+@message(tag=32)
+class ProfileRequest:
+    """frontend -> tokenizer -> scheduler -> every worker (or ``scripts/profile`` -> scheduler): start
+    or stop recording the workers' steps with torch.profiler; on "stop" each worker writes
+    ``<directory>/worker-<rank>-<time>.trace.json`` (``tgi_zmq.profiling``)."""
+
+    action: str  # "start" | "stop"
+    directory: str
 
 
 @message(tag=13)

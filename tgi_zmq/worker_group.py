@@ -78,6 +78,15 @@ class WorkerGroup:
         except zmq.ZMQError as exc:  # a rank is gone (ROUTER_MANDATORY): its replacement will boot
             raise WorkersLost(str(exc)) from exc
 
+    def broadcast(self, msg: m.ProfileRequest) -> None:
+        """Send a control message to every rank, in order with its steps (a rank not up misses it)."""
+        frame = m.encode(msg)
+        for rank in range(self.config.num_shard):
+            try:
+                self.sock.send_multipart([f"worker-{rank}".encode(), frame])
+            except zmq.ZMQError as exc:
+                log.warning("worker %d did not get %s: %s", rank, type(msg).__name__, exc)
+
     def result(self, step_id: int) -> StepDone | StepFailure | None:
         answer = self.answers.pop(step_id, None)
         if answer is None:

@@ -17,11 +17,12 @@ import uvloop
 from aiohttp import web
 from pydantic import BaseModel
 
+from tgi_zmq import cpus
 from tgi_zmq.config import ServerConfig
 from tgi_zmq.runtime import setup_logging
 from tgi_zmq.validation import RequestError
 
-from . import extra_routes, openai_routes, openapi, responses_routes, tgi_routes
+from . import extra_routes, openai_routes, openapi, profile_routes, responses_routes, tgi_routes
 from . import schemas as s
 from .auth import require_api_key
 from .health import Health, expected_processes
@@ -190,6 +191,11 @@ def _get(path: str, handler: Handler, summary: str, **fields: Any) -> Route:
     return Route("GET", path, handler, summary, **fields)
 
 
+def _profile(path: str, handler: Handler, summary: str) -> Route:
+    """A profiling route: no body; 404 unless the service runs with --profile-dir."""
+    return Route("POST", path, handler, summary, response=s.ProfileResponse, errors=(401, 404))
+
+
 # Every route but the two of the document itself: what aiohttp serves and what the document says.
 ROUTES = (
     _get("/", health, "Health (as /health)", errors=(503,)),
@@ -215,6 +221,10 @@ ROUTES = (
           s.ResponseStreamEvent, summary="Responses (text, function tools)"),
     _post("/invocations", extra_routes.invocations, s.InvocationsRequest, s.InvocationsResponse,
           s.StreamResponse, summary="SageMaker: a POST /, chat or completion body"),
+    _profile("/start_profile", profile_routes.start_profile,
+             "Start torch.profiler on every worker (needs --profile-dir)"),
+    _profile("/stop_profile", profile_routes.stop_profile,
+             "Stop torch.profiler; each worker writes its trace into --profile-dir"),
 )  # fmt: skip
 
 
@@ -237,7 +247,9 @@ def main() -> None:
     """Entry point of the frontend process (config from ``$TGI_ZMQ_RUNTIME_DIR``)."""
     setup_logging("frontend")
     prometheus_client.disable_created_metrics()  # TGI exposes no *_created series
-    uvloop.run(serve(ServerConfig.load()))
+    config = ServerConfig.load()
+    cpus.apply("frontend", config.num_shard)
+    uvloop.run(serve(config))
 
 
 async def serve(config: ServerConfig) -> None:

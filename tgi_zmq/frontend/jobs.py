@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import Iterator
 
-from tgi_zmq.messages import ErrorOutput, GenerateRequest, RequestDelta, TokenList
+from tgi_zmq.messages import ErrorOutput, GenerateRequest, RequestDelta, StageTimes, TokenList
 from tgi_zmq.validation import RequestError, request_error
 
 from .metrics import Metrics
@@ -62,6 +62,7 @@ class Job:
     error_type: str | None = None  # set when the pipeline reported a failure
     generated_tokens: int = 0
     prompt_tokens: int = 0
+    stages: StageTimes | None = None  # where it spent its time, from its last delta
 
     @property
     def rid(self) -> str:
@@ -105,6 +106,7 @@ class Job:
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
             self.ended = now
+            self.stages = delta.stages
 
     def duration(self) -> float:
         return (self.ended or time.monotonic()) - self.started
@@ -148,6 +150,8 @@ class JobGroup:
         if isinstance(item, ErrorOutput):
             job.error_type = item.error_type
             raise request_error(item)
+        if job.first_output is None:
+            log.debug("%s first output after %.3fs", tag(job.rid, self.client_id), job.duration())
         job.absorb(item)
         out.append((job, item))
         if job.finish_reason is not None:
@@ -219,3 +223,5 @@ def _observe(metrics: Metrics, job: Job) -> None:
         generated_tokens=job.generated_tokens,
         decode_seconds=job.ended - (job.first_output or job.ended),
     )
+    if job.stages is not None:
+        metrics.observe_stages(job.stages)

@@ -1,7 +1,8 @@
 """Every Prometheus metric of ``GET /metrics``, under TGI's names, in a registry of our own.
 
 The frontend updates the request-level metrics itself; the batch and KV-cache metrics come
-from the scheduler's ``SchedulerStats`` messages.
+from the scheduler's ``SchedulerStats`` messages; the per-stage times of a request
+(``tgi_request_stage_duration{stage}``) come on its last delta, measured by each process.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from tgi_zmq.messages import SchedulerStats
+from tgi_zmq.messages import SchedulerStats, StageTimes
 from tgi_zmq.validation import RequestError
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
@@ -25,6 +26,7 @@ __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 # multiplied step by step as TGI does, so that the ``le`` labels are the same floats.
 DURATION_BUCKETS = tuple(itertools.accumulate(range(35), lambda value, _: value * 1.5, initial=0.0001))[1:]
 FORWARD_METHODS = ("prefill", "decode")
+STAGES = ("tokenize", "queue", "prefill", "decode", "detokenize")  # the fields of ``StageTimes``
 
 
 def length_buckets(max_tokens: int) -> tuple[float, ...]:
@@ -105,6 +107,17 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=r,
         )
+        self.request_stage_duration = Histogram(
+            "tgi_request_stage_duration",
+            "Time a request spent in each pipeline stage, measured in the process that runs it (s): "
+            "tokenize (tokenizer), queue (arrival at the scheduler -> first step), prefill (first step -> "
+            "first token), decode (first token -> last), detokenize (detokenizer)",
+            ["stage"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        for stage in STAGES:
+            self.request_stage_duration.labels(stage=stage)
         self.batch_forward_duration = Histogram(
             "tgi_batch_forward_duration",
             "Forward pass duration (s)",
@@ -182,6 +195,11 @@ class Metrics:
         self.request_generated_tokens.observe(generated_tokens)
         if generated_tokens > 1:
             self.request_mean_time_per_token.observe(decode_seconds / (generated_tokens - 1))
+
+    def observe_stages(self, stages: StageTimes) -> None:
+        """A finished request's time in each stage."""
+        for stage in STAGES:
+            self.request_stage_duration.labels(stage=stage).observe(getattr(stages, stage))
 
     # ------------------------------------------------------------------ scheduler
 

@@ -31,6 +31,7 @@ _EXTRA_MODELS = (
 ERRORS = {
     400: "The body is not JSON",
     401: "Missing or wrong API key (only with --api-key)",
+    404: "Profiling is off (the service runs without --profile-dir)",
     408: "The body did not arrive within --body-timeout",
     413: "The body is over --payload-limit",
     422: "Input validation error (or template_error, tool_error...)",
@@ -102,6 +103,8 @@ def _operation(route: Route, refs: dict[tuple[type[BaseModel], str], Any]) -> di
 
 
 def _tag(path: str) -> str:
+    if path.endswith("_profile"):
+        return "Profiling"
     return (
         "OpenAI" if path.startswith("/v1/") else "SageMaker" if path in ("/invocations", "/ping") else "TGI"
     )

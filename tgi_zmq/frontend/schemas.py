@@ -419,6 +419,15 @@ class ChatTokenizeResponse(_Out):
     templated_text: str = Field(description="The prompt the chat template made")
 
 
+class ProfileResponse(_Out):
+    directory: str = Field(description="--profile-dir, where the workers write their traces")
+    traces: list[str] = Field(
+        default_factory=list,
+        description="/stop_profile: the traces written (worker-<rank>-<time>.trace.json) that appeared "
+        "within its wait",
+    )
+
+
 class Info(_Out):
     model_id: str
     model_sha: str | None
