@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
+import shutil
+import sys
 from pathlib import Path
+from types import ModuleType
 
+import pytest
 import torch
 
 from tgi_zmq.block_manager import BlockManager
@@ -145,3 +151,30 @@ def run_engine(
     if requests_out is not None:
         requests_out.extend(reqs)
     return [r.output_ids for r in reqs], sched
+
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def load_script(name: str) -> ModuleType:
+    """``scripts/<name>`` (a file without .py) imported as a module, for its functions."""
+    module_name = f"{name}_script"
+    loader = importlib.machinery.SourceFileLoader(module_name, str(SCRIPTS / name))
+    spec = importlib.util.spec_from_loader(module_name, loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses look their module up
+    loader.exec_module(module)
+    return module
+
+
+def built_extension() -> ModuleType:
+    """The C++ extension, built if needed; skips without a compiler, fails if it does not build."""
+    from tgi_zmq import native
+
+    if native.build() is None:
+        from torch.utils.cpp_extension import get_cxx_compiler
+
+        if shutil.which(get_cxx_compiler()) is None:
+            pytest.skip("no C++ compiler: the extension cannot be built (torch's paths run)")
+        pytest.fail("the C++ extension failed to build (see the warning above)")
+    return native.extension()

@@ -3,25 +3,18 @@ equal torch on every code path this CPU has: small shapes, seconds in all."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.helpers import built_extension
 from tgi_zmq import native
 from tgi_zmq.attention import AttentionMetadata, paged_attention
 
 
 @pytest.fixture(scope="module")
 def ext():
-    if native.build() is None:
-        from torch.utils.cpp_extension import get_cxx_compiler
-
-        if shutil.which(get_cxx_compiler()) is None:
-            pytest.skip("no C++ compiler: the extension cannot be built (torch's paths run)")
-        pytest.fail("the C++ extension failed to build (see the warning above)")
-    return native.extension()
+    return built_extension()
 
 
 def isas(ext) -> list[int]:

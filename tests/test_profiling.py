@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.machinery
-import importlib.util
 import json
 import logging
 import os
@@ -22,6 +20,7 @@ import zmq
 import zmq.asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
+from tests import helpers
 from tgi_zmq import messages as m
 from tgi_zmq.config import ServerConfig
 from tgi_zmq.frontend import create_app, profile_routes
@@ -32,11 +31,7 @@ log = logging.getLogger("test")
 
 
 def load_script():
-    loader = importlib.machinery.SourceFileLoader("profile_script", str(PROFILE))
-    spec = importlib.util.spec_from_loader("profile_script", loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
+    return helpers.load_script("profile")
 
 
 # ---------------------------------------------------------------------------- the recorder

@@ -3,8 +3,6 @@ identical modes against the real service."""
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import json
 import math
 import subprocess
@@ -13,17 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from tests import helpers
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "quality"
 
 
 def load_script():
-    loader = importlib.machinery.SourceFileLoader("quality_script", str(SCRIPT))
-    spec = importlib.util.spec_from_loader("quality_script", loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["quality_script"] = module  # dataclasses look their module up
-    loader.exec_module(module)
-    return module
+    return helpers.load_script("quality")
 
 
 quality = load_script()

@@ -5,11 +5,10 @@ scripts/setup has usually built it already)."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
+from tests.helpers import built_extension
 from tgi_zmq import native
 from tgi_zmq.quant import kernels
 from tgi_zmq.quant.formats import NF4, Int8Weight, quantize_int4, quantize_int8, quantize_lut4
@@ -19,13 +18,7 @@ N, K = 42, 192  # N not a multiple of the kernels' 4-row tiles; K of 3 groups of
 
 @pytest.fixture(scope="module")
 def ext():
-    if native.build() is None:
-        from torch.utils.cpp_extension import get_cxx_compiler
-
-        if shutil.which(get_cxx_compiler()) is None:
-            pytest.skip("no C++ compiler: the extension cannot be built (the reference kernel runs)")
-        pytest.fail("the C++ extension failed to build (see the warning above)")
-    return native.extension()
+    return built_extension()
 
 
 WEIGHTS = {

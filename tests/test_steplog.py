@@ -3,21 +3,16 @@ the timeline parses back."""
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 from pathlib import Path
 
+from tests import helpers
 from tgi_zmq.steplog import SCHEDULER_STEP, WORKER_STEP
 
 TIMELINE = Path(__file__).resolve().parent.parent / "scripts" / "timeline"
 
 
 def load_timeline():
-    loader = importlib.machinery.SourceFileLoader("timeline", str(TIMELINE))
-    spec = importlib.util.spec_from_loader("timeline", loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
+    return helpers.load_script("timeline")
 
 
 def test_the_timeline_parses_what_the_processes_log():
