@@ -11,6 +11,7 @@ import pytest
 from tgi_zmq import cli
 from tgi_zmq.config import DEFAULT_PREFILL_TOKENS, ServerConfig
 from tgi_zmq.convert import default_model_dir
+from tgi_zmq.cpus import placement, service_cores
 from tgi_zmq.memory import kv_bytes_per_token, weights_bytes
 
 
@@ -190,14 +191,19 @@ def test_grammar_compile_timeout_comes_from_the_command_line_or_its_env_var(monk
         resolve(*flags, "--grammar-compile-timeout", "0")
 
 
+def worker_threads(config: ServerConfig) -> int:
+    """What worker-0 of ``config`` runs (``tgi_zmq.cpus``, as the worker applies it)."""
+    return placement("worker-0", service_cores(), config.num_shard, config.torch_threads).threads
+
+
 def test_torch_threads_per_worker(monkeypatch):
     flags = ("--max-batch-total-tokens", "9000")
-    assert resolve(*flags, "--torch-threads", "3").worker_threads == 3
+    assert worker_threads(resolve(*flags, "--torch-threads", "3")) == 3
     monkeypatch.setenv("TORCH_THREADS", "2")
     assert resolve(*flags).torch_threads == 2
     monkeypatch.delenv("TORCH_THREADS")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
-    assert resolve(*flags, "--num-shard", "2").worker_threads == 3  # 2 cores kept for the pipeline
+    assert worker_threads(resolve(*flags, "--num-shard", "2")) == 3  # 2 cores kept for the pipeline
     with pytest.raises(ValueError, match="--torch-threads must be >= 0"):
         resolve(*flags, "--torch-threads", "-1")
 

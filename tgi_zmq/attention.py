@@ -220,7 +220,6 @@ class KVCache:
 
 
 FP8 = (torch.float8_e5m2, torch.float8_e4m3fn)
-ISA = native.env_isa()
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache, v_cache, slots: torch.Tensor) -> None:
@@ -269,7 +268,7 @@ def paged_attention(
 def _decode_in_place(q, k_cache, v_cache, in_place, scale: float) -> torch.Tensor:
     """One query token per request over its pages, read where they are (``csrc/paged_attention.cpp``)."""
     _, tables, lens = in_place
-    return native.extension().paged_decode(q.contiguous(), k_cache, v_cache, tables, lens, scale, ISA)
+    return native.extension().paged_decode(q.contiguous(), k_cache, v_cache, tables, lens, scale, native.ISA)
 
 
 def _decode(q, k_cache, v_cache, group: DecodeGroup, scale: float) -> torch.Tensor:

@@ -76,20 +76,13 @@ class ServerConfig:
     eos_token_ids: tuple[int, ...] = ()
     # Set for encoder-decoder models (T5): prompts go to the encoder.
     decoder_start_token_id: int | None = None
-    torch_threads: int = 0  # per worker; 0: see worker_threads
+    torch_threads: int = 0  # per worker; 0: by the rule of tgi_zmq.cpus
     watchdog_timeout: float = 20.0  # a step's time bound before the workers count as hung (+5 ms/token)
     recovery_timeout: float = 60.0  # how long requests wait for a faulty pipeline to heal
     api_key: str | None = None  # when set, routes other than health and metrics need "Bearer <key>"
     body_timeout: float = 10.0  # seconds to receive a request body (408 after)
     shutdown_timeout: float = 20.0  # seconds a SIGTERM'd frontend waits for requests in flight
     profile_dir: str | None = None  # where /start_profile + /stop_profile put traces; None: routes off
-
-    @property
-    def worker_threads(self) -> int:
-        """torch threads per worker: ``torch_threads``, else by the rule of ``tgi_zmq.cpus``."""
-        from tgi_zmq.cpus import placement, service_cores
-
-        return placement("worker-0", service_cores(), self.num_shard, self.torch_threads).threads
 
     @property
     def num_blocks(self) -> int:

@@ -71,7 +71,6 @@ def _gemv_rows() -> dict[torch.dtype, int]:
 
 
 GEMV_ROWS = _gemv_rows()
-ISA = native.env_isa()
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -80,7 +79,7 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if 0 < rows <= GEMV_ROWS.get(x.dtype, 0) and weight.device.type == "cpu" and weight.dtype == x.dtype:
         ext = native.extension()
         if ext is not None and weight.is_contiguous():
-            return ext.gemv(x.reshape(rows, -1), weight, bias, ISA).view(*x.shape[:-1], -1)
+            return ext.gemv(x.reshape(rows, -1), weight, bias, native.ISA).view(*x.shape[:-1], -1)
     return F.linear(x, weight, bias)
 
 

@@ -93,3 +93,6 @@ def env_isa() -> int:
     if isa not in ISAS:
         raise ValueError(f"TGI_ZMQ_ISA={isa}: choose one of {', '.join(ISAS)}")
     return ISAS[isa]
+
+
+ISA = env_isa()  # the code path the attention and gemv kernels run (read once, at import)
