@@ -1,4 +1,4 @@
-"""Detokenizer process: the socket loop around ``tgi_zmq.detokenizer`` (incremental text, stops).
+"""Detokenizer process: the socket loop around ``tgi_zmq.textstream`` (incremental text, stops).
 
 scheduler --BatchTokenOutput/AbortRequest/FrontendStarted--> [detokenizer] --BatchTextOutput--> frontend
                                                            --StopRequest--> scheduler
@@ -15,8 +15,8 @@ import zmq
 from tgi_zmq import cpus
 from tgi_zmq import messages as m
 from tgi_zmq.config import ServerConfig
-from tgi_zmq.detokenizer import BatchDetokenizer
 from tgi_zmq.runtime import exit_on_sigterm, pull, push, serve, setup_logging, start_heartbeat
+from tgi_zmq.textstream import BatchDetokenizer
 
 log = setup_logging("detokenizer")
 

@@ -30,10 +30,10 @@ from tgi_zmq import messages as m
 from tgi_zmq.block_manager import BlockManager
 from tgi_zmq.config import POLL_MS, STATS_PERIOD_S, ServerConfig
 from tgi_zmq.engine import EngineCore, Outcome
+from tgi_zmq.errors import ValidationError, generation_error
 from tgi_zmq.grammar import Compile, GrammarEngine, GrammarError
+from tgi_zmq.policy import Produced, Request, ScheduledBatch, SchedulePolicy
 from tgi_zmq.runtime import exit_on_sigterm, pull, push, setup_logging, start_heartbeat
-from tgi_zmq.scheduler import Produced, Request, ScheduledBatch, SchedulePolicy
-from tgi_zmq.validation import ValidationError, generation_error
 from tgi_zmq.worker_group import WorkerGroup
 
 log = setup_logging("scheduler")

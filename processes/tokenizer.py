@@ -1,4 +1,4 @@
-"""Tokenizer process: the socket loop around ``tgi_zmq.tokenizer`` (templates, ids, length checks).
+"""Tokenizer process: the socket loop around ``tgi_zmq.prompts`` (templates, ids, length checks).
 
 frontend --GenerateRequest/TokenizeTextRequest/ChatTokenizeRequest/AbortRequest/FrontendStarted
           /ProfileRequest--> [tokenizer]
@@ -17,9 +17,9 @@ import zmq
 from tgi_zmq import cpus
 from tgi_zmq import messages as m
 from tgi_zmq.config import ServerConfig
+from tgi_zmq.errors import RequestError, ValidationError
+from tgi_zmq.prompts import render_chat, token_spans, tokenize
 from tgi_zmq.runtime import exit_on_sigterm, pull, push, serve, setup_logging, start_heartbeat
-from tgi_zmq.tokenizer import render_chat, token_spans, tokenize
-from tgi_zmq.validation import RequestError, ValidationError
 
 log = setup_logging("tokenizer")
 

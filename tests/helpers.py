@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from tgi_zmq.block_manager import BlockManager
-from tgi_zmq.engine import EngineCore, LocalExecutor, run_to_completion
+from tgi_zmq.engine import EngineCore
 from tgi_zmq.messages import SamplingParams
 from tgi_zmq.model_runner import ModelRunner
+from tgi_zmq.offline import LocalExecutor, run_to_completion
 from tgi_zmq.parallel import Shard
-from tgi_zmq.scheduler import Request, SchedulePolicy
+from tgi_zmq.policy import Request, SchedulePolicy
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "bloom", "t5")
 SEQ2SEQ = ("t5",)

@@ -270,7 +270,7 @@ def test_quantized_models_on_cuda_stay_close_to_float(quantize, tmp_path):
 def _last_logits(model, ids: torch.Tensor) -> torch.Tensor:
     """The float32 logits after ``ids`` in one prefill of a fresh cache."""
     from tgi_zmq.attention import AttentionMetadata
-    from tgi_zmq.step import ForwardBatch
+    from tgi_zmq.forward_batch import ForwardBatch
 
     cache = model.new_cache(8, 16)
     n = len(ids)

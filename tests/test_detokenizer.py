@@ -5,7 +5,7 @@ import time
 import pytest
 
 from tgi_zmq import messages as m
-from tgi_zmq.detokenizer import PROMPT_TAIL, BatchDetokenizer, DecodeState, IncrementalDetokenizer
+from tgi_zmq.textstream import PROMPT_TAIL, BatchDetokenizer, DecodeState, IncrementalDetokenizer
 
 TEXTS = [
     "Hello world, this is a test.",

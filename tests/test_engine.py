@@ -7,17 +7,11 @@ import pytest
 
 from tests.helpers import run_engine, tiny_llama
 from tgi_zmq.block_manager import BlockManager
-from tgi_zmq.engine import (
-    MAX_FAULTS,
-    EngineCore,
-    LocalExecutor,
-    StepFailure,
-    WorkersLost,
-    run_to_completion,
-)
+from tgi_zmq.engine import MAX_FAULTS, EngineCore, StepFailure, WorkersLost
 from tgi_zmq.messages import SamplingParams
 from tgi_zmq.model_runner import ModelRunner
-from tgi_zmq.scheduler import Request, SchedulePolicy
+from tgi_zmq.offline import LocalExecutor, run_to_completion
+from tgi_zmq.policy import Request, SchedulePolicy
 from tgi_zmq.worker_group import public_reason
 
 PROMPTS = [[1, 5, 9, 13, 17, 21], [1, 7, 3], [1, 11, 12, 13, 14, 15, 16, 17, 18, 19]]

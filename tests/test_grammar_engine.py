@@ -15,12 +15,13 @@ import torch.multiprocessing as mp
 from tests.conftest import free_port
 from tests.helpers import tiny_llama
 from tgi_zmq.block_manager import BlockManager
-from tgi_zmq.engine import EngineCore, LocalExecutor, run_to_completion
+from tgi_zmq.engine import EngineCore
 from tgi_zmq.grammar import GrammarEngine, RowMatchers
 from tgi_zmq.messages import Grammar, GrammarStart, SamplingParams
 from tgi_zmq.model_runner import ModelRunner
+from tgi_zmq.offline import LocalExecutor, run_to_completion
 from tgi_zmq.parallel import Shard, init_group
-from tgi_zmq.scheduler import Request, SchedulePolicy
+from tgi_zmq.policy import Request, SchedulePolicy
 from tgi_zmq.step import Step
 
 EOS = 2

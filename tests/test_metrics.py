@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tgi_zmq import messages
 from tgi_zmq.config import ServerConfig
+from tgi_zmq.errors import RequestError
 from tgi_zmq.frontend import create_app
 from tgi_zmq.frontend.app import FRONTEND
 from tgi_zmq.frontend.health import Health
@@ -32,7 +33,6 @@ from tgi_zmq.messages import (
     SchedulerStats,
     StageTimes,
 )
-from tgi_zmq.validation import RequestError
 
 # name -> TYPE, exactly as exposed (TGI's own counters have no "_total")
 EXPOSED = {

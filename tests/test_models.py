@@ -15,7 +15,7 @@ from tests.helpers import ARCHITECTURES, SEQ2SEQ, hf_greedy, hf_logits, run_engi
 from tgi_zmq.block_manager import BlockManager
 from tgi_zmq.messages import SamplingParams
 from tgi_zmq.model_runner import ModelRunner
-from tgi_zmq.scheduler import Request, SchedulePolicy
+from tgi_zmq.policy import Request, SchedulePolicy
 from tgi_zmq.step import build_step
 
 

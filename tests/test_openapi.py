@@ -11,6 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from openapi_spec_validator import validate
 
 from tgi_zmq.config import ServerConfig
+from tgi_zmq.errors import ValidationError
 from tgi_zmq.frontend import create_app
 from tgi_zmq.frontend.schemas import (
     ChatRequest,
@@ -20,7 +21,6 @@ from tgi_zmq.frontend.schemas import (
     ResponsesRequest,
     check_body,
 )
-from tgi_zmq.validation import ValidationError
 
 AUTH = {"Authorization": "Bearer k"}
 PROFILING = {"/start_profile", "/stop_profile"}
@@ -217,8 +217,8 @@ def test_a_failed_response_stream_ends_with_error_and_response_failed() -> None:
     from openai.types.responses import ResponseStreamEvent
     from pydantic import TypeAdapter
 
+    from tgi_zmq.errors import RequestError
     from tgi_zmq.frontend.responses_routes import _Events, _Shape
-    from tgi_zmq.validation import RequestError
 
     events = _Events(_Shape.of({"input": "hi"}, "abc", "m"))
     failed = events.failed(RequestError("boom", error_type="generation", status=424))

@@ -9,10 +9,10 @@ import pytest
 
 from tgi_zmq import messages as m
 from tgi_zmq.config import ServerConfig
+from tgi_zmq.errors import RequestError
 from tgi_zmq.frontend.health import Health
 from tgi_zmq.frontend.jobs import submit
 from tgi_zmq.frontend.pipeline import MAX_REPLAYS, Pipeline
-from tgi_zmq.validation import RequestError
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from tgi_zmq.block_manager import BlockManager
 from tgi_zmq.messages import SamplingParams
-from tgi_zmq.scheduler import Request, SchedulePolicy
+from tgi_zmq.policy import Request, SchedulePolicy
 
 
 def test_grow_and_release():

@@ -8,9 +8,10 @@ import random
 import torch
 
 from tgi_zmq.block_manager import BlockManager
+from tgi_zmq.forward_batch import RequestStates
 from tgi_zmq.messages import Grammar, SamplingParams
-from tgi_zmq.scheduler import Request, SchedulePolicy
-from tgi_zmq.step import RequestStates, Step, build_step, step_buffer_size
+from tgi_zmq.policy import Request, SchedulePolicy
+from tgi_zmq.step import Step, build_step, step_buffer_size
 
 VOCAB = 64
 PENALISED = SamplingParams(repetition_penalty=1.3)

@@ -1,4 +1,4 @@
-"""Tokenization before scheduling (tgi_zmq.tokenizer): prompts, chat templates, truncation, limits."""
+"""Tokenization before scheduling (tgi_zmq.prompts): prompts, chat templates, truncation, limits."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import copy
 import pytest
 
 from tgi_zmq import messages as m
-from tgi_zmq.tokenizer import TemplateError, prompt_ids, token_spans, tokenize
-from tgi_zmq.validation import ValidationError
+from tgi_zmq.errors import ValidationError
+from tgi_zmq.prompts import TemplateError, prompt_ids, token_spans, tokenize
 
 LIMITS = {"max_input_tokens": 10, "max_total_tokens": 20}
 CHAT = [{"role": "user", "content": "hi"}]

@@ -9,8 +9,9 @@ import json
 import pytest
 
 from tgi_zmq import tools as t
+from tgi_zmq.errors import RequestError, ValidationError
 from tgi_zmq.messages import Grammar
-from tgi_zmq.validation import RequestError, ValidationError, chat_params
+from tgi_zmq.validation import chat_params
 
 WEATHER = {
     "type": "function",
@@ -181,7 +182,7 @@ def test_tgis_tool_prompt_ends_the_last_message():
 
 
 def test_render_chat_gives_the_tools_to_a_template_that_uses_them(tokenizer):
-    from tgi_zmq.tokenizer import render_chat
+    from tgi_zmq.prompts import render_chat
 
     chat = [{"role": "user", "content": "Weather?"}]
     text = render_chat(tokenizer, chat, [WEATHER], "Pick one.")  # SmolLM2's template has no tools
@@ -199,7 +200,7 @@ def test_render_chat_gives_the_tools_to_a_template_that_uses_them(tokenizer):
 
 
 def test_a_tool_reply_goes_through_the_template(tokenizer):
-    from tgi_zmq.tokenizer import render_chat
+    from tgi_zmq.prompts import render_chat
 
     chat = [
         {"role": "user", "content": "Weather?"},

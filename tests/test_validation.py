@@ -6,12 +6,11 @@ import json
 
 import pytest
 
+from tgi_zmq.errors import RequestError, ValidationError, generation_error, request_error
 from tgi_zmq.messages import ErrorOutput, Grammar, SamplingParams, TokenBias
 from tgi_zmq.validation import (
     GenerationParams,
     Limits,
-    RequestError,
-    ValidationError,
     chat_messages,
     chat_params,
     check_lengths,
@@ -21,8 +20,6 @@ from tgi_zmq.validation import (
     copy_seed,
     generate_inputs,
     generate_params,
-    generation_error,
-    request_error,
 )
 
 MAX_STOP = 4

@@ -5,10 +5,10 @@ apply the oldest step's result if it has come back. With the overlap schedule (`
 step N+1 is built and submitted while the workers run step N, grammar requests included: the
 worker that samples fills their masks from its own matchers (``tgi_zmq.model_runner``). Nothing
 here blocks: the caller waits for input between turns (the scheduler process polls its sockets;
-``run_to_completion`` just loops).
+``tgi_zmq.offline.run_to_completion`` just loops).
 
 Where the steps run is an ``Executor``: the worker processes over ZeroMQ in the service
-(``tgi_zmq.worker_group``), a model in this process in the tests (``LocalExecutor``).
+(``tgi_zmq.worker_group``), a model in this process in the tests (``tgi_zmq.offline.LocalExecutor``).
 
 Faults: a lost worker (restarted, failed in a sharded group, hung past the watchdog, unreachable)
 loses its KV cache, so ``lose_workers`` has the executor restart them, forgets every page and
@@ -25,9 +25,8 @@ import time
 from collections import deque
 from typing import Protocol
 
-from tgi_zmq.model_runner import ModelRunner, StepOutput
-from tgi_zmq.scheduler import Produced, Request, ScheduledBatch, SchedulePolicy
-from tgi_zmq.step import Step, build_step
+from tgi_zmq.policy import Produced, Request, ScheduledBatch, SchedulePolicy
+from tgi_zmq.step import Step, StepOutput, build_step
 from tgi_zmq.steplog import SCHEDULER_STEP
 
 log = logging.getLogger("tgi_zmq.engine")
@@ -224,38 +223,3 @@ class EngineCore:
             return False
         self.policy.finish(req, "error")
         return True
-
-
-class LocalExecutor:
-    """Runs each step at once on a model in this process (tests, offline use)."""
-
-    def __init__(self, runner: ModelRunner):
-        self.runner = runner
-        self.results: dict[int, StepDone | StepFailure] = {}
-
-    def submit(self, step_id: int, step: Step) -> None:
-        started = time.perf_counter()
-        output = self.runner.execute(step)
-        self.results[step_id] = StepDone(output, time.perf_counter() - started)
-
-    def result(self, step_id: int) -> StepDone | StepFailure | None:
-        return self.results.pop(step_id, None)
-
-    def restart(self, spare: int | None = None) -> None:
-        self.results.clear()
-        self.runner.cache = self.runner.model.new_cache(self.runner.num_blocks, self.runner.block_size)
-        self.runner.forget_requests()
-
-
-def run_to_completion(engine: EngineCore, requests: list[Request], arrive_every: int = 0) -> None:
-    """Feed ``requests`` to the engine (``arrive_every`` turns apart, 0: all at once) and turn it
-    until every one has finished."""
-    arrivals = deque(requests)
-    turn = 0
-    while arrivals or engine.has_work():
-        while arrivals and turn >= arrive_every * (len(requests) - len(arrivals)):
-            engine.policy.add(arrivals.popleft())
-        turn += 1
-        out = engine.step()
-        if out.failed:
-            raise RuntimeError(f"requests failed: {out.failed}")

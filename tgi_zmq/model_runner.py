@@ -18,36 +18,18 @@ rows do none of this, and the engine keeps its overlap depth either way.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import torch
 
 from tgi_zmq.attention import AttentionMetadata
 from tgi_zmq.block_manager import ceil_div
+from tgi_zmq.forward_batch import EncoderBatch, ForwardBatch, RequestStates
 from tgi_zmq.grammar import RowMatchers, unpack
 from tgi_zmq.models import load_model
 from tgi_zmq.parallel import Shard
 from tgi_zmq.sampler import LogitBias, LogitsProcessor, SamplingMetadata, VocabMask, Watermark, sample
-from tgi_zmq.step import EncoderBatch, ForwardBatch, RequestStates, Step, StepLayout
-
-
-@dataclasses.dataclass
-class StepOutput:
-    """What a step sends back (rank 0's; other ranks hold only ``next_ids``)."""
-
-    next_ids: torch.Tensor  # [R] int64
-    logprobs: torch.Tensor  # [R] float32
-    top_ids: torch.Tensor  # [R, top_n] int64
-    top_logprobs: torch.Tensor  # [R, top_n] float32
-    prompt_logprobs: torch.Tensor  # [P] float32: of each scored prompt token
-
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> StepOutput:
-        return cls(**tensors)
+from tgi_zmq.step import Step, StepLayout, StepOutput
 
 
 class ModelRunner:

@@ -22,6 +22,8 @@ from typing import Protocol
 
 import torch
 
+from tgi_zmq.step import Draw
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -77,19 +79,6 @@ class Watermark:
         for row, previous in rows:
             green = self.greenlist(previous, logits.shape[-1]).to(logits.device)
             logits[row, green] += self.delta
-
-
-@dataclasses.dataclass(frozen=True)
-class Draw:
-    """The host-side parameters of one row that samples at random."""
-
-    row: int
-    temperature: float
-    top_k: int
-    top_p: float
-    typical_p: float
-    seed: int
-    index: int  # the token's index among the request's outputs
 
 
 @dataclasses.dataclass

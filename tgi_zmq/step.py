@@ -3,11 +3,12 @@
 Tokens of all scheduled requests are flattened into one sequence of ``T`` tokens (prefill chunks
 and decodes together); ``query_start`` delimits each request's tokens. A negative id in
 ``input_ids`` or a penalty history is a placeholder for the token the previous step sampled in
-row ``-id - 1`` (see ``tgi_zmq.scheduler``): the worker fills it in.
+row ``-id - 1`` (see ``tgi_zmq.policy``): the worker fills it in.
 
 A step carries what changed since the previous one, as vLLM v1's scheduler output does. What a
-request needs every step but that changes slowly lives in the worker (``RequestStates``), in the
-row of its state tables that the scheduler gave the request while it runs (``Request.state_row``):
+request needs every step but that changes slowly lives in the worker
+(``tgi_zmq.forward_batch.RequestStates``), in the row of its state tables that the scheduler gave
+the request while it runs (``Request.state_row``):
 - its page table (and its encoder's pages, T5): a step sends only the pages added since the last
   step, as ``(state row, page index, page id)`` triples;
 - its penalty token counts: a penalised request's token history is sent once, in the first step
@@ -35,11 +36,9 @@ import torch
 from tgi_zmq.block_manager import ceil_div
 from tgi_zmq.config import MAX_EOS_TOKEN_IDS, MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
 from tgi_zmq.messages import GrammarStart
-from tgi_zmq.sampler import Draw
 
 if TYPE_CHECKING:
-    from tgi_zmq.attention import AttentionMetadata
-    from tgi_zmq.scheduler import Request, ScheduledBatch
+    from tgi_zmq.policy import Request, ScheduledBatch
 
 PAGE_UPDATE = 3  # ints per page-table update: state row, page index, page id
 MAX_BIAS_PER_ROW = MAX_LOGIT_BIAS + MAX_STOP_TOKEN_IDS + MAX_EOS_TOKEN_IDS
@@ -168,6 +167,19 @@ class Step:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class Draw:
+    """The host-side parameters of one row that samples at random."""
+
+    row: int
+    temperature: float
+    top_k: int
+    top_p: float
+    typical_p: float
+    seed: int
+    index: int  # the token's index among the request's outputs
+
+
 @dataclasses.dataclass
 class StepLayout:
     """A step's shape as host integers: the attention plan and the sampler's branches are made from
@@ -186,6 +198,24 @@ class StepLayout:
     num_prompt_rows: int  # prompt tokens scored (``prompt_logprobs``)
     encoder_start: list[int]
     encoder_lens: list[int]
+
+
+@dataclasses.dataclass
+class StepOutput:
+    """What a step sends back (rank 0's; other ranks hold only ``next_ids``)."""
+
+    next_ids: torch.Tensor  # [R] int64
+    logprobs: torch.Tensor  # [R] float32
+    top_ids: torch.Tensor  # [R, top_n] int64
+    top_logprobs: torch.Tensor  # [R, top_n] float32
+    prompt_logprobs: torch.Tensor  # [P] float32: of each scored prompt token
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> StepOutput:
+        return cls(**tensors)
 
 
 def step_buffer_size(max_step_tokens: int, max_rows: int, max_total_tokens: int, block_size: int) -> int:
@@ -358,84 +388,3 @@ def _ints(values: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
 def _as_int64(value: int) -> int:
     """Seeds are uint64 on the API; reinterpret the bits as int64 for the tensor."""
     return ((value + 2**63) % 2**64) - 2**63
-
-
-# ---------------------------------------------------------------------------------- the worker side
-
-
-class RequestStates:
-    """What the worker keeps per running request, one row per state row, on the step's device:
-    page tables (and cross-attention page tables) and penalty token counts."""
-
-    def __init__(self, rows: int, max_pages: int, vocab_size: int, device: torch.device):
-        self.rows, self.vocab_size, self.device = rows, vocab_size, torch.device(device)
-        self.pages = torch.zeros(rows, max_pages, dtype=torch.int64, device=self.device)
-        self.cross_pages = torch.zeros(rows, max_pages, dtype=torch.int64, device=self.device)
-        self._counts: torch.Tensor | None = None  # [rows, vocab] float32, made on first use
-        self.history_lens = torch.zeros(rows, dtype=torch.float32, device=self.device)
-
-    @property
-    def counts(self) -> torch.Tensor:
-        if self._counts is None:
-            self._counts = torch.zeros(self.rows, self.vocab_size, dtype=torch.float32, device=self.device)
-        return self._counts
-
-    def apply(self, step: Step) -> None:
-        """Take in the pages the step's requests got since their last step."""
-        _scatter_pages(self.pages, step.inputs.new_pages)
-        if step.encoder is not None:
-            _scatter_pages(self.cross_pages, step.encoder.new_pages)
-
-    def start_histories(self, step: Step, num_histories: int) -> None:
-        """Penalty counts of the rows that send their token history this step start from it (the
-        history's placeholders already filled). Sizes come from the host (``num_histories``, the
-        ids' shape), so nothing is read back from the device."""
-        if not num_histories:
-            return
-        s = step.sampling
-        rows = step.inputs.state_rows[s.rows[s.history_rows]]
-        lengths = s.history_start[1:] - s.history_start[:-1]
-        owner = torch.repeat_interleave(
-            torch.arange(num_histories, device=self.device), lengths, output_size=s.history_ids.shape[0]
-        )
-        counts = torch.zeros(num_histories, self.vocab_size, dtype=torch.float32, device=self.device)
-        counts.index_put_(
-            (owner, s.history_ids), torch.ones_like(owner, dtype=torch.float32), accumulate=True
-        )
-        self.counts[rows] = counts
-        self.history_lens[rows] = lengths.float()
-
-    def count_sampled(self, step: Step, next_ids: torch.Tensor) -> None:
-        """Add each penalised row's sampled token to its counts (its history for the next step)."""
-        s = step.sampling
-        rows = step.inputs.state_rows[s.rows]
-        weight = s.penalised.float()
-        self.counts.index_put_((rows, next_ids), weight, accumulate=True)
-        self.history_lens.index_add_(0, rows, weight)
-
-    def tables(self, step: Step) -> torch.Tensor:
-        """[B, max_pages] page tables of the step's requests."""
-        return self.pages[step.inputs.state_rows]
-
-
-def _scatter_pages(table: torch.Tensor, updates: torch.Tensor) -> None:
-    table[updates[:, 0], updates[:, 1]] = updates[:, 2]
-
-
-@dataclasses.dataclass
-class ForwardBatch:
-    """What a model's forward reads, on its device: built by the worker from a step and its state."""
-
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    attention: AttentionMetadata
-    logit_rows: torch.Tensor  # [R] the flat token rows whose logits are returned
-    encoder: EncoderBatch | None = None
-
-
-@dataclasses.dataclass
-class EncoderBatch:
-    ids: torch.Tensor  # [E] prompts whose encoder runs now
-    slots: torch.Tensor  # [E] their cross-attention KV slots
-    start: list[int]  # [Be+1] host boundaries of the prompts
-    cross_attention: AttentionMetadata  # every request's decoder queries over its encoder's pages

@@ -19,8 +19,8 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from tgi_zmq.errors import RequestError, ValidationError
 from tgi_zmq.messages import Grammar
-from tgi_zmq.validation import RequestError, ValidationError
 
 NO_TOOL = "no_tool"
 DEFAULT_TOOL_PROMPT = (

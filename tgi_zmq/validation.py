@@ -2,12 +2,8 @@
 
 The HTTP frontend turns request bodies into ``GenerationParams`` with these functions; the
 tokenizer process calls ``check_lengths`` once it knows the prompt's token count. Every
-rejection is a ``RequestError`` carrying the HTTP status and TGI ``error_type`` to answer with;
-``ValidationError`` is TGI's 422 ``Input validation error: ...``.
-
-TGI's error texts live here only: a process that finds an error sends it to the frontend as an
-``ErrorOutput`` built by ``RequestError.output`` or ``generation_error`` (prefix included), and
-the frontend answers with ``request_error(output)`` as it is.
+rejection is a ``RequestError`` (``tgi_zmq.errors``) carrying the HTTP status and TGI
+``error_type`` to answer with; ``ValidationError`` is TGI's 422 ``Input validation error: ...``.
 """
 
 from __future__ import annotations
@@ -20,49 +16,8 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from tgi_zmq.config import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
-from tgi_zmq.messages import ErrorOutput, Grammar, SamplingParams, TokenBias
-
-VALIDATION_PREFIX = "Input validation error: "
-GENERATION_PREFIX = "Request failed during generation: "
-
-
-class RequestError(Exception):
-    """A request refused with an HTTP ``status`` and a TGI ``error_type``; ``str(exc)`` is the message."""
-
-    def __init__(self, message: str, *, error_type: str = "validation", status: int = 422) -> None:
-        super().__init__(message)
-        self.error_type = error_type
-        self.status = status
-
-    @property
-    def error(self) -> str:
-        """The text of the response's ``error`` field."""
-        return str(self)
-
-    def output(self, rid: str) -> ErrorOutput:
-        """This error as an ``ErrorOutput``: how a process hands it to the frontend's request."""
-        return ErrorOutput(rid, self.error, self.error_type, self.status)
-
-
-class ValidationError(RequestError):
-    """TGI's 422 validation error; ``str(exc)`` is the text after "Input validation error: "."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, error_type="validation", status=422)
-
-    @property
-    def error(self) -> str:
-        return VALIDATION_PREFIX + str(self)
-
-
-def generation_error(rid: str, reason: str) -> ErrorOutput:
-    """TGI's 424 for a request the pipeline failed to finish (``reason`` is fit for clients)."""
-    return ErrorOutput(rid, GENERATION_PREFIX + reason, "generation", 424)
-
-
-def request_error(output: ErrorOutput) -> RequestError:
-    """The HTTP error for an ``ErrorOutput`` (its message is final: built by the helpers above)."""
-    return RequestError(output.message, error_type=output.error_type, status=output.status)
+from tgi_zmq.errors import RequestError, ValidationError
+from tgi_zmq.messages import Grammar, SamplingParams, TokenBias
 
 
 class GenerationParams(NamedTuple):

@@ -25,9 +25,8 @@ import zmq
 from tgi_zmq import messages as m
 from tgi_zmq.config import RING_SLOTS, ServerConfig
 from tgi_zmq.engine import StepDone, StepFailure, WorkersLost
-from tgi_zmq.model_runner import StepOutput
 from tgi_zmq.runtime import BOOT_ID
-from tgi_zmq.step import Step, step_buffer_size
+from tgi_zmq.step import Step, StepOutput, step_buffer_size
 from tgi_zmq.transport import TensorReader, TensorRing, remove_stale
 
 log = logging.getLogger("tgi_zmq.worker_group")

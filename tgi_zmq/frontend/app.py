@@ -19,8 +19,8 @@ from pydantic import BaseModel
 
 from tgi_zmq import cpus
 from tgi_zmq.config import ServerConfig
+from tgi_zmq.errors import RequestError
 from tgi_zmq.runtime import setup_logging
-from tgi_zmq.validation import RequestError
 
 from . import extra_routes, openai_routes, openapi, profile_routes, responses_routes, tgi_routes
 from . import schemas as s

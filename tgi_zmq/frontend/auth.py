@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from tgi_zmq.validation import RequestError
+from tgi_zmq.errors import RequestError
 
 from .openapi import DOCS_PATH, DOCUMENT_PATH
 

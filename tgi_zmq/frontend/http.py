@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from pydantic import BaseModel
 
-from tgi_zmq.validation import RequestError, ValidationError
+from tgi_zmq.errors import RequestError, ValidationError
 
 from .schemas import check_body
 

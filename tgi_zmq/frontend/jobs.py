@@ -9,8 +9,8 @@ import logging
 import time
 from collections.abc import Iterator
 
+from tgi_zmq.errors import RequestError, request_error
 from tgi_zmq.messages import ErrorOutput, GenerateRequest, RequestDelta, StageTimes, TokenList
-from tgi_zmq.validation import RequestError, request_error
 
 from .metrics import Metrics
 from .pipeline import Mailbox, Pipeline

@@ -17,8 +17,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from tgi_zmq.errors import RequestError
 from tgi_zmq.messages import SchedulerStats, StageTimes
-from tgi_zmq.validation import RequestError
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 

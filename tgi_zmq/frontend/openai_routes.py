@@ -10,12 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from tgi_zmq.errors import RequestError, ValidationError
 from tgi_zmq.messages import GenerateRequest, RequestDelta
 from tgi_zmq.tools import ToolStream, assistant_message, chat_tools, stream_call_id
 from tgi_zmq.validation import (
     GenerationParams,
-    RequestError,
-    ValidationError,
     chat_messages,
     chat_params,
     choices,

@@ -33,6 +33,7 @@ import zmq.asyncio
 
 from tgi_zmq import messages
 from tgi_zmq.config import HUNG_AFTER_S, MONITOR_PERIOD_S, ServerConfig
+from tgi_zmq.errors import RequestError, generation_error, request_error
 from tgi_zmq.messages import (
     AbortRequest,
     BatchTextOutput,
@@ -50,7 +51,6 @@ from tgi_zmq.messages import (
     TokenSpan,
 )
 from tgi_zmq.runtime import BOOT_ID
-from tgi_zmq.validation import RequestError, generation_error, request_error
 
 from .health import Health
 from .metrics import Metrics

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from aiohttp import web
 
+from tgi_zmq.errors import RequestError
 from tgi_zmq.messages import ProfileRequest
 from tgi_zmq.profiling import new_traces
-from tgi_zmq.validation import RequestError
 
 from .http import frontend, json_response, rid_of
 

@@ -15,9 +15,10 @@ from typing import Any
 
 from aiohttp import web
 
+from tgi_zmq.errors import RequestError
 from tgi_zmq.messages import GenerateRequest, RequestDelta
 from tgi_zmq.tools import ToolCall, ToolStream, chat_tools, read_output
-from tgi_zmq.validation import RequestError, chat_messages, chat_params, flag
+from tgi_zmq.validation import chat_messages, chat_params, flag
 
 from .http import NamedEvent, frontend, json_response, read_json, rid_of
 from .jobs import Job

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, RootModel, Tag
 from pydantic import ValidationError as PydanticError
 
-from tgi_zmq.validation import ValidationError
+from tgi_zmq.errors import ValidationError
 
 # TGI's integer types (Rust's): a value out of range is a type error there (serde's 422) as here. The
 # pipeline's messages carry 64-bit integers at most.

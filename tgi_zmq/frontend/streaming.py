@@ -9,8 +9,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tgi_zmq.errors import RequestError
 from tgi_zmq.messages import GenerateRequest, RequestDelta
-from tgi_zmq.validation import RequestError
 
 from .http import Sse, client_id_of, frontend, rid_of
 from .jobs import Job, JobGroup, submit, tag

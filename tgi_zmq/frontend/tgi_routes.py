@@ -9,16 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from tgi_zmq.errors import RequestError
 from tgi_zmq.messages import GenerateRequest, RequestDelta, TokenList
-from tgi_zmq.validation import (
-    Limits,
-    RequestError,
-    best_of,
-    copy_seed,
-    flag,
-    generate_inputs,
-    generate_params,
-)
+from tgi_zmq.validation import Limits, best_of, copy_seed, flag, generate_inputs, generate_params
 
 from .http import frontend, json_response, read_json, rid_of
 from .jobs import Job, JobGroup

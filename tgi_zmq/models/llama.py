@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from tgi_zmq.attention import KVCache, paged_attention
+from tgi_zmq.forward_batch import ForwardBatch
 from tgi_zmq.layers import (
     MergedColumnParallelLinear,
     ParallelLMHead,
@@ -28,7 +29,6 @@ from tgi_zmq.layers import (
 from tgi_zmq.models.base import ModelConfig, PagedModel
 from tgi_zmq.models.weights import Weights
 from tgi_zmq.parallel import Shard
-from tgi_zmq.step import ForwardBatch
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,7 @@
 What differs from the decoder-only models:
 - The prompt goes through the encoder once per request, in the step that runs the decoder's
   first token. Each decoder layer's cross-attention K/V of the encoder output are written into
-  the request's ``cross_blocks`` (pages of the same cache, see ``tgi_zmq.scheduler``); later
+  the request's ``cross_blocks`` (pages of the same cache, see ``tgi_zmq.policy``); later
   steps only read them.
 - Positions are relative: a learned bias per head and log-spaced distance bucket, added to the
   scores (bidirectional in the encoder, causal in the decoder; the first layer's table serves
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from tgi_zmq.attention import KVCache, paged_attention, store_kv
+from tgi_zmq.forward_batch import EncoderBatch, ForwardBatch
 from tgi_zmq.layers import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -38,7 +39,6 @@ from tgi_zmq.layers import (
 from tgi_zmq.models.base import ModelConfig, PagedModel
 from tgi_zmq.models.weights import Weights
 from tgi_zmq.parallel import Shard
-from tgi_zmq.step import EncoderBatch, ForwardBatch
 
 ACTIVATIONS = {
     "relu": F.relu,

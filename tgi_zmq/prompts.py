@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from tgi_zmq.errors import RequestError, ValidationError
 from tgi_zmq.messages import GenerateRequest, ScheduleRequest, TokenSpan
 from tgi_zmq.tools import with_tool_prompt
-from tgi_zmq.validation import RequestError, ValidationError, check_lengths
+from tgi_zmq.validation import check_lengths
 
 if TYPE_CHECKING:  # transformers is a slow import: the process loads it after its first heartbeat
     from transformers import PreTrainedTokenizerBase

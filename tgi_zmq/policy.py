@@ -31,7 +31,7 @@ from typing import NamedTuple, Protocol
 from tgi_zmq.block_manager import BlockManager
 from tgi_zmq.messages import SamplingParams
 
-log = logging.getLogger("tgi_zmq.scheduler")
+log = logging.getLogger("tgi_zmq.policy")
 
 # Prompt tokens a request that scores its prompt runs per step: each needs a row of logits.
 PROMPT_LOGPROBS_CHUNK = 512
