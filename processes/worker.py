@@ -48,6 +48,7 @@ class Worker:
         """Join the ranks' group, load this rank's slice of the model, say so."""
         import torch  # the slow imports come after the heartbeat started: /health is 503 meanwhile
 
+        from tgi_zmq import native
         from tgi_zmq.memory import rank_device
         from tgi_zmq.model_runner import ModelRunner
         from tgi_zmq.models import weight_bytes
@@ -68,6 +69,7 @@ class Worker:
         if self.device.startswith("cuda"):
             torch.cuda.set_device(self.device)
         self.shard = init_group(rank, config.num_shard, config.master_addr, config.master_port, self.device)
+        native.log_kernels(self.log, self.device, config.kernels)  # what this rank loaded, said early
         self.log.info(
             "loading %s (%s%s on %s, rank %d of %d)",
             config.model_id,

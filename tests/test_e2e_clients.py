@@ -8,6 +8,8 @@ import subprocess
 import pytest
 import requests
 
+from tgi_zmq import native
+
 pytestmark = pytest.mark.e2e
 
 MESSAGES = [
@@ -112,6 +114,9 @@ def test_curl_chat_stream_from_readme(service):
 def test_info_models_health_tokenize(service):
     info = requests.get(service.url + "/info", timeout=5).json()
     assert info["max_total_tokens"] == 2048 and info["max_input_tokens"] == 2047
+    assert info["kernels"] == native.describe()  # as this process loads it: "native avx512" here
+    for process in ("launcher", "worker-0"):  # the launch log and the worker that runs them say the same
+        assert f"INFO {process} kernels: {info['kernels']}" in service.log()
     assert requests.get(service.url + "/health", timeout=5).status_code == 200
     models = requests.get(service.url + "/v1/models", timeout=5).json()
     assert models["object"] == "list" and models["data"][0]["object"] == "model"

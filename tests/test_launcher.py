@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from tgi_zmq import cli
+from tests.helpers import built_extension
+from tgi_zmq import cli, models, native
 from tgi_zmq.config import DEFAULT_PREFILL_TOKENS, ServerConfig
 from tgi_zmq.convert import default_model_dir
 from tgi_zmq.cpus import placement, service_cores
@@ -131,7 +132,7 @@ def test_eos_ids_come_from_config_and_generation_config(tmp_path):
     folder = tmp_path / "m"
     write_config(folder, model_type="llama", eos_token_id=2)
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7, 9], "bos_token_id": 1}))
-    assert cli.eos_token_ids(folder, json.loads((folder / "config.json").read_text())) == (2, 7, 9)
+    assert models.eos_token_ids(folder, json.loads((folder / "config.json").read_text())) == (2, 7, 9)
 
 
 def test_a_shard_count_that_cannot_split_the_heads_is_refused_at_start():
@@ -161,7 +162,7 @@ def test_flag_defaults_are_the_config_defaults():
     for field in fields.split():
         assert getattr(config, field) == getattr(defaults, field), field
     assert config.enable_prefix_caching and config.overlap_schedule
-    assert config.max_batch_prefill_tokens == DEFAULT_PREFILL_TOKENS["cpu"]
+    assert config.max_batch_prefill_tokens == DEFAULT_PREFILL_TOKENS
 
 
 @pytest.mark.parametrize("value", ["1", "true", "TRUE"])
@@ -215,3 +216,69 @@ def test_profile_dir_comes_from_the_command_line_or_its_env_var(monkeypatch, tmp
     assert resolve(*flags, "--profile-dir", "traces").profile_dir == str(tmp_path / "traces")  # absolute
     monkeypatch.setenv("PROFILE_DIR", "/srv/traces")
     assert resolve(*flags).profile_dir == "/srv/traces"
+
+
+# TGI's names and ours (README, "Launcher flags"), in --help's order.
+FLAGS = """--model-id --quantize --kv-cache-dtype --port --hostname --dtype --max-input-tokens
+--max-total-tokens --max-batch-prefill-tokens --max-batch-total-tokens --memory-fraction
+--max-concurrent-requests
+--max-stop-sequences --max-client-batch-size --max-best-of --max-top-n-tokens --enable-prefill-logprobs
+--watermark-gamma --watermark-delta --payload-limit --num-shard --master-addr --master-port --torch-threads
+--watchdog-timeout --recovery-timeout --api-key --body-timeout --shutdown-timeout --profile-dir
+--disable-prefix-caching --disable-overlap-schedule --disable-grammar-support
+--grammar-compile-timeout""".split()
+
+
+def test_each_flag_is_one_config_field_listed_by_help_with_its_env_var(capsys, monkeypatch):
+    assert [flag for flag, _ in cli.launch_flags()] == FLAGS
+    monkeypatch.setenv("COLUMNS", "100000")  # no wrapping (argparse breaks lines at hyphens)
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["launch", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, field in cli.launch_flags():
+        assert f"{flag} " in text and f"[env {cli.env_name(flag)}]" in text
+        assert " ".join(field.metadata["help"].split()) in text, flag
+
+
+def test_flags_keep_their_types_and_defaults(monkeypatch):
+    args = cli.build_parser().parse_args(["launch"])
+    assert (args.model_id, args.dtype, args.max_total_tokens) == (None, "auto", None)
+    assert args.memory_fraction is None
+    assert (args.port, args.watermark_gamma, args.enable_prefix_caching) == (8080, 0.5, True)
+    args = cli.build_parser().parse_args(["launch", "--port", "81", "--memory-fraction", "0.5"])
+    assert (args.port, args.memory_fraction) == (81, 0.5)
+    monkeypatch.setenv("MAX_TOTAL_TOKENS", "300")
+    monkeypatch.setenv("DTYPE", "bfloat16")
+    monkeypatch.setenv("ENABLE_PREFILL_LOGPROBS", "true")
+    args = cli.build_parser().parse_args(["launch"])
+    assert (args.max_total_tokens, args.dtype, args.enable_prefill_logprobs) == (300, "bfloat16", True)
+
+
+@pytest.fixture
+def fresh_extension(monkeypatch):
+    """tgi_zmq.native as if this process had not looked for the extension yet (restored after)."""
+    monkeypatch.setattr(native, "_ext", None)
+    monkeypatch.setattr(native, "_ext_tried", False)
+
+
+def test_launch_builds_a_missing_extension(monkeypatch, caplog, fresh_extension):
+    built_extension()  # skips without a compiler; then the build below takes seconds
+    caplog.set_level("INFO")
+    builds = []
+    build = native.build
+    monkeypatch.setattr(native, "library", lambda: native.BUILD_DIR / "missing.so")
+    monkeypatch.setattr(native, "build", lambda: builds.append(1) or build())
+    kernels = cli.prepare_kernels("cpu")
+    assert builds == [1] and kernels.startswith("native ")
+    assert "building the C++ extension" in caplog.text and f"kernels: {kernels}" in caplog.text
+    assert cli.prepare_kernels("cuda") == "torch cuda" and builds == [1]  # the extension is CPU-only
+
+
+def test_launch_without_a_compiler_goes_on_with_the_fallbacks(monkeypatch, tmp_path, caplog, fresh_extension):
+    broken = tmp_path / "module.cpp"
+    broken.write_text("#error no compiler here\n")
+    monkeypatch.setattr(native, "SOURCES", [broken])
+    monkeypatch.setattr(native, "BUILD_DIR", tmp_path / "build")
+    assert cli.prepare_kernels("cpu") == "torch fallback"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("failed" in w for w in warnings) and any("kernels: torch fallback" in w for w in warnings)

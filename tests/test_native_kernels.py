@@ -3,6 +3,8 @@ equal torch on every code path this CPU has: small shapes, seconds in all."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ import torch.nn.functional as F
 from tests.helpers import built_extension
 from tgi_zmq import native
 from tgi_zmq.attention import AttentionMetadata, paged_attention
+from tgi_zmq.layers import dense_linear
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +122,42 @@ def test_a_chunk_after_its_cached_prefix_equals_one_masked_attention(dtype):
     expected = _prefill(q, k, v, k_cache, v_cache, masked, 0.125)
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     torch.testing.assert_close(fast, expected, **tol)
+
+
+def test_two_builds_in_one_process_are_one_build(ext):
+    """cpp_extension.load appends torch's libraries to the flags it is given: our name must not see
+    them, or a second build() (tests, then a launch) rebuilds and deletes a service's build."""
+    name, so = native.extension_name(), native.library()
+    inode = so.stat().st_ino
+    assert native.build() is not None and native.build() is not None
+    assert native.extension_name() == name and native.library() == so
+    assert [d.name for d in native.BUILD_DIR.glob("tgi_zmq_native_*")] == [name]
+    assert so.stat().st_ino == inode  # neither rebuilt nor deleted
+
+
+@pytest.fixture
+def broken_build(monkeypatch, tmp_path):
+    """A corrupt .so where the extension is looked for (as a torch upgrade's ABI break or a cut copy)."""
+    monkeypatch.setattr(native, "BUILD_DIR", tmp_path)
+    monkeypatch.setattr(native, "_ext", None)
+    monkeypatch.setattr(native, "_ext_tried", False)
+    native.library().parent.mkdir()
+    native.library().write_bytes(b"\x7fELF, but cut short")
+
+
+def test_a_broken_build_is_caught_at_load(broken_build, caplog):
+    assert native.extension() is None
+    assert "does not load" in caplog.text and "torch fallbacks" in caplog.text
+    assert native.describe() == "torch fallback" and native.describe("cuda:0") == "torch cuda"
+    x, w = torch.randn(2, 64), torch.randn(8, 64)  # the callers take their torch paths
+    torch.testing.assert_close(dense_linear(x, w, None), F.linear(x, w))
+
+
+def test_a_worker_that_loads_less_than_the_launcher_says_so(broken_build, caplog):
+    caplog.set_level(logging.INFO)
+    log = logging.getLogger("worker-0")
+    assert native.log_kernels(log, "cpu", "native avx512") == "torch fallback"
+    assert [r.levelname for r in caplog.records if "kernels:" in r.getMessage()] == ["ERROR"]
+    caplog.clear()
+    native.log_kernels(log, "cpu", "torch fallback")
+    assert [r.levelname for r in caplog.records if "kernels:" in r.getMessage()] == ["INFO"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -12,8 +13,11 @@ import sys
 import tempfile
 import threading
 import time
+import typing
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from types import NoneType
 from typing import Any
 
 from tgi_zmq.config import DEFAULT_MEMORY_FRACTION, DEFAULT_PREFILL_TOKENS, RUNTIME_DIR_ENV, ServerConfig
@@ -25,205 +29,12 @@ log = logging.getLogger("launcher")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUPERVISORD_CONF = REPO_ROOT / "supervisord.conf"
 
-# (flag, type, default, help). Defaults are ServerConfig's own; None: derived at launch, as the help says.
-# Each flag is also read from its upper-case environment variable, as in TGI; a bool flag's variable turns
-# it on with "1" or "true".
-LAUNCH_FLAGS: list[tuple[str, type, Any, str]] = [
-    (
-        "--model-id",
-        str,
-        None,
-        "local folder with config.json, tokenizer files and *.safetensors, or a .gguf file served as it "
-        "is (its quantized blocks repacked, its tokenizer and chat template) "
-        "(default: the bundled SmolLM2-135M-Instruct, converted once from its GGUF)",
-    ),
-    (
-        "--quantize",
-        str,
-        None,
-        "bitsandbytes | eetq (8-bit weights) | bitsandbytes-nf4 | bitsandbytes-fp4 (4-bit) | gptq | awq "
-        "(a pre-quantized checkpoint; found from its config.json when left out) | fp8 (CUDA, compute "
-        "capability 8.9+). A value the device cannot run is refused. A .gguf keeps its own quantization",
-    ),
-    (
-        "--kv-cache-dtype",
-        str,
-        None,
-        "fp8_e5m2 | fp8_e4m3fn: KV cache entries in 8-bit floats (half of bfloat16's memory, a quarter "
-        "of float32's), cast back to the model's dtype when read (default: the model's dtype)",
-    ),
-    ("--port", int, ServerConfig.port, "HTTP port"),
-    ("--hostname", str, ServerConfig.hostname, "HTTP bind address"),
-    (
-        "--dtype",
-        str,
-        "auto",
-        "float32 | bfloat16 | float16 | auto. auto: on CUDA bfloat16 (float16 without "
-        "bf16 support); on CPU bfloat16 when the CPU has native bf16 matmul (AVX512-BF16 or AMX), else "
-        "float32. float16 on a CPU has no fast path and is refused.",
-    ),
-    ("--max-input-tokens", int, None, "longest prompt in tokens (default: max-total-tokens - 1)"),
-    (
-        "--max-total-tokens",
-        int,
-        None,
-        "prompt + new tokens per request (default: the model's context "
-        "length, capped by max-batch-total-tokens)",
-    ),
-    (
-        "--max-batch-prefill-tokens",
-        int,
-        None,
-        "prompt tokens per forward step: longer prompts are split into chunks. Beside running decodes a "
-        "chunk gets fewer, sized from the measured step times so that the streams' step costs at most "
-        f"~2.5 decode steps (default {DEFAULT_PREFILL_TOKENS['cpu']} on CPU, "
-        f"{DEFAULT_PREFILL_TOKENS['cuda']} on GPU)",
-    ),
-    (
-        "--max-batch-total-tokens",
-        int,
-        None,
-        "KV-cache size in tokens, all requests together (default: what --memory-fraction of the memory "
-        "left after the weights holds)",
-    ),
-    (
-        "--memory-fraction",
-        float,
-        None,
-        "share of the memory left free after the weights that the KV cache may take when "
-        f"--max-batch-total-tokens is not given (default: {DEFAULT_MEMORY_FRACTION['cuda']} of free GPU "
-        f"memory; {DEFAULT_MEMORY_FRACTION['cpu']} of available RAM on CPU, mapped lazily)",
-    ),
-    (
-        "--max-concurrent-requests",
-        int,
-        ServerConfig.max_concurrent_requests,
-        "requests in flight before answering 429",
-    ),
-    ("--max-stop-sequences", int, ServerConfig.max_stop_sequences, "stop sequences per request"),
-    (
-        "--max-client-batch-size",
-        int,
-        ServerConfig.max_client_batch_size,
-        "prompts per /v1/completions request",
-    ),
-    ("--max-best-of", int, ServerConfig.max_best_of, "the largest `best_of` (and OpenAI `n`) allowed"),
-    (
-        "--max-top-n-tokens",
-        int,
-        ServerConfig.max_top_n_tokens,
-        "the largest `top_n_tokens` (OpenAI `top_logprobs`, completions `logprobs`)",
-    ),
-    (
-        "--enable-prefill-logprobs",
-        bool,
-        ServerConfig.enable_prefill_logprobs,
-        "score the prompt's tokens when asked (`decoder_input_details`, completions `echo` with "
-        "`logprobs`): such requests skip the prefix cache; off, their `prefill` is empty as in TGI",
-    ),
-    (
-        "--watermark-gamma",
-        float,
-        ServerConfig.watermark_gamma,
-        "`watermark`: the share of the vocabulary in each green list",
-    ),
-    (
-        "--watermark-delta",
-        float,
-        ServerConfig.watermark_delta,
-        "`watermark`: the bias added to green-list logits",
-    ),
-    ("--payload-limit", int, ServerConfig.payload_limit, "request body limit in bytes (413 above)"),
-    (
-        "--num-shard",
-        int,
-        ServerConfig.num_shard,
-        "tensor-parallel worker processes: each holds 1/N of every weight (gloo on CPU, NCCL on CUDA)",
-    ),
-    (
-        "--master-addr",
-        str,
-        ServerConfig.master_addr,
-        "address of rank 0 for the ranks' process group (--num-shard > 1)",
-    ),
-    (
-        "--master-port",
-        int,
-        ServerConfig.master_port,
-        "port of rank 0 for the ranks' process group (--num-shard > 1)",
-    ),
-    (
-        "--torch-threads",
-        int,
-        ServerConfig.torch_threads,
-        "torch threads per worker process (default 0: the machine's cores divided by --num-shard)",
-    ),
-    (
-        "--watchdog-timeout",
-        float,
-        ServerConfig.watchdog_timeout,
-        "seconds a forward step may take (plus 5 ms per token in it) before the workers count as hung: "
-        "they are killed and restarted, and their requests recompute",
-    ),
-    (
-        "--recovery-timeout",
-        float,
-        ServerConfig.recovery_timeout,
-        "seconds in-flight requests wait for a faulty pipeline to become healthy again before they fail "
-        "with 503",
-    ),
-    (
-        "--api-key",
-        str,
-        ServerConfig.api_key,
-        "require the header 'Authorization: Bearer <key>' on every route but /health, /ping, GET / and "
-        "/metrics (401 otherwise)",
-    ),
-    (
-        "--body-timeout",
-        float,
-        ServerConfig.body_timeout,
-        "seconds a request body may take to arrive (408 after)",
-    ),
-    (
-        "--shutdown-timeout",
-        float,
-        ServerConfig.shutdown_timeout,
-        "on SIGTERM, seconds to wait for the requests in flight while /health and new requests get 503",
-    ),
-    (
-        "--profile-dir",
-        str,
-        ServerConfig.profile_dir,
-        "enable POST /start_profile and /stop_profile (404 without it): torch.profiler traces of the "
-        "workers' steps go to this folder (worker-<rank>-<time>.trace.json, for Perfetto or "
-        "chrome://tracing); see scripts/profile",
-    ),
-    (
-        "--disable-prefix-caching",
-        bool,
-        not ServerConfig.enable_prefix_caching,
-        "do not reuse the KV pages of shared prompt prefixes",
-    ),
-    (
-        "--disable-overlap-schedule",
-        bool,
-        not ServerConfig.overlap_schedule,
-        "build each step only after the previous one returned",
-    ),
-    (
-        "--disable-grammar-support",
-        bool,
-        ServerConfig.disable_grammar_support,
-        "refuse `grammar` and `response_format` (structured output) with a 422, as TGI's flag",
-    ),
-    (
-        "--grammar-compile-timeout",
-        float,
-        ServerConfig.grammar_compile_timeout,
-        "seconds a request's grammar may take to compile; one that takes longer is refused with a 422",
-    ),
-]
+
+def launch_flags() -> Iterator[tuple[str, dataclasses.Field]]:
+    """Each launcher flag with the ``ServerConfig`` field that declares it (``config.flag``)."""
+    for field in dataclasses.fields(ServerConfig):
+        if "help" in field.metadata:
+            yield field.metadata["flag"] or "--" + field.name.replace("_", "-"), field
 
 
 def env_name(flag: str) -> str:
@@ -231,23 +42,33 @@ def env_name(flag: str) -> str:
 
 
 def env_default(flag: str, kind: type, default: Any) -> Any:
-    """The flag's default, or the value of its environment variable when that is set."""
+    """The flag's default, or the value of its environment variable when that is set (a bool flag's
+    variable turns its field's default over with "1" or "true")."""
     env = os.environ.get(env_name(flag))
     if not env:
         return default
-    return env.lower() in ("1", "true") if kind is bool else kind(env)
+    return default != (env.lower() in ("1", "true")) if kind is bool else kind(env)
+
+
+def add_launch_flags(parser: argparse.ArgumentParser) -> None:
+    """One argument per flag field: the field's type, help and default (a derived field's flag: its
+    ``launch_default``), each read from its environment variable too."""
+    hints = typing.get_type_hints(ServerConfig)
+    for flag, field in launch_flags():
+        kind = next(t for t in typing.get_args(hints[field.name]) or [hints[field.name]] if t is not NoneType)
+        default = field.metadata["launch_default"] if field.metadata["derived"] else field.default
+        value, text = env_default(flag, kind, default), f"{field.metadata['help']} [env {env_name(flag)}]"
+        if kind is bool:
+            action = "store_false" if field.default else "store_true"
+            parser.add_argument(flag, dest=field.name, action=action, default=value, help=text)
+        else:
+            parser.add_argument(flag, dest=field.name, type=kind, default=value, help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tgi-zmq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    launch = sub.add_parser("launch", help="start the service (supervisord in the foreground)")
-    for flag, kind, default, text in LAUNCH_FLAGS:
-        value, text = env_default(flag, kind, default), f"{text} [env {env_name(flag)}]"
-        if kind is bool:
-            launch.add_argument(flag, action="store_true", default=value, help=text)
-        else:
-            launch.add_argument(flag, type=kind, default=value, help=text)
+    add_launch_flags(sub.add_parser("launch", help="start the service (supervisord in the foreground)"))
     convert = sub.add_parser("convert", help="turn a GGUF or .bin checkpoint into a safetensors folder")
     convert.add_argument("source", help="a .gguf, 'default' (bundled SmolLM2), a *.bin or its folder")
     convert.add_argument("--out", help="output folder (default: in the tgi-zmq cache)")
@@ -272,14 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
-    return run_supervisord(config)
+    return run_supervisord(dataclasses.replace(config, kernels=prepare_kernels(config.device)))
 
 
 # ---------------------------------------------------------------------------- configuration
 
 
 def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
-    """Fill the defaults that depend on the model and the machine, and check the limits."""
+    """The flags as given, then the fields derived from them, the model and the machine; checked."""
     from tgi_zmq.convert import DEFAULT_MODEL_NAME, ensure_default_model
     from tgi_zmq.models import architecture, launch_rules
     from tgi_zmq.parallel import Shard
@@ -289,19 +110,15 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
         raise ValueError(f"--model-id {model_dir}: no config.json there (a local model folder is needed)")
     hf_config = json.loads((model_dir / "config.json").read_text())
     config_cls, _ = architecture(hf_config)  # refuses an unsupported model before any process starts
-    if args.num_shard < 1:
-        raise ValueError("--num-shard must be at least 1")
-    if args.torch_threads < 0:
-        raise ValueError("--torch-threads must be >= 0 (0: the cores divided by --num-shard)")
-    if args.watchdog_timeout <= 0 or args.recovery_timeout <= 0:
-        raise ValueError("--watchdog-timeout and --recovery-timeout must be > 0")
-    if args.body_timeout <= 0 or args.shutdown_timeout < 0:
-        raise ValueError("--body-timeout must be > 0 and --shutdown-timeout >= 0")
-    if args.grammar_compile_timeout <= 0:
-        raise ValueError("--grammar-compile-timeout must be > 0")
-    if args.num_shard > 1:  # refuse a head split the workers could not make (they would fail at load)
+    given = {
+        field.name: getattr(args, field.name) for _, field in launch_flags() if not field.metadata["derived"]
+    }
+    name = str(args.model_id) if args.model_id else DEFAULT_MODEL_NAME
+    config = ServerConfig(str(model_dir), name, runtime_dir, **given)
+    check_flags(config)
+    if config.num_shard > 1:  # refuse a head split the workers could not make (they would fail at load)
         model = config_cls.from_hf(hf_config)
-        Shard(0, args.num_shard).heads(model.num_heads, model.num_kv_heads)
+        Shard(0, config.num_shard).heads(model.num_heads, model.num_kv_heads)
     device = pick_device()
     dtype = pick_dtype(args.dtype, device)
     quantize = pick_quantize(args.quantize, model_dir, device)
@@ -317,51 +134,58 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
             "which is not implemented: keep it at or below the window"
         )
     # An encoder-decoder request holds two page tables (decoder and encoder), each with a partly filled page.
-    pool = batch_total - (2 * ServerConfig.block_size if rules.decoder_start_token_id is not None else 0)
+    pool = batch_total - (2 * config.block_size if rules.decoder_start_token_id is not None else 0)
     total = args.max_total_tokens or min(context, pool, window or context)
     max_input = args.max_input_tokens or total - 1
     check_limits(max_input, total, batch_total, explicit_budget=bool(args.max_batch_total_tokens))
-    return ServerConfig(
-        model_id=str(model_dir),
-        served_model_name=DEFAULT_MODEL_NAME if not args.model_id else str(args.model_id),
-        runtime_dir=runtime_dir,
-        hostname=args.hostname,
-        port=args.port,
+    return dataclasses.replace(
+        config,
         dtype=dtype,
         device=device,
         quantize=quantize,
         kv_cache_dtype=args.kv_cache_dtype or None,
         max_input_tokens=max_input,
         max_total_tokens=total,
-        max_batch_prefill_tokens=args.max_batch_prefill_tokens
-        or min(DEFAULT_PREFILL_TOKENS[device], batch_total),
+        max_batch_prefill_tokens=args.max_batch_prefill_tokens or min(DEFAULT_PREFILL_TOKENS, batch_total),
         max_batch_total_tokens=batch_total,
-        max_concurrent_requests=args.max_concurrent_requests,
-        max_stop_sequences=args.max_stop_sequences,
-        max_client_batch_size=args.max_client_batch_size,
-        max_best_of=args.max_best_of,
-        max_top_n_tokens=args.max_top_n_tokens,
-        enable_prefill_logprobs=args.enable_prefill_logprobs,
-        watermark_gamma=args.watermark_gamma,
-        watermark_delta=args.watermark_delta,
-        payload_limit=args.payload_limit,
-        num_shard=args.num_shard,
-        master_addr=args.master_addr,
-        master_port=args.master_port,
-        torch_threads=args.torch_threads,
-        enable_prefix_caching=not args.disable_prefix_caching,
-        overlap_schedule=not args.disable_overlap_schedule,
-        disable_grammar_support=args.disable_grammar_support,
-        grammar_compile_timeout=args.grammar_compile_timeout,
         eos_token_ids=rules.eos_token_ids,
         decoder_start_token_id=rules.decoder_start_token_id,
-        watchdog_timeout=args.watchdog_timeout,
-        recovery_timeout=args.recovery_timeout,
         api_key=args.api_key or None,
-        body_timeout=args.body_timeout,
-        shutdown_timeout=args.shutdown_timeout,
         profile_dir=str(Path(args.profile_dir).expanduser().resolve()) if args.profile_dir else None,
     )
+
+
+def check_flags(config: ServerConfig) -> None:
+    """Refuse values the processes could not run with, before any starts."""
+    if config.num_shard < 1:
+        raise ValueError("--num-shard must be at least 1")
+    if config.torch_threads < 0:
+        raise ValueError("--torch-threads must be >= 0 (0: the cores divided by --num-shard)")
+    if config.watchdog_timeout <= 0 or config.recovery_timeout <= 0:
+        raise ValueError("--watchdog-timeout and --recovery-timeout must be > 0")
+    if config.body_timeout <= 0 or config.shutdown_timeout < 0:
+        raise ValueError("--body-timeout must be > 0 and --shutdown-timeout >= 0")
+    if config.grammar_compile_timeout <= 0:
+        raise ValueError("--grammar-compile-timeout must be > 0")
+
+
+def prepare_kernels(device: str) -> str:
+    """Which kernels the workers will run (``native.describe``), said in the launch log's first lines:
+    the C++ extension's, built here when missing (seconds; ``scripts/setup`` builds it too), or torch's
+    (no compiler, a broken build: about half the decode speed)."""
+    from tgi_zmq import native
+
+    if device == "cpu" and not native.library().exists():
+        log.info("building the C++ extension (csrc/ into %s): once, seconds", native.BUILD_DIR)
+        native.build()
+    kernels = native.describe(device)
+    if kernels == "torch fallback":
+        log.warning(
+            "kernels: torch fallback, without the C++ extension (see above): decode at half the speed or less"
+        )
+    else:
+        log.info("kernels: %s", kernels)
+    return kernels
 
 
 def kv_budget(model_dir: Path, hf_config: dict, dtype: str, device: str, args: argparse.Namespace) -> int:
@@ -460,13 +284,6 @@ def pick_dtype(requested: str, device: str) -> str:
 
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     return "bfloat16" if cpu_has_bf16() else "float32"
-
-
-def eos_token_ids(model_dir: Path, hf_config: dict) -> tuple[int, ...]:
-    """The checkpoint's EOS ids (the rule lives with the models: ``tgi_zmq.models.eos_token_ids``)."""
-    from tgi_zmq import models
-
-    return models.eos_token_ids(model_dir, hf_config)
 
 
 # ---------------------------------------------------------------------------- supervisord

@@ -1,6 +1,6 @@
 """The one configuration object every process reads, and where the sockets live.
 
-``tgi-zmq launch`` resolves the launcher flags into a ``ServerConfig``, writes it as
+``tgi-zmq launch`` resolves its flags (declared on the fields) into a ``ServerConfig``, writes it as
 JSON into a private runtime directory and points every process at it with the
 ``TGI_ZMQ_RUNTIME_DIR`` environment variable.
 """
@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 RUNTIME_DIR_ENV = "TGI_ZMQ_RUNTIME_DIR"
 
@@ -30,59 +31,165 @@ MAX_LOGIT_BIAS = 300  # ``logit_bias`` entries
 MAX_STOP_TOKEN_IDS = 64  # ``stop_token_ids``
 MAX_EOS_TOKEN_IDS = 16  # a model's end-of-sequence ids we ban before ``min_tokens``
 
-# Launcher defaults that depend on the device it finds ("cpu" or "cuda").
 # Prompt tokens per forward step (fewer beside running decodes: scheduler.StepCosts sizes those chunks).
-DEFAULT_PREFILL_TOKENS = {"cpu": 4096, "cuda": 4096}
+DEFAULT_PREFILL_TOKENS = 4096
 # Share of the free memory the KV cache takes: of available RAM (mapped lazily), of free GPU memory.
 DEFAULT_MEMORY_FRACTION = {"cpu": 0.3, "cuda": 0.9}
 
 
+def flag(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    derived: bool = False,
+    launch_default: Any = None,
+    name: str | None = None,
+) -> Any:
+    """A field that is also a ``tgi-zmq launch`` flag: ``name``, by default ``--`` and the field's name
+    with dashes; its environment variable is the flag in upper case (as in TGI). A bool flag turns its
+    field's default over. ``derived``: the launcher computes the field, from the flag when given (its
+    default is then ``launch_default``) and from the model and the machine."""
+    metadata = {"help": help, "derived": derived, "launch_default": launch_default, "flag": name}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
-    """Everything the processes share. The field defaults are also the launcher's flag defaults
-    (``cli.LAUNCH_FLAGS``); fields the launcher derives from the model and the machine say so."""
+    """Everything the processes share. The fields declared with ``flag`` are the launcher's flags
+    (``cli.build_parser``), in the order ``--help`` lists them; the launcher derives the others."""
 
-    model_id: str  # local folder with config.json, tokenizer files and *.safetensors
-    served_model_name: str
+    model_id: str = flag(
+        help="local folder with config.json, tokenizer files and *.safetensors, or a .gguf file served as "
+        "it is (its quantized blocks repacked, its tokenizer and chat template) "
+        "(default: the bundled SmolLM2-135M-Instruct, converted once from its GGUF)",
+        derived=True,  # the folder served (a .gguf gets one)
+    )
+    served_model_name: str  # --model-id as given, or the default model's name
     runtime_dir: str
-    hostname: str = "0.0.0.0"
-    port: int = 8080
-    dtype: str = "float32"  # resolved from --dtype: one of dtypes.SERVED
-    device: str = "cpu"
-    quantize: str | None = None  # a --quantize value, "gguf" for a GGUF file, None: dense weights
-    kv_cache_dtype: str | None = None  # fp8_e5m2 | fp8_e4m3fn; None: the model's dtype
+    # A --quantize value, "gguf" for a GGUF file, None: dense weights.
+    quantize: str | None = flag(
+        None,
+        "bitsandbytes | eetq (8-bit weights) | bitsandbytes-nf4 | bitsandbytes-fp4 (4-bit) | gptq | awq "
+        "(a pre-quantized checkpoint; found from its config.json when left out) | fp8 (CUDA, compute "
+        "capability 8.9+). A value the device cannot run is refused. A .gguf keeps its own quantization",
+        derived=True,
+    )
+    kv_cache_dtype: str | None = flag(  # None: the model's dtype
+        None,
+        "fp8_e5m2 | fp8_e4m3fn: KV cache entries in 8-bit floats (half of bfloat16's memory, a quarter "
+        "of float32's), cast back to the model's dtype when read (default: the model's dtype)",
+        derived=True,
+    )
+    port: int = flag(8080, "HTTP port")
+    hostname: str = flag("0.0.0.0", "HTTP bind address")
+    dtype: str = flag(  # one of dtypes.SERVED
+        "float32",
+        "float32 | bfloat16 | float16 | auto. auto: on CUDA bfloat16 (float16 without "
+        "bf16 support); on CPU bfloat16 when the CPU has native bf16 matmul (AVX512-BF16 or AMX), else "
+        "float32. float16 on a CPU has no fast path and is refused.",
+        derived=True,
+        launch_default="auto",
+    )
     # The launcher derives these four from the model, the device and the memory.
-    max_input_tokens: int = 4095
-    max_total_tokens: int = 4096
-    max_batch_prefill_tokens: int = 4096
-    max_batch_total_tokens: int = 65536
-    max_concurrent_requests: int = 128
-    max_stop_sequences: int = 4
-    max_client_batch_size: int = 4
-    max_best_of: int = 2
-    max_top_n_tokens: int = 5
-    enable_prefill_logprobs: bool = False  # allow ``decoder_input_details`` / ``echo`` with logprobs
-    watermark_gamma: float = 0.5
-    watermark_delta: float = 2.0
-    payload_limit: int = 2_000_000
-    num_shard: int = 1
-    master_addr: str = "localhost"
-    master_port: int = 29500
+    max_input_tokens: int = flag(
+        4095, "longest prompt in tokens (default: max-total-tokens - 1)", derived=True
+    )
+    max_total_tokens: int = flag(
+        4096,
+        "prompt + new tokens per request (default: the model's context "
+        "length, capped by max-batch-total-tokens)",
+        derived=True,
+    )
+    max_batch_prefill_tokens: int = flag(
+        DEFAULT_PREFILL_TOKENS,
+        "prompt tokens per forward step: longer prompts are split into chunks. Beside running decodes a "
+        "chunk gets fewer, sized from the measured step times so that the streams' step costs at most "
+        f"~2.5 decode steps (default {DEFAULT_PREFILL_TOKENS})",
+        derived=True,
+    )
+    max_batch_total_tokens: int = flag(
+        65536,
+        "KV-cache size in tokens, all requests together (default: what --memory-fraction of the memory "
+        "left after the weights holds)",
+        derived=True,
+    )
+    memory_fraction: float | None = flag(  # None: DEFAULT_MEMORY_FRACTION of the device
+        None,
+        "share of the memory left free after the weights that the KV cache may take when "
+        f"--max-batch-total-tokens is not given (default: {DEFAULT_MEMORY_FRACTION['cuda']} of free GPU "
+        f"memory; {DEFAULT_MEMORY_FRACTION['cpu']} of available RAM on CPU, mapped lazily)",
+    )
+    max_concurrent_requests: int = flag(128, "requests in flight before answering 429")
+    max_stop_sequences: int = flag(4, "stop sequences per request")
+    max_client_batch_size: int = flag(4, "prompts per /v1/completions request")
+    max_best_of: int = flag(2, "the largest `best_of` (and OpenAI `n`) allowed")
+    max_top_n_tokens: int = flag(
+        5, "the largest `top_n_tokens` (OpenAI `top_logprobs`, completions `logprobs`)"
+    )
+    enable_prefill_logprobs: bool = flag(
+        False,
+        "score the prompt's tokens when asked (`decoder_input_details`, completions `echo` with "
+        "`logprobs`): such requests skip the prefix cache; off, their `prefill` is empty as in TGI",
+    )
+    watermark_gamma: float = flag(0.5, "`watermark`: the share of the vocabulary in each green list")
+    watermark_delta: float = flag(2.0, "`watermark`: the bias added to green-list logits")
+    payload_limit: int = flag(2_000_000, "request body limit in bytes (413 above)")
+    num_shard: int = flag(
+        1, "tensor-parallel worker processes: each holds 1/N of every weight (gloo on CPU, NCCL on CUDA)"
+    )
+    master_addr: str = flag("localhost", "address of rank 0 for the ranks' process group (--num-shard > 1)")
+    master_port: int = flag(29500, "port of rank 0 for the ranks' process group (--num-shard > 1)")
+    torch_threads: int = flag(  # per worker; 0: by the rule of tgi_zmq.cpus
+        0, "torch threads per worker process (default 0: the machine's cores divided by --num-shard)"
+    )
+    watchdog_timeout: float = flag(  # a step's time bound before the workers count as hung
+        20.0,
+        "seconds a forward step may take (plus 5 ms per token in it) before the workers count as hung: "
+        "they are killed and restarted, and their requests recompute",
+    )
+    recovery_timeout: float = flag(
+        60.0,
+        "seconds in-flight requests wait for a faulty pipeline to become healthy again before they fail "
+        "with 503",
+    )
+    api_key: str | None = flag(  # when set, routes other than health and metrics need "Bearer <key>"
+        None,
+        "require the header 'Authorization: Bearer <key>' on every route but /health, /ping, GET / and "
+        "/metrics (401 otherwise)",
+        derived=True,
+    )
+    body_timeout: float = flag(10.0, "seconds a request body may take to arrive (408 after)")
+    shutdown_timeout: float = flag(
+        20.0, "on SIGTERM, seconds to wait for the requests in flight while /health and new requests get 503"
+    )
+    profile_dir: str | None = flag(  # where /start_profile + /stop_profile put traces; None: routes off
+        None,
+        "enable POST /start_profile and /stop_profile (404 without it): torch.profiler traces of the "
+        "workers' steps go to this folder (worker-<rank>-<time>.trace.json, for Perfetto or "
+        "chrome://tracing); see scripts/profile",
+        derived=True,  # made absolute
+    )
+    enable_prefix_caching: bool = flag(
+        True, "do not reuse the KV pages of shared prompt prefixes", name="--disable-prefix-caching"
+    )
+    overlap_schedule: bool = flag(
+        True, "build each step only after the previous one returned", name="--disable-overlap-schedule"
+    )
+    disable_grammar_support: bool = flag(
+        False, "refuse `grammar` and `response_format` (structured output) with a 422, as TGI's flag"
+    )
+    grammar_compile_timeout: float = flag(
+        10.0, "seconds a request's grammar may take to compile; one that takes longer is refused with a 422"
+    )
+    # Derived by the launcher from the model and the machine.
+    device: str = "cpu"
     block_size: int = 16
-    enable_prefix_caching: bool = True
-    overlap_schedule: bool = True
-    disable_grammar_support: bool = False
-    grammar_compile_timeout: float = 10.0  # seconds a grammar may take to compile (422 after)
     eos_token_ids: tuple[int, ...] = ()
     # Set for encoder-decoder models (T5): prompts go to the encoder.
     decoder_start_token_id: int | None = None
-    torch_threads: int = 0  # per worker; 0: by the rule of tgi_zmq.cpus
-    watchdog_timeout: float = 20.0  # a step's time bound before the workers count as hung (+5 ms/token)
-    recovery_timeout: float = 60.0  # how long requests wait for a faulty pipeline to heal
-    api_key: str | None = None  # when set, routes other than health and metrics need "Bearer <key>"
-    body_timeout: float = 10.0  # seconds to receive a request body (408 after)
-    shutdown_timeout: float = 20.0  # seconds a SIGTERM'd frontend waits for requests in flight
-    profile_dir: str | None = None  # where /start_profile + /stop_profile put traces; None: routes off
+    # The CPU kernels the launcher loaded (tgi_zmq.native.describe: "native avx512", "torch fallback"),
+    # for /info; each worker logs its own. None: not looked at (a config made without the launcher).
+    kernels: str | None = None
 
     @property
     def num_blocks(self) -> int:

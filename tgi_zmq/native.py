@@ -1,9 +1,10 @@
 """tgi-zmq's C++ extension (``csrc/``): quantized-weight matmuls and paged decode attention on CPU.
 
-Compiled by ``scripts/setup`` (``build()``) into ``build/native/`` under a name keyed by the sources,
-flags and torch version (its ABI), so a change is a new build and never a stale .so; at run time it is
-only loaded (``extension()``), never compiled. Missing or broken: a warning, and the callers use their
-torch fallbacks (``tgi_zmq.quant.kernels``' reference kernel, ``tgi_zmq.attention``'s gathered pages).
+Compiled by ``scripts/setup`` or, when missing, by ``tgi-zmq launch`` (``build()``) into ``build/native/``
+under a name keyed by the sources, our flags and torch version (its ABI), so a change is a new build and
+never a stale .so; the processes only load it (``extension()``), never compile. Missing or broken: a
+warning, and the callers use their torch fallbacks (``tgi_zmq.quant.kernels``' reference kernel,
+``tgi_zmq.attention``'s gathered pages); ``describe()`` says which kernels serve (logs and /info).
 
 ``TGI_ZMQ_ISA=avx2|scalar`` caps its code path (to measure AVX2 on an AVX-512 machine).
 """
@@ -15,6 +16,7 @@ import importlib.util
 import logging
 import os
 import shutil
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -29,7 +31,10 @@ BUILD_DIR = REPO / "build" / "native"
 ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}  # the extension's codes for TGI_ZMQ_ISA
 # No -march: the AVX2/AVX-512 functions carry their own target attributes. -fopenmp: without it
 # at::parallel_for runs serially in an extension (libgomp.so.1 is then torch's own, already loaded).
-CFLAGS, LDFLAGS = ["-O3", "-fopenmp"], ["-fopenmp"]
+# Tuples: cpp_extension.load appends torch's libraries to the list it is given, and the name hashes
+# these, so torch gets copies (a mutated list made a second build() in a process a new name, which
+# rebuilt and deleted the build a running service loads).
+CFLAGS, LDFLAGS = ("-O3", "-fopenmp"), ("-fopenmp",)
 
 _ext: ModuleType | None = None
 _ext_tried = False
@@ -54,8 +59,8 @@ def build(verbose: bool = False) -> ModuleType | None:
         _ext = cpp_extension.load(
             name,
             [str(p) for p in SOURCES],
-            CFLAGS,
-            extra_ldflags=LDFLAGS,
+            list(CFLAGS),
+            extra_ldflags=list(LDFLAGS),
             build_directory=str(directory),
             verbose=verbose,
         )
@@ -70,21 +75,64 @@ def build(verbose: bool = False) -> ModuleType | None:
     return _ext
 
 
+def library() -> Path:
+    """Where the .so of these sources, flags and torch version is (or would be) built."""
+    name = extension_name()
+    return BUILD_DIR / name / f"{name}.so"
+
+
 def extension() -> ModuleType | None:
-    """The built extension, loaded without compiling (None, with one warning, when not built)."""
+    """The built extension, loaded without compiling (None, with one warning, when not built or when it
+    does not load: a corrupt or ABI-broken .so must cost speed, not the first decode step)."""
     global _ext, _ext_tried
     if not _ext_tried:
         _ext_tried = True
-        name = extension_name()
-        path = BUILD_DIR / name / f"{name}.so"
+        path = library()
         if path.exists():
-            spec = importlib.util.spec_from_file_location(name, path)
-            assert spec is not None and spec.loader is not None
-            _ext = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(_ext)
+            _ext = _load(path)
         else:
             log.warning("native: %s not built (run scripts/setup): the torch fallbacks are used", path)
     return _ext
+
+
+def _load(path: Path) -> ModuleType | None:
+    try:
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.isa_name(ISA)  # its bindings answer
+    except Exception as e:  # noqa: BLE001 - whatever a broken build raises leaves the fallbacks
+        log.warning(
+            "native: %s does not load (%s): the torch fallbacks are used (delete %s to rebuild it)",
+            path,
+            e,
+            path.parent,
+        )
+        return None
+    return module
+
+
+def describe(device: str = "cpu") -> str:
+    """Which kernels serve on ``device``, for logs and /info: ``native avx512|avx2|scalar`` (the extension
+    and its code path, TGI_ZMQ_ISA applied) or ``torch fallback``; off the CPU ``torch cuda`` (the
+    extension is CPU-only). Loads the extension."""
+    kind = device.split(":")[0]
+    if kind != "cpu":
+        return f"torch {kind}"
+    ext = extension()
+    return "torch fallback" if ext is None else f"native {ext.isa_name(ISA)}"
+
+
+def log_kernels(logger: logging.Logger, device: str, launcher_found: str | None) -> str:
+    """A process that runs the kernels says which it loaded; an error when the launcher found faster
+    ones (this process's load failed: it runs slower than /info says)."""
+    kernels = describe(device)
+    if launcher_found is not None and kernels != launcher_found:
+        logger.error("kernels: %s, not the launcher's %s (see the warning above)", kernels, launcher_found)
+    else:
+        logger.info("kernels: %s", kernels)
+    return kernels
 
 
 def env_isa() -> int:

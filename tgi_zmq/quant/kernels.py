@@ -15,9 +15,9 @@ runs (docs/quantization.md, ``## Kernels``), not measured at each start. Environ
 ``TGI_ZMQ_QKERNEL=fused|dequant|reference`` forces one kernel for every M; ``TGI_ZMQ_ISA=avx2|scalar``
 caps the extension's code path (to measure AVX2 on an AVX-512 machine). Both are read by ``prepare``.
 
-The extension is ``tgi_zmq.native`` (compiled by ``scripts/setup``; if it is missing, a warning and the
-reference kernel). Memory: the prepared weight is the quantized one (same tensors), plus
-one dequant buffer per thread and dtype of at most SCRATCH_ELEMENTS.
+The extension is ``tgi_zmq.native`` (compiled by ``scripts/setup`` or ``tgi-zmq launch``; missing or
+broken, a warning and the reference kernel). Memory: the prepared weight is the quantized one (same
+tensors), plus one dequant buffer per thread and dtype of at most SCRATCH_ELEMENTS.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def backend() -> str:
     M<=8, dequant above; ...'."""
     ext = extension()
     if ext is None:
-        return "reference (dequantize + F.linear): the qkernels extension is not built"
+        return "reference (dequantize + F.linear): the qkernels extension is not built or does not load"
     head = f"qkernels {ext.isa_name(env_isa())}, torch {CAPABILITY}"
     if forced := os.environ.get("TGI_ZMQ_QKERNEL"):
         return f"{head}: {forced} (TGI_ZMQ_QKERNEL)"
