@@ -55,7 +55,8 @@ def add_launch_flags(parser: argparse.ArgumentParser) -> None:
     ``launch_default``), each read from its environment variable too."""
     hints = typing.get_type_hints(ServerConfig)
     for flag, field in launch_flags():
-        kind = next(t for t in typing.get_args(hints[field.name]) or [hints[field.name]] if t is not NoneType)
+        hint = hints[field.name]
+        kind = next(t for t in typing.get_args(hint) or [hint] if t is not NoneType)  # str | None: str
         default = field.metadata["launch_default"] if field.metadata["derived"] else field.default
         value, text = env_default(flag, kind, default), f"{field.metadata['help']} [env {env_name(flag)}]"
         if kind is bool:
