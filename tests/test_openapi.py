@@ -13,10 +13,10 @@ from openapi_spec_validator import validate
 from tgi_zmq.config import ServerConfig
 from tgi_zmq.errors import ValidationError
 from tgi_zmq.frontend import create_app
-from tgi_zmq.frontend.schemas import (
+from tgi_zmq.frontend.request_models import (
     ChatRequest,
     CompletionRequest,
-    GenerateRequest,
+    GenerateBody,
     InvocationsRequest,
     ResponsesRequest,
     check_body,
@@ -101,9 +101,9 @@ async def test_a_body_of_the_wrong_type_is_a_422_before_the_handler(
 @pytest.mark.parametrize(
     ("model", "body"),
     [
-        (GenerateRequest, {"inputs": "x", "parameters": None, "unknown": {"any": 1}}),
+        (GenerateBody, {"inputs": "x", "parameters": None, "unknown": {"any": 1}}),
         (
-            GenerateRequest,
+            GenerateBody,
             {"inputs": "x", "parameters": {"temperature": 1, "seed": 2**64 - 1, "grammar": None}},
         ),
         (
@@ -162,7 +162,7 @@ def test_bodies_the_handlers_take_pass_the_check(model: type, body: dict) -> Non
 )
 def test_json_types_are_strict(body: dict, error: str) -> None:
     with pytest.raises(ValidationError) as caught:
-        check_body(GenerateRequest, body)
+        check_body(GenerateBody, body)
     assert str(caught.value).startswith(error)
 
 

@@ -1,22 +1,55 @@
-"""HTTP plumbing: what a handler reads off its request, JSON bodies in and out, TGI error bodies,
-Server-Sent Events."""
+"""HTTP plumbing: the process's shared state (``Frontend``), what a handler reads off its request, JSON
+bodies in and out, TGI error bodies, Server-Sent Events."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import json
-from typing import TYPE_CHECKING, Any
+from importlib import metadata
+from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel
 
+from tgi_zmq.config import ServerConfig
 from tgi_zmq.errors import RequestError, ValidationError
 
-from .schemas import check_body
+from .health import Health, expected_processes
+from .jobs import Admission
+from .pipeline import Pipeline
+from .request_models import check_body
 
-if TYPE_CHECKING:  # app.py imports the routes, which import this module
-    from .app import Frontend
+try:
+    VERSION = metadata.version("tgi-zmq")
+except metadata.PackageNotFoundError:  # running from a source tree
+    VERSION = "0.1.0"
+
+
+@dataclasses.dataclass
+class Frontend:
+    """The process's shared state, which every handler reaches with ``frontend(request)``."""
+
+    config: ServerConfig
+    health: Health
+    pipeline: Pipeline
+    admission: Admission
+    draining: bool = False  # set on SIGTERM: /health and new work get 503 until the process exits
+
+    @classmethod
+    def create(cls, config: ServerConfig) -> Frontend:
+        health = Health(expected_processes(config))
+        return cls(config, health, Pipeline(config, health), Admission(config.max_concurrent_requests))
+
+    @property
+    def compute_type(self) -> str:
+        return "cpu" if self.config.device == "cpu" else "gpu+optimized"
+
+    @property
+    def system_fingerprint(self) -> str:
+        """OpenAI's ``system_fingerprint``: this server's version and backend."""
+        return f"{VERSION}-native"
+
 
 FRONTEND: web.AppKey[Frontend] = web.AppKey("frontend")
 BODY_MODELS: web.AppKey[dict[str, type[BaseModel]]] = web.AppKey("body_models")  # path -> request model
@@ -31,7 +64,7 @@ SSE_HEADERS = {
 
 
 def frontend(request: web.Request) -> Frontend:
-    """The process's shared state (``app.Frontend``)."""
+    """The process's shared state."""
     return request.app[FRONTEND]
 
 

@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import itertools
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
@@ -26,12 +26,9 @@ from tgi_zmq.validation import (
     flag,
 )
 
-from .http import frontend, json_response, read_json, rid_of
+from .http import Frontend, frontend, json_response, read_json, rid_of
 from .jobs import Job, JobGroup
 from .streaming import respond
-
-if TYPE_CHECKING:
-    from .app import Frontend
 
 CHAT_CHUNK = "chat.completion.chunk"
 COMPLETION = "text_completion"

@@ -1,5 +1,5 @@
 """The OpenAPI 3.1 document (``GET /api-doc/openapi.json``) and its Swagger UI page (``GET /docs``),
-built from the app's route table and the models of ``schemas``."""
+built from the app's route table and the models of ``request_models`` and ``response_models``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from . import schemas
+from . import response_models
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -22,10 +22,10 @@ DOCS_PATH = "/docs"
 _REF = "#/components/schemas/{model}"
 # Referenced by the error responses, or only named in the SSE descriptions.
 _EXTRA_MODELS = (
-    schemas.ErrorResponse,
-    schemas.StreamResponse,
-    schemas.ChatCompletionChunk,
-    schemas.ResponseStreamEvent,
+    response_models.ErrorResponse,
+    response_models.StreamResponse,
+    response_models.ChatCompletionChunk,
+    response_models.ResponseStreamEvent,
 )
 
 ERRORS = {
@@ -128,7 +128,7 @@ def _responses(route: Route, refs: dict[tuple[type[BaseModel], str], Any]) -> di
     ok: dict[str, Any] = {"description": "OK"}
     if content:
         ok["content"] = content
-    error = {"application/json": {"schema": refs[(schemas.ErrorResponse, "serialization")]}}
+    error = {"application/json": {"schema": refs[(response_models.ErrorResponse, "serialization")]}}
     return {"200": ok} | {str(s): {"description": ERRORS[s], "content": error} for s in route.errors}
 
 
