@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import tempfile
-from collections.abc import AsyncIterator
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from openapi_spec_validator import validate
 
-from tgi_zmq.config import ServerConfig
 from tgi_zmq.errors import ValidationError
-from tgi_zmq.frontend import create_app
 from tgi_zmq.frontend.request_models import (
     ChatRequest,
     CompletionRequest,
@@ -27,11 +23,8 @@ PROFILING = {"/start_profile", "/stop_profile"}
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[TestClient]:
-    with tempfile.TemporaryDirectory(prefix="tgizmq-o") as runtime_dir:  # short: ipc paths are limited
-        config = ServerConfig(model_id="none", served_model_name="m", runtime_dir=runtime_dir, api_key="k")
-        async with TestClient(TestServer(create_app(config))) as client:
-            yield client
+async def client(frontend_client) -> TestClient:
+    return await frontend_client(api_key="k")
 
 
 async def test_the_document_is_valid_openapi_and_open(client: TestClient) -> None:

@@ -27,6 +27,7 @@ from .auth import require_api_key
 from .http import (
     BODY_MODELS,
     FRONTEND,
+    RID,
     VERSION,
     Frontend,
     client_id_of,
@@ -51,15 +52,29 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Give each request its rid; turn refusals into TGI's JSON error body."""
-    request["rid"] = uuid.uuid4().hex
+    request[RID] = uuid.uuid4().hex
     try:
         return await handler(request)
     except RequestError as exc:
-        log_failure(tag(request["rid"], client_id_of(request)), exc)
+        log_failure(tag(request[RID], client_id_of(request)), exc)
         response = error_response(exc)
         if exc.status == 408:  # as RFC 9110 asks: the rest of the body may never come
             response.force_close()
         return response
+    except web.HTTPException as exc:  # aiohttp's own: no such route (404), a wrong method (405)
+        if exc.status < 400:
+            raise
+        return _routing_error(exc)
+
+
+def _routing_error(exc: web.HTTPException) -> web.Response:
+    """aiohttp's error in TGI's shape: ``{"error": "Not Found", "error_type": "not_found"}``, its
+    headers kept (405's ``Allow``)."""
+    error_type = exc.reason.lower().replace(" ", "_")
+    response = error_response(RequestError(exc.reason, error_type=error_type, status=exc.status))
+    if "Allow" in exc.headers:
+        response.headers["Allow"] = exc.headers["Allow"]
+    return response
 
 
 async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:

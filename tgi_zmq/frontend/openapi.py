@@ -29,17 +29,18 @@ _EXTRA_MODELS = (
 )
 
 ERRORS = {
-    400: "The body is not JSON",
+    400: "The body is not JSON (or is nested deeper than 128 levels)",
     401: "Missing or wrong API key (only with --api-key)",
     404: "Profiling is off (the service runs without --profile-dir)",
     408: "The body did not arrive within --body-timeout",
     413: "The body is over --payload-limit",
+    415: "The body is not sent as `Content-Type: application/json`",
     422: "Input validation error (or template_error, tool_error...)",
     424: "Request failed during generation",
     429: "Model is overloaded",
     503: "The server is shutting down, or the pipeline is unhealthy",
 }
-WORK_ERRORS = (400, 401, 408, 413, 422, 424, 429, 503)  # a route that sends work down the pipeline
+WORK_ERRORS = (400, 401, 408, 413, 415, 422, 424, 429, 503)  # a route that sends work down the pipeline
 
 
 @dataclasses.dataclass(frozen=True)

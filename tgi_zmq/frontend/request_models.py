@@ -37,7 +37,8 @@ class Grammar(_Body):
 
     type: Literal["json", "json_object", "regex", "json_schema"]
     value: Any = Field(
-        description="A JSON schema (object or JSON text) for `json`, a regex string for `regex`"
+        description="A JSON schema (object or JSON text) for `json` and `json_object`, "
+        "`{name?, schema}` for `json_schema`, a regex string for `regex`"
     )
 
 
@@ -49,11 +50,11 @@ class JsonSchemaFormat(_Body):
 
 
 class ResponseFormat(_Body):
-    """OpenAI's ``response_format`` (text, json_object, json_schema) or TGI's grammar form (json, regex)."""
+    """OpenAI's ``response_format`` (text, json_object, json_schema) or TGI's: a ``Grammar``."""
 
     type: Literal["text", "json_object", "json_schema", "json", "regex"]
-    json_schema: JsonSchemaFormat | None = None
-    value: Any = Field(None, description="TGI's form: the grammar's value")
+    json_schema: JsonSchemaFormat | None = Field(None, description="OpenAI's form of `json_schema`")
+    value: Any = Field(None, description="TGI's form: the grammar's value (as `Grammar.value`)")
 
 
 class StreamOptions(_Body):
