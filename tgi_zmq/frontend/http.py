@@ -102,9 +102,9 @@ def _reject_constant(name: str) -> Any:
 
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object: 415 unless sent as JSON, 413 over the payload limit, 408 if it
-    takes longer than ``--body-timeout`` to arrive, 400 if not JSON, 422 if not an object, if a
-    string in it is no text (``_check_values``) or if not of the route's request model
-    (``BODY_MODELS``). Read once: later calls return the same dict."""
+    takes longer than ``--body-timeout`` to arrive, 400 if not JSON (or nested too deep), 422 if not
+    an object, if a string in it is no text (``_check_values``) or if not of the route's request
+    model (``BODY_MODELS``). Read once: later calls return the same dict."""
     if _BODY not in request:
         _check_content_type(request)
         body = await _read_object(request)
@@ -188,7 +188,7 @@ def _is_text(value: str) -> bool:
 
 def _dotted(path: tuple[str | int, ...]) -> str:
     """A place in the body as ``a.b[0].c``."""
-    return "".join(f"[{step}]" if isinstance(step, int) else f".{step}" for step in path).lstrip(".")
+    return "".join(f"[{step}]" if isinstance(step, int) else f".{step}" for step in path).removeprefix(".")
 
 
 def _unparsable(reason: str) -> RequestError:
