@@ -1,4 +1,5 @@
-"""The real service for end-to-end tests: `tgi-zmq launch` (supervisord and every process)."""
+"""The real service for end-to-end tests (`tgi-zmq launch`: supervisord and every process), and the
+frontend's app alone for the unit tests of its routes."""
 
 from __future__ import annotations
 
@@ -7,14 +8,21 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import requests
 
+from tgi_zmq.config import ServerConfig
 from tgi_zmq.convert import ensure_default_model
+
+if TYPE_CHECKING:
+    from aiohttp.test_utils import TestClient
 
 
 @dataclass
@@ -156,3 +164,39 @@ def hub_online(monkeypatch):
     yield
     monkeypatch.undo()
     _http.reset_sessions()
+
+
+# ---------------------------------------------------------------------------- the frontend alone
+
+
+@pytest.fixture
+def runtime_dir() -> Iterator[str]:
+    """A runtime folder of a frontend without the pipeline's processes (its sockets' ipc paths)."""
+    with tempfile.TemporaryDirectory(prefix="tgizmq-") as path:  # short: ipc paths are limited
+        yield path
+
+
+def frontend_config(runtime_dir: str, **fields: Any) -> ServerConfig:
+    return ServerConfig(model_id="none", served_model_name="m", runtime_dir=runtime_dir, **fields)
+
+
+@pytest.fixture
+async def frontend_client(runtime_dir: str) -> AsyncIterator[Callable[..., Awaitable[TestClient]]]:
+    """``await frontend_client(**config)``: an HTTP client of the frontend's app (config fields over
+    ``frontend_config``) listening on a local port, with its pipeline's sockets in ``runtime_dir`` and
+    no process behind them. Closed after the test."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from tgi_zmq.frontend import create_app
+
+    clients: list[TestClient] = []
+
+    async def start(**fields: Any) -> TestClient:
+        client = TestClient(TestServer(create_app(frontend_config(runtime_dir, **fields))))
+        clients.append(client)
+        await client.start_server()
+        return client
+
+    yield start
+    for client in clients:
+        await client.close()

@@ -38,6 +38,7 @@ def test_openai_chat_stream_and_not(service):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert len({(c.id, c.created) for c in chunks}) == 1  # one per stream, as OpenAI's
 
 
 def test_openai_completions_ignore_eos(service):

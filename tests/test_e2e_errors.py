@@ -136,6 +136,23 @@ def test_completions_suffix_and_batch_limits(service):
     assert ok.status_code == 200 and len(ok.json()["choices"]) == 2
 
 
+def test_bad_input_at_the_http_edge_gets_tgis_error_shape(service):
+    lone = '"\\ud800 lone surrogate"'  # valid JSON, but no text
+    json_type = {"Content-Type": "application/json"}
+    for path, body in (("/generate", f'{{"inputs": {lone}}}'), ("/tokenize", f'{{"inputs": {lone}}}')):
+        response = requests.post(service.url + path, data=body, headers=json_type, timeout=10)
+        assert_error(response, 422, "validation", "`inputs` is not valid Unicode text")
+    chat = f'{{"messages": [{{"role": "user", "content": "hi"}}], "stop": [{lone}]}}'
+    response = requests.post(service.url + "/v1/chat/completions", data=chat, headers=json_type, timeout=10)
+    assert_error(response, 422, "validation", "`stop[0]` is not valid Unicode text")
+    untyped = requests.post(service.url + "/generate", data='{"inputs": "hi"}', timeout=10)
+    assert_error(untyped, 415, "unsupported_media_type", "Content-Type: application/json")
+    assert_error(requests.get(service.url + "/v2/models", timeout=10), 404, "not_found")
+    wrong_method = requests.get(service.url + "/generate", timeout=10)
+    assert_error(wrong_method, 405, "method_not_allowed")
+    assert wrong_method.headers["Allow"] == "POST"
+
+
 def test_no_bad_input_took_a_process_down(service):
     """Runs last in this module: after every bad input above, no process exited or restarted."""
     assert "exited:" not in service.log()

@@ -83,6 +83,19 @@ def test_openai_response_format_json_schema_and_json_object(service):
         assert isinstance(json.loads(text), dict)
 
 
+def test_tgis_json_schema_form_in_grammar_and_response_format(service):
+    """TGI's ``{"type": "json_schema", "value": {"name", "schema"}}`` (serde's tag + content)."""
+    tgi_form = {"type": "json_schema", "value": {"name": "city", "schema": SCHEMA}}
+    answer = generate(service, "The biggest city of France:", grammar=tgi_form)
+    assert answer.status_code == 200, answer.text
+    assert conforms(answer.json()["generated_text"])
+    messages = [{"role": "user", "content": "Name a big city and its population as JSON."}]
+    body = {"messages": messages, "response_format": tgi_form, "max_tokens": 60}
+    reply = requests.post(service.url + "/v1/chat/completions", json=body, timeout=120)
+    assert reply.status_code == 200, reply.text
+    assert conforms(reply.json()["choices"][0]["message"]["content"])
+
+
 def test_unconstrained_requests_beside_a_grammar_keep_their_tokens(service):
     plain = generate(service, "Once upon a time", max_new_tokens=20).json()["generated_text"]
     from concurrent.futures import ThreadPoolExecutor

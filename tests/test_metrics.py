@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import re
-import tempfile
-from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import zmq
 import zmq.asyncio
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import frontend_config
 from tgi_zmq import messages
-from tgi_zmq.config import ServerConfig
 from tgi_zmq.errors import RequestError
-from tgi_zmq.frontend import create_app
-from tgi_zmq.frontend.app import FRONTEND
 from tgi_zmq.frontend.health import Health
+from tgi_zmq.frontend.http import FRONTEND
 from tgi_zmq.frontend.jobs import submit
 from tgi_zmq.frontend.metrics import DURATION_BUCKETS, Metrics, length_buckets
 from tgi_zmq.frontend.pipeline import Pipeline
@@ -198,16 +195,6 @@ def test_a_finished_generation_fills_the_histograms(metrics: Metrics) -> None:
 # ---------------------------------------------------------------------------- jobs.submit
 
 
-@pytest.fixture
-def runtime_dir() -> Iterator[str]:
-    with tempfile.TemporaryDirectory(prefix="tgizmq-m") as path:  # short: ipc paths are limited
-        yield path
-
-
-def config(runtime_dir: str, **kw) -> ServerConfig:
-    return ServerConfig(model_id="none", served_model_name="m", runtime_dir=runtime_dir, **kw)
-
-
 def request(rid: str) -> GenerateRequest:
     return GenerateRequest(rid, "hi", None, SamplingParams(), 3, 0.0)
 
@@ -217,7 +204,7 @@ def delta(rid: str, n: int, finish: str | None) -> RequestDelta:
 
 
 async def test_submit_counts_success_and_observes_the_generation(runtime_dir: str) -> None:
-    pipeline = Pipeline(config(runtime_dir), Health(()))
+    pipeline = Pipeline(frontend_config(runtime_dir), Health(()))
     with submit(pipeline, [request("a")], route="/generate", client_id=None) as group:
         for n, finish in ((1, None), (2, None), (3, "length")):
             pipeline._dispatch(BatchTextOutput([delta("a", n, finish)]))
@@ -231,7 +218,7 @@ async def test_submit_counts_success_and_observes_the_generation(runtime_dir: st
 
 
 async def test_the_last_delta_s_stage_times_fill_the_stage_histogram(runtime_dir: str) -> None:
-    pipeline = Pipeline(config(runtime_dir), Health(()))
+    pipeline = Pipeline(frontend_config(runtime_dir), Health(()))
     assert samples(text(pipeline.metrics))['tgi_request_stage_duration_count{stage="detokenize"}'] == 0
     last = delta("a", 1, "length")
     last.stages = StageTimes(tokenize=0.001, queue=0.02, prefill=0.3, decode=4.0, detokenize=0.005)
@@ -246,7 +233,7 @@ async def test_the_last_delta_s_stage_times_fill_the_stage_histogram(runtime_dir
 
 
 async def test_submit_counts_an_in_stream_error_and_a_client_gone(runtime_dir: str) -> None:
-    pipeline = Pipeline(config(runtime_dir), Health(()))
+    pipeline = Pipeline(frontend_config(runtime_dir), Health(()))
     with submit(pipeline, [request("a")], route="/generate_stream", client_id=None) as group:
         pipeline._dispatch(ErrorOutput("a", "boom", "generation", 424))
         with pytest.raises(RequestError):  # stream_group turns it into an error event
@@ -260,7 +247,7 @@ async def test_submit_counts_an_in_stream_error_and_a_client_gone(runtime_dir: s
 
 
 async def test_submit_leaves_escaping_errors_to_the_handler_wrapper(runtime_dir: str) -> None:
-    pipeline = Pipeline(config(runtime_dir), Health(()))
+    pipeline = Pipeline(frontend_config(runtime_dir), Health(()))
     with (
         pytest.raises(RequestError),
         submit(pipeline, [request("a")], route="/generate", client_id=None) as g,
@@ -274,10 +261,8 @@ async def test_submit_leaves_escaping_errors_to_the_handler_wrapper(runtime_dir:
 
 
 @pytest.fixture
-async def client(runtime_dir: str) -> AsyncIterator[TestClient]:
-    app = create_app(config(runtime_dir, max_concurrent_requests=1))
-    async with TestClient(TestServer(app)) as client:
-        yield client
+async def client(frontend_client) -> TestClient:
+    return await frontend_client(max_concurrent_requests=1)
 
 
 async def test_metrics_route_and_request_counting(client: TestClient, runtime_dir: str) -> None:

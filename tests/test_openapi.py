@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import json
-import tempfile
-from collections.abc import AsyncIterator
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from openapi_spec_validator import validate
 
-from tgi_zmq.config import ServerConfig
 from tgi_zmq.errors import ValidationError
-from tgi_zmq.frontend import create_app
-from tgi_zmq.frontend.schemas import (
+from tgi_zmq.frontend.request_models import (
     ChatRequest,
     CompletionRequest,
-    GenerateRequest,
+    GenerateBody,
     InvocationsRequest,
     ResponsesRequest,
     check_body,
@@ -27,11 +23,8 @@ PROFILING = {"/start_profile", "/stop_profile"}
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[TestClient]:
-    with tempfile.TemporaryDirectory(prefix="tgizmq-o") as runtime_dir:  # short: ipc paths are limited
-        config = ServerConfig(model_id="none", served_model_name="m", runtime_dir=runtime_dir, api_key="k")
-        async with TestClient(TestServer(create_app(config))) as client:
-            yield client
+async def client(frontend_client) -> TestClient:
+    return await frontend_client(api_key="k")
 
 
 async def test_the_document_is_valid_openapi_and_open(client: TestClient) -> None:
@@ -101,9 +94,9 @@ async def test_a_body_of_the_wrong_type_is_a_422_before_the_handler(
 @pytest.mark.parametrize(
     ("model", "body"),
     [
-        (GenerateRequest, {"inputs": "x", "parameters": None, "unknown": {"any": 1}}),
+        (GenerateBody, {"inputs": "x", "parameters": None, "unknown": {"any": 1}}),
         (
-            GenerateRequest,
+            GenerateBody,
             {"inputs": "x", "parameters": {"temperature": 1, "seed": 2**64 - 1, "grammar": None}},
         ),
         (
@@ -162,7 +155,7 @@ def test_bodies_the_handlers_take_pass_the_check(model: type, body: dict) -> Non
 )
 def test_json_types_are_strict(body: dict, error: str) -> None:
     with pytest.raises(ValidationError) as caught:
-        check_body(GenerateRequest, body)
+        check_body(GenerateBody, body)
     assert str(caught.value).startswith(error)
 
 

@@ -9,21 +9,18 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import torch
 import zmq
 import zmq.asyncio
-from aiohttp.test_utils import TestClient, TestServer
 
 from tests import helpers
 from tgi_zmq import messages as m
-from tgi_zmq.config import ServerConfig
-from tgi_zmq.frontend import create_app, profile_routes
+from tgi_zmq.frontend import profile_routes
 from tgi_zmq.profiling import StepProfiler, new_traces
 
 PROFILE = Path(__file__).resolve().parent.parent / "scripts" / "profile"
@@ -81,17 +78,6 @@ def test_new_traces_are_those_written_since(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def runtime_dir() -> Iterator[str]:
-    with tempfile.TemporaryDirectory(prefix="tgizmq-p") as path:  # short: ipc paths are limited
-        yield path
-
-
-async def client_for(runtime_dir: str, **fields) -> TestClient:
-    config = ServerConfig(model_id="none", served_model_name="m", runtime_dir=runtime_dir, **fields)
-    return TestClient(TestServer(create_app(config)))
-
-
-@pytest.fixture
 async def tokenizer_inbox(runtime_dir: str) -> AsyncIterator[zmq.asyncio.Socket]:
     """What the frontend sends to the tokenizer."""
     ctx = zmq.asyncio.Context()
@@ -108,43 +94,41 @@ async def next_profile_request(inbox: zmq.asyncio.Socket) -> m.ProfileRequest:
     return msg
 
 
-async def test_the_routes_are_404_without_profile_dir(runtime_dir: str) -> None:
-    async with await client_for(runtime_dir) as client:
-        for path in ("/start_profile", "/stop_profile"):
-            response = await client.post(path)
-            assert response.status == 404
-            assert await response.json() == {
-                "error": "profiling is off: start the server with --profile-dir DIR",
-                "error_type": "not_found",
-            }
+async def test_the_routes_are_404_without_profile_dir(frontend_client) -> None:
+    client = await frontend_client()
+    for path in ("/start_profile", "/stop_profile"):
+        response = await client.post(path)
+        assert response.status == 404
+        assert await response.json() == {
+            "error": "profiling is off: start the server with --profile-dir DIR",
+            "error_type": "not_found",
+        }
 
 
 async def test_the_routes_send_the_request_and_stop_lists_the_traces(
-    runtime_dir: str, tokenizer_inbox: zmq.asyncio.Socket, tmp_path: Path, monkeypatch
+    frontend_client, tokenizer_inbox: zmq.asyncio.Socket, tmp_path: Path, monkeypatch
 ) -> None:
     monkeypatch.setattr(profile_routes, "STOP_WAIT_S", 0.5)
     folder = str(tmp_path)
-    async with await client_for(runtime_dir, profile_dir=folder) as client:
-        response = await client.post("/start_profile")
-        assert response.status == 200 and await response.json() == {"directory": folder, "traces": []}
-        assert await next_profile_request(tokenizer_inbox) == m.ProfileRequest("start", folder)
+    client = await frontend_client(profile_dir=folder)
+    response = await client.post("/start_profile")
+    assert response.status == 200 and await response.json() == {"directory": folder, "traces": []}
+    assert await next_profile_request(tokenizer_inbox) == m.ProfileRequest("start", folder)
 
-        async def worker_writes_its_trace() -> None:
-            assert (await next_profile_request(tokenizer_inbox)).action == "stop"
-            (tmp_path / "worker-0-20260101-000000-000.trace.json").write_text("{}")
+    async def worker_writes_its_trace() -> None:
+        assert (await next_profile_request(tokenizer_inbox)).action == "stop"
+        (tmp_path / "worker-0-20260101-000000-000.trace.json").write_text("{}")
 
-        writer = asyncio.create_task(worker_writes_its_trace())
-        response = await client.post("/stop_profile")
-        await writer
-        body = await response.json()
-        assert response.status == 200 and body["traces"] == [
-            f"{folder}/worker-0-20260101-000000-000.trace.json"
-        ]
+    writer = asyncio.create_task(worker_writes_its_trace())
+    response = await client.post("/stop_profile")
+    await writer
+    body = await response.json()
+    assert response.status == 200 and body["traces"] == [f"{folder}/worker-0-20260101-000000-000.trace.json"]
 
 
-async def test_the_routes_are_documented(runtime_dir: str) -> None:
-    async with await client_for(runtime_dir) as client:
-        paths = (await (await client.get("/api-doc/openapi.json")).json())["paths"]
+async def test_the_routes_are_documented(frontend_client) -> None:
+    client = await frontend_client()
+    paths = (await (await client.get("/api-doc/openapi.json")).json())["paths"]
     for path in ("/start_profile", "/stop_profile"):
         operation = paths[path]["post"]
         assert "requestBody" not in operation and {"200", "404"} <= set(operation["responses"])

@@ -207,7 +207,7 @@ def test_accepted_parameters(parameters):
         ({"truncate": 0}, "`truncate` must be strictly positive. Given: 0"),
         (
             {"grammar": {"type": "cfg", "value": "a+"}},
-            '`grammar` must be {"type": "json" or "regex", "value": ...}',
+            '`grammar` must be {"type": "json", "json_schema" or "regex", "value": ...}',
         ),
         ({"grammar": {"type": "regex", "value": 3}}, "a regex grammar's `value` must be a string"),
         (
@@ -378,6 +378,14 @@ def test_chat_repetition_penalty(body, expected):
         (
             {"response_format": {"type": "json_schema"}},
             "`response_format.json_schema` must be an object with a `schema`",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "value": {"name": "x"}}},
+            'a json_schema grammar\'s `value` must be {"name": ..., "schema": {...}}',
+        ),
+        (
+            {"response_format": {"type": "regex"}},
+            '`response_format` must be {"type": "json", "json_schema" or "regex", "value": ...}',
         ),
     ],
 )
@@ -564,6 +572,9 @@ def test_grammars_from_tgi_and_openai_shapes():
     assert generate_params(as_text).sampling.grammar == tgi.grammar
     regex = {"grammar": {"type": "regex", "value": "[0-9]+"}}
     assert generate_params(regex).sampling.grammar == Grammar("regex", "[0-9]+")
+    tgi_named = {"type": "json_schema", "value": {"name": "x", "schema": schema}}  # serde's tag + content
+    for form in (tgi_named, {"type": "json_object", "value": schema}):
+        assert generate_params({"grammar": form}).sampling.grammar == tgi.grammar
 
     def chat_grammar(fmt):
         body = {"messages": [{"role": "user", "content": "hi"}], "response_format": fmt}
@@ -574,5 +585,8 @@ def test_grammars_from_tgi_and_openai_shapes():
     named = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
     assert chat_grammar(named) == tgi.grammar
     assert chat_grammar({"type": "json", "value": schema}) == tgi.grammar
+    assert (
+        chat_grammar(tgi_named) == chat_grammar({**tgi_named, "json_schema": {"schema": {}}}) == tgi.grammar
+    )
     completion = {"prompt": "hi", "response_format": named}
     assert completion_params(completion, max_stop_sequences=4).sampling.grammar == tgi.grammar

@@ -132,26 +132,40 @@ def _seed(seed: int | None, sampling: bool) -> int | None:
     return seed
 
 
-def grammar(value: Any) -> Grammar | None:
-    """TGI's ``grammar``: ``{"type": "json", "value": <JSON schema>}`` or ``{"type": "regex", "value":
-    "..."}`` (the engine checks that it compiles: ``tgi_zmq.grammar``, in the tokenizer)."""
+GRAMMAR_KINDS = ("json", "json_object", "json_schema", "regex")
+
+
+def grammar(value: Any, name: str = "grammar") -> Grammar | None:
+    """TGI's ``GrammarType`` (serde's tag + content: ``{"type": ..., "value": ...}``): ``json`` (alias
+    ``json_object``) with a JSON schema (an object or its JSON text), ``json_schema`` with ``{"name"?,
+    "schema"}``, or ``regex`` with a regular expression (the engine checks that it compiles:
+    ``tgi_zmq.grammar``, in the tokenizer). ``name``: the field, for the messages."""
     if value is None:
         return None
-    if not isinstance(value, dict) or value.get("type") not in ("json", "regex") or "value" not in value:
-        raise ValidationError('`grammar` must be {"type": "json" or "regex", "value": ...}')
+    if not isinstance(value, dict) or value.get("type") not in GRAMMAR_KINDS or "value" not in value:
+        raise ValidationError(f'`{name}` must be {{"type": "json", "json_schema" or "regex", "value": ...}}')
     kind, body = value["type"], value["value"]
     if kind == "regex":
         if not isinstance(body, str):
             raise ValidationError("a regex grammar's `value` must be a string")
         return Grammar("regex", body)
-    if isinstance(body, str):
+    if kind == "json_schema":
+        if not isinstance(body, dict) or "schema" not in body:
+            raise ValidationError('a json_schema grammar\'s `value` must be {"name": ..., "schema": {...}}')
+        body = body["schema"]
+    return _json_schema(body)
+
+
+def _json_schema(schema: Any) -> Grammar:
+    """A JSON-schema grammar of a schema given as an object (or ``true``/``false``) or as JSON text."""
+    if isinstance(schema, str):
         try:
-            body = json.loads(body)
+            schema = json.loads(schema)
         except json.JSONDecodeError as exc:
             raise ValidationError(f"a json grammar's `value` is not JSON: {exc}") from exc
-    if not isinstance(body, dict | bool):
+    if not isinstance(schema, dict | bool):
         raise ValidationError("a json grammar's `value` must be a JSON schema (an object)")
-    return Grammar("json", json.dumps(body))
+    return Grammar("json", json.dumps(schema))
 
 
 # ---------------------------------------------------------------------------- /generate family
@@ -403,21 +417,22 @@ def chat_params(
 
 
 def _response_format(fmt: Any) -> Grammar | None:
-    """OpenAI's ``response_format`` (``text``, ``json_object``, ``json_schema``) or TGI's grammar form."""
+    """OpenAI's ``response_format`` (``text``, ``json_object``, ``json_schema`` with its schema under
+    ``json_schema``) or TGI's, a grammar (``{"type", "value"}``: ``grammar``'s forms)."""
     if fmt is None:
         return None
     kind = fmt.get("type") if isinstance(fmt, dict) else None
     if kind == "text":
         return None
-    if kind == "json_object":  # TGI's form (huggingface_hub's too) carries a schema in `value`
-        return grammar({**fmt, "type": "json"}) if "value" in fmt else Grammar("json", '{"type": "object"}')
-    if kind == "json_schema":
+    if kind == "json_object" and "value" not in fmt:  # OpenAI's: any JSON object
+        return Grammar("json", '{"type": "object"}')
+    if kind == "json_schema" and "value" not in fmt:  # OpenAI's form
         spec = fmt.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict | bool):
             raise ValidationError("`response_format.json_schema` must be an object with a `schema`")
         return Grammar("json", json.dumps(spec.get("schema", {"type": "object"})))
-    if kind in ("json", "regex"):
-        return grammar(fmt)
+    if kind in GRAMMAR_KINDS:
+        return grammar(fmt, "response_format")
     raise ValidationError(
         "`response_format.type` must be one of text, json_object, json_schema (or TGI's json, regex)"
     )

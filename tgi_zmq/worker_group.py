@@ -14,17 +14,15 @@ restarts together. Messages from a worker that was restarted or killed are void.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import re
-import signal
 
 import zmq
 
 from tgi_zmq import messages as m
 from tgi_zmq.config import RING_SLOTS, ServerConfig
 from tgi_zmq.engine import StepDone, StepFailure, WorkersLost
+from tgi_zmq.pids import ProcessHandle
 from tgi_zmq.runtime import BOOT_ID
 from tgi_zmq.step import Step, StepOutput, step_buffer_size
 from tgi_zmq.transport import TensorReader, TensorRing, remove_stale
@@ -53,7 +51,7 @@ class WorkerGroup:
         self.ring = TensorRing(f"{config.shm_prefix}-step-{BOOT_ID}", RING_SLOTS, size, "cpu")
         self.results = TensorReader(config.device)
         self.boots: dict[int, str] = {}  # rank -> boot id, of the ranks loaded and ready
-        self.pids: dict[int, int] = {}
+        self.processes: dict[int, ProcessHandle] = {}  # rank -> its process, learnt from its messages
         self.lost_boots: set[str] = set()  # workers restarted or killed: their late messages are void
         self.pending: set[int] = set()  # steps sent and not answered
         self.answers: dict[int, m.StepResult | m.WorkerFailure] = {}  # arrived, not yet taken
@@ -102,8 +100,8 @@ class WorkerGroup:
         self.lost_boots.update(self.boots.values())
         self.boots.clear()  # not ready until every rank says so again
         for rank in members:
-            with contextlib.suppress(ProcessLookupError, KeyError):
-                os.kill(self.pids[rank], signal.SIGKILL)
+            if rank in self.processes and not self.processes[rank].kill():
+                log.warning("worker %d (pid %d) is gone: nothing killed", rank, self.processes[rank].pid)
         self.pending.clear()
         self.answers.clear()
         self.results.close()  # the old workers' result buffers
@@ -113,7 +111,7 @@ class WorkerGroup:
 
     def booting(self, msg: m.WorkerBooting) -> bool:
         """A rank (re)starts; True if ranks were up (its process or its group is gone: restart)."""
-        self.pids[msg.rank] = msg.pid
+        self._learn(msg.rank, msg.pid)
         return bool(self.boots)
 
     def loaded(self, msg: m.WorkerReady) -> bool:
@@ -123,9 +121,13 @@ class WorkerGroup:
         if msg.num_blocks < self.config.num_blocks:
             raise RuntimeError(f"worker {msg.rank} has {msg.num_blocks} KV blocks, fewer than configured")
         self.boots[msg.rank] = msg.boot_id
-        self.pids[msg.rank] = msg.pid
+        self._learn(msg.rank, msg.pid)
         log.info("worker %d ready (boot %s)", msg.rank, msg.boot_id)
         return True
+
+    def _learn(self, rank: int, pid: int) -> None:
+        if rank not in self.processes or self.processes[rank].pid != pid:
+            self.processes[rank] = ProcessHandle.learn(pid)
 
     def answered(self, msg: m.StepResult | m.WorkerFailure) -> str | None:
         """Keep a step's answer for ``result``; returns why the group must restart, if it must."""

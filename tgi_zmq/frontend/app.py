@@ -1,15 +1,13 @@
-"""The aiohttp application: the frontend's shared state, routes, error middleware, info/health,
+"""The aiohttp application: the route table, the error middleware, info/health, draining,
 and ``main()``."""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from importlib import metadata
 from typing import Any
 
 import prometheus_client
@@ -23,22 +21,26 @@ from tgi_zmq.errors import RequestError
 from tgi_zmq.runtime import setup_logging
 
 from . import extra_routes, openai_routes, openapi, profile_routes, responses_routes, tgi_routes
-from . import schemas as s
+from . import request_models as rq
+from . import response_models as rs
 from .auth import require_api_key
-from .health import Health, expected_processes
-from .http import BODY_MODELS, FRONTEND, client_id_of, error_response, frontend, json_response
-from .jobs import Admission, tag
+from .http import (
+    BODY_MODELS,
+    FRONTEND,
+    RID,
+    VERSION,
+    Frontend,
+    client_id_of,
+    error_response,
+    frontend,
+    json_response,
+)
+from .jobs import tag
 from .metrics import CONTENT_TYPE_LATEST
 from .openapi import Route
-from .pipeline import Pipeline
 from .streaming import log_failure
 
 log = logging.getLogger("tgi_zmq.frontend")
-
-try:
-    VERSION = metadata.version("tgi-zmq")
-except metadata.PackageNotFoundError:  # running from a source tree
-    VERSION = "0.1.0"
 
 KEEPALIVE_TIMEOUT_S = 75.0  # longer than the usual 60 s idle timeout of load balancers
 CLOSE_TIMEOUT_S = 1.0  # after draining: wait for the handlers still running (then they are cancelled)
@@ -47,43 +49,32 @@ DRAIN_POLL_S = 0.1
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@dataclasses.dataclass
-class Frontend:
-    """The process's shared state, which every handler reaches with ``http.frontend(request)``."""
-
-    config: ServerConfig
-    health: Health
-    pipeline: Pipeline
-    admission: Admission
-    draining: bool = False  # set on SIGTERM: /health and new work get 503 until the process exits
-
-    @classmethod
-    def create(cls, config: ServerConfig) -> Frontend:
-        health = Health(expected_processes(config))
-        return cls(config, health, Pipeline(config, health), Admission(config.max_concurrent_requests))
-
-    @property
-    def compute_type(self) -> str:
-        return "cpu" if self.config.device == "cpu" else "gpu+optimized"
-
-    @property
-    def system_fingerprint(self) -> str:
-        """OpenAI's ``system_fingerprint``: this server's version and backend."""
-        return f"{VERSION}-native"
-
-
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Give each request its rid; turn refusals into TGI's JSON error body."""
-    request["rid"] = uuid.uuid4().hex
+    request[RID] = uuid.uuid4().hex
     try:
         return await handler(request)
     except RequestError as exc:
-        log_failure(tag(request["rid"], client_id_of(request)), exc)
+        log_failure(tag(request[RID], client_id_of(request)), exc)
         response = error_response(exc)
         if exc.status == 408:  # as RFC 9110 asks: the rest of the body may never come
             response.force_close()
         return response
+    except web.HTTPException as exc:  # aiohttp's own: no such route (404), a wrong method (405)
+        if exc.status < 400:
+            raise
+        return _routing_error(exc)
+
+
+def _routing_error(exc: web.HTTPException) -> web.Response:
+    """aiohttp's error in TGI's shape: ``{"error": "Not Found", "error_type": "not_found"}``, its
+    headers kept (405's ``Allow``)."""
+    error_type = exc.reason.lower().replace(" ", "_")
+    response = error_response(RequestError(exc.reason, error_type=error_type, status=exc.status))
+    if "Allow" in exc.headers:
+        response.headers["Allow"] = exc.headers["Allow"]
+    return response
 
 
 async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
@@ -194,34 +185,35 @@ def _get(path: str, handler: Handler, summary: str, **fields: Any) -> Route:
 
 def _profile(path: str, handler: Handler, summary: str) -> Route:
     """A profiling route: no body; 404 unless the service runs with --profile-dir."""
-    return Route("POST", path, handler, summary, response=s.ProfileResponse, errors=(401, 404))
+    return Route("POST", path, handler, summary, response=rs.ProfileResponse, errors=(401, 404))
 
 
 # Every route but the two of the document itself: what aiohttp serves and what the document says.
+# TGI's /tokenize takes a generate body (its parameters ignored), /chat_tokenize a chat body.
 ROUTES = (
     _get("/", health, "Health (as /health)", errors=(503,)),
     _get("/health", health, "200 when every process is ready", errors=(503,)),
     _get("/ping", health, "Health (SageMaker)", errors=(503,)),
-    _get("/info", info, "The model and the server's limits", response=s.Info),
+    _get("/info", info, "The model and the server's limits", response=rs.Info),
     _get("/metrics", metrics, "Prometheus metrics", media="text/plain"),
-    _get("/v1/models", openai_routes.models, "The served model", response=s.ModelList),
-    _post("/", tgi_routes.compat_generate, s.GenerateRequest, s.CompatGenerateResponse, s.StreamResponse,
+    _get("/v1/models", openai_routes.models, "The served model", response=rs.ModelList),
+    _post("/", tgi_routes.compat_generate, rq.GenerateBody, rs.CompatGenerateResponse, rs.StreamResponse,
           summary="Generate: a JSON array, or SSE with `stream`"),
-    _post("/generate", tgi_routes.generate, s.GenerateRequest, s.GenerateResponse, summary="Generate"),
-    _post("/generate_stream", tgi_routes.generate_stream, s.GenerateRequest, None, s.StreamResponse,
+    _post("/generate", tgi_routes.generate, rq.GenerateBody, rs.GenerateResponse, summary="Generate"),
+    _post("/generate_stream", tgi_routes.generate_stream, rq.GenerateBody, None, rs.StreamResponse,
           summary="Generate, as SSE"),
-    _post("/tokenize", tgi_routes.tokenize, s.TokenizeRequest, s.TokenizeResponse,
+    _post("/tokenize", tgi_routes.tokenize, rq.GenerateBody, rs.TokenizeResponse,
           summary="A prompt's tokens", wrap=_refused_when_draining),
-    _post("/chat_tokenize", extra_routes.chat_tokenize, s.ChatTokenizeRequest, s.ChatTokenizeResponse,
+    _post("/chat_tokenize", extra_routes.chat_tokenize, rq.ChatRequest, rs.ChatTokenizeResponse,
           summary="The chat template's prompt and its tokens", wrap=_refused_when_draining),
-    _post("/v1/chat/completions", openai_routes.chat_completions, s.ChatRequest, s.ChatCompletion,
-          s.ChatCompletionChunk, summary="Chat"),
-    _post("/v1/completions", openai_routes.completions, s.CompletionRequest, s.Completion, s.Completion,
+    _post("/v1/chat/completions", openai_routes.chat_completions, rq.ChatRequest, rs.ChatCompletion,
+          rs.ChatCompletionChunk, summary="Chat"),
+    _post("/v1/completions", openai_routes.completions, rq.CompletionRequest, rs.Completion, rs.Completion,
           summary="Completions"),
-    _post("/v1/responses", responses_routes.responses, s.ResponsesRequest, s.ResponseObject,
-          s.ResponseStreamEvent, summary="Responses (text, function tools)"),
-    _post("/invocations", extra_routes.invocations, s.InvocationsRequest, s.InvocationsResponse,
-          s.StreamResponse, summary="SageMaker: a POST /, chat or completion body"),
+    _post("/v1/responses", responses_routes.responses, rq.ResponsesRequest, rs.ResponseObject,
+          rs.ResponseStreamEvent, summary="Responses (text, function tools)"),
+    _post("/invocations", extra_routes.invocations, rq.InvocationsRequest, rs.InvocationsResponse,
+          rs.StreamResponse, summary="SageMaker: a POST /, chat or completion body"),
     _profile("/start_profile", profile_routes.start_profile,
              "Start torch.profiler on every worker (needs --profile-dir)"),
     _profile("/stop_profile", profile_routes.stop_profile,

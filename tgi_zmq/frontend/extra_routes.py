@@ -11,7 +11,7 @@ from tgi_zmq.validation import chat_messages
 
 from . import openai_routes, tgi_routes
 from .http import frontend, json_response, read_json, rid_of
-from .schemas import invocation_kind
+from .request_models import invocation_kind
 
 _INVOKED: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] = {
     "generate": tgi_routes.compat_generate,
@@ -35,7 +35,7 @@ async def chat_tokenize(request: web.Request) -> web.Response:
 async def invocations(request: web.Request) -> web.StreamResponse:
     """``POST /invocations``: ``POST /``, chat or completion, as the body's keys say (TGI's order).
 
-    The route's model (``schemas.InvocationsRequest``) already refused a body that is none of them.
+    The route's model (``request_models.InvocationsRequest``) already refused a body that is none of them.
     """
     body = await read_json(request)
     return await _INVOKED[invocation_kind(body)](request)

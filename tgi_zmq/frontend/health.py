@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 
 from tgi_zmq.config import HEARTBEAT_TIMEOUT_S, HUNG_AFTER_S, ServerConfig
 from tgi_zmq.messages import Heartbeat
+from tgi_zmq.pids import ProcessHandle
 
 log = logging.getLogger("tgi_zmq.frontend")
 
@@ -22,7 +23,7 @@ def expected_processes(config: ServerConfig) -> tuple[str, ...]:
 @dataclasses.dataclass
 class _Peer:
     boot_id: str
-    pid: int
+    process: ProcessHandle  # learnt at its first heartbeat (pids are reused: see ``tgi_zmq.pids``)
     ready: bool
     last_seen: float
     silent: bool = False
@@ -59,12 +60,14 @@ class Health:
         """Record a heartbeat; return the process's name if it restarted (a new boot id)."""
         now = self._clock()
         peer = self._peers.get(beat.process)
-        self._peers[beat.process] = _Peer(beat.boot_id, beat.pid, beat.ready, now)
+        same = peer is not None and (peer.boot_id, peer.process.pid) == (beat.boot_id, beat.pid)
+        process = peer.process if same else ProcessHandle.learn(beat.pid)
+        self._peers[beat.process] = _Peer(beat.boot_id, process, beat.ready, now)
         if peer is None:
             log.info("%s is up (pid %d, boot %s)", beat.process, beat.pid, beat.boot_id)
             return None
         if peer.boot_id != beat.boot_id:
-            log.warning("%s restarted (pid %d -> %d)", beat.process, peer.pid, beat.pid)
+            log.warning("%s restarted (pid %d -> %d)", beat.process, peer.process.pid, beat.pid)
             return beat.process
         if peer.silent:
             log.info("%s is responding again (pid %d)", beat.process, beat.pid)
@@ -83,14 +86,14 @@ class Health:
                 silent.append(name)
         return silent
 
-    def hung(self) -> list[tuple[str, int]]:
-        """(name, pid) of the expected processes silent for ``HUNG_AFTER_S`` (each reported once)."""
+    def hung(self) -> list[tuple[str, ProcessHandle]]:
+        """The expected processes silent for ``HUNG_AFTER_S`` (each reported once), to kill."""
         now, hung = self._clock(), []
         for name in self.expected:
             peer = self._peers.get(name)
             if peer is not None and not peer.killed and now - peer.last_seen > HUNG_AFTER_S:
                 peer.killed = True
-                hung.append((name, peer.pid))
+                hung.append((name, peer.process))
         return hung
 
     def healthy(self) -> bool:

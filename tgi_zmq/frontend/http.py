@@ -1,24 +1,58 @@
-"""HTTP plumbing: what a handler reads off its request, JSON bodies in and out, TGI error bodies,
-Server-Sent Events."""
+"""HTTP plumbing: the process's shared state (``Frontend``), what a handler reads off its request, JSON
+bodies in and out, TGI error bodies, Server-Sent Events."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import json
-from typing import TYPE_CHECKING, Any
+from importlib import metadata
+from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel
 
+from tgi_zmq.config import ServerConfig
 from tgi_zmq.errors import RequestError, ValidationError
 
-from .schemas import check_body
+from .health import Health, expected_processes
+from .jobs import Admission
+from .pipeline import Pipeline
+from .request_models import check_body
 
-if TYPE_CHECKING:  # app.py imports the routes, which import this module
-    from .app import Frontend
+try:
+    VERSION = metadata.version("tgi-zmq")
+except metadata.PackageNotFoundError:  # running from a source tree
+    VERSION = "0.1.0"
+
+
+@dataclasses.dataclass
+class Frontend:
+    """The process's shared state, which every handler reaches with ``frontend(request)``."""
+
+    config: ServerConfig
+    health: Health
+    pipeline: Pipeline
+    admission: Admission
+    draining: bool = False  # set on SIGTERM: /health and new work get 503 until the process exits
+
+    @classmethod
+    def create(cls, config: ServerConfig) -> Frontend:
+        health = Health(expected_processes(config))
+        return cls(config, health, Pipeline(config, health), Admission(config.max_concurrent_requests))
+
+    @property
+    def compute_type(self) -> str:
+        return "cpu" if self.config.device == "cpu" else "gpu+optimized"
+
+    @property
+    def system_fingerprint(self) -> str:
+        """OpenAI's ``system_fingerprint``: this server's version and backend."""
+        return f"{VERSION}-native"
+
 
 FRONTEND: web.AppKey[Frontend] = web.AppKey("frontend")
+RID: web.RequestKey[str] = web.RequestKey("rid")  # the request's internal id (``rid_of``)
 BODY_MODELS: web.AppKey[dict[str, type[BaseModel]]] = web.AppKey("body_models")  # path -> request model
 # The request's checked body: a handler may hand the request on to another (``/invocations``).
 _BODY: web.RequestKey[dict[str, Any]] = web.RequestKey("json_body")
@@ -31,13 +65,13 @@ SSE_HEADERS = {
 
 
 def frontend(request: web.Request) -> Frontend:
-    """The process's shared state (``app.Frontend``)."""
+    """The process's shared state."""
     return request.app[FRONTEND]
 
 
 def rid_of(request: web.Request) -> str:
     """The request's internal id (unique, set by the app's middleware)."""
-    return request["rid"]
+    return request[RID]
 
 
 def client_id_of(request: web.Request) -> str | None:
@@ -59,16 +93,22 @@ def error_response(exc: RequestError) -> web.Response:
     return json_response({"error": exc.error, "error_type": exc.error_type}, status=exc.status)
 
 
+MAX_DEPTH = 128  # serde_json's recursion limit: TGI cannot parse a body nested deeper
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object: 413 over the payload limit, 408 if it takes longer than
-    ``--body-timeout`` to arrive, 400 if not JSON, 422 if not an object or not of the route's
-    request model (``BODY_MODELS``). Read once: later calls return the same dict."""
+    """The body as a JSON object: 415 unless sent as JSON, 413 over the payload limit, 408 if it
+    takes longer than ``--body-timeout`` to arrive, 400 if not JSON (or nested too deep), 422 if not
+    an object, if a string in it is no text (``_check_values``) or if not of the route's request
+    model (``BODY_MODELS``). Read once: later calls return the same dict."""
     if _BODY not in request:
+        _check_content_type(request)
         body = await _read_object(request)
+        _check_values(body)
         model = request.app.get(BODY_MODELS, {}).get(request.path)
         if model is not None:
             check_body(model, body)
@@ -93,12 +133,68 @@ async def _read_object(request: web.Request) -> dict[str, Any]:
     try:
         body = json.loads(raw, parse_constant=_reject_constant)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise RequestError(
-            f"Failed to parse the request body as JSON: {exc}", error_type="bad_request", status=400
-        ) from None
+        raise _unparsable(str(exc)) from None
+    except RecursionError:
+        raise _unparsable(f"nested deeper than {MAX_DEPTH} levels") from None
     if not isinstance(body, dict):
         raise ValidationError("the request body must be a JSON object")
     return body
+
+
+def _check_content_type(request: web.Request) -> None:
+    """TGI's (axum's) rule: a JSON body comes as ``application/json`` or ``application/<name>+json``
+    (parameters such as ``charset`` allowed)."""
+    kind = request.content_type  # lower case, no parameters; application/octet-stream when missing
+    if kind != "application/json" and not (kind.startswith("application/") and kind.endswith("+json")):
+        raise RequestError(
+            "Expected request with `Content-Type: application/json`",
+            error_type="unsupported_media_type",
+            status=415,
+        )
+
+
+def _check_values(body: dict[str, Any]) -> None:
+    """Refuse what JSON parses but no request can carry, before any handler sees it: a string or a key
+    that is no text (``"\\ud800"``, a lone surrogate escape: msgpack, the tokenizer and the response
+    cannot encode it), a 422 that says where; nesting deeper than ``MAX_DEPTH``, a 400 as in TGI."""
+    stack: list[tuple[tuple[str | int, ...], dict[str, Any] | list[Any]]] = [((), body)]
+    while stack:
+        path, value = stack.pop()
+        if len(path) >= MAX_DEPTH:
+            raise _unparsable(f"nested deeper than {MAX_DEPTH} levels")
+        for step, item in value.items() if isinstance(value, dict) else enumerate(value):
+            if isinstance(step, str) and not _is_text(step):
+                where = f"`{_dotted(path)}`" if path else "the body"
+                raise ValidationError(f"a key in {where} {_NOT_TEXT}")
+            if isinstance(item, str) and not _is_text(item):
+                raise ValidationError(f"`{_dotted((*path, step))}` {_NOT_TEXT}")
+            if isinstance(item, dict | list):
+                stack.append(((*path, step), item))
+
+
+_NOT_TEXT = "is not valid Unicode text: it holds a lone surrogate (\\ud800 to \\udfff)"
+
+
+def _is_text(value: str) -> bool:
+    """Whether UTF-8 can encode ``value``."""
+    if value.isascii():
+        return True
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _dotted(path: tuple[str | int, ...]) -> str:
+    """A place in the body as ``a.b[0].c``."""
+    return "".join(f"[{step}]" if isinstance(step, int) else f".{step}" for step in path).removeprefix(".")
+
+
+def _unparsable(reason: str) -> RequestError:
+    return RequestError(
+        f"Failed to parse the request body as JSON: {reason}", error_type="bad_request", status=400
+    )
 
 
 def _too_large(size: int | None, limit: int) -> RequestError:

@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import itertools
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
@@ -26,12 +26,9 @@ from tgi_zmq.validation import (
     flag,
 )
 
-from .http import frontend, json_response, read_json, rid_of
+from .http import Frontend, frontend, json_response, read_json, rid_of
 from .jobs import Job, JobGroup
 from .streaming import respond
-
-if TYPE_CHECKING:
-    from .app import Frontend
 
 CHAT_CHUNK = "chat.completion.chunk"
 COMPLETION = "text_completion"
@@ -43,6 +40,7 @@ class _Shape:
 
     model: str
     fingerprint: str
+    created: int  # one value for the answer or for every chunk of its stream (OpenAI, vLLM)
     logprobs: bool = False
     include_usage: bool = False
     echo: bool = False  # completions: the prompt comes first in each choice's text
@@ -54,6 +52,7 @@ def _shape(fe: Frontend, body: dict[str, Any], *, logprobs: bool = False, echo: 
     return _Shape(
         model=model if isinstance(model, str) and model else fe.config.served_model_name,
         fingerprint=fe.system_fingerprint,
+        created=int(time.time()),
         logprobs=logprobs,
         include_usage=isinstance(options, dict) and flag(options, "include_usage", False),
         echo=echo,
@@ -89,9 +88,9 @@ def _usage(jobs: list[Job]) -> dict[str, int]:
 
 def _envelope(obj: str, shape: _Shape, choices: list[dict[str, Any]]) -> dict[str, Any]:
     return {
-        "id": "",
+        "id": "",  # TGI's
         "object": obj,
-        "created": int(time.time()),
+        "created": shape.created,
         "model": shape.model,
         "system_fingerprint": shape.fingerprint,
         "choices": choices,

@@ -1,5 +1,5 @@
 """The OpenAPI 3.1 document (``GET /api-doc/openapi.json``) and its Swagger UI page (``GET /docs``),
-built from the app's route table and the models of ``schemas``."""
+built from the app's route table and the models of ``request_models`` and ``response_models``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from . import schemas
+from . import response_models
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -22,24 +22,25 @@ DOCS_PATH = "/docs"
 _REF = "#/components/schemas/{model}"
 # Referenced by the error responses, or only named in the SSE descriptions.
 _EXTRA_MODELS = (
-    schemas.ErrorResponse,
-    schemas.StreamResponse,
-    schemas.ChatCompletionChunk,
-    schemas.ResponseStreamEvent,
+    response_models.ErrorResponse,
+    response_models.StreamResponse,
+    response_models.ChatCompletionChunk,
+    response_models.ResponseStreamEvent,
 )
 
 ERRORS = {
-    400: "The body is not JSON",
+    400: "The body is not JSON (or is nested deeper than 128 levels)",
     401: "Missing or wrong API key (only with --api-key)",
     404: "Profiling is off (the service runs without --profile-dir)",
     408: "The body did not arrive within --body-timeout",
     413: "The body is over --payload-limit",
+    415: "The body is not sent as `Content-Type: application/json`",
     422: "Input validation error (or template_error, tool_error...)",
     424: "Request failed during generation",
     429: "Model is overloaded",
     503: "The server is shutting down, or the pipeline is unhealthy",
 }
-WORK_ERRORS = (400, 401, 408, 413, 422, 424, 429, 503)  # a route that sends work down the pipeline
+WORK_ERRORS = (400, 401, 408, 413, 415, 422, 424, 429, 503)  # a route that sends work down the pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +129,7 @@ def _responses(route: Route, refs: dict[tuple[type[BaseModel], str], Any]) -> di
     ok: dict[str, Any] = {"description": "OK"}
     if content:
         ok["content"] = content
-    error = {"application/json": {"schema": refs[(schemas.ErrorResponse, "serialization")]}}
+    error = {"application/json": {"schema": refs[(response_models.ErrorResponse, "serialization")]}}
     return {"200": ok} | {str(s): {"description": ERRORS[s], "content": error} for s in route.errors}
 
 

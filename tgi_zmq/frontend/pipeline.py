@@ -22,8 +22,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
-import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -298,10 +296,12 @@ class Pipeline:
         while True:
             await asyncio.sleep(MONITOR_PERIOD_S)
             self.health.newly_silent()
-            for name, pid in self.health.hung():
-                log.error("%s (pid %d) sent no heartbeat for %.0fs: killing it", name, pid, HUNG_AFTER_S)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            for name, process in self.health.hung():
+                log.error(
+                    "%s (pid %d) sent no heartbeat for %.0fs: killing it", name, process.pid, HUNG_AFTER_S
+                )
+                if not process.kill():
+                    log.warning("%s (pid %d) is gone: nothing killed", name, process.pid)
             now = time.monotonic()
             if self.health.healthy():
                 self._unhealthy_since = None

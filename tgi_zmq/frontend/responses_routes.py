@@ -30,7 +30,7 @@ _ERROR_CODES = {422: "invalid_prompt", 429: "rate_limit_exceeded"}  # OpenAI's, 
 
 async def responses(request: web.Request) -> web.StreamResponse:
     """``POST /v1/responses``: a ``response`` object, or its events with ``stream``."""
-    fe, body = frontend(request), await read_json(request)  # checked against schemas.ResponsesRequest
+    fe, body = frontend(request), await read_json(request)  # checked against request_models.ResponsesRequest
     chat, rid = _chat_body(body), rid_of(request)
     with fe.admission.admit():
         messages = chat_messages(chat)
@@ -70,7 +70,7 @@ def _chat_body(body: dict[str, Any]) -> dict[str, Any]:
         "tools": [_chat_tool(tool) for tool in body.get("tools") or []],
         "tool_choice": _chat_tool_choice(body.get("tool_choice")),
     }
-    fmt = (body.get("text") or {}).get("format") or {}  # schemas.TextConfig
+    fmt = (body.get("text") or {}).get("format") or {}  # request_models.TextConfig
     if fmt.get("type") == "json_schema":
         chat["response_format"] = {"type": "json_schema", "json_schema": {"schema": fmt.get("schema") or {}}}
     elif fmt.get("type") == "json_object":
@@ -79,7 +79,7 @@ def _chat_body(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _chat_message(item: dict[str, Any]) -> dict[str, Any]:
-    """The chat message of one input item (``schemas.InputItem``)."""
+    """The chat message of one input item (``request_models.InputItem``)."""
     kind = item.get("type") or "message"
     if kind == "function_call":
         function = {"name": item["name"], "arguments": item["arguments"]}
@@ -91,7 +91,7 @@ def _chat_message(item: dict[str, Any]) -> dict[str, Any]:
 
 
 def _chat_tool(tool: dict[str, Any]) -> dict[str, Any]:
-    """A flat Responses function tool (``schemas.FunctionTool``) in chat's nested form."""
+    """A flat Responses function tool (``request_models.FunctionTool``) in chat's nested form."""
     function = {key: tool[key] for key in ("name", "description", "parameters") if tool.get(key) is not None}
     return {"type": "function", "function": function}
 

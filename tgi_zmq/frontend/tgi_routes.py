@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
@@ -13,12 +13,9 @@ from tgi_zmq.errors import RequestError
 from tgi_zmq.messages import GenerateRequest, RequestDelta, TokenList
 from tgi_zmq.validation import Limits, best_of, copy_seed, flag, generate_inputs, generate_params
 
-from .http import frontend, json_response, read_json, rid_of
+from .http import Frontend, frontend, json_response, read_json, rid_of
 from .jobs import Job, JobGroup
 from .streaming import respond
-
-if TYPE_CHECKING:
-    from .app import Frontend
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,9 +1,10 @@
-"""Pydantic models of the HTTP API's bodies: the source of the body check and of the OpenAPI document.
+"""Pydantic models of the HTTP API's request bodies: the source of the body check (``check_body``) and
+of the OpenAPI document's request schemas.
 
-Request models are type-level only (JSON types, required fields, the enums of ``type`` tags): value
-rules and TGI's exact messages stay in ``tgi_zmq.validation``, which the handlers still run on the
-plain dict. Their fields are nullable where a handler treats null as omitted. Unknown fields are
-ignored, as TGI does. Response models document what the handlers write; they are never built.
+They are type-level only (JSON types, required fields, the enums of ``type`` tags): value rules and
+TGI's exact messages stay in ``tgi_zmq.validation``, which the handlers still run on the plain dict.
+Their fields are nullable where a handler treats null as omitted. Unknown fields are ignored, as TGI
+does.
 """
 
 from __future__ import annotations
@@ -28,12 +29,6 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
 
-class _Out(BaseModel):
-    """A response body (documentation only)."""
-
-    model_config = ConfigDict(extra="allow")
-
-
 # ---------------------------------------------------------------------------- shared parts
 
 
@@ -42,7 +37,8 @@ class Grammar(_Body):
 
     type: Literal["json", "json_object", "regex", "json_schema"]
     value: Any = Field(
-        description="A JSON schema (object or JSON text) for `json`, a regex string for `regex`"
+        description="A JSON schema (object or JSON text) for `json` and `json_object`, "
+        "`{name?, schema}` for `json_schema`, a regex string for `regex`"
     )
 
 
@@ -54,11 +50,11 @@ class JsonSchemaFormat(_Body):
 
 
 class ResponseFormat(_Body):
-    """OpenAI's ``response_format`` (text, json_object, json_schema) or TGI's grammar form (json, regex)."""
+    """OpenAI's ``response_format`` (text, json_object, json_schema) or TGI's: a ``Grammar``."""
 
     type: Literal["text", "json_object", "json_schema", "json", "regex"]
-    json_schema: JsonSchemaFormat | None = None
-    value: Any = Field(None, description="TGI's form: the grammar's value")
+    json_schema: JsonSchemaFormat | None = Field(None, description="OpenAI's form of `json_schema`")
+    value: Any = Field(None, description="TGI's form: the grammar's value (as `Grammar.value`)")
 
 
 class StreamOptions(_Body):
@@ -152,15 +148,13 @@ class GenerateParameters(_Body):
     stop_token_ids: list[U32] | None = Field(None, description="Extension: token ids that finish like EOS")
 
 
-class GenerateRequest(_Body):
-    """``/generate``, ``/generate_stream``, ``POST /`` and ``/tokenize``."""
+class GenerateBody(_Body):
+    """TGI's ``GenerateRequest`` (not the wire message ``messages.GenerateRequest``): ``/generate``,
+    ``/generate_stream``, ``POST /`` and ``/tokenize`` (which ignores ``parameters``, as TGI)."""
 
     inputs: str = Field(description="The prompt")
     parameters: GenerateParameters | None = None
     stream: bool | None = Field(None, description="`POST /` only: answer with Server-Sent Events")
-
-
-TokenizeRequest = GenerateRequest  # TGI's /tokenize takes a GenerateRequest (parameters are ignored)
 
 
 # ---------------------------------------------------------------------------- OpenAI requests
@@ -198,9 +192,6 @@ class ChatRequest(_OpenAISampling):
     tools: list[Tool] | None = None
     tool_choice: str | NamedToolChoice | None = Field(None, description="auto, none, required or a tool")
     tool_prompt: str | None = Field(None, description="TGI: text put before the tools in the prompt")
-
-
-ChatTokenizeRequest = ChatRequest  # TGI's /chat_tokenize takes a ChatRequest
 
 
 class CompletionRequest(_OpenAISampling):
@@ -322,7 +313,7 @@ def invocation_kind(body: Any) -> str | None:
 class InvocationsRequest(
     RootModel[
         Annotated[
-            Annotated[GenerateRequest, Tag("generate")]
+            Annotated[GenerateBody, Tag("generate")]
             | Annotated[ChatRequest, Tag("chat")]
             | Annotated[CompletionRequest, Tag("completion")],
             Discriminator(
@@ -334,327 +325,6 @@ class InvocationsRequest(
     ]
 ):
     """SageMaker's ``/invocations``: a ``POST /``, chat or completion body, told apart by its keys."""
-
-
-# ---------------------------------------------------------------------------- TGI responses
-
-
-class Token(_Out):
-    id: int
-    text: str
-    logprob: float | None
-    special: bool
-
-
-class PrefillToken(_Out):
-    id: int
-    text: str
-    logprob: float | None
-
-
-class BestOfSequence(_Out):
-    generated_text: str
-    finish_reason: str
-    generated_tokens: int
-    seed: int | None
-    prefill: list[PrefillToken]
-    tokens: list[Token]
-    top_tokens: list[list[Token]] | None = None
-
-
-class Details(_Out):
-    finish_reason: str = Field(description="length, eos_token or stop_sequence")
-    generated_tokens: int
-    seed: int | None = Field(description="null when greedy")
-    prefill: list[PrefillToken]
-    tokens: list[Token]
-    top_tokens: list[list[Token]] | None = None
-    best_of_sequences: list[BestOfSequence] | None = None
-
-
-class GenerateResponse(_Out):
-    generated_text: str
-    details: Details | None = None
-
-
-class CompatGenerateResponse(RootModel[list[GenerateResponse]]):
-    """``POST /`` without streaming: one GenerateResponse in an array."""
-
-
-class StreamDetails(_Out):
-    finish_reason: str
-    generated_tokens: int
-    seed: int | None
-    input_length: int
-
-
-class StreamResponse(_Out):
-    """One ``/generate_stream`` event; the last carries the text and the details."""
-
-    index: int
-    token: Token
-    top_tokens: list[Token] | None = None
-    generated_text: str | None
-    details: StreamDetails | None
-
-
-class ErrorResponse(_Out):
-    error: str
-    error_type: str
-
-
-class SimpleToken(_Out):
-    id: int
-    text: str
-    start: int
-    stop: int
-
-
-class TokenizeResponse(RootModel[list[SimpleToken]]):
-    """The prompt's tokens and where their text lies in it."""
-
-
-class ChatTokenizeResponse(_Out):
-    tokenize_response: list[SimpleToken]
-    templated_text: str = Field(description="The prompt the chat template made")
-
-
-class ProfileResponse(_Out):
-    directory: str = Field(description="--profile-dir, where the workers write their traces")
-    traces: list[str] = Field(
-        default_factory=list,
-        description="/stop_profile: the traces written (worker-<rank>-<time>.trace.json) that appeared "
-        "within its wait",
-    )
-
-
-class Info(_Out):
-    model_id: str
-    model_sha: str | None
-    model_dtype: str | None = None
-    model_device_type: str | None = None
-    quantize: str | None = Field(None, description="--quantize in use; gguf: a GGUF file's own blocks")
-    kv_cache_dtype: str | None = None
-    model_pipeline_tag: str | None
-    max_concurrent_requests: int
-    max_best_of: int
-    max_stop_sequences: int
-    max_input_tokens: int
-    max_total_tokens: int
-    max_batch_total_tokens: int | None = None
-    max_batch_prefill_tokens: int | None = None
-    validation_workers: int
-    max_client_batch_size: int
-    router: str
-    version: str
-    sha: str | None
-    docker_label: str | None
-
-
-# ---------------------------------------------------------------------------- OpenAI responses
-
-
-class Usage(_Out):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class TopLogprob(_Out):
-    token: str
-    logprob: float
-
-
-class TokenLogprob(_Out):
-    token: str
-    logprob: float
-    top_logprobs: list[TopLogprob]
-
-
-class ChatLogprobs(_Out):
-    content: list[TokenLogprob]
-
-
-class OutputToolCall(_Out):
-    index: int | None = None
-    id: str | None = None
-    type: str | None = None
-    function: dict[str, Any]
-
-
-class ChatCompletionMessage(_Out):
-    role: Literal["assistant"]
-    content: str | None = None
-    tool_calls: list[OutputToolCall] | None = None
-
-
-class ChatChoice(_Out):
-    index: int
-    message: ChatCompletionMessage
-    logprobs: ChatLogprobs | None
-    finish_reason: str | None = Field(description="stop (EOS), length or stop_sequence")
-
-
-class ChatCompletion(_Out):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    system_fingerprint: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class ChatDelta(_Out):
-    role: str | None = None
-    content: str | None = None
-    tool_calls: list[OutputToolCall] | None = None
-
-
-class ChatChunkChoice(_Out):
-    index: int
-    delta: ChatDelta
-    logprobs: ChatLogprobs | None
-    finish_reason: str | None
-
-
-class ChatCompletionChunk(_Out):
-    """One ``/v1/chat/completions`` event (the stream ends with ``data: [DONE]``)."""
-
-    id: str
-    object: Literal["chat.completion.chunk"]
-    created: int
-    model: str
-    system_fingerprint: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-
-
-class CompletionChoice(_Out):
-    index: int
-    text: str
-    logprobs: Any = None
-    finish_reason: str | None
-
-
-class Completion(_Out):
-    """A ``/v1/completions`` answer; each streamed event has the same shape (one choice)."""
-
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    system_fingerprint: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-
-
-class ModelCard(_Out):
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-
-
-class ModelList(_Out):
-    object: Literal["list"]
-    data: list[ModelCard]
-
-
-class InvocationsResponse(RootModel[CompatGenerateResponse | ChatCompletion | Completion]):
-    """What the route that the body picked answers."""
-
-
-# ---------------------------------------------------------------------------- Responses API responses
-
-
-class OutputText(_Out):
-    type: Literal["output_text"]
-    text: str
-    annotations: list[Any]
-
-
-class OutputMessage(_Out):
-    type: Literal["message"]
-    id: str
-    status: Literal["in_progress", "completed", "incomplete"]
-    role: Literal["assistant"]
-    content: list[OutputText]
-
-
-class OutputFunctionCall(_Out):
-    """A call of one of the request's tools."""
-
-    type: Literal["function_call"]
-    id: str = Field(description="fc_<hex>")
-    call_id: str = Field(description="call_<hex>: a function_call_output answers it")
-    name: str
-    arguments: str = Field(description="JSON text")
-    status: Literal["in_progress", "completed", "incomplete"]
-
-
-OutputItem = Annotated[OutputMessage | OutputFunctionCall, Field(discriminator="type")]
-
-
-class IncompleteDetails(_Out):
-    reason: Literal["max_output_tokens"]
-
-
-class ResponseError(_Out):
-    code: str
-    message: str
-
-
-class InputTokensDetails(_Out):
-    cached_tokens: int
-    cache_write_tokens: int
-
-
-class OutputTokensDetails(_Out):
-    reasoning_tokens: int
-
-
-class ResponseUsage(_Out):
-    input_tokens: int
-    input_tokens_details: InputTokensDetails
-    output_tokens: int
-    output_tokens_details: OutputTokensDetails
-    total_tokens: int
-
-
-class ResponseObject(_Out):
-    """A Responses API ``response``."""
-
-    id: str = Field(description="resp_<hex>")
-    object: Literal["response"]
-    created_at: int
-    status: Literal["in_progress", "completed", "incomplete", "failed"]
-    model: str
-    output: list[OutputItem]
-    usage: ResponseUsage | None
-    incomplete_details: IncompleteDetails | None
-    error: ResponseError | None
-    instructions: str | None
-    max_output_tokens: int | None
-    temperature: float | None
-    top_p: float | None
-    parallel_tool_calls: bool
-    tool_choice: Literal["auto", "none", "required"] | FunctionToolChoice
-    tools: list[FunctionTool]
-    text: dict[str, Any]
-
-
-class ResponseStreamEvent(_Out):
-    """One ``/v1/responses`` event; its ``event:`` name is its ``type``: response.created,
-    response.in_progress, then the output item: response.output_item.added,
-    response.content_part.added, response.output_text.delta, response.output_text.done,
-    response.content_part.done, response.output_item.done for a message;
-    response.output_item.added, response.function_call_arguments.delta,
-    response.function_call_arguments.done, response.output_item.done for a function call; then
-    response.completed or response.incomplete (error and response.failed on a failure)."""
-
-    type: str
-    sequence_number: int
 
 
 # ---------------------------------------------------------------------------- the body check
