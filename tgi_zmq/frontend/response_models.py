@@ -115,6 +115,10 @@ class Info(_Out):
     model_device_type: str | None = None
     quantize: str | None = Field(None, description="--quantize in use; gguf: a GGUF file's own blocks")
     kv_cache_dtype: str | None = None
+    kernels: str | None = Field(
+        None,
+        description="the CPU kernels that serve: native avx512 | native avx2 | torch fallback | torch cuda",
+    )
     model_pipeline_tag: str | None
     max_concurrent_requests: int
     max_best_of: int
