@@ -18,7 +18,7 @@ from tgi_zmq.checkpoint.base import MissingTensorError
 from tgi_zmq.checkpoint.gguf import GGUFWeights, hf_name
 from tgi_zmq.checkpoint.gguf_file import is_gguf_folder
 from tgi_zmq.convert import prepare_gguf_folder
-from tgi_zmq.layers import Linear
+from tgi_zmq.layers import Linear, WeightSource
 from tgi_zmq.quant.formats import Int4Weight, Int8Weight
 from tgi_zmq.quant.linear import DequantizedLinear, QuantizedLinear
 
@@ -137,6 +137,7 @@ def test_names_usage_and_missing_tensors(blocks_file: Path) -> None:
     with pytest.raises(MissingTensorError, match="blocks.gguf has no tensor 'lm_head.weight'"):
         w.get_quantized("lm_head.weight")
     assert (w.dtype, w.device, w.folder) == (torch.float32, CPU, blocks_file)
+    assert isinstance(w, WeightSource)
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from tests.helpers import hf_greedy, run_engine, tiny_llama
 from tgi_zmq.checkpoint.base import MissingTensorError
 from tgi_zmq.checkpoint.safetensors import INDEX_FILE, SafetensorsWeights
+from tgi_zmq.layers import WeightSource
 from tgi_zmq.messages import SamplingParams
 from tgi_zmq.models import load_model
 
@@ -54,7 +55,7 @@ def test_sharded_checkpoint_gives_transformers_tokens(sharded: Path) -> None:
     files = sorted(p.name for p in sharded.glob("*.safetensors"))
     assert len(files) >= 3 and (sharded / INDEX_FILE).is_file()
     weights = SafetensorsWeights(sharded, torch.float32, torch.device("cpu"))
-    assert len(set(weights.files.values())) == len(files)
+    assert len(set(weights.files.values())) == len(files) and isinstance(weights, WeightSource)
     expected = hf_greedy(sharded, PROMPT, 10)
     assert run_engine(sharded, [PROMPT], [SamplingParams()], 10)[0] == [expected]
 

@@ -21,7 +21,7 @@ this module and it imports neither.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ Units = int | tuple[int, int]
 when the split is decided elsewhere (the query heads of a ``QKVParallelLinear``)."""
 
 
+@runtime_checkable
 class WeightSource(Protocol):
     """A checkpoint's tensors by their Hugging Face names, each read as the slice a rank holds, and the
     linear method of each layer (vLLM's ``QuantizationConfig.get_quant_method(layer, prefix)``)."""

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from tgi_zmq.checkpoint.base import CheckpointReader
 from tgi_zmq.checkpoint.gguf import GGUFWeights
 from tgi_zmq.checkpoint.gguf_file import is_gguf_folder
 from tgi_zmq.checkpoint.safetensors import SafetensorsWeights
 from tgi_zmq.dtypes import to_torch
+from tgi_zmq.layers import WeightSource
 from tgi_zmq.models.base import LaunchRules, ModelConfig, PagedModel
 from tgi_zmq.models.bloom import BloomConfig, BloomModel
 from tgi_zmq.models.llama import LlamaConfig, LlamaModel
@@ -94,7 +94,7 @@ def load_model(
 
 def open_weights(
     folder: str | Path, dtype: torch.dtype, device: torch.device, quantize: str | None = None
-) -> CheckpointReader:
+) -> WeightSource:
     """The checkpoint's reader: a GGUF file's (a ``prepare_gguf_folder`` folder), else the safetensors',
     its linears served as ``quantize`` says (a GGUF or GPTQ/AWQ checkpoint: in its own blocks)."""
     gguf = is_gguf_folder(Path(folder))
