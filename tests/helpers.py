@@ -12,6 +12,7 @@ from types import ModuleType
 import pytest
 import torch
 
+from tgi_zmq import models
 from tgi_zmq.block_manager import BlockManager
 from tgi_zmq.engine import EngineCore
 from tgi_zmq.messages import SamplingParams
@@ -20,7 +21,7 @@ from tgi_zmq.offline import LocalExecutor, run_to_completion
 from tgi_zmq.parallel import Shard
 from tgi_zmq.policy import Request, SchedulePolicy
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "bloom", "t5")
+ARCHITECTURES = tuple(models.ARCHITECTURES)  # every model_type served: ``tiny_model`` makes each
 SEQ2SEQ = ("t5",)
 
 

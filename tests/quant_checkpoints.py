@@ -1,4 +1,5 @@
-"""GPTQ and AWQ checkpoints made from the tiny float models, and their dequantized float references.
+"""GPTQ and AWQ checkpoints made from the tiny float models (``pack_gptq``, ``pack_awq``: a float weight as
+the tensors the real tools write), and their dequantized float references.
 
 The quantized folder is what the real tools write (safetensors tensors ``<prefix>.qweight`` ... and
 ``quantization_config`` in config.json, or AutoGPTQ's ``quantize_config.json``); the reference folder
@@ -16,7 +17,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from tgi_zmq.quant.gptq import QuantConfig, awq_to_int4, gptq_to_int4, pack_awq, pack_gptq, read_quant_config
+from tgi_zmq.checkpoint.gptq import (
+    AWQ_ORDER,
+    SHIFTS,
+    V1_ZERO_BIAS,
+    QuantConfig,
+    awq_to_int4,
+    gptq_to_int4,
+    read_quant_config,
+)
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 INDEX_FILE = "model.safetensors.index.json"
@@ -95,6 +104,79 @@ def dequantize(tensors: dict[str, torch.Tensor], prefix: str, cfg: QuantConfig) 
     out = torch.empty_like(w)
     out[:, perm] = w  # x[:, perm] @ w.T == x @ out.T
     return out
+
+
+def pack_gptq(
+    w: torch.Tensor,
+    group: int = 128,
+    desc_act: bool = False,
+    seed: int = 0,
+    sym: bool = False,
+    v2: bool = False,
+) -> dict[str, torch.Tensor]:
+    """A float weight [N, K] as a GPTQ checkpoint's tensors (round to nearest, GPTQ's min/max grid).
+
+    ``desc_act`` groups the inputs in a random order, as act-order does (its order is by the Hessian's
+    diagonal): ``g_idx[order[j]] = j // group``. ``v2``: qzeros hold z (``gptq_v2``), else z - 1.
+    """
+    n, k = w.shape
+    g = k if group == -1 else group
+    order = torch.randperm(k, generator=torch.Generator().manual_seed(seed)) if desc_act else torch.arange(k)
+    g_idx = torch.empty(k, dtype=torch.long)
+    g_idx[order] = torch.arange(k) // g
+    codes, zeros, scales = _quantize(w.float(), g_idx, sym)
+    packed_zeros = _pack(zeros.T)
+    if not v2:
+        packed_zeros = (packed_zeros - V1_ZERO_BIAS) & 0xFFFFFFFF
+    return {
+        "qweight": _int32(_pack(codes).T.contiguous()),
+        "qzeros": _int32(packed_zeros),
+        "scales": scales.T.contiguous(),
+        "g_idx": g_idx.to(torch.int32),
+    }
+
+
+def pack_awq(w: torch.Tensor, group: int = 128) -> dict[str, torch.Tensor]:
+    """A float weight [N, K] as an AWQ (GEMM) checkpoint's tensors (round to nearest, asymmetric)."""
+    n, k = w.shape
+    codes, zeros, scales = _quantize(w.float(), torch.arange(k) // group, sym=False)
+    return {
+        "qweight": _int32(_pack(codes.T.contiguous(), AWQ_ORDER)),
+        "qzeros": _int32(_pack(zeros.T.contiguous(), AWQ_ORDER)),
+        "scales": scales.T.contiguous(),
+    }
+
+
+def _pack(values: torch.Tensor, order: tuple[int, ...] | None = None) -> torch.Tensor:
+    """4-bit values [..., 8M] -> [..., M] words as int64 in [0, 2^32): nibble ``i`` of word ``c`` holds
+    value ``8c + order[i]`` (default ``i``)."""
+    words = values.long().reshape(*values.shape[:-1], -1, 8)
+    if order is not None:
+        words = words[..., list(order)]
+    return (words << SHIFTS).sum(-1)
+
+
+def _int32(words: torch.Tensor) -> torch.Tensor:
+    """Unsigned 32-bit words held in int64 -> the int32 with the same bits (what checkpoints store)."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _quantize(w: torch.Tensor, g_idx: torch.Tensor, sym: bool) -> tuple[torch.Tensor, ...]:
+    """GPTQ's round-to-nearest grid per (row, group): min/max widened to include 0, float16 scales.
+    Returns codes [N, K], zero points [N, groups] (both int64) and scales [N, groups] (float16)."""
+    n, k = w.shape
+    idx, groups = g_idx.expand(n, k), int(g_idx.max()) + 1
+    lo = torch.zeros(n, groups).scatter_reduce(1, idx, w, "amin")  # include_self: the 0
+    hi = torch.zeros(n, groups).scatter_reduce(1, idx, w, "amax")
+    if sym:
+        hi = torch.maximum(hi, -lo)
+        lo = -hi
+    scales = ((hi - lo) / 15).half()
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    s = scales.float()
+    zeros = torch.full_like(s, 8) if sym else torch.round(-lo / s).clamp(0, 15)
+    codes = torch.round(w / s[:, g_idx]) + zeros[:, g_idx]
+    return codes.clamp(0, 15).long(), zeros.long(), scales
 
 
 def _write(

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from tests.helpers import hf_greedy, run_engine, tiny_llama, tiny_model
 from tgi_zmq import convert
+from tgi_zmq.checkpoint.gguf_file import open_gguf, shared_gguf_reader
 from tgi_zmq.messages import SamplingParams
 
 PROMPT_TEXT = "The capital of France is Paris"
@@ -162,7 +163,7 @@ def test_read_gguf_tokenizer_flags_of_bundled_model() -> None:
 
 def test_read_gguf_field_of_bundled_model() -> None:
     path = convert.find_bundled_gguf()
-    with convert.shared_gguf_reader(path):  # parsed once
+    with shared_gguf_reader(path):  # parsed once
         assert convert.read_gguf_field(path, "tokenizer.ggml.model") == "gpt2"
         assert convert.read_gguf_field(path, "llama.attention.head_count") == 9
         assert convert.read_gguf_field(path, "tokenizer.ggml.add_bos_token") is False
@@ -174,14 +175,14 @@ def test_shared_gguf_reader_parses_the_file_once() -> None:
 
     path = convert.find_bundled_gguf()
     original = gguf.GGUFReader
-    with convert.shared_gguf_reader(path) as reader:
-        assert gguf.GGUFReader(str(path)) is reader and convert.open_gguf(path) is reader
+    with shared_gguf_reader(path) as reader:
+        assert gguf.GGUFReader(str(path)) is reader and open_gguf(path) is reader
         assert convert.read_gguf_tokenizer_flags(path)["eos_token_id"] == 2
-        with convert.shared_gguf_reader(path) as inner:  # nested: the same
+        with shared_gguf_reader(path) as inner:  # nested: the same
             assert inner is reader
-        assert convert.open_gguf(path) is reader
-    assert gguf.GGUFReader is original and convert.open_gguf(path) is not reader
-    ours, theirs = convert.open_gguf(path), original(path)  # the fast reader reads what gguf's does
+        assert open_gguf(path) is reader
+    assert gguf.GGUFReader is original and open_gguf(path) is not reader
+    ours, theirs = open_gguf(path), original(path)  # the fast reader reads what gguf's does
     assert ours.fields.keys() == theirs.fields.keys()
     for key, field in ours.fields.items():
         other = theirs.fields[key]

@@ -1,4 +1,4 @@
-"""GGUF files served as they are (tgi_zmq.quant.gguf): blocks repacked exactly, names and rotary rows as
+"""GGUF files served as they are (tgi_zmq.checkpoint.gguf): blocks repacked exactly, names and rotary rows as
 transformers loads them, and the folder of config and tokenizer files."""
 
 from __future__ import annotations
@@ -14,9 +14,13 @@ from gguf import GGMLQuantizationType as Q
 from safetensors import safe_open
 
 from tgi_zmq import convert
-from tgi_zmq.models.weights import MissingTensorError
+from tgi_zmq.checkpoint.base import MissingTensorError
+from tgi_zmq.checkpoint.gguf import GGUFWeights, hf_name
+from tgi_zmq.checkpoint.gguf_file import is_gguf_folder
+from tgi_zmq.convert import prepare_gguf_folder
+from tgi_zmq.layers import Linear, WeightSource
 from tgi_zmq.quant.formats import Int4Weight, Int8Weight
-from tgi_zmq.quant.gguf import GGUFWeights, hf_name, is_gguf_folder, prepare_gguf_folder
+from tgi_zmq.quant.linear import DequantizedLinear, QuantizedLinear
 
 CPU = torch.device("cpu")
 PROMPT = "The capital of France is Paris"
@@ -133,6 +137,32 @@ def test_names_usage_and_missing_tensors(blocks_file: Path) -> None:
     with pytest.raises(MissingTensorError, match="blocks.gguf has no tensor 'lm_head.weight'"):
         w.get_quantized("lm_head.weight")
     assert (w.dtype, w.device, w.folder) == (torch.float32, CPU, blocks_file)
+    assert isinstance(w, WeightSource)
+
+
+@pytest.mark.parametrize(
+    ("qtypes", "method"),
+    [
+        ([Q.Q4_K, Q.Q4_0, Q.Q4_1], QuantizedLinear),  # all Int4Weight of group 32: one weight
+        ([Q.Q8_0], QuantizedLinear),
+        ([Q.Q4_K, Q.Q6_K], DequantizedLinear),  # a Q6_K v beside Q4_K q/k: dense
+        ([Q.Q8_0, Q.Q4_0], DequantizedLinear),
+        ([Q.F16], DequantizedLinear),
+    ],
+    ids=lambda v: "-".join(q.name for q in v) if isinstance(v, list) else v.__name__,
+)
+def test_each_linear_is_served_by_the_method_its_blocks_allow(blocks_file: Path, qtypes, method) -> None:
+    w = GGUFWeights(blocks_file, torch.float32, CPU)
+    prefixes = [up(q).removesuffix(".weight") for q in qtypes]
+    assert type(w.linear_method(prefixes, None)) is method
+    assert type(w.linear_method(prefixes, None, head=True)) is method
+    assert not w.used  # deciding reads no tensor
+    layer = Linear(w, [(p, None) for p in prefixes])
+    assert type(layer.method) is method
+    files = [f"blk.{(QUANTIZED + FLOATS + OTHERS).index(q)}.ffn_up.weight" for q in qtypes]
+    dense = torch.cat([reference(blocks_file, name) for name in files])
+    x = torch.randn(3, IN, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(layer(x), x @ dense.T, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -197,6 +227,21 @@ def test_other_architectures_are_refused(tmp_path: Path, monkeypatch: pytest.Mon
         GGUFWeights(path, torch.float32, CPU)
     monkeypatch.setenv(convert.CACHE_ENV, str(tmp_path / "cache"))
     with pytest.raises(ValueError, match="architecture 'gemma2'"):
+        prepare_gguf_folder(path)
+    assert not list((tmp_path / "cache" / "gguf").iterdir())
+
+
+def test_an_architecture_no_model_serves_is_refused_before_any_file_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """qwen3's tensors are named like llama's, but no model class serves it."""
+    path = write_gguf(
+        tmp_path / "qwen3.gguf", {"output_norm.weight": (np.ones(64, np.float32), Q.F32)}, "qwen3"
+    )
+    monkeypatch.setenv(convert.CACHE_ENV, str(tmp_path / "cache"))
+    with pytest.raises(
+        ValueError, match=r"architecture 'qwen3' is not served as it is \(only llama, qwen2\)"
+    ):
         prepare_gguf_folder(path)
     assert not list((tmp_path / "cache" / "gguf").iterdir())
 
@@ -268,7 +313,7 @@ def test_prepare_gguf_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, co
     assert ours.chat_template == theirs.chat_template and ours.chat_template
     assert (ours.eos_token, ours.bos_token) == ("<|im_end|>", "<|im_start|>")
 
-    monkeypatch.setattr("tgi_zmq.quant.gguf._write_folder", pytest.fail)
+    monkeypatch.setattr("tgi_zmq.convert.gguf._write_gguf_folder", pytest.fail)
     assert prepare_gguf_folder(source) == folder  # made once
     assert is_gguf_folder(converted) is None
 

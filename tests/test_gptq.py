@@ -1,7 +1,7 @@
 """GPTQ/AWQ checkpoints repacked into Int4Weight: hand-made words, round trips, slices, errors, configs.
 
 Neither auto_gptq nor autoawq is installed, so the layouts are pinned by hand-computed words and by
-reference decoders written independently of ``tgi_zmq.quant.gptq`` (per element, from the published
+reference decoders written independently of ``tgi_zmq.checkpoint.gptq`` (per element, from the published
 layouts): a mistake shared by our packer and unpacker cannot cancel out.
 """
 
@@ -16,11 +16,15 @@ from safetensors.torch import load_file
 
 from tests.quant_checkpoints import (
     LINEARS,
+    pack_awq,
+    pack_gptq,
     write_awq_checkpoint,
     write_dequantized_reference,
     write_gptq_checkpoint,
 )
-from tgi_zmq.quant.gptq import QuantConfig, awq_to_int4, gptq_to_int4, pack_awq, pack_gptq, read_quant_config
+from tgi_zmq.checkpoint.gptq import QuantConfig, awq_to_int4, gptq_to_int4, int4_layout, read_quant_config
+from tgi_zmq.checkpoint.safetensors import SafetensorsWeights
+from tgi_zmq.quant.linear import DequantizedLinear, QuantizedLinear
 
 AWQ_NIBBLE_OF_OUTPUT = [0, 4, 1, 5, 2, 6, 3, 7]  # AutoAWQ packs outputs [0, 2, 4, 6, 1, 3, 5, 7]
 N, K = 40, 256
@@ -215,6 +219,20 @@ def test_act_order_splits_by_rows_not_inside_groups():
         gptq(t, cfg, cols=(0, 128))
 
 
+def test_int4_layout_tells_which_linears_stack():
+    """Parts of one linear stack into one Int4Weight when their groups and input order agree: read from
+    g_idx alone (a missing g_idx is the inputs in order)."""
+    cfg = QuantConfig("gptq", group_size=32, desc_act=True)
+    in_order = pack_gptq(weight(), 32)["g_idx"]
+    shuffled = [pack_gptq(weight(), 32, desc_act=True, seed=seed)["g_idx"] for seed in (1, 1, 2)]
+    assert int4_layout(cfg, in_order, K, None) == int4_layout(cfg, None, K, None) == (32, None)
+    assert int4_layout(cfg, shuffled[0], K, None) == int4_layout(cfg, shuffled[1], K, None)
+    assert int4_layout(cfg, shuffled[0], K, None) != int4_layout(cfg, shuffled[2], K, None)
+    assert int4_layout(cfg, in_order, K, (0, 16))[0] == 16  # a cut group: shorter runs
+    awq_cfg = QuantConfig("awq", group_size=64)
+    assert int4_layout(awq_cfg, None, K, (64, 256)) == (64, None)
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 
@@ -342,3 +360,16 @@ def test_checkpoint_folders_and_their_reference(float_dir, tmp_path, method):
     from tests.helpers import hf_logits
 
     assert torch.isfinite(hf_logits(ref_dir, [1, 5, 9], [])).all()  # transformers loads it
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_each_linear_is_served_by_the_method_its_tensors_allow(float_dir, tmp_path, desc_act):
+    """q/k/v stack into one 4-bit weight unless act-order sorted their inputs differently (each linear of
+    this checkpoint has its own random order): then one dense weight. The LM head is float: dense."""
+    quant = write_gptq_checkpoint(float_dir, tmp_path / "q", group=32, desc_act=desc_act)
+    w = SafetensorsWeights(quant, torch.float32, torch.device("cpu"))
+    attn = "model.layers.0.self_attn."
+    qkv = w.linear_method([attn + n for n in ("q_proj", "k_proj", "v_proj")], None)
+    assert type(qkv) is (DequantizedLinear if desc_act else QuantizedLinear)
+    assert type(w.linear_method([attn + "o_proj"], (0, 32))) is QuantizedLinear
+    assert type(w.linear_method(["lm_head"], None, head=True)) is DequantizedLinear

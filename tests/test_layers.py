@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from tgi_zmq.checkpoint.safetensors import SafetensorsWeights
 from tgi_zmq.layers import (
     ColumnParallelLinear,
     LayerNorm,
@@ -17,8 +18,8 @@ from tgi_zmq.layers import (
     RMSNorm,
     RowParallelLinear,
     VocabParallelEmbedding,
+    WeightSource,
 )
-from tgi_zmq.models.weights import Weights
 from tgi_zmq.parallel import Shard
 
 HIDDEN, UNITS, VOCAB, HEAD_DIM = 6, 7, 11, 3  # odd sizes: uneven splits over 2 ranks
@@ -66,8 +67,8 @@ def ckpt(tmp_path_factory) -> dict:
     return t
 
 
-def weights(ckpt) -> Weights:
-    return Weights(ckpt["folder"], torch.float32, torch.device("cpu"))
+def weights(ckpt) -> SafetensorsWeights:
+    return SafetensorsWeights(ckpt["folder"], torch.float32, torch.device("cpu"))
 
 
 X = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(1))
@@ -159,9 +160,9 @@ def test_vocab_split_embedding_sums_and_lm_head_concatenates(ckpt):
 
 class Int8Rows:
     """A weight-only int8 method (one scale per output row): what the seam is for. Its integers are
-    read as stored (``Weights.get(dtype=...)``), not cast to the model's dtype."""
+    read as stored (``WeightSource.get(dtype=...)``), not cast to the model's dtype."""
 
-    def load(self, layer, weights: Weights, parts, cols) -> None:
+    def load(self, layer, weights: WeightSource, parts, cols) -> None:
         (prefix, rows), *_ = parts
         layer.qweight = weights.get(f"{prefix}.qweight", rows, cols, dtype=torch.int8)
         layer.scale = weights.get(f"{prefix}.scale", rows)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,11 +14,19 @@ from safetensors.torch import load_file, save_file
 
 from tests.helpers import ARCHITECTURES, hf_greedy, run_engine, tiny_model
 from tgi_zmq.cli import pick_quantize
+from tgi_zmq.layers import UnquantizedLinear
 from tgi_zmq.messages import SamplingParams
 from tgi_zmq.models import load_model
 from tgi_zmq.quant import check_kv_cache_dtype, check_quantize, runnable
-from tgi_zmq.quant.formats import Int4Weight, Int8Weight
-from tgi_zmq.quant.linear import quantizer
+from tgi_zmq.quant.formats import Int4Weight, Int8Weight, quantize_int4, quantize_int8
+from tgi_zmq.quant.linear import (
+    BitsAndBytesLinear,
+    DequantizedLinear,
+    Fp8Linear,
+    QuantizedLinear,
+    QuantScheme,
+    quantizer,
+)
 
 EMBEDDINGS = ("embed_tokens", "word_embeddings", "shared", "relative_attention_bias")
 PROMPTS = [[5, 9, 14, 3, 77], [200, 31, 8], [42] * 6]
@@ -129,23 +138,48 @@ def test_prequantized_checkpoints_give_the_tokens_of_their_dequantized_weights(m
     assert run_engine(checkpoint, PROMPTS, params, MAX_NEW, quantize=method)[0] == expected
 
 
+def never() -> int:
+    raise AssertionError("the inputs are asked only to quantize at load")
+
+
+def test_the_scheme_picks_each_layers_method():
+    """One place decides (vLLM's ``get_quant_method``): float weights dense; a checkpoint's own blocks
+    stacked when its parts are stored alike, else one dense weight; a float checkpoint quantized at load
+    when its inputs are runs of 32, its head in 8 bits on the CPU; bitsandbytes and fp8 on CUDA."""
+    assert type(QuantScheme(None, "cpu").method("x", [None], never, False)) is UnquantizedLinear
+    own = QuantScheme("checkpoint", "cpu")
+    assert type(own.method("x", ["int4", "int4", "int4"], never, False)) is QuantizedLinear
+    assert own.method("x", ["int4"], never, True).quantize is None
+    for mixed in (["int4", "int4", "int8"], ["int4", None], [None]):
+        assert type(own.method("x", mixed, never, False)) is DequantizedLinear
+    int8, nf4 = QuantScheme("int8", "cpu"), QuantScheme("nf4", "cpu")
+    assert int8.method("x", [None, None], lambda: 64, False).quantize is quantize_int8
+    assert type(int8.method("x", [None], lambda: 48, False)) is DequantizedLinear
+    assert nf4.method("x", [None], lambda: 64, False).quantize not in (None, quantize_int8)
+    assert nf4.method("x", [None], lambda: 64, True).quantize is quantize_int8
+    assert type(QuantScheme("nf4", "cuda").method("x", [None], never, True)) is BitsAndBytesLinear
+    assert type(QuantScheme("fp8", "cuda").method("x", [None], never, False)) is Fp8Linear
+    with pytest.raises(ValueError, match="no linear method stores weights as 'int3'"):
+        QuantScheme("int3", "cpu")
+
+
 def test_parts_in_different_formats_are_served_dense():
-    """A GGUF's q/k in Q4_K beside its v in Q6_K (served as float) stack into one dense weight."""
-    from types import SimpleNamespace
-
-    from tgi_zmq.quant.formats import quantize_int4
-    from tgi_zmq.quant.linear import QuantizedLinear
-
+    """A GGUF's q/k in Q4_K beside its v in Q6_K (served as float) stack into one dense weight; the
+    quantized method refuses them rather than compute a wrong answer."""
     torch.manual_seed(0)
     q, v = torch.randn(64, 64), torch.randn(32, 64)
     stored = {"q.weight": quantize_int4(q), "v.weight": v}
     weights = SimpleNamespace(get_quantized=lambda name, rows, cols: stored[name], dtype=torch.float32)
+    parts, x = [("q", None), ("v", None)], torch.randn(3, 64)
     layer = SimpleNamespace(bias=None)
-    method = QuantizedLinear(None)
-    method.load(layer, weights, [("q", None), ("v", None)], None)
-    x = torch.randn(3, 64)
+    DequantizedLinear().load(layer, weights, parts, None)
     expected = x @ torch.cat([stored["q.weight"].dequantize(), v]).T
-    torch.testing.assert_close(method.apply(layer, x), expected)
+    torch.testing.assert_close(DequantizedLinear().apply(layer, x), expected)
+    with pytest.raises(ValueError, match="q: parts in different formats or input orders do not stack"):
+        QuantizedLinear(None).load(SimpleNamespace(bias=None), weights, parts, None)
     stored["v.weight"] = quantize_int4(v)  # one format: one quantized weight
-    method.load(layer, weights, [("q", None), ("v", None)], None)
-    assert layer.weight is None and layer.qweight is not None
+    method, layer = QuantizedLinear(None), SimpleNamespace(bias=None)
+    method.load(layer, weights, parts, None)
+    assert not hasattr(layer, "weight") and layer.qweight.shape == (96, 64)
+    expected = x @ torch.cat([w.dequantize() for w in stored.values()]).T
+    torch.testing.assert_close(method.apply(layer, x), expected)

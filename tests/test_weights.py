@@ -12,9 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.helpers import hf_greedy, run_engine, tiny_llama
+from tgi_zmq.checkpoint.base import MissingTensorError
+from tgi_zmq.checkpoint.safetensors import INDEX_FILE, SafetensorsWeights
+from tgi_zmq.layers import WeightSource
 from tgi_zmq.messages import SamplingParams
 from tgi_zmq.models import load_model
-from tgi_zmq.models.weights import INDEX_FILE, MissingTensorError, Weights
 
 PROMPT = [5, 17, 300, 42, 7, 99]
 MISSING = "model.layers.0.mlp.up_proj.weight"
@@ -40,7 +42,7 @@ def copy(folder: Path, tmp_path: Path) -> Path:
 
 def file_of(folder: Path, name: str) -> Path:
     """The safetensors file that holds tensor ``name``."""
-    return Weights(folder, torch.float32, torch.device("cpu")).files[name]
+    return SafetensorsWeights(folder, torch.float32, torch.device("cpu")).files[name]
 
 
 def rewrite(path: Path, edit) -> None:
@@ -52,15 +54,15 @@ def rewrite(path: Path, edit) -> None:
 def test_sharded_checkpoint_gives_transformers_tokens(sharded: Path) -> None:
     files = sorted(p.name for p in sharded.glob("*.safetensors"))
     assert len(files) >= 3 and (sharded / INDEX_FILE).is_file()
-    weights = Weights(sharded, torch.float32, torch.device("cpu"))
-    assert len(set(weights.files.values())) == len(files)
+    weights = SafetensorsWeights(sharded, torch.float32, torch.device("cpu"))
+    assert len(set(weights.files.values())) == len(files) and isinstance(weights, WeightSource)
     expected = hf_greedy(sharded, PROMPT, 10)
     assert run_engine(sharded, [PROMPT], [SamplingParams()], 10)[0] == [expected]
 
 
 def test_sharded_and_single_file_give_the_same_tensors(single: Path, sharded: Path) -> None:
-    one = Weights(single, torch.float32, torch.device("cpu"))
-    many = Weights(sharded, torch.float32, torch.device("cpu"))
+    one = SafetensorsWeights(single, torch.float32, torch.device("cpu"))
+    many = SafetensorsWeights(sharded, torch.float32, torch.device("cpu"))
     assert sorted(one.files) == sorted(many.files)
     for name in one.files:
         assert torch.equal(one.get(name), many.get(name)), name
@@ -68,7 +70,7 @@ def test_sharded_and_single_file_give_the_same_tensors(single: Path, sharded: Pa
 
 
 def test_tensors_are_read_on_demand_and_cast(sharded: Path) -> None:
-    weights = Weights(sharded, torch.bfloat16, torch.device("cpu"))
+    weights = SafetensorsWeights(sharded, torch.bfloat16, torch.device("cpu"))
     assert weights.has(MISSING) and not weights.has("nope")
     assert weights.used == set()
     assert weights.get(MISSING).dtype == torch.bfloat16
@@ -99,7 +101,7 @@ def test_index_naming_a_missing_file_is_an_error(sharded: Path, tmp_path: Path) 
     shard = file_of(folder, MISSING)
     shard.unlink()
     with pytest.raises(FileNotFoundError, match=shard.name):
-        Weights(folder, torch.float32, torch.device("cpu"))
+        SafetensorsWeights(folder, torch.float32, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("layout", ["single", "sharded"])
@@ -122,4 +124,4 @@ def test_unexpected_tensor_is_warned_by_name(
 
 def test_folder_without_safetensors_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors file"):
-        Weights(tmp_path, torch.float32, torch.device("cpu"))
+        SafetensorsWeights(tmp_path, torch.float32, torch.device("cpu"))

@@ -229,7 +229,7 @@ def model_folder(model_id: str) -> Path:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ValueError(f"--model-id {model_id}: no such GGUF file")
-        from tgi_zmq.quant.gguf import prepare_gguf_folder
+        from tgi_zmq.convert import prepare_gguf_folder
 
         return prepare_gguf_folder(path)
     return path
@@ -238,9 +238,9 @@ def model_folder(model_id: str) -> Path:
 def pick_quantize(requested: str | None, model_dir: Path, device: str) -> str | None:
     """The ``--quantize`` value served: the one asked if this device runs it and the checkpoint allows
     it; a GPTQ/AWQ checkpoint's own method when none is asked; "gguf" for a GGUF file."""
+    from tgi_zmq.checkpoint.gguf_file import is_gguf_folder
+    from tgi_zmq.checkpoint.gptq import read_quant_config
     from tgi_zmq.quant import check_quantize
-    from tgi_zmq.quant.gguf import is_gguf_folder
-    from tgi_zmq.quant.gptq import read_quant_config
 
     if is_gguf_folder(model_dir):
         if requested:

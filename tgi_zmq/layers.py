@@ -2,7 +2,7 @@
 how weights are stored and split.
 
 A model declares its layers by checkpoint name; each layer reads the rows or columns its rank holds
-through ``Weights`` and owns the communication its split needs (Megatron's, see ``tgi_zmq.parallel``):
+through ``WeightSource`` and owns the communication its split needs (Megatron's, see ``tgi_zmq.parallel``):
 - column-parallel linears hold a range of output features (heads, MLP units) and need none: their
   consumer works on the same range;
 - a row-parallel linear holds the matching range of input features, and one all-reduce sums the
@@ -11,14 +11,17 @@ through ``Weights`` and owns the communication its split needs (Megatron's, see 
   on rank 0).
 With one rank every slice is the whole tensor and nothing communicates.
 
-A linear layer's weights are made and multiplied by its ``LinearMethod``: a quantized format or a
-LoRA delta is one new method class, not an edit of every model.
+Both sides of the seam are declared here: a layer reads from a ``WeightSource`` (a checkpoint reader of
+``tgi_zmq.checkpoint``) and its weights are made and multiplied by the ``LinearMethod`` the source picks
+for it by name (``tgi_zmq.quant.linear``): a quantized format or a LoRA delta is one new method class,
+not an edit of every model. Declared beside the layers that consume them, the readers and methods import
+this module and it imports neither.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +29,7 @@ import torch.nn.functional as F
 from tgi_zmq import native
 from tgi_zmq.machine import cpu_has_bf16
 from tgi_zmq.parallel import Shard
-
-if TYPE_CHECKING:  # the models package imports this module
-    from tgi_zmq.models.weights import Weights
+from tgi_zmq.quant.formats import Loaded
 
 Range = tuple[int, int] | None
 """Rows (or columns) ``[lo, hi)`` of a checkpoint tensor; None: all of them (one rank)."""
@@ -38,10 +39,44 @@ Units = int | tuple[int, int]
 when the split is decided elsewhere (the query heads of a ``QKVParallelLinear``)."""
 
 
+@runtime_checkable
+class WeightSource(Protocol):
+    """A checkpoint's tensors by their Hugging Face names, each read as the slice a rank holds, and the
+    linear method of each layer (vLLM's ``QuantizationConfig.get_quant_method(layer, prefix)``)."""
+
+    dtype: torch.dtype  # the model's
+    device: torch.device
+
+    def has(self, name: str) -> bool: ...
+
+    def get(
+        self, name: str, rows: Range = None, cols: Range = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Tensor ``name`` (its ``rows`` x ``cols`` slice) on the device in ``dtype`` (None: the model's;
+        a quantized layer keeps its integers); ``MissingTensorError`` if absent."""
+
+    def get_quantized(self, name: str, rows: Range = None, cols: Range = None) -> Loaded:
+        """The checkpoint's own quantized form of ``name`` (GGUF blocks, GPTQ/AWQ tensors) repacked into
+        our formats, only this slice; else the float tensor in the model's dtype."""
+
+    def linear_method(self, prefixes: Sequence[str], cols: Range, head: bool = False) -> LinearMethod:
+        """The method of the linear over the tensors ``<prefix>.weight`` read with input columns ``cols``;
+        ``head``: the LM head's. Parts the checkpoint stores in different formats are served dense."""
+
+    def mark_used(self, name: str) -> None:
+        """Count ``name`` as read without reading it (a tensor only another rank holds, a saved copy
+        of a shared one), so that it is not reported as unused."""
+
+    def unused(self) -> list[str]:
+        """Checkpoint tensors the model did not read (reported at load time)."""
+
+
 class LinearMethod(Protocol):
     """How a linear layer's weights are stored and multiplied (dense, quantized, with a LoRA delta)."""
 
-    def load(self, layer: Linear, weights: Weights, parts: Sequence[tuple[str, Range]], cols: Range) -> None:
+    def load(
+        self, layer: Linear, weights: WeightSource, parts: Sequence[tuple[str, Range]], cols: Range
+    ) -> None:
         """Set ``layer``'s parameters from the checkpoint: the ``parts`` (tensor prefix, its rows)
         stacked by output rows, each read with the input columns ``cols``."""
 
@@ -55,7 +90,9 @@ class UnquantizedLinear:
     def __init__(self, dtype: torch.dtype | None = None):
         self.dtype = dtype
 
-    def load(self, layer: Linear, weights: Weights, parts: Sequence[tuple[str, Range]], cols: Range) -> None:
+    def load(
+        self, layer: Linear, weights: WeightSource, parts: Sequence[tuple[str, Range]], cols: Range
+    ) -> None:
         layer.weight = _cat([weights.get(f"{p}.weight", rows, cols, self.dtype) for p, rows in parts])
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
@@ -89,13 +126,13 @@ class Linear:
 
     def __init__(
         self,
-        weights: Weights,
+        weights: WeightSource,
         parts: Sequence[tuple[str, Range]],
         cols: Range = None,
         bias: bool = False,
         method: LinearMethod | None = None,
     ):
-        self.method = method or weights.linear_method or UnquantizedLinear()
+        self.method = method or weights.linear_method([p for p, _ in parts], cols)
         self.method.load(self, weights, parts, cols)
         self.bias = _cat([weights.get(f"{p}.bias", rows) for p, rows in parts]) if bias else None
 
@@ -109,7 +146,7 @@ class MergedColumnParallelLinear(Linear):
 
     def __init__(
         self,
-        weights: Weights,
+        weights: WeightSource,
         prefixes: Sequence[str],
         shard: Shard,
         units: Units,
@@ -131,7 +168,7 @@ class ColumnParallelLinear(MergedColumnParallelLinear):
 
     def __init__(
         self,
-        weights: Weights,
+        weights: WeightSource,
         prefix: str,
         shard: Shard,
         units: Units,
@@ -148,7 +185,7 @@ class QKVParallelLinear(Linear):
 
     def __init__(
         self,
-        weights: Weights,
+        weights: WeightSource,
         prefixes: Sequence[str],
         shard: Shard,
         num_heads: int,
@@ -177,7 +214,7 @@ class RowParallelLinear(Linear):
 
     def __init__(
         self,
-        weights: Weights,
+        weights: WeightSource,
         prefix: str,
         shard: Shard,
         units: Units,
@@ -200,7 +237,7 @@ class VocabParallelEmbedding:
     others) and an all-reduce sums the lookups. A quantized checkpoint's table (GGUF) stays
     quantized: only the rows looked up are dequantized."""
 
-    def __init__(self, weights: Weights, name: str, shard: Shard, vocab_size: int):
+    def __init__(self, weights: WeightSource, name: str, shard: Shard, vocab_size: int):
         table = weights.get_quantized(name, rows=shard.part(vocab_size))
         self.weight = table.to(weights.dtype) if isinstance(table, torch.Tensor) else table
         self.name, self.dtype = name, weights.dtype
@@ -227,21 +264,20 @@ class ParallelLMHead(Linear):
 
     def __init__(
         self,
-        weights: Weights,
+        weights: WeightSource,
         prefix: str,
         shard: Shard,
         vocab_size: int,
         tied: VocabParallelEmbedding | None = None,
         method: LinearMethod | None = None,
     ):
-        method = method or weights.head_method
-        if tied is None:
-            super().__init__(weights, [(prefix, shard.part(vocab_size))], None, False, method)
-        elif method is None and isinstance(tied.weight, torch.Tensor):
-            self.method, self.weight, self.bias = UnquantizedLinear(), tied.weight, None
+        source = prefix if tied is None else tied.name.removesuffix(".weight")
+        shared = method is None and tied is not None and isinstance(tied.weight, torch.Tensor)
+        method = method or weights.linear_method([source], None, head=True)
+        if shared and isinstance(method, UnquantizedLinear):
+            self.method, self.weight, self.bias = method, tied.weight, None
         else:
-            tied_prefix = tied.name.removesuffix(".weight")
-            super().__init__(weights, [(tied_prefix, shard.part(vocab_size))], None, False, method)
+            super().__init__(weights, [(source, shard.part(vocab_size))], None, False, method)
         self.shard, self.vocab_size = shard, vocab_size
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor | None:
@@ -251,7 +287,7 @@ class ParallelLMHead(Linear):
 class RMSNorm:
     """RMS norm (Llama, T5) as transformers: normalised in float32, scaled in the model dtype."""
 
-    def __init__(self, weights: Weights, name: str, eps: float):
+    def __init__(self, weights: WeightSource, name: str, eps: float):
         self.weight = weights.get(name)
         self.eps = eps
 
@@ -264,7 +300,7 @@ class RMSNorm:
 class LayerNorm:
     """LayerNorm with ``<prefix>.weight`` and ``<prefix>.bias`` (BLOOM)."""
 
-    def __init__(self, weights: Weights, prefix: str, eps: float):
+    def __init__(self, weights: WeightSource, prefix: str, eps: float):
         self.weight = weights.get(f"{prefix}.weight")
         self.bias = weights.get(f"{prefix}.bias")
         self.eps = eps

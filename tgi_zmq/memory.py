@@ -116,15 +116,15 @@ def rank_weights_bytes(model_dir: Path, dtype: str, shard: Shard) -> int:
     Falls back to an even split of ``weights_bytes`` (with a warning) if the model cannot be built there.
     A GGUF file's ranks hold an even split of its blocks (repacked at about their size).
     """
+    from tgi_zmq.checkpoint.gguf_file import is_gguf_folder
+    from tgi_zmq.checkpoint.safetensors import SafetensorsWeights
     from tgi_zmq.models import architecture, read_config
-    from tgi_zmq.models.weights import Weights
-    from tgi_zmq.quant.gguf import is_gguf_folder
 
     gguf = is_gguf_folder(model_dir)
     if gguf is not None:
         return ceil_div(gguf.stat().st_size, shard.world)
 
-    class Counted(Weights):
+    class Counted(SafetensorsWeights):
         """The checkpoint's tensors as meta tensors, each one the model asks for counted."""
 
         nbytes = 0

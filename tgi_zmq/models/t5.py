@@ -35,9 +35,9 @@ from tgi_zmq.layers import (
     RMSNorm,
     RowParallelLinear,
     VocabParallelEmbedding,
+    WeightSource,
 )
 from tgi_zmq.models.base import ModelConfig, PagedModel
-from tgi_zmq.models.weights import Weights
 from tgi_zmq.parallel import Shard
 
 ACTIVATIONS = {
@@ -145,7 +145,7 @@ class T5Model(PagedModel):
     """With tensor parallelism (``shard``), this rank's heads, feed-forward units and vocabulary slice."""
 
     def __init__(
-        self, cfg: T5Config, weights: Weights, dtype: torch.dtype, device: torch.device, shard: Shard
+        self, cfg: T5Config, weights: WeightSource, dtype: torch.dtype, device: torch.device, shard: Shard
     ):
         super().__init__(cfg, dtype, device, shard)
         self.heads, _ = shard.heads(cfg.num_heads, cfg.num_kv_heads)
@@ -164,7 +164,7 @@ class T5Model(PagedModel):
         self.encoder_bias = weights.get(bias_name.format("encoder"), cols=heads).float()
         self.decoder_bias = weights.get(bias_name.format("decoder"), cols=heads).float()
 
-    def _load_block(self, w: Weights, stack: str, i: int) -> Block:
+    def _load_block(self, w: WeightSource, stack: str, i: int) -> Block:
         c, shard, heads = self.cfg, self.shard, self.heads
         p = f"{stack}.block.{i}.layer."
         attn, cross = f"{p}0.SelfAttention.", f"{p}1.EncDecAttention."

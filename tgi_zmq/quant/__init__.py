@@ -1,9 +1,9 @@
 """Quantization: TGI's ``--quantize`` names, what each device can run, and the linear method of each.
 
-Where a quantized weight comes from is the checkpoint reader's business (a float checkpoint quantized
-at load, GPTQ/AWQ tensors or GGUF blocks repacked); how it is stored and multiplied is one of the two
-formats of ``formats`` and the kernels of ``kernels``. The models never see the difference: their
-linear layers take the method of the ``Weights`` they are loaded from (``tgi_zmq.layers``).
+Where a quantized weight comes from is the checkpoint reader's business (``tgi_zmq.checkpoint``: a float
+checkpoint quantized at load, GPTQ/AWQ tensors or GGUF blocks repacked); how it is stored and multiplied
+is one of the two formats of ``formats`` and the kernels of ``kernels``. The models never see the
+difference: each linear layer takes the method its reader picks for it (``linear.QuantScheme``).
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@
   one format (and one kernel) of uniform int4 (GGUF Q4_0/Q4_1/Q4_K, GPTQ, AWQ: ``lut = 0..15``) and of
   bitsandbytes' NF4 and FP4 (their code books, offset 0).
 
+``ActOrder`` wraps either with its inputs in another order (a GPTQ act-order checkpoint's).
+
 Within each 32 inputs of a row, byte ``j`` holds input ``j`` in its low nibble and input ``j + 16`` in
 its high one (GGML's order): a 16-byte load gives two runs of 16 consecutive inputs, one register
 each in AVX-512. A group is a multiple of 32 inputs.
@@ -18,6 +20,7 @@ Scales and offsets are float32 (GGUF stores float16: converting is exact). The r
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch
 
@@ -108,6 +111,17 @@ class Int4Weight:
 
 
 QuantizedWeight = Int8Weight | Int4Weight
+
+
+class ActOrder(NamedTuple):
+    """A GPTQ act-order weight: its inputs sorted by group; the layer reads ``x[:, perm]``."""
+
+    weight: QuantizedWeight
+    perm: torch.Tensor
+
+
+Loaded = QuantizedWeight | ActOrder | torch.Tensor
+"""What a checkpoint reader's ``get_quantized`` gives: its own quantized blocks, or a float tensor."""
 
 
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:

@@ -23,10 +23,12 @@ import dataclasses
 import functools
 import json
 import math
+from collections.abc import Hashable
 from pathlib import Path
 
 import torch
 
+from tgi_zmq.block_manager import ceil_div
 from tgi_zmq.quant.formats import BLOCK, UNIFORM, Int4Weight, pack_codes
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the output of nibble i within an AWQ int32
@@ -123,7 +125,7 @@ def gptq_to_int4(
         g_idx = torch.arange(k) // cfg.group(k)
     groups = scales.shape[0]
     bad_g_idx = g_idx.shape != (k,) or not 0 <= int(g_idx.min()) <= int(g_idx.max()) < groups
-    if bad_g_idx or scales.shape[1] != n or qzeros.shape != (groups, math.ceil(n / 8)):
+    if bad_g_idx or scales.shape[1] != n or qzeros.shape != (groups, ceil_div(n, 8)):
         raise ValueError(
             f"GPTQ tensors disagree: qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, "
             f"scales {tuple(scales.shape)}, g_idx {tuple(g_idx.shape)}"
@@ -134,6 +136,16 @@ def gptq_to_int4(
         zeros = (zeros + V1_ZERO_BIAS) & 0xFFFFFFFF
     zeros = _unpack(zeros, r0, r1)  # [groups, N']
     return _assemble(codes, zeros, scales[:, r0:r1], g_idx[c0:c1].long(), cfg, (c0, c1), k)
+
+
+def int4_layout(cfg: QuantConfig, g_idx: torch.Tensor | None, k: int, cols: Range | None) -> Hashable:
+    """What decides whether GPTQ/AWQ linears over the same inputs stack into one ``Int4Weight``: the group
+    (run) length and the input order of the ``cols`` slice of a weight with ``k`` inputs, from ``g_idx``
+    (None: in order) alone, without unpacking the weight."""
+    c0, c1 = _check_range(cols, k, "cols")
+    groups = g_idx[c0:c1].long() if g_idx is not None else torch.arange(c0, c1) // cfg.group(k)
+    perm, run = _order(groups)
+    return run, None if perm is None else perm.numpy().tobytes()
 
 
 def awq_to_int4(
@@ -147,7 +159,7 @@ def awq_to_int4(
     """An AWQ (GEMM) linear, or its ``rows`` x ``cols`` slice, as ``Int4Weight``."""
     k, n = qweight.shape[0], scales.shape[1]
     (r0, r1), (c0, c1) = _check_range(rows, n, "rows"), _check_range(cols, k, "cols")
-    words = math.ceil(n / 8)
+    words = ceil_div(n, 8)
     if qweight.shape[1] != words or qzeros.shape != (scales.shape[0], words):
         raise ValueError(
             f"AWQ tensors disagree: qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, "
@@ -160,47 +172,6 @@ def awq_to_int4(
     return weight
 
 
-def pack_gptq(
-    w: torch.Tensor,
-    group: int = 128,
-    desc_act: bool = False,
-    seed: int = 0,
-    sym: bool = False,
-    v2: bool = False,
-) -> dict[str, torch.Tensor]:
-    """A float weight [N, K] as a GPTQ checkpoint's tensors (round to nearest, GPTQ's min/max grid).
-
-    ``desc_act`` groups the inputs in a random order, as act-order does (its order is by the Hessian's
-    diagonal): ``g_idx[order[j]] = j // group``. ``v2``: qzeros hold z (``gptq_v2``), else z - 1.
-    """
-    n, k = w.shape
-    g = k if group == -1 else group
-    order = torch.randperm(k, generator=torch.Generator().manual_seed(seed)) if desc_act else torch.arange(k)
-    g_idx = torch.empty(k, dtype=torch.long)
-    g_idx[order] = torch.arange(k) // g
-    codes, zeros, scales = _quantize(w.float(), g_idx, sym)
-    packed_zeros = _pack(zeros.T)
-    if not v2:
-        packed_zeros = (packed_zeros - V1_ZERO_BIAS) & 0xFFFFFFFF
-    return {
-        "qweight": _int32(_pack(codes).T.contiguous()),
-        "qzeros": _int32(packed_zeros),
-        "scales": scales.T.contiguous(),
-        "g_idx": g_idx.to(torch.int32),
-    }
-
-
-def pack_awq(w: torch.Tensor, group: int = 128) -> dict[str, torch.Tensor]:
-    """A float weight [N, K] as an AWQ (GEMM) checkpoint's tensors (round to nearest, asymmetric)."""
-    n, k = w.shape
-    codes, zeros, scales = _quantize(w.float(), torch.arange(k) // group, sym=False)
-    return {
-        "qweight": _int32(_pack(codes.T.contiguous(), AWQ_ORDER)),
-        "qzeros": _int32(_pack(zeros.T.contiguous(), AWQ_ORDER)),
-        "scales": scales.T.contiguous(),
-    }
-
-
 def _check_range(span: Range | None, size: int, what: str) -> Range:
     lo, hi = span or (0, size)
     if not 0 <= lo < hi <= size:
@@ -210,7 +181,7 @@ def _check_range(span: Range | None, size: int, what: str) -> Range:
 
 def _words(lo: int, hi: int) -> slice:
     """The packed int32 words holding the values [lo, hi)."""
-    return slice(lo // 8, math.ceil(hi / 8))
+    return slice(lo // 8, ceil_div(hi, 8))
 
 
 def _unpack(packed: torch.Tensor, lo: int, hi: int, nibble_of: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -221,38 +192,6 @@ def _unpack(packed: torch.Tensor, lo: int, hi: int, nibble_of: tuple[int, ...] |
         nibbles = nibbles[..., list(nibble_of)]
     start = lo - lo // 8 * 8
     return nibbles.flatten(-2)[..., start : start + hi - lo]
-
-
-def _pack(values: torch.Tensor, order: tuple[int, ...] | None = None) -> torch.Tensor:
-    """4-bit values [..., 8M] -> [..., M] words as int64 in [0, 2^32): nibble ``i`` of word ``c`` holds
-    value ``8c + order[i]`` (default ``i``)."""
-    words = values.long().reshape(*values.shape[:-1], -1, 8)
-    if order is not None:
-        words = words[..., list(order)]
-    return (words << SHIFTS).sum(-1)
-
-
-def _int32(words: torch.Tensor) -> torch.Tensor:
-    """Unsigned 32-bit words held in int64 -> the int32 with the same bits (what checkpoints store)."""
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
-def _quantize(w: torch.Tensor, g_idx: torch.Tensor, sym: bool) -> tuple[torch.Tensor, ...]:
-    """GPTQ's round-to-nearest grid per (row, group): min/max widened to include 0, float16 scales.
-    Returns codes [N, K], zero points [N, groups] (both int64) and scales [N, groups] (float16)."""
-    n, k = w.shape
-    idx, groups = g_idx.expand(n, k), int(g_idx.max()) + 1
-    lo = torch.zeros(n, groups).scatter_reduce(1, idx, w, "amin")  # include_self: the 0
-    hi = torch.zeros(n, groups).scatter_reduce(1, idx, w, "amax")
-    if sym:
-        hi = torch.maximum(hi, -lo)
-        lo = -hi
-    scales = ((hi - lo) / 15).half()
-    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-    s = scales.float()
-    zeros = torch.full_like(s, 8) if sym else torch.round(-lo / s).clamp(0, 15)
-    codes = torch.round(w / s[:, g_idx]) + zeros[:, g_idx]
-    return codes.clamp(0, 15).long(), zeros.long(), scales
 
 
 def _assemble(
@@ -270,12 +209,9 @@ def _assemble(
     Each group's inputs must come in runs of a multiple of 32: the format's group is the largest run
     length dividing them all (a slice cutting a group leaves shorter runs, whose scales are repeated).
     """
-    perm = None
-    if bool((groups[1:] < groups[:-1]).any()):
-        perm = torch.argsort(groups, stable=True)
+    perm, run = _order(groups)
+    if perm is not None:
         codes, groups = codes[:, perm], groups[perm]
-    _, counts = torch.unique_consecutive(groups, return_counts=True)
-    run = functools.reduce(math.gcd, counts.tolist())
     if run % BLOCK:
         name, group = cfg.method.upper(), cfg.group(k)
         if cols == (0, k):
@@ -291,3 +227,11 @@ def _assemble(
     s = scales[run_groups].float().T.contiguous()
     offsets = -zeros[run_groups].float().T * s
     return Int4Weight(pack_codes(codes.contiguous()), s, offsets.contiguous(), UNIFORM.clone(), run), perm
+
+
+def _order(groups: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+    """Each input's group -> (the inputs sorted by group, None when they are already; the largest run
+    length dividing every group's count of inputs)."""
+    perm = torch.argsort(groups, stable=True) if bool((groups[1:] < groups[:-1]).any()) else None
+    _, counts = torch.unique_consecutive(groups if perm is None else groups[perm], return_counts=True)
+    return perm, functools.reduce(math.gcd, counts.tolist())

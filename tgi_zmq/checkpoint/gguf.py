@@ -1,9 +1,9 @@
 """Serve a GGUF file as it is: its quantized blocks repacked into our formats, tensor by tensor.
 
-``prepare_gguf_folder`` writes a small model folder (config, tokenizer, chat template, all from the GGUF,
-with the repairs of ``tgi_zmq.convert.gguf``) and ``gguf.json`` naming the file; ``GGUFWeights`` reads
-the tensors from the file itself. Nothing is dequantized to float but the tensors of types our formats do
-not hold (Q6_K, Q5_*...) and the float ones (norms, biases).
+The model folder beside it (config, tokenizer, chat template, all from the GGUF, and ``gguf.json`` naming
+the file) is written by ``tgi_zmq.convert.prepare_gguf_folder``; ``GGUFWeights`` reads the tensors from
+the file itself. Nothing is dequantized to float but the tensors of types our formats do not hold (Q6_K,
+Q5_*...) and the float ones (norms, biases).
 
 Repacking is exact: GGUF's float16 scales (and Q4_K's 6-bit sub-scales times them) are float32 values,
 and GGML's nibble order within 32 inputs is our order, so ``dequantize()`` of what ``get_quantized``
@@ -12,28 +12,25 @@ gives equals ``gguf.quants.dequantize`` of the same blocks.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import time
+from collections.abc import Hashable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES
+from gguf.quants import dequantize
+
+from tgi_zmq.block_manager import ceil_div
+from tgi_zmq.checkpoint.base import CheckpointReader, MissingTensorError
+from tgi_zmq.checkpoint.gguf_file import check_architecture, gguf_value, open_gguf
+from tgi_zmq.layers import Range
+from tgi_zmq.quant.formats import UNIFORM, Int4Weight, Int8Weight, to_device
+from tgi_zmq.quant.linear import QuantScheme
 
 if TYPE_CHECKING:
-    import torch
     from gguf import ReaderTensor
 
-    from tgi_zmq.layers import LinearMethod
-    from tgi_zmq.quant.formats import Int4Weight, Int8Weight
-
-log = logging.getLogger(__name__)
-
-GGUF_JSON = "gguf.json"
-# general.architecture values whose tensors need no more than renaming (and llama's rotary rows): others
-# (gemma's norms, fused qkv...) transformers transforms further; convert them with ``tgi-zmq convert``.
-ARCHITECTURES = ("llama", "qwen2", "qwen3")
 GROUP = 32  # inputs per scale of our repacked weights (a GGUF block; Q4_K sub-block)
 # Per-layer GGUF names (blk.N.<name>) of the llama family (llama, mistral, qwen2/3) -> Hugging Face's.
 _LAYER_NAMES = {
@@ -54,67 +51,6 @@ _MODEL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
 _IGNORED = ("rope_freqs.weight",)
 
 
-def is_gguf_folder(folder: Path) -> Path | None:
-    """The GGUF file whose tensors a ``prepare_gguf_folder`` folder serves; None for any other folder."""
-    marker = Path(folder) / GGUF_JSON
-    if not marker.is_file():
-        return None
-    return Path(json.loads(marker.read_text(encoding="utf-8"))["gguf"])
-
-
-def prepare_gguf_folder(gguf_path: Path) -> Path:
-    """The model folder of ``gguf_path`` in the cache, written on first use (a few seconds: no weights).
-
-    Its name has a hash of the file's path, size and modification time, so an edited or replaced file
-    gets a new folder. Built aside and renamed into place under the conversion lock, as conversions are.
-    """
-    from tgi_zmq.convert import FORMAT_VERSION, cache_dir, conversion_lock, remove_stale_builds
-    from tgi_zmq.convert.files import build_and_publish
-
-    gguf_path = Path(gguf_path).expanduser().resolve()
-    stat = gguf_path.stat()
-    key = f"{gguf_path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{FORMAT_VERSION}"
-    folder = cache_dir() / "gguf" / f"{gguf_path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    if is_gguf_folder(folder):
-        return folder
-    with conversion_lock():
-        if not is_gguf_folder(folder):  # another process may have written it while we waited
-            remove_stale_builds(folder)
-            start = time.monotonic()
-            build_and_publish(folder, lambda tmp: _write_folder(gguf_path, tmp))
-            log.info("prepared %s for %s in %.1f s", folder, gguf_path.name, time.monotonic() - start)
-    return folder
-
-
-def _write_folder(gguf_path: Path, folder: Path) -> None:
-    from tgi_zmq.convert.files import fsync_tree
-    from tgi_zmq.convert.gguf import gguf_value, load_gguf_tokenizer, shared_gguf_reader, write_configs
-
-    folder.mkdir(parents=True)
-    log.info("importing transformers")
-    from transformers import AutoConfig
-
-    log.info("reading the metadata of %s", gguf_path.name)
-    with shared_gguf_reader(gguf_path) as reader:
-        check_architecture(gguf_path, gguf_value(reader, "general.architecture"))
-        log.info("reading the config")
-        config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        log.info("reading the tokenizer")
-        tokenizer, overrides = load_gguf_tokenizer(gguf_path)
-        log.info("writing the config and tokenizer files")
-        write_configs(folder, gguf_path, config, tokenizer, overrides, "float32")
-    (folder / GGUF_JSON).write_text(json.dumps({"gguf": str(gguf_path)}, indent=2) + "\n", encoding="utf-8")
-    fsync_tree(folder)
-
-
-def check_architecture(gguf_path: Path, arch: Any) -> None:
-    if arch not in ARCHITECTURES:
-        raise ValueError(
-            f"{gguf_path}: GGUF architecture {arch!r} is not served as it is (only "
-            f"{', '.join(ARCHITECTURES)}); convert it to safetensors with `tgi-zmq convert`"
-        )
-
-
 def hf_name(gguf_name: str) -> str | None:
     """The Hugging Face name of a llama-family GGUF tensor (``blk.3.attn_q.weight`` ->
     ``model.layers.3.self_attn.q_proj.weight``); None for names outside the mapping."""
@@ -127,26 +63,21 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
-class GGUFWeights:
-    """The tensors of a GGUF file by their Hugging Face names, with the interface of
-    ``tgi_zmq.models.weights.Weights`` plus ``get_quantized``. The file is memory-mapped; each call
-    reads and converts only the slice it asks for (each tensor-parallel rank its own)."""
+class GGUFWeights(CheckpointReader):
+    """The tensors of a GGUF file by their Hugging Face names, served in the file's own blocks. The file
+    is memory-mapped; each call reads and converts only the slice it asks for (each tensor-parallel rank
+    its own)."""
 
     def __init__(self, gguf_path: str | Path, dtype: torch.dtype, device: torch.device):
-        from tgi_zmq.convert.gguf import gguf_value, open_gguf
-
-        self.path = self.folder = Path(gguf_path)  # ``folder``: what error messages name
-        if not self.path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {self.path}")
-        self.dtype = dtype
-        self.device = device
-        self.quant_config = None
-        self.linear_method: LinearMethod | None = None  # set by the loader, as on ``Weights``
-        self.head_method: LinearMethod | None = None
-        reader = open_gguf(self.path)
+        path = Path(gguf_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        reader = open_gguf(path)
         arch = gguf_value(reader, "general.architecture")
-        check_architecture(self.path, arch)
+        check_architecture(path, arch)
+        self.path = path
         self.tensors: dict[str, ReaderTensor] = {hf_name(t.name) or t.name: t for t in reader.tensors}
+        super().__init__(path, self.tensors, dtype, device, QuantScheme("checkpoint", device.type))
         # llama.cpp's converter interleaves the rotary halves of q/k rows of "llama" models (mistral too);
         # transformers' GGUF loader undoes it: heads of each tensor whose rows must be un-permuted.
         self._rotary_heads: dict[str, int] = {}
@@ -156,26 +87,20 @@ class GGUFWeights:
             for name in self.tensors if heads else ():
                 if ".self_attn.q_proj." in name or ".self_attn.k_proj." in name:
                     self._rotary_heads[name] = heads if ".q_proj." in name else kv_heads
-        self.used: set[str] = {name for name in _IGNORED if name in self.tensors}
-        self._started = time.perf_counter()
-        self._next_report = 0.25
+        self.used.update(name for name in _IGNORED if name in self.tensors)
 
     def has(self, name: str) -> bool:
         return name in self.tensors
 
     def get(
-        self,
-        name: str,
-        rows: tuple[int, int] | None = None,
-        cols: tuple[int, int] | None = None,
-        dtype: torch.dtype | None = None,
+        self, name: str, rows: Range = None, cols: Range = None, dtype: torch.dtype | None = None
     ) -> torch.Tensor:
         """Tensor ``name`` (its ``rows`` x ``cols`` slice) dequantized, in ``dtype`` (None: the model's)."""
         tensor = self._tensor(name)
         return self._done(self._float(name, tensor, rows, cols).to(dtype or self.dtype))
 
     def get_quantized(
-        self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None
+        self, name: str, rows: Range = None, cols: Range = None
     ) -> Int8Weight | Int4Weight | torch.Tensor:
         """The slice as our format, repacked from the file's blocks: Q8_0 -> ``Int8Weight``; Q4_0, Q4_1,
         Q4_K -> ``Int4Weight`` (group 32). Any other type: the float tensor in the model's dtype.
@@ -196,19 +121,19 @@ class GGUFWeights:
         weight = repack(raw, first // GROUP, (c1 - c0) // GROUP)
         return self._done(weight)
 
-    def mark_used(self, name: str) -> None:
-        """Count ``name`` as read without reading it (a tensor only another rank holds)."""
-        if name in self.tensors:
-            self.used.add(name)
+    def stored_format(self, name: str, cols: Range) -> Hashable | None:
+        """What ``get_quantized`` repacks the tensor into ("int8", "int4": all of group 32 and uniform
+        codes, so alike stack), from its GGUF type; None for a type it dequantizes."""
+        tensor = self.tensors.get(name)
+        return None if tensor is None or len(tensor.shape) != 2 else _FORMATS.get(tensor.tensor_type.name)
 
-    def unused(self) -> list[str]:
-        """File tensors the model did not read (reported at load time)."""
-        return sorted(set(self.tensors) - self.used)
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self.tensors:
+            raise MissingTensorError(self.folder, name)
+        return tuple(int(n) for n in reversed(self.tensors[name].shape))
 
     def _tensor(self, name: str) -> ReaderTensor:
         if name not in self.tensors:
-            from tgi_zmq.models.weights import MissingTensorError
-
             raise MissingTensorError(self.folder, name)
         self.used.add(name)
         return self.tensors[name]
@@ -227,9 +152,6 @@ class GGUFWeights:
         self, name: str, tensor: ReaderTensor, rows: tuple[int, int] | None, cols: tuple[int, int] | None
     ) -> torch.Tensor:
         """The slice as float32, by ``gguf.quants.dequantize`` of only the blocks that hold it."""
-        import torch
-        from gguf.quants import dequantize
-
         ids = self._row_ids(name, tensor, rows)
         if len(tensor.shape) == 1:  # norms and biases: small
             values = dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(-1)[ids]
@@ -242,31 +164,19 @@ class GGUFWeights:
 
     def _done(self, value: Any) -> Any:
         """``value`` on the model's device; logs progress at each quarter of the tensors read."""
-        import torch
-
-        from tgi_zmq.quant.formats import to_device
-
         value = (
             value.to(self.device).contiguous()
             if isinstance(value, torch.Tensor)
             else to_device(value, self.device)
         )
-        n = len(self.tensors)
-        done = len(self.used) / n
-        if done >= self._next_report:
-            elapsed = time.perf_counter() - self._started
-            log.info("loaded %d/%d tensors (%.0f%%) in %.1fs", len(self.used), n, done * 100, elapsed)
-            while self._next_report <= done:
-                self._next_report += 0.25
+        self._report_progress()
         return value
 
 
 def _blocks(tensor: ReaderTensor, ids: slice | np.ndarray, c0: int, c1: int) -> tuple[np.ndarray, int]:
     """The rows ``ids`` of the blocks holding input columns [c0, c1), and where c0 falls in them."""
-    from gguf import GGML_QUANT_SIZES
-
     block, size = GGML_QUANT_SIZES[tensor.tensor_type]
-    b0, b1 = c0 // block, -(-c1 // block)
+    b0, b1 = c0 // block, ceil_div(c1, block)
     per_block = size if tensor.data.dtype == np.uint8 else 1  # bytes, or values of a float type
     return np.ascontiguousarray(tensor.data[ids, b0 * per_block : b1 * per_block]), c0 - b0 * block
 
@@ -280,10 +190,6 @@ def _halves(raw: np.ndarray, size: int, *fields: int) -> tuple[list[np.ndarray],
 
 def _int8(raw: np.ndarray, g0: int, ng: int) -> Int8Weight:
     """Q8_0: a float16 scale and 32 int8 codes per block; w = q * scale."""
-    import torch
-
-    from tgi_zmq.quant.formats import Int8Weight
-
     (scale,), codes = _halves(raw, 34, 0)
     codes = np.ascontiguousarray(codes.reshape(raw.shape[0], -1)[:, g0 * GROUP : (g0 + ng) * GROUP])
     return Int8Weight(
@@ -293,10 +199,6 @@ def _int8(raw: np.ndarray, g0: int, ng: int) -> Int8Weight:
 
 def _int4(packed: np.ndarray, scales: np.ndarray, offsets: np.ndarray, g0: int, ng: int) -> Int4Weight:
     """Our Int4Weight of groups [g0, g0 + ng) of packed nibbles [rows, groups, 16] (GGML order)."""
-    import torch
-
-    from tgi_zmq.quant.formats import UNIFORM, Int4Weight
-
     rows = packed.shape[0]
     part = slice(g0, g0 + ng)
     return Int4Weight(
@@ -340,3 +242,5 @@ def _q4_k(raw: np.ndarray, g0: int, ng: int) -> Int4Weight:
 
 
 _REPACKERS = {"Q8_0": _int8, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k}
+# What each repacks to: the formats of stored_format (Q4_0, Q4_1 and Q4_K stack with one another)
+_FORMATS = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4"}
