@@ -354,6 +354,7 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
         disable_grammar_support=args.disable_grammar_support,
         grammar_compile_timeout=args.grammar_compile_timeout,
         eos_token_ids=rules.eos_token_ids,
+        vocab_size=hf_config.get("vocab_size"),
         decoder_start_token_id=rules.decoder_start_token_id,
         watchdog_timeout=args.watchdog_timeout,
         recovery_timeout=args.recovery_timeout,
