@@ -25,9 +25,9 @@ from tgi_zmq.runtime import TEST_FAULTS_ENV
 pytestmark = pytest.mark.e2e
 
 MAX_NEW_TOKENS = 32
-PROMPTS = [
+PROMPTS = [  # greedy, each goes on for MAX_NEW_TOKENS (no early end of sequence)
     "Here is a list of the planets of the solar system, from the closest to the sun to the farthest:",
-    "Explain in simple words how a bicycle stays upright when it moves and falls over when it stops.",
+    "Once upon a time, in a small village at the foot of a mountain covered in snow, there lived a",
     "def merge_sort(values):\n    # Sort a list of integers with merge sort and return a new list\n",
     "The history of the printing press begins in the fifteenth century, when a goldsmith in Mainz",
 ]
