@@ -1,5 +1,6 @@
-"""The worker's step path in process (``Worker.run_step``, no sockets): a result is written into a
-buffer sized from the limits, and one that cannot be written fails the step instead of the worker."""
+"""A worker's failures in process, without sockets: ``Worker.run_step`` writes a result into a buffer
+sized from the limits, and one that cannot be written fails the step instead of the worker; a worker
+the scheduler cannot use is refused instead of crashing the scheduler."""
 
 from __future__ import annotations
 
@@ -83,3 +84,20 @@ def test_a_result_its_buffer_cannot_hold_fails_the_step_not_the_worker(worker):
     answer = worker.run_step(msg)
     assert isinstance(answer, m.WorkerFailure) and "more than the 1048576 bytes" in answer.message
     ring.close()
+
+
+def test_a_worker_with_fewer_kv_blocks_than_configured_is_refused_not_a_crash(tmp_path, caplog):
+    """Seen from the scheduler (``WorkerGroup.loaded``): it used to raise, and the scheduler died at
+    every announcement of that worker, every second, taking every request in flight with it."""
+    from tgi_zmq.worker_group import WorkerGroup
+
+    config = ServerConfig(model_id="none", served_model_name="m", runtime_dir=str(tmp_path / "g"))
+    group = WorkerGroup(config, sock=None)
+    try:
+        short = m.WorkerReady(0, "boot-1", 1, config.num_blocks - 1)
+        with caplog.at_level(logging.ERROR):
+            assert not group.loaded(short) and not group.loaded(short)  # refused, then ignored
+        assert not group.ready and caplog.text.count("fewer than configured") == 1
+        assert group.loaded(m.WorkerReady(0, "boot-2", 2, config.num_blocks)) and group.ready
+    finally:
+        group.close()
