@@ -15,7 +15,15 @@ import zmq
 from tgi_zmq import cpus
 from tgi_zmq import messages as m
 from tgi_zmq.config import ServerConfig
-from tgi_zmq.runtime import exit_on_sigterm, pull, push, serve, setup_logging, start_heartbeat
+from tgi_zmq.runtime import (
+    exit_on_sigterm,
+    failure_reporter,
+    pull,
+    push,
+    serve,
+    setup_logging,
+    start_heartbeat,
+)
 from tgi_zmq.textstream import BatchDetokenizer
 
 log = setup_logging("detokenizer")
@@ -30,6 +38,7 @@ class DetokenizerProcess:
         self.inbox = pull(ctx, config.endpoint("detokenizer"))
         self.to_frontend = push(ctx, config.endpoint("frontend"))
         self.to_scheduler = push(ctx, config.endpoint("scheduler"))
+        self.fail = failure_reporter(self.to_frontend, "detokenizer", log)
         self.handlers: dict[type, Callable[[Any], None]] = {
             m.BatchTokenOutput: self.tokens,
             m.AbortRequest: lambda msg: self.detok.forget(msg.rid),
@@ -37,10 +46,10 @@ class DetokenizerProcess:
         }
 
     def run(self) -> None:
-        serve(self.inbox, self.handlers, log)
+        serve(self.inbox, self.handlers, log, self.fail)
 
     def tokens(self, out: m.BatchTokenOutput) -> None:
-        text_out, stopped = self.detok.process(out)
+        text_out, stopped = self.detok.process(out, self.fail)  # a request that raises fails alone
         for rid in stopped:
             self.to_scheduler.send(m.encode(m.StopRequest(rid)))
         if text_out.deltas:

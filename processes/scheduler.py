@@ -33,7 +33,15 @@ from tgi_zmq.engine import EngineCore, Outcome
 from tgi_zmq.errors import ValidationError, generation_error
 from tgi_zmq.grammar import Compile, GrammarEngine, GrammarError
 from tgi_zmq.policy import Produced, Request, ScheduledBatch, SchedulePolicy
-from tgi_zmq.runtime import exit_on_sigterm, pull, push, setup_logging, start_heartbeat
+from tgi_zmq.runtime import (
+    dispatch,
+    exit_on_sigterm,
+    failure_reporter,
+    pull,
+    push,
+    setup_logging,
+    start_heartbeat,
+)
 from tgi_zmq.worker_group import WorkerGroup
 
 log = setup_logging("scheduler")
@@ -50,6 +58,7 @@ class SchedulerProcess:
         router.bind(config.endpoint("worker"))
         self.to_detok = push(ctx, config.endpoint("detokenizer"))
         self.to_frontend = push(ctx, config.endpoint("frontend"))
+        self.fail = failure_reporter(self.to_frontend, "scheduler", log)
         self.poller = zmq.Poller()
         self.poller.register(self.inbox, zmq.POLLIN)
         self.poller.register(router, zmq.POLLIN)
@@ -102,7 +111,7 @@ class SchedulerProcess:
                 progressed = outcome.progressed
 
     def receive(self, timeout_ms: int) -> None:
-        """Handle everything that is waiting."""
+        """Handle everything that is waiting (a request whose handler raises fails alone)."""
         for sock, _ in self.poller.poll(timeout_ms):
             if sock == self.wake_r:
                 os.read(self.wake_r, 4096)  # a grammar's compile is over: admit_compiled takes it
@@ -113,15 +122,11 @@ class SchedulerProcess:
                 except zmq.Again:
                     break
                 try:
-                    msg = m.decode(frames[-1])
+                    msg = m.decode(frames[-1], tuple(self.handlers))
                 except m.ProtocolError as exc:
                     log.error("dropped a bad frame: %s", exc)
                     continue
-                handler = self.handlers.get(type(msg))
-                if handler is None:
-                    log.error("unexpected message %s", type(msg).__name__)
-                else:
-                    handler(msg)
+                dispatch(self.handlers, msg, self.fail)  # the error policy: tgi_zmq.runtime
 
     # ------------------------------------------------------------------ handlers
 

@@ -19,7 +19,15 @@ from tgi_zmq import messages as m
 from tgi_zmq.config import ServerConfig
 from tgi_zmq.errors import RequestError, ValidationError
 from tgi_zmq.prompts import render_chat, token_spans, tokenize
-from tgi_zmq.runtime import exit_on_sigterm, pull, push, serve, setup_logging, start_heartbeat
+from tgi_zmq.runtime import (
+    exit_on_sigterm,
+    failure_reporter,
+    pull,
+    push,
+    serve,
+    setup_logging,
+    start_heartbeat,
+)
 
 log = setup_logging("tokenizer")
 
@@ -45,7 +53,7 @@ class TokenizerProcess:
         }
 
     def run(self) -> None:
-        serve(self.inbox, self.handlers, log)
+        serve(self.inbox, self.handlers, log, failure_reporter(self.to_frontend, "tokenizer", log))
 
     def pass_on(self, msg: m.AbortRequest | m.FrontendStarted | m.ProfileRequest) -> None:
         self.to_scheduler.send(m.encode(msg))
@@ -89,6 +97,7 @@ class TokenizerProcess:
                 req,
                 max_input_tokens=self.config.max_input_tokens,
                 max_total_tokens=self.config.max_total_tokens,
+                vocab_size=self.config.vocab_size,
             )
         except RequestError as exc:
             log.info("rid=%s rejected: %s", req.rid, exc)

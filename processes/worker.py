@@ -31,7 +31,7 @@ import zmq
 
 from tgi_zmq import cpus
 from tgi_zmq import messages as m
-from tgi_zmq.config import RESULT_BUFFER_BYTES, RING_SLOTS, WORKER_ANNOUNCE_MS, ServerConfig
+from tgi_zmq.config import RING_SLOTS, WORKER_ANNOUNCE_MS, ServerConfig
 from tgi_zmq.profiling import StepProfiler
 from tgi_zmq.runtime import BOOT_ID, exit_on_sigterm, setup_logging, start_heartbeat
 from tgi_zmq.steplog import WORKER_STEP
@@ -54,7 +54,6 @@ class Worker:
         from tgi_zmq.models import weight_bytes
         from tgi_zmq.parallel import init_group
         from tgi_zmq.sampler import Watermark
-        from tgi_zmq.transport import TensorReader, TensorRing, remove_stale
 
         config, rank = self.config, self.rank
         cpus.apply(f"worker-{rank}", config.num_shard, config.torch_threads)
@@ -108,12 +107,23 @@ class Worker:
         self.ready = m.encode(m.WorkerReady(rank, BOOT_ID, os.getpid(), config.num_blocks))
         self.sock.send(self.ready)
         self.loaded = True
+        self.open_buffers()
+
+    def open_buffers(self) -> None:
+        """The reader of the steps and this rank's ring of results, sized for the largest result the
+        limits allow (``step.result_buffer_size``)."""
+        from tgi_zmq.step import result_buffer_size
+        from tgi_zmq.transport import TensorReader, TensorRing, remove_stale
+
+        config = self.config
         self.new_reader = lambda: TensorReader("cpu")  # steps always come in host shared memory
         self.steps = self.new_reader()
-        remove_stale(f"{config.shm_prefix}-result-{rank}")  # a killed predecessor's buffers
-        self.results = TensorRing(
-            f"{config.shm_prefix}-result-{rank}-{BOOT_ID}", RING_SLOTS, RESULT_BUFFER_BYTES, self.device
+        remove_stale(f"{config.shm_prefix}-result-{self.rank}")  # a killed predecessor's buffers
+        size = result_buffer_size(
+            config.max_concurrent_requests, config.max_top_n_tokens, config.max_batch_prefill_tokens
         )
+        name = f"{config.shm_prefix}-result-{self.rank}-{BOOT_ID}"
+        self.results = TensorRing(name, RING_SLOTS, size, self.device)
 
     def run(self) -> None:
         try:
@@ -173,17 +183,18 @@ class Worker:
         self.runner.forget_requests()
 
     def run_step(self, msg: m.StepRequest) -> m.StepResult | m.WorkerFailure:
-        """Forward one step; a failure becomes a ``WorkerFailure`` answer instead of a crash."""
+        """Forward one step and write its result; a failure becomes a ``WorkerFailure`` answer instead
+        of a crash (a row that cannot sample fails alone: ``StepOutput.failed``)."""
         from tgi_zmq.step import Step
 
         started = time.perf_counter()
         try:
             step = Step.from_tensors(self.steps.read(msg.buffer, msg.tensors, msg.cuda_handle), msg.grammars)
             out = self.runner.execute(step)
+            buffer, refs, handle = self.results.write(out.to_tensors())
         except Exception as exc:  # a bad step must not take the worker down
             self.log.exception("step %d failed", msg.step_id)
             return m.WorkerFailure(msg.step_id, msg.scheduler_boot, BOOT_ID, f"{type(exc).__name__}: {exc}")
-        buffer, refs, handle = self.results.write(out.to_tensors())
         seconds = time.perf_counter() - started
         return m.StepResult(msg.step_id, msg.scheduler_boot, buffer, refs, handle, seconds)
 

@@ -7,6 +7,12 @@ import pytest
 from tgi_zmq import messages as m
 from tgi_zmq.textstream import PROMPT_TAIL, BatchDetokenizer, DecodeState, IncrementalDetokenizer
 
+
+def unexpected(rid: str, exc: Exception) -> None:
+    """The ``fail`` of tests where no request may fail."""
+    raise AssertionError(f"{rid} failed") from exc
+
+
 TEXTS = [
     "Hello world, this is a test.",
     "Émilie a mangé 3 crêpes à Noël 🎄🎅 — voilà!",
@@ -59,11 +65,11 @@ def test_batch_detokenizer_streams_deltas_and_drops_late_tokens(tokenizer):
     batch = BatchDetokenizer(tokenizer)
     ids = tokenizer(" one two three", add_special_tokens=False)["input_ids"]
     info = m.DetokRequestInfo("r", [], 4, ["two"])
-    out, stopped = batch.process(m.BatchTokenOutput([info], ["r"], [ids[0]], [-0.5], [None]))
+    out, stopped = batch.process(m.BatchTokenOutput([info], ["r"], [ids[0]], [-0.5], [None]), unexpected)
     assert out.deltas[0].text == " one" and out.deltas[0].prompt_tokens == 4
-    out, stopped = batch.process(m.BatchTokenOutput([], ["r"], [ids[1]], [-0.5], [None]))
+    out, stopped = batch.process(m.BatchTokenOutput([], ["r"], [ids[1]], [-0.5], [None]), unexpected)
     assert stopped == ["r"] and out.deltas[0].finish_reason == "stop_sequence"
-    out, _ = batch.process(m.BatchTokenOutput([], ["r"], [ids[2]], [-0.5], [None]))
+    out, _ = batch.process(m.BatchTokenOutput([], ["r"], [ids[2]], [-0.5], [None]), unexpected)
     assert out.deltas == []  # the scheduler may still send a token or two: ignored
 
 
@@ -73,7 +79,7 @@ def test_the_whole_prompt_comes_and_only_its_tail_is_kept(tokenizer):
     (token,) = tokenizer(" yes", add_special_tokens=False)["input_ids"]
     batch = BatchDetokenizer(tokenizer)
     info = m.DetokRequestInfo("r", prompt, len(prompt), [])
-    out, _ = batch.process(m.BatchTokenOutput([info], ["r"], [token], [0.0], [None]))
+    out, _ = batch.process(m.BatchTokenOutput([info], ["r"], [token], [0.0], [None]), unexpected)
     assert batch.states["r"].ids == prompt[-PROMPT_TAIL:] + [token]
     assert out.deltas[0].text == " yes" and out.deltas[0].prompt_tokens == len(prompt)
 
@@ -84,14 +90,14 @@ def test_a_replayed_request_decodes_on_as_if_never_interrupted(tokenizer):
     whole = BatchDetokenizer(tokenizer)
     first = m.DetokRequestInfo("r", [1], 4, ["sat on"])
     texts = [
-        whole.process(m.BatchTokenOutput([first] if i == 0 else [], ["r"], [t], [0.0], [None]))[0]
+        whole.process(m.BatchTokenOutput([first] if i == 0 else [], ["r"], [t], [0.0], [None]), unexpected)[0]
         for i, t in enumerate(ids)
     ]
     replay = BatchDetokenizer(tokenizer)
     info = m.DetokRequestInfo("r~1", [1], 4, ["sat on"], ids[:2])
-    out, stopped = replay.process(m.BatchTokenOutput([info], ["r~1"], [ids[2]], [0.0], [None]))
+    out, stopped = replay.process(m.BatchTokenOutput([info], ["r~1"], [ids[2]], [0.0], [None]), unexpected)
     assert out.deltas[0].text == texts[2].deltas[0].text and out.deltas[0].generated_tokens == 3
-    out, stopped = replay.process(m.BatchTokenOutput([], ["r~1"], [ids[3]], [0.0], [None]))
+    out, stopped = replay.process(m.BatchTokenOutput([], ["r~1"], [ids[3]], [0.0], [None]), unexpected)
     assert stopped == ["r~1"] and out.deltas[0].text == texts[3].deltas[0].text
 
 
@@ -102,13 +108,31 @@ def test_the_last_delta_carries_the_stage_times(tokenizer):
     batch = BatchDetokenizer(tokenizer)
     stages = m.StageTimes(tokenize=0.001, queue=0.02, prefill=0.3, decode=0.0, detokenize=0.0)
     info = m.DetokRequestInfo("r", [1], 4, [], stages=stages, first_token_time=time.time() - 2.0)
-    out, _ = batch.process(m.BatchTokenOutput([info], ["r"], [ids[0]], [0.0], [None]))
+    out, _ = batch.process(m.BatchTokenOutput([info], ["r"], [ids[0]], [0.0], [None]), unexpected)
     assert out.deltas[0].stages is None
-    out, _ = batch.process(m.BatchTokenOutput([], ["r"], [ids[1]], [0.0], ["length"]))
+    out, _ = batch.process(m.BatchTokenOutput([], ["r"], [ids[1]], [0.0], ["length"]), unexpected)
     last = out.deltas[0].stages
     assert (last.tokenize, last.queue, last.prefill) == (0.001, 0.02, 0.3)
     assert 2.0 <= last.decode < 10.0
     assert 0.0 < last.detokenize < 1.0
     untimed = m.DetokRequestInfo("u", [1], 4, [])  # without stages (as other tests make them): none sent
-    out, _ = batch.process(m.BatchTokenOutput([untimed], ["u"], [ids[0]], [0.0], ["eos_token"]))
+    out, _ = batch.process(m.BatchTokenOutput([untimed], ["u"], [ids[0]], [0.0], ["eos_token"]), unexpected)
     assert out.deltas[0].stages is None
+
+
+def test_a_request_whose_tokens_raise_fails_alone(tokenizer):
+    """One request's share of a step that raises (here a token id no tokenizer can decode) fails that
+    request: the others get their text, and its later tokens are dropped."""
+    ids = tokenizer(" one two", add_special_tokens=False)["input_ids"]
+    batch = BatchDetokenizer(tokenizer)
+    infos = [m.DetokRequestInfo(rid, [1], 4, ["two"]) for rid in ("good", "bad", "replayed")]
+    infos[2].output_ids = [-5]  # its replayed tokens raise before its first token
+    failed: dict[str, Exception] = {}
+    step = m.BatchTokenOutput(infos, ["good", "bad", "replayed"], [ids[0], -5, ids[0]], [0.0] * 3, [None] * 3)
+    out, stopped = batch.process(step, failed.__setitem__)
+    assert [d.rid for d in out.deltas] == ["good"] and out.deltas[0].text == " one"
+    assert sorted(failed) == ["bad", "replayed"] and isinstance(failed["bad"], OverflowError)
+    assert sorted(batch.states) == ["good"]
+    step = m.BatchTokenOutput([], ["bad", "good", "replayed"], [ids[1]] * 3, [0.0] * 3, [None] * 3)
+    out, stopped = batch.process(step, unexpected)
+    assert [d.rid for d in out.deltas] == ["good"] and stopped == ["good"]

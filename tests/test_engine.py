@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 
 from tests.helpers import run_engine, tiny_llama
+from tgi_zmq import sampler
 from tgi_zmq.block_manager import BlockManager
-from tgi_zmq.engine import MAX_FAULTS, EngineCore, StepFailure, WorkersLost
-from tgi_zmq.messages import SamplingParams
+from tgi_zmq.engine import MAX_FAULTS, ROW_FAILED, EngineCore, StepFailure, WorkersLost
+from tgi_zmq.messages import SamplingParams, TokenBias
 from tgi_zmq.model_runner import ModelRunner
 from tgi_zmq.offline import LocalExecutor, run_to_completion
 from tgi_zmq.policy import Request, SchedulePolicy
@@ -126,6 +127,46 @@ def test_a_failed_step_fails_its_requests_and_the_others_go_on(folder, undisturb
     run_to_completion(engine, reqs[1:])
     assert [r.output_ids for r in reqs[1:]] == undisturbed[1:]
     assert engine.policy.block_manager.num_free == 64
+
+
+def run_with_failures(engine: EngineCore, reqs: list[Request]) -> list[tuple[str, str]]:
+    """Turn the engine until every request ended; returns the failed ones' (rid, reason)."""
+    for req in reqs:
+        engine.policy.add(req)
+    failed = []
+    while engine.has_work():
+        failed += [(req.rid, reason) for req, reason in engine.step().failed]
+    return failed
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_row_biasing_a_token_the_model_lacks_fails_alone(folder, undisturbed, overlap):
+    """The tokenizer refuses such a request (a 422); past it, the worker must still not index past the
+    logits: that row fails, the others of its steps get their tokens."""
+    engine, executor = engine_for(folder, overlap=overlap)
+    bad = Request("bad", [1, 5, 9], SamplingParams(logit_bias=[TokenBias(512, 5.0)]), MAX_NEW)  # vocab 512
+    reqs = requests()
+    assert run_with_failures(engine, [reqs[0], bad, *reqs[1:]]) == [("bad", ROW_FAILED)]
+    assert [r.output_ids for r in reqs] == undisturbed and bad.finish_reason == "error"
+    assert not executor.restarts and engine.policy.block_manager.num_free == 64
+
+
+def test_a_row_whose_sampling_raises_fails_alone(folder, undisturbed, monkeypatch):
+    """Sampling the batch raises: each row is sampled alone, the one that raises again fails alone."""
+    draw = sampler._sample_row
+
+    def poisoned(row_logits, d):
+        if d.seed == 666:
+            raise RuntimeError("a row that cannot sample")
+        return draw(row_logits, d)
+
+    monkeypatch.setattr(sampler, "_sample_row", poisoned)
+    engine, executor = engine_for(folder)
+    bad = Request("bad", [1, 5, 9], SamplingParams(do_sample=True, seed=666), MAX_NEW)
+    reqs = requests()
+    assert run_with_failures(engine, [*reqs[:2], bad, reqs[2]]) == [("bad", ROW_FAILED)]
+    assert [r.output_ids for r in reqs] == undisturbed
+    assert not executor.restarts and engine.policy.block_manager.num_free == 64
 
 
 def test_the_watchdog_restarts_hung_workers_with_a_growing_bound(folder, undisturbed):

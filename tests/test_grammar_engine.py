@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from tests.conftest import free_port
 from tests.helpers import tiny_llama
 from tgi_zmq.block_manager import BlockManager
-from tgi_zmq.engine import EngineCore
+from tgi_zmq.engine import ROW_FAILED, EngineCore
 from tgi_zmq.grammar import GrammarEngine, RowMatchers
 from tgi_zmq.messages import Grammar, GrammarStart, SamplingParams
 from tgi_zmq.model_runner import ModelRunner
@@ -256,3 +256,23 @@ def test_two_ranks_give_the_tokens_of_one_and_only_rank_0_follows_the_grammars(f
     run(folder, grammars, single)
     assert ranks[0][0] == ranks[1][0] == [r.output_ids for r in single]
     assert ranks[0][1] and not ranks[1][1]  # rank 1 never loaded llguidance
+
+
+def test_a_grammar_the_worker_cannot_build_fails_its_row_alone(folder, grammars, plain_alone):
+    """The tokenizer process refuses such a grammar (a 422); should one reach the worker anyway, its
+    mask raises: that row fails, and the grammar and plain rows beside it go on."""
+    runner = ModelRunner(str(folder), "float32", "cpu", 64, 4, max_rows=8, max_total_tokens=256)
+    policy = SchedulePolicy(BlockManager(64, 4), 64, 8, (EOS,), 256)
+    engine = EngineCore(policy, LocalExecutor(runner), 4, overlap=True)
+    reqs = new_requests(PLAIN + CONSTRAINED)
+    reqs[2].grammar = grammars.matcher(GRAMMAR)
+    reqs[3].params = SamplingParams(grammar=Grammar("regex", "[0-9"))  # not a regex
+    for req in reqs:
+        policy.add(req)
+    failed = []
+    while engine.has_work():
+        failed += [(req.rid, reason) for req, reason in engine.step().failed]
+    assert failed == [("r3", ROW_FAILED)]
+    assert [r.output_ids for r in reqs[:2]] == plain_alone
+    assert re.fullmatch(REGEX, text(reqs[2])) and reqs[2].finish_reason == "eos_token"
+    assert policy.block_manager.num_free == 64

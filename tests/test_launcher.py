@@ -43,6 +43,7 @@ def test_defaults_follow_the_memory_budget_and_context():
     assert config.max_batch_total_tokens > 8192
     assert config.max_total_tokens == 8192  # SmolLM2's context
     assert config.max_input_tokens == 8191
+    assert config.vocab_size == smol_config()["vocab_size"]  # the bound of the token ids a client names
     small = resolve("--dtype", "bfloat16", "--max-batch-total-tokens", "1000")
     assert small.max_total_tokens == 1000 and small.max_input_tokens == 999
 

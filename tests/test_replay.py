@@ -91,3 +91,44 @@ async def test_a_pipeline_that_does_not_heal_fails_its_requests_with_a_503(pipel
         with pytest.raises(RequestError) as failure:
             await group.collect()
     assert (failure.value.status, failure.value.error_type) == (503, "unavailable")
+
+
+async def test_an_output_whose_handler_raises_fails_its_request_alone(pipeline):
+    """Each request of a ``BatchTextOutput`` is handled apart: one that raises gets a 500 and is
+    aborted down the pipeline; the others get their tokens."""
+    with (
+        submit(pipeline, [request("a")], route="/generate", client_id=None) as bad,
+        submit(pipeline, [request("b")], route="/generate", client_id=None) as good,
+    ):
+        sent(pipeline)
+        broken = m.RequestDelta("a", None, [], [], [], "", None, 0, 7)  # its handler raises
+        pipeline._dispatch(m.BatchTextOutput([broken, *delta("b", 10).deltas]))
+        with pytest.raises(RequestError) as failure:
+            await bad.collect()
+        assert (failure.value.status, failure.value.error_type) == (500, "internal")
+        assert failure.value.error == "Internal error in the frontend (TypeError)"
+        assert sent(pipeline) == [m.AbortRequest("a")]
+        pipeline._dispatch(delta("b", 11, "length"))
+        await good.collect()
+    assert good.jobs[0].token_ids == [10, 11]
+
+
+async def test_an_error_from_the_pipeline_aborts_its_request_everywhere(pipeline):
+    with submit(pipeline, [request("a")], route="/generate", client_id=None) as group:
+        sent(pipeline)
+        pipeline._dispatch(m.ErrorOutput("a", "Internal error in the scheduler (KeyError)", "internal", 500))
+        with pytest.raises(RequestError) as failure:
+            await group.collect()
+    assert failure.value.status == 500
+    assert sent(pipeline) == [m.AbortRequest("a")]  # the scheduler or the detokenizer may still hold it
+
+
+def test_a_failure_outside_any_request_is_a_broken_invariant(pipeline, monkeypatch):
+    """Not a request's failure: ``_dispatch`` raises, and the reader exits the frontend."""
+
+    def broken(msg):
+        raise RuntimeError("health state is wrong")
+
+    monkeypatch.setattr(pipeline.health, "observe", broken)
+    with pytest.raises(RuntimeError):
+        pipeline._dispatch(beat("scheduler", "boot-1"))

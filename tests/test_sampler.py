@@ -184,3 +184,33 @@ def test_mix_seed_is_63_bit_and_spread():
     values = {mix_seed(s, i) for s in range(30) for i in range(30)}
     assert len(values) == 900 and all(0 <= v < 2**63 for v in values)
     assert mix_seed(-1, 0) >= 0
+
+
+def test_rows_sampled_alone_get_what_they_get_in_the_batch():
+    """``select``: the worker samples each row alone when the batch raises; a row alone must get the
+    token, logprobs and top tokens it gets in the batch (draws, penalties, watermark, bias, mask)."""
+    torch.manual_seed(0)
+    vocab = 32
+    logits = torch.randn(4, vocab)
+    meta = metadata(
+        4,
+        history=[[1, 2], [3], [4, 4], []],
+        vocab=vocab,
+        repetition_penalty=torch.tensor([1.3, 1.0, 1.2, 1.0]),
+        frequency_penalty=torch.tensor([0.0, 0.5, 0.0, 0.0]),
+        draws=[Draw(1, 0.8, 5, 0.9, 1.0, 11, 0), Draw(3, 1.2, 0, 1.0, 1.0, 12, 3)],
+        top_n=3,
+        watermarked=[(2, 7)],
+    )
+    allowed = torch.rand(4, vocab) > 0.3
+    bias = LogitBias(torch.tensor([0, 2, 2]), torch.tensor([5, 6, 40]), torch.tensor([3.0, -1.0, 2.0]))
+    whole = sample(logits, meta, [VocabMask(allowed), bias])
+    assert bias.unknown_rows(4, vocab).tolist() == [False, False, True, False]  # token 40 is not one
+    for row in range(4):
+        processors = [VocabMask(allowed).select([row]), bias.select([row])]
+        alone = sample(logits[[row]], meta.select([row]), processors)
+        assert alone.ids.tolist() == whole.ids[[row]].tolist()
+        assert torch.equal(alone.logprobs, whole.logprobs[[row]])
+        assert torch.equal(alone.top_ids, whole.top_ids[[row]])
+    two = bias.select([2, 0])
+    assert (two.rows.tolist(), two.ids.tolist()) == ([1, 0, 0], [5, 6, 40])  # rows renumbered, order kept

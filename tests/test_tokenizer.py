@@ -81,3 +81,14 @@ def test_token_spans_cover_the_prompt(tokenizer):
     assert [s.id for s in spans] == tokenizer(prompt)["input_ids"]
     assert "".join(s.text for s in spans) == prompt
     assert all(prompt[s.start : s.stop] == s.text for s in spans)
+
+
+def test_token_ids_are_checked_against_the_models_vocabulary_not_the_tokenizers(tokenizer):
+    """The logits have ``vocab_size`` columns (config.json), which can differ from ``len(tokenizer)``."""
+    padded = len(tokenizer) + 64  # a model whose embeddings are padded past the tokenizer
+    beyond_tokenizer = [m.TokenBias(len(tokenizer) + 3, 1.0)]
+    assert tokenize(tokenizer, request(logit_bias=beyond_tokenizer), **LIMITS, vocab_size=padded)
+    with pytest.raises(ValidationError, match="token id 100 is not in the vocabulary \\(0 to 99\\)"):
+        tokenize(tokenizer, request(logit_bias=[m.TokenBias(100, 1.0)]), **LIMITS, vocab_size=100)
+    with pytest.raises(ValidationError, match="token id 100 is not"):
+        tokenize(tokenizer, request(stop_token_ids=[100]), **LIMITS, vocab_size=100)

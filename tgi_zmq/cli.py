@@ -150,6 +150,7 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
         max_batch_prefill_tokens=args.max_batch_prefill_tokens or min(DEFAULT_PREFILL_TOKENS, batch_total),
         max_batch_total_tokens=batch_total,
         eos_token_ids=rules.eos_token_ids,
+        vocab_size=hf_config.get("vocab_size"),
         decoder_start_token_id=rules.decoder_start_token_id,
         api_key=args.api_key or None,
         profile_dir=str(Path(args.profile_dir).expanduser().resolve()) if args.profile_dir else None,

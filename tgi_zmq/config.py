@@ -24,7 +24,6 @@ STATS_PERIOD_S = 0.5  # scheduler -> frontend statistics
 POLL_MS = 100  # an idle process loop wakes at least this often
 WORKER_ANNOUNCE_MS = 1000  # an idle worker says again that it is ready
 RING_SLOTS = 4  # shared-memory buffers per producer: more than the steps in flight
-RESULT_BUFFER_BYTES = 1 << 20  # one step's sampled ids and logprobs
 
 # Per-request bounds that size a step's buffer (validation refuses more).
 MAX_LOGIT_BIAS = 300  # ``logit_bias`` entries
@@ -185,6 +184,7 @@ class ServerConfig:
     device: str = "cpu"
     block_size: int = 16
     eos_token_ids: tuple[int, ...] = ()
+    vocab_size: int | None = None  # the model's logits (config.json, read by the launcher): token ids < it
     # Set for encoder-decoder models (T5): prompts go to the encoder.
     decoder_start_token_id: int | None = None
     # The CPU kernels the launcher loaded (tgi_zmq.native.describe: "native avx512", "torch fallback"),

@@ -14,7 +14,8 @@ Faults: a lost worker (restarted, failed in a sharded group, hung past the watch
 loses its KV cache, so ``lose_workers`` has the executor restart them, forgets every page and
 step in flight, and lets every request recompute from its tokens; sampling is seeded per token,
 so the streams go on with the tokens they would have had. A request that runs through
-``MAX_FAULTS`` losses fails instead (it may be what kills them).
+``MAX_FAULTS`` losses fails instead (it may be what kills them). A failed step fails its requests; a
+row that could not sample (``StepOutput.failed``) fails its request alone.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from tgi_zmq.steplog import SCHEDULER_STEP
 log = logging.getLogger("tgi_zmq.engine")
 
 MAX_FAULTS = 3  # worker losses a request may run through
+ROW_FAILED = "the model worker could not sample this request's next token"
 WATCHDOG_SECONDS_PER_TOKEN = 0.005  # on top of the watchdog timeout, for a step's size
 
 
@@ -159,6 +161,7 @@ class EngineCore:
         out.done = step
         self.policy.costs.observe(step.batch, answer.forward_seconds)
         result = answer.output
+        out.failed += self._fail_rows(step, result.failed.tolist())
         top = (result.top_ids.tolist(), result.top_logprobs.tolist()) if result.top_ids.shape[-1] else None
         out.produced = self.policy.update(
             step.batch,
@@ -216,6 +219,16 @@ class EngineCore:
         )
         failed = f"the model workers failed {MAX_FAULTS} times while running this request"
         return [(req, failed) for req in hit if req.faults >= MAX_FAULTS and self._fail(req)]
+
+    def _fail_rows(self, step: InFlight, failed: list[bool]) -> list[tuple[Request, str]]:
+        """Fail the requests whose row could not sample in the worker (its log says why); the others'
+        tokens stand. A request preempted since is left to recompute."""
+        batch = step.batch
+        rows = [i for i, slot in enumerate(batch.sample_slots) if slot >= 0]
+        hit = [(batch.requests[i], batch.epochs[i]) for i, bad in zip(rows, failed, strict=True) if bad]
+        if hit:
+            log.error("step %d: rows of %s could not sample", step.step_id, [req.rid for req, _ in hit])
+        return [(req, ROW_FAILED) for req, epoch in hit if req.epoch == epoch and self._fail(req)]
 
     def _fail(self, req: Request) -> bool:
         """Finish ``req`` as failed; False if it had finished already."""

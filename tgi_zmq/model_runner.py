@@ -14,10 +14,17 @@ asynchronously, so the host fills the masks while it runs) -> fill the grammar r
 sample with them as a ``VocabMask`` on the step's device -> the matchers take the sampled tokens
 (a host read: one synchronisation on CUDA, only in steps with grammar rows). Steps without grammar
 rows do none of this, and the engine keeps its overlap depth either way.
+
+One bad row fails that row, not its step (the error policy, ``tgi_zmq.runtime``): a row with a logit
+bias on a token the model does not have, or one whose mask, sampling or matcher raises, is flagged in
+``StepOutput.failed`` (the engine fails its request) and the others get their tokens. When sampling
+the batch raises, each row is sampled alone to find the rows that fail. A failed forward pass, shared
+by every row, fails the step.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -30,6 +37,8 @@ from tgi_zmq.models import load_model
 from tgi_zmq.parallel import Shard
 from tgi_zmq.sampler import LogitBias, LogitsProcessor, SamplingMetadata, VocabMask, Watermark, sample
 from tgi_zmq.step import Step, StepLayout, StepOutput
+
+log = logging.getLogger("tgi_zmq.model_runner")
 
 
 class ModelRunner:
@@ -103,7 +112,7 @@ class ModelRunner:
             out = self._choose(step, layout, logits[:rows], list(processors))
             out.prompt_logprobs = _prompt_logprobs(logits[rows:], step.sampling.prompt_targets)
             if layout.grammar_rows:
-                self.grammars.consume(layout.grammar_rows, out.next_ids)
+                self._advance_grammars(layout, out)
         if self.shard.world > 1:
             self.shard.broadcast(out.next_ids)
         if layout.penalised:
@@ -115,19 +124,76 @@ class ModelRunner:
     def _choose(
         self, step: Step, layout: StepLayout, logits: torch.Tensor, processors: list[LogitsProcessor]
     ) -> StepOutput:
-        s = step.sampling
-        if layout.biased:
-            processors.append(LogitBias(s.bias_rows, s.bias_ids, s.bias_values))
-        if layout.grammar_rows:
-            processors.append(self._grammar_mask(step, layout, logits.shape[-1]))
-        sampled = sample(logits, self._sampling_metadata(step, layout), processors)
-        return StepOutput(sampled.ids, sampled.logprobs, sampled.top_ids, sampled.top_logprobs, None)
+        """Sample every row at once; if that raises, each row alone: a row that raises again fails
+        alone (flagged, its token 0) and the others get their tokens."""
+        try:
+            return self._choose_rows(step, layout, logits, processors)
+        except Exception:
+            log.exception("sampling a step's %d rows failed: sampling each alone", len(logits))
+        top_n = min(layout.top_n, logits.shape[-1])
+        out = StepOutput(*_empty_output(len(logits), layout, self.device, top_n))
+        out.next_ids.zero_()
+        out.failed.fill_(True)
+        for row in range(len(logits)):
+            try:
+                one = self._choose_rows(step, layout, logits, processors, [row])
+            except Exception:
+                log.exception("row %d cannot sample: its request fails alone", row)
+                continue
+            for name in ("next_ids", "logprobs", "top_ids", "top_logprobs", "failed"):
+                getattr(out, name)[row] = getattr(one, name)[0]
+        return out
 
-    def _grammar_mask(self, step: Step, layout: StepLayout, vocab_size: int) -> VocabMask:
-        """The grammar rows' allowed tokens, filled on the host (while the forward runs on CUDA)."""
-        self.grammars.start(step.grammars)
-        bitmask = self.grammars.masks(layout.grammar_rows, len(layout.sample_rows), vocab_size)
+    def _choose_rows(
+        self,
+        step: Step,
+        layout: StepLayout,
+        logits: torch.Tensor,
+        processors: list[LogitsProcessor],
+        rows: list[int] | None = None,
+    ) -> StepOutput:
+        """Sample the step's rows, or only ``rows`` (of R, in that order: the output has theirs)."""
+        s = step.sampling
+        meta = self._sampling_metadata(step, layout)
+        processors = list(processors)
+        bias = LogitBias(s.bias_rows, s.bias_ids, s.bias_values) if layout.biased else None
+        grammar_rows = layout.grammar_rows
+        if rows is not None:
+            logits, meta = logits[rows], meta.select(rows)
+            processors = [p.select(rows) for p in processors]
+            bias = None if bias is None else bias.select(rows)
+            position = {row: i for i, row in enumerate(rows)}
+            grammar_rows = [(position[row], state) for row, state in grammar_rows if row in position]
+        unknown = torch.zeros(len(logits), dtype=torch.bool, device=self.device)
+        if bias is not None:
+            unknown = bias.unknown_rows(len(logits), logits.shape[-1])
+            processors.append(bias)
+        if grammar_rows:
+            processors.append(self._grammar_mask(step, grammar_rows, len(logits), logits.shape[-1]))
+        sampled = sample(logits, meta, processors)
+        return StepOutput(sampled.ids, sampled.logprobs, sampled.top_ids, sampled.top_logprobs, None, unknown)
+
+    def _grammar_mask(
+        self, step: Step, rows: list[tuple[int, int]], num_rows: int, vocab_size: int
+    ) -> VocabMask:
+        """The allowed tokens of ``rows`` (row, state row), filled on the host (while the forward runs
+        on CUDA); the matchers of their grammars' first step start here."""
+        states = {state for _, state in rows}
+        self.grammars.start([start for start in step.grammars if start.row in states])
+        bitmask = self.grammars.masks(rows, num_rows, vocab_size)
         return VocabMask(unpack(bitmask.to(self.device, non_blocking=True), vocab_size))
+
+    def _advance_grammars(self, layout: StepLayout, out: StepOutput) -> None:
+        """Each grammar row's matcher takes its sampled token; one that raises fails its row alone."""
+        failed = out.failed.tolist()
+        for row, state_row in layout.grammar_rows:
+            if failed[row]:
+                continue
+            try:
+                self.grammars.consume([(row, state_row)], out.next_ids)
+            except Exception:
+                log.exception("row %d: its grammar cannot take the sampled token: it fails alone", row)
+                out.failed[row] = True
 
     def forward_batch(self, step: Step, layout: StepLayout) -> ForwardBatch:
         """The model's view of a step whose state changes are taken in."""
@@ -187,12 +253,16 @@ def _prompt_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     return logits.float().log_softmax(-1).gather(1, targets.view(-1, 1)).view(-1)
 
 
-def _empty_output(rows: int, layout: StepLayout, device: torch.device) -> tuple[torch.Tensor, ...]:
+def _empty_output(
+    rows: int, layout: StepLayout, device: torch.device, top_n: int | None = None
+) -> tuple[torch.Tensor, ...]:
     """Ranks other than 0 do not sample: room for the ids rank 0 broadcasts, zeros elsewhere."""
+    top_n = layout.top_n if top_n is None else top_n
     return (
         torch.empty(rows, dtype=torch.int64, device=device),
         torch.zeros(rows, device=device),
-        torch.zeros(rows, layout.top_n, dtype=torch.int64, device=device),
-        torch.zeros(rows, layout.top_n, device=device),
+        torch.zeros(rows, top_n, dtype=torch.int64, device=device),
+        torch.zeros(rows, top_n, device=device),
         torch.zeros(layout.num_prompt_rows, device=device),
+        torch.zeros(rows, dtype=torch.bool, device=device),
     )

@@ -63,13 +63,20 @@ def render_chat(
 
 
 def tokenize(
-    tokenizer: PreTrainedTokenizerBase, req: GenerateRequest, *, max_input_tokens: int, max_total_tokens: int
+    tokenizer: PreTrainedTokenizerBase,
+    req: GenerateRequest,
+    *,
+    max_input_tokens: int,
+    max_total_tokens: int,
+    vocab_size: int | None = None,
 ) -> ScheduleRequest:
-    """The request for the scheduler; raises ``RequestError`` (the client's 422) when refused."""
+    """The request for the scheduler; raises ``RequestError`` (the client's 422) when refused.
+    ``vocab_size`` is the model's (its logits; it can differ from the tokenizer's length), the bound of
+    the token ids a client names; None: the tokenizer's length."""
     if req.prompt_ids is not None:  # a replay: tokenized (and truncated) the first time
         ids = req.prompt_ids
     else:
-        _check_token_ids(req, len(tokenizer))
+        _check_token_ids(req, vocab_size or len(tokenizer))
         ids = prompt_ids(tokenizer, req)
         truncate = req.params.truncate
         if truncate is not None and 0 < truncate < len(ids):
@@ -85,7 +92,8 @@ def tokenize(
 
 
 def _check_token_ids(req: GenerateRequest, vocab_size: int) -> None:
-    """Token ids given by the client must name tokens (a wrong one would index past the logits)."""
+    """Token ids given by the client must name the model's tokens (a wrong one would index past the
+    logits)."""
     ids = [b.token for b in req.params.logit_bias] + req.params.stop_token_ids
     wrong = [t for t in ids if not 0 <= t < vocab_size]
     if wrong:

@@ -1,4 +1,29 @@
-"""What every pipeline process does the same way: logging, sockets, heartbeats."""
+"""What every pipeline process does the same way: logging, sockets, heartbeats, and the error policy.
+
+The error policy of every process loop (``serve`` in the tokenizer and the detokenizer,
+``SchedulerProcess.receive``, the frontend's reader), applied by ``dispatch``:
+
+- A message that belongs to one request (it has a ``rid``) is handled ``errors.isolated``: an exception
+  fails that request alone with a 500 ``internal`` error (``errors.internal_error``) sent to the
+  frontend, which answers the client and sends an ``AbortRequest`` down the pipeline so every process
+  forgets the request; the process goes on with its next message.
+- A message that covers several requests (``BatchTokenOutput`` in the detokenizer, ``BatchTextOutput``
+  in the frontend) isolates each request inside it the same way.
+- Only a broken invariant stops a process: an exception while handling a message that belongs to no
+  request (heartbeats, worker announcements and results, ``FrontendStarted``...: such a message
+  changes what the process shares between requests, which is then unknown), or an
+  ``errors.BrokenInvariant`` raised anywhere. The process exits and supervisord restarts it; the
+  frontend replays what a stateful process held.
+
+The worker applies the same rule to a step, which covers many requests: a failure in one row's
+sampling fails that row (``StepOutput.failed``), a failure of the forward pass (shared by every row)
+fails the step (``WorkerFailure``), and the engine fails those requests alone (``tgi_zmq.engine``).
+
+Test hook, for the tests only (never set it in production): ``TGI_ZMQ_TEST_FAULTS`` as
+``"GenerateRequest:4242,ScheduleRequest:4343"`` makes ``dispatch`` raise for a message of that type
+whose sampling seed is that number (``tests/test_e2e_isolation.py``): a poisoned request that the test
+chooses, in the process it chooses.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +40,11 @@ from typing import Any
 import zmq
 
 from tgi_zmq.config import HEARTBEAT_SECONDS, ServerConfig
+from tgi_zmq.errors import Fail, internal_error, isolated
 from tgi_zmq.messages import Heartbeat, ProtocolError, decode, encode
 
 BOOT_ID = uuid.uuid4().hex[:12]
+TEST_FAULTS_ENV = "TGI_ZMQ_TEST_FAULTS"
 
 
 def setup_logging(process: str) -> logging.Logger:
@@ -73,8 +100,11 @@ def start_heartbeat(config: ServerConfig, process: str, ready: Callable[[], bool
     return thread
 
 
-def serve(inbox: zmq.Socket, handlers: Mapping[type, Callable[[Any], None]], log: logging.Logger) -> None:
-    """A pipeline process's loop: decode each frame (only the handled types) and hand it to its handler."""
+Handlers = Mapping[type, Callable[[Any], None]]
+
+
+def serve(inbox: zmq.Socket, handlers: Handlers, log: logging.Logger, fail: Fail) -> None:
+    """A pipeline process's loop: decode each frame (only the handled types) and ``dispatch`` it."""
     accepted = tuple(handlers)
     while True:
         try:
@@ -82,4 +112,43 @@ def serve(inbox: zmq.Socket, handlers: Mapping[type, Callable[[Any], None]], log
         except ProtocolError as exc:
             log.error("dropped a bad frame: %s", exc)
             continue
+        dispatch(handlers, msg, fail)
+
+
+def dispatch(handlers: Handlers, msg: Any, fail: Fail) -> None:
+    """Hand ``msg`` to its handler under the error policy (see the module's docstring): an exception
+    for a request's message is ``fail(rid, exc)``; any other propagates and ends the process."""
+    rid = getattr(msg, "rid", None)
+    if rid is None:
         handlers[type(msg)](msg)
+        return
+    with isolated(rid, fail):
+        _injected_fault(msg)
+        handlers[type(msg)](msg)
+
+
+def failure_reporter(to_frontend: zmq.Socket, process: str, log: logging.Logger) -> Fail:
+    """A pipeline process's ``fail``: log the exception, send the request's 500 to the frontend."""
+
+    def fail(rid: str, exc: Exception) -> None:
+        log.error("rid=%s failed (alone): %s: %s", rid, type(exc).__name__, exc, exc_info=exc)
+        to_frontend.send(encode(internal_error(rid, process, exc)))
+
+    return fail
+
+
+def _test_faults(value: str) -> dict[str, int]:
+    """``TGI_ZMQ_TEST_FAULTS``'s ``{message type name: seed}`` (tests only)."""
+    pairs = (item.split(":") for item in value.split(",") if item.strip())
+    return {name.strip(): int(seed) for name, seed in pairs}
+
+
+_TEST_FAULTS = _test_faults(os.environ.get(TEST_FAULTS_ENV, ""))
+
+
+def _injected_fault(msg: Any) -> None:
+    """The test hook (see the module's docstring): raise for the poisoned request's message."""
+    seed = _TEST_FAULTS.get(type(msg).__name__)
+    params = getattr(msg, "params", None)
+    if seed is not None and params is not None and params.seed == seed:
+        raise RuntimeError(f"fault injected by {TEST_FAULTS_ENV} (a test)")

@@ -32,10 +32,14 @@ class LogitsProcessor(Protocol):
 
     The hook between the forward and the sampler (``ModelRunner.sample``): structured output passes
     a ``VocabMask``, ``logit_bias`` and ``min_tokens`` a ``LogitBias``; a processor must not read
-    values back to the host.
+    values back to the host. ``select`` gives the same processor for some rows only (when one row
+    fails, the worker samples each row alone).
     """
 
     def __call__(self, logits: torch.Tensor) -> None: ...
+
+    def select(self, rows: list[int]) -> LogitsProcessor:
+        """This processor for ``rows`` (of R) only, in that order."""
 
 
 @dataclasses.dataclass
@@ -47,17 +51,39 @@ class VocabMask:
     def __call__(self, logits: torch.Tensor) -> None:
         logits.masked_fill_(~self.allowed, float("-inf"))
 
+    def select(self, rows: list[int]) -> VocabMask:
+        return VocabMask(self.allowed[rows])
+
 
 @dataclasses.dataclass
 class LogitBias:
-    """Sparse biases: ``values[i]`` is added to the logit of token ``ids[i]`` in row ``rows[i]``."""
+    """Sparse biases: ``values[i]`` is added to the logit of token ``ids[i]`` in row ``rows[i]``.
+
+    A token the logits do not have is not applied (it must not index past them): ``unknown_rows``
+    says which rows asked for one, so that they fail."""
 
     rows: torch.Tensor  # [N] int64
     ids: torch.Tensor  # [N] int64
     values: torch.Tensor  # [N] float32 (-inf bans the token)
 
     def __call__(self, logits: torch.Tensor) -> None:
-        logits.index_put_((self.rows, self.ids), self.values, accumulate=True)
+        known = self._known(logits.shape[-1])
+        ids, values = torch.where(known, self.ids, 0), torch.where(known, self.values, 0.0)
+        logits.index_put_((self.rows, ids), values, accumulate=True)
+
+    def unknown_rows(self, num_rows: int, vocab_size: int) -> torch.Tensor:
+        """[num_rows] bool: the rows with a bias on a token outside ``vocab_size`` (no host read)."""
+        unknown = (~self._known(vocab_size)).int()
+        per_row = torch.zeros(num_rows, dtype=torch.int32, device=self.ids.device)
+        return per_row.index_add_(0, self.rows, unknown) > 0
+
+    def select(self, rows: list[int]) -> LogitBias:
+        wanted = self.rows.view(-1, 1) == torch.tensor(rows, device=self.rows.device).view(1, -1)
+        kept = wanted.any(1)
+        return LogitBias(wanted[kept].int().argmax(1), self.ids[kept], self.values[kept])
+
+    def _known(self, vocab_size: int) -> torch.Tensor:
+        return (self.ids >= 0) & (self.ids < vocab_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +119,21 @@ class SamplingMetadata:
     top_n: int = 0  # also return each row's ``top_n`` most likely tokens
     watermarked: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (row, previous token)
     watermark: Watermark = Watermark()
+
+    def select(self, rows: list[int]) -> SamplingMetadata:
+        """The metadata of ``rows`` (of R) only, renumbered in that order."""
+        index = torch.tensor(rows, device=self.repetition_penalty.device)
+        position = {row: i for i, row in enumerate(rows)}
+        return SamplingMetadata(
+            self.repetition_penalty[index],
+            self.frequency_penalty[index],
+            None if self.counts is None else self.counts[index],
+            None if self.history_lens is None else self.history_lens[index],
+            [dataclasses.replace(d, row=position[d.row]) for d in self.draws if d.row in position],
+            self.top_n,
+            [(position[row], previous) for row, previous in self.watermarked if row in position],
+            self.watermark,
+        )
 
 
 @dataclasses.dataclass

@@ -209,6 +209,7 @@ class StepOutput:
     top_ids: torch.Tensor  # [R, top_n] int64
     top_logprobs: torch.Tensor  # [R, top_n] float32
     prompt_logprobs: torch.Tensor  # [P] float32: of each scored prompt token
+    failed: torch.Tensor  # [R] bool: the row could not sample (its request fails alone; its token is 0)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -235,6 +236,14 @@ def step_buffer_size(max_step_tokens: int, max_rows: int, max_total_tokens: int,
         + 20 * max_rows * MAX_BIAS_PER_ROW
         + (1 << 16)
     )
+
+
+def result_buffer_size(max_rows: int, max_top_n: int, max_step_tokens: int) -> int:
+    """Bytes one step's ``StepOutput`` can need at most: per sampling row its id (8), logprob (4), flag
+    (1) and ``max_top_n`` top tokens (8 + 4 each); one logprob (4) per scored prompt token, at most
+    the step's tokens; each tensor 64-byte aligned in the buffer."""
+    per_row = 8 + 4 + 1 + 12 * max_top_n
+    return max_rows * per_row + 4 * max_step_tokens + 64 * len(dataclasses.fields(StepOutput)) + (1 << 12)
 
 
 # ---------------------------------------------------------------------------------- building

@@ -18,6 +18,7 @@ import functools
 import time
 
 from tgi_zmq import messages
+from tgi_zmq.errors import Fail, isolated
 
 PROMPT_TAIL = 5  # prompt ids kept as decoding context for the first generated tokens
 DECODED_KEPT = 64  # ids already turned into text kept in the window before it is cut
@@ -118,13 +119,16 @@ class BatchDetokenizer:
         self.states: dict[str, DecodeState] = {}
         self.infos: dict[str, messages.DetokRequestInfo] = {}
 
-    def process(self, out: messages.BatchTokenOutput) -> tuple[messages.BatchTextOutput, list[str]]:
-        """Turn one step's tokens into deltas; also return rids whose stop sequence matched."""
+    def process(
+        self, out: messages.BatchTokenOutput, fail: Fail
+    ) -> tuple[messages.BatchTextOutput, list[str]]:
+        """Turn one step's tokens into deltas; also return rids whose stop sequence matched. A request
+        whose share raises fails alone: ``fail(rid, exc)``, and it is forgotten here (its later tokens
+        are dropped) while the others get their text."""
+        failed: dict[str, Exception] = {}
         for info in out.new_requests:
-            state = self.states[info.rid] = DecodeState.start(info.prompt_ids, info.stop)
-            for token in info.output_ids:  # a replay: rebuild the state its earlier tokens left
-                self.detok.add(state, token)
-            self.infos[info.rid] = info
+            with isolated(info.rid, failed.__setitem__):
+                self._start(info)
         deltas: dict[str, messages.RequestDelta] = {}
         stopped = []
         tops = zip(out.top_ids, out.top_logprobs, strict=True) if out.top_ids else None
@@ -132,30 +136,55 @@ class BatchDetokenizer:
             out.rids, out.token_ids, out.logprobs, out.finish_reasons, strict=True
         ):
             top = next(tops) if tops is not None else None
-            state = self.states.get(rid)
-            if state is None:  # finished by a stop sequence or aborted: late tokens are dropped
+            if rid not in self.states:  # finished by a stop sequence, aborted or failed: tokens dropped
                 continue
-            started = time.perf_counter()
-            delta = deltas.get(rid) or self._new_delta(rid)
-            deltas[rid] = delta
-            if top is not None and top[0]:
-                delta.top_tokens.append(self.detok.token_list(*top))
-            piece = self.detok.add(state, token)
-            delta.token_ids.append(token)
-            delta.token_texts.append(piece.token_text)
-            delta.logprobs.append(logprob)
-            delta.specials.append(piece.special)
-            delta.text += piece.text
-            delta.generated_tokens = state.generated
-            if piece.stopped:
-                reason = "stop_sequence"
-                stopped.append(rid)
-            state.seconds += time.perf_counter() - started
-            if reason:
-                delta.finish_reason = reason
-                delta.stages = self._stages(rid, state)
-                self.forget(rid)
+            with isolated(rid, failed.__setitem__):
+                if self._add(rid, token, logprob, reason, top, deltas):
+                    stopped.append(rid)
+        for rid, exc in failed.items():
+            self.forget(rid)
+            deltas.pop(rid, None)
+            fail(rid, exc)
+        stopped = [rid for rid in stopped if rid not in failed]
         return messages.BatchTextOutput(list(deltas.values())), stopped
+
+    def _start(self, info: messages.DetokRequestInfo) -> None:
+        state = self.states[info.rid] = DecodeState.start(info.prompt_ids, info.stop)
+        self.infos[info.rid] = info
+        for token in info.output_ids:  # a replay: rebuild the state its earlier tokens left
+            self.detok.add(state, token)
+
+    def _add(
+        self,
+        rid: str,
+        token: int,
+        logprob: float,
+        reason: str | None,
+        top: tuple[list[int], list[float]] | None,
+        deltas: dict[str, messages.RequestDelta],
+    ) -> bool:
+        """One token of ``rid`` into its delta of this step; True if a stop sequence matched in it."""
+        state = self.states[rid]
+        started = time.perf_counter()
+        delta = deltas.get(rid) or self._new_delta(rid)
+        deltas[rid] = delta
+        if top is not None and top[0]:
+            delta.top_tokens.append(self.detok.token_list(*top))
+        piece = self.detok.add(state, token)
+        delta.token_ids.append(token)
+        delta.token_texts.append(piece.token_text)
+        delta.logprobs.append(logprob)
+        delta.specials.append(piece.special)
+        delta.text += piece.text
+        delta.generated_tokens = state.generated
+        if piece.stopped:
+            reason = "stop_sequence"
+        state.seconds += time.perf_counter() - started
+        if reason:
+            delta.finish_reason = reason
+            delta.stages = self._stages(rid, state)
+            self.forget(rid)
+        return piece.stopped
 
     def _stages(self, rid: str, state: DecodeState) -> messages.StageTimes | None:
         """A finished request's stage times: the scheduler's, with ``decode`` closed now and ours."""

@@ -115,11 +115,15 @@ class WorkerGroup:
         return bool(self.boots)
 
     def loaded(self, msg: m.WorkerReady) -> bool:
-        """A rank is loaded (said at start, then every second while idle); True if it is news."""
+        """A rank is loaded (said at start, then every second while idle); True if it is news. A rank
+        with fewer KV blocks than configured is refused (once, then ignored): the group stays not
+        ready, /health says so, and requests fail with a 503 after ``--recovery-timeout``."""
         if msg.boot_id in self.lost_boots or self.boots.get(msg.rank) == msg.boot_id:
             return False
         if msg.num_blocks < self.config.num_blocks:
-            raise RuntimeError(f"worker {msg.rank} has {msg.num_blocks} KV blocks, fewer than configured")
+            log.error("worker %d has %d KV blocks, fewer than configured: refused", msg.rank, msg.num_blocks)
+            self.lost_boots.add(msg.boot_id)
+            return False
         self.boots[msg.rank] = msg.boot_id
         self._learn(msg.rank, msg.pid)
         log.info("worker %d ready (boot %s)", msg.rank, msg.boot_id)

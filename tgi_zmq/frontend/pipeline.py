@@ -14,6 +14,12 @@ new wire rid with its prompt ids and received tokens, and the stream goes on whe
 worker needs no replay: the scheduler recomputes its requests. A request replayed ``MAX_REPLAYS``
 times fails with a 424; in-flight requests fail with a 503 when the pipeline stays unhealthy for
 ``--recovery-timeout`` seconds.
+
+Errors: the reader follows the pipeline's error policy (``tgi_zmq.runtime``): an output that makes its
+handler raise fails its request alone (a 500), each request of a ``BatchTextOutput`` apart; any other
+exception is a broken invariant and the frontend exits (supervisord starts a new one). A request that
+fails, here or in the pipeline (an ``ErrorOutput``), is aborted down the pipeline, so every process
+forgets it.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import zmq.asyncio
 
 from tgi_zmq import messages
 from tgi_zmq.config import HUNG_AFTER_S, MONITOR_PERIOD_S, ServerConfig
-from tgi_zmq.errors import RequestError, generation_error, request_error
+from tgi_zmq.errors import RequestError, generation_error, internal_error, isolated, request_error
 from tgi_zmq.messages import (
     AbortRequest,
     BatchTextOutput,
@@ -43,12 +49,13 @@ from tgi_zmq.messages import (
     Heartbeat,
     PromptIdsOutput,
     ProtocolError,
+    RequestDelta,
     SchedulerStats,
     TokenizeResult,
     TokenizeTextRequest,
     TokenSpan,
 )
-from tgi_zmq.runtime import BOOT_ID
+from tgi_zmq.runtime import BOOT_ID, dispatch
 
 from .health import Health
 from .metrics import Metrics
@@ -122,7 +129,7 @@ class Pipeline:
             Heartbeat: self._heartbeat,
             SchedulerStats: self.metrics.observe_scheduler,
             PromptIdsOutput: self._prompt_ids,
-            ErrorOutput: self._last_output,
+            ErrorOutput: self._error,
             TokenizeResult: self._last_output,
             ChatTokenizeResult: self._last_output,
         }
@@ -211,7 +218,8 @@ class Pipeline:
         """End a request with an error and tell the pipeline to forget it."""
         box.ended = True
         box.put(error)
-        self.post(AbortRequest(box.rid))
+        if isinstance(box.request, GenerateRequest):  # the tokenizer keeps nothing of a query
+            self.post(AbortRequest(box.rid))
 
     def replay_all(self, reason: str) -> None:
         """Send every unfinished request again (see the module's docstring)."""
@@ -251,32 +259,48 @@ class Pipeline:
                 continue
             try:
                 self._dispatch(msg)
-            except Exception:  # a bug here must not stop the reader
-                log.exception("failed to dispatch %s", type(msg).__name__)
+            except Exception:  # a broken invariant (the module's docstring): start afresh
+                log.critical("failed on %s: exiting", type(msg).__name__, exc_info=True)
+                os._exit(1)
 
     def _dispatch(self, msg: Any) -> None:
-        self._handlers[type(msg)](msg)
+        dispatch(self._handlers, msg, self._request_failed)
+
+    def _request_failed(self, rid: str, exc: Exception) -> None:
+        log.error("rid=%s failed (alone): %s: %s", rid, type(exc).__name__, exc, exc_info=exc)
+        box = self._boxes.get(rid)
+        if box is not None:
+            self.fail(box, internal_error(rid, "frontend", exc))
 
     # Outputs for a rid with no mailbox are dropped: finished, aborted, replayed since or not ours.
 
     def _text(self, msg: BatchTextOutput) -> None:
         for delta in msg.deltas:
-            box = self._boxes.get(delta.rid)
-            if box is not None:
-                box.output_ids += delta.token_ids
-                box.ended = delta.finish_reason is not None
-                box.put(delta)
+            with isolated(delta.rid, self._request_failed):
+                self._delta(delta)
+
+    def _delta(self, delta: RequestDelta) -> None:
+        box = self._boxes.get(delta.rid)
+        if box is not None:
+            box.output_ids += delta.token_ids
+            box.ended = delta.finish_reason is not None
+            box.put(delta)
 
     def _prompt_ids(self, msg: PromptIdsOutput) -> None:
         box = self._boxes.get(msg.rid)
         if box is not None:
             box.prompt_ids = msg.input_ids
 
-    def _last_output(self, msg: ErrorOutput | TokenizeResult | ChatTokenizeResult) -> None:
+    def _last_output(self, msg: TokenizeResult | ChatTokenizeResult) -> None:
         box = self._boxes.get(msg.rid)
         if box is not None:
             box.ended = True
             box.put(msg)
+
+    def _error(self, msg: ErrorOutput) -> None:
+        box = self._boxes.get(msg.rid)
+        if box is not None:
+            self.fail(box, msg)
 
     def _heartbeat(self, msg: Heartbeat) -> None:
         restarted = self.health.observe(msg)
