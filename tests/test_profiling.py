@@ -26,12 +26,7 @@ from tgi_zmq.config import ServerConfig
 from tgi_zmq.frontend import create_app, profile_routes
 from tgi_zmq.profiling import StepProfiler, new_traces
 
-PROFILE = Path(__file__).resolve().parent.parent / "scripts" / "profile"
 log = logging.getLogger("test")
-
-
-def load_script():
-    return helpers.load_script("profile")
 
 
 # ---------------------------------------------------------------------------- the recorder
@@ -154,7 +149,7 @@ async def test_the_routes_are_documented(runtime_dir: str) -> None:
 
 
 def test_the_script_tells_the_pipeline_processes_apart() -> None:
-    runs = load_script().runs
+    runs = helpers.load_script("profile").runs
     python = "/repo/.venv/bin/python"
     assert runs([python, "/repo/processes/tokenizer.py", ""], "tokenizer")
     assert not runs([python, "/repo/processes/detokenizer.py", ""], "tokenizer")
@@ -166,7 +161,7 @@ def test_the_script_tells_the_pipeline_processes_apart() -> None:
 
 def test_the_script_finds_a_process_under_supervisord(tmp_path: Path, monkeypatch) -> None:
     """Its pid is the child of the supervisord of the runtime dir that runs processes/<name>.py."""
-    script = load_script()
+    script = helpers.load_script("profile")
     monkeypatch.setattr(script.tempfile, "gettempdir", lambda: str(tmp_path))
     runtime_dir = tmp_path / "tgi-zmq-abc"
     runtime_dir.mkdir()
