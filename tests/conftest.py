@@ -152,6 +152,49 @@ def service(tmp_path_factory) -> Service:
     stop_service(svc, wait=False)
 
 
+@pytest.fixture(scope="session")
+def sharded_service(tmp_path_factory) -> Iterator[Service]:
+    """One float32 service on two tensor-parallel ranks, shared by the tests of two shards (tokens and
+    weights per rank: tests/test_e2e_parallel.py; a rank killed under load: tests/test_e2e_faults.py,
+    which waits until it serves again). Started by the first test that needs it."""
+    svc = start_service(
+        tmp_path_factory.mktemp("sharded"),
+        *("--num-shard", "2", "--master-port", str(free_port()), "--dtype", "float32"),
+        *("--max-batch-total-tokens", "8192", "--max-total-tokens", "1024"),
+    )
+    yield svc
+    stop_service(svc, wait=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> Iterator[Callable[..., Path]]:
+    """``tiny_models(arch, smol_tokenizer=False, **overrides)``: the folder of tests/helpers.py's
+    ``tiny_model(arch, **overrides)`` (with SmolLM2's tokenizer beside it if asked), built once a
+    session and shared. Read only: a test that changes a model copies it or builds its own; the end
+    of the session checks that no file in a shared folder was added, removed or rewritten."""
+    from tests.helpers import copy_smol_tokenizer, tiny_model  # the model stack: only when asked for
+
+    built: dict[tuple, tuple[Path, dict]] = {}
+
+    def folder(arch: str, smol_tokenizer: bool = False, **overrides) -> Path:
+        key = (arch, smol_tokenizer, *sorted(overrides.items()))
+        if key not in built:
+            path = tiny_model(arch, tmp_path_factory.mktemp(arch), **overrides)
+            if smol_tokenizer:
+                copy_smol_tokenizer(path)
+            built[key] = path, _files(path)
+        return built[key][0]
+
+    yield folder
+    changed = [str(path) for path, files in built.values() if _files(path) != files]
+    assert not changed, f"a test wrote into the shared tiny models {changed} (copy one to change it)"
+
+
+def _files(folder: Path) -> dict[str, tuple[int, int]]:
+    """Each file under ``folder``: its size and modification time."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
 @pytest.fixture
 def hub_online(monkeypatch):
     """huggingface_hub refuses every URL, localhost included, under HF_HUB_OFFLINE=1 (which

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import hf_greedy, run_engine, tiny_llama, tiny_model
+from tests.helpers import hf_greedy, run_engine
 from tgi_zmq import convert
 from tgi_zmq.checkpoint.gguf_file import open_gguf, shared_gguf_reader
 from tgi_zmq.messages import SamplingParams
@@ -403,8 +403,8 @@ def save_bin(source: Path, folder: Path, **kwargs) -> Path:
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_llama(tmp_path_factory.mktemp("llama"))
+def llama(tiny_models) -> Path:
+    return tiny_models("llama")
 
 
 @pytest.fixture(scope="module")
@@ -464,8 +464,8 @@ def test_bin_conversion_casts_to_the_dtype_asked(llama_bin: Path, cache: Path) -
     assert convert.convert_command(str(llama_bin), None) == cache / "models" / llama_bin.name
 
 
-def test_tied_embeddings_are_written_once(tmp_path: Path) -> None:
-    qwen = tiny_model("qwen2", tmp_path / "qwen2")  # ties lm_head to the input embedding
+def test_tied_embeddings_are_written_once(tiny_models, tmp_path: Path) -> None:
+    qwen = tiny_models("qwen2")  # ties lm_head to the input embedding
     bin_dir = save_bin(qwen, tmp_path / "qwen2-bin")
     out = convert.convert_bin(bin_dir, tmp_path / "out")
     tensors = load_file(out / "model.safetensors")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import random
-import shutil
 import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,7 @@ import torch
 import torch.multiprocessing as mp
 
 from tests.conftest import free_port, start_service, stop_service
-from tests.helpers import ARCHITECTURES, hf_greedy, run_engine, tiny_model
+from tests.helpers import ARCHITECTURES, hf_greedy, run_engine
 from tgi_zmq.messages import SamplingParams
 
 pytestmark = [
@@ -43,9 +42,9 @@ ENGINE = dict(num_blocks=40, max_step_tokens=16)  # prompts longer than a step: 
 CHILD_TIMEOUT = 180  # seconds for a spawned process to import torch, start CUDA and answer
 
 
-@pytest.fixture(scope="module", params=ARCHITECTURES)
-def model(request, tmp_path_factory) -> Path:
-    return tiny_model(request.param, tmp_path_factory.mktemp(request.param))
+@pytest.fixture(params=ARCHITECTURES)
+def model(request, tiny_models) -> Path:
+    return tiny_models(request.param)
 
 
 # ------------------------------------------------------------------------- the engine on one GPU
@@ -160,8 +159,8 @@ def _nccl_rank(rank: int, port: int, folders: dict[str, Path], results) -> None:
 
 
 @two_gpus
-def test_two_nccl_ranks_give_the_tokens_of_one(tmp_path):
-    folders = {arch: tiny_model(arch, tmp_path / arch) for arch in ARCHITECTURES}
+def test_two_nccl_ranks_give_the_tokens_of_one(tiny_models):
+    folders = {arch: tiny_models(arch) for arch in ARCHITECTURES}
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
@@ -200,17 +199,11 @@ def generated_ids(url: str, prompt: str) -> list[int]:
 
 
 @pytest.mark.e2e
-def test_service_on_cuda_gives_transformers_greedy_tokens(tmp_path):
+def test_service_on_cuda_gives_transformers_greedy_tokens(tiny_models, tmp_path):
     import requests
     from transformers import AutoTokenizer
 
-    from tgi_zmq.convert import ensure_default_model
-
-    folder = tiny_model("llama", tmp_path / "model", vocab_size=49152)
-    smol = ensure_default_model()  # its tokenizer: prompts are text, as for any client
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (smol / name).exists():
-            shutil.copy(smol / name, folder / name)
+    folder = tiny_models("llama", smol_tokenizer=True, vocab_size=49152)  # prompts: text, as any client's
     service = start_service(
         tmp_path,
         *("--model-id", str(folder), "--dtype", "float32"),
@@ -232,7 +225,7 @@ def test_service_on_cuda_gives_transformers_greedy_tokens(tmp_path):
 
 
 @pytest.mark.parametrize("quantize", ["bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "fp8", "gptq"])
-def test_quantized_models_on_cuda_stay_close_to_float(quantize, tmp_path):
+def test_quantized_models_on_cuda_stay_close_to_float(quantize, tiny_models, tmp_path):
     """bitsandbytes' layers (TGI's numerics), fp8 and our repacked GPTQ weights on CUDA: the
     last-token logits stay close to the float model's (4-bit: cosine 0.97 on CPU with our kernels on
     these random weights), and with 8 bits most greedy tokens agree."""
@@ -246,7 +239,7 @@ def test_quantized_models_on_cuda_stay_close_to_float(quantize, tmp_path):
         pytest.skip(f"this GPU cannot run --quantize {quantize}")
     if quantize.startswith("bitsandbytes"):  # its 43 MB wheel does not fit scripts/gpu-check's 64 MiB carry
         pytest.importorskip("bitsandbytes")
-    folder = tiny_model("llama", tmp_path / "model", hidden_size=128, intermediate_size=256)
+    folder = tiny_models("llama", hidden_size=128, intermediate_size=256)
     served = folder
     if quantize == "gptq":
         served = tmp_path / "gptq"

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.conftest import free_port, pids, start_service, stop_service
+from tests.conftest import pids, start_service, stop_service
 from tgi_zmq.config import HUNG_AFTER_S
 
 pytestmark = pytest.mark.e2e
@@ -194,17 +194,7 @@ def served(service, request: dict) -> list[int] | None:
     return [t["id"] for t in response.json()["details"]["tokens"]] if response.status_code == 200 else None
 
 
-@pytest.fixture(scope="module")
-def sharded(tmp_path_factory):
-    svc = start_service(
-        tmp_path_factory.mktemp("sharded-faults"),
-        *("--num-shard", "2", "--master-port", str(free_port()), "--dtype", "float32"),
-        *("--max-batch-total-tokens", "8192", "--max-total-tokens", "1024"),
-    )
-    yield svc
-    stop_service(svc, wait=False)
-
-
-def test_a_killed_rank_of_two_loses_no_request_and_no_token(sharded):
-    reference = run_load(sharded)
-    assert run_load(sharded, kill(sharded, "worker.py --rank 1")) == reference
+def test_a_killed_rank_of_two_loses_no_request_and_no_token(sharded_service):
+    reference = run_load(sharded_service)
+    assert run_load(sharded_service, kill(sharded_service, "worker.py --rank 1")) == reference
+    # run_load waited until /health was 200 again: the shared service serves the next test

@@ -9,6 +9,8 @@ import pytest
 import requests
 import torch
 
+from tests.helpers import FrequencyPenalty
+
 pytestmark = pytest.mark.e2e
 
 PROMPTS = [
@@ -28,11 +30,13 @@ def reference(service):
     tok = AutoTokenizer.from_pretrained(service.model_dir)
     model = AutoModelForCausalLM.from_pretrained(service.model_dir, torch_dtype=torch.float32).eval()
 
-    def greedy(ids: list[int], n: int) -> list[int]:
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=2)
+    def greedy(ids: list[int], n: int, **kwargs) -> list[int]:
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=2, **kwargs)
         return out[0, len(ids) :].tolist()
 
     expected = {p: greedy(tok(p)["input_ids"], 24) for p in PROMPTS}
+    penalties = dict(repetition_penalty=1.3, logits_processor=[FrequencyPenalty(0.5)])
+    expected["penalised"] = greedy(tok(PROMPTS[3])["input_ids"], 24, **penalties)
     chat_ids = tok.apply_chat_template(CHAT, add_generation_prompt=True)
     expected["chat"] = tok.decode(greedy(chat_ids, 30), skip_special_tokens=True)
     return expected
@@ -112,10 +116,13 @@ def test_stop_sequence_is_kept_and_ends_generation(service, reference):
     assert full.startswith(result["generated_text"])
 
 
-def test_penalties_and_top_k_run(service):
-    result = generate(
-        service, PROMPTS[3], repetition_penalty=1.3, frequency_penalty=0.5, top_k=5, do_sample=True, seed=3
-    )
-    assert result["details"]["generated_tokens"] > 0
-    greedy_penalised = generate(service, PROMPTS[3], repetition_penalty=1.5)
-    assert greedy_penalised["details"]["seed"] is None
+def test_penalties_and_top_k_reach_the_sampler(service, reference):
+    """The parameters travel to the workers (the sampler against transformers: tests/test_models.py,
+    tests/test_sampler.py)."""
+    penalised = generate(service, PROMPTS[3], repetition_penalty=1.3, frequency_penalty=0.5)
+    assert token_ids(penalised) == reference["penalised"]
+    assert reference["penalised"] != reference[PROMPTS[3]]  # the penalties change tokens: the test can tell
+    assert penalised["details"]["seed"] is None  # greedy
+    top_1 = generate(service, PROMPTS[3], do_sample=True, top_k=1, seed=3)
+    assert token_ids(top_1) == reference[PROMPTS[3]]  # one candidate left: the greedy token
+    assert top_1["details"]["seed"] == 3

@@ -1,5 +1,6 @@
-"""End to end, each architecture: the real service on a random tiny model gives transformers' greedy tokens,
-on one worker and on two tensor-parallel shards.
+"""End to end, each architecture: the real service on a random tiny model gives transformers' greedy tokens
+(on two tensor-parallel ranks: in process, tests/test_parallel.py; the service on two ranks:
+tests/test_e2e_parallel.py).
 
 The tiny models use SmolLM2's tokenizer (copied beside the weights), so prompts are text as
 for any client; transformers gets the same token ids.
@@ -7,15 +8,13 @@ for any client; transformers gets the same token ids.
 
 from __future__ import annotations
 
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
-from tests.conftest import free_port, start_service, stop_service
-from tests.helpers import ARCHITECTURES, hf_greedy, tiny_model
-from tgi_zmq.convert import ensure_default_model
+from tests.conftest import start_service, stop_service
+from tests.helpers import ARCHITECTURES, hf_greedy
 
 pytestmark = pytest.mark.e2e
 
@@ -24,22 +23,16 @@ PROMPTS = [" ".join(WORDS[i : i + 3 + i % 4]) for i in range(12)]
 MAX_NEW = 10
 
 
-@pytest.fixture(scope="module", params=[(arch, shards) for arch in ARCHITECTURES for shards in (1, 2)])
-def served(request, tmp_path_factory):
-    """(service, model folder, tokenizer) for a random tiny model of one architecture, on 1 or 2 shards."""
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def served(request, tiny_models, tmp_path_factory):
+    """(service, model folder, tokenizer) for a random tiny model of one architecture."""
     from transformers import AutoTokenizer
 
-    arch, shards = request.param
-    folder = tiny_model(arch, tmp_path_factory.mktemp(arch), vocab_size=49152)
-    smol = ensure_default_model()
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (smol / name).exists():
-            shutil.copy(smol / name, folder / name)
+    folder = tiny_models(request.param, smol_tokenizer=True, vocab_size=49152)
     service = start_service(
         tmp_path_factory.mktemp("service"),
         *("--model-id", str(folder), "--dtype", "float32"),
         *("--max-batch-total-tokens", "8192", "--max-total-tokens", "512"),
-        *("--num-shard", str(shards), "--master-port", str(free_port())),
     )
     yield service, folder, AutoTokenizer.from_pretrained(folder)
     stop_service(service, wait=False)

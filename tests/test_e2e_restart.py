@@ -14,18 +14,9 @@ from tests.conftest import children, pids, start_service, stop_service
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def own_service(tmp_path_factory):
-    svc = start_service(
-        tmp_path_factory.mktemp("restart"), "--dtype", "float32", "--max-batch-total-tokens", "8192"
-    )
-    yield svc
-    stop_service(svc, wait=False)
-
-
-def test_every_process_runs_under_its_own_name(own_service):
+def test_every_process_runs_under_its_own_name(service):
     for name in ("frontend", "tokenizer", "scheduler", "detokenizer", "worker"):
-        assert len(pids(own_service, name)) == 1, name
+        assert len(pids(service, name)) == 1, name
 
 
 def test_sigterm_stops_everything_and_cleans_up(tmp_path):

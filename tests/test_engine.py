@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import run_engine, tiny_llama
+from tests.helpers import run_engine
 from tgi_zmq import sampler
 from tgi_zmq.block_manager import BlockManager
 from tgi_zmq.engine import MAX_FAULTS, ROW_FAILED, EngineCore, StepFailure, WorkersLost
@@ -21,8 +21,8 @@ MAX_NEW = 8
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return tiny_llama(tmp_path_factory.mktemp("llama"))
+def folder(tiny_models):
+    return tiny_models("llama")
 
 
 @pytest.fixture(scope="module")

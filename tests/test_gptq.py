@@ -318,10 +318,8 @@ def test_read_quant_config_in_both_styles(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def float_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.helpers import tiny_llama  # the engine's imports: only for the tests that need a model
-
-    return tiny_llama(tmp_path_factory.mktemp("float"))
+def float_dir(tiny_models) -> Path:
+    return tiny_models("llama")
 
 
 @pytest.mark.parametrize("method", ["gptq", "gptq-act-order-legacy", "awq"])

@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from tests.conftest import free_port
-from tests.helpers import tiny_llama
+from tests.helpers import tiny_model
 from tgi_zmq.block_manager import BlockManager
 from tgi_zmq.engine import ROW_FAILED, EngineCore
 from tgi_zmq.grammar import GrammarEngine, RowMatchers
@@ -53,7 +53,7 @@ def byte_tokenizer():
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    folder = tiny_llama(tmp_path_factory.mktemp("llama"))
+    folder = tiny_model("llama", tmp_path_factory.mktemp("llama"))  # its own: a tokenizer goes beside it
     byte_tokenizer().save_pretrained(folder)
     return folder
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.helpers import ARCHITECTURES, tiny_model
+from tests.helpers import ARCHITECTURES
 from tgi_zmq import memory
 from tgi_zmq.memory import (
     ACTIVATION_RESERVE,
@@ -38,10 +38,10 @@ def llama_config(heads: int, kv_heads: int, layers: int = 2, head_dim: int = 16)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_each_rank_is_sized_as_it_loads(arch, tmp_path):
+def test_each_rank_is_sized_as_it_loads(arch, tiny_models):
     """The meta-device count is what the rank really holds, on 1, 2 and 4 ranks; only small buffers
     the model computes itself (BLOOM's ALiBi slopes) are left to the activation reserve."""
-    folder = tiny_model(arch, tmp_path)
+    folder = tiny_models(arch)
     for world in (1, 2, 4):
         for rank in range(world):
             shard = Shard(rank, world)
@@ -49,15 +49,15 @@ def test_each_rank_is_sized_as_it_loads(arch, tmp_path):
             assert 0 <= loaded - rank_weights_bytes(folder, "float32", shard) <= 64, (world, rank)
 
 
-def test_one_rank_holds_the_whole_checkpoint_at_the_served_dtype(tmp_path):
-    folder = tiny_model("llama", tmp_path)  # untied: every checkpoint tensor is loaded once
+def test_one_rank_holds_the_whole_checkpoint_at_the_served_dtype(tiny_models):
+    folder = tiny_models("llama")  # untied: every checkpoint tensor is loaded once
     assert rank_weights_bytes(folder, "float32", Shard()) == weights_bytes(folder, "float32")
     assert rank_weights_bytes(folder, "bfloat16", Shard()) == weights_bytes(folder, "bfloat16")
     assert weights_bytes(folder, "bfloat16") * 2 == weights_bytes(folder, "float32")
 
 
-def test_ranks_split_the_weights(tmp_path):
-    folder = tiny_model("llama", tmp_path, vocab_size=4096)
+def test_ranks_split_the_weights(tiny_models):
+    folder = tiny_models("llama", vocab_size=4096)
     whole = weights_bytes(folder, "float32")
     halves = [rank_weights_bytes(folder, "float32", Shard(r, 2)) for r in range(2)]
     assert all(0.45 * whole < h < 0.56 * whole for h in halves)
@@ -97,8 +97,8 @@ def fake_gpus(monkeypatch, free: dict[str, int]) -> None:
     monkeypatch.setattr(memory, "free_memory", lambda device: free[device])
 
 
-def test_each_gpu_rank_is_sized_from_its_own_device(tmp_path, monkeypatch):
-    folder = tiny_model("llama", tmp_path)  # 2 KV heads: one per rank on 2 ranks
+def test_each_gpu_rank_is_sized_from_its_own_device(tiny_models, monkeypatch):
+    folder = tiny_models("llama")  # 2 KV heads: one per rank on 2 ranks
     hf = read_config(folder)
     fake_gpus(monkeypatch, {"cuda:0": 9 * GiB, "cuda:1": 5 * GiB})
     ranks = rank_memory(folder, hf, "float32", "cuda", 2)
@@ -108,8 +108,8 @@ def test_each_gpu_rank_is_sized_from_its_own_device(tmp_path, monkeypatch):
     assert kv_budget_tokens(folder, hf, "float32", "cuda", 0.5, 2) == int(left * 0.5) // kv
 
 
-def test_two_gpus_hold_twice_the_tokens_of_one(tmp_path, monkeypatch):
-    folder = tiny_model("llama", tmp_path)
+def test_two_gpus_hold_twice_the_tokens_of_one(tiny_models, monkeypatch):
+    folder = tiny_models("llama")
     hf = read_config(folder)
     fake_gpus(monkeypatch, {"cuda:0": 8 * GiB, "cuda:1": 8 * GiB})
     one = kv_budget_tokens(folder, hf, "float32", "cuda", 0.9, 1)
@@ -117,8 +117,8 @@ def test_two_gpus_hold_twice_the_tokens_of_one(tmp_path, monkeypatch):
     assert 1.99 * one < two < 2.01 * one
 
 
-def test_cpu_ranks_share_the_host_memory(tmp_path, monkeypatch):
-    folder = tiny_model("llama", tmp_path)
+def test_cpu_ranks_share_the_host_memory(tiny_models, monkeypatch):
+    folder = tiny_models("llama")
     hf = read_config(folder)
     monkeypatch.setattr(memory, "free_memory", lambda device: {"cpu": 8 * GiB}[device])
     ranks = rank_memory(folder, hf, "float32", "cpu", 2)
@@ -129,21 +129,21 @@ def test_cpu_ranks_share_the_host_memory(tmp_path, monkeypatch):
     assert sum(r.kv_per_token for r in ranks) == kv_bytes_per_token(hf, "float32")  # no KV head replicated
 
 
-def test_more_gpu_ranks_than_gpus_are_refused(tmp_path, monkeypatch):
-    folder = tiny_model("llama", tmp_path)
+def test_more_gpu_ranks_than_gpus_are_refused(tiny_models, monkeypatch):
+    folder = tiny_models("llama")
     fake_gpus(monkeypatch, {"cuda:0": 8 * GiB})
     with pytest.raises(ValueError, match="--num-shard 2 needs one GPU per rank; this machine has 1"):
         kv_budget_tokens(folder, read_config(folder), "float32", "cuda", 0.9, 2)
 
 
-def test_no_memory_left_gives_no_tokens(tmp_path, monkeypatch):
-    folder = tiny_model("llama", tmp_path)
+def test_no_memory_left_gives_no_tokens(tiny_models, monkeypatch):
+    folder = tiny_models("llama")
     monkeypatch.setattr(memory, "free_memory", lambda device: ACTIVATION_RESERVE)
     assert kv_budget_tokens(folder, read_config(folder), "float32", "cpu", 0.9) == 0
 
 
-def test_a_model_that_cannot_be_built_on_meta_is_estimated(tmp_path, monkeypatch, caplog):
-    folder = tiny_model("llama", tmp_path)
+def test_a_model_that_cannot_be_built_on_meta_is_estimated(tiny_models, monkeypatch, caplog):
+    folder = tiny_models("llama")
 
     def broken(*args, **kwargs):
         raise RuntimeError("no meta support")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import ARCHITECTURES, SEQ2SEQ, tiny_model
+from tests.helpers import ARCHITECTURES, SEQ2SEQ
 from tgi_zmq.block_manager import BlockManager
 from tgi_zmq.messages import SamplingParams
 from tgi_zmq.model_runner import ModelRunner
@@ -40,8 +40,8 @@ def kinds(starts: list[int], num_new: list[int]) -> set[str]:
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_steps_run_on_the_meta_device(arch, tmp_path):
-    folder = tiny_model(arch, tmp_path)
+def test_steps_run_on_the_meta_device(arch, tiny_models):
+    folder = tiny_models(arch)
     runner = ModelRunner(str(folder), "float32", "meta", 64, BLOCK_SIZE, max_rows=8, max_total_tokens=256)
     assert runner.cache.k[0].is_meta and runner.states.pages.is_meta
     vocab = runner.model.cfg.vocab_size

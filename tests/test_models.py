@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ARCHITECTURES, SEQ2SEQ, hf_greedy, hf_logits, run_engine, tiny_model
+from tests.helpers import (
+    ARCHITECTURES,
+    SEQ2SEQ,
+    FrequencyPenalty,
+    hf_greedy,
+    hf_logits,
+    run_engine,
+    tiny_model,
+)
 from tgi_zmq.block_manager import BlockManager
 from tgi_zmq.messages import SamplingParams
 from tgi_zmq.model_runner import ModelRunner
@@ -19,14 +27,14 @@ from tgi_zmq.policy import Request, SchedulePolicy
 from tgi_zmq.step import build_step
 
 
-@pytest.fixture(scope="module", params=ARCHITECTURES)
-def model_dir(request, tmp_path_factory):
-    return request.param, tiny_model(request.param, tmp_path_factory.mktemp(request.param))
+@pytest.fixture(params=ARCHITECTURES)
+def model_dir(request, tiny_models):
+    return request.param, tiny_models(request.param)
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    return tiny_model("llama", tmp_path_factory.mktemp("llama"))
+@pytest.fixture
+def llama_dir(tiny_models):
+    return tiny_models("llama")
 
 
 def prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -158,20 +166,6 @@ def hf_generate(folder: Path, prompt: list[int], max_new_tokens: int, **kwargs) 
         **kwargs,
     )
     return out[0, len(prompt) :].tolist()
-
-
-class FrequencyPenalty:
-    """The reference for ``frequency_penalty`` (transformers has no processor for it): each token's
-    logit loses ``penalty * count / len(history)``, the history being the prompt and the tokens
-    generated so far."""
-
-    def __init__(self, penalty: float):
-        self.penalty = penalty
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        ones = torch.ones_like(input_ids, dtype=scores.dtype)
-        counts = torch.zeros_like(scores).scatter_add_(1, input_ids, ones)
-        return scores - self.penalty * counts / input_ids.shape[1]
 
 
 @pytest.mark.parametrize(

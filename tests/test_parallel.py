@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from tests.conftest import free_port
-from tests.helpers import ARCHITECTURES, hf_greedy, run_engine, tiny_model
+from tests.helpers import ARCHITECTURES, hf_greedy, run_engine
 from tgi_zmq.messages import SamplingParams
 from tgi_zmq.models import load_model, weight_bytes
 from tgi_zmq.parallel import Shard, init_group
@@ -33,8 +33,8 @@ def test_heads_follow_their_kv_group_or_replicate_it():
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_each_rank_holds_about_half_of_the_weights(arch, tmp_path):
-    folder = tiny_model(arch, tmp_path, vocab_size=4096)
+def test_each_rank_holds_about_half_of_the_weights(arch, tiny_models):
+    folder = tiny_models(arch, vocab_size=4096)
     whole = weight_bytes(load_model(folder, "float32", "cpu"))
     halves = [weight_bytes(load_model(folder, "float32", "cpu", Shard(r, 2))) for r in range(2)]
     print(f"{arch}: whole {whole} bytes, ranks {halves}")
@@ -56,10 +56,10 @@ def _rank(rank: int, port: int, folder, prompts, results) -> None:
 
 
 @pytest.mark.parametrize("arch", [*ARCHITECTURES, "llama-biases"])
-def test_two_ranks_give_the_tokens_of_one(arch, tmp_path):
+def test_two_ranks_give_the_tokens_of_one(arch, tiny_models):
     # llama-biases: Llama with attention and MLP biases (the row-parallel ones live on rank 0 only)
     biases = dict(attention_bias=True, mlp_bias=True) if arch == "llama-biases" else {}
-    folder = tiny_model(arch.removesuffix("-biases"), tmp_path, **biases)
+    folder = tiny_models(arch.removesuffix("-biases"), **biases)
     rng = random.Random(7)
     prompts = [[rng.randrange(3, 512) for _ in range(rng.randrange(2, 30))] for _ in range(5)]
     ctx = mp.get_context("spawn")
@@ -78,8 +78,8 @@ def test_two_ranks_give_the_tokens_of_one(arch, tmp_path):
     assert sharded[:3] == [hf_greedy(folder, p, 8) for p in prompts[:3]]
 
 
-def test_one_shard_never_touches_torch_distributed(tmp_path):
+def test_one_shard_never_touches_torch_distributed(tiny_models):
     from tgi_zmq.model_runner import ModelRunner
 
-    runner = ModelRunner(str(tiny_model("llama", tmp_path)), "float32", "cpu", 8, 4)
+    runner = ModelRunner(str(tiny_models("llama")), "float32", "cpu", 8, 4)
     assert runner.shard.world == 1 and not torch.distributed.is_initialized()

@@ -23,12 +23,7 @@ from tgi_zmq import messages as m
 from tgi_zmq.frontend import profile_routes
 from tgi_zmq.profiling import StepProfiler, new_traces
 
-PROFILE = Path(__file__).resolve().parent.parent / "scripts" / "profile"
 log = logging.getLogger("test")
-
-
-def load_script():
-    return helpers.load_script("profile")
 
 
 # ---------------------------------------------------------------------------- the recorder
@@ -138,7 +133,7 @@ async def test_the_routes_are_documented(frontend_client) -> None:
 
 
 def test_the_script_tells_the_pipeline_processes_apart() -> None:
-    runs = load_script().runs
+    runs = helpers.load_script("profile").runs
     python = "/repo/.venv/bin/python"
     assert runs([python, "/repo/processes/tokenizer.py", ""], "tokenizer")
     assert not runs([python, "/repo/processes/detokenizer.py", ""], "tokenizer")
@@ -150,7 +145,7 @@ def test_the_script_tells_the_pipeline_processes_apart() -> None:
 
 def test_the_script_finds_a_process_under_supervisord(tmp_path: Path, monkeypatch) -> None:
     """Its pid is the child of the supervisord of the runtime dir that runs processes/<name>.py."""
-    script = load_script()
+    script = helpers.load_script("profile")
     monkeypatch.setattr(script.tempfile, "gettempdir", lambda: str(tmp_path))
     runtime_dir = tmp_path / "tgi-zmq-abc"
     runtime_dir.mkdir()

@@ -7,21 +7,20 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from tests import helpers
+from tgi_zmq.convert import default_model_dir
+from tgi_zmq.memory import weights_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "quality"
 
 
-def load_script():
-    return helpers.load_script("quality")
-
-
-quality = load_script()
+quality = helpers.load_script("quality")
 
 
 def chars(text: str) -> list[int]:
@@ -110,7 +109,9 @@ def test_two_identical_modes_give_identical_figures(tmp_path):
     cmd = [sys.executable, str(SCRIPT), "--mode", "a=--dtype float32", "--mode", "b=--dtype float32"]
     cmd += ["--window", "32", "--max-windows", "2", "--prompts", "3", "--prompt-tokens", "8"]
     cmd += ["--max-new-tokens", "6", "--port", "8650", "--json", str(out)]
+    started = time.monotonic()
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    elapsed = time.monotonic() - started
     assert run.returncode == 0, run.stderr[-4000:]
     record = json.loads(out.read_text())
     a, b = record["modes"]["a"], record["modes"]["b"]
@@ -119,6 +120,10 @@ def test_two_identical_modes_give_identical_figures(tmp_path):
     assert a["ppl"] == b["ppl"] and b["ppl_vs_baseline_pct"] == 0
     assert a["scored_tokens"] == b["scored_tokens"] == record["text"]["windows"] * 31 == 62
     assert b["exact"] == b["prompts"] == 3 and b["mean_prefix"] == 1.0
-    assert a["workers"] == 1 and a["rss_mb"] > 100 and a["load_s"] > 0
+    assert a["model_dtype"] == "float32" and a["workers"] == 1
+    weights_mb = weights_bytes(default_model_dir(), "float32") / 1e6
+    assert weights_mb < a["rss_mb"] <= a["peak_mb"], (weights_mb, a)  # the worker's, weights included
+    timed = [mode[phase] for mode in (a, b) for phase in ("load_s", "measure_s")]  # seconds, in this run
+    assert min(timed) > 0 and sum(timed) < elapsed, (timed, elapsed)
     assert record["machine"]["cpu_model"] is not None and record["command"].startswith("scripts/quality")
     assert "| a |" in run.stdout and "| b |" in run.stdout

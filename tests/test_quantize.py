@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.helpers import ARCHITECTURES, hf_greedy, run_engine, tiny_model
+from tests.helpers import ARCHITECTURES, hf_greedy, run_engine
 from tgi_zmq.cli import pick_quantize
 from tgi_zmq.layers import UnquantizedLinear
 from tgi_zmq.messages import SamplingParams
@@ -54,8 +54,10 @@ def dequantized_reference(folder: Path, out: Path, storage: str) -> Path:
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("quantize", ["bitsandbytes", "bitsandbytes-nf4"])
-def test_quantized_tokens_equal_transformers_on_the_dequantized_weights(arch, quantize, tmp_path):
-    folder = tiny_model(arch, tmp_path / "model")
+def test_quantized_tokens_equal_transformers_on_the_dequantized_weights(
+    arch, quantize, tiny_models, tmp_path
+):
+    folder = tiny_models(arch)
     storage = {"bitsandbytes": "int8", "bitsandbytes-nf4": "nf4"}[quantize]
     reference = dequantized_reference(folder, tmp_path / "reference", storage)
     expected = [hf_greedy(reference, p, MAX_NEW) for p in PROMPTS]
@@ -63,8 +65,8 @@ def test_quantized_tokens_equal_transformers_on_the_dequantized_weights(arch, qu
     assert run_engine(folder, PROMPTS, params, MAX_NEW, quantize=quantize)[0] == expected
 
 
-def test_layers_hold_quantized_weights(tmp_path):
-    folder = tiny_model("llama", tmp_path / "model")
+def test_layers_hold_quantized_weights(tiny_models):
+    folder = tiny_models("llama")
     dense = load_model(folder, "float32", "cpu")
     int8 = load_model(folder, "float32", "cpu", quantize="bitsandbytes")
     nf4 = load_model(folder, "float32", "cpu", quantize="bitsandbytes-nf4")
@@ -97,8 +99,8 @@ def test_devices_refuse_what_they_cannot_run():
     check_kv_cache_dtype("fp8_e4m3fn", "cuda")
 
 
-def test_gptq_needs_a_gptq_checkpoint(tmp_path):
-    folder = tiny_model("llama", tmp_path / "model")
+def test_gptq_needs_a_gptq_checkpoint(tiny_models):
+    folder = tiny_models("llama")
     with pytest.raises(ValueError, match="needs a gptq checkpoint"):
         pick_quantize("gptq", folder, "cpu")
     assert pick_quantize(None, folder, "cpu") is None
@@ -118,14 +120,16 @@ def test_kv_cache_in_8_bit_floats_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("method,desc_act", [("gptq", False), ("gptq", True), ("awq", False)])
-def test_prequantized_checkpoints_give_the_tokens_of_their_dequantized_weights(method, desc_act, tmp_path):
+def test_prequantized_checkpoints_give_the_tokens_of_their_dequantized_weights(
+    method, desc_act, tiny_models, tmp_path
+):
     from tests.quant_checkpoints import (
         write_awq_checkpoint,
         write_dequantized_reference,
         write_gptq_checkpoint,
     )
 
-    folder = tiny_model("llama", tmp_path / "model")
+    folder = tiny_models("llama")
     checkpoint = tmp_path / method
     if method == "gptq":
         write_gptq_checkpoint(folder, checkpoint, group=32, desc_act=desc_act)

@@ -3,16 +3,8 @@ the timeline parses back."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from tests import helpers
 from tgi_zmq.steplog import SCHEDULER_STEP, WORKER_STEP
-
-TIMELINE = Path(__file__).resolve().parent.parent / "scripts" / "timeline"
-
-
-def load_timeline():
-    return helpers.load_script("timeline")
 
 
 def test_the_timeline_parses_what_the_processes_log():
@@ -26,7 +18,7 @@ def test_the_timeline_parses_what_the_processes_log():
         f"2026-12-01 10:00:00,001 DEBUG worker-0 {worker}",
         f"2026-12-01 10:00:00,001 DEBUG worker-1 {other}",  # rank 0's figures only
     ]
-    steps = load_timeline().parse(lines)
+    steps = helpers.load_script("timeline").parse(lines)
     assert steps == {
         7: dict(
             requests=16.0,
@@ -62,7 +54,7 @@ garbage line with rid=abc but no timestamp
 
 
 def test_the_timeline_follows_one_request_through_every_process(capsys):
-    timeline = load_timeline()
+    timeline = helpers.load_script("timeline")
     events = timeline.request_events(REQUEST_LOG.splitlines(keepends=True), "abc")
     processes = [process for _, process, _ in events]
     assert processes == [

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.helpers import hf_greedy, run_engine, tiny_llama
+from tests.helpers import hf_greedy, run_engine
 from tgi_zmq.checkpoint.base import MissingTensorError
 from tgi_zmq.checkpoint.safetensors import INDEX_FILE, SafetensorsWeights
 from tgi_zmq.layers import WeightSource
@@ -23,8 +23,8 @@ MISSING = "model.layers.0.mlp.up_proj.weight"
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_llama(tmp_path_factory.mktemp("single"))
+def single(tiny_models) -> Path:
+    return tiny_models("llama")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import uuid
 import pytest
 
 from processes.worker import Worker
-from tests.helpers import tiny_llama
 from tgi_zmq import messages as m
 from tgi_zmq.block_manager import BlockManager
 from tgi_zmq.config import RING_SLOTS, ServerConfig
@@ -25,8 +24,8 @@ BLOCK = 4
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return tiny_llama(tmp_path_factory.mktemp("llama"), vocab_size=VOCAB)
+def folder(tiny_models):
+    return tiny_models("llama", vocab_size=VOCAB)
 
 
 @pytest.fixture
