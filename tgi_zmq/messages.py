@@ -35,11 +35,13 @@ from typing import Any, TypeVar, Union
 
 import msgpack
 
-# 7: ProfileRequest; StageTimes on DetokRequestInfo and RequestDelta, ScheduleRequest.tokenize_seconds;
+# 8: GrammarRequest/GrammarResult (rank 0 compiles the grammars), StepRequest.grammars a GrammarRows,
+# DetokRequestInfo.prompt_ids only the prompt's tail; 7: ProfileRequest; StageTimes on DetokRequestInfo
+# and RequestDelta, ScheduleRequest.tokenize_seconds;
 # 6: StepRequest.grammars (the workers keep the grammar matchers); 5: logprobs, top tokens, tools, more
 # sampling parameters; 4: SamplingParams.grammar; 3: the naming rule's renames, typed parts,
 # max_new_tokens resolved once
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 
 _REGISTRY: dict[int, type] = {}
 T = TypeVar("T")
@@ -406,7 +408,7 @@ class StageTimes:
     ``tgi_request_stage_duration{stage}``. The scheduler fills the first four at the request's first
     token (``decode`` 0 then); the detokenizer closes ``decode`` and adds its own time at the last."""
 
-    tokenize: float  # in the tokenizer process (grammar check and tokenization)
+    tokenize: float  # in the tokenizer process (chat template, tokenization, checks)
     queue: float  # from its arrival at the scheduler to its first scheduled step
     prefill: float  # from its first scheduled step to its first token
     decode: float  # from its first token to its last
@@ -418,8 +420,8 @@ class DetokRequestInfo:
     """scheduler -> detokenizer, with a request's first tokens: what the detokenizer needs to know."""
 
     rid: str
-    # The whole prompt ([] for seq2seq, whose output is decoded on its own): the detokenizer keeps
-    # only its last ids (``detokenizer.PROMPT_TAIL``) so the first word's spacing decodes right.
+    # The prompt's last ids (``textstream.PROMPT_TAIL``), so the first word's spacing decodes right; the
+    # whole prompt if its logprobs are asked; [] for seq2seq, whose output is decoded on its own.
     prompt_ids: list[int]
     prompt_tokens: int
     stop: list[str]
@@ -562,6 +564,15 @@ class GrammarStart:
     output_ids: list[int]
 
 
+@message(tag=34)
+class GrammarRows:
+    """The grammar matchers a step starts (``starts``) and drops (``ends``: state rows whose requests
+    left them since the last step), on the worker that samples."""
+
+    starts: list[GrammarStart] = dataclasses.field(default_factory=list)
+    ends: list[int] = dataclasses.field(default_factory=list)
+
+
 @message(tag=21)
 class StepRequest:
     """scheduler -> every worker: run one forward pass over the tensors in ``buffer``.
@@ -573,7 +584,27 @@ class StepRequest:
     buffer: str
     tensors: list[TensorRef]
     cuda_handle: CudaHandle | None  # of ``buffer`` on GPU; None for shared memory
-    grammars: list[GrammarStart] = dataclasses.field(default_factory=list)  # rank 0's only
+    grammars: GrammarRows | None = None  # rank 0's only
+
+
+@message(tag=35)
+class GrammarRequest:
+    """scheduler -> worker rank 0 (the one that samples), when a request with a grammar arrives, and again
+    for every such request after the workers restarted: compile it (off the worker's loop) and say so.
+    The request runs only once it is compiled."""
+
+    rid: str
+    grammar: Grammar
+
+
+@message(tag=36)
+class GrammarResult:
+    """worker rank 0 -> scheduler: a ``GrammarRequest``'s grammar is compiled (``refusal`` "") or refused
+    (the engine's reason, or a compile past ``--grammar-compile-timeout``: the request's 422)."""
+
+    rid: str
+    boot_id: str  # the worker's: an answer from a process already replaced is ignored
+    refusal: str
 
 
 @message(tag=22)

@@ -8,24 +8,27 @@ Overlap and masks that depend on the previous token. With the overlap schedule t
 builds step N+1 before it knows the tokens of step N, so it cannot compute a grammar's mask for
 N+1; the worker that samples (rank 0) can, since it sampled N's tokens itself. So the masks are
 made here (as SGLang resolves the previous step's tokens on its forward thread): rank 0 keeps a
-grammar matcher per state row (``tgi_zmq.grammar.RowMatchers``), started by the step that first
-samples for a request in its row (``Step.grammars``). Per step: forward (on CUDA launched
+grammar matcher per state row (``tgi_zmq.grammar.RowMatchers``; the grammars were compiled when
+their requests arrived), started by the step that first samples for a request in its row and
+dropped by the step after it left the row (``Step.grammars``). Per step: forward (on CUDA launched
 asynchronously, so the host fills the masks while it runs) -> fill the grammar rows' bitmasks ->
 sample with them as a ``VocabMask`` on the step's device -> the matchers take the sampled tokens
-(a host read: one synchronisation on CUDA, only in steps with grammar rows). Steps without grammar
-rows do none of this, and the engine keeps its overlap depth either way.
+(a host read: one synchronisation on CUDA, only in steps with grammar rows) and say which grammars
+are done. Steps without grammar rows do none of this, and the engine keeps its overlap depth either
+way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Future
 
 import torch
 
 from tgi_zmq.attention import AttentionMetadata
 from tgi_zmq.block_manager import ceil_div
 from tgi_zmq.forward_batch import EncoderBatch, ForwardBatch, RequestStates
-from tgi_zmq.grammar import RowMatchers, unpack
+from tgi_zmq.grammar import GrammarEngine, RowMatchers, unpack
 from tgi_zmq.models import load_model
 from tgi_zmq.parallel import Shard
 from tgi_zmq.sampler import LogitBias, LogitsProcessor, SamplingMetadata, VocabMask, Watermark, sample
@@ -44,7 +47,7 @@ class ModelRunner:
         max_rows: int = 128,
         max_total_tokens: int = 4096,
         watermark: Watermark = Watermark(),
-        grammar_timeout: float = 10.0,
+        grammars: GrammarEngine | Future[GrammarEngine] | None = None,
         quantize: str | None = None,
         kv_cache_dtype: str | None = None,
     ):
@@ -57,11 +60,12 @@ class ModelRunner:
         self.max_rows = max_rows
         self.max_pages = ceil_div(max_total_tokens, block_size) + 1
         self.watermark = watermark
-        self.grammars = RowMatchers(model_id, grammar_timeout)
+        self.grammars = RowMatchers(grammars)  # structured output: rank 0's (``grammar.load_engine``)
         self.forget_requests()
 
     def forget_requests(self) -> None:
-        """Drop the per-request state and the last step's samples (a new scheduler starts afresh)."""
+        """Drop the per-request state and the last step's samples (a new scheduler starts afresh; the
+        compiled grammars stay)."""
         self.states = RequestStates(self.max_rows, self.max_pages, self.model.cfg.vocab_size, self.device)
         self.prev_ids = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.grammars.forget()
@@ -100,10 +104,13 @@ class ModelRunner:
         if logits is None:
             out = StepOutput(*_empty_output(rows, layout, self.device))
         else:
+            self.grammars.update(step.grammars)
             out = self._choose(step, layout, logits[:rows], list(processors))
             out.prompt_logprobs = _prompt_logprobs(logits[rows:], step.sampling.prompt_targets)
+            out.grammar_done = torch.zeros(rows, dtype=torch.bool, device=self.device)
             if layout.grammar_rows:
-                self.grammars.consume(layout.grammar_rows, out.next_ids)
+                done = self.grammars.consume(layout.grammar_rows, out.next_ids)
+                out.grammar_done = torch.tensor(done, dtype=torch.bool, device=self.device)
         if self.shard.world > 1:
             self.shard.broadcast(out.next_ids)
         if layout.penalised:
@@ -121,11 +128,10 @@ class ModelRunner:
         if layout.grammar_rows:
             processors.append(self._grammar_mask(step, layout, logits.shape[-1]))
         sampled = sample(logits, self._sampling_metadata(step, layout), processors)
-        return StepOutput(sampled.ids, sampled.logprobs, sampled.top_ids, sampled.top_logprobs, None)
+        return StepOutput(sampled.ids, sampled.logprobs, sampled.top_ids, sampled.top_logprobs, None, None)
 
     def _grammar_mask(self, step: Step, layout: StepLayout, vocab_size: int) -> VocabMask:
         """The grammar rows' allowed tokens, filled on the host (while the forward runs on CUDA)."""
-        self.grammars.start(step.grammars)
         bitmask = self.grammars.masks(layout.grammar_rows, len(layout.sample_rows), vocab_size)
         return VocabMask(unpack(bitmask.to(self.device, non_blocking=True), vocab_size))
 
@@ -133,7 +139,7 @@ class ModelRunner:
         """The model's view of a step whose state changes are taken in."""
         qs = layout.query_start
         inputs = step.inputs
-        tables = self.states.tables(step)
+        tables = self.states.tables(step, ceil_div(max(layout.context_lens), self.block_size))
         attention = AttentionMetadata.for_pages(
             qs, layout.context_lens, tables, inputs.slot_mapping, self.block_size
         )
@@ -144,7 +150,8 @@ class ModelRunner:
             logit_rows = torch.cat([logit_rows, step.sampling.prompt_rows])
         encoder = None
         if step.encoder is not None:
-            cross_tables = self.states.cross_pages[inputs.state_rows]
+            width = ceil_div(max(layout.encoder_lens), self.block_size)
+            cross_tables = self.states.tables(step, width, cross=True)
             cross = AttentionMetadata.for_pages(
                 qs, layout.encoder_lens, cross_tables, None, self.block_size, causal=False
             )
@@ -195,4 +202,5 @@ def _empty_output(rows: int, layout: StepLayout, device: torch.device) -> tuple[
         torch.zeros(rows, layout.top_n, dtype=torch.int64, device=device),
         torch.zeros(rows, layout.top_n, device=device),
         torch.zeros(layout.num_prompt_rows, device=device),
+        torch.zeros(rows, dtype=torch.bool, device=device),
     )

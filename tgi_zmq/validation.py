@@ -134,7 +134,7 @@ def _seed(seed: int | None, sampling: bool) -> int | None:
 
 def grammar(value: Any) -> Grammar | None:
     """TGI's ``grammar``: ``{"type": "json", "value": <JSON schema>}`` or ``{"type": "regex", "value":
-    "..."}`` (the engine checks that it compiles: ``tgi_zmq.grammar``, in the tokenizer)."""
+    "..."}`` (the engine checks that it compiles: ``tgi_zmq.grammar``, on the worker that samples)."""
     if value is None:
         return None
     if not isinstance(value, dict) or value.get("type") not in ("json", "regex") or "value" not in value:
