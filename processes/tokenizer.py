@@ -38,7 +38,6 @@ class TokenizerProcess:
     def __init__(self, config: ServerConfig, tokenizer: Any) -> None:
         self.config = config
         self.tokenizer = tokenizer
-        self.grammars = None  # a GrammarEngine, made on the first grammar
         ctx = zmq.Context.instance()
         self.inbox = pull(ctx, config.endpoint("tokenizer"))
         self.to_scheduler = push(ctx, config.endpoint("scheduler"))
@@ -58,21 +57,6 @@ class TokenizerProcess:
     def pass_on(self, msg: m.AbortRequest | m.FrontendStarted | m.ProfileRequest) -> None:
         self.to_scheduler.send(m.encode(msg))
 
-    def check_grammar(self, grammar: m.Grammar) -> None:
-        """Compile it once here (the verdict cached), so a grammar the engine refuses, or that takes
-        longer than ``--grammar-compile-timeout`` (this loop waits that long at most), is a 422, never
-        a failure in the scheduler or an unconstrained answer."""
-        from tgi_zmq.grammar import GrammarEngine, GrammarError
-
-        if self.config.disable_grammar_support:
-            raise ValidationError("grammar is not supported")
-        if self.grammars is None:
-            self.grammars = GrammarEngine(self.tokenizer, self.config.grammar_compile_timeout)
-        try:
-            self.grammars.check(grammar)
-        except GrammarError as exc:
-            raise ValidationError(f"grammar: {exc}") from None
-
     def tokenize_text(self, req: m.TokenizeTextRequest) -> None:
         result = m.TokenizeResult(req.rid, token_spans(self.tokenizer, req.prompt))
         self.to_frontend.send(m.encode(result))
@@ -90,8 +74,9 @@ class TokenizerProcess:
     def generate(self, req: m.GenerateRequest) -> None:
         started = time.perf_counter()
         try:
-            if req.params.grammar is not None:
-                self.check_grammar(req.params.grammar)
+            if req.params.grammar is not None and self.config.disable_grammar_support:
+                # the others are compiled once, by the worker that samples: one it refuses is a 422 then
+                raise ValidationError("grammar is not supported")
             scheduled = tokenize(
                 self.tokenizer,
                 req,

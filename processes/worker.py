@@ -2,11 +2,14 @@
 
 scheduler --StepRequest--> [worker] --StepResult (rank 0; tensors in shared memory)--> scheduler
 scheduler --ProfileRequest--> [worker]: start/stop torch.profiler between two steps (``tgi_zmq.profiling``)
+scheduler --GrammarRequest--> [worker rank 0] --GrammarResult--> scheduler
 
 Main loop: receive a step header -> view its tensors in shared memory -> forward + sample
 -> write the sampled ids and logprobs into this worker's buffer -> answer with a header. Rank 0
-also keeps the grammar matchers of structured output: the header brings a request's grammar once,
-and rank 0 fills the masks itself (``tgi_zmq.model_runner``).
+also does structured output: it loads the grammar engine at boot (in a thread), compiles each
+grammar the scheduler announces in the background and answers between two steps (polling briefly
+while compiles are pending: a socket is not thread-safe); the step that first samples for a request
+brings its grammar, and rank 0 fills the masks itself (``tgi_zmq.model_runner``, ``tgi_zmq.grammar``).
 
 With ``--num-shard N`` every rank gets every step header and reads the same shared memory;
 the ranks meet in collectives during the forward (``tgi_zmq.parallel``) and only rank 0
@@ -36,6 +39,8 @@ from tgi_zmq.profiling import StepProfiler
 from tgi_zmq.runtime import BOOT_ID, exit_on_sigterm, setup_logging, start_heartbeat
 from tgi_zmq.steplog import WORKER_STEP
 
+GRAMMAR_POLL_MS = 5  # how often an idle rank 0 looks for finished compiles while some are pending
+
 
 class Worker:
     def __init__(self, rank: int, config: ServerConfig, log: logging.Logger):
@@ -49,6 +54,7 @@ class Worker:
         import torch  # the slow imports come after the heartbeat started: /health is 503 meanwhile
 
         from tgi_zmq import native
+        from tgi_zmq.grammar import load_engine
         from tgi_zmq.memory import rank_device
         from tgi_zmq.model_runner import ModelRunner
         from tgi_zmq.models import weight_bytes
@@ -64,6 +70,9 @@ class Worker:
         self.sock.send(m.encode(m.WorkerBooting(rank, BOOT_ID, os.getpid())))
 
         started = time.perf_counter()
+        grammars = None  # only the rank that samples follows grammars; it loads their engine meanwhile
+        if rank == 0 and not config.disable_grammar_support:
+            grammars = load_engine(config.model_id, config.grammar_compile_timeout)
         self.device = rank_device(config.device, rank)
         if self.device.startswith("cuda"):
             torch.cuda.set_device(self.device)
@@ -88,7 +97,7 @@ class Worker:
             config.max_concurrent_requests,
             config.max_total_tokens,
             Watermark(config.watermark_gamma, config.watermark_delta),
-            grammar_timeout=config.watchdog_timeout,  # waiting longer is moot: the watchdog restarts us
+            grammars=grammars,
             quantize=config.quantize,
             kv_cache_dtype=config.kv_cache_dtype,
         )
@@ -156,20 +165,36 @@ class Worker:
             self.steps.close()
 
     def next_step(self) -> m.StepRequest | None:
-        """Wait for a step header, saying ``WorkerReady`` every second meanwhile; a ``ProfileRequest``
-        is acted on here, between two steps (None is returned)."""
-        while not self.sock.poll(WORKER_ANNOUNCE_MS):
-            with contextlib.suppress(zmq.Again):  # no scheduler now: the next one will hear it
-                self.sock.send(self.ready, zmq.NOBLOCK)
+        """Wait for a step header, saying ``WorkerReady`` every second meanwhile and answering the
+        grammars compiled since the last call; a ``ProfileRequest`` or a ``GrammarRequest`` is acted on
+        here, between two steps (None is returned)."""
+        announced = time.monotonic()
+        self.answer_grammars()
+        while not self.sock.poll(GRAMMAR_POLL_MS if self.runner.grammars.pending else WORKER_ANNOUNCE_MS):
+            self.answer_grammars()
+            if time.monotonic() - announced >= WORKER_ANNOUNCE_MS / 1e3:
+                announced = time.monotonic()
+                with contextlib.suppress(zmq.Again):  # no scheduler now: the next one will hear it
+                    self.sock.send(self.ready, zmq.NOBLOCK)
         try:
-            msg = m.decode(self.sock.recv(), (m.StepRequest, m.ProfileRequest))
+            msg = m.decode(self.sock.recv(), (m.StepRequest, m.ProfileRequest, m.GrammarRequest))
         except m.ProtocolError as exc:
             self.log.error("dropped a bad frame: %s", exc)
             return None
         if isinstance(msg, m.ProfileRequest):
             self.profiler.control(msg)
             return None
+        if isinstance(msg, m.GrammarRequest):
+            self.runner.grammars.announce(msg.rid, msg.grammar)  # compiled in the background
+            return None
         return msg
+
+    def answer_grammars(self) -> None:
+        """Tell the scheduler which announced grammars are compiled or refused."""
+        for rid, refusal in self.runner.grammars.compiled():
+            if refusal:
+                self.log.info("rid=%s grammar refused: %s", rid, refusal)
+            self.sock.send(m.encode(m.GrammarResult(rid, BOOT_ID, refusal)))
 
     def take_scheduler(self, boot: str) -> None:
         """A step of a new scheduler: drop what was kept of the old one."""

@@ -15,7 +15,7 @@ import torch
 from tgi_zmq import models
 from tgi_zmq.block_manager import BlockManager
 from tgi_zmq.engine import EngineCore
-from tgi_zmq.messages import SamplingParams
+from tgi_zmq.messages import SamplingParams, ScheduleRequest
 from tgi_zmq.model_runner import ModelRunner
 from tgi_zmq.offline import LocalExecutor, run_to_completion
 from tgi_zmq.parallel import Shard
@@ -175,11 +175,10 @@ def run_engine(
     sched = SchedulePolicy(blocks, max_step_tokens, max_running, (), max_total)
     engine = EngineCore(sched, LocalExecutor(runner), block_size, overlap=overlap)
     start = getattr(runner.model.cfg, "decoder_start_token_id", None)  # seq2seq: prompts go to the encoder
-    pairs = enumerate(zip(prompts, params, strict=True))
-    if start is None:
-        reqs = [Request(f"r{i}", p, sp, max_new_tokens) for i, (p, sp) in pairs]
-    else:
-        reqs = [Request(f"r{i}", [start], sp, max_new_tokens, encoder_ids=p) for i, (p, sp) in pairs]
+    reqs = [
+        Request.from_schedule(ScheduleRequest(f"r{i}", p, sp, max_new_tokens, 0.0), start)
+        for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
+    ]
     run_to_completion(engine, reqs, arrive_every)
     assert sched.block_manager.num_free == num_blocks
     if requests_out is not None:

@@ -5,7 +5,16 @@ import time
 import pytest
 
 from tgi_zmq import messages as m
-from tgi_zmq.textstream import PROMPT_TAIL, BatchDetokenizer, DecodeState, IncrementalDetokenizer
+from tgi_zmq.messages import SamplingParams
+from tgi_zmq.policy import Produced, Request
+from tgi_zmq.textstream import (
+    PROMPT_TAIL,
+    BatchDetokenizer,
+    DecodeState,
+    IncrementalDetokenizer,
+    request_info,
+    token_output,
+)
 
 
 def unexpected(rid: str, exc: Exception) -> None:
@@ -73,15 +82,27 @@ def test_batch_detokenizer_streams_deltas_and_drops_late_tokens(tokenizer):
     assert out.deltas == []  # the scheduler may still send a token or two: ignored
 
 
-def test_the_whole_prompt_comes_and_only_its_tail_is_kept(tokenizer):
-    """The scheduler sends the whole prompt: the detokenizer alone decides how much context it keeps."""
+def test_only_the_prompts_tail_is_sent_unless_its_logprobs_are_asked(tokenizer):
+    """The scheduler sends the last ``PROMPT_TAIL`` prompt ids (the first token's context), which decode
+    as the whole prompt would; the whole prompt only for ``prompt_logprobs``, none for seq2seq."""
     prompt = tokenizer("A long prompt, " * 20)["input_ids"]
     (token,) = tokenizer(" yes", add_special_tokens=False)["input_ids"]
+    req = Request("r", [*prompt, token], SamplingParams(), 5, prompt_len=len(prompt))
+    produced = Produced(req, token, -0.5, [], [], first=True)
+    out = token_output([produced], time.time())
+    (info,) = out.new_requests
+    assert info.prompt_ids == prompt[-PROMPT_TAIL:] and info.prompt_tokens == len(prompt)
+    assert token_output([produced._replace(first=False)], time.time()).new_requests == []
     batch = BatchDetokenizer(tokenizer)
-    info = m.DetokRequestInfo("r", prompt, len(prompt), [])
-    out, _ = batch.process(m.BatchTokenOutput([info], ["r"], [token], [0.0], [None]), unexpected)
+    text, _ = batch.process(m.decode(m.encode(out)), unexpected)
     assert batch.states["r"].ids == prompt[-PROMPT_TAIL:] + [token]
-    assert out.deltas[0].text == " yes" and out.deltas[0].prompt_tokens == len(prompt)
+    assert text.deltas[0].text == " yes" and text.deltas[0].prompt_tokens == len(prompt)
+
+    scored = Request("s", prompt, SamplingParams(prompt_logprobs=True), 5)
+    assert request_info(scored, time.time()).prompt_ids == prompt
+    seq2seq = Request("t", [0], SamplingParams(), 5, encoder_ids=prompt)
+    info = request_info(seq2seq, time.time())
+    assert info.prompt_ids == [] and info.prompt_tokens == len(prompt)
 
 
 def test_a_replayed_request_decodes_on_as_if_never_interrupted(tokenizer):

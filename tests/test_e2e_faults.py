@@ -2,7 +2,9 @@
 flight still completes with exactly the tokens of an undisturbed run, /health is 200 again within
 15 s, and prompts cached before a worker restart still give their own tokens (no stale KV pages).
 
-The load: 8 streaming requests of 64 tokens, half greedy, half sampled with a seed.
+The load: 8 streaming requests of 64 tokens, half greedy, half sampled with a seed; one of each
+follows a grammar (after a fault its matcher resumes past the tokens already streamed: a replay's, or a
+recompute's once the new workers compiled the grammar again).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def body(i: int) -> dict:
     params = {"max_new_tokens": MAX_NEW_TOKENS, "ignore_eos": True, "details": True}
     if i % 2:
         params.update(do_sample=True, temperature=0.8, seed=1000 + i)
+    if i in (2, 3):  # longer than 64 tokens can write: the grammar never ends them early
+        params["grammar"] = {"type": "regex", "value": "[a-z ,.]{1000}"}
     return {"inputs": PROMPTS[i], "parameters": params}
 
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import re
 import time
+from concurrent.futures import Future
 
 import pytest
 import torch
 
-from tgi_zmq import messages as m
-from tgi_zmq.config import ServerConfig
 from tgi_zmq.convert import default_model_dir
-from tgi_zmq.grammar import LRU, GrammarEngine, GrammarError, unpack
+from tgi_zmq.grammar import LRU, GrammarEngine, GrammarError, RowMatchers, unpack
 from tgi_zmq.messages import Grammar
 
 SCHEMA = {
@@ -40,13 +39,18 @@ def engine():
     return GrammarEngine(tokenizer), tokenizer
 
 
+def verdict(grammars: GrammarEngine, grammar: Grammar) -> None:
+    """Raise ``GrammarError`` if ``grammar`` does not compile (waits for the compile)."""
+    grammars.compile(grammar).template()
+
+
 def test_refusals_carry_the_engines_reason(engine):
     grammars, _ = engine
     with pytest.raises(GrammarError, match="unclosed group"):
-        grammars.check(Grammar("regex", "a(b"))
+        verdict(grammars, Grammar("regex", "a(b"))
     with pytest.raises(GrammarError, match="nonsense"):
-        grammars.check(Grammar("json", json.dumps({"type": "nonsense"})))
-    grammars.check(Grammar("json", json.dumps(SCHEMA)))
+        verdict(grammars, Grammar("json", json.dumps({"type": "nonsense"})))
+    verdict(grammars, Grammar("json", json.dumps(SCHEMA)))
 
 
 def constrained_text(engine, grammar: Grammar, seed: int) -> str:
@@ -95,40 +99,69 @@ def counting_builds(grammars: GrammarEngine, monkeypatch) -> list[Grammar]:
     return builds
 
 
+def answers(rows: RowMatchers, expected: int, timeout: float = 5.0) -> dict[str, str]:
+    """Poll ``rows.compiled()`` (as the worker's loop does) until ``expected`` announcements are answered;
+    no call may wait for a compile."""
+    got: dict[str, str] = {}
+    deadline = time.monotonic() + timeout
+    while len(got) < expected:
+        assert time.monotonic() < deadline, f"answered: {got}"
+        started = time.monotonic()
+        got.update(rows.compiled())
+        assert time.monotonic() - started < 0.1  # never waits for a compile
+        time.sleep(0.005)
+    assert not rows.pending
+    return got
+
+
 def test_a_slow_grammar_times_out_and_stays_refused(engine, monkeypatch):
     grammars = GrammarEngine(engine[1], timeout=0.2)
     builds = counting_builds(grammars, monkeypatch)
+    rows = RowMatchers(grammars)
     start = time.monotonic()
-    for _ in range(2):  # the tokenizer process's check, then its cached verdict
-        with pytest.raises(GrammarError, match="compilation timed out after 0.2 s"):
-            grammars.check(SLOW)
-    compiled = grammars.compile(SLOW)  # the scheduler's: polled, never waited on
-    assert not compiled.ready
-    time.sleep(0.25)
-    assert compiled.ready and grammars.compile(SLOW) is compiled
-    for _ in range(2):
-        with pytest.raises(GrammarError, match="compilation timed out after 0.2 s"):
-            grammars.matcher(SLOW)
-    assert time.monotonic() - start < 1.5  # nobody waited for the compiles (over 1 s each)
-    assert builds == [SLOW, SLOW]  # one compile per process's cache: the refusal is not retried
+    rows.announce("a", SLOW)
+    rows.announce("fast", Grammar("regex", "ab"))
+    rows.announce("b", SLOW)  # the same grammar: one compile
+    timed_out = "compilation timed out after 0.2 s"
+    assert answers(rows, 3) == {"a": timed_out, "fast": "", "b": timed_out}
+    rows.announce("c", SLOW)  # the cached refusal: not compiled again
+    assert answers(rows, 1) == {"c": timed_out}
+    assert time.monotonic() - start < 1.5  # nobody waited for the compile (over 1 s)
+    assert builds == [SLOW, Grammar("regex", "ab")]
 
 
 def test_compiles_are_cached_by_grammar(engine, monkeypatch):
     grammars = GrammarEngine(engine[1])
     builds = counting_builds(grammars, monkeypatch)
     schema = Grammar("json", json.dumps(SCHEMA))
-    grammars.check(schema)
-    grammars.check(Grammar("json", json.dumps(SCHEMA)))
-    with pytest.raises(GrammarError, match="unclosed group"):
-        grammars.check(Grammar("regex", "a(b"))
-    with pytest.raises(GrammarError, match="unclosed group"):
-        grammars.check(Grammar("regex", "a(b"))
     compiled = grammars.compile(schema)
-    woken = []
-    compiled.on_ready(lambda: woken.append(True))
+    assert grammars.compile(Grammar("json", json.dumps(SCHEMA))) is compiled
+    for _ in range(2):
+        with pytest.raises(GrammarError, match="unclosed group"):
+            verdict(grammars, Grammar("regex", "a(b"))
     grammars.matcher(schema)
-    assert grammars.compile(Grammar("json", json.dumps(SCHEMA))) is compiled and compiled.ready and woken
-    assert builds == [schema, Grammar("regex", "a(b"), schema]
+    assert compiled.ready and builds == [schema, Grammar("regex", "a(b")]
+
+
+def test_without_an_engine_every_grammar_is_refused_with_the_reason():
+    rows = RowMatchers(None)
+    rows.announce("a", Grammar("regex", "ab"))
+    assert answers(rows, 1) == {"a": "structured output is off on this worker"}
+    failed: Future = Future()
+    failed.set_exception(OSError("no tokenizer.json"))
+    rows = RowMatchers(failed)
+    rows.announce("b", Grammar("regex", "ab"))
+    assert answers(rows, 1) == {"b": "the grammar engine failed to load: no tokenizer.json"}
+
+
+def test_announcements_wait_for_the_engine_to_load_before_their_timeout_counts(engine):
+    loading: Future = Future()
+    rows = RowMatchers(loading)
+    rows.announce("a", Grammar("regex", "ab"))
+    time.sleep(0.3)
+    assert rows.compiled() == [] and rows.pending  # the engine is still loading: no answer, no timeout
+    loading.set_result(GrammarEngine(engine[1], timeout=0.25))
+    assert answers(rows, 1) == {"a": ""}
 
 
 def mask(matcher) -> list[int]:
@@ -157,59 +190,3 @@ def test_lru_forgets_the_least_recently_used():
     assert cache.get("a") == 1
     cache.put("c", 3)
     assert (cache.get("a"), cache.get("b"), cache.get("c")) == (1, None, 3)
-
-
-@pytest.fixture(scope="module")
-def scheduler(engine, tmp_path_factory):
-    """A scheduler process's object (no workers), and the frontend's end of its 422s."""
-    import zmq
-
-    from processes.scheduler import SchedulerProcess
-
-    limits = dict(max_batch_prefill_tokens=64, max_concurrent_requests=4, max_total_tokens=128)
-    config = ServerConfig(
-        str(default_model_dir()),
-        "m",
-        str(tmp_path_factory.mktemp("scheduler")),
-        grammar_compile_timeout=0.05,
-        **limits,
-    )
-    frontend = zmq.Context.instance().socket(zmq.PULL)
-    frontend.bind(config.endpoint("frontend"))
-    process = SchedulerProcess(config)
-    yield process, frontend
-    process.close()
-    frontend.close(linger=0)
-
-
-def schedule(process, rid: str, grammar: Grammar) -> None:
-    params = m.SamplingParams(grammar=grammar)
-    process.new_request(m.ScheduleRequest(rid, [1, 2, 3], params, 5, time.time()))
-
-
-def test_the_scheduler_admits_a_request_once_its_grammar_compiled(scheduler):
-    process, frontend = scheduler
-    schedule(process, "fast", Grammar("regex", "ab"))
-    schedule(process, "slow", SLOW)
-    assert set(process.compiling) == {"fast", "slow"} and not process.policy.waiting
-    assert process.wake_r in dict(process.poller.poll(2000))  # the compile's end wakes the loop
-    while process.compiling:
-        process.receive(timeout_ms=20)
-        process.admit_compiled()
-    (admitted,) = process.policy.waiting
-    assert admitted.rid == "fast" and admitted.grammar is not None
-    assert frontend.poll(2000)
-    refused = m.decode(frontend.recv())
-    assert refused.rid == "slow" and refused.message.endswith("grammar: compilation timed out after 0.05 s")
-
-
-def test_an_abort_or_a_new_frontend_drops_a_request_that_waits_for_its_grammar(scheduler):
-    process, frontend = scheduler
-    schedule(process, "aborted", Grammar("json", json.dumps(SCHEMA)))
-    schedule(process, "orphan", Grammar("regex", "ab"))  # compiled (cached): admitted on the next turn
-    process.abort(m.AbortRequest("aborted"))
-    assert set(process.compiling) == {"orphan"}
-    process.frontend_started(m.FrontendStarted("new"))
-    time.sleep(0.1)
-    process.admit_compiled()
-    assert not process.compiling and not process.policy.waiting

@@ -1,10 +1,14 @@
 """Structured output through the engine over a tiny model (``LocalExecutor``, overlap on): the worker
-fills the grammar masks from its own matchers, so grammar requests keep two steps in flight; their
-outputs follow the grammar through preemption, replays and worker losses, and plain requests beside
-them keep the tokens they have alone. With two ranks only rank 0 gets and follows the grammars."""
+compiles each grammar once, when its request arrives, and no step starts a grammar before it is
+compiled; it fills the grammar masks from its own matchers, so grammar requests keep two steps in
+flight, and says when a grammar is done; their outputs follow the grammar through preemption, replays
+and worker losses (the grammars announced again), and plain requests beside them keep the tokens they
+have alone. A refused grammar fails its request alone. With two ranks only rank 0 gets and follows
+the grammars."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -17,7 +21,7 @@ from tests.helpers import tiny_model
 from tgi_zmq.block_manager import BlockManager
 from tgi_zmq.engine import ROW_FAILED, EngineCore
 from tgi_zmq.grammar import GrammarEngine, RowMatchers
-from tgi_zmq.messages import Grammar, GrammarStart, SamplingParams
+from tgi_zmq.messages import Grammar, GrammarRows, GrammarStart, SamplingParams
 from tgi_zmq.model_runner import ModelRunner
 from tgi_zmq.offline import LocalExecutor, run_to_completion
 from tgi_zmq.parallel import Shard, init_group
@@ -60,7 +64,7 @@ def folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def grammars(folder) -> GrammarEngine:
-    """The scheduler process's engine: its matchers only say when a grammar is done."""
+    """Rank 0's engine (loaded at its boot in the service)."""
     from transformers import AutoTokenizer
 
     return GrammarEngine(AutoTokenizer.from_pretrained(folder))
@@ -68,44 +72,61 @@ def grammars(folder) -> GrammarEngine:
 
 class Recording(LocalExecutor):
     """Runs each step at once; records, per step with grammar rows, the steps in flight at its
-    submit (itself included), and every grammar the steps start."""
+    submit (itself included), every grammar the steps start (each compiled already: no step waits for
+    a compile) and every grammar announced."""
 
     def __init__(self, runner: ModelRunner, engine: list[EngineCore]):
         super().__init__(runner)
         self.engine = engine
         self.grammar_depths: list[int] = []
         self.starts: list[GrammarStart] = []
+        self.announced: list[str] = []
 
     def submit(self, step_id: int, step: Step) -> None:
         if step.sampling.grammar.any():
             self.grammar_depths.append(len(self.engine[0].inflight))
-        self.starts += step.grammars
+        for start in step.grammars.starts if self.runner.shard.rank == 0 else ():
+            compiled = self.runner.grammars.engine._compiles.get((start.grammar.kind, start.grammar.value))
+            assert compiled is not None and compiled.ready, "a step would wait for a compile"
+        self.starts += step.grammars.starts
         super().submit(step_id, step)
+
+    def compile_grammar(self, rid: str, grammar: Grammar) -> None:
+        self.announced.append(rid)
+        super().compile_grammar(rid, grammar)
 
 
 def run(
     folder: Path,
-    grammars: GrammarEngine,
+    grammars: GrammarEngine | None,
     requests: list[Request],
     num_blocks: int = 64,
     lose_workers_at: int = 0,
     shard: Shard | None = None,
     device: str = "cpu",
+    executor_cls: type[Recording] = Recording,
 ) -> tuple[EngineCore, Recording]:
     """``requests`` through an overlapping engine until done (the workers lost at that turn, if any)."""
     runner = ModelRunner(
-        str(folder), "float32", device, num_blocks, 4, shard, max_rows=8, max_total_tokens=256
+        str(folder),
+        "float32",
+        device,
+        num_blocks,
+        4,
+        shard,
+        max_rows=8,
+        max_total_tokens=256,
+        grammars=grammars,
     )
     policy = SchedulePolicy(BlockManager(num_blocks, 4), 64, 8, (EOS,), 256)
     ref: list[EngineCore] = []
-    executor = Recording(runner, ref)
+    executor = executor_cls(runner, ref)
     engine = EngineCore(policy, executor, 4, overlap=True)
     ref.append(engine)
-    for req in requests:
-        if req.params.grammar is not None:  # as the scheduler process does once the grammar compiled
-            req.grammar = grammars.matcher(req.params.grammar, req.output_ids)
     if lose_workers_at:
         for req in requests:
+            if req.params.grammar is not None:  # compiled already (cached): the loss comes at a known point
+                grammars.compile(req.params.grammar).template()
             policy.add(req)
         for _ in range(lose_workers_at):
             engine.step()
@@ -141,6 +162,8 @@ def test_grammar_requests_follow_their_regex_beside_plain_ones_and_keep_the_over
         assert re.fullmatch(REGEX, text(req)) and req.finish_reason == "eos_token"
     assert executor.grammar_depths and max(executor.grammar_depths) == 2  # built while one was in flight
     assert [start.output_ids for start in executor.starts] == [[], []]  # one start per request
+    assert executor.announced == ["r2", "r3"]  # each grammar announced once
+    assert not executor.runner.grammars._rows  # every matcher dropped once its request ended
 
 
 @pytest.mark.cuda
@@ -175,16 +198,28 @@ def test_grammars_resume_after_a_replay_and_a_worker_loss(folder, grammars):
         assert re.fullmatch(REGEX, text(req))
     resumed = [start.output_ids for start in executor.starts]
     assert resumed[0] == streamed and len(resumed) == 6  # each grammar request starts again after the loss
+    assert sorted(executor.announced) == [
+        "r2",
+        "r2",
+        "r3",
+        "r3",
+        "replay",
+        "replay",
+    ]  # and is announced again
     before, after = resumed[:3], resumed[3:]
     assert after[0][: len(streamed)] == streamed
     assert all(len(a) > len(b) for a, b in zip(after, before, strict=True))
 
 
-def test_row_masks_never_leave_a_grammar_row_without_a_token(folder):
-    rows = RowMatchers(str(folder), timeout=10.0)
+def test_row_masks_never_leave_a_grammar_row_without_a_token(grammars):
+    rows = RowMatchers(grammars)
     tokenizer = byte_tokenizer()
     a, b, x = tokenizer.convert_tokens_to_ids(["a", "b", "x"])
-    rows.start([GrammarStart(3, Grammar("regex", "ab"), [a]), GrammarStart(5, Grammar("regex", "ab"), [])])
+    rows.update(
+        GrammarRows(
+            [GrammarStart(3, Grammar("regex", "ab"), [a]), GrammarStart(5, Grammar("regex", "ab"), [])]
+        )
+    )
 
     def allowed(row_pairs: list[tuple[int, int]]) -> list[list[int]]:
         bitmask = rows.masks(row_pairs, 3, 512)
@@ -193,10 +228,12 @@ def test_row_masks_never_leave_a_grammar_row_without_a_token(folder):
 
     first = allowed([(0, 3), (2, 5)])
     assert first[0] == [b] and first[2] == [a] and first[1] == list(range(512))  # row 1: no grammar
-    rows.consume([(0, 3)], torch.tensor([b, 0, 0]))  # "ab": done, only EOS may follow
-    assert allowed([(0, 3)])[0] == [EOS]
-    rows.consume([(0, 3)], torch.tensor([x, 0, 0]))  # a token it refused (an error): any, not none
+    assert rows.advance(3, b)  # "ab": done
+    assert allowed([(0, 3)])[0] == [EOS]  # only EOS may follow
+    rows.advance(3, x)  # a token it refused (an error): any, not none
     assert allowed([(0, 3)])[0][:259] == list(range(259))
+    rows.update(GrammarRows(ends=[3, 5]))
+    assert not rows._rows
 
 
 class Router:
@@ -220,14 +257,43 @@ def test_only_rank_0_gets_the_grammars(folder, tmp_path):
     group = WorkerGroup(ServerConfig(str(folder), "m", str(tmp_path), num_shard=2, **limits), router)
     policy = SchedulePolicy(BlockManager(16, 4), 64, 4, (EOS,), 128)
     policy.add(Request("g", PROMPTS[0], CONSTRAINED[0], MAX_NEW))
+    (req,) = policy.take_grammars()
+    policy.grammar_compiled(req)
     step = build_step(policy.schedule(), 4)
     try:
+        group.compile_grammar("g", GRAMMAR)
         group.submit(1, step)
     finally:
         group.close()
-    rank0, rank1 = (m.decode(frame) for identity, frame in sorted(router.sent))
-    assert rank0.grammars == step.grammars == [GrammarStart(0, GRAMMAR, [])]
-    assert rank1.grammars == [] and rank1.tensors == rank0.tensors
+    (identity, frame), *steps = router.sent
+    assert identity == b"worker-0" and m.decode(frame) == m.GrammarRequest("g", GRAMMAR)
+    rank0, rank1 = (m.decode(frame) for identity, frame in sorted(steps))
+    assert rank0.grammars == step.grammars == GrammarRows([GrammarStart(0, GRAMMAR, [])], [])
+    assert rank1.grammars is None and rank1.tensors == rank0.tensors
+
+
+class Rank(Recording):
+    """A rank of a simulated group in which each rank runs its own engine (one scheduler drives them all
+    in the service, with rank 0's answers): rank 0 shares which grammars are done; the others are
+    announced no grammars, and say at once that they are compiled (they have no engine)."""
+
+    def submit(self, step_id: int, step: Step) -> None:
+        super().submit(step_id, step)
+        output = self.results[step_id].output
+        done = self.runner.shard.broadcast(output.grammar_done.to(torch.int64))
+        output.grammar_done = done.bool()
+
+    def compile_grammar(self, rid: str, grammar: Grammar) -> None:
+        if self.runner.shard.rank == 0:
+            super().compile_grammar(rid, grammar)
+        else:
+            self.announced.append(rid)
+
+    def compiled_grammars(self) -> list[tuple[str, str]]:
+        if self.runner.shard.rank == 0:
+            return super().compiled_grammars()
+        taken, self.announced = [(rid, "") for rid in self.announced], []
+        return taken
 
 
 def _rank(rank: int, port: int, folder: Path, results) -> None:
@@ -236,7 +302,11 @@ def _rank(rank: int, port: int, folder: Path, results) -> None:
     torch.set_num_threads(1)
     shard = init_group(rank, 2, "127.0.0.1", port, "cpu")
     reqs = new_requests(PLAIN + CONSTRAINED)
-    _, executor = run(folder, GrammarEngine(AutoTokenizer.from_pretrained(folder)), reqs, shard=shard)
+    grammars = None
+    if rank == 0:
+        grammars = GrammarEngine(AutoTokenizer.from_pretrained(folder))
+        grammars.compile(GRAMMAR).template()  # answered in the first turn, as rank 1's: the ranks keep step
+    _, executor = run(folder, grammars, reqs, shard=shard, executor_cls=Rank)
     results.put((rank, [r.output_ids for r in reqs], executor.runner.grammars._engine is not None))
     torch.distributed.destroy_process_group()
 
@@ -258,14 +328,31 @@ def test_two_ranks_give_the_tokens_of_one_and_only_rank_0_follows_the_grammars(f
     assert ranks[0][1] and not ranks[1][1]  # rank 1 never loaded llguidance
 
 
-def test_a_grammar_the_worker_cannot_build_fails_its_row_alone(folder, grammars, plain_alone):
-    """The tokenizer process refuses such a grammar (a 422); should one reach the worker anyway, its
-    mask raises: that row fails, and the grammar and plain rows beside it go on."""
-    runner = ModelRunner(str(folder), "float32", "cpu", 64, 4, max_rows=8, max_total_tokens=256)
+class Credulous(LocalExecutor):
+    """Says every grammar announced is compiled, without compiling it (a compile's verdict gone wrong)."""
+
+    def __init__(self, runner: ModelRunner):
+        super().__init__(runner)
+        self.announced: list[str] = []
+
+    def compile_grammar(self, rid: str, grammar: Grammar) -> None:
+        self.announced.append(rid)
+
+    def compiled_grammars(self) -> list[tuple[str, str]]:
+        answers, self.announced = [(rid, "") for rid in self.announced], []
+        return answers
+
+
+def test_a_grammar_the_worker_cannot_start_fails_its_row_alone(folder, grammars, plain_alone):
+    """Rank 0 refuses such a grammar when it is announced (a 422); should one reach a step anyway, its
+    matcher cannot start and its mask raises: that row fails, and the grammar and plain rows beside it
+    go on."""
+    runner = ModelRunner(
+        str(folder), "float32", "cpu", 64, 4, max_rows=8, max_total_tokens=256, grammars=grammars
+    )
     policy = SchedulePolicy(BlockManager(64, 4), 64, 8, (EOS,), 256)
-    engine = EngineCore(policy, LocalExecutor(runner), 4, overlap=True)
+    engine = EngineCore(policy, Credulous(runner), 4, overlap=True)
     reqs = new_requests(PLAIN + CONSTRAINED)
-    reqs[2].grammar = grammars.matcher(GRAMMAR)
     reqs[3].params = SamplingParams(grammar=Grammar("regex", "[0-9"))  # not a regex
     for req in reqs:
         policy.add(req)
@@ -276,3 +363,35 @@ def test_a_grammar_the_worker_cannot_build_fails_its_row_alone(folder, grammars,
     assert [r.output_ids for r in reqs[:2]] == plain_alone
     assert re.fullmatch(REGEX, text(reqs[2])) and reqs[2].finish_reason == "eos_token"
     assert policy.block_manager.num_free == 64
+
+
+def test_a_refused_grammar_fails_its_request_alone_and_a_slow_one_holds_no_step(folder, grammars):
+    """A grammar the engine refuses, and one past the compile timeout, are their requests' refusals (the
+    process makes them 422s); the requests beside them run meanwhile and keep their tokens."""
+    from transformers import AutoTokenizer
+
+    slow = Grammar(
+        "json",
+        json.dumps({"properties": {f"p{i}": {"minimum": i, "maximum": i * 1000 + 7} for i in range(3000)}}),
+    )
+    quick = GrammarEngine(AutoTokenizer.from_pretrained(folder), timeout=0.2)
+    runner = ModelRunner(
+        str(folder), "float32", "cpu", 64, 4, max_rows=8, max_total_tokens=256, grammars=quick
+    )
+    ref: list[EngineCore] = []
+    engine = EngineCore(SchedulePolicy(BlockManager(64, 4), 64, 8, (EOS,), 256), Recording(runner, ref), 4)
+    ref.append(engine)
+    bad = Request("bad", PROMPTS[1], SamplingParams(grammar=Grammar("regex", "a(b")), MAX_NEW)
+    late = Request("slow", PROMPTS[2], SamplingParams(grammar=slow), MAX_NEW)
+    plain, good = new_requests([PLAIN[0], CONSTRAINED[0]])
+    for req in (bad, late, plain, good):
+        engine.policy.add(req)
+    refused: dict[str, str] = {}
+    while engine.has_work():
+        out = engine.step()
+        assert not out.failed
+        refused.update((req.rid, reason) for req, reason in out.refused)
+    assert "unclosed group" in refused["bad"]
+    assert refused["slow"] == "compilation timed out after 0.2 s"
+    assert bad.finish_reason == late.finish_reason == "error" and not bad.output_ids and not late.output_ids
+    assert re.fullmatch(REGEX, text(good)) and plain.finish_reason == "length"

@@ -15,12 +15,13 @@ PACKAGE = ROOT / "tgi_zmq"
 def test_scheduler_process_does_not_import_the_model_stack():
     code = (
         "import sys; import processes.scheduler; "
-        "print(' '.join(m for m in sys.modules if m.startswith('tgi_zmq')))"
+        "print(' '.join(m for m in sys.modules if m.startswith(('tgi_zmq', 'llguidance'))))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     loaded = set(out.stdout.split())
     assert "tgi_zmq.policy" in loaded  # the check ran
-    for worker_side in ("tgi_zmq.models", "tgi_zmq.model_runner", "tgi_zmq.layers", "tgi_zmq.native"):
+    model_stack = ("tgi_zmq.models", "tgi_zmq.model_runner", "tgi_zmq.layers", "tgi_zmq.native")
+    for worker_side in (*model_stack, "tgi_zmq.grammar", "llguidance"):  # rank 0 alone compiles grammars
         assert worker_side not in loaded
 
 

@@ -20,7 +20,7 @@ import torch
 
 from tests.helpers import ARCHITECTURES, SEQ2SEQ
 from tgi_zmq.block_manager import BlockManager
-from tgi_zmq.messages import SamplingParams
+from tgi_zmq.messages import SamplingParams, ScheduleRequest
 from tgi_zmq.model_runner import ModelRunner
 from tgi_zmq.policy import Request, SchedulePolicy
 from tgi_zmq.step import build_step
@@ -46,13 +46,10 @@ def test_steps_run_on_the_meta_device(arch, tiny_models):
     assert runner.cache.k[0].is_meta and runner.states.pages.is_meta
     vocab = runner.model.cfg.vocab_size
     sched = SchedulePolicy(BlockManager(64, BLOCK_SIZE), 12, 8, (), 256)
-    start = getattr(runner.model.cfg, "decoder_start_token_id", None)
+    start = getattr(runner.model.cfg, "decoder_start_token_id", None)  # seq2seq: prompts go to the encoder
     for i, (n, params) in enumerate(zip(PROMPT_LENS, PARAMS, strict=True)):
         prompt = [3 + (7 * i + j) % 500 for j in range(n)]
-        if arch in SEQ2SEQ:
-            sched.add(Request(f"r{i}", [start], params, 4, encoder_ids=prompt))
-        else:
-            sched.add(Request(f"r{i}", prompt, params, 4))
+        sched.add(Request.from_schedule(ScheduleRequest(f"r{i}", prompt, params, 4, 0.0), start))
     seen: set[str] = set()
     while (batch := sched.schedule()) is not None:
         seen |= kinds(batch.starts, batch.num_new)

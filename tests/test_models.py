@@ -201,9 +201,38 @@ def test_prompt_logprobs_match_transformers_through_chunks_and_preemption(llama_
     )
     assert sched.num_preemptions > 0
     for prompt, req in zip(ps[0::2], done[0::2], strict=True):
-        expected = hf_logits(llama_dir, prompt, []).log_softmax(-1)
-        assert req.prompt_logprobs[0] is None
-        got = torch.tensor(req.prompt_logprobs[1:])
-        want = expected[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
-        assert torch.allclose(got, want, atol=1e-4)
+        assert_prompt_logprobs(llama_dir, prompt, req)
     assert all(req.prompt_logprobs == [] for req in done[1::2])
+
+
+def assert_prompt_logprobs(folder: Path, prompt: list[int], req: Request) -> None:
+    """``req`` has transformers' logprob of each prompt token but the first (None)."""
+    expected = hf_logits(folder, prompt, []).log_softmax(-1)
+    assert req.prompt_logprobs[0] is None
+    got = torch.tensor(req.prompt_logprobs[1:])
+    want = expected[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_requests_that_score_their_prompt_share_a_cap_of_scored_rows_per_step(llama_dir, monkeypatch):
+    """However many requests score their prompt, a step scores ``MAX_SCORED_ROWS`` prompt tokens at
+    most (a [rows, vocab] float32 logits tensor each), and every prompt logprob still comes back right."""
+    from tgi_zmq import policy
+    from tgi_zmq.offline import LocalExecutor
+
+    monkeypatch.setattr(policy, "MAX_SCORED_ROWS", 8)
+    scored: list[int] = []
+    submit = LocalExecutor.submit
+
+    def recording(self, step_id, step):
+        scored.append(len(step.sampling.prompt_rows))
+        submit(self, step_id, step)
+
+    monkeypatch.setattr(LocalExecutor, "submit", recording)
+    ps = [p + [7] * 12 for p in prompts(4, seed=6)]  # 13 tokens or more each
+    params = [SamplingParams(prompt_logprobs=True)] * 3 + [SamplingParams()]
+    done: list = []
+    run_engine(llama_dir, ps, params, 3, max_step_tokens=64, overlap=True, requests_out=done)
+    assert max(scored) == 8 and sum(scored) == sum(len(p) - 1 for p in ps[:3])
+    for prompt, req in zip(ps[:3], done[:3], strict=True):
+        assert_prompt_logprobs(llama_dir, prompt, req)

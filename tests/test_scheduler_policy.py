@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tgi_zmq.block_manager import BlockManager
-from tgi_zmq.messages import SamplingParams
-from tgi_zmq.policy import Request, SchedulePolicy
+from tgi_zmq.messages import Grammar, SamplingParams
+from tgi_zmq.policy import MAX_SCORED_ROWS, Request, RequestStatus, SchedulePolicy
 
 
 def test_grow_and_release():
@@ -34,9 +34,11 @@ def check_invariants(sched: SchedulePolicy) -> None:
         assert req.blocks == [] and req.num_computed == 0
     for req in sched.running:
         assert len(req.blocks) >= bm.blocks_for(req.num_computed)
-    rows = [req.state_row for req in sched.running]
+    rows = [req.row.index for req in sched.running]
     assert sorted(rows + sched.free_rows) == list(range(sched.max_running)), "a state row shared or lost"
-    assert all(req.state_row == -1 for req in sched.waiting)
+    assert all(req.status is RequestStatus.RUNNING for req in sched.running)
+    waiting = {RequestStatus.WAITING, RequestStatus.WAITING_FOR_GRAMMAR, RequestStatus.PREEMPTED}
+    assert all(req.row is None and req.status in waiting for req in sched.waiting)
 
 
 actions = st.lists(
@@ -79,7 +81,7 @@ def test_policy_never_double_allocates_or_leaks(actions, num_blocks, budget, lag
             sched.add(req)
         elif kind == "abort" and made:
             req = made[a % len(made)]
-            if req.finish_reason is None:
+            if not req.finished:
                 sched.finish(req, "aborted")
         elif kind == "step":
             step(a)
@@ -88,7 +90,7 @@ def test_policy_never_double_allocates_or_leaks(actions, num_blocks, budget, lag
         assert step(1), "deadlock: work left but nothing schedulable"
         check_invariants(sched)
     assert sched.block_manager.num_free == num_blocks
-    assert all(r.finish_reason for r in made)
+    assert all(r.finish_reason and r.status is RequestStatus.FINISHED and r.row is None for r in made)
     assert all(t >= 0 for r in made for t in r.token_ids)
 
 
@@ -259,3 +261,82 @@ def test_a_replayed_request_continues_its_output_and_its_sample_index():
     assert build_step(batch, 4).sampling.sample_index.tolist() == [3]  # its 4th token: the seeds go on
     (produced,) = sched.update(batch, [11], [0.0])
     assert produced[1] == 11 and req.finish_reason == "length"
+
+
+def test_a_request_waiting_for_its_grammar_is_passed_over_until_it_is_compiled():
+    """vLLM's WAITING_FOR_FSM: the queue behind it goes on; once compiled it runs; after the workers are
+    lost it waits for its grammar again, and is announced again."""
+    sched = SchedulePolicy(BlockManager(16, 4), 64, 8, eos_token_ids=(), max_total_tokens=64)
+    constrained = Request("g", [1, 2, 3], SamplingParams(grammar=Grammar("regex", "ab")), 4)
+    plain = Request("p", [4, 5], SamplingParams(), 4)
+    sched.add(constrained)
+    sched.add(plain)
+    assert constrained.status is RequestStatus.WAITING_FOR_GRAMMAR and plain.status is RequestStatus.WAITING
+    assert sched.take_grammars() == [constrained] and sched.take_grammars() == []
+    batch = sched.schedule()
+    assert batch.requests == [plain] and list(sched.waiting) == [constrained]
+    sched.grammar_compiled(constrained)
+    sched.update(batch, [7], [0.0])
+    batch = sched.schedule()
+    assert batch.requests == [plain, constrained] and constrained.status is RequestStatus.RUNNING
+    sched.forget_cache()
+    assert constrained.status is RequestStatus.WAITING_FOR_GRAMMAR and plain.status is RequestStatus.PREEMPTED
+    assert sched.take_grammars() == [constrained]
+    assert sched.schedule().requests == [plain]
+
+
+def test_a_request_whose_grammar_is_done_finishes():
+    sched = SchedulePolicy(BlockManager(16, 4), 64, 8, eos_token_ids=(), max_total_tokens=64)
+    req = Request("g", [1, 2, 3], SamplingParams(grammar=Grammar("regex", "ab")), 10)
+    sched.add(req)
+    sched.grammar_compiled(req)
+    batch = sched.schedule()
+    (produced,) = sched.update(batch, [7], [0.0], grammar_done=[False])
+    assert produced.first and not req.finished
+    batch = sched.schedule()
+    (produced,) = sched.update(batch, [8], [0.0], grammar_done=[True])
+    assert not produced.first and req.finish_reason == "eos_token" and req.output_ids == [7, 8]
+
+
+def test_leaving_rows_end_their_grammar_matchers_with_the_next_step():
+    from tgi_zmq.step import build_step
+
+    sched = SchedulePolicy(BlockManager(16, 4), 64, 8, eos_token_ids=(), max_total_tokens=64)
+    grammar = SamplingParams(grammar=Grammar("regex", "ab"))
+    reqs = [Request("g", [1, 2], grammar, 1), Request("p", [3, 4], SamplingParams(), 1)]
+    for req in reqs:
+        sched.add(req)
+        sched.grammar_compiled(req)
+    first = sched.schedule()
+    rows = [req.row.index for req in reqs]
+    assert [s.row for s in build_step(first, 4).grammars.starts] == [rows[0]]
+    sched.update(first, [5, 6], [0.0, 0.0])  # both finish (one token each): only g had a matcher
+    sched.add(Request("next", [7], SamplingParams(), 1))
+    assert sched.schedule().grammar_ends == [rows[0]]
+    assert sched.grammar_ends == []
+
+
+def test_prompt_scoring_requests_share_the_steps_scored_rows():
+    """Requests that score their prompt (``prompt_logprobs``) share ``MAX_SCORED_ROWS`` scored tokens a
+    step, so a step never makes [4096, vocab] logits; each prompt is still scored whole, position by
+    position (its last position predicts the first output token: not scored)."""
+    sched = SchedulePolicy(BlockManager(4096, 16), 4096, 8, eos_token_ids=(), max_total_tokens=4096)
+    scoring = SamplingParams(prompt_logprobs=True)
+    lengths = [700, 300, 1200, 40]
+    reqs = [Request(f"s{i}", [1 + i] * n, scoring, 1) for i, n in enumerate(lengths)]
+    plain = Request("plain", [9] * 900, SamplingParams(), 1)
+    for req in [*reqs, plain]:
+        sched.add(req)
+    scored: dict[str, list[int]] = {req.rid: [] for req in reqs}
+    while sched.has_work():
+        batch = sched.schedule()
+        rows = batch.scored_prompt()
+        assert sum(count for _, _, count in rows) <= MAX_SCORED_ROWS
+        for i, position, count in rows:
+            scored[batch.requests[i].rid] += range(position, position + count)
+        values = [-float(p) for i, position, count in rows for p in range(position, position + count)]
+        sched.update(batch, [5] * batch.num_samples, [0.0] * batch.num_samples, prompt_logprobs=values)
+    for req, n in zip(reqs, lengths, strict=True):
+        assert scored[req.rid] == list(range(n - 1))
+        assert req.prompt_logprobs == [None] + [-float(p) for p in range(n - 1)]
+    assert plain.output_ids == [5]

@@ -40,7 +40,7 @@ def test_pages_and_histories_go_once():
     req = Request("a", list(range(1, 11)), PENALISED, 20)
     sched.add(req)
     first = build_step(sched.schedule(), 4)
-    assert first.inputs.new_pages.tolist() == [[req.state_row, i, page] for i, page in enumerate(req.blocks)]
+    assert first.inputs.new_pages.tolist() == [[req.row.index, i, page] for i, page in enumerate(req.blocks)]
     assert first.sampling.history_ids.tolist() == list(range(1, 11))
     sent = []
     for token in range(20, 26):
@@ -108,9 +108,11 @@ def test_worker_state_follows_the_policy_through_preemption_and_aborts():
             layout = step.layout()
             states.apply(step)
             states.start_histories(step, layout.num_histories)
-            tables = states.tables(step)
+            width = -(-max(layout.context_lens) // 4)
+            tables = states.tables(step, width)
+            assert tables.shape == (len(batch.requests), width)  # as wide as the longest context
             for b, req in enumerate(batch.requests):
-                assert tables[b, : len(req.blocks)].tolist() == req.blocks
+                assert len(req.blocks) <= width and tables[b, : len(req.blocks)].tolist() == req.blocks
             rows = step.inputs.state_rows[step.sampling.rows]
             for row, (req, slot) in zip(rows.tolist(), _samplers(batch), strict=True):
                 if req.params.penalised:
@@ -145,12 +147,14 @@ def test_grammar_rows_resume_on_the_worker_with_real_tokens_through_overlap_and_
         while pending or sched.has_work() or inflight:
             if pending and rng.random() < 0.5:
                 sched.add(pending.pop())
+            for req in sched.take_grammars():  # the worker compiles them at once
+                sched.grammar_compiled(req)
             if sched.running and rng.random() < 0.05:
                 sched.finish(rng.choice(sched.running), "aborted")
             batch = sched.schedule() if len(inflight) < 2 else None
             if batch is not None:
                 step = build_step(batch, 4)
-                starts += step.grammars
+                starts += step.grammars.starts
                 inflight.append((batch, *_run_grammars(batch, step, worker, rng)))
             if inflight and (len(inflight) == 2 or batch is None):
                 batch, sampled, seen = inflight.pop(0)
@@ -176,7 +180,7 @@ def _maybe_grammar_request(rid: str, rng: random.Random) -> Request:
 def _run_grammars(batch, step: Step, worker: dict[int, list[int]], rng: random.Random) -> tuple:
     """The worker's side of a step: start the rows it brings, sample, feed the grammar rows' matchers.
     Returns the sampled tokens and, per grammar row, what its matcher had taken before sampling."""
-    for start in step.grammars:
+    for start in step.grammars.starts:
         assert min(start.output_ids, default=0) >= 0  # a placeholder: the worker could not resolve it
         worker[start.row] = list(start.output_ids)
     layout = step.layout()

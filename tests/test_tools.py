@@ -141,7 +141,7 @@ def test_llguidance_resolves_the_functions_refs(tokenizer):
 
     engine = GrammarEngine(tokenizer)
     grammar = t.chat_tools({"tools": [WEATHER, TIME]}).grammar
-    engine.check(grammar)
+    engine.compile(grammar).template()  # compiles: raises GrammarError otherwise
     assert accepts(engine, grammar, CALL, tokenizer)
     assert accepts(engine, grammar, '{"function":{"_name":"get_time"}}', tokenizer)
     assert accepts(engine, grammar, '{"function":{"_name":"no_tool","content":"hi"}}', tokenizer)

@@ -1,21 +1,23 @@
 """The engine core: schedule -> build the step -> execute -> apply the result, in one place.
 
-``EngineCore.step()`` is one turn of the engine: launch the next step if there is room, then
-apply the oldest step's result if it has come back. With the overlap schedule (``depth`` 2)
-step N+1 is built and submitted while the workers run step N, grammar requests included: the
-worker that samples fills their masks from its own matchers (``tgi_zmq.model_runner``). Nothing
-here blocks: the caller waits for input between turns (the scheduler process polls its sockets;
-``tgi_zmq.offline.run_to_completion`` just loops).
+``EngineCore.step()`` is one turn of the engine: announce new grammars to the workers (the worker
+that samples compiles them off its loop) and let in the requests whose grammar is compiled, launch
+the next step if there is room, then apply the oldest step's result if it has come back. With the
+overlap schedule (``depth`` 2) step N+1 is built and submitted while the workers run step N, grammar
+requests included: the worker that samples fills their masks from its own matchers
+(``tgi_zmq.model_runner``). Nothing here blocks: the caller waits for input between turns (the
+scheduler process polls its sockets; ``tgi_zmq.offline.run_to_completion`` just loops).
 
 Where the steps run is an ``Executor``: the worker processes over ZeroMQ in the service
 (``tgi_zmq.worker_group``), a model in this process in the tests (``tgi_zmq.offline.LocalExecutor``).
 
 Faults: a lost worker (restarted, failed in a sharded group, hung past the watchdog, unreachable)
 loses its KV cache, so ``lose_workers`` has the executor restart them, forgets every page and
-step in flight, and lets every request recompute from its tokens; sampling is seeded per token,
-so the streams go on with the tokens they would have had. A request that runs through
-``MAX_FAULTS`` losses fails instead (it may be what kills them). A failed step fails its requests; a
-row that could not sample (``StepOutput.failed``) fails its request alone.
+step in flight, and lets every request recompute from its tokens (the new workers compile the
+grammars again first); sampling is seeded per token, so the streams go on with the tokens they
+would have had. A request that runs through ``MAX_FAULTS`` losses fails instead (it may be what
+kills them). A failed step fails its requests; a row that could not sample (``StepOutput.failed``)
+fails its request alone.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import time
 from collections import deque
 from typing import Protocol
 
-from tgi_zmq.policy import Produced, Request, ScheduledBatch, SchedulePolicy
+from tgi_zmq.messages import Grammar
+from tgi_zmq.policy import Produced, Request, RequestStatus, ScheduledBatch, SchedulePolicy
 from tgi_zmq.step import Step, StepOutput, build_step
 from tgi_zmq.steplog import SCHEDULER_STEP
 
@@ -64,6 +67,12 @@ class Executor(Protocol):
     def restart(self, spare: int | None = None) -> None:
         """The workers' state is lost: drop every step in flight and restart every worker but ``spare``."""
 
+    def compile_grammar(self, rid: str, grammar: Grammar) -> None:
+        """Have the worker that samples compile ``grammar`` for request ``rid`` (raises ``WorkersLost``)."""
+
+    def compiled_grammars(self) -> list[tuple[str, str]]:
+        """``(rid, refusal)`` of the grammars compiled (refusal "") or refused since the last call."""
+
 
 @dataclasses.dataclass
 class InFlight:
@@ -83,13 +92,14 @@ class Outcome:
 
     produced: list[Produced] = dataclasses.field(default_factory=list)
     failed: list[tuple[Request, str]] = dataclasses.field(default_factory=list)
+    refused: list[tuple[Request, str]] = dataclasses.field(default_factory=list)  # their grammar (a 422)
     done: InFlight | None = None  # the step whose result was applied (not one that failed)
     forward_seconds: float = 0.0
     launched: bool = False
 
     @property
     def progressed(self) -> bool:
-        return self.launched or self.done is not None or bool(self.failed)
+        return self.launched or self.done is not None or bool(self.failed or self.refused)
 
 
 class EngineCore:
@@ -116,12 +126,33 @@ class EngineCore:
         return self.policy.has_work() or bool(self.inflight)
 
     def step(self) -> Outcome:
-        """One turn: launch a step if there is room, then apply the oldest step's result if it is in."""
+        """One turn: grammars, then launch a step if there is room, then apply the oldest step's result
+        if it is in."""
         out = Outcome()
+        self._grammars(out)
         out.launched = len(self.inflight) < self.depth and self._launch(out)
         if self.inflight and (len(self.inflight) >= self.depth or not out.launched):
             self._complete(out)
         return out
+
+    def _grammars(self, out: Outcome) -> None:
+        """Announce the grammars the workers are to compile; requests whose grammar is compiled may run,
+        those whose grammar is refused finish with the reason."""
+        try:
+            for req in self.policy.take_grammars():
+                self.executor.compile_grammar(req.rid, req.params.grammar)
+        except WorkersLost as exc:
+            out.failed += self.lose_workers(f"the workers are unreachable ({exc})")
+            return
+        for rid, refusal in self.executor.compiled_grammars():
+            req = self.policy.find(rid)
+            if req is None or req.status is not RequestStatus.WAITING_FOR_GRAMMAR:
+                continue  # finished meanwhile, or announced again since (the workers were lost)
+            if refusal:
+                self.policy.finish(req, "error")
+                out.refused.append((req, refusal))
+            else:
+                self.policy.grammar_compiled(req)
 
     def _launch(self, out: Outcome) -> bool:
         built = time.perf_counter()
@@ -169,6 +200,7 @@ class EngineCore:
             result.logprobs.tolist(),
             top,
             result.prompt_logprobs.tolist(),
+            result.grammar_done.tolist(),
         )
         out.forward_seconds = answer.forward_seconds
         if log.isEnabledFor(logging.DEBUG):
@@ -232,7 +264,7 @@ class EngineCore:
 
     def _fail(self, req: Request) -> bool:
         """Finish ``req`` as failed; False if it had finished already."""
-        if req.finish_reason is not None:
+        if req.finished:
             return False
         self.policy.finish(req, "error")
         return True

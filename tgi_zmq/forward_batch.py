@@ -65,9 +65,10 @@ class RequestStates:
         self.counts.index_put_((rows, next_ids), weight, accumulate=True)
         self.history_lens.index_add_(0, rows, weight)
 
-    def tables(self, step: Step) -> torch.Tensor:
-        """[B, max_pages] page tables of the step's requests."""
-        return self.pages[step.inputs.state_rows]
+    def tables(self, step: Step, width: int, cross: bool = False) -> torch.Tensor:
+        """[B, width] page tables of the step's requests (``cross``: of their encoders): ``width`` pages
+        hold the step's longest context (a host integer, so nothing is read back from the device)."""
+        return (self.cross_pages if cross else self.pages)[step.inputs.state_rows, :width]
 
 
 def _scatter_pages(table: torch.Tensor, updates: torch.Tensor) -> None:

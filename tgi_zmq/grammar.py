@@ -3,22 +3,25 @@ the set of tokens that can come next.
 
 Why llguidance: it compiles a JSON schema in about a millisecond, fills a vocabulary mask in tens of
 microseconds, and says in plain words why a grammar is refused. This module is the one place that
-knows it: ``GrammarEngine.check`` compiles a request's grammar in the tokenizer process, a refusal
-being a 422; ``GrammarEngine.compile`` compiles it again, in the background, for the scheduler, whose
-``Compile.matcher`` copies it into the per-request ``Matcher`` (it only says when the grammar is
-done). A compile runs in a thread and counts as refused past ``timeout`` seconds; each process keeps
-the outcomes of the last grammars (LRU).
+knows it, and the worker that samples (rank 0) the one process that uses it: it loads the engine at
+boot (in a thread: seconds), and compiles each grammar once, when the scheduler announces the request
+(``RowMatchers.announce``), in a background thread, keeping the last grammars' outcomes (LRU); a
+compile past ``timeout`` seconds counts as refused. The worker's loop answers each announcement
+(``RowMatchers.compiled``), and the scheduler lets the request run only once it is compiled, so no
+step waits for a compile (a refusal is the request's 422).
 
-The masks are made where the tokens are sampled: the worker of rank 0 keeps a matcher per state row
-(``RowMatchers``), started from the grammar the step that first samples for a request brings, and
-advanced with the tokens it samples itself, so the scheduler may build a step before it knows the
-previous one's tokens. The masks are bitmasks, 32 tokens to an int32 (llguidance's layout);
+The masks are made where the tokens are sampled: rank 0 keeps a matcher per state row, started from
+the compiled grammar by the step that first samples for a request in its row, advanced with the
+tokens it samples itself (so the scheduler may build a step before it knows the previous one's
+tokens), and dropped when the request leaves the row. It says which rows' grammars are done; the
+scheduler ends those requests. The masks are bitmasks, 32 tokens to an int32 (llguidance's layout);
 ``unpack`` turns them into a boolean mask on the step's device (``sampler.VocabMask``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -28,7 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tgi_zmq.messages import Grammar, GrammarStart
+from tgi_zmq.messages import Grammar, GrammarRows
+
+log = logging.getLogger("tgi_zmq.grammar")
 
 if TYPE_CHECKING:
     import llguidance
@@ -79,27 +84,12 @@ class GrammarEngine:
 
     def __init__(self, tokenizer, timeout: float = 10.0, cache_size: int = 64):
         import llguidance.hf
+        import llguidance.torch  # noqa: F401 (the masks' filler: loaded now, not in a step)
 
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer)
         self.mask_words = (self.tokenizer.vocab_size + 31) // 32
         self.timeout = timeout
-        self._verdicts = LRU(cache_size)  # the tokenizer process's: (kind, value) -> refusal, "" if none
-        self._compiles = LRU(cache_size)  # the scheduler's: (kind, value) -> Compile
-
-    def check(self, grammar: Grammar) -> None:
-        """Raise ``GrammarError`` with the engine's reason if ``grammar`` cannot be compiled in time.
-        The matcher is not kept (a large grammar's takes tens of MB): only the verdict is."""
-        key = (grammar.kind, grammar.value)
-        verdict = self._verdicts.get(key)
-        if verdict is None:
-            try:
-                Compile(lambda: self._build(grammar), self.timeout, self.mask_words).template()
-                verdict = ""
-            except GrammarError as exc:
-                verdict = str(exc)
-            self._verdicts.put(key, verdict)
-        if verdict:
-            raise GrammarError(verdict)
+        self._compiles = LRU(cache_size)  # (kind, value) -> Compile
 
     def compile(self, grammar: Grammar) -> Compile:
         """``grammar`` compiling in the background, or compiled (or refused) already."""
@@ -122,6 +112,24 @@ class GrammarEngine:
         if matcher.is_error():
             raise GrammarError(reason(matcher.get_error()))
         return matcher
+
+
+def load_engine(tokenizer_id: str, timeout: float) -> Future[GrammarEngine]:
+    """The engine over ``tokenizer_id``'s tokenizer, loading in a daemon thread (transformers, llguidance
+    and its index of the vocabulary: seconds, which a worker's boot does not wait for)."""
+    loaded: Future[GrammarEngine] = Future()
+
+    def load() -> None:
+        try:
+            from transformers import AutoTokenizer
+
+            loaded.set_result(GrammarEngine(AutoTokenizer.from_pretrained(tokenizer_id), timeout))
+        except Exception as exc:  # every grammar is refused with this reason
+            log.warning("structured output is unavailable: the grammar engine failed to load: %s", exc)
+            loaded.set_exception(exc)
+
+    threading.Thread(target=load, daemon=True, name="grammar-load").start()
+    return loaded
 
 
 class Compile:
@@ -151,12 +159,8 @@ class Compile:
 
     @property
     def ready(self) -> bool:
-        """Compiled, refused, or past its deadline: ``matcher`` answers without waiting."""
+        """Compiled, refused, or past its deadline: ``template`` answers without waiting."""
         return self._outcome.done() or time.monotonic() >= self.deadline
-
-    def on_ready(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` (in the compile's thread, or now) once the compile is over."""
-        self._outcome.add_done_callback(lambda _: callback())
 
     def template(self) -> llguidance.LLMatcher:
         """The compiled ``LLMatcher``, waiting up to the deadline; ``GrammarError`` if refused."""
@@ -206,35 +210,97 @@ class Matcher:
 
 
 class RowMatchers:
-    """The grammar matchers of the worker that samples, one per state row (``tgi_zmq.step``).
+    """The grammars of the worker that samples (rank 0): their compiles, announced by the scheduler, and
+    a matcher per state row (``tgi_zmq.step``).
 
-    A step brings a ``GrammarStart`` for a request's first sample in its row; after that the
-    worker advances the row's matcher with the tokens it samples itself. llguidance loads over the
-    model's tokenizer at the first grammar; a compile is waited for (the tokenizer process already
-    compiled the grammar within its timeout; the scheduler's watchdog bounds a slow one).
+    ``engine`` is the grammar engine, loaded or loading (``load_engine``); None where grammars are
+    off (``--disable-grammar-support``, ranks other than 0): every announced grammar is refused.
     """
 
-    def __init__(self, tokenizer_id: str, timeout: float):
-        self.tokenizer_id = tokenizer_id
-        self.timeout = timeout
-        self._engine: GrammarEngine | None = None
+    def __init__(self, engine: GrammarEngine | Future[GrammarEngine] | None):
+        if isinstance(engine, GrammarEngine):
+            engine, loaded = Future(), engine
+            engine.set_result(loaded)
+        self._engine = engine
+        self._announced: list[tuple[str, Grammar]] = []  # waiting for the engine to load
+        self._compiling: list[tuple[str, Compile]] = []
+        self._refused: list[tuple[str, str]] = []  # without an engine: (rid, why)
         self._rows: dict[int, Matcher] = {}
 
     @property
     def engine(self) -> GrammarEngine:
+        """The engine (waits while it loads; ``GrammarError`` without one)."""
         if self._engine is None:
-            from transformers import AutoTokenizer
+            raise GrammarError("structured output is off on this worker")
+        try:
+            return self._engine.result()
+        except Exception as exc:
+            raise GrammarError(f"the grammar engine failed to load: {exc}") from None
 
-            self._engine = GrammarEngine(AutoTokenizer.from_pretrained(self.tokenizer_id), self.timeout)
-        return self._engine
+    # ------------------------------------------------------------------ compiles
+
+    def announce(self, rid: str, grammar: Grammar) -> None:
+        """Compile ``grammar`` for request ``rid`` in the background (``compiled`` says when it is)."""
+        self._announced.append((rid, grammar))
+        self._start_compiles()
+
+    @property
+    def pending(self) -> bool:
+        """Announced grammars are not answered yet (the worker's loop polls ``compiled`` meanwhile)."""
+        return bool(self._announced or self._compiling or self._refused)
+
+    def compiled(self) -> list[tuple[str, str]]:
+        """``(rid, refusal)`` of the announced grammars compiled (refusal "") or refused since the last
+        call; one past the compile timeout is refused now. Never waits."""
+        self._start_compiles()
+        done, self._compiling = (
+            [(rid, c) for rid, c in self._compiling if c.ready],
+            [(rid, c) for rid, c in self._compiling if not c.ready],
+        )
+        answers, self._refused = self._refused, []
+        for rid, compiled in done:
+            try:
+                compiled.template()
+                answers.append((rid, ""))
+            except GrammarError as exc:
+                answers.append((rid, str(exc)))
+        return answers
+
+    def _start_compiles(self) -> None:
+        """Start the announced grammars' compiles once the engine is loaded (the timeout counts from
+        there): refused at once if it cannot load."""
+        if not self._announced or (self._engine is not None and not self._engine.done()):
+            return
+        try:
+            engine = self.engine
+        except GrammarError as exc:
+            self._refused += [(rid, str(exc)) for rid, _ in self._announced]
+        else:
+            self._compiling += [(rid, engine.compile(grammar)) for rid, grammar in self._announced]
+        self._announced = []
+
+    # ------------------------------------------------------------------ rows
 
     def forget(self) -> None:
+        """Drop every row's matcher (a new scheduler starts afresh; the compiles go on: their answers
+        go to whichever scheduler is there, which ignores the requests it does not know)."""
         self._rows.clear()
 
-    def start(self, starts: Iterable[GrammarStart]) -> None:
-        """Each row's matcher at its grammar's start, past the tokens its request generated so far."""
-        for start in starts:
-            self._rows[start.row] = self.engine.matcher(start.grammar, start.output_ids)
+    def update(self, grammars: GrammarRows) -> None:
+        """Drop the matchers of the rows the step ends, then start each row's matcher at its grammar's
+        start, past the tokens its request generated so far. The grammar was compiled when its request
+        was announced; one since pushed out of the cache is compiled again, here (waited for)."""
+        for row in grammars.ends:
+            self._rows.pop(row, None)
+        for start in grammars.starts:
+            self._rows.pop(start.row, None)  # a row whose matcher cannot start fails alone (no mask)
+            compiled = self.engine.compile(start.grammar)
+            if not compiled.ready:
+                log.warning("row %d: its grammar left the cache, compiled again inside a step", start.row)
+            try:
+                self._rows[start.row] = compiled.matcher(start.output_ids)
+            except Exception:
+                log.exception("row %d: its grammar's matcher cannot start", start.row)
 
     def masks(self, rows: list[tuple[int, int]], num_rows: int, vocab_size: int) -> torch.Tensor:
         """[num_rows, words] int32 bitmask over ``vocab_size`` tokens: each ``(row, state row)`` gets its
@@ -246,11 +312,11 @@ class RowMatchers:
             self._rows[state_row].fill(bitmask[:, :words], row)
         return bitmask
 
-    def consume(self, rows: list[tuple[int, int]], sampled: torch.Tensor) -> None:
-        """Advance each ``(row, state row)``'s matcher with the token sampled in ``row`` (a host read)."""
-        tokens = sampled.tolist()
-        for row, state_row in rows:
-            self._rows[state_row].consume(tokens[row])
+    def advance(self, state_row: int, token: int) -> bool:
+        """The row's matcher takes its sampled ``token``; True when its grammar allows nothing more."""
+        matcher = self._rows[state_row]
+        matcher.consume(token)
+        return matcher.done
 
 
 def unpack(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -30,15 +30,18 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, TypeVar, Union
 
 import msgpack
 
-# 7: ProfileRequest; StageTimes on DetokRequestInfo and RequestDelta, ScheduleRequest.tokenize_seconds;
+# 8: GrammarRequest/GrammarResult (rank 0 compiles the grammars), StepRequest.grammars a GrammarRows,
+# DetokRequestInfo.prompt_ids only the prompt's tail; 7: ProfileRequest; StageTimes on DetokRequestInfo
+# and RequestDelta, ScheduleRequest.tokenize_seconds;
 # 6: StepRequest.grammars (the workers keep the grammar matchers); 5: logprobs, top tokens, tools, more
 # sampling parameters; 4: SamplingParams.grammar; 3: the naming rule's renames, typed parts,
 # max_new_tokens resolved once
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 
 _REGISTRY: dict[int, type] = {}
 T = TypeVar("T")
@@ -58,6 +61,10 @@ def message(tag: int):
         cls.TAG = tag
         hints = typing.get_type_hints(cls)
         cls._FIELDS = tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls))
+        cls._CHECKS = tuple(_checker(hint) for _, hint in cls._FIELDS)
+        cls._WHERE = tuple(f"{cls.__name__}.{name}" for name, _ in cls._FIELDS)  # for errors
+        cls._NAMES = tuple(name for name, _ in cls._FIELDS)
+        cls._NESTED = tuple(i for i, (_, hint) in enumerate(cls._FIELDS) if _holds_messages(hint))
         _REGISTRY[tag] = cls
         return cls
 
@@ -65,11 +72,20 @@ def message(tag: int):
 
 
 # ---------------------------------------------------------------------------- codec
+#
+# Each field's check is built once, from its type hint, when its message is registered; a list of
+# scalars (token ids, logprobs, texts) is checked in one pass over its items' types (``_list_of``), so
+# a 32k-token prompt or a 128-row step costs a fraction of a millisecond (docs/benchmarks.md, issue 20).
+
+Check = Callable[[Any, str], Any]  # (value, where) -> the value, rebuilt where needed
 
 
 def _to_wire(value: Any) -> Any:
     if hasattr(value, "TAG"):
-        return [value.TAG, *(_to_wire(getattr(value, name)) for name, _ in value._FIELDS)]
+        fields = [getattr(value, name) for name in value._NAMES]
+        for i in value._NESTED:  # only the fields that may hold messages are walked
+            fields[i] = _to_wire(fields[i])
+        return [value.TAG, *fields]
     if isinstance(value, list | tuple):
         return [_to_wire(v) for v in value]
     return value
@@ -105,53 +121,115 @@ def _from_wire(raw: Any, where: str) -> Any:
     fields = cls._FIELDS
     if len(raw) - 1 != len(fields):
         raise ProtocolError(f"{cls.__name__}: {len(raw) - 1} fields, expected {len(fields)}")
-    values = [
-        _check(v, hint, f"{cls.__name__}.{name}") for v, (name, hint) in zip(raw[1:], fields, strict=True)
-    ]
-    return cls(*values)
+    return cls(*(check(v, where) for v, check, where in zip(raw[1:], cls._CHECKS, cls._WHERE, strict=True)))
 
 
-def _check(value: Any, hint: Any, where: str) -> Any:
-    """Validate ``value`` against a type hint, rebuilding nested messages."""
+def _holds_messages(hint: Any) -> bool:
+    """A value of ``hint`` may contain messages (so encoding must walk it)."""
+    return hasattr(hint, "TAG") or any(_holds_messages(arg) for arg in typing.get_args(hint))
+
+
+# Scalar hints whose values msgpack decodes to exactly that type (an int where a float is expected is
+# converted, item by item).
+_SCALARS = frozenset({int, float, str, bool, bytes, type(None)})
+
+
+def _checker(hint: Any) -> Check:
+    """The check of a value against a type hint, rebuilding nested messages."""
     origin = typing.get_origin(hint)
     if hint is Any:
-        return value
+        return lambda value, where: value
     if origin in (Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(hint):
-            try:
-                return _check(value, option, where)
-            except ProtocolError as exc:
-                errors.append(str(exc))
-        raise ProtocolError(f"{where}: {value!r:.80} matches none of {hint}")
-    if hint is type(None):
-        if value is not None:
-            raise ProtocolError(f"{where}: expected None")
-        return None
+        return _union(hint)
     if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return _list_of(item, _checker(item))
+    if origin is dict:
+        key_t, val_t = typing.get_args(hint) or (Any, Any)
+        return _dict_of(_checker(key_t), _checker(val_t))
+    if hasattr(hint, "TAG"):
+        return _nested(hint)
+    return _scalar(hint)
+
+
+def _union(hint: Any) -> Check:
+    """``X | None`` takes None at once; otherwise the first option that accepts the value."""
+    args = typing.get_args(hint)
+    none_ok = type(None) in args
+    options = [_checker(option) for option in args if option is not type(None)]
+
+    def check(value: Any, where: str) -> Any:
+        if value is None and none_ok:
+            return None
+        for option in options:
+            try:
+                return option(value, where)
+            except ProtocolError:
+                pass
+        raise ProtocolError(f"{where}: {value!r:.80} matches none of {hint}")
+
+    return check
+
+
+def _list_of(item: Any, check_item: Check) -> Check:
+    """A list's check: one pass over its items' types when they are scalars of the exact wire types."""
+    options = typing.get_args(item) if typing.get_origin(item) in (Union, types.UnionType) else (item,)
+    exact = frozenset(options) if _SCALARS.issuperset(options) else None
+
+    def check(value: Any, where: str) -> list:
         if not isinstance(value, list):
             raise ProtocolError(f"{where}: expected a list")
-        (item,) = typing.get_args(hint) or (Any,)
-        return [_check(v, item, f"{where}[]") for v in value]
-    if origin is dict:
+        if exact is not None and exact.issuperset(map(type, value)):
+            return value
+        return [check_item(v, f"{where}[]") for v in value]
+
+    return check
+
+
+def _dict_of(check_key: Check, check_value: Check) -> Check:
+    def check(value: Any, where: str) -> dict:
         if not isinstance(value, dict):
             raise ProtocolError(f"{where}: expected a map")
-        key_t, val_t = typing.get_args(hint) or (Any, Any)
-        return {_check(k, key_t, where): _check(v, val_t, where) for k, v in value.items()}
-    if hasattr(hint, "TAG"):
+        return {check_key(k, where): check_value(v, where) for k, v in value.items()}
+
+    return check
+
+
+def _nested(cls: type) -> Check:
+    def check(value: Any, where: str) -> Any:
         msg = _from_wire(value, where)
-        if not isinstance(msg, hint):
-            raise ProtocolError(f"{where}: expected {hint.__name__}")
+        if not isinstance(msg, cls):
+            raise ProtocolError(f"{where}: expected {cls.__name__}")
         return msg
+
+    return check
+
+
+def _scalar(hint: type) -> Check:
+    if hint is type(None):
+
+        def check_none(value: Any, where: str) -> None:
+            if value is not None:
+                raise ProtocolError(f"{where}: expected None")
+
+        return check_none
     if hint is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise ProtocolError(f"{where}: expected a float")
-    if hint is int and isinstance(value, bool):
-        raise ProtocolError(f"{where}: expected an int")
-    if not isinstance(value, hint):
-        raise ProtocolError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
-    return value
+
+        def check_float(value: Any, where: str) -> float:
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+            raise ProtocolError(f"{where}: expected a float")
+
+        return check_float
+
+    def check(value: Any, where: str) -> Any:
+        if type(value) is hint:
+            return value
+        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+            raise ProtocolError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
+        return value
+
+    return check
 
 
 # ---------------------------------------------------------------------------- requests
@@ -330,7 +408,7 @@ class StageTimes:
     ``tgi_request_stage_duration{stage}``. The scheduler fills the first four at the request's first
     token (``decode`` 0 then); the detokenizer closes ``decode`` and adds its own time at the last."""
 
-    tokenize: float  # in the tokenizer process (grammar check and tokenization)
+    tokenize: float  # in the tokenizer process (chat template, tokenization, checks)
     queue: float  # from its arrival at the scheduler to its first scheduled step
     prefill: float  # from its first scheduled step to its first token
     decode: float  # from its first token to its last
@@ -342,8 +420,8 @@ class DetokRequestInfo:
     """scheduler -> detokenizer, with a request's first tokens: what the detokenizer needs to know."""
 
     rid: str
-    # The whole prompt ([] for seq2seq, whose output is decoded on its own): the detokenizer keeps
-    # only its last ids (``detokenizer.PROMPT_TAIL``) so the first word's spacing decodes right.
+    # The prompt's last ids (``textstream.PROMPT_TAIL``), so the first word's spacing decodes right; the
+    # whole prompt if its logprobs are asked; [] for seq2seq, whose output is decoded on its own.
     prompt_ids: list[int]
     prompt_tokens: int
     stop: list[str]
@@ -486,6 +564,15 @@ class GrammarStart:
     output_ids: list[int]
 
 
+@message(tag=34)
+class GrammarRows:
+    """The grammar matchers a step starts (``starts``) and drops (``ends``: state rows whose requests
+    left them since the last step), on the worker that samples."""
+
+    starts: list[GrammarStart] = dataclasses.field(default_factory=list)
+    ends: list[int] = dataclasses.field(default_factory=list)
+
+
 @message(tag=21)
 class StepRequest:
     """scheduler -> every worker: run one forward pass over the tensors in ``buffer``.
@@ -497,7 +584,27 @@ class StepRequest:
     buffer: str
     tensors: list[TensorRef]
     cuda_handle: CudaHandle | None  # of ``buffer`` on GPU; None for shared memory
-    grammars: list[GrammarStart] = dataclasses.field(default_factory=list)  # rank 0's only
+    grammars: GrammarRows | None = None  # rank 0's only
+
+
+@message(tag=35)
+class GrammarRequest:
+    """scheduler -> worker rank 0 (the one that samples), when a request with a grammar arrives, and again
+    for every such request after the workers restarted: compile it (off the worker's loop) and say so.
+    The request runs only once it is compiled."""
+
+    rid: str
+    grammar: Grammar
+
+
+@message(tag=36)
+class GrammarResult:
+    """worker rank 0 -> scheduler: a ``GrammarRequest``'s grammar is compiled (``refusal`` "") or refused
+    (the engine's reason, or a compile past ``--grammar-compile-timeout``: the request's 422)."""
+
+    rid: str
+    boot_id: str  # the worker's: an answer from a process already replaced is ignored
+    refusal: str
 
 
 @message(tag=22)

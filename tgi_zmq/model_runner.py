@@ -8,12 +8,14 @@ Overlap and masks that depend on the previous token. With the overlap schedule t
 builds step N+1 before it knows the tokens of step N, so it cannot compute a grammar's mask for
 N+1; the worker that samples (rank 0) can, since it sampled N's tokens itself. So the masks are
 made here (as SGLang resolves the previous step's tokens on its forward thread): rank 0 keeps a
-grammar matcher per state row (``tgi_zmq.grammar.RowMatchers``), started by the step that first
-samples for a request in its row (``Step.grammars``). Per step: forward (on CUDA launched
+grammar matcher per state row (``tgi_zmq.grammar.RowMatchers``; the grammars were compiled when
+their requests arrived), started by the step that first samples for a request in its row and
+dropped by the step after it left the row (``Step.grammars``). Per step: forward (on CUDA launched
 asynchronously, so the host fills the masks while it runs) -> fill the grammar rows' bitmasks ->
 sample with them as a ``VocabMask`` on the step's device -> the matchers take the sampled tokens
-(a host read: one synchronisation on CUDA, only in steps with grammar rows). Steps without grammar
-rows do none of this, and the engine keeps its overlap depth either way.
+(a host read: one synchronisation on CUDA, only in steps with grammar rows) and say which grammars
+are done. Steps without grammar rows do none of this, and the engine keeps its overlap depth either
+way.
 
 One bad row fails that row, not its step (the error policy, ``tgi_zmq.runtime``): a row with a logit
 bias on a token the model does not have, or one whose mask, sampling or matcher raises, is flagged in
@@ -26,13 +28,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from concurrent.futures import Future
 
 import torch
 
 from tgi_zmq.attention import AttentionMetadata
 from tgi_zmq.block_manager import ceil_div
 from tgi_zmq.forward_batch import EncoderBatch, ForwardBatch, RequestStates
-from tgi_zmq.grammar import RowMatchers, unpack
+from tgi_zmq.grammar import GrammarEngine, RowMatchers, unpack
 from tgi_zmq.models import load_model
 from tgi_zmq.parallel import Shard
 from tgi_zmq.sampler import LogitBias, LogitsProcessor, SamplingMetadata, VocabMask, Watermark, sample
@@ -53,7 +56,7 @@ class ModelRunner:
         max_rows: int = 128,
         max_total_tokens: int = 4096,
         watermark: Watermark = Watermark(),
-        grammar_timeout: float = 10.0,
+        grammars: GrammarEngine | Future[GrammarEngine] | None = None,
         quantize: str | None = None,
         kv_cache_dtype: str | None = None,
     ):
@@ -66,11 +69,12 @@ class ModelRunner:
         self.max_rows = max_rows
         self.max_pages = ceil_div(max_total_tokens, block_size) + 1
         self.watermark = watermark
-        self.grammars = RowMatchers(model_id, grammar_timeout)
+        self.grammars = RowMatchers(grammars)  # structured output: rank 0's (``grammar.load_engine``)
         self.forget_requests()
 
     def forget_requests(self) -> None:
-        """Drop the per-request state and the last step's samples (a new scheduler starts afresh)."""
+        """Drop the per-request state and the last step's samples (a new scheduler starts afresh; the
+        compiled grammars stay)."""
         self.states = RequestStates(self.max_rows, self.max_pages, self.model.cfg.vocab_size, self.device)
         self.prev_ids = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.grammars.forget()
@@ -109,6 +113,7 @@ class ModelRunner:
         if logits is None:
             out = StepOutput(*_empty_output(rows, layout, self.device))
         else:
+            self.grammars.update(step.grammars)
             out = self._choose(step, layout, logits[:rows], list(processors))
             out.prompt_logprobs = _prompt_logprobs(logits[rows:], step.sampling.prompt_targets)
             if layout.grammar_rows:
@@ -171,35 +176,45 @@ class ModelRunner:
         if grammar_rows:
             processors.append(self._grammar_mask(step, grammar_rows, len(logits), logits.shape[-1]))
         sampled = sample(logits, meta, processors)
-        return StepOutput(sampled.ids, sampled.logprobs, sampled.top_ids, sampled.top_logprobs, None, unknown)
+        return StepOutput(
+            sampled.ids,
+            sampled.logprobs,
+            sampled.top_ids,
+            sampled.top_logprobs,
+            None,
+            unknown,
+            _no_rows(len(logits), self.device),
+        )
 
     def _grammar_mask(
         self, step: Step, rows: list[tuple[int, int]], num_rows: int, vocab_size: int
     ) -> VocabMask:
         """The allowed tokens of ``rows`` (row, state row), filled on the host (while the forward runs
-        on CUDA); the matchers of their grammars' first step start here."""
-        states = {state for _, state in rows}
-        self.grammars.start([start for start in step.grammars if start.row in states])
+        on CUDA)."""
         bitmask = self.grammars.masks(rows, num_rows, vocab_size)
         return VocabMask(unpack(bitmask.to(self.device, non_blocking=True), vocab_size))
 
     def _advance_grammars(self, layout: StepLayout, out: StepOutput) -> None:
-        """Each grammar row's matcher takes its sampled token; one that raises fails its row alone."""
-        failed = out.failed.tolist()
+        """Each grammar row's matcher takes its sampled token (a host read) and says whether its grammar
+        is done; one that raises fails its row alone."""
+        failed, tokens = out.failed.tolist(), out.next_ids.tolist()
+        done = [False] * len(tokens)
         for row, state_row in layout.grammar_rows:
             if failed[row]:
                 continue
             try:
-                self.grammars.consume([(row, state_row)], out.next_ids)
+                done[row] = self.grammars.advance(state_row, tokens[row])
             except Exception:
                 log.exception("row %d: its grammar cannot take the sampled token: it fails alone", row)
-                out.failed[row] = True
+                failed[row] = True
+        out.failed = torch.tensor(failed, dtype=torch.bool, device=self.device)
+        out.grammar_done = torch.tensor(done, dtype=torch.bool, device=self.device)
 
     def forward_batch(self, step: Step, layout: StepLayout) -> ForwardBatch:
         """The model's view of a step whose state changes are taken in."""
         qs = layout.query_start
         inputs = step.inputs
-        tables = self.states.tables(step)
+        tables = self.states.tables(step, ceil_div(max(layout.context_lens), self.block_size))
         attention = AttentionMetadata.for_pages(
             qs, layout.context_lens, tables, inputs.slot_mapping, self.block_size
         )
@@ -210,7 +225,8 @@ class ModelRunner:
             logit_rows = torch.cat([logit_rows, step.sampling.prompt_rows])
         encoder = None
         if step.encoder is not None:
-            cross_tables = self.states.cross_pages[inputs.state_rows]
+            width = ceil_div(max(layout.encoder_lens), self.block_size)
+            cross_tables = self.states.tables(step, width, cross=True)
             cross = AttentionMetadata.for_pages(
                 qs, layout.encoder_lens, cross_tables, None, self.block_size, causal=False
             )
@@ -264,5 +280,11 @@ def _empty_output(
         torch.zeros(rows, top_n, dtype=torch.int64, device=device),
         torch.zeros(rows, top_n, device=device),
         torch.zeros(layout.num_prompt_rows, device=device),
-        torch.zeros(rows, dtype=torch.bool, device=device),
+        _no_rows(rows, device),
+        _no_rows(rows, device),
     )
+
+
+def _no_rows(rows: int, device: torch.device) -> torch.Tensor:
+    """A per-row flag (``failed``, ``grammar_done``) down for every row."""
+    return torch.zeros(rows, dtype=torch.bool, device=device)

@@ -11,6 +11,7 @@ import time
 from collections import deque
 
 from tgi_zmq.engine import EngineCore, StepDone, StepFailure
+from tgi_zmq.messages import Grammar
 from tgi_zmq.model_runner import ModelRunner
 from tgi_zmq.policy import Request
 from tgi_zmq.step import Step
@@ -35,6 +36,12 @@ class LocalExecutor:
         self.results.clear()
         self.runner.cache = self.runner.model.new_cache(self.runner.num_blocks, self.runner.block_size)
         self.runner.forget_requests()
+
+    def compile_grammar(self, rid: str, grammar: Grammar) -> None:
+        self.runner.grammars.announce(rid, grammar)
+
+    def compiled_grammars(self) -> list[tuple[str, str]]:
+        return self.runner.grammars.compiled()
 
 
 def run_to_completion(engine: EngineCore, requests: list[Request], arrive_every: int = 0) -> None:

@@ -17,24 +17,29 @@ decoder start token) and ``encoder_ids`` the prompt. The step that runs a reques
 decoder token also runs its encoder, whose K/V go into ``cross_blocks``, pages taken from
 the same pool as the decoder's and freed with them. Their prefix is not cached (the decoder
 blocks depend on the encoder input too).
+
+Lifecycle: a request's ``status`` (``RequestStatus``, vLLM's idea) says where it is; while it runs it
+holds a state row in the workers (``RowState``, given and taken back here alone).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import math
 import time
 from collections import deque
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 from tgi_zmq.block_manager import BlockManager
-from tgi_zmq.messages import SamplingParams
+from tgi_zmq.messages import SamplingParams, ScheduleRequest
 
 log = logging.getLogger("tgi_zmq.policy")
 
-# Prompt tokens a request that scores its prompt runs per step: each needs a row of logits.
-PROMPT_LOGPROBS_CHUNK = 512
+# Prompt tokens scored per step, all the requests that score their prompt together: each is a row of
+# [rows, vocab] float32 logits (512 rows of a 152k vocabulary: 311 MB).
+MAX_SCORED_ROWS = 512
 # A prompt chunk that runs beside decodes makes their step this many times a decode-only step at most
 # (the streams' worst gap while a long prompt comes in), and has at least MIN_MIXED_CHUNK tokens.
 MIXED_STEP_RATIO = 2.5
@@ -44,31 +49,47 @@ MIN_MIXED_CHUNK = 16
 WAITING_SERVED_RATIO = 1.2
 
 
-class GrammarState(Protocol):
-    """A request's place in its grammar (``tgi_zmq.grammar.Matcher``): the scheduler follows it only to
-    end the request when the grammar is done; the worker that samples keeps its own for the masks."""
+class RequestStatus(enum.Enum):
+    """Where a request is (vLLM's ``RequestStatus``); it moves only by the policy's methods."""
 
-    def consume(self, token: int) -> None: ...
+    WAITING = "waiting"  # in the queue for its first step
+    WAITING_FOR_GRAMMAR = "waiting for its grammar"  # in the queue, passed over until the workers compiled it
+    RUNNING = "running"  # has pages and a state row; runs in every step it fits in
+    PREEMPTED = "preempted"  # back in the queue, pages freed, to recompute (room made, or the workers lost)
+    FINISHED = "finished"  # ``finish_reason`` says why; pages freed
 
-    @property
-    def done(self) -> bool: ...
+
+@dataclasses.dataclass
+class RowState:
+    """A running request's row in the workers' per-request state (page tables, penalty counts, grammar
+    matcher: ``tgi_zmq.step``), and what the workers already hold there. A new one each time the
+    request enters ``running``; ``tgi_zmq.step.build_step`` records what it sends."""
+
+    index: int
+    pages_sent: int = 0
+    cross_pages_sent: int = 0
+    history_sent: bool = False
+    grammar_sent: bool = False
 
 
 @dataclasses.dataclass(eq=False)
 class Request:
+    """One request in the scheduler: its tokens, its pages, and where it is (``status``)."""
+
     rid: str
     token_ids: list[int]  # the prompt, then every generated token
     params: SamplingParams
     max_new_tokens: int
     arrival_time: float = 0.0
     prompt_len: int = -1
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None  # once finished
     num_computed: int = 0
     blocks: list[int] = dataclasses.field(default_factory=list)
     hashed_blocks: int = 0  # leading blocks already registered in the prefix cache
     parent_hash: int = 0  # prefix-cache hash of the last of them
-    finish_reason: str | None = None
     epoch: int = 0  # bumped at each preemption: results of steps scheduled before it are stale
-    announced: bool = False  # the detokenizer has been told about it
+    row: RowState | None = None  # while running
     scheduled_time: float | None = None  # first step (for the queue-duration metric)
     received_time: float = 0.0  # when the scheduler got it (its ``queue`` stage starts)
     tokenize_seconds: float = 0.0  # the tokenizer's time on it (``messages.StageTimes``)
@@ -76,15 +97,6 @@ class Request:
     cross_blocks: list[int] = dataclasses.field(default_factory=list)  # pages of the encoder's K/V
     resumed: int = 0  # output tokens it arrived with (a replay after a fault): already streamed
     faults: int = 0  # worker losses it was running through (it recomputes after each)
-    # Its row in the workers' per-request state (page tables, penalty counts, grammar matcher) while it
-    # runs, and what the workers already hold there (``tgi_zmq.step``): both start over when it
-    # (re)enters ``running``.
-    state_row: int = -1
-    pages_sent: int = 0
-    cross_pages_sent: int = 0
-    history_sent: bool = False
-    grammar_sent: bool = False
-    grammar: GrammarState | None = None  # structured output: where it is in its grammar
     prompt_logprobs: list[float | None] = dataclasses.field(default_factory=list)  # if asked, by position
 
     def __post_init__(self) -> None:
@@ -93,6 +105,24 @@ class Request:
             self.prompt_len = len(self.token_ids)
         if self.params.prompt_logprobs and not self.prompt_logprobs:
             self.prompt_logprobs = [None] * self.prompt_len
+
+    @classmethod
+    def from_schedule(cls, msg: ScheduleRequest, decoder_start: int | None = None) -> Request:
+        """A request as the tokenizer sends it: a replay arrives with the tokens it already streamed
+        after its prompt; for an encoder-decoder model (``decoder_start`` set) the prompt feeds the
+        encoder and the decoder starts from that token."""
+        common = dict(
+            params=msg.params,
+            max_new_tokens=msg.max_new_tokens,
+            arrival_time=msg.arrival_time,
+            resumed=len(msg.output_ids),
+            received_time=time.time(),
+            tokenize_seconds=msg.tokenize_seconds,
+        )
+        if decoder_start is None:
+            return cls(msg.rid, msg.input_ids + msg.output_ids, prompt_len=len(msg.input_ids), **common)
+        tokens = [decoder_start, *msg.output_ids]
+        return cls(msg.rid, tokens, prompt_len=1, encoder_ids=list(msg.input_ids), **common)
 
     @property
     def num_tokens(self) -> int:
@@ -106,6 +136,10 @@ class Request:
     def output_ids(self) -> list[int]:
         return self.token_ids[self.prompt_len :]
 
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
 
 class Produced(NamedTuple):
     """A token a request received from a step, and the most likely tokens it was chosen among."""
@@ -115,6 +149,7 @@ class Produced(NamedTuple):
     logprob: float
     top_ids: list[int]
     top_logprobs: list[float]
+    first: bool  # the first token it got here (after a replay's streamed ones)
 
 
 @dataclasses.dataclass
@@ -128,6 +163,8 @@ class ScheduledBatch:
     epochs: list[int] = dataclasses.field(default_factory=list)
     encodes: list[bool] = dataclasses.field(default_factory=list)  # runs its encoder this step (T5)
     num_samples: int = 0
+    # State rows whose grammar matcher the workers drop: their requests left ``running`` since the last step.
+    grammar_ends: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def is_decode(self) -> bool:
@@ -221,6 +258,8 @@ class SchedulePolicy:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.free_rows = list(range(max_running - 1, -1, -1))  # state rows, lowest handed out first
+        self.grammar_ends: list[int] = []  # for the next step (``ScheduledBatch.grammar_ends``)
+        self.to_compile: list[Request] = []  # grammars the workers are to compile (``take_grammars``)
         self.num_preemptions = 0
         self.prefix_hit_tokens = 0
         self.queue_waits: list[float] = []  # seconds from arrival to first step, drained by the stats
@@ -229,7 +268,25 @@ class SchedulePolicy:
     # ------------------------------------------------------------------ arrivals and departures
 
     def add(self, request: Request) -> None:
+        """Queue ``request``; one with a grammar waits until the workers compiled it (``take_grammars``,
+        ``grammar_compiled``)."""
+        if request.params.grammar is None:
+            request.status = RequestStatus.WAITING
+        else:
+            request.status = RequestStatus.WAITING_FOR_GRAMMAR
+            self.to_compile.append(request)
         self.waiting.append(request)
+
+    def take_grammars(self) -> list[Request]:
+        """The requests whose grammar the workers must compile (new ones, or all again after the workers
+        were lost) since the last call."""
+        taken, self.to_compile = [r for r in self.to_compile if not r.finished], []
+        return taken
+
+    def grammar_compiled(self, request: Request) -> None:
+        """The workers compiled its grammar: it may run."""
+        if request.status is RequestStatus.WAITING_FOR_GRAMMAR:
+            request.status = RequestStatus.WAITING
 
     def find(self, rid: str) -> Request | None:
         for req in self.running:
@@ -246,11 +303,11 @@ class SchedulePolicy:
         Safe even while a step that writes those pages is in flight: the worker runs steps in
         order, so a later step that reuses the pages writes them after that one is done.
         """
-        request.finish_reason = reason
-        if request in self.running:
+        if request.status is RequestStatus.RUNNING:
             self._leave_running(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        request.status, request.finish_reason = RequestStatus.FINISHED, reason
         self.block_manager.release(request.blocks)
         self.block_manager.release(request.cross_blocks)
         _drop_placeholders(request)
@@ -260,20 +317,25 @@ class SchedulePolicy:
 
     def forget_cache(self) -> list[Request]:
         """The workers' KV cache is gone (a worker restarted): forget every page and the prefix
-        cache, and put every request back in the queue, oldest first, to recompute from its tokens.
+        cache, and put every request back in the queue, oldest first, to recompute from its tokens;
+        the new workers compile the grammars again before their requests run.
 
         Returns the requests that were running (their ``faults`` counted), for the caller's budget.
         """
         hit = list(self.running)
         for req in hit:
             req.faults += 1
-        for req in [*self.running, *self.waiting]:
+            self._leave_running(req)
+            req.status = RequestStatus.PREEMPTED
+        self.waiting.extendleft(reversed(hit))
+        self.grammar_ends = []  # the new workers hold no matcher
+        for req in self.waiting:
             req.blocks, req.cross_blocks = [], []  # the whole pool is dropped below
             self._reset(req)
             req.epoch += 1  # results of steps in flight are stale
-        for req in list(self.running):
-            self._leave_running(req)
-        self.waiting.extendleft(reversed(hit))
+            if req.params.grammar is not None:
+                req.status = RequestStatus.WAITING_FOR_GRAMMAR
+        self.to_compile = [req for req in self.waiting if req.params.grammar is not None]
         old = self.block_manager
         self.block_manager = BlockManager(old.num_blocks, old.block_size, old.enable_prefix_caching)
         return hit
@@ -286,36 +348,48 @@ class SchedulePolicy:
         Every decode (one new token) runs; prompt chunks share ``max_step_tokens`` (TGI's
         ``max_batch_prefill_tokens``), so a long prompt is spread over steps instead of stalling;
         beside decodes they share less (``StepCosts.mixed_chunk``), so the streams keep their pace,
-        unless ``WAITING_SERVED_RATIO`` waiting requests per decoding one wait.
+        unless ``WAITING_SERVED_RATIO`` waiting requests per decoding one wait. Requests that score
+        their prompt share ``MAX_SCORED_ROWS`` scored tokens.
         """
-        decoding = sum(1 for r in self.running if r.blocks and r.num_tokens - r.num_computed == 1)
-        budget = self.max_step_tokens
+        decoding = sum(1 for r in self.running if r.num_tokens - r.num_computed == 1)
+        budget = Budget(self.max_step_tokens, MAX_SCORED_ROWS)
         if len(self.waiting) < WAITING_SERVED_RATIO * decoding:
-            budget = self.costs.mixed_chunk(self.max_step_tokens)
+            budget.tokens = self.costs.mixed_chunk(self.max_step_tokens)
         batch = ScheduledBatch()
         preemptions = self.num_preemptions
         for req in list(self.running):
-            if not req.blocks or self._awaits_last_token(req):
-                # preempted to make room for an older one (pages freed), or done once its result lands
+            if req.status is RequestStatus.PREEMPTED or self._awaits_last_token(req):
+                # preempted to make room for an older one this step, or done once its result lands
                 continue
             gap = req.num_tokens - req.num_computed
-            n = gap if gap == 1 else min(gap, budget, _chunk_cap(req))  # decodes run; chunks share the budget
-            if n == 0 or not self._reserve(req, n):
+            n = 1 if gap == 1 else budget.chunk(req)  # decodes run; chunks share the budget
+            if n <= 0 or not self._reserve(req, n):
                 continue
             batch.add(req, n)
             if gap > 1:
-                budget -= n
-        admit = self.num_preemptions == preemptions  # no room made this step: don't take it back
-        while admit and self.waiting and budget > 0 and len(self.running) < self.max_running:
-            req = self.waiting[0]
+                budget.take(req, n)
+        if self.num_preemptions == preemptions:  # no room made this step: don't take it back
+            self._admit(batch, budget)
+        if not batch.requests:
+            return None
+        batch.grammar_ends, self.grammar_ends = self.grammar_ends, []
+        return batch
+
+    def _admit(self, batch: ScheduledBatch, budget: Budget) -> None:
+        """Waiting requests in order while there is room, passing over those waiting for their grammar."""
+        for req in list(self.waiting):
+            if budget.tokens <= 0 or len(self.running) >= self.max_running:
+                break
+            if req.status is RequestStatus.WAITING_FOR_GRAMMAR:
+                continue
             if self._prompt_in_flight(req):
                 break  # a step or two later its first pages come from the prefix cache
-            if len(req.encoder_ids) > budget and batch.requests:
+            if len(req.encoder_ids) > budget.tokens and batch.requests:
                 break  # an encoder is not chunked: it waits for a step with room for all of it
-            budget -= len(req.encoder_ids)
+            budget.tokens -= len(req.encoder_ids)
             hit = self._reuse_prefix(req)
-            n = min(req.num_tokens - req.num_computed, max(budget, 1), _chunk_cap(req))
-            grown = self.block_manager.grow(req.blocks, req.num_computed + n)
+            n = budget.chunk(req, at_least_one=True)
+            grown = n > 0 and self.block_manager.grow(req.blocks, req.num_computed + n)
             if not grown or not self.block_manager.grow(req.cross_blocks, len(req.encoder_ids)):
                 self._reset(req)
                 break
@@ -324,10 +398,10 @@ class SchedulePolicy:
                 req.scheduled_time = time.time()
                 self.queue_waits.append(req.scheduled_time - req.arrival_time)
                 log.debug("rid=%s scheduled: %d tokens in its first step, %d cached", req.rid, n, hit)
-            self._enter_running(self.waiting.popleft())
+            self.waiting.remove(req)
+            self._enter_running(req)
             batch.add(req, n)
-            budget -= n
-        return batch if batch.requests else None
+            budget.take(req, n)
 
     def _prompt_in_flight(self, req: Request) -> bool:
         """A running request is still computing the first page of ``req``'s prompt (copies of one
@@ -344,17 +418,18 @@ class SchedulePolicy:
 
     def _enter_running(self, req: Request) -> None:
         """A state row for ``req``; the workers hold nothing of it there yet."""
-        req.state_row = self.free_rows.pop()
-        req.pages_sent = req.cross_pages_sent = 0
-        req.history_sent = req.grammar_sent = False
+        req.status, req.row = RequestStatus.RUNNING, RowState(self.free_rows.pop())
         self.running.append(req)
 
     def _leave_running(self, req: Request) -> None:
         """Its row is free for the next request: steps run in order, so one already in flight still
-        reads this request's state, and a later step writes the next one's before using it."""
+        reads this request's state, and a later step writes the next one's before using it (and drops
+        the row's grammar matcher first)."""
         self.running.remove(req)
-        self.free_rows.append(req.state_row)
-        req.state_row = -1
+        self.free_rows.append(req.row.index)
+        if req.row.grammar_sent:
+            self.grammar_ends.append(req.row.index)
+        req.row = None
 
     def _awaits_last_token(self, req: Request) -> bool:
         return req.num_output >= req.max_new_tokens or req.num_tokens >= self.max_total_tokens
@@ -390,6 +465,7 @@ class SchedulePolicy:
         """Recompute later: free the pages, keep the tokens, go back to the head of the queue."""
         self._leave_running(req)
         self._reset(req)
+        req.status = RequestStatus.PREEMPTED
         req.epoch += 1
         self.waiting.appendleft(req)
         self.num_preemptions += 1
@@ -401,23 +477,26 @@ class SchedulePolicy:
         logprobs: list[float],
         top: tuple[list[list[int]], list[list[float]]] | None = None,
         prompt_logprobs: list[float] = (),
+        grammar_done: list[bool] = (),
     ) -> list[Produced]:
         """Apply a finished step: put the sampled tokens in place, register full blocks, finish requests.
 
-        ``sampled``/``logprobs`` (and ``top``'s ids and logprobs) hold one entry per request that
-        sampled (in batch order); ``prompt_logprobs`` one per scored prompt token
-        (``ScheduledBatch.scored_prompt``). Returns what every request that received a token got;
-        finished ones have ``finish_reason`` set and are already removed, their pages freed.
+        ``sampled``/``logprobs`` (and ``top``'s ids and logprobs, and ``grammar_done``: the row's grammar
+        allows nothing more) hold one entry per request that sampled (in batch order);
+        ``prompt_logprobs`` one per scored prompt token (``ScheduledBatch.scored_prompt``). Returns what
+        every request that received a token got; finished ones have ``finish_reason`` set and are
+        already removed, their pages freed.
         """
         self._record_prompt_logprobs(batch, prompt_logprobs)
         produced = []
         rows = len(sampled)
         top_ids, top_logprobs = top or ([[]] * rows, [[]] * rows)
-        results = iter(zip(sampled, logprobs, top_ids, top_logprobs, strict=True))
+        done = grammar_done or [False] * rows
+        results = iter(zip(sampled, logprobs, top_ids, top_logprobs, done, strict=True))
         for i, req in enumerate(batch.requests):
             slot = batch.sample_slots[i]
             result = next(results) if slot >= 0 else None
-            if req.finish_reason is not None or req.epoch != batch.epochs[i]:
+            if req.finished or req.epoch != batch.epochs[i]:
                 continue  # finished, aborted or preempted since: its token is dropped
             if not req.encoder_ids:
                 req.hashed_blocks, req.parent_hash = self.block_manager.register(
@@ -429,12 +508,11 @@ class SchedulePolicy:
                 )
             if result is None:
                 continue
-            token, logprob, ids, values = result
+            token, logprob, ids, values, grammar_done_here = result
             req.token_ids[slot] = token
-            if req.grammar is not None:
-                req.grammar.consume(token)
-            produced.append(Produced(req, token, logprob, *_top(req, ids, values)))
-            reason = self._finish_reason(req, slot)
+            first = slot - req.prompt_len == req.resumed
+            produced.append(Produced(req, token, logprob, *_top(req, ids, values), first))
+            reason = self._finish_reason(req, slot, grammar_done_here)
             if reason:
                 self.finish(req, reason)
         return produced
@@ -445,25 +523,40 @@ class SchedulePolicy:
         for i, position, count in batch.scored_prompt():
             req = batch.requests[i]
             scores = [next(values) for _ in range(count)]
-            if req.finish_reason is None and req.epoch == batch.epochs[i]:
+            if not req.finished and req.epoch == batch.epochs[i]:
                 req.prompt_logprobs[position + 1 : position + 1 + count] = scores
 
-    def _finish_reason(self, req: Request, slot: int) -> str | None:
+    def _finish_reason(self, req: Request, slot: int, grammar_done: bool) -> str | None:
         token = req.token_ids[slot]
         if (token in self.eos_token_ids and not req.params.ignore_eos) or token in req.params.stop_token_ids:
             return "eos_token"
-        if req.grammar is not None and req.grammar.done:  # its grammar allows nothing more
+        if grammar_done:  # its grammar allows nothing more
             return "eos_token"
         if slot + 1 - req.prompt_len >= req.max_new_tokens or slot + 1 >= self.max_total_tokens:
             return "length"
         return None
 
 
-def _chunk_cap(req: Request) -> int:
-    """The most tokens ``req`` may run in one step (a request that scores its prompt is limited)."""
-    if req.params.prompt_logprobs and req.num_computed < req.prompt_len - 1:
-        return PROMPT_LOGPROBS_CHUNK
-    return req.num_tokens
+@dataclasses.dataclass
+class Budget:
+    """What is left of a step's budgets while it is filled: prompt tokens, and scored prompt tokens."""
+
+    tokens: int
+    scored: int
+
+    def chunk(self, req: Request, at_least_one: bool = False) -> int:
+        """The most tokens ``req`` may run now (``at_least_one``: even with the token budget spent)."""
+        n = max(self.tokens, 1) if at_least_one else self.tokens
+        if req.params.prompt_logprobs and req.num_computed < req.prompt_len - 1:
+            n = min(n, self.scored)  # its scored tokens come first
+        return min(n, req.num_tokens - req.num_computed)
+
+    def take(self, req: Request, n: int) -> None:
+        """``req`` runs ``n`` tokens (its counters already advanced by them)."""
+        self.tokens -= n
+        if req.params.prompt_logprobs:
+            start = req.num_computed - n
+            self.scored -= max(0, min(n, req.prompt_len - 1 - start))
 
 
 def _top(req: Request, ids: list[int], logprobs: list[float]) -> tuple[list[int], list[float]]:

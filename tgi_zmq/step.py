@@ -8,16 +8,18 @@ row ``-id - 1`` (see ``tgi_zmq.policy``): the worker fills it in.
 A step carries what changed since the previous one, as vLLM v1's scheduler output does. What a
 request needs every step but that changes slowly lives in the worker
 (``tgi_zmq.forward_batch.RequestStates``), in the row of its state tables that the scheduler gave
-the request while it runs (``Request.state_row``):
+the request while it runs (``Request.row``, a ``policy.RowState`` that also records what was sent):
 - its page table (and its encoder's pages, T5): a step sends only the pages added since the last
   step, as ``(state row, page index, page id)`` triples;
 - its penalty token counts: a penalised request's token history is sent once, in the first step
   that samples for it in its row; the worker then counts the tokens it samples itself;
-- its grammar matcher (structured output, rank 0 only): the grammar and the tokens generated so far
-  are sent once, in the first step that samples for it in its row (``Step.grammars``, in the
-  ``StepRequest`` message: a grammar's text is no tensor); each step then flags the sampling rows
-  that follow a grammar (``SamplingInputs.grammar``), and the worker fills their masks itself and
-  advances their matchers with the tokens it samples, so no mask waits for the scheduler.
+- its grammar matcher (structured output, rank 0 only, which compiled the grammar when the request
+  arrived): the grammar and the tokens generated so far are sent once, in the first step that samples
+  for it in its row, and the row is named again when the request leaves it, so the matcher is dropped
+  (``Step.grammars``, in the ``StepRequest`` message: a grammar's text is no tensor); each step flags
+  the sampling rows that follow a grammar (``SamplingInputs.grammar``), and the worker fills their
+  masks itself and advances their matchers with the tokens it samples, so no mask waits for the
+  scheduler. Its answer flags the rows whose grammar is done (``StepOutput.grammar_done``).
 
 Shapes (B requests, R of them sampling, T tokens): ``StepInputs`` [T] and [B]; ``SamplingInputs``
 [R]; ``EncoderInputs`` for the requests whose encoder runs this step. ``Step.to_tensors`` names
@@ -28,14 +30,13 @@ their bytes (the grammars are not among them).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
 
 from tgi_zmq.block_manager import ceil_div
 from tgi_zmq.config import MAX_EOS_TOKEN_IDS, MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
-from tgi_zmq.messages import GrammarStart
+from tgi_zmq.messages import GrammarRows, GrammarStart
 
 if TYPE_CHECKING:
     from tgi_zmq.policy import Request, ScheduledBatch
@@ -113,7 +114,7 @@ class Step:
     inputs: StepInputs
     sampling: SamplingInputs
     encoder: EncoderInputs | None = None
-    grammars: list[GrammarStart] = dataclasses.field(default_factory=list)  # not tensors: in the message
+    grammars: GrammarRows = dataclasses.field(default_factory=GrammarRows)  # not tensors: in the message
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """The flat ``<part>.<field>`` names the transport writes."""
@@ -125,7 +126,7 @@ class Step:
         return out
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], grammars: Iterable[GrammarStart] = ()) -> Step:
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], grammars: GrammarRows | None = None) -> Step:
         parts: dict[str, dict[str, torch.Tensor]] = {}
         for name, tensor in tensors.items():
             part, _, field = name.partition(".")
@@ -133,7 +134,7 @@ class Step:
                 raise ValueError(f"unknown step tensor {name!r}")
             parts.setdefault(part, {})[field] = tensor
         built = {part: _PARTS[part](**fields) for part, fields in parts.items()}
-        return cls(**built, grammars=list(grammars))
+        return cls(**built, grammars=grammars if grammars is not None else GrammarRows())
 
     def to(self, device: torch.device) -> Step:
         tensors = {k: t.to(device, non_blocking=True) for k, t in self.to_tensors().items()}
@@ -210,6 +211,7 @@ class StepOutput:
     top_logprobs: torch.Tensor  # [R, top_n] float32
     prompt_logprobs: torch.Tensor  # [P] float32: of each scored prompt token
     failed: torch.Tensor  # [R] bool: the row could not sample (its request fails alone; its token is 0)
+    grammar_done: torch.Tensor  # [R] bool: the row's grammar allows nothing after its token
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -239,10 +241,10 @@ def step_buffer_size(max_step_tokens: int, max_rows: int, max_total_tokens: int,
 
 
 def result_buffer_size(max_rows: int, max_top_n: int, max_step_tokens: int) -> int:
-    """Bytes one step's ``StepOutput`` can need at most: per sampling row its id (8), logprob (4), flag
-    (1) and ``max_top_n`` top tokens (8 + 4 each); one logprob (4) per scored prompt token, at most
+    """Bytes one step's ``StepOutput`` can need at most: per sampling row its id (8), logprob (4), two
+    flags (1 each) and ``max_top_n`` top tokens (8 + 4 each); one logprob (4) per scored prompt token, at most
     the step's tokens; each tensor 64-byte aligned in the buffer."""
-    per_row = 8 + 4 + 1 + 12 * max_top_n
+    per_row = 8 + 4 + 2 + 12 * max_top_n
     return max_rows * per_row + 4 * max_step_tokens + 64 * len(dataclasses.fields(StepOutput)) + (1 << 12)
 
 
@@ -267,13 +269,13 @@ def build_step(batch: ScheduledBatch, block_size: int, eos_token_ids: tuple[int,
         slot_mapping=_ints(slots),
         query_start=_ints(query_start, torch.int32),
         context_lens=_ints([s + n for s, n in zip(batch.starts, batch.num_new, strict=True)], torch.int32),
-        state_rows=_ints([r.state_row for r in batch.requests]),
+        state_rows=_ints([r.row.index for r in batch.requests]),
         new_pages=_page_updates(batch.requests, "blocks", "pages_sent"),
     )
     encoder = _encoder_inputs(batch, block_size) if batch.requests[0].encoder_ids else None
     sampling = _sampling_inputs(batch, eos_token_ids[:MAX_EOS_TOKEN_IDS])
     sampling.prompt_rows, sampling.prompt_targets = _scored_prompt(batch, query_start)
-    return Step(inputs, sampling, encoder, _grammar_starts(batch))
+    return Step(inputs, sampling, encoder, GrammarRows(_grammar_starts(batch), list(batch.grammar_ends)))
 
 
 def _scored_prompt(batch: ScheduledBatch, query_start: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,12 +290,13 @@ def _scored_prompt(batch: ScheduledBatch, query_start: list[int]) -> tuple[torch
 
 
 def _page_updates(requests: list[Request], pages: str, sent: str) -> torch.Tensor:
+    """The pages (``Request.<pages>``) added since the workers last got them (``RowState.<sent>``)."""
     updates: list[int] = []
     for req in requests:
-        ids, known = getattr(req, pages), getattr(req, sent)
+        ids, known = getattr(req, pages), getattr(req.row, sent)
         for index in range(known, len(ids)):
-            updates += (req.state_row, index, ids[index])
-        setattr(req, sent, len(ids))
+            updates += (req.row.index, index, ids[index])
+        setattr(req.row, sent, len(ids))
     return _ints(updates).view(-1, PAGE_UPDATE)
 
 
@@ -331,11 +334,11 @@ def _sampling_inputs(batch: ScheduledBatch, eos_token_ids: tuple[int, ...]) -> S
             bias_rows.append(row)
             bias_ids.append(token)
             bias_values.append(value)
-        if req.params.penalised and not req.history_sent:
+        if req.params.penalised and not req.row.history_sent:
             history_rows.append(row)
             history_ids.extend(req.token_ids[:slot])
             history_start.append(len(history_ids))
-            req.history_sent = True
+            req.row.history_sent = True
     return SamplingInputs(
         rows=_ints(rows),
         greedy=torch.tensor([not p.do_sample for p in params], dtype=torch.bool),
@@ -374,15 +377,15 @@ def _grammar_starts(batch: ScheduledBatch) -> list[GrammarStart]:
     """The grammars of the rows that sample for the first time in their state row; marks them sent.
 
     The tokens before the sampled one are all real: a request enters its row with none of its
-    placeholders left (``scheduler._drop_placeholders``) and samples nothing until this step.
+    placeholders left (``policy._drop_placeholders``) and samples nothing until this step.
     """
     starts = []
     for req, slot in zip(batch.requests, batch.sample_slots, strict=True):
-        if slot >= 0 and req.params.grammar is not None and not req.grammar_sent:
+        if slot >= 0 and req.params.grammar is not None and not req.row.grammar_sent:
             starts.append(
-                GrammarStart(req.state_row, req.params.grammar, req.token_ids[req.prompt_len : slot])
+                GrammarStart(req.row.index, req.params.grammar, req.token_ids[req.prompt_len : slot])
             )
-            req.grammar_sent = True
+            req.row.grammar_sent = True
     return starts
 
 

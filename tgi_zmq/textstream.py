@@ -7,21 +7,77 @@ the next token. The window starts a few tokens back so spacing rules see their
 neighbours. Stop sequences are matched on the text just produced (plus the tail that a
 stop could straddle); the stop text stays in the output, as in TGI.
 
-The scheduler sends a new request's whole prompt; which of its last ids give the first tokens their
-context (``PROMPT_TAIL``) is decided here alone.
+The scheduler sends each step's tokens as a ``BatchTokenOutput`` built here (``token_output``), with
+what the detokenizer needs to know of each new request (``request_info``): which of the prompt's last
+ids give the first tokens their context (``PROMPT_TAIL``) is decided here alone, and only those are
+sent, unless the request wants its prompt's logprobs (the whole prompt is shown then).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import time
+from typing import TYPE_CHECKING
 
 from tgi_zmq import messages
 from tgi_zmq.errors import Fail, isolated
 
+if TYPE_CHECKING:
+    from tgi_zmq.policy import Produced, Request
+
+log = logging.getLogger("tgi_zmq.textstream")
+
 PROMPT_TAIL = 5  # prompt ids kept as decoding context for the first generated tokens
 DECODED_KEPT = 64  # ids already turned into text kept in the window before it is cut
+
+
+def token_output(produced: list[Produced], now: float) -> messages.BatchTokenOutput:
+    """A step's tokens for the detokenizer (scheduler side), with the info of requests new to it."""
+    out = messages.BatchTokenOutput([], [], [], [], [])
+    tops = any(p.top_ids for p in produced)
+    for p in produced:
+        req = p.request
+        if p.first:
+            out.new_requests.append(request_info(req, now))
+            log.info("rid=%s first token after %.3fs", req.rid, now - req.arrival_time)
+        out.rids.append(req.rid)
+        out.token_ids.append(p.token)
+        out.logprobs.append(p.logprob)
+        out.finish_reasons.append(req.finish_reason)
+        if tops:
+            out.top_ids.append(p.top_ids)
+            out.top_logprobs.append(p.top_logprobs)
+        if req.finish_reason:
+            log.info("rid=%s finished: %s, %d tokens", req.rid, req.finish_reason, req.num_output)
+    return out
+
+
+def request_info(req: Request, now: float) -> messages.DetokRequestInfo:
+    """What the detokenizer needs of a request at its first token: its prompt's tail (the first token's
+    context; none for seq2seq, whose output starts afresh), or all of it with its logprobs, its stops,
+    the tokens already streamed, and its stage times up to its first token (``now``), which the
+    detokenizer completes."""
+    if req.encoder_ids:
+        prompt = []
+    else:
+        shown = 0 if req.params.prompt_logprobs else max(0, req.prompt_len - PROMPT_TAIL)
+        prompt = req.token_ids[shown : req.prompt_len]
+    scheduled = req.scheduled_time or now
+    stages = messages.StageTimes(
+        req.tokenize_seconds, scheduled - req.received_time, now - scheduled, 0.0, 0.0
+    )
+    return messages.DetokRequestInfo(
+        req.rid,
+        prompt,
+        len(req.encoder_ids) or req.prompt_len,
+        req.params.stop,
+        req.token_ids[req.prompt_len : req.prompt_len + req.resumed],
+        req.prompt_logprobs,
+        stages,
+        now,
+    )
 
 
 @dataclasses.dataclass

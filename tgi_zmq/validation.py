@@ -139,7 +139,7 @@ def grammar(value: Any, name: str = "grammar") -> Grammar | None:
     """TGI's ``GrammarType`` (serde's tag + content: ``{"type": ..., "value": ...}``): ``json`` (alias
     ``json_object``) with a JSON schema (an object or its JSON text), ``json_schema`` with ``{"name"?,
     "schema"}``, or ``regex`` with a regular expression (the engine checks that it compiles:
-    ``tgi_zmq.grammar``, in the tokenizer). ``name``: the field, for the messages."""
+    ``tgi_zmq.grammar``, on the worker that samples). ``name``: the field, for the messages."""
     if value is None:
         return None
     if not isinstance(value, dict) or value.get("type") not in GRAMMAR_KINDS or "value" not in value:

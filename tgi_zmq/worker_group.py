@@ -3,9 +3,10 @@ supervision.
 
 Steps go out as a ``StepRequest`` header on a ROUTER socket to every rank, their tensors in a ring
 of shared-memory buffers (always host memory: each rank copies a step to its own device, so no
-rank reads another one's GPU); the grammars a step starts ride in rank 0's header only (it alone
-samples). Rank 0 answers with a ``StepResult`` whose tensors are in its own buffer (CUDA IPC on
-GPU) or a ``WorkerFailure``.
+rank reads another one's GPU); the grammars a step starts and ends ride in rank 0's header only (it
+alone samples). Rank 0 answers with a ``StepResult`` whose tensors are in its own buffer (CUDA IPC on
+GPU) or a ``WorkerFailure``. Grammars are announced to rank 0 alone (``GrammarRequest``), which
+answers each with a ``GrammarResult`` between two steps.
 
 Supervision: which ranks are loaded (their boot ids), and killing them when the group must
 restart (supervisord starts them again). A process group cannot take a new member, so every rank
@@ -22,6 +23,7 @@ import zmq
 from tgi_zmq import messages as m
 from tgi_zmq.config import RING_SLOTS, ServerConfig
 from tgi_zmq.engine import StepDone, StepFailure, WorkersLost
+from tgi_zmq.messages import Grammar
 from tgi_zmq.pids import ProcessHandle
 from tgi_zmq.runtime import BOOT_ID
 from tgi_zmq.step import Step, StepOutput, step_buffer_size
@@ -55,6 +57,7 @@ class WorkerGroup:
         self.lost_boots: set[str] = set()  # workers restarted or killed: their late messages are void
         self.pending: set[int] = set()  # steps sent and not answered
         self.answers: dict[int, m.StepResult | m.WorkerFailure] = {}  # arrived, not yet taken
+        self.grammar_answers: list[tuple[str, str]] = []  # (rid, refusal) from rank 0, not yet taken
 
     @property
     def ready(self) -> bool:
@@ -66,7 +69,7 @@ class WorkerGroup:
         buffer, refs, handle = self.ring.write(step.to_tensors())
         header = m.encode(m.StepRequest(step_id, BOOT_ID, buffer, refs, handle, step.grammars))
         others = header
-        if step.grammars and self.config.num_shard > 1:
+        if self.config.num_shard > 1:  # no grammars: rank 0 alone samples
             others = m.encode(m.StepRequest(step_id, BOOT_ID, buffer, refs, handle))
         self.pending.add(step_id)
         try:
@@ -74,6 +77,17 @@ class WorkerGroup:
                 self.sock.send_multipart([f"worker-{rank}".encode(), others if rank else header])
         except zmq.ZMQError as exc:  # a rank is gone (ROUTER_MANDATORY): its replacement will boot
             raise WorkersLost(str(exc)) from exc
+
+    def compile_grammar(self, rid: str, grammar: Grammar) -> None:
+        """Announce a request's grammar to rank 0 (the rank that samples compiles it)."""
+        try:
+            self.sock.send_multipart([b"worker-0", m.encode(m.GrammarRequest(rid, grammar))])
+        except zmq.ZMQError as exc:
+            raise WorkersLost(str(exc)) from exc
+
+    def compiled_grammars(self) -> list[tuple[str, str]]:
+        taken, self.grammar_answers = self.grammar_answers, []
+        return taken
 
     def broadcast(self, msg: m.ProfileRequest) -> None:
         """Send a control message to every rank, in order with its steps (a rank not up misses it)."""
@@ -104,6 +118,7 @@ class WorkerGroup:
                 log.warning("worker %d (pid %d) is gone: nothing killed", rank, self.processes[rank].pid)
         self.pending.clear()
         self.answers.clear()
+        self.grammar_answers.clear()
         self.results.close()  # the old workers' result buffers
         self.results = TensorReader(self.config.device)
 
@@ -146,6 +161,11 @@ class WorkerGroup:
         if msg.step_id in self.pending:  # else a step of a group restarted since
             self.answers[msg.step_id] = msg
         return None
+
+    def grammar_answered(self, msg: m.GrammarResult) -> None:
+        """Keep rank 0's answer for the engine, unless it comes from a rank 0 since replaced."""
+        if msg.boot_id == self.boots.get(0):
+            self.grammar_answers.append((msg.rid, msg.refusal))
 
     def close(self) -> None:
         self.ring.close()
