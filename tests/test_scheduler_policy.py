@@ -147,6 +147,23 @@ def test_a_prompt_beside_decodes_runs_in_chunks_sized_by_the_measured_step_costs
     assert burst.num_new[0] == 1 and sum(burst.num_new) == 1 + 100  # a's decode, then 100 prompt tokens
 
 
+def test_requests_waiting_for_their_grammars_make_no_burst():
+    """Only requests that can run count toward the waiting-served ratio: two waiting for their grammars
+    and one ready, beside one decode, leave the ready prompt its measured chunk, not the whole budget."""
+    sched = SchedulePolicy(BlockManager(64, 4), 100, 8, (), 256)
+    sched.add(Request("a", [1, 2, 3], SamplingParams(), 50))
+    first = sched.schedule()
+    sched.costs.observe(first, 0.006)  # 2 ms a prompt token
+    sched.update(first, [5], [0.0])
+    decode = sched.schedule()
+    sched.costs.observe(decode, 0.05)
+    sched.update(decode, [5], [0.0])
+    for rid in ("g1", "g2"):
+        sched.add(Request(rid, [1, 2, 3], SamplingParams(grammar=Grammar("regex", "ab")), 5))
+    sched.add(Request("b", list(range(1, 200)), SamplingParams(), 5))
+    assert sched.schedule().num_new == [1, 37]
+
+
 def test_finish_reasons():
     sched = SchedulePolicy(BlockManager(64, 4), 64, 8, eos_token_ids=(2,), max_total_tokens=12)
     eos = Request("eos", [5, 5], SamplingParams(), 10)

@@ -145,7 +145,7 @@ def rank_weights_bytes(model_dir: Path, dtype: str, shard: Shard) -> int:
         weights._handles = {path: _MetaCheckpoint(path) for path in set(weights.files.values())}
         model_cls(config_cls.from_hf(hf), weights, to_torch(dtype), meta, shard)
         if weights.nbytes == 0:
-            raise RuntimeError("the model read no tensor through Weights.get")
+            raise RuntimeError("the model read no tensor through its WeightSource")
         return weights.nbytes
     except Exception as exc:  # sizing must not stop a launch: estimate instead
         estimate = ceil_div(weights_bytes(model_dir, dtype), shard.world)

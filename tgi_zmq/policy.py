@@ -348,12 +348,13 @@ class SchedulePolicy:
         Every decode (one new token) runs; prompt chunks share ``max_step_tokens`` (TGI's
         ``max_batch_prefill_tokens``), so a long prompt is spread over steps instead of stalling;
         beside decodes they share less (``StepCosts.mixed_chunk``), so the streams keep their pace,
-        unless ``WAITING_SERVED_RATIO`` waiting requests per decoding one wait. Requests that score
-        their prompt share ``MAX_SCORED_ROWS`` scored tokens.
+        unless ``WAITING_SERVED_RATIO`` waiting requests (ready to run) per decoding one wait.
+        Requests that score their prompt share ``MAX_SCORED_ROWS`` scored tokens.
         """
         decoding = sum(1 for r in self.running if r.num_tokens - r.num_computed == 1)
         budget = Budget(self.max_step_tokens, MAX_SCORED_ROWS)
-        if len(self.waiting) < WAITING_SERVED_RATIO * decoding:
+        ready = sum(1 for r in self.waiting if r.status is not RequestStatus.WAITING_FOR_GRAMMAR)
+        if ready < WAITING_SERVED_RATIO * decoding:
             budget.tokens = self.costs.mixed_chunk(self.max_step_tokens)
         batch = ScheduledBatch()
         preemptions = self.num_preemptions
