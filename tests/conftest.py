@@ -167,6 +167,26 @@ def sharded_service(tmp_path_factory) -> Iterator[Service]:
 
 
 @pytest.fixture(scope="session")
+def faulty(tmp_path_factory) -> Iterator[Service]:
+    """One float32 service for the fault tests, shared by tests/test_e2e_faults.py (processes killed or
+    hung under load; a short watchdog) and tests/test_e2e_isolation.py (requests poisoned through the
+    test hook ``TGI_ZMQ_TEST_FAULTS``, set for this service only: tgi_zmq/runtime.py)."""
+    from tests.test_e2e_isolation import POISON
+    from tgi_zmq.runtime import TEST_FAULTS_ENV
+
+    faults = ",".join(f"{message}:{seed}" for message, seed in POISON.values())
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(TEST_FAULTS_ENV, faults)  # the service's processes inherit it; this one does not keep it
+        svc = start_service(
+            tmp_path_factory.mktemp("faults"),
+            *("--dtype", "float32", "--max-batch-total-tokens", "8192", "--max-total-tokens", "1024"),
+            *("--watchdog-timeout", "5", "--max-concurrent-requests", "32"),
+        )
+    yield svc
+    stop_service(svc, wait=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> Iterator[Callable[..., Path]]:
     """``tiny_models(arch, smol_tokenizer=False, **overrides)``: the folder of tests/helpers.py's
     ``tiny_model(arch, **overrides)`` (with SmolLM2's tokenizer beside it if asked), built once a
@@ -224,13 +244,17 @@ def frontend_config(runtime_dir: str, **fields: Any) -> ServerConfig:
 
 
 @pytest.fixture
-async def frontend_client(runtime_dir: str) -> AsyncIterator[Callable[..., Awaitable[TestClient]]]:
+async def frontend_client(
+    runtime_dir: str, monkeypatch
+) -> AsyncIterator[Callable[..., Awaitable[TestClient]]]:
     """``await frontend_client(**config)``: an HTTP client of the frontend's app (config fields over
     ``frontend_config``) listening on a local port, with its pipeline's sockets in ``runtime_dir`` and
-    no process behind them. Closed after the test."""
+    no process behind them. Closed after the test (at once: no tokenizer will take its queued frames)."""
     from aiohttp.test_utils import TestClient, TestServer
 
-    from tgi_zmq.frontend import create_app
+    from tgi_zmq.frontend import create_app, pipeline
+
+    monkeypatch.setattr(pipeline, "CLOSE_LINGER_MS", 0)
 
     clients: list[TestClient] = []
 

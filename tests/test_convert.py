@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -230,22 +231,32 @@ print(json.dumps([tokenizer(text)["input_ids"] for text in json.loads(sys.argv[2
 """
 
 
-@pytest.mark.e2e  # installs transformers 5 from the package registry into a new venv (~30 s)
-def test_transformers_5_tokenizes_the_default_model_as_we_do(tmp_path: Path) -> None:
-    """5.5-5.12 read a "LlamaTokenizer" folder with SentencePiece's pre-tokenizer (5.0, 5.2 and the
-    newest do not), so the check pins one of them: it fails on a folder that names LlamaTokenizer."""
-    from transformers import AutoTokenizer
-
-    requirement = "transformers==5.12.1"
-    folder = convert.ensure_default_model()
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+def venv_with(requirement: str) -> str:
+    """The python of a venv that has ``requirement`` (and tokenizers), made once in the tgi-zmq cache and
+    kept (it takes ~25 s: a download and an install); skips the test when pip cannot install it."""
+    venv = convert.cache_dir() / "test-venvs" / requirement.replace("==", "-")
     python = str(venv / "bin" / "python")
+    if (venv / ".ready").exists():
+        return python
+    shutil.rmtree(venv, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = subprocess.run(
         [python, "-m", "pip", "install", "-q", requirement, "tokenizers"], capture_output=True, text=True
     )
     if pip.returncode != 0:
         pytest.skip(f"pip could not install {requirement}: {pip.stderr.strip()[-500:]}")
+    (venv / ".ready").touch()
+    return python
+
+
+@pytest.mark.e2e  # installs transformers 5 from the package registry into a venv (once, ~25 s)
+def test_transformers_5_tokenizes_the_default_model_as_we_do() -> None:
+    """5.5-5.12 read a "LlamaTokenizer" folder with SentencePiece's pre-tokenizer (5.0, 5.2 and the
+    newest do not), so the check pins one of them: it fails on a folder that names LlamaTokenizer."""
+    from transformers import AutoTokenizer
+
+    folder = convert.ensure_default_model()
+    python = venv_with("transformers==5.12.1")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run(
         [python, "-c", IDS_SCRIPT, str(folder), json.dumps(TEXTS)], capture_output=True, text=True, env=env

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.conftest import pids, start_service, stop_service
+from tests.conftest import pids
 from tgi_zmq.config import HUNG_AFTER_S
 
 pytestmark = pytest.mark.e2e
@@ -115,17 +115,6 @@ def kill(service, name: str, sig: int = signal.SIGKILL) -> callable:
         os.kill(pid, sig)
 
     return fault
-
-
-@pytest.fixture(scope="module")
-def faulty(tmp_path_factory):
-    svc = start_service(
-        tmp_path_factory.mktemp("faults"),
-        *("--dtype", "float32", "--max-batch-total-tokens", "8192", "--max-total-tokens", "1024"),
-        *("--watchdog-timeout", "5", "--max-concurrent-requests", "32"),
-    )
-    yield svc
-    stop_service(svc, wait=False)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ time it is sent, gets its own 500 in TGI's shape while 16 streams in flight get 
 greedy tokens, and no process restarts (same pids, no restart counted, no replay).
 
 The poisoned requests are chosen by their sampling seed through the test hook ``TGI_ZMQ_TEST_FAULTS``
-(``tgi_zmq.runtime``), set only for this module's service.
+(``tgi_zmq.runtime``), set only for the fault tests' service (``faulty``, tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ import pytest
 import requests
 import torch
 
-from tests.conftest import pids, start_service, stop_service
+from tests.conftest import pids
 from tests.test_e2e_faults import wait_until
 from tgi_zmq.frontend.pipeline import MAX_REPLAYS
-from tgi_zmq.runtime import TEST_FAULTS_ENV
 
 pytestmark = pytest.mark.e2e
 
@@ -36,25 +35,12 @@ PROCESSES = ("frontend", "tokenizer", "scheduler", "detokenizer", "worker")
 
 
 @pytest.fixture(scope="module")
-def poisoned(tmp_path_factory):
-    faults = ",".join(f"{message}:{seed}" for message, seed in POISON.values())
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(TEST_FAULTS_ENV, faults)  # the service's processes inherit it; this one does not keep it
-        svc = start_service(
-            tmp_path_factory.mktemp("isolation"),
-            *("--dtype", "float32", "--max-batch-total-tokens", "8192", "--max-total-tokens", "1024"),
-        )
-    yield svc
-    stop_service(svc, wait=False)
-
-
-@pytest.fixture(scope="module")
-def reference(poisoned) -> dict[str, list[int]]:
+def reference(faulty) -> dict[str, list[int]]:
     """transformers' greedy tokens of each prompt, same float32 weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(poisoned.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(poisoned.model_dir, torch_dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(faulty.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(faulty.model_dir, torch_dtype=torch.float32).eval()
     expected = {}
     for prompt in PROMPTS:
         ids = tok(prompt)["input_ids"]
@@ -103,16 +89,16 @@ def restarts(service) -> list[str]:
     return sorted(re.findall(counters, metrics, re.MULTILINE))
 
 
-def test_a_poisoned_request_fails_alone_and_takes_no_process_and_no_stream_down(poisoned, reference):
-    before = {name: pids(poisoned, name) for name in PROCESSES}
-    counted = restarts(poisoned)
-    streams = [GreedyStream(poisoned, prompt) for prompt in PROMPTS * 4]
+def test_a_poisoned_request_fails_alone_and_takes_no_process_and_no_stream_down(faulty, reference):
+    before = {name: pids(faulty, name) for name in PROCESSES}
+    counted = restarts(faulty)
+    streams = [GreedyStream(faulty, prompt) for prompt in PROMPTS * 4]
     wait_until(lambda: all(len(s.tokens) >= 2 or s.error for s in streams), 120, "streams started")
     assert all(len(s.tokens) < MAX_NEW_TOKENS for s in streams), "the poison came after the load"
 
     sends = [(process, seed) for process, (_, seed) in POISON.items() for _ in range(MAX_REPLAYS + 1)]
     with ThreadPoolExecutor(len(sends)) as pool:
-        answers = list(pool.map(lambda send: poisoned_request(poisoned, send[1]), sends))
+        answers = list(pool.map(lambda send: poisoned_request(faulty, send[1]), sends))
     for (process, _), answer in zip(sends, answers, strict=True):
         assert answer.status_code == 500, answer.text
         error = f"Internal error in the {process} (RuntimeError)"
@@ -123,9 +109,9 @@ def test_a_poisoned_request_fails_alone_and_takes_no_process_and_no_stream_down(
     assert not [s.error for s in streams if s.error]
     for stream in streams:
         assert stream.tokens == reference[stream.prompt], stream.prompt
-    assert {name: pids(poisoned, name) for name in PROCESSES} == before
-    assert restarts(poisoned) == counted
-    log = poisoned.log()
+    assert {name: pids(faulty, name) for name in PROCESSES} == before
+    assert restarts(faulty) == counted
+    log = faulty.log()
     for process in POISON:
         failures = re.findall(rf" {process} rid=\S+ failed \(alone\): RuntimeError: fault injected", log)
         assert len(failures) == MAX_REPLAYS + 1

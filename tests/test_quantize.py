@@ -17,7 +17,7 @@ from tgi_zmq.cli import pick_quantize
 from tgi_zmq.layers import UnquantizedLinear
 from tgi_zmq.messages import SamplingParams
 from tgi_zmq.models import load_model
-from tgi_zmq.quant import check_kv_cache_dtype, check_quantize, runnable
+from tgi_zmq.quant import QUANTIZE, check_kv_cache_dtype, check_quantize, runnable
 from tgi_zmq.quant.formats import Int4Weight, Int8Weight, quantize_int4, quantize_int8
 from tgi_zmq.quant.linear import (
     BitsAndBytesLinear,
@@ -58,8 +58,18 @@ def test_quantized_tokens_equal_transformers_on_the_dequantized_weights(
     arch, quantize, tiny_models, tmp_path
 ):
     folder = tiny_models(arch)
-    storage = {"bitsandbytes": "int8", "bitsandbytes-nf4": "nf4"}[quantize]
+    storage = QUANTIZE[quantize].storage
     reference = dequantized_reference(folder, tmp_path / "reference", storage)
+    expected = [hf_greedy(reference, p, MAX_NEW) for p in PROMPTS]
+    params = [SamplingParams()] * len(PROMPTS)
+    assert run_engine(folder, PROMPTS, params, MAX_NEW, quantize=quantize)[0] == expected
+
+
+@pytest.mark.parametrize("quantize", ["eetq", "bitsandbytes-fp4"])
+def test_the_other_names_serve_their_storage(quantize, tiny_models, tmp_path):
+    """eetq is bitsandbytes' int8 on the CPU, fp4 nf4's method with another code table."""
+    folder = tiny_models("llama")
+    reference = dequantized_reference(folder, tmp_path / "reference", QUANTIZE[quantize].storage)
     expected = [hf_greedy(reference, p, MAX_NEW) for p in PROMPTS]
     params = [SamplingParams()] * len(PROMPTS)
     assert run_engine(folder, PROMPTS, params, MAX_NEW, quantize=quantize)[0] == expected

@@ -65,6 +65,7 @@ log = logging.getLogger("tgi_zmq.frontend")
 
 MAX_REPLAYS = 3
 STATEFUL = ("tokenizer", "scheduler", "detokenizer")  # their restart loses the requests they held
+CLOSE_LINGER_MS = 500  # at close, how long queued frames (aborts) may take to reach the tokenizer
 
 TokenizerQuery = TokenizeTextRequest | ChatTokenizeRequest  # answered by the tokenizer alone
 
@@ -161,7 +162,7 @@ class Pipeline:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._ctx is not None:
-            self._ctx.destroy(linger=500)
+            self._ctx.destroy(linger=CLOSE_LINGER_MS)
 
     async def _drained(self) -> None:
         while not self._outbox.empty():
