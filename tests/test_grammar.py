@@ -190,3 +190,23 @@ def test_lru_forgets_the_least_recently_used():
     assert cache.get("a") == 1
     cache.put("c", 3)
     assert (cache.get("a"), cache.get("b"), cache.get("c")) == (1, None, 3)
+
+
+def test_a_compile_that_ends_while_the_answers_are_gathered_is_answered_once():
+    """``Compile.ready`` turns true on its own (the compile's thread, the deadline): a compile that
+    turns ready between two looks at it must be answered, not dropped (its request would wait forever)."""
+
+    class TurnsReady:
+        looks = 0
+
+        @property
+        def ready(self) -> bool:
+            self.looks += 1
+            return self.looks > 1
+
+        def template(self) -> None:
+            return None
+
+    rows = RowMatchers(None)
+    rows._compiling = [("r", TurnsReady())]
+    assert rows.compiled() + rows.compiled() + rows.compiled() == [("r", "")]

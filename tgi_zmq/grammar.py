@@ -253,10 +253,10 @@ class RowMatchers:
         """``(rid, refusal)`` of the announced grammars compiled (refusal "") or refused since the last
         call; one past the compile timeout is refused now. Never waits."""
         self._start_compiles()
-        done, self._compiling = (
-            [(rid, c) for rid, c in self._compiling if c.ready],
-            [(rid, c) for rid, c in self._compiling if not c.ready],
-        )
+        done, pending = [], []
+        for rid, compiled in self._compiling:  # one look at each: ``ready`` may turn true meanwhile
+            (done if compiled.ready else pending).append((rid, compiled))
+        self._compiling = pending
         answers, self._refused = self._refused, []
         for rid, compiled in done:
             try:
