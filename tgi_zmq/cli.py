@@ -94,7 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
-    return run_supervisord(dataclasses.replace(config, kernels=prepare_kernels(config.device)))
+    code = run_supervisord(dataclasses.replace(config, kernels=prepare_kernels(config.device)))
+    # Every process is stopped and the runtime dir removed: skip the interpreter's teardown, seconds
+    # of garbage collection over what sizing the KV cache imported (torch, the model's classes).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # ---------------------------------------------------------------------------- configuration
