@@ -316,4 +316,9 @@ def _slice(shard: Shard, units: Units, width: int) -> tuple[tuple[int, int], Ran
 
 
 def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+    if len(tensors) == 1:
+        return tensors[0]
+    if tensors[0].is_meta:  # sizing a rank's weights: torch.cat on meta imports torch._dynamo (~1 s)
+        rows = sum(t.shape[0] for t in tensors)
+        return torch.empty((rows, *tensors[0].shape[1:]), dtype=tensors[0].dtype, device="meta")
+    return torch.cat(tensors)
