@@ -166,8 +166,8 @@ class Worker:
 
     def next_step(self) -> m.StepRequest | None:
         """Wait for a step header, saying ``WorkerReady`` every second meanwhile and answering the
-        grammars compiled since the last call; a ``ProfileRequest`` or a ``GrammarRequest`` is acted on
-        here, between two steps (None is returned)."""
+        grammars compiled since the last call; a ``ProfileRequest``, ``GrammarRequest`` or
+        ``GrammarDropRequest`` is acted on here, between two steps (None is returned)."""
         announced = time.monotonic()
         self.answer_grammars()
         while not self.sock.poll(GRAMMAR_POLL_MS if self.runner.grammars.pending else WORKER_ANNOUNCE_MS):
@@ -177,7 +177,9 @@ class Worker:
                 with contextlib.suppress(zmq.Again):  # no scheduler now: the next one will hear it
                     self.sock.send(self.ready, zmq.NOBLOCK)
         try:
-            msg = m.decode(self.sock.recv(), (m.StepRequest, m.ProfileRequest, m.GrammarRequest))
+            msg = m.decode(
+                self.sock.recv(), (m.StepRequest, m.ProfileRequest, m.GrammarRequest, m.GrammarDropRequest)
+            )
         except m.ProtocolError as exc:
             self.log.error("dropped a bad frame: %s", exc)
             return None
@@ -186,6 +188,9 @@ class Worker:
             return None
         if isinstance(msg, m.GrammarRequest):
             self.runner.grammars.announce(msg.rid, msg.grammar)  # compiled in the background
+            return None
+        if isinstance(msg, m.GrammarDropRequest):
+            self.runner.grammars.drop(msg.rows, msg.rids)
             return None
         return msg
 

@@ -112,6 +112,11 @@ def test_a_grammar_the_engine_refuses_is_a_422_with_its_reason(service):
     assert answer.status_code == 422
     body = answer.json()
     assert body["error_type"] == "validation" and "unclosed group" in body["error"]
+    stream = {"inputs": "x", "parameters": {"grammar": {"type": "regex", "value": "a(b"}}}
+    streamed = requests.post(service.url + "/generate_stream", json=stream, timeout=120)
+    assert (
+        streamed.status_code == 422 and streamed.json()["error_type"] == "validation"
+    )  # not in a 200 stream
     assert generate(service, "x", grammar={"type": "regex", "value": "ab"}).json()["generated_text"] == "ab"
 
 

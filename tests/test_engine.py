@@ -9,7 +9,7 @@ from tests.helpers import run_engine
 from tgi_zmq import sampler
 from tgi_zmq.block_manager import BlockManager
 from tgi_zmq.engine import MAX_FAULTS, ROW_FAILED, EngineCore, StepFailure, WorkersLost
-from tgi_zmq.messages import SamplingParams, TokenBias
+from tgi_zmq.messages import Grammar, SamplingParams, TokenBias
 from tgi_zmq.model_runner import ModelRunner
 from tgi_zmq.offline import LocalExecutor, run_to_completion
 from tgi_zmq.policy import Request, SchedulePolicy
@@ -212,3 +212,29 @@ def test_clients_never_see_source_paths_of_a_worker_error():
     assert "/" not in reason and ".cc" not in reason and "\n" not in reason
     assert reason.startswith("RuntimeError:") and "Connection closed by peer" in reason
     assert public_reason("") == "unknown error"
+
+
+def test_workers_lost_while_announcing_a_grammar_launch_nothing_in_that_turn(folder):
+    """The loss restarts the workers and requeues every request: the same turn must not build a step
+    for workers that are gone (it would count the loss twice, or reach a dead worker)."""
+
+    class LostOnAnnounce(LocalExecutor):
+        submitted = 0
+
+        def compile_grammar(self, rid: str, grammar: Grammar) -> None:
+            raise WorkersLost("worker-0 is gone")
+
+        def submit(self, step_id: int, step) -> None:
+            self.submitted += 1
+            super().submit(step_id, step)
+
+    runner = ModelRunner(str(folder), "float32", "cpu", 64, 4, max_rows=8, max_total_tokens=256)
+    executor = LostOnAnnounce(runner)
+    engine = EngineCore(SchedulePolicy(BlockManager(64, 4), 64, 8, (), 256), executor, 4)
+    plain = Request("p", PROMPTS[0], SamplingParams(), MAX_NEW)
+    constrained = Request("g", PROMPTS[1], SamplingParams(grammar=Grammar("regex", "[0-9]+")), MAX_NEW)
+    engine.policy.add(plain)
+    engine.policy.add(constrained)
+    out = engine.step()
+    assert not out.launched and executor.submitted == 0 and not out.failed
+    assert plain.faults == 0 and list(engine.policy.waiting) == [plain, constrained]

@@ -173,3 +173,23 @@ async def test_every_chunk_of_a_stream_has_the_same_created_and_id(
     assert len(chunks) == 4 and chunks[-1]["usage"]["completion_tokens"] == 3  # three deltas and the usage
     assert len({chunk["created"] for chunk in chunks}) == 1
     assert len({chunk["id"] for chunk in chunks}) == 1
+
+
+def test_a_stream_with_a_grammar_waits_for_its_compile_before_sending_its_headers():
+    """Rank 0 compiles a grammar first (up to --grammar-compile-timeout): its refusal must still find
+    the headers unsent, to be a 422 rather than an error event in a 200 stream."""
+    from types import SimpleNamespace
+
+    from tests.conftest import frontend_config
+    from tgi_zmq.frontend.streaming import HEADER_WAIT_S, header_wait
+    from tgi_zmq.messages import Grammar, SamplingParams
+
+    config = frontend_config("/nonexistent", grammar_compile_timeout=7.0)
+    request = SimpleNamespace(app={FRONTEND: SimpleNamespace(config=config)})
+
+    def group(*grammars: Grammar | None) -> SimpleNamespace:
+        jobs = [SimpleNamespace(request=SimpleNamespace(params=SamplingParams(grammar=g))) for g in grammars]
+        return SimpleNamespace(jobs=jobs)
+
+    assert header_wait(request, group(None, None)) == HEADER_WAIT_S
+    assert header_wait(request, group(None, Grammar("regex", "[0-9]+"))) == HEADER_WAIT_S + 7.0

@@ -13,7 +13,7 @@ import torch
 
 from tgi_zmq.convert import default_model_dir
 from tgi_zmq.grammar import LRU, GrammarEngine, GrammarError, RowMatchers, unpack
-from tgi_zmq.messages import Grammar
+from tgi_zmq.messages import Grammar, GrammarStart
 
 SCHEMA = {
     "type": "object",
@@ -210,3 +210,28 @@ def test_a_compile_that_ends_while_the_answers_are_gathered_is_answered_once():
     rows = RowMatchers(None)
     rows._compiling = [("r", TurnsReady())]
     assert rows.compiled() + rows.compiled() + rows.compiled() == [("r", "")]
+
+
+def test_rank_0_holds_each_requests_compile_until_it_ends(engine):
+    """The cache may evict a grammar between its request's announcement and its first step (or its
+    next one after a preemption): the compile held for the request starts its row, never a new compile
+    inside a step; the request's end drops it."""
+    grammars, tokenizer = engine
+    small = GrammarEngine(tokenizer, cache_size=1)
+    rows = RowMatchers(small)
+    first, second = Grammar("regex", "[0-9]{3}"), Grammar("regex", "[a-z]{3}")
+    rows.announce("r1", first)
+    rows.announce("r2", second)  # evicts the first from the cache
+    while rows.pending:
+        time.sleep(0.01)
+        answers = rows.compiled()
+        assert all(refusal == "" for _, refusal in answers)
+
+    def compile_again(grammar: Grammar) -> None:
+        raise AssertionError("compiled inside a step")
+
+    small.compile = compile_again
+    rows.start([GrammarStart("r1", 0, first, []), GrammarStart("r2", 1, second, [])])
+    assert set(rows._rows) == {0, 1}
+    rows.drop([0], ["r1"])
+    assert set(rows._rows) == {1} and set(rows._held) == {"r2"}

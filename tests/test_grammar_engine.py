@@ -20,8 +20,8 @@ from tests.conftest import free_port
 from tests.helpers import tiny_model
 from tgi_zmq.block_manager import BlockManager
 from tgi_zmq.engine import ROW_FAILED, EngineCore
-from tgi_zmq.grammar import GrammarEngine, RowMatchers
-from tgi_zmq.messages import Grammar, GrammarRows, GrammarStart, SamplingParams
+from tgi_zmq.grammar import GrammarEngine, GrammarError, RowMatchers
+from tgi_zmq.messages import Grammar, GrammarStart, SamplingParams
 from tgi_zmq.model_runner import ModelRunner
 from tgi_zmq.offline import LocalExecutor, run_to_completion
 from tgi_zmq.parallel import Shard, init_group
@@ -85,10 +85,10 @@ class Recording(LocalExecutor):
     def submit(self, step_id: int, step: Step) -> None:
         if step.sampling.grammar.any():
             self.grammar_depths.append(len(self.engine[0].inflight))
-        for start in step.grammars.starts if self.runner.shard.rank == 0 else ():
+        for start in step.grammars if self.runner.shard.rank == 0 else ():
             compiled = self.runner.grammars.engine._compiles.get((start.grammar.kind, start.grammar.value))
             assert compiled is not None and compiled.ready, "a step would wait for a compile"
-        self.starts += step.grammars.starts
+        self.starts += step.grammars
         super().submit(step_id, step)
 
     def compile_grammar(self, rid: str, grammar: Grammar) -> None:
@@ -215,10 +215,11 @@ def test_row_masks_never_leave_a_grammar_row_without_a_token(grammars):
     rows = RowMatchers(grammars)
     tokenizer = byte_tokenizer()
     a, b, x = tokenizer.convert_tokens_to_ids(["a", "b", "x"])
-    rows.update(
-        GrammarRows(
-            [GrammarStart(3, Grammar("regex", "ab"), [a]), GrammarStart(5, Grammar("regex", "ab"), [])]
-        )
+    rows.start(
+        [
+            GrammarStart("r3", 3, Grammar("regex", "ab"), [a]),
+            GrammarStart("r5", 5, Grammar("regex", "ab"), []),
+        ]
     )
 
     def allowed(row_pairs: list[tuple[int, int]]) -> list[list[int]]:
@@ -230,9 +231,10 @@ def test_row_masks_never_leave_a_grammar_row_without_a_token(grammars):
     assert first[0] == [b] and first[2] == [a] and first[1] == list(range(512))  # row 1: no grammar
     assert rows.advance(3, b)  # "ab": done
     assert allowed([(0, 3)])[0] == [EOS]  # only EOS may follow
-    rows.advance(3, x)  # a token it refused (an error): any, not none
+    with pytest.raises(GrammarError):
+        rows.advance(3, x)  # a token it refuses: its row fails (the engine fails its request alone)
     assert allowed([(0, 3)])[0][:259] == list(range(259))
-    rows.update(GrammarRows(ends=[3, 5]))
+    rows.drop([3, 5], [])
     assert not rows._rows
 
 
@@ -268,8 +270,8 @@ def test_only_rank_0_gets_the_grammars(folder, tmp_path):
     (identity, frame), *steps = router.sent
     assert identity == b"worker-0" and m.decode(frame) == m.GrammarRequest("g", GRAMMAR)
     rank0, rank1 = (m.decode(frame) for identity, frame in sorted(steps))
-    assert rank0.grammars == step.grammars == GrammarRows([GrammarStart(0, GRAMMAR, [])], [])
-    assert rank1.grammars is None and rank1.tensors == rank0.tensors
+    assert rank0.grammars == step.grammars == [GrammarStart("g", 0, GRAMMAR, [])]
+    assert rank1.grammars == [] and rank1.tensors == rank0.tensors
 
 
 class Rank(Recording):

@@ -315,7 +315,7 @@ def test_a_request_whose_grammar_is_done_finishes():
     assert not produced.first and req.finish_reason == "eos_token" and req.output_ids == [7, 8]
 
 
-def test_leaving_rows_end_their_grammar_matchers_with_the_next_step():
+def test_the_rows_and_grammars_of_ended_requests_are_dropped_on_the_workers():
     from tgi_zmq.step import build_step
 
     sched = SchedulePolicy(BlockManager(16, 4), 64, 8, eos_token_ids=(), max_total_tokens=64)
@@ -326,11 +326,12 @@ def test_leaving_rows_end_their_grammar_matchers_with_the_next_step():
         sched.grammar_compiled(req)
     first = sched.schedule()
     rows = [req.row.index for req in reqs]
-    assert [s.row for s in build_step(first, 4).grammars.starts] == [rows[0]]
+    assert [s.row for s in build_step(first, 4).grammars] == [rows[0]]
+    assert sched.take_grammar_drops() == ([], [])
     sched.update(first, [5, 6], [0.0, 0.0])  # both finish (one token each): only g had a matcher
-    sched.add(Request("next", [7], SamplingParams(), 1))
-    assert sched.schedule().grammar_ends == [rows[0]]
-    assert sched.grammar_ends == []
+    assert sched.has_grammar_drops()
+    assert sched.take_grammar_drops() == ([rows[0]], ["g"])  # its row's matcher, its compile
+    assert sched.take_grammar_drops() == ([], []) and not sched.has_grammar_drops()
 
 
 def test_prompt_scoring_requests_share_the_steps_scored_rows():

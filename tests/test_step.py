@@ -154,7 +154,7 @@ def test_grammar_rows_resume_on_the_worker_with_real_tokens_through_overlap_and_
             batch = sched.schedule() if len(inflight) < 2 else None
             if batch is not None:
                 step = build_step(batch, 4)
-                starts += step.grammars.starts
+                starts += step.grammars
                 inflight.append((batch, *_run_grammars(batch, step, worker, rng)))
             if inflight and (len(inflight) == 2 or batch is None):
                 batch, sampled, seen = inflight.pop(0)
@@ -180,7 +180,7 @@ def _maybe_grammar_request(rid: str, rng: random.Random) -> Request:
 def _run_grammars(batch, step: Step, worker: dict[int, list[int]], rng: random.Random) -> tuple:
     """The worker's side of a step: start the rows it brings, sample, feed the grammar rows' matchers.
     Returns the sampled tokens and, per grammar row, what its matcher had taken before sampling."""
-    for start in step.grammars.starts:
+    for start in step.grammars:
         assert min(start.output_ids, default=0) >= 0  # a placeholder: the worker could not resolve it
         worker[start.row] = list(start.output_ids)
     layout = step.layout()

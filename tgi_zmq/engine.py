@@ -73,6 +73,10 @@ class Executor(Protocol):
     def compiled_grammars(self) -> list[tuple[str, str]]:
         """``(rid, refusal)`` of the grammars compiled (refusal "") or refused since the last call."""
 
+    def drop_grammars(self, rows: list[int], rids: list[str]) -> None:
+        """Have the worker that samples drop the matchers of ``rows`` and the compiles of the ended
+        requests ``rids``, before the next step (raises ``WorkersLost``)."""
+
 
 @dataclasses.dataclass
 class InFlight:
@@ -123,27 +127,32 @@ class EngineCore:
         self.watchdog_strikes = 0  # restarts by the watchdog since the last step done: each doubles the bound
 
     def has_work(self) -> bool:
-        return self.policy.has_work() or bool(self.inflight)
+        return self.policy.has_work() or bool(self.inflight) or self.policy.has_grammar_drops()
 
     def step(self) -> Outcome:
         """One turn: grammars, then launch a step if there is room, then apply the oldest step's result
         if it is in."""
         out = Outcome()
-        self._grammars(out)
+        if not self._grammars(out):
+            return out  # the workers are lost: nothing to launch or complete until they are back
         out.launched = len(self.inflight) < self.depth and self._launch(out)
         if self.inflight and (len(self.inflight) >= self.depth or not out.launched):
             self._complete(out)
         return out
 
-    def _grammars(self, out: Outcome) -> None:
-        """Announce the grammars the workers are to compile; requests whose grammar is compiled may run,
-        those whose grammar is refused finish with the reason."""
+    def _grammars(self, out: Outcome) -> bool:
+        """Announce the grammars the workers are to compile and drop what ended requests left there
+        (before the next step, which may reuse their rows); requests whose grammar is compiled may run,
+        those whose grammar is refused finish with the reason. False if the workers are lost."""
         try:
             for req in self.policy.take_grammars():
                 self.executor.compile_grammar(req.rid, req.params.grammar)
+            rows, rids = self.policy.take_grammar_drops()
+            if rows or rids:
+                self.executor.drop_grammars(rows, rids)
         except WorkersLost as exc:
             out.failed += self.lose_workers(f"the workers are unreachable ({exc})")
-            return
+            return False
         for rid, refusal in self.executor.compiled_grammars():
             req = self.policy.find(rid)
             if req is None or req.status is not RequestStatus.WAITING_FOR_GRAMMAR:
@@ -153,6 +162,7 @@ class EngineCore:
                 out.refused.append((req, refusal))
             else:
                 self.policy.grammar_compiled(req)
+        return True
 
     def _launch(self, out: Outcome) -> bool:
         built = time.perf_counter()

@@ -8,13 +8,15 @@ boot (in a thread: seconds), and compiles each grammar once, when the scheduler 
 (``RowMatchers.announce``), in a background thread, keeping the last grammars' outcomes (LRU); a
 compile past ``timeout`` seconds counts as refused. The worker's loop answers each announcement
 (``RowMatchers.compiled``), and the scheduler lets the request run only once it is compiled, so no
-step waits for a compile (a refusal is the request's 422).
+step waits for a compile (a refusal is the request's 422): rank 0 holds each request's compile until
+the request ends, whatever the cache evicts meanwhile.
 
 The masks are made where the tokens are sampled: rank 0 keeps a matcher per state row, started from
 the compiled grammar by the step that first samples for a request in its row, advanced with the
 tokens it samples itself (so the scheduler may build a step before it knows the previous one's
 tokens), and dropped when the request leaves the row. It says which rows' grammars are done; the
-scheduler ends those requests. The masks are bitmasks, 32 tokens to an int32 (llguidance's layout);
+scheduler ends those requests. A token the grammar refuses fails its request (never an unconstrained
+answer). The masks are bitmasks, 32 tokens to an int32 (llguidance's layout);
 ``unpack`` turns them into a boolean mask on the step's device (``sampler.VocabMask``).
 """
 
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tgi_zmq.messages import Grammar, GrammarRows
+from tgi_zmq.messages import Grammar, GrammarStart
 
 log = logging.getLogger("tgi_zmq.grammar")
 
@@ -201,7 +203,10 @@ class Matcher:
             llguidance.torch.fill_next_token_bitmask(self._matcher, bitmask, row)
 
     def consume(self, token: int) -> None:
-        self._matcher.consume_token(token)
+        """Take ``token``; ``GrammarError`` if the grammar refuses it (then the request fails: it must
+        not go on unconstrained)."""
+        if not self._matcher.consume_token(token) or self._matcher.is_error():
+            raise GrammarError(f"the grammar refuses token {token}")
 
     @property
     def done(self) -> bool:
@@ -225,6 +230,9 @@ class RowMatchers:
         self._announced: list[tuple[str, Grammar]] = []  # waiting for the engine to load
         self._compiling: list[tuple[str, Compile]] = []
         self._refused: list[tuple[str, str]] = []  # without an engine: (rid, why)
+        # Each announced request's compile until it ends (``drop``): its first step, or
+        # its next one after a preemption, never compiles again, whatever the cache evicted meanwhile.
+        self._held: dict[str, Compile] = {}
         self._rows: dict[int, Matcher] = {}
 
     @property
@@ -271,32 +279,48 @@ class RowMatchers:
         there): refused at once if it cannot load."""
         if not self._announced or (self._engine is not None and not self._engine.done()):
             return
+        announced, self._announced = self._announced, []
         try:
             engine = self.engine
         except GrammarError as exc:
-            self._refused += [(rid, str(exc)) for rid, _ in self._announced]
-        else:
-            self._compiling += [(rid, engine.compile(grammar)) for rid, grammar in self._announced]
-        self._announced = []
+            self._refused += [(rid, str(exc)) for rid, _ in announced]
+            return
+        for rid, grammar in announced:
+            try:
+                self._held[rid] = compiled = engine.compile(grammar)
+            except Exception as exc:  # one grammar that cannot even start compiling is refused alone
+                log.exception("rid=%s: its grammar's compile did not start", rid)
+                self._refused.append((rid, f"the grammar could not be compiled ({type(exc).__name__})"))
+            else:
+                self._compiling.append((rid, compiled))
 
     # ------------------------------------------------------------------ rows
 
     def forget(self) -> None:
-        """Drop every row's matcher (a new scheduler starts afresh; the compiles go on: their answers
-        go to whichever scheduler is there, which ignores the requests it does not know)."""
+        """Drop every row's matcher and held compile (a new scheduler starts afresh, its requests under
+        new rids; the compiles go on: their answers go to whichever scheduler is there, which ignores
+        the requests it does not know)."""
         self._rows.clear()
+        self._held.clear()
 
-    def update(self, grammars: GrammarRows) -> None:
-        """Drop the matchers of the rows the step ends, then start each row's matcher at its grammar's
-        start, past the tokens its request generated so far. The grammar was compiled when its request
-        was announced; one since pushed out of the cache is compiled again, here (waited for)."""
-        for row in grammars.ends:
+    def drop(self, rows: list[int], rids: list[str]) -> None:
+        """Drop the matchers of ``rows`` (their requests left them) and the compiles held for ``rids``
+        (their requests ended)."""
+        for row in rows:
             self._rows.pop(row, None)
-        for start in grammars.starts:
-            self._rows.pop(start.row, None)  # a row whose matcher cannot start fails alone (no mask)
-            compiled = self.engine.compile(start.grammar)
-            if not compiled.ready:
-                log.warning("row %d: its grammar left the cache, compiled again inside a step", start.row)
+        for rid in rids:
+            self._held.pop(rid, None)
+
+    def start(self, starts: list[GrammarStart]) -> None:
+        """Start each row's matcher at its grammar's start, past the tokens its request generated so far,
+        from the compile held since its request was announced. A matcher that cannot start leaves its row
+        without one: that row fails alone (``masks`` raises for it)."""
+        for start in starts:
+            self._rows.pop(start.row, None)
+            compiled = self._held.get(start.rid)
+            if compiled is None:  # not announced to this worker (a test's step, or a scheduler's bug)
+                log.warning("rid=%s: its grammar was not announced: compiled inside a step", start.rid)
+                compiled = self.engine.compile(start.grammar)
             try:
                 self._rows[start.row] = compiled.matcher(start.output_ids)
             except Exception:

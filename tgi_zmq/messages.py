@@ -35,13 +35,15 @@ from typing import Any, TypeVar, Union
 
 import msgpack
 
+# 9: GrammarStart.rid, StepRequest.grammars the starts only, GrammarDropRequest (rank 0 holds a request's
+# compiled grammar until it ends; matchers and compiles are dropped between steps, idle or not);
 # 8: GrammarRequest/GrammarResult (rank 0 compiles the grammars), StepRequest.grammars a GrammarRows,
 # DetokRequestInfo.prompt_ids only the prompt's tail; 7: ProfileRequest; StageTimes on DetokRequestInfo
 # and RequestDelta, ScheduleRequest.tokenize_seconds;
 # 6: StepRequest.grammars (the workers keep the grammar matchers); 5: logprobs, top tokens, tools, more
 # sampling parameters; 4: SamplingParams.grammar; 3: the naming rule's renames, typed parts,
 # max_new_tokens resolved once
-PROTOCOL_VERSION = 8
+PROTOCOL_VERSION = 9
 
 _REGISTRY: dict[int, type] = {}
 T = TypeVar("T")
@@ -559,18 +561,10 @@ class GrammarStart:
     it in its state row: the worker's matcher for that row starts there, past ``output_ids`` (the
     tokens generated so far: a replay or a recompute resumes its grammar where it was)."""
 
+    rid: str
     row: int  # the request's state row
     grammar: Grammar
     output_ids: list[int]
-
-
-@message(tag=34)
-class GrammarRows:
-    """The grammar matchers a step starts (``starts``) and drops (``ends``: state rows whose requests
-    left them since the last step), on the worker that samples."""
-
-    starts: list[GrammarStart] = dataclasses.field(default_factory=list)
-    ends: list[int] = dataclasses.field(default_factory=list)
 
 
 @message(tag=21)
@@ -584,7 +578,7 @@ class StepRequest:
     buffer: str
     tensors: list[TensorRef]
     cuda_handle: CudaHandle | None  # of ``buffer`` on GPU; None for shared memory
-    grammars: GrammarRows | None = None  # rank 0's only
+    grammars: list[GrammarStart] = dataclasses.field(default_factory=list)  # rank 0's only
 
 
 @message(tag=35)
@@ -595,6 +589,15 @@ class GrammarRequest:
 
     rid: str
     grammar: Grammar
+
+
+@message(tag=34)
+class GrammarDropRequest:
+    """scheduler -> worker rank 0, before the next step (or at once when idle): drop the matchers of the
+    state ``rows`` whose requests left them, and the compiles held for the requests ``rids`` that ended."""
+
+    rows: list[int]
+    rids: list[str]
 
 
 @message(tag=36)

@@ -9,13 +9,13 @@ builds step N+1 before it knows the tokens of step N, so it cannot compute a gra
 N+1; the worker that samples (rank 0) can, since it sampled N's tokens itself. So the masks are
 made here (as SGLang resolves the previous step's tokens on its forward thread): rank 0 keeps a
 grammar matcher per state row (``tgi_zmq.grammar.RowMatchers``; the grammars were compiled when
-their requests arrived), started by the step that first samples for a request in its row and
-dropped by the step after it left the row (``Step.grammars``). Per step: forward (on CUDA launched
-asynchronously, so the host fills the masks while it runs) -> fill the grammar rows' bitmasks ->
-sample with them as a ``VocabMask`` on the step's device -> the matchers take the sampled tokens
-(a host read: one synchronisation on CUDA, only in steps with grammar rows) and say which grammars
-are done. Steps without grammar rows do none of this, and the engine keeps its overlap depth either
-way.
+their requests arrived), started by the step that first samples for a request in its row
+(``Step.grammars``) and dropped once it left the row (a ``GrammarDropRequest`` between steps).
+Per step: forward (on CUDA launched asynchronously, so the host fills the masks while it runs) ->
+fill the grammar rows' bitmasks -> sample with them as a ``VocabMask`` on the step's device -> the
+matchers take the sampled tokens (a host read: one synchronisation on CUDA, only in steps with
+grammar rows) and say which grammars are done. Steps without grammar rows do none of this, and the
+engine keeps its overlap depth either way.
 
 One bad row fails that row, not its step (the error policy, ``tgi_zmq.runtime``): a row with a logit
 bias on a token the model does not have, or one whose mask, sampling or matcher raises, is flagged in
@@ -113,7 +113,7 @@ class ModelRunner:
         if logits is None:
             out = StepOutput(*_empty_output(rows, layout, self.device))
         else:
-            self.grammars.update(step.grammars)
+            self.grammars.start(step.grammars)
             out = self._choose(step, layout, logits[:rows], list(processors))
             out.prompt_logprobs = _prompt_logprobs(logits[rows:], step.sampling.prompt_targets)
             if layout.grammar_rows:

@@ -43,6 +43,9 @@ class LocalExecutor:
     def compiled_grammars(self) -> list[tuple[str, str]]:
         return self.runner.grammars.compiled()
 
+    def drop_grammars(self, rows: list[int], rids: list[str]) -> None:
+        self.runner.grammars.drop(rows, rids)
+
 
 def run_to_completion(engine: EngineCore, requests: list[Request], arrive_every: int = 0) -> None:
     """Feed ``requests`` to the engine (``arrive_every`` turns apart, 0: all at once) and turn it

@@ -163,8 +163,6 @@ class ScheduledBatch:
     epochs: list[int] = dataclasses.field(default_factory=list)
     encodes: list[bool] = dataclasses.field(default_factory=list)  # runs its encoder this step (T5)
     num_samples: int = 0
-    # State rows whose grammar matcher the workers drop: their requests left ``running`` since the last step.
-    grammar_ends: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def is_decode(self) -> bool:
@@ -258,7 +256,8 @@ class SchedulePolicy:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.free_rows = list(range(max_running - 1, -1, -1))  # state rows, lowest handed out first
-        self.grammar_ends: list[int] = []  # for the next step (``ScheduledBatch.grammar_ends``)
+        self.grammar_ends: list[int] = []  # rows whose matchers the workers drop (``take_grammar_drops``)
+        self.grammar_releases: list[str] = []  # ended requests whose compiles the workers drop
         self.to_compile: list[Request] = []  # grammars the workers are to compile (``take_grammars``)
         self.num_preemptions = 0
         self.prefix_hit_tokens = 0
@@ -283,6 +282,17 @@ class SchedulePolicy:
         taken, self.to_compile = [r for r in self.to_compile if not r.finished], []
         return taken
 
+    def has_grammar_drops(self) -> bool:
+        return bool(self.grammar_ends or self.grammar_releases)
+
+    def take_grammar_drops(self) -> tuple[list[int], list[str]]:
+        """The state rows whose grammar matchers the workers may drop (their requests left them) and the
+        requests whose compiled grammar they may drop (they ended), since the last call. The engine sends
+        them before the next step, which may reuse those rows."""
+        drops = self.grammar_ends, self.grammar_releases
+        self.grammar_ends, self.grammar_releases = [], []
+        return drops
+
     def grammar_compiled(self, request: Request) -> None:
         """The workers compiled its grammar: it may run."""
         if request.status is RequestStatus.WAITING_FOR_GRAMMAR:
@@ -303,6 +313,8 @@ class SchedulePolicy:
         Safe even while a step that writes those pages is in flight: the worker runs steps in
         order, so a later step that reuses the pages writes them after that one is done.
         """
+        if request.params.grammar is not None and not request.finished:
+            self.grammar_releases.append(request.rid)
         if request.status is RequestStatus.RUNNING:
             self._leave_running(request)
         elif request in self.waiting:
@@ -328,7 +340,7 @@ class SchedulePolicy:
             self._leave_running(req)
             req.status = RequestStatus.PREEMPTED
         self.waiting.extendleft(reversed(hit))
-        self.grammar_ends = []  # the new workers hold no matcher
+        self.grammar_ends, self.grammar_releases = [], []  # the new workers hold no matcher, no compile
         for req in self.waiting:
             req.blocks, req.cross_blocks = [], []  # the whole pool is dropped below
             self._reset(req)
@@ -373,7 +385,6 @@ class SchedulePolicy:
             self._admit(batch, budget)
         if not batch.requests:
             return None
-        batch.grammar_ends, self.grammar_ends = self.grammar_ends, []
         return batch
 
     def _admit(self, batch: ScheduledBatch, budget: Budget) -> None:

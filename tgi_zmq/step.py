@@ -30,13 +30,14 @@ their bytes (the grammars are not among them).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
 
 from tgi_zmq.block_manager import ceil_div
 from tgi_zmq.config import MAX_EOS_TOKEN_IDS, MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
-from tgi_zmq.messages import GrammarRows, GrammarStart
+from tgi_zmq.messages import GrammarStart
 
 if TYPE_CHECKING:
     from tgi_zmq.policy import Request, ScheduledBatch
@@ -114,7 +115,7 @@ class Step:
     inputs: StepInputs
     sampling: SamplingInputs
     encoder: EncoderInputs | None = None
-    grammars: GrammarRows = dataclasses.field(default_factory=GrammarRows)  # not tensors: in the message
+    grammars: list[GrammarStart] = dataclasses.field(default_factory=list)  # not tensors: in the message
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """The flat ``<part>.<field>`` names the transport writes."""
@@ -126,7 +127,7 @@ class Step:
         return out
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], grammars: GrammarRows | None = None) -> Step:
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], grammars: Iterable[GrammarStart] = ()) -> Step:
         parts: dict[str, dict[str, torch.Tensor]] = {}
         for name, tensor in tensors.items():
             part, _, field = name.partition(".")
@@ -134,7 +135,7 @@ class Step:
                 raise ValueError(f"unknown step tensor {name!r}")
             parts.setdefault(part, {})[field] = tensor
         built = {part: _PARTS[part](**fields) for part, fields in parts.items()}
-        return cls(**built, grammars=grammars if grammars is not None else GrammarRows())
+        return cls(**built, grammars=list(grammars))
 
     def to(self, device: torch.device) -> Step:
         tensors = {k: t.to(device, non_blocking=True) for k, t in self.to_tensors().items()}
@@ -210,7 +211,7 @@ class StepOutput:
     top_ids: torch.Tensor  # [R, top_n] int64
     top_logprobs: torch.Tensor  # [R, top_n] float32
     prompt_logprobs: torch.Tensor  # [P] float32: of each scored prompt token
-    failed: torch.Tensor  # [R] bool: the row could not sample (its request fails alone; its token is 0)
+    failed: torch.Tensor  # [R] bool: the row could not sample (its request fails alone; ignore its token)
     grammar_done: torch.Tensor  # [R] bool: the row's grammar allows nothing after its token
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
@@ -275,7 +276,12 @@ def build_step(batch: ScheduledBatch, block_size: int, eos_token_ids: tuple[int,
     encoder = _encoder_inputs(batch, block_size) if batch.requests[0].encoder_ids else None
     sampling = _sampling_inputs(batch, eos_token_ids[:MAX_EOS_TOKEN_IDS])
     sampling.prompt_rows, sampling.prompt_targets = _scored_prompt(batch, query_start)
-    return Step(inputs, sampling, encoder, GrammarRows(_grammar_starts(batch), list(batch.grammar_ends)))
+    return Step(
+        inputs,
+        sampling,
+        encoder,
+        _grammar_starts(batch),
+    )
 
 
 def _scored_prompt(batch: ScheduledBatch, query_start: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -383,7 +389,7 @@ def _grammar_starts(batch: ScheduledBatch) -> list[GrammarStart]:
     for req, slot in zip(batch.requests, batch.sample_slots, strict=True):
         if slot >= 0 and req.params.grammar is not None and not req.row.grammar_sent:
             starts.append(
-                GrammarStart(req.row.index, req.params.grammar, req.token_ids[req.prompt_len : slot])
+                GrammarStart(req.rid, req.row.index, req.params.grammar, req.token_ids[req.prompt_len : slot])
             )
             req.row.grammar_sent = True
     return starts

@@ -55,7 +55,7 @@ def _uint(obj: Mapping[str, Any], name: str) -> int | None:
     return value
 
 
-def flag(obj: Mapping[str, Any], name: str, default: bool) -> bool:
+def bool_field(obj: Mapping[str, Any], name: str, default: bool) -> bool:
     """A boolean field; absent or null gives ``default``."""
     value = obj.get(name)
     if value is None:
@@ -197,7 +197,7 @@ def generate_params(
     repetition_penalty, frequency_penalty = _float(p, "repetition_penalty"), _float(p, "frequency_penalty")
     stop, seed, truncate = _str_list(p, "stop"), _uint(p, "seed"), _uint(p, "truncate")
     for name in ("details", "return_full_text"):
-        flag(p, name, False)  # type check only: the frontend reads them
+        bool_field(p, name, False)  # type check only: the frontend reads them
     _check_ranges(
         temperature=temperature,
         repetition_penalty=repetition_penalty,
@@ -213,14 +213,14 @@ def generate_params(
     _check_truncate(truncate, limits.max_input_tokens)
     # Mirror the shard's NextTokenChooser: any warper turns sampling on.
     sampling = (
-        flag(p, "do_sample", omitted)
+        bool_field(p, "do_sample", omitted)
         or (temperature is not None and temperature != 1.0)
         or bool(top_k)
         or (top_p is not None and top_p < 1.0)
         or (typical_p is not None and typical_p < 1.0)
     )
     _check_best_of(_uint(p, "best_of"), sampling=sampling, seed=seed, stream=stream, limit=limits.max_best_of)
-    if stream and flag(p, "decoder_input_details", False):
+    if stream and bool_field(p, "decoder_input_details", False):
         raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
     sampling_params = SamplingParams(
         do_sample=sampling,
@@ -234,9 +234,9 @@ def generate_params(
         stop=stop,
         truncate=truncate,
         grammar=grammar(p.get("grammar")),
-        watermark=flag(p, "watermark", False),
+        watermark=bool_field(p, "watermark", False),
         top_n_tokens=top_n_tokens,
-        prompt_logprobs=flag(p, "decoder_input_details", False),  # the route drops it unless enabled
+        prompt_logprobs=bool_field(p, "decoder_input_details", False),  # the route drops it unless enabled
         **_extensions(p),
     )
     return GenerationParams(sampling_params, max_new_tokens)
@@ -251,7 +251,7 @@ def _extensions(p: Mapping[str, Any]) -> dict[str, Any]:
             f"`stop_token_ids` supports up to {MAX_STOP_TOKEN_IDS} tokens. Given: {len(stop_token_ids)}"
         )
     return {
-        "ignore_eos": flag(p, "ignore_eos", False),
+        "ignore_eos": bool_field(p, "ignore_eos", False),
         "min_tokens": min_tokens,
         "stop_token_ids": stop_token_ids,
     }
@@ -404,7 +404,7 @@ def chat_params(
     """Sampling parameters of a ``/v1/chat/completions`` body; ``tool_grammar`` is the grammar of
     the tools in effect (``tgi_zmq.tools.chat_tools``), if any. ``top_logprobs`` (with
     ``logprobs``) asks for the most likely tokens, as TGI's ``top_n_tokens``."""
-    logprobs = flag(body, "logprobs", False)
+    logprobs = bool_field(body, "logprobs", False)
     top_logprobs = _top_n(_uint(body, "top_logprobs"), max_top_n_tokens, "top_logprobs")
     if top_logprobs and not logprobs:
         raise ValidationError("`top_logprobs` needs `logprobs` set to true")
@@ -465,7 +465,7 @@ def completion_params(
     )
     params.sampling.grammar = _response_format(body.get("response_format"))  # as vLLM takes it here
     params.sampling.top_n_tokens = logprobs or 0
-    params.sampling.prompt_logprobs = logprobs is not None and flag(body, "echo", False)
+    params.sampling.prompt_logprobs = logprobs is not None and bool_field(body, "echo", False)
     return params
 
 

@@ -89,6 +89,13 @@ class WorkerGroup:
         taken, self.grammar_answers = self.grammar_answers, []
         return taken
 
+    def drop_grammars(self, rows: list[int], rids: list[str]) -> None:
+        """Tell rank 0 which matchers and compiles it may drop (in order with the steps)."""
+        try:
+            self.sock.send_multipart([b"worker-0", m.encode(m.GrammarDropRequest(rows, rids))])
+        except zmq.ZMQError as exc:
+            raise WorkersLost(str(exc)) from exc
+
     def broadcast(self, msg: m.ProfileRequest) -> None:
         """Send a control message to every rank, in order with its steps (a rank not up misses it)."""
         frame = m.encode(msg)

@@ -15,6 +15,7 @@ from tgi_zmq.messages import GenerateRequest, RequestDelta
 from tgi_zmq.tools import ToolStream, assistant_message, chat_tools, stream_call_id
 from tgi_zmq.validation import (
     GenerationParams,
+    bool_field,
     chat_messages,
     chat_params,
     choices,
@@ -23,7 +24,6 @@ from tgi_zmq.validation import (
     completion_params,
     completion_prompts,
     copy_seed,
-    flag,
 )
 
 from .http import Frontend, frontend, json_response, read_json, rid_of
@@ -54,7 +54,7 @@ def _shape(fe: Frontend, body: dict[str, Any], *, logprobs: bool = False, echo: 
         fingerprint=fe.system_fingerprint,
         created=int(time.time()),
         logprobs=logprobs,
-        include_usage=isinstance(options, dict) and flag(options, "include_usage", False),
+        include_usage=isinstance(options, dict) and bool_field(options, "include_usage", False),
         echo=echo,
     )
 
@@ -127,7 +127,7 @@ def _tail(obj: str, group: JobGroup, shape: _Shape) -> list[Any]:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     fe, body = frontend(request), await read_json(request)
-    stream = flag(body, "stream", False)
+    stream = bool_field(body, "stream", False)
     n = choices(body, fe.config.max_best_of)
     with fe.admission.admit(n):
         messages = chat_messages(body)
@@ -138,7 +138,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             tool_grammar=tools.grammar if tools else None,
             max_top_n_tokens=fe.config.max_top_n_tokens,
         )
-        shape = _shape(fe, body, logprobs=flag(body, "logprobs", False))
+        shape = _shape(fe, body, logprobs=bool_field(body, "logprobs", False))
         requests = _copies(rid_of(request), None, messages, params, n)
         for req in requests:
             if tools:
@@ -203,7 +203,7 @@ def _chat_finish_reason(reason: str | None, message: dict[str, Any]) -> str | No
 
 async def completions(request: web.Request) -> web.StreamResponse:
     fe, body = frontend(request), await read_json(request)
-    stream = flag(body, "stream", False)
+    stream = bool_field(body, "stream", False)
     config = fe.config
     prompts = completion_prompts(body, max_client_batch_size=config.max_client_batch_size)
     n, runs = completion_choices(body, config.max_best_of, stream=stream)
@@ -218,7 +218,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
                 raise ValidationError("`echo` with `logprobs` needs the server's --enable-prefill-logprobs")
             requests += _copies(rid if len(prompts) == 1 else f"{rid}-{i}", prompt, None, params, runs)
         logprobs = completion_logprobs(body, config.max_top_n_tokens) is not None
-        shape = _shape(fe, body, logprobs=logprobs, echo=flag(body, "echo", False))
+        shape = _shape(fe, body, logprobs=logprobs, echo=bool_field(body, "echo", False))
         return await respond(
             request,
             requests,

@@ -18,7 +18,7 @@ from aiohttp import web
 from tgi_zmq.errors import RequestError
 from tgi_zmq.messages import GenerateRequest, RequestDelta
 from tgi_zmq.tools import ToolCall, ToolStream, chat_tools, read_output
-from tgi_zmq.validation import chat_messages, chat_params, flag
+from tgi_zmq.validation import bool_field, chat_messages, chat_params
 
 from .http import NamedEvent, frontend, json_response, read_json, rid_of
 from .jobs import Job
@@ -48,7 +48,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
         return await respond(
             request,
             [req],
-            stream=flag(body, "stream", False),
+            stream=bool_field(body, "stream", False),
             render=events.render,
             error_events=events.failed,
             build=lambda group: json_response(shape.response(_status(group.jobs[0]), group.jobs[0])),

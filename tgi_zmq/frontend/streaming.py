@@ -18,7 +18,8 @@ from .jobs import Job, JobGroup, submit, tag
 log = logging.getLogger("tgi_zmq.frontend")
 
 # Wait this long for the first output before sending headers, so that errors found by the
-# tokenizer (prompt too long...) still get a real status instead of an in-stream error event.
+# tokenizer (prompt too long...) still get a real status instead of an in-stream error event; a
+# request with a grammar waits for its compile too (rank 0 refuses it with a 422: header_wait).
 HEADER_WAIT_S = 2.0
 KEEPALIVE_S = 15.0  # axum's default SSE keep-alive period
 
@@ -72,7 +73,7 @@ async def stream_group(
     ``error_events(exc)`` inside the 200 stream. A client gone mid-stream just ends the handler:
     the caller's ``submit`` block aborts the unfinished jobs.
     """
-    first = await group.next(HEADER_WAIT_S)
+    first = await group.next(header_wait(request, group))
     sse = await Sse(request, headers).open()
     try:
         try:
@@ -84,6 +85,15 @@ async def stream_group(
     except ConnectionResetError:
         log.info("%s client disconnected", tag(rid_of(request), client_id_of(request)))
     return sse.response
+
+
+def header_wait(request: web.Request, group: JobGroup) -> float:
+    """How long a stream waits for its first output before it sends its headers: longer for a grammar,
+    which the worker that samples compiles first (up to ``--grammar-compile-timeout``; a refusal is a
+    422, not an error event in a 200 stream)."""
+    if any(job.request.params.grammar is not None for job in group.jobs):
+        return HEADER_WAIT_S + frontend(request).config.grammar_compile_timeout
+    return HEADER_WAIT_S
 
 
 async def _pump(sse: Sse, group: JobGroup, deltas: list[tuple[Job, RequestDelta]], render: Render) -> None:

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from tgi_zmq.errors import RequestError
 from tgi_zmq.messages import GenerateRequest, RequestDelta, TokenList
-from tgi_zmq.validation import Limits, best_of, copy_seed, flag, generate_inputs, generate_params
+from tgi_zmq.validation import Limits, best_of, bool_field, copy_seed, generate_inputs, generate_params
 
 from .http import Frontend, frontend, json_response, read_json, rid_of
 from .jobs import Job, JobGroup
@@ -41,10 +41,10 @@ def _prepare(
     params.prompt_logprobs &= config.enable_prefill_logprobs  # else TGI's empty ``prefill``
     inputs = generate_inputs(body)
     p = parameters or {}
-    decoder_input_details = flag(p, "decoder_input_details", False)
+    decoder_input_details = bool_field(p, "decoder_input_details", False)
     options = _Options(
-        details=flag(p, "details", False) or decoder_input_details,
-        return_full_text=flag(p, "return_full_text", full_text_default),
+        details=bool_field(p, "details", False) or decoder_input_details,
+        return_full_text=bool_field(p, "return_full_text", full_text_default),
         prompt=inputs,
         decoder_input_details=decoder_input_details,
     )
@@ -74,7 +74,7 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
 async def compat_generate(request: web.Request) -> web.StreamResponse:
     """``POST /``: ``stream`` picks the SSE or the one-element-array form; full text by default."""
     body = await read_json(request)
-    stream = flag(body, "stream", False)
+    stream = bool_field(body, "stream", False)
     return await _generate(request, body, stream=stream, full_text_default=True, as_list=True)
 
 
