@@ -1,10 +1,17 @@
-// Dense matmuls with few rows of x (decode): y = x W^T + bias, W [N, K] float32 or bfloat16 as stored.
+// Dense matmuls on the CPU: y = x W^T + bias, W [N, K] float32 or bfloat16 as stored, any number of
+// rows of x.
 //
 // Why our own: a decode step is bound by reading the weights once, and MKL's float32 path for one row
 // of x read a 113 MB matrix (SmolLM2's LM head) at ~11 GB/s where the machine streams ~24 GB/s (AMD
 // EPYC, 2 cores; `scripts/qbench`-style figures in docs/benchmarks.md). Here each weight row is read
 // once for every row of x, the products stay in registers, and rows ahead are prefetched.
-// Float32 arithmetic (bfloat16 weights widened in registers); x is taken as float32.
+//
+// Batch invariance: every element of y is one dot product reduced in the same order whatever the
+// number of rows of x and wherever its row sits in x (tiles only change which registers hold it), so a
+// token's output does not depend on the step it is in. The code path depends only on the dtypes, K and
+// the CPU: float32 FMAs (bfloat16 weights widened in registers, x taken as float32), or with bfloat16 x
+// and W on a CPU with AVX512-BF16, pairs of bfloat16 products summed into float32 (vdpbf16ps: twice the
+// products per instruction, x read as stored).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -19,7 +26,7 @@ namespace tgi {
 namespace {
 
 struct Gemv {
-  const float* x;  // [m, k] contiguous
+  const void* x;  // [m, k] contiguous: float32, or bfloat16 on the dot-product path
   const void* w;  // [n, k] contiguous
   const float* bias;  // [n] or null
   float* y;  // [m, n]
@@ -27,6 +34,7 @@ struct Gemv {
 };
 
 constexpr int64_t kAhead = 8;  // rows prefetched ahead of a tile
+constexpr int64_t kRowBlock = 128;  // rows of x per pass over a task's weights: they stay in L2
 
 #define TGI_ISA_BODY "gemv_isa.inc"
 #include "isa.h"
@@ -40,13 +48,64 @@ void run_rows(int64_t isa, const Gemv& j, int64_t n0, int64_t n1) {
   else scalar::rows<TW, 4, 2>(j, n0, n1);
 }
 
+// ---- bfloat16 x and W with AVX512-BF16: 32 products per vdpbf16ps, summed in float32 pairs ----------
+
+#define TGI_BF16 __attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl,avx2,fma")))
+
+bool cpu_has_dpbf16() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+}
+
+template <int R, int MB>
+TGI_BF16 void tile_dp(const Gemv& j, int64_t n, int64_t m) {
+  const uint16_t* w = static_cast<const uint16_t*>(j.w) + n * j.k;
+  const uint16_t* x = static_cast<const uint16_t*>(j.x) + m * j.k;
+  const int64_t ahead = std::min<int64_t>(kAhead, j.n - n - R) * j.k;
+  __m512 acc[MB][R];
+  for (int a = 0; a < MB; a++)
+    for (int r = 0; r < R; r++) acc[a][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < j.k; k += 32) {
+    if (ahead > 0)
+      for (int r = 0; r < R; r++) _mm_prefetch(reinterpret_cast<const char*>(w + r * j.k + ahead + k), _MM_HINT_T0);
+    __m512bh wr[R];
+    for (int r = 0; r < R; r++) wr[r] = (__m512bh)_mm512_loadu_si512(w + r * j.k + k);
+    for (int a = 0; a < MB; a++) {
+      const __m512bh xa = (__m512bh)_mm512_loadu_si512(x + a * j.k + k);
+      for (int r = 0; r < R; r++) acc[a][r] = _mm512_dpbf16_ps(acc[a][r], xa, wr[r]);
+    }
+  }
+  for (int a = 0; a < MB; a++)
+    for (int r = 0; r < R; r++) j.y[(m + a) * j.n + n + r] = _mm512_reduce_add_ps(acc[a][r]) + (j.bias ? j.bias[n + r] : 0.f);
+}
+
+template <int R>
+TGI_BF16 void tiles_dp(const Gemv& j, int64_t n, int64_t m0, int64_t m1) {
+  int64_t m = m0;
+  for (; m + 4 <= m1; m += 4) tile_dp<R, 4>(j, n, m);
+  for (; m < m1; m++) tile_dp<R, 1>(j, n, m);
+}
+
+TGI_BF16 void rows_dp(const Gemv& j, int64_t n0, int64_t n1) {
+  for (int64_t m0 = 0; m0 < j.m; m0 += kRowBlock) {
+    const int64_t m1 = std::min(j.m, m0 + kRowBlock);
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) tiles_dp<4>(j, n, m0, m1);
+    for (; n < n1; n++) tiles_dp<1>(j, n, m0, m1);
+  }
+}
+
 }  // namespace
 
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, int64_t isa) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x [M, K] and w [N, K]");
   TORCH_CHECK(w.is_contiguous() && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
               "w: contiguous float32 or bfloat16");
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  isa = resolve_isa(isa);
+  const bool bf16 = w.scalar_type() == at::kBFloat16;
+  static const bool dpbf16 = cpu_has_dpbf16();
+  const bool dot_pairs = bf16 && x.scalar_type() == at::kBFloat16 && isa == kAvx512 && dpbf16 && w.size(1) % 32 == 0;
+  const at::Tensor xs = dot_pairs ? x.contiguous() : x.to(at::kFloat).contiguous();
   at::Tensor bf;
   Gemv j{};
   j.m = x.size(0), j.n = w.size(0), j.k = w.size(1);
@@ -56,14 +115,13 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at
     j.bias = bf.data_ptr<float>();
   }
   at::Tensor y = at::empty({j.m, j.n}, x.options().dtype(at::kFloat));
-  j.x = xf.data_ptr<float>(), j.w = w.data_ptr(), j.y = y.data_ptr<float>();
-  isa = resolve_isa(isa);
-  const bool bf16 = w.scalar_type() == at::kBFloat16;
+  j.x = xs.data_ptr(), j.w = w.data_ptr(), j.y = y.data_ptr<float>();
   // tasks of 4-row tiles, each at least ~64 KB of weights
   const int64_t tiles = (j.n + 3) / 4, grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, j.k));
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     const int64_t n0 = t0 * 4, n1 = std::min(j.n, t1 * 4);
-    if (bf16) run_rows<at::BFloat16>(isa, j, n0, n1);
+    if (dot_pairs) rows_dp(j, n0, n1);
+    else if (bf16) run_rows<at::BFloat16>(isa, j, n0, n1);
     else run_rows<float>(isa, j, n0, n1);
   });
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());

@@ -13,18 +13,22 @@ enum Isa : int64_t { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
 int64_t resolve_isa(int64_t want);
 std::string isa_name(int64_t isa);
 
-// qkernels.cpp: quantized-weight matmuls.
+// qkernels.cpp: quantized-weight matmuls; rows_alike: each row of x by one formula (batch invariance).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                   const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& lut, int64_t group,
-                  const std::optional<at::Tensor>& bias, int64_t isa);
+                  const std::optional<at::Tensor>& bias, int64_t isa, bool rows_alike);
 void dequantize(const at::Tensor& w, const at::Tensor& scales, const std::optional<at::Tensor>& offsets,
                 const std::optional<at::Tensor>& lut, int64_t group, at::Tensor& out, int64_t isa);
 
-// paged_attention.cpp: one query token per request over its pages, read in place.
+// paged_attention.cpp: one query token per row over its request's pages, read in place.
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         const at::Tensor& tables, const at::Tensor& lens, double scale, int64_t isa);
 
-// gemv.cpp: dense matmuls with few rows of x.
+// rowwise.cpp: RMSNorm and SiLU(gate) * up, row by row.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, int64_t isa);
+at::Tensor silu_mul(const at::Tensor& gate_up, int64_t isa);
+
+// gemv.cpp: dense matmuls, each row reduced alike whatever the rows of x.
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, int64_t isa);
 
 }  // namespace tgi

@@ -4,11 +4,11 @@
 // a new tensor every step (index_select) and then attending reads and writes the whole context twice
 // more than attending in place; at 2k tokens of context that copy was most of a decode step.
 //
-// One query token per request, H query heads sharing KVH key/value heads (GQA: G = H / KVH query heads
-// read each K/V row once). Work is split over (request, part of its context) so that one long request
-// still fills every thread (flash-decoding); a task reads its tokens' K and V of every head, contiguous
-// in the cache; each part keeps a running max and sum (online softmax) and a request's parts are merged
-// at the end. Float32 arithmetic; the query and
+// One query token per row, each with its own block table and length (a decode, or one token of a prompt
+// over the keys up to its own), H query heads sharing KVH key/value heads (GQA: G = H / KVH query heads
+// read each K/V row once). A row's keys are cut into parts at fixed positions (kPart: batch invariance,
+// below); a part reads its tokens' K and V of every head, contiguous in the cache, keeping a running max
+// and sum (online softmax), and a row's parts are merged at the end. Float32 arithmetic; the query and
 // the cache may be float32 or bfloat16 (read as they are stored).
 //
 // One source for every x86-64 CPU: the loop (paged_attention_isa.inc) is compiled three times, over
@@ -70,7 +70,7 @@ struct Partials {
 #define TGI_ISA_BODY "paged_attention_isa.inc"
 #include "isa.h"  // the loop, compiled once per instruction set: avx512::, avx2::, scalar::
 
-// The parts [first, last) of one request merged into out (q's dtype).
+// The parts [first, last) of one row merged in order into out (q's dtype).
 template <class TQ>
 void merge(const Args& a, const Task* tasks, int64_t first, int64_t last, const Partials& p) {
   const int64_t H = a.heads, D = a.dim;
@@ -91,38 +91,70 @@ void merge(const Args& a, const Task* tasks, int64_t first, int64_t last, const 
   }
 }
 
-// Keys per task: whole requests while there are enough of them to fill the threads, else parts of at
-// least kMinPart keys, about 4 tasks per thread. starts[b] is request b's first task.
-constexpr int64_t kMinPart = 64;
+// A row's context is cut into parts of kPart keys at fixed positions (0, kPart, 2 kPart, ...), each
+// reduced alone (online softmax) and then merged in order: a row's arithmetic depends on its own length
+// only, never on the other rows of the step or the thread count (batch invariance), and a prompt's
+// query i gives the bits that decoding at position i gives. The threads only change who computes what:
+// few rows, (row, part) tasks fill the threads (flash-decoding); many rows (prefill), a task per row.
+constexpr int64_t kPart = 256;
 
-std::vector<Task> plan(const int64_t* lens, int64_t n, std::vector<int64_t>& starts) {
-  int64_t total = 0;
-  for (int64_t b = 0; b < n; b++) total += lens[b];
-  const int64_t want = 4 * at::get_num_threads();
-  const int64_t part = std::max<int64_t>(kMinPart, (total + want - 1) / want);
-  std::vector<Task> tasks;
-  for (int64_t b = 0; b < n; b++) {
-    starts.push_back(static_cast<int64_t>(tasks.size()));
-    for (int64_t t0 = 0; t0 < std::max<int64_t>(lens[b], 1); t0 += part) tasks.push_back({b, t0, std::min(lens[b], t0 + part)});
-  }
-  starts.push_back(static_cast<int64_t>(tasks.size()));
-  return tasks;
-}
+int64_t parts_of(int64_t len) { return std::max<int64_t>(1, (len + kPart - 1) / kPart); }
+
+Task part(const Args& a, int64_t b, int64_t i) { return {b, i * kPart, std::min(a.lens[b], (i + 1) * kPart)}; }
 
 template <class TQ, class TKV>
-void run(const Args& a, const std::vector<Task>& tasks, const std::vector<int64_t>& starts, int64_t isa) {
+void attend_part(int64_t isa, const Args& a, const Task& t, const Partials& p, int64_t i) {
+  const Partials at{p.max + i * a.heads, p.sum + i * a.heads, p.acc + i * a.heads * a.dim};
+  if (isa == kAvx512 && a.dim % 16 == 0) avx512::attend<TQ, TKV>(a, t, at.max, at.sum, at.acc);
+  else if (isa >= kAvx2 && a.dim % 8 == 0) avx2::attend<TQ, TKV>(a, t, at.max, at.sum, at.acc);
+  else scalar::attend<TQ, TKV>(a, t, at.max, at.sum, at.acc);
+}
+
+// Few rows: every (row, part) is a task, the parts in one buffer, then each row's merged.
+template <class TQ, class TKV>
+void run_parts(const Args& a, int64_t rows, int64_t isa) {
+  std::vector<Task> tasks;
+  std::vector<int64_t> starts;
+  for (int64_t b = 0; b < rows; b++) {
+    starts.push_back(static_cast<int64_t>(tasks.size()));
+    for (int64_t i = 0; i < parts_of(a.lens[b]); i++) tasks.push_back(part(a, b, i));
+  }
+  starts.push_back(static_cast<int64_t>(tasks.size()));
   const int64_t H = a.heads, count = static_cast<int64_t>(tasks.size());
   std::vector<float> buffer(count * H * (2 + a.dim));
   const Partials p{buffer.data(), buffer.data() + count * H, buffer.data() + 2 * count * H};
   at::parallel_for(0, count, 1, [&](int64_t i0, int64_t i1) {
-    if (isa == kAvx512 && a.dim % 16 == 0) avx512::attend_tasks<TQ, TKV>(a, tasks.data(), i0, i1, p);
-    else if (isa >= kAvx2 && a.dim % 8 == 0) avx2::attend_tasks<TQ, TKV>(a, tasks.data(), i0, i1, p);
-    else scalar::attend_tasks<TQ, TKV>(a, tasks.data(), i0, i1, p);
+    for (int64_t i = i0; i < i1; i++) attend_part<TQ, TKV>(isa, a, tasks[i], p, i);
   });
-  const int64_t requests = static_cast<int64_t>(starts.size()) - 1;
-  at::parallel_for(0, requests, 16, [&](int64_t u0, int64_t u1) {
+  at::parallel_for(0, rows, 16, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; u++) merge<TQ>(a, tasks.data(), starts[u], starts[u + 1], p);
   });
+}
+
+// Many rows: a task per row, its parts in a buffer of the thread's, merged at once.
+template <class TQ, class TKV>
+void run_rows(const Args& a, int64_t rows, int64_t isa) {
+  at::parallel_for(0, rows, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<Task> tasks;
+    std::vector<float> buffer;
+    for (int64_t b = b0; b < b1; b++) {
+      const int64_t count = parts_of(a.lens[b]), H = a.heads;
+      tasks.clear();
+      buffer.resize(count * H * (2 + a.dim));
+      const Partials p{buffer.data(), buffer.data() + count * H, buffer.data() + 2 * count * H};
+      for (int64_t i = 0; i < count; i++) {
+        tasks.push_back(part(a, b, i));
+        attend_part<TQ, TKV>(isa, a, tasks.back(), p, i);
+      }
+      merge<TQ>(a, tasks.data(), 0, count, p);
+    }
+  });
+}
+
+template <class TQ, class TKV>
+void run(const Args& a, int64_t rows, int64_t isa) {
+  if (rows >= 4 * at::get_num_threads()) run_rows<TQ, TKV>(a, rows, isa);
+  else run_parts<TQ, TKV>(a, rows, isa);
 }
 
 }  // namespace
@@ -152,14 +184,13 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   a.scale = static_cast<float>(scale);
   for (int64_t b = 0; b < q.size(0); b++)
     TORCH_CHECK(a.lens[b] <= a.max_blocks * a.block_size, "a context is longer than its block table");
-  std::vector<int64_t> starts;
-  const std::vector<Task> tasks = plan(a.lens, q.size(0), starts);
   isa = resolve_isa(isa);
   using BF = at::BFloat16;
-  if (qt == at::kFloat && ct == at::kFloat) run<float, float>(a, tasks, starts, isa);
-  else if (qt == at::kFloat) run<float, BF>(a, tasks, starts, isa);
-  else if (ct == at::kFloat) run<BF, float>(a, tasks, starts, isa);
-  else run<BF, BF>(a, tasks, starts, isa);
+  const int64_t rows = q.size(0);
+  if (qt == at::kFloat && ct == at::kFloat) run<float, float>(a, rows, isa);
+  else if (qt == at::kFloat) run<float, BF>(a, rows, isa);
+  else if (ct == at::kFloat) run<BF, float>(a, rows, isa);
+  else run<BF, BF>(a, rows, isa);
   return out;
 }
 

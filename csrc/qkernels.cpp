@@ -52,6 +52,7 @@ struct Job {
   const float* offsets;  // [n, groups] (int4 only)
   const float* lut;  // [16] (int4 only)
   bool uniform;  // lut[q] == q
+  bool rows_alike;  // every row of x by the same formula (batch invariance): no one-row shortcut
   int64_t groups, group;
   const float* bias;  // [n] or null
   float* y;  // [m, n] float32
@@ -306,9 +307,9 @@ void tile_scalar(const Job& j, int64_t n, int64_t m) {
 
 template <class F, int R, int MB>
 void tile(int64_t isa, const Job& j, int64_t n, int64_t m) {
-  if (isa == kAvx512 && MB == 1) return tile_avx512_m1<F, R>(j, n, m);
+  if (isa == kAvx512 && MB == 1 && !j.rows_alike) return tile_avx512_m1<F, R>(j, n, m);
   if (isa == kAvx512) return tile_avx512<F, R, MB>(j, n, m);
-  if (isa == kAvx2 && MB == 1) return tile_avx2_m1<F, R>(j, n, m);
+  if (isa == kAvx2 && MB == 1 && !j.rows_alike) return tile_avx2_m1<F, R>(j, n, m);
   if (isa == kAvx2) return tile_avx2<F, R, MB>(j, n, m);
   tile_scalar<F, R, MB>(j, n, m);
 }
@@ -466,8 +467,9 @@ int64_t resolve_isa(int64_t want) {
 // y = x W^T + bias in x's dtype (float32 or bfloat16; converted to float32 once per call).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                   const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& lut, int64_t group,
-                  const std::optional<at::Tensor>& bias, int64_t isa) {
+                  const std::optional<at::Tensor>& bias, int64_t isa, bool rows_alike) {
   Job j = make_job(w, scales, offsets, lut, group);
+  j.rows_alike = rows_alike;
   TORCH_CHECK(x.dim() == 2 && x.size(1) == j.k, "x must be [M, K]");
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor bf;

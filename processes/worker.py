@@ -78,6 +78,7 @@ class Worker:
             torch.cuda.set_device(self.device)
         self.shard = init_group(rank, config.num_shard, config.master_addr, config.master_port, self.device)
         native.log_kernels(self.log, self.device, config.kernels)  # what this rank loaded, said early
+        native.INVARIANT = config.batch_invariant
         self.log.info(
             "loading %s (%s%s on %s, rank %d of %d)",
             config.model_id,
@@ -109,6 +110,8 @@ class Worker:
             config.block_size,
             self.runner.cache.nbytes() / 2**20,
         )
+        if config.batch_invariant and not self.runner.invariant:
+            self.log.error("--deterministic: this rank's steps are not batch-invariant (see the warnings)")
         if config.quantize:
             from tgi_zmq.quant import kernels
 

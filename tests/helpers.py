@@ -152,6 +152,7 @@ def run_engine(
     device: str = "cpu",
     requests_out: list[Request] | None = None,
     quantize: str | None = None,
+    dtype: str = "float32",
 ) -> tuple[list[list[int]], SchedulePolicy]:
     """The engine core over a model in this process (``LocalExecutor``), until every request is done.
 
@@ -162,7 +163,7 @@ def run_engine(
     max_running, max_total = 64, 10_000
     runner = ModelRunner(
         str(folder),
-        "float32",
+        dtype,
         device,
         num_blocks,
         block_size,

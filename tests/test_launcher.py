@@ -227,7 +227,7 @@ FLAGS = """--model-id --quantize --kv-cache-dtype --port --hostname --dtype --ma
 --watermark-gamma --watermark-delta --payload-limit --num-shard --master-addr --master-port --torch-threads
 --watchdog-timeout --recovery-timeout --api-key --body-timeout --shutdown-timeout --profile-dir
 --disable-prefix-caching --disable-overlap-schedule --disable-grammar-support
---grammar-compile-timeout""".split()
+--grammar-compile-timeout --deterministic""".split()
 
 
 def test_each_flag_is_one_config_field_listed_by_help_with_its_env_var(capsys, monkeypatch):

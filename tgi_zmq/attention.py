@@ -100,14 +100,19 @@ class AttentionMetadata:
         slot_mapping: torch.Tensor | None,
         block_size: int,
         causal: bool = True,
+        invariant: bool = False,
     ) -> AttentionMetadata:
         """Index tensors for queries ``qs`` (request b's are ``qs[b]:qs[b+1]``) over pages holding
         ``ctx[b]`` keys each, made on the device of ``block_tables`` from host integers only.
 
         Non-causal (cross-attention): every query sees all its request's keys, which are
-        all in the pages already.
+        all in the pages already. ``invariant`` (CPU, causal, the extension loaded): every query
+        row, prompt tokens too, is one row of the in-place kernel, whose arithmetic for a row depends
+        on its own keys alone (batch invariance; a prompt's token gives what decoding it gives).
         """
         tables = block_tables.long()
+        if invariant:
+            return cls._every_row_in_place(qs, ctx, tables, slot_mapping)
         which, prefills = [], []
         for b in range(len(ctx)):
             n = qs[b + 1] - qs[b]
@@ -122,6 +127,22 @@ class AttentionMetadata:
                 meta.in_place = meta.decodes.kernel_args()
             else:
                 meta.decode_groups = meta.decodes.groups()
+        return meta
+
+    @classmethod
+    def _every_row_in_place(
+        cls, qs: list[int], ctx: list[int], tables: torch.Tensor, slot_mapping: torch.Tensor | None
+    ) -> AttentionMetadata:
+        """Query row t of request b attends the keys up to its own position: its context length is
+        ``ctx[b] - (rows of b) + (t's index among them) + 1``; its block table is b's."""
+        device = tables.device
+        counts = torch.tensor([qs[b + 1] - qs[b] for b in range(len(ctx))], dtype=torch.int64)
+        owner = torch.repeat_interleave(torch.arange(len(ctx)), counts)
+        index = torch.arange(qs[-1]) - torch.tensor(qs[:-1], dtype=torch.int64)[owner]
+        lens = torch.tensor(ctx, dtype=torch.int64)[owner] - counts[owner] + index + 1
+        meta = cls(slot_mapping, [], True)
+        rows = torch.arange(qs[-1], device=device)
+        meta.in_place = (rows, tables[owner.to(device)].contiguous(), lens.to(device))
         return meta
 
     def add_position_bias(self, bias: PositionBias) -> None:

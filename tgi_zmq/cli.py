@@ -94,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
-    code = run_supervisord(dataclasses.replace(config, kernels=prepare_kernels(config.device)))
+    kernels = prepare_kernels(config.device)
+    invariant = batch_invariant(config, kernels)
+    code = run_supervisord(dataclasses.replace(config, kernels=kernels, batch_invariant=invariant))
     # Every process is stopped and the runtime dir removed: skip the interpreter's teardown, seconds
     # of garbage collection over what sizing the KV cache imported (torch, the model's classes).
     logging.shutdown()
@@ -175,6 +177,29 @@ def check_flags(config: ServerConfig) -> None:
         raise ValueError("--body-timeout must be > 0 and --shutdown-timeout >= 0")
     if config.grammar_compile_timeout <= 0:
         raise ValueError("--grammar-compile-timeout must be > 0")
+    if config.deterministic not in ("auto", "on", "off"):
+        raise ValueError(f"--deterministic {config.deterministic}: choose auto, on or off")
+
+
+def batch_invariant(config: ServerConfig, kernels: str) -> bool:
+    """Whether the steps are batch-invariant (``--deterministic``): asked (auto: float weights, where it
+    costs nothing measured) and able to hold here; a warning says why not when it was asked."""
+    from tgi_zmq.models import architecture
+
+    if config.deterministic == "off" or (config.deterministic == "auto" and config.quantize):
+        return False
+    _, model_cls = architecture(json.loads((Path(config.model_id) / "config.json").read_text()))
+    reasons = [
+        (config.device != "cpu", "it needs the CPU"),
+        (not kernels.startswith("native"), f"the C++ kernels do not load ({kernels})"),
+        (not model_cls.batch_invariant, f"{model_cls.__name__} is not (Llama-family models are)"),
+        (config.dtype not in ("float32", "bfloat16"), f"--dtype {config.dtype} (float32 and bfloat16 are)"),
+        (bool(config.kv_cache_dtype), "--kv-cache-dtype (the KV pages must stay in the model's dtype)"),
+    ]
+    why = [reason for failed, reason in reasons if failed]
+    if why and config.deterministic == "on":
+        log.warning("--deterministic on cannot hold: %s", "; ".join(why))
+    return not why
 
 
 def prepare_kernels(device: str) -> str:

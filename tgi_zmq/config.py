@@ -180,7 +180,14 @@ class ServerConfig:
     grammar_compile_timeout: float = flag(
         10.0, "seconds a request's grammar may take to compile; one that takes longer is refused with a 422"
     )
+    deterministic: str = flag(
+        "auto",
+        "batch-invariant steps on the CPU (a request's greedy and seeded tokens do not depend on the "
+        "requests beside it, nor on a replay): on, off, or auto: on with float weights (as fast as off, "
+        "measured), off with quantized ones (prefill slower); Llama-family models",
+    )
     # Derived by the launcher from the model and the machine.
+    batch_invariant: bool = False  # --deterministic, where it can hold (cli.batch_invariant)
     device: str = "cpu"
     block_size: int = 16
     eos_token_ids: tuple[int, ...] = ()

@@ -111,13 +111,33 @@ GEMV_ROWS = _gemv_rows()
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear``, or our gemv (``csrc/gemv.cpp``) for few rows of x on CPU (decode steps)."""
+    """``F.linear``, or our gemv (``csrc/gemv.cpp``) on CPU: for few rows of x (decode steps), and for
+    every row when the steps are batch-invariant (``native.INVARIANT``: its rows reduce alike)."""
     rows = x.numel() // x.shape[-1]
-    if 0 < rows <= GEMV_ROWS.get(x.dtype, 0) and weight.device.type == "cpu" and weight.dtype == x.dtype:
+    few = rows <= GEMV_ROWS.get(x.dtype, 0) or native.INVARIANT
+    same = weight.dtype == x.dtype and weight.is_contiguous()
+    if rows > 0 and few and same and weight.device.type == "cpu":
         ext = native.extension()
-        if ext is not None and weight.is_contiguous():
+        if ext is not None:
             return ext.gemv(x.reshape(rows, -1), weight, bias, native.ISA).view(*x.shape[:-1], -1)
     return F.linear(x, weight, bias)
+
+
+def _rowwise_kernel(x: torch.Tensor):
+    """The extension when it takes ``x`` row by row (``csrc/rowwise.cpp``: CPU, float32 or bfloat16)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return native.extension()
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of a gate|up matmul's output [..., 2 * width] (each rank's own units)."""
+    ext = _rowwise_kernel(gate_up)
+    if ext is not None:
+        rows = gate_up.reshape(-1, gate_up.shape[-1]).contiguous()
+        return ext.silu_mul(rows, native.ISA).view(*gate_up.shape[:-1], -1)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 class Linear:
@@ -288,10 +308,14 @@ class RMSNorm:
     """RMS norm (Llama, T5) as transformers: normalised in float32, scaled in the model dtype."""
 
     def __init__(self, weights: WeightSource, name: str, eps: float):
-        self.weight = weights.get(name)
+        self.weight = weights.get(name).contiguous()
         self.eps = eps
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        ext = _rowwise_kernel(x) if self.weight.dtype == x.dtype else None
+        if ext is not None:
+            rows = x.reshape(-1, x.shape[-1]).contiguous()
+            return ext.rms_norm(rows, self.weight, self.eps, native.ISA).view(x.shape)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)

@@ -66,6 +66,7 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.cache = self.model.new_cache(num_blocks, block_size)
+        self.invariant = self.model.invariant_steps()
         self.max_rows = max_rows
         self.max_pages = ceil_div(max_total_tokens, block_size) + 1
         self.watermark = watermark
@@ -216,7 +217,7 @@ class ModelRunner:
         inputs = step.inputs
         tables = self.states.tables(step, ceil_div(max(layout.context_lens), self.block_size))
         attention = AttentionMetadata.for_pages(
-            qs, layout.context_lens, tables, inputs.slot_mapping, self.block_size
+            qs, layout.context_lens, tables, inputs.slot_mapping, self.block_size, invariant=self.invariant
         )
         logit_rows = torch.tensor(
             [qs[r + 1] - 1 for r in layout.sample_rows], dtype=torch.int64, device=self.device

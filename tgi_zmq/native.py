@@ -25,8 +25,14 @@ from tgi_zmq.machine import REPO
 
 log = logging.getLogger(__name__)
 
-SOURCES = [REPO / "csrc" / name for name in ("module.cpp", "qkernels.cpp", "gemv.cpp", "paged_attention.cpp")]
-HEADERS = [REPO / "csrc" / name for name in ("native.h", "isa.h", "paged_attention_isa.inc", "gemv_isa.inc")]
+SOURCES = [
+    REPO / "csrc" / name
+    for name in ("module.cpp", "qkernels.cpp", "gemv.cpp", "paged_attention.cpp", "rowwise.cpp")
+]
+HEADERS = [
+    REPO / "csrc" / name
+    for name in ("native.h", "isa.h", "paged_attention_isa.inc", "gemv_isa.inc", "rowwise_isa.inc")
+]
 BUILD_DIR = REPO / "build" / "native"
 ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}  # the extension's codes for TGI_ZMQ_ISA
 # No -march: the AVX2/AVX-512 functions carry their own target attributes. -fopenmp: without it
@@ -144,3 +150,13 @@ def env_isa() -> int:
 
 
 ISA = env_isa()  # the code path the attention and gemv kernels run (read once, at import)
+
+INVARIANT = False
+"""Batch-invariant CPU steps (``--deterministic``): every matmul, attention and row-wise op of a step runs
+a kernel of the extension that computes each token's row alike whatever the other rows of the step, so a
+token's logits do not depend on its batch. Set by the worker before it loads the model; read per call."""
+
+
+def invariant() -> bool:
+    """Batch-invariant kernels are asked for and the extension is there to run them."""
+    return INVARIANT and extension() is not None

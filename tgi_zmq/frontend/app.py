@@ -140,6 +140,7 @@ async def info(request: web.Request) -> web.Response:
             "quantize": c.quantize,
             "kv_cache_dtype": c.kv_cache_dtype,
             "kernels": c.kernels,
+            "deterministic": c.batch_invariant,
             "model_pipeline_tag": "text-generation",
             "max_concurrent_requests": c.max_concurrent_requests,
             "max_best_of": c.max_best_of,

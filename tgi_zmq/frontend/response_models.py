@@ -119,6 +119,10 @@ class Info(_Out):
         None,
         description="the CPU kernels that serve: native avx512 | native avx2 | torch fallback | torch cuda",
     )
+    deterministic: bool = Field(
+        False,
+        description="batch-invariant steps (--deterministic): a request's tokens do not depend on its batch",
+    )
     model_pipeline_tag: str | None
     max_concurrent_requests: int
     max_best_of: int

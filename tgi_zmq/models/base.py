@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from tgi_zmq import native
 from tgi_zmq.attention import KVCache
 from tgi_zmq.parallel import Shard
 
@@ -52,6 +53,9 @@ class PagedModel:
     sets ``num_kv_heads``, the KV heads of this rank."""
 
     num_kv_heads: int
+    # Its forward is batch-invariant under native.INVARIANT (kernels that compute each row alike, and
+    # no op that mixes rows); the others (position biases, torch's norms) are not, and say so.
+    batch_invariant = False
 
     def __init__(self, cfg: Any, dtype: torch.dtype, device: torch.device, shard: Shard):
         self.cfg = cfg
@@ -64,4 +68,17 @@ class PagedModel:
         c = self.cfg
         return KVCache(
             c.num_layers, num_blocks, block_size, self.num_kv_heads, c.head_dim, self.kv_dtype, self.device
+        )
+
+    def invariant_steps(self) -> bool:
+        """This model's steps are batch-invariant: asked for (``native.INVARIANT``), the extension loaded,
+        a forward made of row-wise kernels, on the CPU, over float32 or bfloat16 pages (which the
+        in-place attention kernel reads)."""
+        floats = (torch.float32, torch.bfloat16)
+        return (
+            self.batch_invariant
+            and native.invariant()
+            and torch.device(self.device).type == "cpu"
+            and self.dtype in floats
+            and self.kv_dtype in floats
         )

@@ -14,7 +14,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from tgi_zmq.attention import KVCache, paged_attention
 from tgi_zmq.forward_batch import ForwardBatch
@@ -26,6 +25,7 @@ from tgi_zmq.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     WeightSource,
+    silu_and_mul,
 )
 from tgi_zmq.models.base import ModelConfig, PagedModel
 from tgi_zmq.parallel import Shard
@@ -119,6 +119,8 @@ class Layer:
 class LlamaModel(PagedModel):
     """With tensor parallelism (``shard``), this rank's heads, MLP units and vocabulary slice."""
 
+    batch_invariant = True  # every op is a row-wise kernel or exact elementwise arithmetic
+
     def __init__(
         self, cfg: LlamaConfig, weights: WeightSource, dtype: torch.dtype, device: torch.device, shard: Shard
     ):
@@ -168,8 +170,7 @@ class LlamaModel(PagedModel):
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             attn = paged_attention(q, k, v, cache.k[i], cache.v[i], batch.attention, self.scale)
             x = x + layer.o(attn.flatten(1))
-            gate, up = layer.gate_up.split(layer.gate_up(layer.post_norm(x)))
-            x = x + layer.down(F.silu(gate) * up)
+            x = x + layer.down(silu_and_mul(layer.gate_up(layer.post_norm(x))))
         return self.lm_head(self.norm(x[batch.logit_rows]))
 
 

@@ -31,6 +31,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from tgi_zmq import native
 from tgi_zmq.native import env_isa, extension
 from tgi_zmq.quant.formats import BLOCK, Int4Weight, Int8Weight, QuantizedWeight
 
@@ -84,6 +85,8 @@ class Prepared:
         """The kernel for ``m`` rows of x in ``dtype``."""
         if self.forced:
             return self.forced
+        if native.INVARIANT:  # the fused kernel reduces each row alike whatever M; BLAS does not
+            return "fused"
         ranges = RULES.get((RULE_CAPABILITY, self.format, dtype), FUSED)
         return next(kernel for top, kernel in ranges if m <= top)
 
@@ -137,7 +140,7 @@ def _args(w: QuantizedWeight) -> tuple:
 
 
 def _fused(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None) -> torch.Tensor:
-    return extension().linear(x, *_args(p.weight), bias, p.isa)
+    return extension().linear(x, *_args(p.weight), bias, p.isa, native.INVARIANT)
 
 
 def _dequant(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None) -> torch.Tensor:

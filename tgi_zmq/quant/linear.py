@@ -17,9 +17,8 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from tgi_zmq.layers import Linear, LinearMethod, Range, UnquantizedLinear, WeightSource
+from tgi_zmq.layers import Linear, LinearMethod, Range, UnquantizedLinear, WeightSource, dense_linear
 from tgi_zmq.quant import kernels
 from tgi_zmq.quant.formats import (
     BLOCK,
@@ -131,7 +130,7 @@ class DequantizedLinear:
         layer.weight = weight.to(weights.dtype)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, layer.weight, layer.bias)
+        return dense_linear(x, layer.weight, layer.bias)
 
 
 class BitsAndBytesLinear:
@@ -175,7 +174,7 @@ class Fp8Linear:
         layer.fp8, layer.scale = (w / scale).to(torch.float8_e4m3fn), scale
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, (layer.fp8.to(x.dtype) * layer.scale.to(x.dtype)), layer.bias)
+        return dense_linear(x, (layer.fp8.to(x.dtype) * layer.scale.to(x.dtype)), layer.bias)
 
 
 def _one_format(parts: list[QuantizedWeight | torch.Tensor]) -> bool:

@@ -1,0 +1,100 @@
+// Row-wise work between the matmuls of a layer (tgi_zmq.layers): RMSNorm, and SiLU(gate) * up.
+//
+// Why our own: torch's CPU kernels for these pick vectorized or scalar code by where an element falls in
+// the whole tensor and how it is split over threads (silu's exp differs by an ulp between the two), so a
+// token's values could depend on how many tokens the step has. Here each row is computed alone by the
+// same code, whatever the rows around it (batch invariance), and each is one pass instead of torch's
+// 4-6 ops with their temporaries. Float32 arithmetic, rounded to x's dtype where transformers rounds.
+//
+// One source for every x86-64 CPU: the loops (rowwise_isa.inc) are compiled over AVX-512, AVX2 and
+// one-lane vectors (isa.h), the best chosen at run time.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "native.h"
+
+namespace tgi {
+namespace {
+
+inline float to_float(float v) { return v; }
+inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
+// A float rounded to T and back (transformers' casts between ops, in bfloat16).
+template <class T>
+inline float round_to(float v) {
+  return to_float(static_cast<T>(v));
+}
+
+#define TGI_ISA_BODY "rowwise_isa.inc"
+#include "isa.h"
+
+template <class Fn>
+void over_rows(int64_t rows, int64_t width, Fn fn) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, width)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) fn(r);
+  });
+}
+
+template <class T>
+void rms_norm_rows(const at::Tensor& x, const at::Tensor& w, double eps, at::Tensor& out, int64_t isa) {
+  const int64_t rows = x.size(0), d = x.size(1);
+  const T* xp = x.data_ptr<T>();
+  const T* wp = w.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const float e = static_cast<float>(eps);
+  over_rows(rows, d, [&](int64_t r) {
+    if (isa == kAvx512 && d % 16 == 0) avx512::rms_norm_row(xp + r * d, wp, d, e, op + r * d);
+    else if (isa >= kAvx2 && d % 8 == 0) avx2::rms_norm_row(xp + r * d, wp, d, e, op + r * d);
+    else scalar::rms_norm_row(xp + r * d, wp, d, e, op + r * d);
+  });
+}
+
+template <class T>
+void silu_mul_rows(const at::Tensor& gate_up, at::Tensor& out, int64_t isa) {
+  const int64_t rows = gate_up.size(0), d = out.size(1);
+  const T* gp = gate_up.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  over_rows(rows, d, [&](int64_t r) {
+    const T* g = gp + r * 2 * d;
+    if (isa == kAvx512 && d % 16 == 0) avx512::silu_mul_row(g, g + d, d, op + r * d);
+    else if (isa >= kAvx2 && d % 8 == 0) avx2::silu_mul_row(g, g + d, d, op + r * d);
+    else scalar::silu_mul_row(g, g + d, d, op + r * d);
+  });
+}
+
+void check_rows(const at::Tensor& x, const char* what) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), what, ": contiguous [rows, width]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, what, ": float32 or bfloat16");
+}
+
+}  // namespace
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, int64_t isa) {
+  check_rows(x, "x");
+  TORCH_CHECK(weight.dim() == 1 && weight.is_contiguous() && weight.numel() == x.size(1) &&
+                  weight.scalar_type() == x.scalar_type(),
+              "weight: contiguous [width] in x's dtype");
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  isa = resolve_isa(isa);
+  if (x.scalar_type() == at::kFloat) rms_norm_rows<float>(x, weight, eps, out, isa);
+  else rms_norm_rows<at::BFloat16>(x, weight, eps, out, isa);
+  return out;
+}
+
+at::Tensor silu_mul(const at::Tensor& gate_up, int64_t isa) {
+  check_rows(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up: [rows, 2 * width]");
+  at::Tensor out = at::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
+  isa = resolve_isa(isa);
+  if (gate_up.scalar_type() == at::kFloat) silu_mul_rows<float>(gate_up, out, isa);
+  else silu_mul_rows<at::BFloat16>(gate_up, out, isa);
+  return out;
+}
+
+}  // namespace tgi
