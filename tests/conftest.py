@@ -168,9 +168,11 @@ def sharded_service(tmp_path_factory) -> Iterator[Service]:
 
 @pytest.fixture(scope="session")
 def faulty(tmp_path_factory) -> Iterator[Service]:
-    """One float32 service for the fault tests, shared by tests/test_e2e_faults.py (processes killed or
-    hung under load; a short watchdog) and tests/test_e2e_isolation.py (requests poisoned through the
-    test hook ``TGI_ZMQ_TEST_FAULTS``, set for this service only: tgi_zmq/runtime.py)."""
+    """One bfloat16 service for the fault tests, shared by tests/test_e2e_faults.py (processes killed or
+    hung under load, replayed to the same tokens: batch-invariant steps; a short watchdog),
+    tests/test_e2e_isolation.py (requests poisoned through the test hook ``TGI_ZMQ_TEST_FAULTS``, set
+    for this service only: tgi_zmq/runtime.py) and tests/test_e2e_invariance.py (prompts prefilled in
+    chunks of 256 beside decodes)."""
     from tests.test_e2e_isolation import POISON
     from tgi_zmq.runtime import TEST_FAULTS_ENV
 
@@ -179,8 +181,9 @@ def faulty(tmp_path_factory) -> Iterator[Service]:
         env.setenv(TEST_FAULTS_ENV, faults)  # the service's processes inherit it; this one does not keep it
         svc = start_service(
             tmp_path_factory.mktemp("faults"),
-            *("--dtype", "float32", "--max-batch-total-tokens", "8192", "--max-total-tokens", "1024"),
+            *("--dtype", "bfloat16", "--max-batch-total-tokens", "8192", "--max-total-tokens", "1024"),
             *("--watchdog-timeout", "5", "--max-concurrent-requests", "32"),
+            *("--max-batch-prefill-tokens", "256"),
         )
     yield svc
     stop_service(svc, wait=False)

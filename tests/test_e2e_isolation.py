@@ -1,6 +1,7 @@
 """End to end, the error policy: a request whose handler raises in the tokenizer or in the scheduler, every
-time it is sent, gets its own 500 in TGI's shape while 16 streams in flight get exactly transformers'
-greedy tokens, and no process restarts (same pids, no restart counted, no replay).
+time it is sent, gets its own 500 in TGI's shape while 16 streams in flight get exactly the greedy tokens
+each prompt gets alone (the service's steps are batch-invariant), and no process restarts (same pids, no
+restart counted, no replay).
 
 The poisoned requests are chosen by their sampling seed through the test hook ``TGI_ZMQ_TEST_FAULTS``
 (``tgi_zmq.runtime``), set only for the fault tests' service (``faulty``, tests/conftest.py).
@@ -15,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-import torch
 
 from tests.conftest import pids
 from tests.test_e2e_faults import wait_until
@@ -36,17 +36,13 @@ PROCESSES = ("frontend", "tokenizer", "scheduler", "detokenizer", "worker")
 
 @pytest.fixture(scope="module")
 def reference(faulty) -> dict[str, list[int]]:
-    """transformers' greedy tokens of each prompt, same float32 weights."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(faulty.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(faulty.model_dir, torch_dtype=torch.float32).eval()
+    """Each prompt's greedy tokens, sent alone."""
     expected = {}
     for prompt in PROMPTS:
-        ids = tok(prompt)["input_ids"]
-        greedy = dict(max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=2)
-        out = model.generate(torch.tensor([ids]), **greedy)
-        expected[prompt] = out[0, len(ids) :].tolist()
+        stream = GreedyStream(faulty, prompt)
+        stream.join(timeout=180)
+        assert stream.error is None and len(stream.tokens) == MAX_NEW_TOKENS, stream.error
+        expected[prompt] = stream.tokens
     return expected
 
 
