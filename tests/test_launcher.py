@@ -283,3 +283,27 @@ def test_launch_without_a_compiler_goes_on_with_the_fallbacks(monkeypatch, tmp_p
     assert cli.prepare_kernels("cpu") == "torch fallback"
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("failed" in w for w in warnings) and any("kernels: torch fallback" in w for w in warnings)
+
+
+def test_deterministic_is_on_by_default_with_float_weights_and_asked_for_with_quantized_ones(
+    tiny_models, caplog
+):
+    built_extension()
+    flags = ("--max-batch-total-tokens", "9000")
+    native_kernels = "native avx512"
+    assert cli.batch_invariant(resolve(*flags, "--dtype", "bfloat16"), native_kernels)
+    assert cli.batch_invariant(resolve(*flags, "--dtype", "float32"), native_kernels)
+    assert not cli.batch_invariant(resolve(*flags, "--deterministic", "off"), native_kernels)
+    quantized = ("--quantize", "eetq", "--dtype", "bfloat16")
+    assert not cli.batch_invariant(resolve(*flags, *quantized), native_kernels)  # prefill is slower
+    assert cli.batch_invariant(resolve(*flags, *quantized, "--deterministic", "on"), native_kernels)
+    # asked where it cannot hold: off, and the log says why
+    assert not cli.batch_invariant(resolve(*flags, "--deterministic", "on"), "torch fallback")
+    bloom = resolve(
+        "--model-id", str(tiny_models("bloom", smol_tokenizer=True)), *flags, "--deterministic", "on"
+    )
+    assert not cli.batch_invariant(bloom, native_kernels)
+    assert "the C++ kernels do not load (torch fallback)" in caplog.text
+    assert "BloomModel is not (Llama-family models are)" in caplog.text
+    with pytest.raises(ValueError, match="--deterministic always: choose auto, on or off"):
+        resolve(*flags, "--deterministic", "always")
