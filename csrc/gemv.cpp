@@ -97,7 +97,8 @@ TGI_BF16 void rows_dp(const Gemv& j, int64_t n0, int64_t n1) {
 
 }  // namespace
 
-at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, int64_t isa) {
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, int64_t isa,
+                bool float_out) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x [M, K] and w [N, K]");
   TORCH_CHECK(w.is_contiguous() && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
               "w: contiguous float32 or bfloat16");
@@ -124,7 +125,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at
     else if (bf16) run_rows<at::BFloat16>(isa, j, n0, n1);
     else run_rows<float>(isa, j, n0, n1);
   });
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  return x.scalar_type() == at::kFloat || float_out ? y : y.to(x.scalar_type());
 }
 
 }  // namespace tgi

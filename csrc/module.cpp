@@ -7,12 +7,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "tgi-zmq CPU kernels: quantized and dense matmuls, paged attention, row-wise norm and activation";
   m.def("linear", &tgi::linear, "y = x W^T + bias with int8 / 4-bit LUT weights", py::arg("x"), py::arg("w"),
         py::arg("scales"), py::arg("offsets"), py::arg("lut"), py::arg("group"), py::arg("bias"),
-        py::arg("isa") = 0, py::arg("rows_alike") = false);
+        py::arg("isa") = 0, py::arg("rows_alike") = false, py::arg("float_out") = false);
   m.def("dequantize", &tgi::dequantize, "dequantize into out (float32 or bfloat16)", py::arg("w"),
         py::arg("scales"), py::arg("offsets"), py::arg("lut"), py::arg("group"), py::arg("out"), py::arg("isa") = 0);
   m.def("isa_name", &tgi::isa_name, "the ISA a request resolves to on this CPU", py::arg("isa") = 0);
   m.def("gemv", &tgi::gemv, "y = x W^T + bias (float32 / bfloat16 W), each row reduced alike", py::arg("x"),
-        py::arg("w"), py::arg("bias"), py::arg("isa") = 0);
+        py::arg("w"), py::arg("bias"), py::arg("isa") = 0, py::arg("float_out") = false);
   m.def("rms_norm", &tgi::rms_norm, "RMSNorm of each row (transformers' Llama), row by row", py::arg("x"),
         py::arg("weight"), py::arg("eps"), py::arg("isa") = 0);
   m.def("silu_mul", &tgi::silu_mul, "silu(gate) * up of [rows, gate | up], row by row", py::arg("gate_up"),

@@ -14,9 +14,10 @@ int64_t resolve_isa(int64_t want);
 std::string isa_name(int64_t isa);
 
 // qkernels.cpp: quantized-weight matmuls; rows_alike: each row of x by one formula (batch invariance).
+// float_out (here and in gemv): y in float32 as computed, not rounded to x's dtype (the LM head's logits).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                   const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& lut, int64_t group,
-                  const std::optional<at::Tensor>& bias, int64_t isa, bool rows_alike);
+                  const std::optional<at::Tensor>& bias, int64_t isa, bool rows_alike, bool float_out);
 void dequantize(const at::Tensor& w, const at::Tensor& scales, const std::optional<at::Tensor>& offsets,
                 const std::optional<at::Tensor>& lut, int64_t group, at::Tensor& out, int64_t isa);
 
@@ -29,6 +30,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, i
 at::Tensor silu_mul(const at::Tensor& gate_up, int64_t isa);
 
 // gemv.cpp: dense matmuls, each row reduced alike whatever the rows of x.
-at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, int64_t isa);
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, int64_t isa,
+                bool float_out);
 
 }  // namespace tgi

@@ -467,7 +467,7 @@ int64_t resolve_isa(int64_t want) {
 // y = x W^T + bias in x's dtype (float32 or bfloat16; converted to float32 once per call).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                   const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& lut, int64_t group,
-                  const std::optional<at::Tensor>& bias, int64_t isa, bool rows_alike) {
+                  const std::optional<at::Tensor>& bias, int64_t isa, bool rows_alike, bool float_out) {
   Job j = make_job(w, scales, offsets, lut, group);
   j.rows_alike = rows_alike;
   TORCH_CHECK(x.dim() == 2 && x.size(1) == j.k, "x must be [M, K]");
@@ -491,7 +491,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sc
     else if (int4) rows<I4>(isa, j, n0, n1);
     else rows<I8>(isa, j, n0, n1);
   });
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  return x.scalar_type() == at::kFloat || float_out ? y : y.to(x.scalar_type());
 }
 
 // Writes the dequantized weights into out ([N, K] contiguous, float32 or bfloat16).

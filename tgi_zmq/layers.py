@@ -80,8 +80,9 @@ class LinearMethod(Protocol):
         """Set ``layer``'s parameters from the checkpoint: the ``parts`` (tensor prefix, its rows)
         stacked by output rows, each read with the input columns ``cols``."""
 
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        """``x W^T + layer.bias`` (the bias may be None)."""
+    def apply(self, layer: Linear, x: torch.Tensor, float_out: bool = False) -> torch.Tensor:
+        """``x W^T + layer.bias`` (the bias may be None), in x's dtype or, ``float_out``, in float32
+        (the LM head's logits: not rounded to bfloat16 where the kernel computes in float32)."""
 
 
 class UnquantizedLinear:
@@ -95,8 +96,8 @@ class UnquantizedLinear:
     ) -> None:
         layer.weight = _cat([weights.get(f"{p}.weight", rows, cols, self.dtype) for p, rows in parts])
 
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        return dense_linear(x, layer.weight, layer.bias)
+    def apply(self, layer: Linear, x: torch.Tensor, float_out: bool = False) -> torch.Tensor:
+        return dense_linear(x, layer.weight, layer.bias, float_out)
 
 
 def _gemv_rows() -> dict[torch.dtype, int]:
@@ -110,17 +111,22 @@ def _gemv_rows() -> dict[torch.dtype, int]:
 GEMV_ROWS = _gemv_rows()
 
 
-def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def dense_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, float_out: bool = False
+) -> torch.Tensor:
     """``F.linear``, or our gemv (``csrc/gemv.cpp``) on CPU: for few rows of x (decode steps), and for
-    every row when the steps are batch-invariant (``native.INVARIANT``: its rows reduce alike)."""
+    every row when the steps are batch-invariant (``native.INVARIANT``: its rows reduce alike).
+    ``float_out``: float32 (the gemv's own sums, not rounded to x's dtype)."""
     rows = x.numel() // x.shape[-1]
     few = rows <= GEMV_ROWS.get(x.dtype, 0) or native.INVARIANT
     same = weight.dtype == x.dtype and weight.is_contiguous()
     if rows > 0 and few and same and weight.device.type == "cpu":
         ext = native.extension()
         if ext is not None:
-            return ext.gemv(x.reshape(rows, -1), weight, bias, native.ISA).view(*x.shape[:-1], -1)
-    return F.linear(x, weight, bias)
+            y = ext.gemv(x.reshape(rows, -1), weight, bias, native.ISA, float_out)
+            return y.view(*x.shape[:-1], -1)
+    y = F.linear(x, weight, bias)
+    return y.float() if float_out else y
 
 
 def _rowwise_kernel(x: torch.Tensor):
@@ -301,7 +307,7 @@ class ParallelLMHead(Linear):
         self.shard, self.vocab_size = shard, vocab_size
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor | None:
-        return self.shard.gather_vocab(self.method.apply(self, h).float(), self.vocab_size)
+        return self.shard.gather_vocab(self.method.apply(self, h, float_out=True), self.vocab_size)
 
 
 class RMSNorm:

@@ -101,14 +101,17 @@ def prepare(w: QuantizedWeight) -> Prepared:
     return Prepared(w, _forced(w), env_isa())
 
 
-def linear(x: torch.Tensor, prepared: Prepared, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ W^T + bias`` for x [..., K], in x's dtype."""
+def linear(
+    x: torch.Tensor, prepared: Prepared, bias: torch.Tensor | None = None, float_out: bool = False
+) -> torch.Tensor:
+    """``x @ W^T + bias`` for x [..., K], in x's dtype (``float_out``: float32, the fused kernel's own
+    sums unrounded)."""
     n, k = prepared.shape
     x2 = x.reshape(-1, k)
     kernel = prepared.kernel(x2.shape[0], x.dtype) if x.device.type == "cpu" else "reference"
     if kernel == "dequant" and x.dtype not in (torch.float32, torch.bfloat16):
         kernel = "fused"  # the scratch buffer is float32 or bfloat16
-    y = _KERNEL_FNS[kernel](x2, prepared, bias)
+    y = _KERNEL_FNS[kernel](x2, prepared, bias, float_out)
     return y.view(*x.shape[:-1], n)
 
 
@@ -139,11 +142,11 @@ def _args(w: QuantizedWeight) -> tuple:
     return w.packed, w.scales, w.offsets, w.lut, w.group
 
 
-def _fused(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None) -> torch.Tensor:
-    return extension().linear(x, *_args(p.weight), bias, p.isa, native.INVARIANT)
+def _fused(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None, float_out: bool) -> torch.Tensor:
+    return extension().linear(x, *_args(p.weight), bias, p.isa, native.INVARIANT, float_out)
 
 
-def _dequant(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None) -> torch.Tensor:
+def _dequant(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None, float_out: bool) -> torch.Tensor:
     """Dequantize up to SCRATCH_ELEMENTS weights at a time into one reused buffer (a fresh one per call
     would page-fault its every page), then BLAS: for large M the matmul dominates."""
     n, k = p.shape
@@ -160,12 +163,14 @@ def _dequant(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None) -> torch.T
             codes[lo:hi], scales[lo:hi], None if offsets is None else offsets[lo:hi], lut, group, w, p.isa
         )
         outs.append(F.linear(x, w, None if bias is None else bias[lo:hi]))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    return y.float() if float_out else y
 
 
-def _reference(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None) -> torch.Tensor:
+def _reference(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None, float_out: bool) -> torch.Tensor:
     w = p.weight.dequantize(x.dtype).to(x.device)
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    return y.float() if float_out else y
 
 
 _KERNEL_FNS = {"fused": _fused, "dequant": _dequant, "reference": _reference}

@@ -112,10 +112,10 @@ class QuantizedLinear:
     def _quantized(self, w: Loaded) -> Loaded:
         return self.quantize(w.float()) if isinstance(w, torch.Tensor) and self.quantize is not None else w
 
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: Linear, x: torch.Tensor, float_out: bool = False) -> torch.Tensor:
         if layer.perm is not None:
             x = x[..., layer.perm]
-        return kernels.linear(x, layer.qweight, layer.bias)
+        return kernels.linear(x, layer.qweight, layer.bias, float_out)
 
 
 class DequantizedLinear:
@@ -129,8 +129,8 @@ class DequantizedLinear:
         weight = torch.cat(loaded) if len(loaded) > 1 else loaded[0]
         layer.weight = weight.to(weights.dtype)
 
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        return dense_linear(x, layer.weight, layer.bias)
+    def apply(self, layer: Linear, x: torch.Tensor, float_out: bool = False) -> torch.Tensor:
+        return dense_linear(x, layer.weight, layer.bias, float_out)
 
 
 class BitsAndBytesLinear:
@@ -158,9 +158,10 @@ class BitsAndBytesLinear:
             module.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type=self.storage)
         layer.module = module.to(weights.device)  # bitsandbytes quantizes as the weight moves to the GPU
 
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: Linear, x: torch.Tensor, float_out: bool = False) -> torch.Tensor:
         y = layer.module(x).to(x.dtype)
-        return y if layer.bias is None else y + layer.bias
+        y = y if layer.bias is None else y + layer.bias
+        return y.float() if float_out else y
 
 
 class Fp8Linear:
@@ -173,8 +174,8 @@ class Fp8Linear:
         scale = w.abs().amax(1, keepdim=True).clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
         layer.fp8, layer.scale = (w / scale).to(torch.float8_e4m3fn), scale
 
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        return dense_linear(x, (layer.fp8.to(x.dtype) * layer.scale.to(x.dtype)), layer.bias)
+    def apply(self, layer: Linear, x: torch.Tensor, float_out: bool = False) -> torch.Tensor:
+        return dense_linear(x, (layer.fp8.to(x.dtype) * layer.scale.to(x.dtype)), layer.bias, float_out)
 
 
 def _one_format(parts: list[QuantizedWeight | torch.Tensor]) -> bool:
