@@ -15,8 +15,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("w"), py::arg("bias"), py::arg("isa") = 0, py::arg("float_out") = false);
   m.def("rms_norm", &tgi::rms_norm, "RMSNorm of each row (transformers' Llama), row by row", py::arg("x"),
         py::arg("weight"), py::arg("eps"), py::arg("isa") = 0);
+  m.def("add_rms_norm_", &tgi::add_rms_norm_, "x += delta in place, then RMSNorm of each row", py::arg("x"),
+        py::arg("delta"), py::arg("weight"), py::arg("eps"), py::arg("isa") = 0);
   m.def("silu_mul", &tgi::silu_mul, "silu(gate) * up of [rows, gate | up], row by row", py::arg("gate_up"),
         py::arg("isa") = 0);
+  m.def("rope_", &tgi::rope_, "rotary embeddings (rotate-half) applied in place to q and k, row by row",
+        py::arg("q"), py::arg("k"), py::arg("cos"), py::arg("sin"), py::arg("positions"));
   m.def("paged_decode", &tgi::paged_decode, "attention of one query per row over the paged KV cache, read in place",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("tables"), py::arg("lens"), py::arg("scale"),
         py::arg("isa") = 0);

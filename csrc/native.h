@@ -27,7 +27,11 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
 
 // rowwise.cpp: RMSNorm and SiLU(gate) * up, row by row.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, int64_t isa);
+at::Tensor add_rms_norm_(const at::Tensor& x, const at::Tensor& delta, const at::Tensor& weight, double eps,
+                         int64_t isa);
 at::Tensor silu_mul(const at::Tensor& gate_up, int64_t isa);
+void rope_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
+           const at::Tensor& positions);
 
 // gemv.cpp: dense matmuls, each row reduced alike whatever the rows of x.
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, int64_t isa,

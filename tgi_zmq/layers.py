@@ -310,6 +310,34 @@ class ParallelLMHead(Linear):
         return self.shard.gather_vocab(self.method.apply(self, h, float_out=True), self.vocab_size)
 
 
+class Rotary:
+    """Rotary position embeddings (rotate-half, Llama's) at one step's ``positions``, from the model's
+    cos and sin tables [positions, head_dim]: in place by the extension on CPU (``csrc/rowwise.cpp``: one
+    pass for q and k), else torch's ops on gathered rows of the tables."""
+
+    def __init__(self, cos_table: torch.Tensor, sin_table: torch.Tensor, positions: torch.Tensor):
+        self.ext = _rowwise_kernel(cos_table)
+        if self.ext is not None:
+            self.tables, self.positions = (cos_table, sin_table), positions.long().contiguous()
+        else:
+            self.cos, self.sin = cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, heads, dim] and k [T, kv_heads, dim], rotated (the same tensors, on CPU)."""
+        if self.ext is not None and q.dtype == k.dtype == self.tables[0].dtype:
+            self.ext.rope_(q, k, *self.tables, self.positions)
+            return q, k
+        if self.ext is not None:
+            self.cos, self.sin = (t[self.positions].unsqueeze(1) for t in self.tables)
+            self.ext = None
+        return self._torch(q), self._torch(k)
+
+    def _torch(self, x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * self.cos + rotated * self.sin
+
+
 class RMSNorm:
     """RMS norm (Llama, T5) as transformers: normalised in float32, scaled in the model dtype."""
 
@@ -322,6 +350,16 @@ class RMSNorm:
         if ext is not None:
             rows = x.reshape(-1, x.shape[-1]).contiguous()
             return ext.rms_norm(rows, self.weight, self.eps, native.ISA).view(x.shape)
+        return self._torch(x)
+
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """``x += delta`` (the residual stream, in place), then the norm of x: one pass on CPU."""
+        ext = _rowwise_kernel(x) if self.weight.dtype == x.dtype == delta.dtype else None
+        if ext is not None and x.dim() == 2 and x.is_contiguous() and delta.is_contiguous():
+            return ext.add_rms_norm_(x, delta, self.weight, self.eps, native.ISA)
+        return self(x.add_(delta))
+
+    def _torch(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)

@@ -22,6 +22,7 @@ from tgi_zmq.layers import (
     ParallelLMHead,
     QKVParallelLinear,
     RMSNorm,
+    Rotary,
     RowParallelLinear,
     VocabParallelEmbedding,
     WeightSource,
@@ -162,19 +163,16 @@ class LlamaModel(PagedModel):
 
         With tensor parallelism only rank 0 gets the logits (None on the other ranks).
         """
-        x = self.embed(batch.input_ids)
-        cos = self.cos_table[batch.positions].unsqueeze(1)
-        sin = self.sin_table[batch.positions].unsqueeze(1)
+        x = self.embed(batch.input_ids)  # the residual stream, added to in place
+        rope = Rotary(self.cos_table, self.sin_table, batch.positions)
+        normed = self.layers[0].input_norm(x)
         for i, layer in enumerate(self.layers):
-            q, k, v = layer.qkv.split(layer.qkv(layer.input_norm(x)))
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            q, k, v = layer.qkv.split(layer.qkv(normed))
+            q, k = rope(q, k)
             attn = paged_attention(q, k, v, cache.k[i], cache.v[i], batch.attention, self.scale)
-            x = x + layer.o(attn.flatten(1))
-            x = x + layer.down(silu_and_mul(layer.gate_up(layer.post_norm(x))))
-        return self.lm_head(self.norm(x[batch.logit_rows]))
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+            normed = layer.post_norm.add_and_norm(x, layer.o(attn.flatten(1)))
+            mlp = layer.down(silu_and_mul(layer.gate_up(normed)))
+            if i + 1 < len(self.layers):
+                normed = self.layers[i + 1].input_norm.add_and_norm(x, mlp)
+        rows = batch.logit_rows  # the last residual add and the final norm only where logits are taken
+        return self.lm_head(self.norm(x[rows] + mlp[rows]))
