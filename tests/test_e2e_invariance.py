@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 WORDS = "river model light paris seven orange quietly build window engine north garden".split()
 PROMPTS = [" ".join(WORDS[(i + j * 5) % len(WORDS)] for j in range(2 + i % 5)) for i in range(32)]
 LONG = " ".join(WORDS[(j * 7) % len(WORDS)] for j in range(700))  # 758 tokens: chunks of 256
-MAX_NEW = 8
+MAX_NEW = 6
 
 
 def generate(service, i: int) -> list[int]:
