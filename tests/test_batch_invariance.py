@@ -75,6 +75,31 @@ def test_rms_norm_and_silu_mul_equal_torch_row_by_row(ext, dtype, width):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_in_place_and_the_fused_residual_norm_equal_torch(ext, dtype):
+    """RoPE on q and k as views of one q|k|v row (strided rows), and x += delta then RMSNorm."""
+    g = torch.Generator().manual_seed(2)
+    cos, sin = (torch.randn(300, 8, generator=g).repeat(1, 2).to(dtype) for _ in range(2))
+    qkv = torch.randn(37, 8 * 16, generator=g).to(dtype)
+    positions = torch.randint(0, 300, (37,), generator=g)
+    q, k = qkv[:, :64].view(37, 4, 16), qkv[:, 64:96].view(37, 2, 16)
+    rotated = []
+    for x in (q, k):
+        c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+        rotated.append(x * c + torch.cat([-x[..., 8:], x[..., :8]], dim=-1) * s)
+    v = qkv[:, 96:].clone()
+    ext.rope_(q, k, cos, sin, positions)
+    tol = {} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 5e-2}
+    torch.testing.assert_close(q, rotated[0], **tol)
+    torch.testing.assert_close(k, rotated[1], **tol)
+    assert torch.equal(qkv[:, 96:], v)  # v untouched
+    x, delta = torch.randn(37, 64, generator=g).to(dtype), torch.randn(37, 64, generator=g).to(dtype)
+    weight = torch.randn(64, generator=g).to(dtype)
+    expected_x = x + delta
+    normed = ext.add_rms_norm_(x, delta, weight, 1e-5, 0)
+    assert torch.equal(x, expected_x) and torch.equal(normed, ext.rms_norm(expected_x, weight, 1e-5, 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_prompts_attention_rows_equal_decoding_each_position(ext, dtype):
     """A 600-token context (three parts of 256 keys): its 600 query rows in one call (a task per row)
     give what each position gives decoded alone (tasks per part), and beside another request."""

@@ -323,13 +323,11 @@ class Rotary:
             self.cos, self.sin = cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, heads, dim] and k [T, kv_heads, dim], rotated (the same tensors, on CPU)."""
-        if self.ext is not None and q.dtype == k.dtype == self.tables[0].dtype:
+        """q [T, heads, dim] and k [T, kv_heads, dim] in the tables' dtype, rotated (on CPU: the same
+        tensors, rotated in place)."""
+        if self.ext is not None:
             self.ext.rope_(q, k, *self.tables, self.positions)
             return q, k
-        if self.ext is not None:
-            self.cos, self.sin = (t[self.positions].unsqueeze(1) for t in self.tables)
-            self.ext = None
         return self._torch(q), self._torch(k)
 
     def _torch(self, x: torch.Tensor) -> torch.Tensor:
