@@ -39,8 +39,8 @@ PROMPTS = [
 ]
 
 
-def body(i: int) -> dict:
-    params = {"max_new_tokens": MAX_NEW_TOKENS, "ignore_eos": True, "details": True}
+def body(i: int, max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
+    params = {"max_new_tokens": max_new_tokens, "ignore_eos": True, "details": True}
     if i % 2:
         params.update(do_sample=True, temperature=0.8, seed=1000 + i)
     if i in (2, 3):  # longer than 64 tokens can write: the grammar never ends them early
@@ -51,9 +51,9 @@ def body(i: int) -> dict:
 class Stream(threading.Thread):
     """One streaming request in a thread: its token ids, or the error that ended it."""
 
-    def __init__(self, service, i: int):
+    def __init__(self, service, i: int, max_new_tokens: int = MAX_NEW_TOKENS):
         super().__init__(daemon=True)
-        self.url, self.body = service.url + "/generate_stream", body(i)
+        self.url, self.body = service.url + "/generate_stream", body(i, max_new_tokens)
         self.tokens: list[int] = []
         self.error: str | None = None
         self.start()
@@ -166,7 +166,8 @@ def test_overload_gets_429s_and_answers_but_no_5xx(faulty):
 
 
 def test_a_killed_frontend_serves_again_within_5s_and_drops_its_orphans(faulty, reference):
-    streams = [Stream(faulty, i) for i in range(4)]
+    # long enough to be still running when the new frontend starts (64 tokens took ~2 s in bfloat16)
+    streams = [Stream(faulty, i, max_new_tokens=512) for i in range(4)]
     wait_until(lambda: all(s.tokens or s.error for s in streams), 60, "streams started")
     killed = time.time()
     kill(faulty, "frontend")()
