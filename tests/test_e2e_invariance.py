@@ -1,8 +1,8 @@
 """End to end, batch invariance (``--deterministic``): 32 greedy and seeded requests get the same tokens
-sent one at a time, all 32 at once, and beside a long prompt that is prefilled in chunks, in bfloat16,
-with 8-bit weights and from the Q4_1 GGUF on two ranks. The prompts are shorter than a KV block, so no
-phase reads another's prefix cache: every phase computes every prompt. The kernels and the engine in
-process: tests/test_batch_invariance.py; a replay after a kill, in bfloat16: tests/test_e2e_faults.py."""
+sent one at a time, all 32 at once, and beside a long prompt that is prefilled in chunks, in bfloat16
+and from the Q4_1 GGUF on two ranks. The prompts are shorter than a KV block, so no phase reads another's
+prefix cache: every phase computes every prompt. The kernels and the engine in process (8-bit and 4-bit
+weights too): tests/test_batch_invariance.py; a replay after a kill, in bfloat16: tests/test_e2e_faults.py."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from tests.conftest import free_port, start_service, stop_service
+from tests.test_e2e_quantize import assert_says_paris
 from tgi_zmq.convert import find_bundled_gguf
 
 pytestmark = pytest.mark.e2e
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.e2e
 WORDS = "river model light paris seven orange quietly build window engine north garden".split()
 PROMPTS = [" ".join(WORDS[(i + j * 5) % len(WORDS)] for j in range(2 + i % 5)) for i in range(32)]
 LONG = " ".join(WORDS[(j * 7) % len(WORDS)] for j in range(700))  # 758 tokens: chunks of 256
-MAX_NEW = 6
+MAX_NEW = 4
 
 
 def generate(service, i: int) -> list[int]:
@@ -54,23 +55,16 @@ def test_bfloat16_tokens_do_not_depend_on_the_batch(faulty):
     assert_invariant(faulty)  # bfloat16, --deterministic auto: on with float weights
 
 
-@pytest.mark.parametrize(
-    "flags",
-    [
-        ("--quantize", "eetq", "--dtype", "bfloat16"),
-        ("--model-id", "GGUF", "--dtype", "bfloat16", "--num-shard", "2"),
-    ],
-    ids=["8-bit", "q4_1-gguf-2-ranks"],
-)
-def test_quantized_tokens_do_not_depend_on_the_batch(flags, tmp_path):
-    flags = tuple(str(find_bundled_gguf()) if f == "GGUF" else f for f in flags)
+def test_q4_1_gguf_tokens_on_two_ranks_do_not_depend_on_the_batch_and_say_paris(tmp_path):
+    gguf = find_bundled_gguf()
     service = start_service(
         tmp_path,
-        *flags,
+        *("--model-id", str(gguf), "--dtype", "bfloat16", "--num-shard", "2"),
         *("--deterministic", "on", "--master-port", str(free_port()), "--max-batch-prefill-tokens", "256"),
         *("--max-batch-total-tokens", "8192", "--max-total-tokens", "1024"),
     )
     try:
         assert_invariant(service)
+        assert_says_paris(service, gguf)
     finally:
         stop_service(service, wait=False)

@@ -91,28 +91,31 @@ def test_prequantized_checkpoints_are_found_and_served(tiny, method, tmp_path):
     assert info["quantize"] == method
 
 
-@pytest.mark.parametrize("shards", [1, 2])
-def test_the_default_model_from_its_own_q4_1_file_says_paris(shards, tmp_path):
+def test_the_default_model_from_its_own_q4_1_file_says_paris(tmp_path):
+    """On one rank; on two: tests/test_e2e_invariance.py."""
     gguf = find_bundled_gguf()
     service = start_service(
         tmp_path,
-        *("--model-id", str(gguf), "--max-batch-total-tokens", "8192"),
-        *("--num-shard", str(shards), "--master-port", str(free_port())),
+        *("--model-id", str(gguf), "--max-batch-total-tokens", "8192", "--master-port", str(free_port())),
     )
     try:
-        info = requests.get(service.url + "/info", timeout=10).json()
-        assert info["quantize"] == "gguf" and info["model_id"] == str(gguf)
-        body = {
-            "model": "tgi",
-            "messages": [{"role": "user", "content": "What is the capital of France?"}],
-            "max_tokens": 30,
-            "temperature": 0,
-        }
-        response = requests.post(service.url + "/v1/chat/completions", json=body, timeout=120)
-        assert response.status_code == 200, response.text
-        assert "Paris" in response.json()["choices"][0]["message"]["content"]
+        assert_says_paris(service, gguf)
     finally:
         stop_service(service, wait=False)
+
+
+def assert_says_paris(service, gguf: Path) -> None:
+    info = requests.get(service.url + "/info", timeout=10).json()
+    assert info["quantize"] == "gguf" and info["model_id"] == str(gguf)
+    body = {
+        "model": "tgi",
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 30,
+        "temperature": 0,
+    }
+    response = requests.post(service.url + "/v1/chat/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    assert "Paris" in response.json()["choices"][0]["message"]["content"]
 
 
 def test_the_launcher_refuses_what_this_device_cannot_run():
