@@ -212,3 +212,11 @@ def built_extension() -> ModuleType:
             pytest.skip("no C++ compiler: the extension cannot be built (torch's paths run)")
         pytest.fail("the C++ extension failed to build (see the warning above)")
     return native.extension()
+
+
+def isa_codes(ext: ModuleType) -> list[int]:
+    """One code per distinct path of the extension on this CPU (a request above the CPU is clamped down)."""
+    from tgi_zmq import native
+
+    paths = {ext.isa_name(code): code for code in sorted(native.ISAS.values(), reverse=True)}
+    return sorted(paths.values())

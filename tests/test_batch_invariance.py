@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import built_extension, run_engine
+from tests.helpers import built_extension, isa_codes, run_engine
 from tgi_zmq import native
 from tgi_zmq.messages import SamplingParams
 from tgi_zmq.quant import kernels
@@ -18,10 +18,6 @@ from tgi_zmq.quant.formats import NF4, quantize_int8, quantize_lut4
 @pytest.fixture(scope="module")
 def ext():
     return built_extension()
-
-
-def isas(ext) -> list[int]:
-    return sorted({ext.isa_name(code): code for code in sorted(native.ISAS.values(), reverse=True)}.values())
 
 
 def assert_rows_alike(full: torch.Tensor, op, x: torch.Tensor) -> None:
@@ -36,7 +32,7 @@ def assert_rows_alike(full: torch.Tensor, op, x: torch.Tensor) -> None:
 def test_gemv_rows_do_not_depend_on_the_rows_beside_them(ext, dtype, k):
     g = torch.Generator().manual_seed(k)
     w, x = torch.randn(37, k, generator=g).to(dtype), torch.randn(300, k, generator=g).to(dtype)
-    for isa in isas(ext):
+    for isa in isa_codes(ext):
         full = ext.gemv(x, w, None, isa)  # 300 rows: blocks of 128, tiles of 4 and single rows
         assert_rows_alike(full, lambda rows, isa=isa: ext.gemv(rows, w, None, isa), x)
 
@@ -48,7 +44,7 @@ def test_quantized_rows_alike_take_one_formula(ext, fmt):
     prepared = kernels.prepare(quantize_int8(w) if fmt == "int8" else quantize_lut4(w, NF4, 64))
     args = kernels._args(prepared.weight)
     x = torch.randn(200, 128, generator=g)
-    for isa in isas(ext):
+    for isa in isa_codes(ext):
         full = ext.linear(x, *args, None, isa, True)
         assert_rows_alike(full, lambda rows, isa=isa: ext.linear(rows, *args, None, isa, True), x)
         torch.testing.assert_close(full, x @ prepared.weight.dequantize().T, rtol=1e-4, atol=1e-3)
@@ -66,7 +62,7 @@ def test_rms_norm_and_silu_mul_equal_torch_row_by_row(ext, dtype, width):
     gate, up = gate_up.chunk(2, -1)
     act = torch.nn.functional.silu(gate) * up
     tol = {} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-2}
-    for isa in isas(ext):
+    for isa in isa_codes(ext):
         full_norm, full_act = ext.rms_norm(x, weight, 1e-6, isa), ext.silu_mul(gate_up, isa)
         torch.testing.assert_close(full_norm, norm, **tol)
         torch.testing.assert_close(full_act, act, **tol)
@@ -110,7 +106,7 @@ def test_a_prompts_attention_rows_equal_decoding_each_position(ext, dtype):
     table = torch.randperm(200, generator=g)[: n // block]
     q = torch.randn(n, heads, dim, generator=g).to(dtype)
     lens = torch.arange(1, n + 1)
-    for isa in isas(ext):
+    for isa in isa_codes(ext):
         rows = ext.paged_decode(q, k_cache, v_cache, table.expand(n, -1).contiguous(), lens, 0.25, isa)
         for i in (0, 255, 256, 511, 599):
             one = (q[i : i + 1], k_cache, v_cache, table.view(1, -1), lens[i : i + 1])

@@ -1,8 +1,9 @@
 """End to end, batch invariance (``--deterministic``): 32 greedy and seeded requests get the same tokens
 sent one at a time, all 32 at once, and beside a long prompt that is prefilled in chunks, in bfloat16
-and from the Q4_1 GGUF on two ranks. The prompts are shorter than a KV block, so no phase reads another's
+and from the Q4_1 GGUF. The prompts are shorter than a KV block, so no phase reads another's
 prefix cache: every phase computes every prompt. The kernels and the engine in process (8-bit and 4-bit
-weights too): tests/test_batch_invariance.py; a replay after a kill, in bfloat16: tests/test_e2e_faults.py."""
+weights too): tests/test_batch_invariance.py; a replay after a kill, in bfloat16 and on two float32 ranks:
+tests/test_e2e_faults.py."""
 
 from __future__ import annotations
 
@@ -55,11 +56,11 @@ def test_bfloat16_tokens_do_not_depend_on_the_batch(faulty):
     assert_invariant(faulty)  # bfloat16, --deterministic auto: on with float weights
 
 
-def test_q4_1_gguf_tokens_on_two_ranks_do_not_depend_on_the_batch_and_say_paris(tmp_path):
+def test_the_q4_1_gguf_tokens_do_not_depend_on_the_batch_and_say_paris(tmp_path):
     gguf = find_bundled_gguf()
     service = start_service(
         tmp_path,
-        *("--model-id", str(gguf), "--dtype", "bfloat16", "--num-shard", "2"),
+        *("--model-id", str(gguf), "--dtype", "bfloat16"),
         *("--deterministic", "on", "--master-port", str(free_port()), "--max-batch-prefill-tokens", "256"),
         *("--max-batch-total-tokens", "8192", "--max-total-tokens", "1024"),
     )

@@ -1,6 +1,6 @@
 """End to end, every ``--quantize`` value through the real service on a tiny model (its greedy tokens are
-transformers' on the dequantized weights, on one rank and two), the default model served from its own
-Q4_1 GGUF file, and the launcher's refusals."""
+transformers' on the dequantized weights, on one rank and two) and the launcher's refusals. The default
+model from its own Q4_1 GGUF file: tests/test_e2e_invariance.py (``assert_says_paris``)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tests.helpers import hf_greedy, tiny_model
 from tests.quant_checkpoints import write_awq_checkpoint, write_dequantized_reference, write_gptq_checkpoint
 from tests.test_e2e_models import MAX_NEW, generated_ids
 from tests.test_quantize import dequantized_reference
-from tgi_zmq.convert import ensure_default_model, find_bundled_gguf
+from tgi_zmq.convert import ensure_default_model
 
 pytestmark = pytest.mark.e2e
 
@@ -89,19 +89,6 @@ def test_prequantized_checkpoints_are_found_and_served(tiny, method, tmp_path):
     write_dequantized_reference(checkpoint, reference)
     info = _serve_and_compare(tmp_path / "service", checkpoint, reference, "--quantize", method)
     assert info["quantize"] == method
-
-
-def test_the_default_model_from_its_own_q4_1_file_says_paris(tmp_path):
-    """On one rank; on two: tests/test_e2e_invariance.py."""
-    gguf = find_bundled_gguf()
-    service = start_service(
-        tmp_path,
-        *("--model-id", str(gguf), "--max-batch-total-tokens", "8192", "--master-port", str(free_port())),
-    )
-    try:
-        assert_says_paris(service, gguf)
-    finally:
-        stop_service(service, wait=False)
 
 
 def assert_says_paris(service, gguf: Path) -> None:

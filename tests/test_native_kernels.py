@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import built_extension
+from tests.helpers import built_extension, isa_codes
 from tgi_zmq import native
 from tgi_zmq.attention import AttentionMetadata, paged_attention
 from tgi_zmq.layers import dense_linear
@@ -18,12 +18,6 @@ from tgi_zmq.layers import dense_linear
 @pytest.fixture(scope="module")
 def ext():
     return built_extension()
-
-
-def isas(ext) -> list[int]:
-    """One code per distinct path on this CPU (a request above the CPU is clamped down)."""
-    paths = {ext.isa_name(code): code for code in sorted(native.ISAS.values(), reverse=True)}
-    return sorted(paths.values())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -36,7 +30,7 @@ def test_gemv_equals_linear(ext, dtype, k):
         x = torch.randn(m, k, generator=g).to(dtype)
         expected = F.linear(x.float(), w.float(), bias.float())
         tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 0.2}
-        for isa in isas(ext):
+        for isa in isa_codes(ext):
             y = ext.gemv(x, w, bias, isa)
             assert y.dtype == dtype and y.shape == (m, 37)
             torch.testing.assert_close(y.float(), expected, **tol)
@@ -68,7 +62,7 @@ def test_paged_decode_equals_gathered_attention(ext, dtype, dim):
     q = torch.randn(len(lens), heads, dim, generator=g).to(dtype)
     expected = reference(q, k_cache, v_cache, tables, lens, dim**-0.5)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    for isa in isas(ext):
+    for isa in isa_codes(ext):
         out = ext.paged_decode(q, k_cache, v_cache, tables, lens, dim**-0.5, isa)
         assert out.dtype == dtype
         torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
