@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tgi_zmq.convert import default_model_dir
-from tgi_zmq.grammar import LRU, GrammarEngine, GrammarError, RowMatchers, unpack
+from tgi_zmq.grammar import LRU, GrammarEngine, GrammarError, RowMatchers, llguidance_tokenizer, unpack
 from tgi_zmq.messages import Grammar, GrammarStart
 
 SCHEMA = {
@@ -80,6 +80,40 @@ def test_masks_let_only_the_grammars_language_through(engine, seed):
     )
     value = json.loads(constrained_text(engine, Grammar("json", json.dumps(SCHEMA)), seed))
     assert set(value) == {"name", "age"} and isinstance(value["age"], int) and isinstance(value["name"], str)
+
+
+def accepted(grammars: GrammarEngine, grammar: Grammar, ids: list[int]) -> int:
+    """How many of ``ids`` the grammar takes, in order, from its start."""
+    matcher = grammars.matcher(grammar)._matcher
+    return next((n for n, token in enumerate(ids) if not matcher.consume_token(token)), len(ids))
+
+
+def test_byte_level_tokens_are_read_as_the_bytes_they_decode_to(engine):
+    """The default model's tokenizer (converted from its GGUF) has a decoder llguidance would read as
+    plain text: "Ċ" a letter in a JSON string, which decodes to a raw newline (invalid JSON)."""
+    grammars, tokenizer = engine
+    ids = tokenizer.encode('{"name":"Lon don\n')
+    assert tokenizer.convert_ids_to_tokens(ids[-2:]) == ["Ġdon", "Ċ"]
+    assert accepted(grammars, Grammar("json", json.dumps(SCHEMA)), ids) == len(ids) - 1  # not the newline
+    spaced = tokenizer.encode('{"name": "Lon don", "age":  3}')  # two spaces before 3: one too many
+    assert tokenizer.decode(spaced[: accepted(grammars, Grammar("json", json.dumps(SCHEMA)), spaced)]) == (
+        '{"name": "Lon don", "age": '
+    )
+    ids = tokenizer.encode("ab cd\nef")
+    assert tokenizer.convert_ids_to_tokens(ids) == ["ab", "Ġcd", "Ċ", "ef"]
+    assert accepted(grammars, Grammar("regex", "ab cd\nef"), ids) == len(ids)
+
+
+def test_a_tokenizer_llguidance_would_misread_refuses_every_grammar(engine):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    backend = json.loads(engine[1].backend_tokenizer.to_str())
+    newline = {"type": "Replace", "pattern": {"String": "Ċ"}, "content": "\n"}  # llguidance skips it
+    backend["decoder"] = {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, newline]}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(backend)))
+    with pytest.raises(GrammarError, match="reads .* tokens of this tokenizer differently"):
+        llguidance_tokenizer(tokenizer)
 
 
 def test_unpack_reads_32_tokens_a_word():

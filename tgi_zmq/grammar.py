@@ -45,11 +45,17 @@ class GrammarError(ValueError):
     """The grammar cannot be used; the message is the engine's reason."""
 
 
+# Between JSON tokens at most one space, as TGI's outlines allowed: a small model given free whitespace
+# can spend its tokens on newlines. A schema's own "x-guidance" settings win.
+JSON_DEFAULTS = {"whitespace_pattern": "[ ]?"}
+
+
 def to_llguidance(grammar: Grammar) -> str:
     import llguidance
 
     if grammar.kind == "json":
-        return llguidance.LLMatcher.grammar_from_json_schema(json.loads(grammar.value))
+        schema = json.loads(grammar.value)
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_DEFAULTS)
     if grammar.kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(grammar.value)
     raise GrammarError(f"unknown grammar type {grammar.kind!r}")
@@ -85,10 +91,9 @@ class GrammarEngine:
     refuses its grammar; the last ``cache_size`` grammars' outcomes are kept, a refusal included."""
 
     def __init__(self, tokenizer, timeout: float = 10.0, cache_size: int = 64):
-        import llguidance.hf
         import llguidance.torch  # noqa: F401 (the masks' filler: loaded now, not in a step)
 
-        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer)
+        self.tokenizer = llguidance_tokenizer(tokenizer)
         self.mask_words = (self.tokenizer.vocab_size + 31) // 32
         self.timeout = timeout
         self._compiles = LRU(cache_size)  # (kind, value) -> Compile
@@ -114,6 +119,45 @@ class GrammarEngine:
         if matcher.is_error():
             raise GrammarError(reason(matcher.get_error()))
         return matcher
+
+
+def llguidance_tokenizer(tokenizer) -> llguidance.LLTokenizer:
+    """llguidance's reading of ``tokenizer`` (a fast ``transformers`` tokenizer), checked token by token
+    against the tokenizer's own decoding (``GrammarError`` where a token reads differently).
+
+    llguidance tells a byte-level vocabulary ("Ġ" a space, "Ċ" a newline) by its decoder alone.
+    transformers' GGUF loader writes such tokenizers with a SentencePiece-style decoder sequence
+    (ByteFallback, Fuse, Replace, ByteLevel), which llguidance reads as plain text: "Ċ" would be a letter,
+    and a JSON string could hold a raw newline. Such a tokenizer is handed over with its ByteLevel
+    decoder alone, which decodes every token the same (the check proves it)."""
+    import llguidance
+
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    for key in ("padding", "truncation"):
+        backend[key] = None
+    decoders = (backend.get("decoder") or {}).get("decoders") or []
+    byte_level = [d for d in decoders if d.get("type") == "ByteLevel"]
+    if byte_level:  # were it wrong for some tokenizer, the check below refuses it
+        backend["decoder"] = byte_level[0]
+        backend["model"]["byte_fallback"] = False
+    reading = llguidance.LLTokenizer(json.dumps(backend), eos_token=tokenizer.eos_token_id)
+    misread = misread_tokens(reading, tokenizer)
+    if misread:
+        shown = ", ".join(f"{tokenizer.decode([i])!r} as {reading.decode_bytes([i])!r}" for i in misread[:2])
+        raise GrammarError(f"llguidance reads {len(misread)} tokens of this tokenizer differently ({shown})")
+    return reading
+
+
+def misread_tokens(reading: llguidance.LLTokenizer, tokenizer) -> list[int]:
+    """The ids whose bytes in llguidance's ``reading`` differ from the tokenizer's decoding of the token
+    alone (tokens that decode to part of a UTF-8 character, shown as U+FFFD, are not compared)."""
+    backend = tokenizer.backend_tokenizer
+    misread = []
+    for token in range(min(reading.vocab_size, backend.get_vocab_size(with_added_tokens=True))):
+        text = backend.decode([token], skip_special_tokens=False)
+        if "\ufffd" not in text and reading.decode_bytes([token]) != text.encode():
+            misread.append(token)
+    return misread
 
 
 def load_engine(tokenizer_id: str, timeout: float) -> Future[GrammarEngine]:
