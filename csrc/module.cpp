@@ -24,4 +24,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &tgi::paged_decode, "attention of one query per row over the paged KV cache, read in place",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("tables"), py::arg("lens"), py::arg("scale"),
         py::arg("isa") = 0);
+  m.def("llama_layers", &tgi::llama_layers,
+        "a Llama stack's layers over the residual stream x (in place); returns the last layer's MLP output",
+        py::arg("x"), py::arg("layers"), py::arg("k_caches"), py::arg("v_caches"), py::arg("slots"), py::arg("cos"),
+        py::arg("sin"), py::arg("positions"), py::arg("tables"), py::arg("lens"), py::arg("heads"),
+        py::arg("kv_heads"), py::arg("eps"), py::arg("scale"), py::arg("gemv_rows"), py::arg("isa") = 0);
 }

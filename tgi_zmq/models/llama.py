@@ -15,15 +15,19 @@ from typing import Any
 
 import torch
 
+from tgi_zmq import native
 from tgi_zmq.attention import KVCache, paged_attention
 from tgi_zmq.forward_batch import ForwardBatch
 from tgi_zmq.layers import (
+    GEMV_ROWS,
+    Linear,
     MergedColumnParallelLinear,
     ParallelLMHead,
     QKVParallelLinear,
     RMSNorm,
     Rotary,
     RowParallelLinear,
+    UnquantizedLinear,
     VocabParallelEmbedding,
     WeightSource,
     silu_and_mul,
@@ -121,6 +125,7 @@ class LlamaModel(PagedModel):
     """With tensor parallelism (``shard``), this rank's heads, MLP units and vocabulary slice."""
 
     batch_invariant = True  # every op is a row-wise kernel or exact elementwise arithmetic
+    use_native_stack = True  # False: always the Python layers (scripts/stepbench and tests compare them)
 
     def __init__(
         self, cfg: LlamaConfig, weights: WeightSource, dtype: torch.dtype, device: torch.device, shard: Shard
@@ -139,6 +144,7 @@ class LlamaModel(PagedModel):
         self.cos_table = emb.cos().to(dtype).to(device)
         self.sin_table = emb.sin().to(dtype).to(device)
         self.scale = cfg.head_dim**-0.5
+        self._stack: list[list[torch.Tensor]] | None = None  # ``native_stack``'s, once decided
 
     def _load_layer(self, w: WeightSource, i: int) -> Layer:
         c, shard = self.cfg, self.shard
@@ -164,6 +170,16 @@ class LlamaModel(PagedModel):
         With tensor parallelism only rank 0 gets the logits (None on the other ranks).
         """
         x = self.embed(batch.input_ids)  # the residual stream, added to in place
+        meta = batch.attention
+        if self.native_stack() and meta.in_place is not None and meta.in_order and x.dim() == 2:
+            mlp = self._native_layers(x, batch, cache)
+        else:
+            mlp = self._layers(x, batch, cache)
+        rows = batch.logit_rows  # the last residual add and the final norm only where logits are taken
+        return self.lm_head(self.norm(x[rows] + mlp[rows]))
+
+    def _layers(self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+        """Every layer over the residual stream ``x`` (in place); the last layer's MLP output."""
         rope = Rotary(self.cos_table, self.sin_table, batch.positions)
         normed = self.layers[0].input_norm(x)
         for i, layer in enumerate(self.layers):
@@ -174,5 +190,59 @@ class LlamaModel(PagedModel):
             mlp = layer.down(silu_and_mul(layer.gate_up(normed)))
             if i + 1 < len(self.layers):
                 normed = self.layers[i + 1].input_norm.add_and_norm(x, mlp)
-        rows = batch.logit_rows  # the last residual add and the final norm only where logits are taken
-        return self.lm_head(self.norm(x[rows] + mlp[rows]))
+        return mlp
+
+    def _native_layers(self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+        """``_layers`` in one call of the extension (``csrc/llama_stack.cpp``: the same kernels in the same
+        order, so the same bits), for a step whose every row the in-place attention kernel serves."""
+        _, tables, lens = batch.attention.in_place
+        gemv_rows = 1 << 62 if native.INVARIANT else GEMV_ROWS.get(self.dtype, 0)  # as ``dense_linear``
+        return native.extension().llama_layers(
+            x, self._stack, cache.k, cache.v, batch.attention.slot_mapping, self.cos_table, self.sin_table,
+            batch.positions.long().contiguous(), tables, lens, self.num_heads, self.num_kv_heads,
+            self.cfg.rms_norm_eps, self.scale, gemv_rows, native.ISA,
+        )  # fmt: skip
+
+    def native_stack(self) -> bool:
+        """Whether steps may run ``_native_layers``: the extension loaded, one rank on the CPU (ranks
+        all-reduce between the matmuls), dense weights, norms, rotary tables and pages all in the model's
+        float dtype, no bias but q|k|v's. Decided at the first step (the weights are loaded by then)."""
+        if self._stack is None:
+            self._stack = self._stack_tensors() or []
+        return bool(self._stack) and self.use_native_stack
+
+    def _stack_tensors(self) -> list[list[torch.Tensor]] | None:
+        """Each layer's tensors for ``csrc/llama_stack.cpp``, or None where it cannot serve this model."""
+        dtype = self.dtype
+        if (
+            native.extension() is None
+            or self.shard.world > 1
+            or torch.device(self.device).type != "cpu"
+            or dtype not in (torch.float32, torch.bfloat16)
+            or self.kv_dtype != dtype
+            or self.cos_table.dtype != dtype
+        ):
+            return None
+        stack = []
+        for layer in self.layers:
+            linears = (layer.qkv, layer.o, layer.gate_up, layer.down)
+            norms = (layer.input_norm.weight, layer.post_norm.weight)
+            if not all(_dense(linear, dtype) for linear in linears) or any(w.dtype != dtype for w in norms):
+                return None
+            if any(linear.bias is not None for linear in linears[1:]):
+                return None
+            weights = [linear.weight for linear in linears]
+            tensors = [norms[0], weights[0], weights[1], norms[1], weights[2], weights[3]]
+            stack.append(tensors + ([layer.qkv.bias] if layer.qkv.bias is not None else []))
+        return stack
+
+
+def _dense(linear: Linear, dtype: torch.dtype) -> bool:
+    """A dense matmul of contiguous ``dtype`` weights (what our gemv and torch's take as they are)."""
+    weight = getattr(linear, "weight", None)
+    return (
+        isinstance(linear.method, UnquantizedLinear)
+        and isinstance(weight, torch.Tensor)
+        and weight.dtype == dtype
+        and weight.is_contiguous()
+    )

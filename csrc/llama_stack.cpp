@@ -1,0 +1,88 @@
+// A Llama stack's layers in one call (the CPU twin of a captured decode graph): the kernels of gemv.cpp,
+// rowwise.cpp and paged_attention.cpp called in the order tgi_zmq/models/llama.py calls them, without
+// the ~10 Python calls and ~40 small torch ops a layer costs there (the most of a one-token step
+// outside the matmuls). Same kernels, same order: the same bits as the Python layers.
+//
+// It serves the steps whose every query row is one row of the in-place attention kernel (decodes; every
+// step when batch-invariant), on dense float32 or bfloat16 weights and pages of the model's dtype, on
+// one rank (tensor parallelism all-reduces between the matmuls: the Python layers do).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/linear.h>
+
+#include <cstring>
+#include <vector>
+
+#include "native.h"
+
+namespace tgi {
+
+namespace {
+
+// One layer's tensors, in the order llama.py hands them over.
+struct Layer {
+  const at::Tensor &input_norm, &qkv, &o, &post_norm, &gate_up, &down;
+  std::optional<at::Tensor> qkv_bias;
+};
+
+Layer layer_of(const std::vector<at::Tensor>& t) {
+  TORCH_CHECK(t.size() == 6 || t.size() == 7, "a layer: input_norm, qkv, o, post_norm, gate_up, down[, qkv_bias]");
+  Layer l{t[0], t[1], t[2], t[3], t[4], t[5], std::nullopt};
+  if (t.size() == 7) l.qkv_bias = t[6];
+  return l;
+}
+
+// x W^T (+ b) as dense_linear computes it: our gemv up to gemv_rows rows of x, torch's matmul above.
+at::Tensor matmul(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, int64_t gemv_rows,
+                  int64_t isa) {
+  if (x.size(0) <= gemv_rows) return gemv(x, w, bias, isa, false);
+  return at::linear(x, w, bias);
+}
+
+// K and V rows [T, kv_heads * dim] (strided views of the qkv output) into their cache slots.
+void store(const at::Tensor& rows, const at::Tensor& cache, const int64_t* slots) {
+  const int64_t width = rows.size(1), bytes = width * rows.element_size();
+  TORCH_CHECK(cache.size(2) * cache.size(3) == width && cache.scalar_type() == rows.scalar_type(),
+              "a cache of the model's dtype, [blocks, block_size, kv_heads, dim]");
+  const auto* src = static_cast<const char*>(rows.data_ptr());
+  auto* dst = static_cast<char*>(cache.data_ptr());
+  const int64_t capacity = cache.size(0) * cache.size(1), stride = rows.stride(0) * rows.element_size();
+  for (int64_t t = 0; t < rows.size(0); t++) {
+    TORCH_CHECK(slots[t] >= 0 && slots[t] < capacity, "a slot outside the cache");
+    std::memcpy(dst + slots[t] * bytes, src + t * stride, bytes);
+  }
+}
+
+}  // namespace
+
+at::Tensor llama_layers(const at::Tensor& x, const std::vector<std::vector<at::Tensor>>& layers,
+                        const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
+                        const at::Tensor& slots, const at::Tensor& cos, const at::Tensor& sin,
+                        const at::Tensor& positions, const at::Tensor& tables, const at::Tensor& lens,
+                        int64_t heads, int64_t kv_heads, double eps, double scale, int64_t gemv_rows, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x: the contiguous residual stream [T, hidden]");
+  TORCH_CHECK(k_caches.size() == layers.size() && v_caches.size() == layers.size(), "one K and V cache a layer");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == x.size(0),
+              "slots: contiguous int64 [T]");
+  const int64_t T = x.size(0), dim = k_caches.empty() ? 0 : k_caches[0].size(3);
+  const int64_t q_width = heads * dim, kv_width = kv_heads * dim;
+  at::Tensor normed = rms_norm(x, layer_of(layers[0]).input_norm, eps, isa), mlp;
+  for (size_t i = 0; i < layers.size(); i++) {
+    const Layer l = layer_of(layers[i]);
+    const at::Tensor qkv = matmul(normed, l.qkv, l.qkv_bias, gemv_rows, isa);
+    TORCH_CHECK(qkv.size(1) == q_width + 2 * kv_width, "qkv: heads and kv_heads of head_dim columns");
+    const at::Tensor q = qkv.narrow(1, 0, q_width).view({T, heads, dim});
+    const at::Tensor k = qkv.narrow(1, q_width, kv_width), v = qkv.narrow(1, q_width + kv_width, kv_width);
+    rope_(q, k.view({T, kv_heads, dim}), cos, sin, positions);
+    store(k, k_caches[i], slots.data_ptr<int64_t>());
+    store(v, v_caches[i], slots.data_ptr<int64_t>());
+    const at::Tensor attn = paged_decode(q.contiguous(), k_caches[i], v_caches[i], tables, lens, scale, isa);
+    normed = add_rms_norm_(x, matmul(attn.view({T, q_width}), l.o, std::nullopt, gemv_rows, isa), l.post_norm, eps,
+                           isa);
+    mlp = matmul(silu_mul(matmul(normed, l.gate_up, std::nullopt, gemv_rows, isa), isa), l.down, std::nullopt,
+                 gemv_rows, isa);
+    if (i + 1 < layers.size()) normed = add_rms_norm_(x, mlp, layer_of(layers[i + 1]).input_norm, eps, isa);
+  }
+  return mlp;
+}
+
+}  // namespace tgi

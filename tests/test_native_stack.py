@@ -1,0 +1,48 @@
+"""``csrc/llama_stack.cpp``: a Llama stack's layers in one call give the Python layers' logits bit for bit
+(the same kernels in the same order), in float32 and bfloat16, batch-invariant or not, with q|k|v biases
+(Qwen2), over decode steps and (batch-invariant) prefill chunks of a tiny model in this process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import built_extension, run_engine
+from tgi_zmq import native
+from tgi_zmq.messages import SamplingParams
+from tgi_zmq.models.llama import LlamaModel
+
+PROMPTS = [[(7 * i + j) % 500 + 3 for j in range(5 + 3 * i)] for i in range(6)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("invariant", [True, False])
+def test_the_native_stack_gives_the_python_layers_logits(tiny_models, monkeypatch, arch, dtype, invariant):
+    ext = built_extension()
+    calls = []
+    monkeypatch.setattr(
+        ext, "llama_layers", lambda *a, f=ext.llama_layers: calls.append(a[0].shape[0]) or f(*a)
+    )
+    logits: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+    forward = LlamaModel.forward
+
+    def recording(self, batch, cache):
+        out = forward(self, batch, cache)
+        logits[self.use_native_stack].append(out.clone())
+        return out
+
+    monkeypatch.setattr(LlamaModel, "forward", recording)
+    monkeypatch.setattr(native, "INVARIANT", invariant)
+    params = [SamplingParams(do_sample=i % 2 == 1, seed=i) for i in range(len(PROMPTS))]
+    tokens = {}
+    for stack in (True, False):
+        monkeypatch.setattr(LlamaModel, "use_native_stack", stack)
+        tokens[stack], _ = run_engine(tiny_models(arch), PROMPTS, params, 8, max_step_tokens=16, dtype=dtype)
+    assert tokens[True] == tokens[False]
+    assert len(logits[True]) == len(logits[False])
+    for native_logits, python_logits in zip(logits[True], logits[False], strict=True):
+        assert torch.equal(native_logits, python_logits)
+    assert any(rows > 1 for rows in calls)  # steps of several rows (decodes together)
+    if invariant:
+        assert max(calls) > len(PROMPTS)  # prompt chunks through the stack too
