@@ -23,6 +23,7 @@ import mmap
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tgi_zmq.block_manager import ceil_div
@@ -31,6 +32,18 @@ from tgi_zmq.messages import TensorRef
 
 SHM_DIR = Path("/dev/shm")
 _ALIGN = 64
+_NUMPY = {
+    "float64",
+    "float32",
+    "float16",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint8",
+    "bool",
+}  # not bf16, fp8
+_NUMPY_TORCH = {to_torch(name) for name in _NUMPY}
 
 
 class TensorBuffer:
@@ -51,10 +64,16 @@ class TensorBuffer:
             if offset + nbytes > self.size:
                 raise ValueError(f"step tensors need more than the {self.size} bytes of {self.name}")
             if nbytes:
-                self.bytes[offset : offset + nbytes].copy_(tensor.view(-1).view(torch.uint8))
+                self._put(offset, nbytes, tensor)
             refs.append(TensorRef(name, name_of(tensor.dtype), list(tensor.shape), offset))
             offset += ceil_div(nbytes, _ALIGN) * _ALIGN
         return refs
+
+    def _put(self, offset: int, nbytes: int, tensor: torch.Tensor) -> None:
+        self.bytes[offset : offset + nbytes].copy_(tensor.view(-1).view(torch.uint8))
+
+    def _view(self, offset: int, nbytes: int, dtype: str, shape: list[int]) -> torch.Tensor:
+        return self.bytes[offset : offset + nbytes].view(to_torch(dtype)).view(shape)
 
     def read(self, refs: list[TensorRef]) -> dict[str, torch.Tensor]:
         """Views (no copy) of the tensors described by ``refs``."""
@@ -66,8 +85,7 @@ class TensorBuffer:
             nbytes = numel * DTYPES[ref.dtype].size
             if ref.offset < 0 or ref.offset + nbytes > self.size:
                 raise ValueError(f"tensor {ref.name} lies outside {self.name}")
-            view = self.bytes[ref.offset : ref.offset + nbytes].view(to_torch(ref.dtype))
-            out[ref.name] = view.view(ref.shape)
+            out[ref.name] = self._view(ref.offset, nbytes, ref.dtype, ref.shape)
         return out
 
     def handle(self) -> list | None:
@@ -97,10 +115,24 @@ class ShmBuffer(TensorBuffer):
             os.close(fd)
         self.size = size
         self.bytes = torch.frombuffer(self.mmap, dtype=torch.uint8)
+        self.array = np.frombuffer(self.mmap, dtype=np.uint8)  # numpy's slices and views cost a third
+
+    def _put(self, offset: int, nbytes: int, tensor: torch.Tensor) -> None:
+        if tensor.dtype not in _NUMPY_TORCH:
+            return super()._put(offset, nbytes, tensor)
+        self.array[offset : offset + nbytes] = tensor.numpy().view(np.uint8).reshape(-1)
+
+    def _view(self, offset: int, nbytes: int, dtype: str, shape: list[int]) -> torch.Tensor:
+        if dtype not in _NUMPY:
+            return super()._view(offset, nbytes, dtype, shape)
+        return torch.from_numpy(self.array[offset : offset + nbytes].view(dtype).reshape(shape))
 
     def close(self) -> None:
-        del self.bytes
-        self.mmap.close()
+        del self.bytes, self.array
+        try:
+            self.mmap.close()
+        except BufferError:  # tensors read from it are alive: unmapped with the last of them
+            pass
         if self.owner:
             self.path.unlink(missing_ok=True)
 
