@@ -26,7 +26,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("isa") = 0);
   m.def("llama_layers", &tgi::llama_layers,
         "a Llama stack's layers over the residual stream x (in place); returns the last layer's MLP output",
-        py::arg("x"), py::arg("layers"), py::arg("k_caches"), py::arg("v_caches"), py::arg("slots"), py::arg("cos"),
-        py::arg("sin"), py::arg("positions"), py::arg("tables"), py::arg("lens"), py::arg("heads"),
-        py::arg("kv_heads"), py::arg("eps"), py::arg("scale"), py::arg("gemv_rows"), py::arg("isa") = 0);
+        py::arg("x"), py::arg("layers"), py::arg("groups"), py::arg("k_caches"), py::arg("v_caches"), py::arg("slots"),
+        py::arg("cos"), py::arg("sin"), py::arg("positions"), py::arg("tables"), py::arg("lens"), py::arg("heads"),
+        py::arg("kv_heads"), py::arg("eps"), py::arg("scale"), py::arg("gemv_rows"), py::arg("invariant"),
+        py::arg("isa") = 0);
 }

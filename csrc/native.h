@@ -40,9 +40,10 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at
 
 // llama_stack.cpp: a Llama stack's layers in one call, each row one row of paged_decode (see the file).
 at::Tensor llama_layers(const at::Tensor& x, const std::vector<std::vector<at::Tensor>>& layers,
-                        const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
-                        const at::Tensor& slots, const at::Tensor& cos, const at::Tensor& sin,
-                        const at::Tensor& positions, const at::Tensor& tables, const at::Tensor& lens,
-                        int64_t heads, int64_t kv_heads, double eps, double scale, int64_t gemv_rows, int64_t isa);
+                        const std::vector<int64_t>& groups, const std::vector<at::Tensor>& k_caches,
+                        const std::vector<at::Tensor>& v_caches, const at::Tensor& slots, const at::Tensor& cos,
+                        const at::Tensor& sin, const at::Tensor& positions, const at::Tensor& tables,
+                        const at::Tensor& lens, int64_t heads, int64_t kv_heads, double eps, double scale,
+                        int64_t gemv_rows, bool invariant, int64_t isa);
 
 }  // namespace tgi

@@ -1,6 +1,7 @@
 """``csrc/llama_stack.cpp``: a Llama stack's layers in one call give the Python layers' logits bit for bit
 (the same kernels in the same order), in float32 and bfloat16, batch-invariant or not, with q|k|v biases
-(Qwen2), over decode steps and (batch-invariant) prefill chunks of a tiny model in this process."""
+(Qwen2), with int8 and 4-bit weights, over decode steps and (batch-invariant) prefill chunks of a tiny
+model in this process."""
 
 from __future__ import annotations
 
@@ -15,10 +16,21 @@ from tgi_zmq.models.llama import LlamaModel
 PROMPTS = [[(7 * i + j) % 500 + 3 for j in range(5 + 3 * i)] for i in range(6)]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+WEIGHTS = [  # (arch, dtype, quantize): qwen2 has q|k|v biases; eetq: int8; bitsandbytes-nf4: 4-bit LUT
+    ("llama", "float32", None),
+    ("llama", "bfloat16", None),
+    ("qwen2", "float32", None),
+    ("qwen2", "bfloat16", None),
+    ("llama", "bfloat16", "eetq"),
+    ("llama", "float32", "bitsandbytes-nf4"),
+]
+
+
+@pytest.mark.parametrize(("arch", "dtype", "quantize"), WEIGHTS)
 @pytest.mark.parametrize("invariant", [True, False])
-def test_the_native_stack_gives_the_python_layers_logits(tiny_models, monkeypatch, arch, dtype, invariant):
+def test_the_native_stack_gives_the_python_layers_logits(
+    tiny_models, monkeypatch, arch, dtype, quantize, invariant
+):
     ext = built_extension()
     calls = []
     monkeypatch.setattr(
@@ -38,7 +50,9 @@ def test_the_native_stack_gives_the_python_layers_logits(tiny_models, monkeypatc
     tokens = {}
     for stack in (True, False):
         monkeypatch.setattr(LlamaModel, "use_native_stack", stack)
-        tokens[stack], _ = run_engine(tiny_models(arch), PROMPTS, params, 8, max_step_tokens=16, dtype=dtype)
+        tokens[stack], _ = run_engine(
+            tiny_models(arch), PROMPTS, params, 8, max_step_tokens=16, dtype=dtype, quantize=quantize
+        )
     assert tokens[True] == tokens[False]
     assert len(logits[True]) == len(logits[False])
     for native_logits, python_logits in zip(logits[True], logits[False], strict=True):

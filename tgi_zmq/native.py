@@ -27,7 +27,14 @@ log = logging.getLogger(__name__)
 
 SOURCES = [
     REPO / "csrc" / name
-    for name in ("module.cpp", "qkernels.cpp", "gemv.cpp", "paged_attention.cpp", "rowwise.cpp", "llama_stack.cpp")
+    for name in (
+        "module.cpp",
+        "qkernels.cpp",
+        "gemv.cpp",
+        "paged_attention.cpp",
+        "rowwise.cpp",
+        "llama_stack.cpp",
+    )
 ]
 HEADERS = [
     REPO / "csrc" / name

@@ -34,6 +34,9 @@ from tgi_zmq.layers import (
 )
 from tgi_zmq.models.base import ModelConfig, PagedModel
 from tgi_zmq.parallel import Shard
+from tgi_zmq.quant import kernels
+from tgi_zmq.quant.formats import Int8Weight
+from tgi_zmq.quant.linear import QuantizedLinear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +147,7 @@ class LlamaModel(PagedModel):
         self.cos_table = emb.cos().to(dtype).to(device)
         self.sin_table = emb.sin().to(dtype).to(device)
         self.scale = cfg.head_dim**-0.5
-        self._stack: list[list[torch.Tensor]] | None = None  # ``native_stack``'s, once decided
+        self._stack: NativeStack | None = None  # ``native_stack``'s, once decided
 
     def _load_layer(self, w: WeightSource, i: int) -> Layer:
         c, shard = self.cfg, self.shard
@@ -171,7 +174,8 @@ class LlamaModel(PagedModel):
         """
         x = self.embed(batch.input_ids)  # the residual stream, added to in place
         meta = batch.attention
-        if self.native_stack() and meta.in_place is not None and meta.in_order and x.dim() == 2:
+        in_place = meta.in_place is not None and meta.in_order and x.dim() == 2
+        if in_place and self.native_stack(x.shape[0]):
             mlp = self._native_layers(x, batch, cache)
         else:
             mlp = self._layers(x, batch, cache)
@@ -198,51 +202,85 @@ class LlamaModel(PagedModel):
         _, tables, lens = batch.attention.in_place
         gemv_rows = 1 << 62 if native.INVARIANT else GEMV_ROWS.get(self.dtype, 0)  # as ``dense_linear``
         return native.extension().llama_layers(
-            x, self._stack, cache.k, cache.v, batch.attention.slot_mapping, self.cos_table, self.sin_table,
-            batch.positions.long().contiguous(), tables, lens, self.num_heads, self.num_kv_heads,
-            self.cfg.rms_norm_eps, self.scale, gemv_rows, native.ISA,
+            x, self._stack.layers, self._stack.groups, cache.k, cache.v, batch.attention.slot_mapping,
+            self.cos_table, self.sin_table, batch.positions.long().contiguous(), tables, lens,
+            self.num_heads, self.num_kv_heads, self.cfg.rms_norm_eps, self.scale, gemv_rows,
+            native.INVARIANT, native.ISA,
         )  # fmt: skip
 
-    def native_stack(self) -> bool:
-        """Whether steps may run ``_native_layers``: the extension loaded, one rank on the CPU (ranks
-        all-reduce between the matmuls), dense weights, norms, rotary tables and pages all in the model's
-        float dtype, no bias but q|k|v's. Decided at the first step (the weights are loaded by then)."""
+    def native_stack(self, rows: int) -> bool:
+        """Whether a step of ``rows`` tokens may run ``_native_layers``: the extension loaded, one rank on
+        the CPU (ranks all-reduce between the matmuls), norms, rotary tables and pages in the model's
+        float dtype, dense weights of that dtype or quantized ones the fused kernel takes at ``rows``
+        (as ``kernels.linear`` chooses), no bias but q|k|v's. Decided at the first step (the weights are
+        loaded by then)."""
         if self._stack is None:
-            self._stack = self._stack_tensors() or []
-        return bool(self._stack) and self.use_native_stack
+            self._stack = NativeStack.of(self) or NativeStack([], [], [])
+        fused = all(p.kernel(rows, self.dtype) == "fused" for p in self._stack.quantized)
+        return bool(self._stack.layers) and self.use_native_stack and fused
 
-    def _stack_tensors(self) -> list[list[torch.Tensor]] | None:
-        """Each layer's tensors for ``csrc/llama_stack.cpp``, or None where it cannot serve this model."""
-        dtype = self.dtype
+
+@dataclasses.dataclass
+class NativeStack:
+    """Each layer's tensors for ``csrc/llama_stack.cpp`` (input_norm, post_norm, qkv bias, then 4 tensors
+    per linear), the linears' groups (0: dense), and one quantized weight of each kind (which kernel
+    serves a step's rows)."""
+
+    layers: list[list[torch.Tensor]]
+    groups: list[int]
+    quantized: list[kernels.Prepared]
+
+    @classmethod
+    def of(cls, model: LlamaModel) -> NativeStack | None:
+        """``model``'s, or None where the extension cannot serve its layers."""
+        dtype = model.dtype
         if (
             native.extension() is None
-            or self.shard.world > 1
-            or torch.device(self.device).type != "cpu"
+            or model.shard.world > 1
+            or torch.device(model.device).type != "cpu"
             or dtype not in (torch.float32, torch.bfloat16)
-            or self.kv_dtype != dtype
-            or self.cos_table.dtype != dtype
+            or model.kv_dtype != dtype
+            or model.cos_table.dtype != dtype
         ):
             return None
-        stack = []
-        for layer in self.layers:
+        stack = cls([], [], [])
+        kinds: dict[str, kernels.Prepared] = {}
+        for layer in model.layers:
             linears = (layer.qkv, layer.o, layer.gate_up, layer.down)
-            norms = (layer.input_norm.weight, layer.post_norm.weight)
-            if not all(_dense(linear, dtype) for linear in linears) or any(w.dtype != dtype for w in norms):
+            norms = [layer.input_norm.weight, layer.post_norm.weight]
+            if any(w.dtype != dtype for w in norms) or any(lin.bias is not None for lin in linears[1:]):
                 return None
-            if any(linear.bias is not None for linear in linears[1:]):
-                return None
-            weights = [linear.weight for linear in linears]
-            tensors = [norms[0], weights[0], weights[1], norms[1], weights[2], weights[3]]
-            stack.append(tensors + ([layer.qkv.bias] if layer.qkv.bias is not None else []))
+            tensors = norms + [_NONE if layer.qkv.bias is None else layer.qkv.bias]
+            for linear in linears:
+                parts = _weight_parts(linear, dtype)
+                if parts is None:
+                    return None
+                tensors += parts[0]
+                stack.groups.append(parts[1])
+                if parts[1]:
+                    kinds.setdefault(linear.qweight.format, linear.qweight)
+            stack.layers.append(tensors)
+        stack.quantized = list(kinds.values())
         return stack
 
 
-def _dense(linear: Linear, dtype: torch.dtype) -> bool:
-    """A dense matmul of contiguous ``dtype`` weights (what our gemv and torch's take as they are)."""
-    weight = getattr(linear, "weight", None)
-    return (
-        isinstance(linear.method, UnquantizedLinear)
-        and isinstance(weight, torch.Tensor)
-        and weight.dtype == dtype
-        and weight.is_contiguous()
-    )
+_NONE = torch.empty(0)  # a tensor the format has not, for csrc/llama_stack.cpp
+
+
+def _weight_parts(linear: Linear, dtype: torch.dtype) -> tuple[list[torch.Tensor], int] | None:
+    """A linear's 4 tensors and group for csrc/llama_stack.cpp: a dense weight of ``dtype`` (group 0), or
+    a quantized one in input order the fused kernel can take; None for any other."""
+    if isinstance(linear.method, UnquantizedLinear):
+        weight = linear.weight
+        if weight.dtype != dtype or not weight.is_contiguous():
+            return None
+        return [weight, _NONE, _NONE, _NONE], 0
+    prepared = getattr(linear, "qweight", None)
+    if not isinstance(linear.method, QuantizedLinear) or linear.perm is not None or prepared is None:
+        return None
+    if prepared.forced not in (None, "fused"):
+        return None
+    w = prepared.weight
+    if isinstance(w, Int8Weight):
+        return [w.qweight, w.scales, _NONE, _NONE], w.group
+    return [w.packed, w.scales, w.offsets, w.lut], w.group
