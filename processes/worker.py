@@ -73,6 +73,7 @@ class Worker:
         grammars = None  # only the rank that samples follows grammars; it loads their engine meanwhile
         if rank == 0 and not config.disable_grammar_support:
             grammars = load_engine(config.model_id, config.grammar_compile_timeout)
+            self.profiler.after = grammars
         self.device = rank_device(config.device, rank)
         if self.device.startswith("cuda"):
             torch.cuda.set_device(self.device)

@@ -48,6 +48,22 @@ def test_the_recorder_writes_a_chrome_trace_with_a_range_per_step(tmp_path: Path
     assert list(path.parent.iterdir()) == [path]  # no partial file left
 
 
+def test_a_start_waits_for_the_load_that_imports_torchs_lazy_modules(tmp_path: Path) -> None:
+    """The grammar engine's load imports torch._dynamo in its thread; torch.profiler's start imports it
+    too: a start waits for the load (two threads importing one module graph at once broke a start)."""
+    import threading
+    from concurrent.futures import Future
+
+    profiler = StepProfiler("worker-0", "cpu", log)
+    profiler.after = loading = Future()
+    # a failed load is an end too
+    threading.Timer(0.5, lambda: loading.set_exception(OSError("no tokenizer"))).start()
+    started = time.perf_counter()
+    profiler.control(m.ProfileRequest("start", str(tmp_path)))  # the thread that steps (torch.profiler's)
+    assert time.perf_counter() - started >= 0.45 and profiler.recording
+    assert profiler.control(m.ProfileRequest("stop", str(tmp_path))) is not None
+
+
 def test_the_recorder_survives_bad_requests(tmp_path: Path, caplog) -> None:
     profiler = StepProfiler("worker-1", "cpu", log)
     assert profiler.control(m.ProfileRequest("stop", str(tmp_path))) is None  # not recording

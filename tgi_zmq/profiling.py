@@ -12,12 +12,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from concurrent.futures import Future, wait
 from pathlib import Path
 from typing import Any
 
 from tgi_zmq.messages import ProfileRequest
 
 TRACE_GLOB = "worker-*.trace.json"
+IMPORTS_TIMEOUT_S = 120.0  # at most this long a "start" waits for ``StepProfiler.after``
 MTIME_SLACK_S = 0.05  # file times come from the kernel's coarse clock, a few ms behind time.time()
 
 
@@ -34,6 +36,10 @@ class StepProfiler:
         self.process, self.device, self.log = process, device, log
         self.profile: Any = None  # a running torch.profiler.profile
         self.directory: Path | None = None
+        # A load in another thread that imports torch's lazy modules (the grammar engine's: transformers
+        # imports torch._dynamo and torch._inductor). torch.profiler imports them too, and two threads
+        # importing one module graph at once can get a partial module (ImportError: a CI run did).
+        self.after: Future | None = None
 
     @property
     def recording(self) -> bool:
@@ -57,6 +63,8 @@ class StepProfiler:
         if self.recording:
             self.log.warning("profiling: already recording into %s", self.directory)
             return
+        if self.after is not None:
+            wait([self.after], timeout=IMPORTS_TIMEOUT_S)
         import torch
         from torch.profiler import ProfilerActivity, profile
 
