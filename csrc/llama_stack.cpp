@@ -19,8 +19,8 @@ namespace tgi {
 
 namespace {
 
-// A linear as llama.py hands it over: [w] dense, or [codes, scales, offsets, lut] in a format of
-// qkernels.cpp (an empty tensor where the format has none) with its group.
+// A linear as llama.py hands it over, 4 tensors: [w, -, -, -] dense (group 0), or [codes, scales,
+// offsets, lut] in a format of qkernels.cpp with its group (an empty tensor where there is none).
 struct Weight {
   const at::Tensor* w;
   const at::Tensor* scales = nullptr;
@@ -61,8 +61,9 @@ at::Tensor matmul(const at::Tensor& x, const Weight& w, const std::optional<at::
 // K and V rows [T, kv_heads * dim] (strided views of the qkv output) into their cache slots.
 void store(const at::Tensor& rows, const at::Tensor& cache, const int64_t* slots) {
   const int64_t width = rows.size(1), bytes = width * rows.element_size();
-  TORCH_CHECK(cache.size(2) * cache.size(3) == width && cache.scalar_type() == rows.scalar_type(),
-              "a cache of the model's dtype, [blocks, block_size, kv_heads, dim]");
+  TORCH_CHECK(cache.is_contiguous() && cache.size(2) * cache.size(3) == width &&
+                  cache.scalar_type() == rows.scalar_type(),
+              "a contiguous cache of the model's dtype, [blocks, block_size, kv_heads, dim]");
   const auto* src = static_cast<const char*>(rows.data_ptr());
   auto* dst = static_cast<char*>(cache.data_ptr());
   const int64_t capacity = cache.size(0) * cache.size(1), stride = rows.stride(0) * rows.element_size();
@@ -81,11 +82,12 @@ at::Tensor llama_layers(const at::Tensor& x, const std::vector<std::vector<at::T
                         const at::Tensor& lens, int64_t heads, int64_t kv_heads, double eps, double scale,
                         int64_t gemv_rows, bool invariant, int64_t isa) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x: the contiguous residual stream [T, hidden]");
-  TORCH_CHECK(k_caches.size() == layers.size() && v_caches.size() == layers.size(), "one K and V cache a layer");
+  TORCH_CHECK(!layers.empty() && k_caches.size() == layers.size() && v_caches.size() == layers.size(),
+              "one K and V cache a layer");
   TORCH_CHECK(groups.size() == 4 * layers.size(), "4 groups a layer");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == x.size(0),
               "slots: contiguous int64 [T]");
-  const int64_t T = x.size(0), dim = k_caches.empty() ? 0 : k_caches[0].size(3);
+  const int64_t T = x.size(0), dim = k_caches[0].size(3);
   const int64_t q_width = heads * dim, kv_width = kv_heads * dim;
   const auto mm = [&](const at::Tensor& in, const Weight& w, const std::optional<at::Tensor>& bias) {
     return matmul(in, w, bias, gemv_rows, invariant, isa);
