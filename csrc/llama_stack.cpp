@@ -30,23 +30,23 @@ struct Weight {
 
 std::optional<at::Tensor> given(const at::Tensor& t) { return t.numel() ? std::optional<at::Tensor>(t) : std::nullopt; }
 
-// One layer: input_norm, post_norm, qkv_bias (empty: none), then 4 tensors for each of qkv, o, gate_up
-// and down (``Weight``); ``groups``: their groups (0: dense).
+// One layer's 19 tensors: input_norm, post_norm, qkv_bias (empty: none), then 4 for each of qkv, o,
+// gate_up and down (``Weight``); ``groups``: their groups (0: dense). The input norm (t[0]) is read
+// where the previous layer ends.
 struct Layer {
-  const at::Tensor &input_norm, &post_norm;
+  const at::Tensor& post_norm;
   std::optional<at::Tensor> qkv_bias;
   Weight qkv, o, gate_up, down;
 };
 
 Layer layer_of(const std::vector<at::Tensor>& t, const int64_t* groups) {
-  TORCH_CHECK(t.size() == 19, "a layer: input_norm, post_norm, qkv_bias, then 4 tensors per linear");
   Weight w[4];
   for (int i = 0; i < 4; i++) {
     const at::Tensor* part = &t[3 + 4 * i];
     w[i].w = part;
     if (groups[i] > 0) w[i] = Weight{part, part + 1, given(part[2]), given(part[3]), groups[i]};
   }
-  return Layer{t[0], t[1], given(t[2]), w[0], w[1], w[2], w[3]};
+  return Layer{t[1], given(t[2]), w[0], w[1], w[2], w[3]};
 }
 
 // x W^T (+ b) as llama.py's linears compute it: a quantized weight by the fused kernel (rows_alike when
@@ -85,6 +85,8 @@ at::Tensor llama_layers(const at::Tensor& x, const std::vector<std::vector<at::T
   TORCH_CHECK(!layers.empty() && k_caches.size() == layers.size() && v_caches.size() == layers.size(),
               "one K and V cache a layer");
   TORCH_CHECK(groups.size() == 4 * layers.size(), "4 groups a layer");
+  for (const auto& t : layers)
+    TORCH_CHECK(t.size() == 19, "a layer: input_norm, post_norm, qkv_bias, then 4 tensors per linear");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == x.size(0),
               "slots: contiguous int64 [T]");
   const int64_t T = x.size(0), dim = k_caches[0].size(3);
@@ -92,7 +94,8 @@ at::Tensor llama_layers(const at::Tensor& x, const std::vector<std::vector<at::T
   const auto mm = [&](const at::Tensor& in, const Weight& w, const std::optional<at::Tensor>& bias) {
     return matmul(in, w, bias, gemv_rows, invariant, isa);
   };
-  at::Tensor normed = rms_norm(x, layer_of(layers[0], groups.data()).input_norm, eps, isa), mlp;
+  // a layer's input norm is its first tensor: each is normed after the previous layer's MLP add
+  at::Tensor normed = rms_norm(x, layers[0][0], eps, isa), mlp;
   for (size_t i = 0; i < layers.size(); i++) {
     const Layer l = layer_of(layers[i], groups.data() + 4 * i);
     const at::Tensor qkv = mm(normed, l.qkv, l.qkv_bias);
@@ -105,8 +108,7 @@ at::Tensor llama_layers(const at::Tensor& x, const std::vector<std::vector<at::T
     const at::Tensor attn = paged_decode(q.contiguous(), k_caches[i], v_caches[i], tables, lens, scale, isa);
     normed = add_rms_norm_(x, mm(attn.view({T, q_width}), l.o, std::nullopt), l.post_norm, eps, isa);
     mlp = mm(silu_mul(mm(normed, l.gate_up, std::nullopt), isa), l.down, std::nullopt);
-    if (i + 1 < layers.size())
-      normed = add_rms_norm_(x, mlp, layer_of(layers[i + 1], groups.data() + 4 * (i + 1)).input_norm, eps, isa);
+    if (i + 1 < layers.size()) normed = add_rms_norm_(x, mlp, layers[i + 1][0], eps, isa);
   }
   return mlp;
 }

@@ -100,7 +100,7 @@ class UnquantizedLinear:
         return dense_linear(x, layer.weight, layer.bias, float_out)
 
 
-def _gemv_rows() -> dict[torch.dtype, int]:
+def _measured_gemv_rows() -> dict[torch.dtype, int]:
     """Up to how many rows of x our gemv beats torch's matmul, per x's dtype, on this CPU (measured
     with SmolLM2's shapes, docs/benchmarks.md): float32 MKL reads weights at ~11 GB/s for a few rows
     where ours streams ~20; with AVX512-BF16, oneDNN's bfloat16 dot products win from ~16 rows."""
@@ -108,7 +108,13 @@ def _gemv_rows() -> dict[torch.dtype, int]:
     return {torch.float32: 64 if avx512 else 16, torch.bfloat16: 8 if cpu_has_bf16() else 64}
 
 
-GEMV_ROWS = _gemv_rows()
+GEMV_ROWS = _measured_gemv_rows()
+
+
+def gemv_rows(dtype: torch.dtype) -> int:
+    """Up to how many rows of x ``dense_linear`` runs our gemv (above: torch's matmul): every row when
+    the steps are batch-invariant, else ``GEMV_ROWS``."""
+    return 1 << 62 if native.INVARIANT else GEMV_ROWS.get(dtype, 0)
 
 
 def dense_linear(
@@ -118,7 +124,7 @@ def dense_linear(
     every row when the steps are batch-invariant (``native.INVARIANT``: its rows reduce alike).
     ``float_out``: float32 (the gemv's own sums, not rounded to x's dtype)."""
     rows = x.numel() // x.shape[-1]
-    few = rows <= GEMV_ROWS.get(x.dtype, 0) or native.INVARIANT
+    few = rows <= gemv_rows(x.dtype)
     same = weight.dtype == x.dtype and weight.is_contiguous()
     if rows > 0 and few and same and weight.device.type == "cpu":
         ext = native.extension()

@@ -32,17 +32,8 @@ from tgi_zmq.messages import TensorRef
 
 SHM_DIR = Path("/dev/shm")
 _ALIGN = 64
-_NUMPY = {
-    "float64",
-    "float32",
-    "float16",
-    "int64",
-    "int32",
-    "int16",
-    "int8",
-    "uint8",
-    "bool",
-}  # not bf16, fp8
+# the dtypes numpy has (not bfloat16, nor the 8-bit floats): those go through numpy's cheaper slices
+_NUMPY = frozenset(("float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"))
 _NUMPY_TORCH = {to_torch(name) for name in _NUMPY}
 
 

@@ -19,7 +19,6 @@ from tgi_zmq import native
 from tgi_zmq.attention import KVCache, paged_attention
 from tgi_zmq.forward_batch import ForwardBatch
 from tgi_zmq.layers import (
-    GEMV_ROWS,
     Linear,
     MergedColumnParallelLinear,
     ParallelLMHead,
@@ -30,6 +29,7 @@ from tgi_zmq.layers import (
     UnquantizedLinear,
     VocabParallelEmbedding,
     WeightSource,
+    gemv_rows,
     silu_and_mul,
 )
 from tgi_zmq.models.base import ModelConfig, PagedModel
@@ -200,11 +200,10 @@ class LlamaModel(PagedModel):
         """``_layers`` in one call of the extension (``csrc/llama_stack.cpp``: the same kernels in the same
         order, so the same bits), for a step whose every row the in-place attention kernel serves."""
         _, tables, lens = batch.attention.in_place
-        gemv_rows = 1 << 62 if native.INVARIANT else GEMV_ROWS.get(self.dtype, 0)  # as ``dense_linear``
         return native.extension().llama_layers(
             x, self._stack.layers, self._stack.groups, cache.k, cache.v, batch.attention.slot_mapping,
             self.cos_table, self.sin_table, batch.positions.long().contiguous(), tables, lens,
-            self.num_heads, self.num_kv_heads, self.cfg.rms_norm_eps, self.scale, gemv_rows,
+            self.num_heads, self.num_kv_heads, self.cfg.rms_norm_eps, self.scale, gemv_rows(self.dtype),
             native.INVARIANT, native.ISA,
         )  # fmt: skip
 
