@@ -29,8 +29,14 @@ struct Gemv {
   const void* x;  // [m, k] contiguous: float32, or bfloat16 on the dot-product path
   const void* w;  // [n, k] contiguous
   const float* bias;  // [n] or null
-  float* y;  // [m, n]
+  float* y;  // [m, n] float32 out, or
+  at::BFloat16* y_bf16;  // [m, n] bfloat16 out: rounded as torch rounds (to nearest even)
   int64_t m, n, k;
+
+  void put(int64_t i, float v) const {
+    if (y_bf16) y_bf16[i] = at::BFloat16(v);
+    else y[i] = v;
+  }
 };
 
 constexpr int64_t kAhead = 8;  // rows prefetched ahead of a tile
@@ -41,6 +47,9 @@ constexpr int64_t kRowBlock = 128;  // rows of x per pass over a task's weights:
 // share each load of x (the loads, not the memory, bound many rows). Either way each output is one
 // dot product summed in the same order: the same bits.
 constexpr int64_t kStreamRows = 4;
+// The same on the float32 FMA path, up to 2 rows of x (float32 weights, SmolLM2's layers: 1 row of x
+// 23-24 -> 25-29 GB/s, 2 rows 20-22 -> 23-26; at 4 rows the loads of x bound it and tiles win).
+constexpr int64_t kStreamRowsFma = 2;
 
 #define TGI_ISA_BODY "gemv_isa.inc"
 #include "isa.h"
@@ -49,7 +58,8 @@ constexpr int64_t kStreamRows = 4;
 // vector registers.
 template <class TW>
 void run_rows(int64_t isa, const Gemv& j, int64_t n0, int64_t n1) {
-  if (isa == kAvx512 && j.k % 16 == 0) avx512::rows<TW, 4, 4>(j, n0, n1);
+  if (isa == kAvx512 && j.k % 16 == 0 && j.m <= kStreamRowsFma) avx512::rows<TW, 1, 4>(j, n0, n1);
+  else if (isa == kAvx512 && j.k % 16 == 0) avx512::rows<TW, 4, 4>(j, n0, n1);
   else if (isa >= kAvx2 && j.k % 8 == 0) avx2::rows<TW, 4, 2>(j, n0, n1);
   else scalar::rows<TW, 4, 2>(j, n0, n1);
 }
@@ -82,7 +92,7 @@ TGI_BF16 void tile_dp(const Gemv& j, int64_t n, int64_t m) {
     }
   }
   for (int a = 0; a < MB; a++)
-    for (int r = 0; r < R; r++) j.y[(m + a) * j.n + n + r] = _mm512_reduce_add_ps(acc[a][r]) + (j.bias ? j.bias[n + r] : 0.f);
+    for (int r = 0; r < R; r++) j.put((m + a) * j.n + n + r, _mm512_reduce_add_ps(acc[a][r]) + (j.bias ? j.bias[n + r] : 0.f));
 }
 
 template <int R>
@@ -122,8 +132,12 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at
     TORCH_CHECK(bf.numel() == j.n, "bias must be [N]");
     j.bias = bf.data_ptr<float>();
   }
-  at::Tensor y = at::empty({j.m, j.n}, x.options().dtype(at::kFloat));
-  j.x = xs.data_ptr(), j.w = w.data_ptr(), j.y = y.data_ptr<float>();
+  // bfloat16 out written as such: no float32 buffer and conversion per matmul (120 a decode step)
+  const bool out_bf16 = x.scalar_type() == at::kBFloat16 && !float_out;
+  at::Tensor y = at::empty({j.m, j.n}, x.options().dtype(out_bf16 ? at::kBFloat16 : at::kFloat));
+  j.x = xs.data_ptr(), j.w = w.data_ptr();
+  if (out_bf16) j.y_bf16 = y.data_ptr<at::BFloat16>();
+  else j.y = y.data_ptr<float>();
   // tasks of 4-row tiles, each at least ~64 KB of weights
   const int64_t tiles = (j.n + 3) / 4, grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, j.k));
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
@@ -132,7 +146,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at
     else if (bf16) run_rows<at::BFloat16>(isa, j, n0, n1);
     else run_rows<float>(isa, j, n0, n1);
   });
-  return x.scalar_type() == at::kFloat || float_out ? y : y.to(x.scalar_type());
+  return y.scalar_type() == x.scalar_type() || float_out ? y : y.to(x.scalar_type());
 }
 
 }  // namespace tgi

@@ -7,6 +7,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 
 // exp(x) for x <= 0 (scores minus their max): 2^n * 2^f with f in [-0.5, 0.5], 2^f by its Taylor series
@@ -32,8 +33,12 @@ struct V {
   static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static R add(R a, R b) { return _mm512_add_ps(a, b); }
   static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+  static R max(R a, R b) { return _mm512_max_ps(a, b); }
+  static bool any_nan(R v) { return _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0; }
   static float sum(R v) { return _mm512_reduce_add_ps(v); }
+  static float top(R v) { return _mm512_reduce_max_ps(v); }
   static R exp(R x) {
     const R t = _mm512_mul_ps(_mm512_max_ps(x, set1(-87.f)), set1(kLog2e));
     const R n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -63,7 +68,17 @@ struct V {
   static void store(float* p, R v) { _mm256_storeu_ps(p, v); }
   static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static R add(R a, R b) { return _mm256_add_ps(a, b); }
   static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
+  static R max(R a, R b) { return _mm256_max_ps(a, b); }
+  static bool any_nan(R v) { return _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0; }
+  static float top(R v) {
+    float lane[W];
+    _mm256_storeu_ps(lane, v);
+    float t = lane[0];
+    for (int l = 1; l < W; l++) t = std::max(t, lane[l]);
+    return t;
+  }
   static float sum(R v) {
     const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -94,8 +109,12 @@ struct V {  // one lane: any length
   static void store(float* p, R v) { *p = v; }
   static R fma(R a, R b, R c) { return a * b + c; }
   static R mul(R a, R b) { return a * b; }
+  static R add(R a, R b) { return a + b; }
   static R sub(R a, R b) { return a - b; }
+  static R max(R a, R b) { return std::max(a, b); }
+  static bool any_nan(R v) { return std::isnan(v); }
   static float sum(R v) { return v; }
+  static float top(R v) { return v; }
   static R exp(R x) { return std::exp(x); }
 };
 #include TGI_ISA_BODY

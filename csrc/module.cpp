@@ -21,6 +21,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("isa") = 0);
   m.def("rope_", &tgi::rope_, "rotary embeddings (rotate-half) applied in place to q and k, row by row",
         py::arg("q"), py::arg("k"), py::arg("cos"), py::arg("sin"), py::arg("positions"));
+  m.def("greedy", &tgi::greedy, "each row's argmax and its log-softmax, in one pass each", py::arg("logits"),
+        py::arg("isa") = 0);
   m.def("paged_decode", &tgi::paged_decode, "attention of one query per row over the paged KV cache, read in place",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("tables"), py::arg("lens"), py::arg("scale"),
         py::arg("isa") = 0);

@@ -5,6 +5,7 @@
 
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace tgi {
@@ -26,13 +27,15 @@ void dequantize(const at::Tensor& w, const at::Tensor& scales, const std::option
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         const at::Tensor& tables, const at::Tensor& lens, double scale, int64_t isa);
 
-// rowwise.cpp: RMSNorm and SiLU(gate) * up, row by row.
+// rowwise.cpp: RMSNorm, SiLU(gate) * up, RoPE and greedy sampling, row by row.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, int64_t isa);
 at::Tensor add_rms_norm_(const at::Tensor& x, const at::Tensor& delta, const at::Tensor& weight, double eps,
                          int64_t isa);
 at::Tensor silu_mul(const at::Tensor& gate_up, int64_t isa);
 void rope_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
            const at::Tensor& positions);
+// The greedy token of each row of float32 logits and its log-softmax (argmax + log_softmax + gather).
+std::tuple<at::Tensor, at::Tensor> greedy(const at::Tensor& logits, int64_t isa);
 
 // gemv.cpp: dense matmuls, each row reduced alike whatever the rows of x.
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, int64_t isa,

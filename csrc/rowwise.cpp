@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 
 #include "native.h"
 
@@ -174,6 +175,25 @@ void rope_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, cons
     else if (x->scalar_type() == at::kBFloat16) rope_rows<at::BFloat16>(*x, cos, sin, pos);
     else TORCH_CHECK(false, "rope_: float32 or bfloat16");
   }
+}
+
+std::tuple<at::Tensor, at::Tensor> greedy(const at::Tensor& logits, int64_t isa) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.scalar_type() == at::kFloat,
+              "logits: contiguous float32 [rows, vocab]");
+  const int64_t rows = logits.size(0), n = logits.size(1);
+  TORCH_CHECK(n > 0, "logits: an empty vocabulary");
+  at::Tensor ids = at::empty({rows}, logits.options().dtype(at::kLong));
+  at::Tensor logprobs = at::empty({rows}, logits.options());
+  const float* x = logits.data_ptr<float>();
+  int64_t* id = ids.data_ptr<int64_t>();
+  float* lp = logprobs.data_ptr<float>();
+  isa = resolve_isa(isa);
+  over_rows(rows, n, [&](int64_t r) {
+    if (isa == kAvx512) avx512::greedy_row(x + r * n, n, id + r, lp + r);
+    else if (isa >= kAvx2) avx2::greedy_row(x + r * n, n, id + r, lp + r);
+    else scalar::greedy_row(x + r * n, n, id + r, lp + r);
+  });
+  return {ids, logprobs};
 }
 
 }  // namespace tgi

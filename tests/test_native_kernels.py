@@ -34,6 +34,8 @@ def test_gemv_equals_linear(ext, dtype, k):
             y = ext.gemv(x, w, bias, isa)
             assert y.dtype == dtype and y.shape == (m, 37)
             torch.testing.assert_close(y.float(), expected, **tol)
+            # a bfloat16 y is written as such: the float32 sums rounded as torch rounds them
+            assert torch.equal(y, ext.gemv(x, w, bias, isa, float_out=True).to(dtype))
         torch.testing.assert_close(ext.gemv(x, w, None, 0).float(), expected - bias.float(), **tol)
 
 
@@ -155,3 +157,20 @@ def test_a_worker_that_loads_less_than_the_launcher_says_so(broken_build, caplog
     caplog.clear()
     native.log_kernels(log, "cpu", "torch fallback")
     assert [r.levelname for r in caplog.records if "kernels:" in r.getMessage()] == ["INFO"]
+
+
+@pytest.mark.parametrize("vocab", [49152, 49153, 7])  # whole vectors, a tail, shorter than one vector
+def test_greedy_equals_argmax_and_log_softmax(ext, vocab):
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(4, vocab, generator=g) * 8
+    logits[1, 0] = logits[1, vocab - 1] = 1e3  # a tie: the first index, as torch's argmax
+    logits[2, vocab // 2] = float("-inf")  # a masked token
+    exact = logits.double().log_softmax(-1)
+    for isa in isa_codes(ext):
+        ids, logprobs = ext.greedy(logits, isa)
+        assert torch.equal(ids, logits.argmax(-1))
+        assert (logprobs.double() - exact.gather(1, ids.view(-1, 1)).view(-1)).abs().max() < 2e-6
+    odd = torch.randn(2, vocab, generator=g)
+    odd[0, vocab - 1], odd[1] = float("nan"), float("-inf")  # torch's answers: the NaN's index, row 0
+    ids, logprobs = ext.greedy(odd, 0)
+    assert ids.tolist() == odd.argmax(-1).tolist() and logprobs.isnan().all()
