@@ -47,6 +47,7 @@ def to_torch(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+@functools.cache
 def name_of(dtype: torch.dtype) -> str:
     """The table's name of a torch dtype (``torch.bfloat16`` -> ``"bfloat16"``)."""
     return str(dtype).removeprefix("torch.")

@@ -400,7 +400,12 @@ def _true_rows(flags: torch.Tensor) -> list[int]:
 
 
 def _ints(values: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    if not values:  # most of a decode step's fields: one shared empty tensor (no element to write)
+        return _EMPTY[dtype]
     return torch.tensor(values, dtype=dtype)
+
+
+_EMPTY = {dtype: torch.empty(0, dtype=dtype) for dtype in (torch.int64, torch.int32)}
 
 
 def _as_int64(value: int) -> int:
