@@ -37,7 +37,31 @@ struct V {
   static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
   static R max(R a, R b) { return _mm512_max_ps(a, b); }
   static bool any_nan(R v) { return _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0; }
-  static float sum(R v) { return _mm512_reduce_add_ps(v); }
+  // The sum of v's lanes by a fixed tree: lanes i + i+8, then j + j+4, then k + k+2, then 0 + 1 (GCC's
+  // _mm512_reduce_add_ps, spelled out so that sum16 gives the same bits under any compiler).
+  static float sum(R v) {
+    const __m256 t3 = _mm256_add_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)), _mm512_castps512_ps256(v));
+    const __m128 t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
+    const __m128 t8 = _mm_add_ps(t6, _mm_shuffle_ps(t6, t6, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm_cvtss_f32(_mm_add_ss(t8, _mm_shuffle_ps(t8, t8, _MM_SHUFFLE(1, 1, 1, 1))));
+  }
+  // out[i] = sum(v[i]) for 16 vectors, the same tree on all 16 at once (a transpose as it adds): a
+  // sixteenth of the shuffles of 16 sums.
+  static void sum16(const R* v, float* out) {
+    R a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++) {  // in the order that leaves lane L holding the sum of v[L] at the end
+      const R x = v[4 * ((2 * i) % 4) + (2 * i) / 4], y = v[4 * ((2 * i + 1) % 4) + (2 * i + 1) / 4];
+      a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0xEE), _mm512_shuffle_f32x4(x, y, 0x44));  // i + i+8
+    }
+    for (int i = 0; i < 4; i++)  // j + j+4
+      b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD),
+                           _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88));
+    for (int i = 0; i < 2; i++)  // k + k+2
+      c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                           _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    _mm512_storeu_ps(out, _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                        _mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1))));
+  }
   static float top(R v) { return _mm512_reduce_max_ps(v); }
   static R exp(R x) {
     const R t = _mm512_mul_ps(_mm512_max_ps(x, set1(-87.f)), set1(kLog2e));
@@ -79,6 +103,9 @@ struct V {
     for (int l = 1; l < W; l++) t = std::max(t, lane[l]);
     return t;
   }
+  static void sum16(const R* v, float* out) {
+    for (int i = 0; i < 16; i++) out[i] = sum(v[i]);
+  }
   static float sum(R v) {
     const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -114,6 +141,9 @@ struct V {  // one lane: any length
   static R max(R a, R b) { return std::max(a, b); }
   static bool any_nan(R v) { return std::isnan(v); }
   static float sum(R v) { return v; }
+  static void sum16(const R* v, float* out) {
+    for (int i = 0; i < 16; i++) out[i] = v[i];
+  }
   static float top(R v) { return v; }
   static R exp(R x) { return std::exp(x); }
 };

@@ -8,11 +8,19 @@ import pytest
 from tests.helpers import run_engine
 from tgi_zmq import sampler
 from tgi_zmq.block_manager import BlockManager
-from tgi_zmq.engine import MAX_FAULTS, ROW_FAILED, EngineCore, StepFailure, WorkersLost
+from tgi_zmq.engine import (
+    MAX_FAULTS,
+    ROW_FAILED,
+    WATCHDOG_SECONDS_PER_PAIR,
+    EngineCore,
+    StepFailure,
+    WorkersLost,
+    allowance,
+)
 from tgi_zmq.messages import Grammar, SamplingParams, TokenBias
 from tgi_zmq.model_runner import ModelRunner
 from tgi_zmq.offline import LocalExecutor, run_to_completion
-from tgi_zmq.policy import Request, SchedulePolicy
+from tgi_zmq.policy import Request, ScheduledBatch, SchedulePolicy
 from tgi_zmq.worker_group import public_reason
 
 PROMPTS = [[1, 5, 9, 13, 17, 21], [1, 7, 3], [1, 11, 12, 13, 14, 15, 16, 17, 18, 19]]
@@ -186,9 +194,21 @@ def test_the_watchdog_restarts_hung_workers_with_a_growing_bound(folder, undistu
         engine.step()
         step = engine.inflight[0] if engine.inflight else step
     first_bound = engine.deadline(step) - max(step.sent, engine.last_done)
-    assert engine.watchdog_strikes == 1 and first_bound == pytest.approx(
-        2 * (0.05 + 0.005 * step.batch.num_new[0])
-    )
+    assert engine.watchdog_strikes == 1 and first_bound == pytest.approx(2 * (0.05 + allowance(step.batch)))
+
+
+def test_the_watchdog_allows_a_long_prompts_chunks_their_attention():
+    """A step's bound grows with its tokens and with the query-key pairs it attends: the second 3,904
+    tokens of an 8,000-token prompt attend to ~6,000 keys each (a watchdog of 20 s + 5 ms a token killed
+    their worker, again and again, until the request failed)."""
+    first, second, decode = ScheduledBatch(), ScheduledBatch(), ScheduledBatch()
+    first.starts, first.num_new = [0], [4096]
+    second.starts, second.num_new = [4096], [3904]
+    decode.starts, decode.num_new = [8000] * 4, [1] * 4
+    assert allowance(decode) == pytest.approx(4 * (0.005 + 8001 * WATCHDOG_SECONDS_PER_PAIR))
+    pairs = 3904 * 4096 + 3904 * 3905 // 2
+    assert allowance(second) == pytest.approx(3904 * 0.005 + pairs * WATCHDOG_SECONDS_PER_PAIR)
+    assert allowance(second) > 2 * allowance(first) > 60
 
 
 def test_making_progress_follows_the_oldest_step(folder):

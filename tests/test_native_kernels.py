@@ -4,6 +4,8 @@ equal torch on every code path this CPU has: small shapes, seconds in all."""
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import pytest
 import torch
@@ -174,3 +176,35 @@ def test_greedy_equals_argmax_and_log_softmax(ext, vocab):
     odd[0, vocab - 1], odd[1] = float("nan"), float("-inf")  # torch's answers: the NaN's index, row 0
     ids, logprobs = ext.greedy(odd, 0)
     assert ids.tolist() == odd.argmax(-1).tolist() and logprobs.isnan().all()
+
+
+def test_kernels_run_without_the_gil(ext):
+    """A long kernel call lets Python threads run (the worker's heartbeat beats through a long step)."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2048, 1024, generator=g), torch.randn(1024, 1024, generator=g)
+    ticks: list[float] = []
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.is_set():
+            ticks.append(time.perf_counter())
+
+    thread = threading.Thread(target=tick)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a core left for the ticking thread
+    try:
+        thread.start()
+        time.sleep(0.01)
+        start = time.perf_counter()
+        ext.gemv(x, w, None, 0)
+        end = time.perf_counter()
+    finally:
+        torch.set_num_threads(threads)
+        stop.set()
+        thread.join()
+    inside = [start, *(t for t in ticks if start < t < end), end]
+    longest_gap = max(b - a for a, b in zip(inside, inside[1:], strict=False))
+    assert end - start > 0.02, "the call was too short to tell"
+    assert longest_gap < (end - start) / 2, (
+        f"no Python ran for {longest_gap:.3f} s of a {end - start:.3f} s call"
+    )

@@ -38,6 +38,10 @@ log = logging.getLogger("tgi_zmq.engine")
 MAX_FAULTS = 3  # worker losses a request may run through
 ROW_FAILED = "the model worker could not sample this request's next token"
 WATCHDOG_SECONDS_PER_TOKEN = 0.005  # on top of the watchdog timeout, for a step's size
+# and per query-key pair its attention scores: a long prompt's later chunks attend to thousands of keys
+# a token (an 8,000-token prompt, bfloat16, batch-invariant, 2 Zen 4 cores: 102 s in two steps, ~3 us
+# a pair, before the attention kernel's registers; the bound keeps ~3x for a loaded machine)
+WATCHDOG_SECONDS_PER_PAIR = 1e-5
 
 
 @dataclasses.dataclass
@@ -78,6 +82,12 @@ class Executor(Protocol):
         requests ``rids``, before the next step (raises ``WorkersLost``)."""
 
 
+def allowance(batch: ScheduledBatch) -> float:
+    """The watchdog's seconds for a step's size: its tokens, and the query-key pairs it attends."""
+    pairs = sum(n * start + n * (n + 1) // 2 for start, n in zip(batch.starts, batch.num_new, strict=True))
+    return WATCHDOG_SECONDS_PER_TOKEN * sum(batch.num_new) + WATCHDOG_SECONDS_PER_PAIR * pairs
+
+
 @dataclasses.dataclass
 class InFlight:
     """A step submitted to the executor whose result has not been applied yet."""
@@ -86,6 +96,7 @@ class InFlight:
     batch: ScheduledBatch
     built: float  # when it was scheduled
     steps_ahead: int  # steps already in flight when it was built
+    allowance: float  # the watchdog's seconds for its size, on top of the timeout (``allowance``)
     sent: float = 0.0
     waiting_since: float | None = None  # when the engine first wanted its result
 
@@ -170,7 +181,7 @@ class EngineCore:
         if batch is None:
             return False
         self.step_id += 1
-        step = InFlight(self.step_id, batch, built, len(self.inflight))
+        step = InFlight(self.step_id, batch, built, len(self.inflight), allowance(batch))
         self.inflight.append(step)
         try:
             self.executor.submit(step.step_id, build_step(batch, self.block_size, self.eos_token_ids))
@@ -227,11 +238,12 @@ class EngineCore:
             log.debug("%s", line)
 
     def deadline(self, step: InFlight) -> float:
-        """When the watchdog gives up on ``step``: its bound grows with its size, from the moment
+        """When the watchdog gives up on ``step``: its bound grows with its size (tokens, and the
+        query-key pairs its attention scores), from the moment
         the workers could start it (sent, and the step before it done). It doubles after each
         watchdog restart until a step completes, so a merely overloaded machine is not caught in
         a loop of restarts."""
-        bound = self.watchdog_timeout + WATCHDOG_SECONDS_PER_TOKEN * sum(step.batch.num_new)
+        bound = self.watchdog_timeout + step.allowance
         return max(step.sent, self.last_done) + bound * 2**self.watchdog_strikes
 
     def making_progress(self) -> bool:
