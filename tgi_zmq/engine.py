@@ -238,11 +238,10 @@ class EngineCore:
             log.debug("%s", line)
 
     def deadline(self, step: InFlight) -> float:
-        """When the watchdog gives up on ``step``: its bound grows with its size (tokens, and the
-        query-key pairs its attention scores), from the moment
-        the workers could start it (sent, and the step before it done). It doubles after each
-        watchdog restart until a step completes, so a merely overloaded machine is not caught in
-        a loop of restarts."""
+        """When the watchdog gives up on ``step``: its bound grows with its size (``allowance``: its
+        tokens and the query-key pairs it attends), from the moment the workers could start it (sent,
+        and the step before it done). It doubles after each watchdog restart until a step completes,
+        so a merely overloaded machine is not caught in a loop of restarts."""
         bound = self.watchdog_timeout + step.allowance
         return max(step.sent, self.last_done) + bound * 2**self.watchdog_strikes
 
