@@ -58,9 +58,10 @@ constexpr int64_t kStreamRowsFma = 2;
 // vector registers.
 template <class TW>
 void run_rows(int64_t isa, const Gemv& j, int64_t n0, int64_t n1) {
-  if (isa == kAvx512 && j.k % 16 == 0 && j.m <= kStreamRowsFma) avx512::rows<TW, 1, 4>(j, n0, n1);
-  else if (isa == kAvx512 && j.k % 16 == 0) avx512::rows<TW, 4, 4>(j, n0, n1);
-  else if (isa >= kAvx2 && j.k % 8 == 0) avx2::rows<TW, 4, 2>(j, n0, n1);
+  if (isa == kAvx512 && j.k % 16 == 0) {
+    if (j.m <= kStreamRowsFma) avx512::rows<TW, 1, 4>(j, n0, n1);
+    else avx512::rows<TW, 4, 4>(j, n0, n1);
+  } else if (isa >= kAvx2 && j.k % 8 == 0) avx2::rows<TW, 4, 2>(j, n0, n1);
   else scalar::rows<TW, 4, 2>(j, n0, n1);
 }
 
