@@ -11,7 +11,7 @@ from tgi_zmq.block_manager import BlockManager
 from tgi_zmq.forward_batch import RequestStates
 from tgi_zmq.messages import Grammar, SamplingParams
 from tgi_zmq.policy import Request, SchedulePolicy
-from tgi_zmq.step import Step, build_step, step_buffer_size
+from tgi_zmq.step import Step, StepOutput, build_step, step_buffer_size
 
 VOCAB = 64
 PENALISED = SamplingParams(repetition_penalty=1.3)
@@ -33,6 +33,48 @@ def test_round_trip_through_the_transport_names():
     assert "inputs.input_ids" in tensors and "sampling.history_ids" in tensors and step.encoder is None
     again = Step.from_tensors(tensors)
     assert all(torch.equal(a, b) for a, b in zip(again.to_tensors().values(), tensors.values(), strict=True))
+
+
+def test_a_decode_step_leaves_its_empty_fields_off_the_wire_and_gets_them_back():
+    """A greedy decode step carries 10 tensors (its per-row parameters packed by dtype); what it has none
+    of comes back empty with its dtype and shape, and the parameters read by name as before."""
+    sched = SchedulePolicy(BlockManager(64, 16), 64, 8, (), 400)  # no page added by the decode step
+    drawn = SamplingParams(do_sample=True, temperature=0.5, top_k=7, seed=3)
+    sched.add(Request("a", list(range(1, 11)), drawn, 8))
+    sched.add(Request("b", list(range(1, 6)), SamplingParams(), 8))
+    batch = sched.schedule()
+    assert "inputs.new_pages" in build_step(batch, 16).to_tensors()  # the prompts' pages
+    sched.update(batch, [5, 6], [0.0, 0.0])
+    tensors = build_step(sched.schedule(), 16).to_tensors()
+    assert sorted(tensors) == sorted(
+        [f"inputs.{f}" for f in ("input_ids", "positions", "slot_mapping", "query_start", "context_lens")]
+        + ["inputs.state_rows"]
+        + [f"sampling.{f}" for f in ("rows", "floats", "ints", "flags")]
+    )
+    step = Step.from_tensors(tensors)
+    assert step.inputs.new_pages.shape == (0, 3) and step.sampling.bias_values.dtype == torch.float32
+    assert step.sampling.history_start.numel() == 0 and step.sampling.prompt_rows.dtype == torch.int64
+    s = step.sampling
+    assert s.temperature.tolist() == [0.5, 1.0] and s.top_k.tolist() == [7, 0] and s.seeds.tolist() == [3, 0]
+    assert s.greedy.tolist() == [False, True] and s.sample_index.tolist() == [1, 1]
+    assert [d.row for d in step.layout().draws] == [0]
+
+
+def test_a_step_output_leaves_no_top_tokens_off_the_wire_with_their_shape():
+    out = StepOutput(
+        torch.tensor([4, 5]),
+        torch.zeros(2),
+        torch.zeros(2, 0, dtype=torch.int64),
+        torch.zeros(2, 0),
+        torch.zeros(0),
+        torch.zeros(2, dtype=torch.bool),
+        torch.zeros(2, dtype=torch.bool),
+    )
+    tensors = out.to_tensors()
+    assert sorted(tensors) == ["failed", "grammar_done", "logprobs", "next_ids"]
+    again = StepOutput.from_tensors(tensors)
+    assert again.top_ids.shape == (2, 0) and again.top_ids.dtype == torch.int64
+    assert again.top_logprobs.shape == (2, 0) and again.prompt_logprobs.shape == (0,)
 
 
 def test_pages_and_histories_go_once():

@@ -111,10 +111,15 @@ class Outcome:
     done: InFlight | None = None  # the step whose result was applied (not one that failed)
     forward_seconds: float = 0.0
     launched: bool = False
+    room_left: bool = False  # another step may be launched at once
 
     @property
     def progressed(self) -> bool:
-        return self.launched or self.done is not None or bool(self.failed or self.refused)
+        """Whether another turn at once may do more (else the loop waits for input: a step's result,
+        a request). A turn that filled the last free place in flight waits (a third turn a token
+        at c=1 found nothing to do)."""
+        answered = self.done is not None or bool(self.failed or self.refused)
+        return answered or (self.launched and self.room_left)
 
 
 class EngineCore:
@@ -149,6 +154,7 @@ class EngineCore:
         out.launched = len(self.inflight) < self.depth and self._launch(out)
         if self.inflight and (len(self.inflight) >= self.depth or not out.launched):
             self._complete(out)
+        out.room_left = len(self.inflight) < self.depth
         return out
 
     def _grammars(self, out: Outcome) -> bool:

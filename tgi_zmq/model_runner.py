@@ -97,7 +97,8 @@ class ModelRunner:
         """Take in the step's state changes and run the model: logits [R + P, vocab] of the sampling
         rows, then of the scored prompt rows (None off rank 0)."""
         step.inputs.input_ids = self._fill_placeholders(step.inputs.input_ids)
-        step.sampling.history_ids = self._fill_placeholders(step.sampling.history_ids)
+        if layout.num_histories:
+            step.sampling.history_ids = self._fill_placeholders(step.sampling.history_ids)
         self.states.apply(step)
         self.states.start_histories(step, layout.num_histories)
         return self.model.forward(self.forward_batch(step, layout), self.cache)

@@ -65,29 +65,45 @@ class StepInputs:
     new_pages: torch.Tensor  # [N, 3] int64: (state row, page index, page id) added since the last step
 
 
+class Packed:
+    """One named row of a packed ``[k, R]`` field: the per-row sampling parameters travel as three
+    tensors (one per dtype), not eleven, and each name reads a contiguous view."""
+
+    def __init__(self, field: str, index: int):
+        self.field = field
+        self.index = index
+
+    def __get__(self, obj: object, owner: type | None = None) -> torch.Tensor:
+        return getattr(obj, self.field)[self.index]
+
+
 @dataclasses.dataclass
 class SamplingInputs:
     rows: torch.Tensor  # [R] int64: which requests (indices into the step's B) sample a token
-    greedy: torch.Tensor  # [R] bool
-    temperature: torch.Tensor  # [R] float32
-    top_k: torch.Tensor  # [R] int64, 0: off
-    top_p: torch.Tensor  # [R] float32
-    typical_p: torch.Tensor  # [R] float32
-    repetition_penalty: torch.Tensor  # [R] float32
-    frequency_penalty: torch.Tensor  # [R] float32
-    seeds: torch.Tensor  # [R] int64
-    sample_index: torch.Tensor  # [R] int64: index of the token sampled among the request's outputs
+    floats: torch.Tensor  # [5, R] float32: the ``Packed`` rows named below
+    ints: torch.Tensor  # [4, R] int64
+    flags: torch.Tensor  # [3, R] bool
     history_rows: torch.Tensor  # [H] int64: rows (of R) whose penalty counts start over this step
     history_ids: torch.Tensor  # [sum of lengths] int64: their token histories, back to back
-    history_start: torch.Tensor  # [H+1] int64
-    grammar: torch.Tensor  # [R] bool: follows a grammar (its matcher lives in the worker's row)
-    watermark: torch.Tensor  # [R] bool
-    top_n: torch.Tensor  # [R] int64: how many of the most likely tokens to return
+    history_start: torch.Tensor  # [H+1] int64 (empty when H is 0)
     bias_rows: torch.Tensor  # [N] int64: sparse logit biases (``logit_bias``; -inf bans, ``min_tokens``)
     bias_ids: torch.Tensor  # [N] int64
     bias_values: torch.Tensor  # [N] float32
     prompt_rows: torch.Tensor  # [P] int64: flat token rows whose next prompt token is scored
     prompt_targets: torch.Tensor  # [P] int64: that next prompt token
+
+    temperature = Packed("floats", 0)
+    top_p = Packed("floats", 1)
+    typical_p = Packed("floats", 2)
+    repetition_penalty = Packed("floats", 3)
+    frequency_penalty = Packed("floats", 4)
+    top_k = Packed("ints", 0)  # 0: off
+    seeds = Packed("ints", 1)
+    sample_index = Packed("ints", 2)  # index of the token sampled among the request's outputs
+    top_n = Packed("ints", 3)  # how many of the most likely tokens to return
+    greedy = Packed("flags", 0)
+    grammar = Packed("flags", 1)  # follows a grammar (its matcher lives in the worker's row)
+    watermark = Packed("flags", 2)
 
     @property
     def penalised(self) -> torch.Tensor:
@@ -109,6 +125,19 @@ class EncoderInputs:
 
 _PARTS = {"inputs": StepInputs, "sampling": SamplingInputs, "encoder": EncoderInputs}
 
+# What most steps have none of (no page added, no penalty history, no bias, no scored prompt): left out
+# of the transport when empty, and put back by ``Step.from_tensors`` (a decode step carries 10 tensors).
+_ABSENT_WHEN_EMPTY = {
+    "inputs.new_pages": torch.empty(0, PAGE_UPDATE, dtype=torch.int64),
+    **{
+        f"sampling.{name}": torch.empty(0, dtype=torch.int64)
+        for name in ("history_rows", "history_ids", "history_start", "bias_rows", "bias_ids")
+    },
+    "sampling.bias_values": torch.empty(0, dtype=torch.float32),
+    "sampling.prompt_rows": torch.empty(0, dtype=torch.int64),
+    "sampling.prompt_targets": torch.empty(0, dtype=torch.int64),
+}
+
 
 @dataclasses.dataclass
 class Step:
@@ -117,8 +146,8 @@ class Step:
     encoder: EncoderInputs | None = None
     grammars: list[GrammarStart] = dataclasses.field(default_factory=list)  # not tensors: in the message
 
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        """The flat ``<part>.<field>`` names the transport writes."""
+    def fields(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the step by its flat ``<part>.<field>`` name."""
         out = {}
         for part in _PARTS:
             value = getattr(self, part)
@@ -126,10 +155,14 @@ class Step:
                 out.update({f"{part}.{f.name}": getattr(value, f.name) for f in dataclasses.fields(value)})
         return out
 
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors the transport writes: every field but the empty ones it may leave out."""
+        return {k: t for k, t in self.fields().items() if t.numel() or k not in _ABSENT_WHEN_EMPTY}
+
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], grammars: Iterable[GrammarStart] = ()) -> Step:
         parts: dict[str, dict[str, torch.Tensor]] = {}
-        for name, tensor in tensors.items():
+        for name, tensor in {**_ABSENT_WHEN_EMPTY, **tensors}.items():
             part, _, field = name.partition(".")
             if part not in _PARTS:
                 raise ValueError(f"unknown step tensor {name!r}")
@@ -138,30 +171,33 @@ class Step:
         return cls(**built, grammars=list(grammars))
 
     def to(self, device: torch.device) -> Step:
-        tensors = {k: t.to(device, non_blocking=True) for k, t in self.to_tensors().items()}
+        if device.type == "cpu":  # the transport's views already live there
+            return self
+        tensors = {k: t.to(device, non_blocking=True) for k, t in self.fields().items()}
         return Step.from_tensors(tensors, self.grammars)
 
     def layout(self) -> StepLayout:
         """The host-side numbers the worker plans with (read before the tensors go to the device)."""
         enc, s = self.encoder, self.sampling
         sample_rows, state_rows = s.rows.tolist(), self.inputs.state_rows.tolist()
-        fields = (s.greedy, s.temperature, s.top_k, s.top_p, s.typical_p, s.seeds, s.sample_index)
-        columns = [c.tolist() for c in fields]
+        temperature, top_p, typical_p, repetition, frequency = s.floats.tolist()
+        top_k, seeds, sample_index, top_n = s.ints.tolist()
+        greedy, grammar, watermark = s.flags.tolist()
         draws = [
-            Draw(row, *values)
-            for row, (greedy, *values) in enumerate(zip(*columns, strict=True))
-            if not greedy
+            Draw(row, temperature[row], top_k[row], top_p[row], typical_p[row], seeds[row], sample_index[row])
+            for row in range(len(sample_rows))
+            if not greedy[row]
         ]
         return StepLayout(
             query_start=self.inputs.query_start.tolist(),
             context_lens=self.inputs.context_lens.tolist(),
             sample_rows=sample_rows,
             draws=draws,
-            penalised=bool(s.penalised.any()),
-            grammar_rows=[(row, state_rows[sample_rows[row]]) for row in _true_rows(s.grammar)],
+            penalised=any(r != 1.0 or f != 0.0 for r, f in zip(repetition, frequency, strict=True)),
+            grammar_rows=[(row, state_rows[sample_rows[row]]) for row in _true_rows(grammar)],
             num_histories=len(s.history_rows),
-            top_n=max(s.top_n.tolist(), default=0),
-            watermarked=_true_rows(s.watermark),
+            top_n=max(top_n, default=0),
+            watermarked=_true_rows(watermark),
             biased=len(s.bias_rows) > 0,
             num_prompt_rows=len(s.prompt_rows),
             encoder_start=enc.start.tolist() if enc is not None else [],
@@ -215,11 +251,22 @@ class StepOutput:
     grammar_done: torch.Tensor  # [R] bool: the row's grammar allows nothing after its token
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """Every field but the empty ones most steps have (no top tokens, no scored prompt)."""
+        fields = ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
+        return {name: t for name, t in fields if t.numel() or name not in _OUTPUTS_ABSENT_WHEN_EMPTY}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> StepOutput:
-        return cls(**tensors)
+        rows = len(tensors["next_ids"])
+        absent = {
+            "top_ids": torch.empty(rows, 0, dtype=torch.int64),
+            "top_logprobs": torch.empty(rows, 0),
+            "prompt_logprobs": torch.empty(0),
+        }
+        return cls(**{**absent, **tensors})
+
+
+_OUTPUTS_ABSENT_WHEN_EMPTY = frozenset(("top_ids", "top_logprobs", "prompt_logprobs"))
 
 
 def step_buffer_size(max_step_tokens: int, max_rows: int, max_total_tokens: int, block_size: int) -> int:
@@ -347,24 +394,39 @@ def _sampling_inputs(batch: ScheduledBatch, eos_token_ids: tuple[int, ...]) -> S
             req.row.history_sent = True
     return SamplingInputs(
         rows=_ints(rows),
-        greedy=torch.tensor([not p.do_sample for p in params], dtype=torch.bool),
-        temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
-        top_k=_ints([p.top_k for p in params]),
-        top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
-        typical_p=torch.tensor([p.typical_p for p in params], dtype=torch.float32),
-        repetition_penalty=torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32),
-        frequency_penalty=torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32),
-        seeds=_ints([_as_int64(p.seed or 0) for p in params]),
-        sample_index=_ints([slot - r.prompt_len for r, slot in zip(reqs, slots, strict=True)]),
+        floats=torch.tensor(
+            [
+                [p.temperature for p in params],
+                [p.top_p for p in params],
+                [p.typical_p for p in params],
+                [p.repetition_penalty for p in params],
+                [p.frequency_penalty for p in params],
+            ],
+            dtype=torch.float32,
+        ),
+        ints=torch.tensor(
+            [
+                [p.top_k for p in params],
+                [_as_int64(p.seed or 0) for p in params],
+                [slot - r.prompt_len for r, slot in zip(reqs, slots, strict=True)],
+                [p.top_n_tokens for p in params],
+            ],
+            dtype=torch.int64,
+        ),
+        flags=torch.tensor(
+            [
+                [not p.do_sample for p in params],
+                [p.grammar is not None for p in params],
+                [p.watermark for p in params],
+            ],
+            dtype=torch.bool,
+        ),
         history_rows=_ints(history_rows),
         history_ids=_ints(history_ids),
-        history_start=_ints(history_start),
-        grammar=torch.tensor([p.grammar is not None for p in params], dtype=torch.bool),
-        watermark=torch.tensor([p.watermark for p in params], dtype=torch.bool),
-        top_n=_ints([p.top_n_tokens for p in params]),
+        history_start=_ints(history_start if history_rows else []),
         bias_rows=_ints(bias_rows),
         bias_ids=_ints(bias_ids),
-        bias_values=torch.tensor(bias_values, dtype=torch.float32),
+        bias_values=torch.tensor(bias_values, dtype=torch.float32) if bias_values else _EMPTY[torch.float32],
         prompt_rows=_ints([]),  # set by ``build_step``
         prompt_targets=_ints([]),
     )
@@ -395,8 +457,8 @@ def _grammar_starts(batch: ScheduledBatch) -> list[GrammarStart]:
     return starts
 
 
-def _true_rows(flags: torch.Tensor) -> list[int]:
-    return [row for row, on in enumerate(flags.tolist()) if on]
+def _true_rows(flags: list[bool]) -> list[int]:
+    return [row for row, on in enumerate(flags) if on]
 
 
 def _ints(values: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
@@ -405,7 +467,7 @@ def _ints(values: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
     return torch.tensor(values, dtype=dtype)
 
 
-_EMPTY = {dtype: torch.empty(0, dtype=dtype) for dtype in (torch.int64, torch.int32)}
+_EMPTY = {dtype: torch.empty(0, dtype=dtype) for dtype in (torch.int64, torch.int32, torch.float32)}
 
 
 def _as_int64(value: int) -> int:
