@@ -18,6 +18,7 @@ from tgi_zmq.config import ServerConfig
 from tgi_zmq.runtime import (
     exit_on_sigterm,
     failure_reporter,
+    freeze_heap,
     pull,
     push,
     serve,
@@ -84,6 +85,7 @@ def main() -> None:
 
     process = DetokenizerProcess(config, AutoTokenizer.from_pretrained(config.model_id))
     loaded = True
+    freeze_heap()
     log.info("ready")
     process.run()
 

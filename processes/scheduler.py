@@ -33,6 +33,7 @@ from tgi_zmq.runtime import (
     dispatch,
     exit_on_sigterm,
     failure_reporter,
+    freeze_heap,
     pull,
     push,
     setup_logging,
@@ -226,6 +227,7 @@ def main() -> None:
     config = ServerConfig.load()
     cpus.apply("scheduler", config.num_shard)
     process = SchedulerProcess(config)
+    freeze_heap()
     try:
         process.run()
     finally:

@@ -22,6 +22,7 @@ from tgi_zmq.prompts import render_chat, token_spans, tokenize
 from tgi_zmq.runtime import (
     exit_on_sigterm,
     failure_reporter,
+    freeze_heap,
     pull,
     push,
     serve,
@@ -113,6 +114,7 @@ def main() -> None:
 
     process = TokenizerProcess(config, AutoTokenizer.from_pretrained(config.model_id))
     loaded = True
+    freeze_heap()
     log.info("ready (model %s)", config.model_id)
     process.run()
 

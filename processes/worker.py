@@ -36,7 +36,7 @@ from tgi_zmq import cpus
 from tgi_zmq import messages as m
 from tgi_zmq.config import RING_SLOTS, WORKER_ANNOUNCE_MS, ServerConfig
 from tgi_zmq.profiling import StepProfiler
-from tgi_zmq.runtime import BOOT_ID, exit_on_sigterm, setup_logging, start_heartbeat
+from tgi_zmq.runtime import BOOT_ID, exit_on_sigterm, freeze_heap, setup_logging, start_heartbeat
 from tgi_zmq.steplog import WORKER_STEP
 
 GRAMMAR_POLL_MS = 5  # how often an idle rank 0 looks for finished compiles while some are pending
@@ -73,6 +73,7 @@ class Worker:
         grammars = None  # only the rank that samples follows grammars; it loads their engine meanwhile
         if rank == 0 and not config.disable_grammar_support:
             grammars = load_engine(config.model_id, config.grammar_compile_timeout)
+            grammars.add_done_callback(lambda _: freeze_heap(collect=False))  # no pause if serving
             self.profiler.after = grammars
         self.device = rank_device(config.device, rank)
         if self.device.startswith("cuda"):
@@ -242,6 +243,7 @@ def main() -> None:
     worker = Worker(rank, ServerConfig.load(), log)
     start_heartbeat(worker.config, f"worker-{rank}", lambda: worker.loaded)
     worker.boot()
+    freeze_heap()
     worker.run()
 
 

@@ -28,6 +28,7 @@ chooses, in the process it chooses.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -56,6 +57,17 @@ def setup_logging(process: str) -> logging.Logger:
         format=f"%(asctime)s %(levelname)s {process} %(message)s",
     )
     return logging.getLogger(process)
+
+
+def freeze_heap(collect: bool = True) -> None:
+    """Put what the start-up made (modules, the model, the tokenizer) out of the garbage collector's
+    sight, as vLLM and SGLang do: its full collections then walk only what serving made since. The
+    scheduler's walked ~170k objects, a 50-160 ms pause every few thousand steps (measured with
+    ``gc.callbacks`` on the default model at c=1), the worker's as long. ``collect``: free the
+    start-up's garbage first (else it stays, frozen)."""
+    if collect:
+        gc.collect()
+    gc.freeze()
 
 
 def exit_on_sigterm() -> None:

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from tgi_zmq import cpus
 from tgi_zmq.config import ServerConfig
 from tgi_zmq.errors import RequestError
-from tgi_zmq.runtime import setup_logging
+from tgi_zmq.runtime import freeze_heap, setup_logging
 
 from . import extra_routes, openai_routes, openapi, profile_routes, responses_routes, tgi_routes
 from . import request_models as rq
@@ -259,6 +259,7 @@ async def serve(config: ServerConfig) -> None:
     await runner.setup()
     try:
         await web.TCPSite(runner, config.hostname, config.port).start()
+        freeze_heap()
         await _signalled()
         await drain(app[FRONTEND])
     finally:
