@@ -92,8 +92,12 @@ TGI_BF16 void tile_dp(const Gemv& j, int64_t n, int64_t m) {
       for (int r = 0; r < R; r++) acc[a][r] = _mm512_dpbf16_ps(acc[a][r], xa, wr[r]);
     }
   }
+  float sums[MB * R];  // avx512::V::sum's tree (GCC's _mm512_reduce_add_ps), 16 at once where it can
+  if constexpr (MB * R == 16) avx512::V::sum16(&acc[0][0], sums);
+  else
+    for (int i = 0; i < MB * R; i++) sums[i] = avx512::V::sum(acc[i / R][i % R]);
   for (int a = 0; a < MB; a++)
-    for (int r = 0; r < R; r++) j.put((m + a) * j.n + n + r, _mm512_reduce_add_ps(acc[a][r]) + (j.bias ? j.bias[n + r] : 0.f));
+    for (int r = 0; r < R; r++) j.put((m + a) * j.n + n + r, sums[a * R + r] + (j.bias ? j.bias[n + r] : 0.f));
 }
 
 template <int R>
