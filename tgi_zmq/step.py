@@ -22,8 +22,9 @@ the request while it runs (``Request.row``, a ``policy.RowState`` that also reco
   scheduler. Its answer flags the rows whose grammar is done (``StepOutput.grammar_done``).
 
 Shapes (B requests, R of them sampling, T tokens): ``StepInputs`` [T] and [B]; ``SamplingInputs``
-[R]; ``EncoderInputs`` for the requests whose encoder runs this step. ``Step.to_tensors`` names
-them ``<part>.<field>`` for the transport (``tgi_zmq.transport``); ``step_buffer_size`` bounds
+[R] (its per-row parameters packed by dtype, [k, R]); ``EncoderInputs`` for the requests whose
+encoder runs this step. ``Step.to_tensors`` names them ``<part>.<field>`` for the transport
+(``tgi_zmq.transport``), leaving out the empty fields most steps have; ``step_buffer_size`` bounds
 their bytes (the grammars are not among them).
 """
 
@@ -73,8 +74,8 @@ class Packed:
         self.field = field
         self.index = index
 
-    def __get__(self, obj: object, owner: type | None = None) -> torch.Tensor:
-        return getattr(obj, self.field)[self.index]
+    def __get__(self, obj: object | None, owner: type | None = None) -> torch.Tensor | Packed:
+        return self if obj is None else getattr(obj, self.field)[self.index]
 
 
 @dataclasses.dataclass
