@@ -147,6 +147,16 @@ def run_with_failures(engine: EngineCore, reqs: list[Request]) -> list[tuple[str
     return failed
 
 
+def test_a_turn_that_fills_the_last_place_in_flight_waits_for_input(folder):
+    """The scheduler's loop turns again at once only after a turn that may be followed by more."""
+    engine, executor = engine_for(folder)
+    executor.hang_at = set(range(1, 100))  # no result comes
+    engine.policy.add(Request("a", PROMPTS[0], PARAMS[0], MAX_NEW))
+    first, second = engine.step(), engine.step()
+    assert first.launched and first.progressed  # room for a second step: the loop turns again
+    assert second.launched and not second.progressed  # two in flight, none answered: it waits
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_a_row_biasing_a_token_the_model_lacks_fails_alone(folder, undisturbed, overlap):
     """The tokenizer refuses such a request (a 422); past it, the worker must still not index past the

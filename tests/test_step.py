@@ -60,7 +60,7 @@ def test_a_decode_step_leaves_its_empty_fields_off_the_wire_and_gets_them_back()
     assert [d.row for d in step.layout().draws] == [0]
 
 
-def test_a_step_output_leaves_no_top_tokens_off_the_wire_with_their_shape():
+def test_a_step_outputs_empty_top_tokens_stay_off_the_wire_and_come_back_with_their_shape():
     out = StepOutput(
         torch.tensor([4, 5]),
         torch.zeros(2),
