@@ -243,7 +243,7 @@ def runtime_dir() -> Iterator[str]:
 
 
 def frontend_config(runtime_dir: str, **fields: Any) -> ServerConfig:
-    return ServerConfig(model_id="none", served_model_name="m", runtime_dir=runtime_dir, **fields)
+    return ServerConfig(model_id="none", served_model_names=("m",), runtime_dir=runtime_dir, **fields)
 
 
 @pytest.fixture

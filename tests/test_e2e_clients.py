@@ -120,7 +120,10 @@ def test_info_models_health_tokenize(service):
         assert f"INFO {process} kernels: {info['kernels']}" in service.log()
     assert requests.get(service.url + "/health", timeout=5).status_code == 200
     models = requests.get(service.url + "/v1/models", timeout=5).json()
-    assert models["object"] == "list" and models["data"][0]["object"] == "model"
+    assert models["object"] == "list" and {card["object"] for card in models["data"]} == {"model"}
+    named = [(card["id"], card["owned_by"]) for card in models["data"]]
+    assert named == [(info["model_id"], "tgi-zmq"), ("tgi", "tgi-zmq")]  # TGI's examples' name too
+    assert requests.get(service.url + "/version", timeout=5).status_code == 404  # SMG: "then it is vLLM"
     rows = requests.post(service.url + "/tokenize", json={"inputs": "Hello world"}, timeout=5).json()
     assert "".join(r["text"] for r in rows) == "Hello world"
     assert all({"id", "text", "start", "stop"} <= set(r) for r in rows)

@@ -11,7 +11,7 @@ import pytest
 from tests.helpers import built_extension
 from tgi_zmq import cli, models, native
 from tgi_zmq.config import DEFAULT_PREFILL_TOKENS, ServerConfig
-from tgi_zmq.convert import default_model_dir
+from tgi_zmq.convert import DEFAULT_MODEL_NAME, default_model_dir
 from tgi_zmq.cpus import placement, service_cores
 from tgi_zmq.memory import kv_bytes_per_token, weights_bytes
 
@@ -156,9 +156,21 @@ def test_guard_flags_come_from_the_command_line_or_their_env_vars(monkeypatch):
         resolve("--max-batch-total-tokens", "9000", "--body-timeout", "0")
 
 
+def test_served_model_names_are_the_models_and_tgi_unless_given(monkeypatch):
+    """vLLM's --served-model-name; by default the model's name and TGI's "tgi" (its examples' model)."""
+    flags = ("--max-batch-total-tokens", "9000")
+    assert resolve(*flags).served_model_names == (DEFAULT_MODEL_NAME, "tgi")
+    given = resolve(*flags, "--served-model-name", "smol", "chat", "smol")
+    assert given.served_model_names == ("smol", "chat") and given.served_model_name == "smol"
+    monkeypatch.setenv("SERVED_MODEL_NAME", "a b")
+    assert resolve(*flags).served_model_names == ("a", "b")
+    with pytest.raises(ValueError, match="a name cannot be empty"):
+        resolve(*flags, "--served-model-name", " ")
+
+
 def test_flag_defaults_are_the_config_defaults():
     config = resolve("--max-batch-total-tokens", "9000")
-    defaults = ServerConfig(model_id="m", served_model_name="m", runtime_dir="/tmp/unused")
+    defaults = ServerConfig(model_id="m", served_model_names=("m",), runtime_dir="/tmp/unused")
     fields = "port hostname max_concurrent_requests payload_limit master_port torch_threads api_key"
     for field in fields.split():
         assert getattr(config, field) == getattr(defaults, field), field
@@ -220,8 +232,8 @@ def test_profile_dir_comes_from_the_command_line_or_its_env_var(monkeypatch, tmp
 
 
 # TGI's names and ours (README, "Launcher flags"), in --help's order.
-FLAGS = """--model-id --quantize --kv-cache-dtype --port --hostname --dtype --max-input-tokens
---max-total-tokens --max-batch-prefill-tokens --max-batch-total-tokens --memory-fraction
+FLAGS = """--model-id --served-model-name --quantize --kv-cache-dtype --port --hostname --dtype
+--max-input-tokens --max-total-tokens --max-batch-prefill-tokens --max-batch-total-tokens --memory-fraction
 --max-concurrent-requests
 --max-stop-sequences --max-client-batch-size --max-best-of --max-top-n-tokens --enable-prefill-logprobs
 --watermark-gamma --watermark-delta --payload-limit --num-shard --master-addr --master-port --torch-threads

@@ -18,7 +18,7 @@ from tgi_zmq.frontend.pipeline import MAX_REPLAYS, Pipeline
 @pytest.fixture
 def pipeline() -> Iterator[Pipeline]:
     with tempfile.TemporaryDirectory(prefix="tgizmq-r") as path:
-        config = ServerConfig(model_id="none", served_model_name="m", runtime_dir=path)
+        config = ServerConfig(model_id="none", served_model_names=("m",), runtime_dir=path)
         yield Pipeline(config, Health(("tokenizer", "scheduler", "detokenizer", "worker-0")))
 
 

@@ -32,7 +32,7 @@ def folder(tiny_models):
 def worker(folder, tmp_path):
     config = ServerConfig(
         model_id=str(folder),
-        served_model_name="m",
+        served_model_names=("m",),
         runtime_dir=str(tmp_path / f"w{uuid.uuid4().hex[:6]}"),
         max_concurrent_requests=ROWS,
         max_top_n_tokens=VOCAB,
@@ -90,7 +90,7 @@ def test_a_worker_with_fewer_kv_blocks_than_configured_is_refused_not_a_crash(tm
     every announcement of that worker, every second, taking every request in flight with it."""
     from tgi_zmq.worker_group import WorkerGroup
 
-    config = ServerConfig(model_id="none", served_model_name="m", runtime_dir=str(tmp_path / "g"))
+    config = ServerConfig(model_id="none", served_model_names=("m",), runtime_dir=str(tmp_path / "g"))
     group = WorkerGroup(config, sock=None)
     try:
         short = m.WorkerReady(0, "boot-1", 1, config.num_blocks - 1)

@@ -62,6 +62,9 @@ def add_launch_flags(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             action = "store_false" if field.default else "store_true"
             parser.add_argument(flag, dest=field.name, action=action, default=value, help=text)
+        elif typing.get_origin(hint) is tuple:  # NAME [NAME ...]; its variable: names apart by spaces
+            value = value.split() if isinstance(value, str) else value
+            parser.add_argument(flag, dest=field.name, nargs="+", metavar="NAME", default=value, help=text)
         else:
             parser.add_argument(flag, dest=field.name, type=kind, default=value, help=text)
 
@@ -122,8 +125,8 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
     given = {
         field.name: getattr(args, field.name) for _, field in launch_flags() if not field.metadata["derived"]
     }
-    name = str(args.model_id) if args.model_id else DEFAULT_MODEL_NAME
-    config = ServerConfig(str(model_dir), name, runtime_dir, **given)
+    names = served_model_names(args.served_model_names, str(args.model_id or DEFAULT_MODEL_NAME))
+    config = ServerConfig(str(model_dir), names, runtime_dir, **given)
     check_flags(config)
     if config.num_shard > 1:  # refuse a head split the workers could not make (they would fail at load)
         model = config_cls.from_hf(hf_config)
@@ -253,6 +256,14 @@ def check_limits(max_input: int, total: int, batch_total: int, explicit_budget: 
             + ": lower --max-total-tokens"
             + (" or raise --max-batch-total-tokens" if explicit_budget else " or raise --memory-fraction")
         )
+
+
+def served_model_names(given: list[str] | None, model_name: str) -> tuple[str, ...]:
+    """``--served-model-name`` as given (each once, in order), or the model's name and TGI's "tgi"."""
+    names = tuple(dict.fromkeys(given or (model_name, "tgi")))
+    if not all(name.strip() for name in names):
+        raise ValueError("--served-model-name: a name cannot be empty")
+    return names
 
 
 def model_folder(model_id: str) -> Path:

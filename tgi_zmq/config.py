@@ -63,7 +63,13 @@ class ServerConfig:
         "(default: the bundled SmolLM2-135M-Instruct, converted once from its GGUF)",
         derived=True,  # the folder served (a .gguf gets one)
     )
-    served_model_name: str  # --model-id as given, or the default model's name
+    served_model_names: tuple[str, ...] = flag(
+        help="the model's names in the API, as vLLM's flag: /v1/models lists each, a response names the "
+        "first (requests may name any model, as in TGI) (default: --model-id as given, or the default "
+        "model's name, then 'tgi', the name TGI's examples use, so they work through a router as they are)",
+        derived=True,
+        name="--served-model-name",
+    )
     runtime_dir: str
     # A --quantize value, "gguf" for a GGUF file, None: dense weights.
     quantize: str | None = flag(
@@ -211,6 +217,11 @@ class ServerConfig:
         """Prefix of this service's shared-memory buffers (unique per runtime dir)."""
         return "tgi-zmq-" + Path(self.runtime_dir).name
 
+    @property
+    def served_model_name(self) -> str:
+        """The name responses and /info give the model (the first of ``served_model_names``)."""
+        return self.served_model_names[0]
+
     def save(self) -> Path:
         path = Path(self.runtime_dir) / "config.json"
         path.write_text(json.dumps(dataclasses.asdict(self), indent=1))
@@ -221,4 +232,5 @@ class ServerConfig:
         runtime_dir = runtime_dir or os.environ[RUNTIME_DIR_ENV]
         data = json.loads((Path(runtime_dir) / "config.json").read_text())
         data["eos_token_ids"] = tuple(data["eos_token_ids"])
+        data["served_model_names"] = tuple(data["served_model_names"])
         return cls(**data)

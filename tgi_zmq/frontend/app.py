@@ -197,7 +197,7 @@ ROUTES = (
     _get("/ping", health, "Health (SageMaker)", errors=(503,)),
     _get("/info", info, "The model and the server's limits", response=rs.Info),
     _get("/metrics", metrics, "Prometheus metrics", media="text/plain"),
-    _get("/v1/models", openai_routes.models, "The served model", response=rs.ModelList),
+    _get("/v1/models", openai_routes.models, "The model under each served name", response=rs.ModelList),
     _post("/", tgi_routes.compat_generate, rq.GenerateBody, rs.CompatGenerateResponse, rs.StreamResponse,
           summary="Generate: a JSON array, or SSE with `stream`"),
     _post("/generate", tgi_routes.generate, rq.GenerateBody, rs.GenerateResponse, summary="Generate"),

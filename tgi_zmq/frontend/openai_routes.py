@@ -297,7 +297,7 @@ def _completion_logprobs(job: Job, echo: bool, last: int | None = None) -> dict[
 
 
 async def models(request: web.Request) -> web.Response:
-    name = frontend(request).config.served_model_name
-    return json_response(
-        {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": name}]}
-    )
+    """Every served name (``--served-model-name``): a router offers requests for these names only."""
+    names = frontend(request).config.served_model_names
+    cards = [{"id": name, "object": "model", "created": 0, "owned_by": "tgi-zmq"} for name in names]
+    return json_response({"object": "list", "data": cards})
