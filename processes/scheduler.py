@@ -193,6 +193,7 @@ class StatsReporter:
         self.config = config
         self.forward: list[m.ForwardTiming] = []
         self.sent_hits = 0
+        self.sent_queries = 0
         self.sent_preemptions = 0
         self.last = 0.0
 
@@ -213,11 +214,13 @@ class StatsReporter:
             kv_blocks_total=p.block_manager.num_blocks,
             max_batch_total_tokens=self.config.max_batch_total_tokens,
             prefix_cache_hit_tokens=p.prefix_hit_tokens - self.sent_hits,
+            prefix_cache_query_tokens=p.prefix_query_tokens - self.sent_queries,
             preemptions=p.num_preemptions - self.sent_preemptions,
             queue_seconds=p.queue_waits,
             forward_seconds=self.forward,
         )
-        self.sent_hits, self.sent_preemptions = p.prefix_hit_tokens, p.num_preemptions
+        self.sent_hits, self.sent_queries = p.prefix_hit_tokens, p.prefix_query_tokens
+        self.sent_preemptions = p.num_preemptions
         p.queue_waits, self.forward = [], []
         sock.send(m.encode(stats))
 

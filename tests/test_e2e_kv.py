@@ -74,6 +74,48 @@ def test_copies_compute_their_prompt_once(service):
     assert hits - hits_before >= 2 * full_pages, (hits - hits_before, tokens)
 
 
+def test_the_vllm_gauges_routers_read_tell_the_schedulers_state(service):
+    """llm-d's and SMG's load signals under vLLM's names: under load they count the requests in flight
+    and the pages they hold; once they finished, the pages left to the prefix cache count as free."""
+    model = requests.get(service.url + "/info", timeout=5).json()["model_id"]
+
+    def vllm(values: dict[str, float], name: str) -> float:
+        return values[f'vllm:{name}{{model_name="{model}"}}']
+
+    prompts = [f"Clock {i}: {STORY}" for i in range(6)]  # no page in common
+    tokens = [
+        len(requests.post(service.url + "/tokenize", json={"inputs": p}, timeout=10).json()) for p in prompts
+    ]
+    new = 160  # long enough to be seen running
+    body = {"parameters": {"max_new_tokens": new, "ignore_eos": True}}
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        answers = [
+            pool.submit(requests.post, service.url + "/generate", json={**body, "inputs": p}, timeout=300)
+            for p in prompts
+        ]
+        deadline = time.time() + 30
+        values = metrics(service)
+        while vllm(values, "num_requests_running") < len(prompts) and time.time() < deadline:
+            time.sleep(0.2)
+            values = metrics(service)
+        assert (
+            vllm(values, "num_requests_running") == len(prompts) and vllm(values, "num_requests_waiting") == 0
+        )
+        total = values["tgi_kv_blocks_total"]
+        held = vllm(values, "kv_cache_usage_perc") * total
+        assert held == pytest.approx(values["tgi_kv_blocks_used"] - values["tgi_kv_blocks_cached"])
+        least, most = sum(-(-n // 16) for n in tokens), sum(-(-(n + new) // 16) + 1 for n in tokens)
+        assert least <= round(held) <= most, (held, least, most)  # their prompts' pages, and what they wrote
+        assert all(answer.result().status_code == 200 for answer in answers)
+    wait_for_metric(service, f'vllm:num_requests_running{{model_name="{model}"}}', lambda v: v == 0)
+    values = metrics(service)
+    assert vllm(values, "num_requests_running") == vllm(values, "num_requests_waiting") == 0
+    assert vllm(values, "kv_cache_usage_perc") == 0 and values["tgi_kv_blocks_cached"] > 0
+    layout = f'block_size="16",model_name="{model}",num_gpu_blocks="{int(total)}"'
+    assert values[f"vllm:cache_config_info{{{layout}}}"] == 1
+    assert vllm(values, "prefix_cache_queries_total") >= sum(tokens)
+
+
 @pytest.fixture(scope="module")
 def small_kv(tmp_path_factory):
     """A KV cache of 512 tokens: 16 requests of 53 tokens each need almost twice that."""

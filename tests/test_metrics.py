@@ -50,6 +50,13 @@ EXPOSED = {
     "tgi_kv_blocks_total": "gauge",
     "tgi_prefix_cache_hit_tokens_total": "counter",
     "tgi_preemptions_total": "counter",
+    # what routers read from a vLLM engine, under vLLM's names
+    "vllm:num_requests_waiting": "gauge",
+    "vllm:num_requests_running": "gauge",
+    "vllm:kv_cache_usage_perc": "gauge",
+    "vllm:cache_config_info": "gauge",
+    "vllm:prefix_cache_queries_total": "counter",
+    "vllm:prefix_cache_hits_total": "counter",
 }
 
 
@@ -62,6 +69,7 @@ def stats(**overrides) -> SchedulerStats:
         kv_blocks_total=4096,
         max_batch_total_tokens=65536,
         prefix_cache_hit_tokens=32,
+        prefix_cache_query_tokens=100,
         preemptions=1,
         queue_seconds=[0.01, 0.2],
         forward_seconds=[
@@ -90,7 +98,8 @@ def samples(exposition: str) -> dict[str, float]:
 
 @pytest.fixture
 def metrics() -> Metrics:
-    return Metrics(max_input_tokens=4095, max_total_tokens=4096)
+    lengths = dict(max_input_tokens=4095, max_total_tokens=4096)
+    return Metrics(**lengths, model_name="m", block_size=16, num_blocks=4096)
 
 
 # ---------------------------------------------------------------------------- exposition
@@ -156,6 +165,21 @@ def test_scheduler_stats_set_gauges_and_add_deltas(metrics: Metrics) -> None:
     assert values['tgi_batch_forward_duration_count{method="prefill"}'] == 2
     assert values['tgi_batch_forward_duration_count{method="decode"}'] == 4
     assert values['tgi_batch_forward_duration_sum{method="decode"}'] == pytest.approx(0.01)
+
+
+def test_vllm_names_carry_the_model_name_and_count_cached_blocks_as_free(metrics: Metrics) -> None:
+    """What llm-d and SMG read; the KV usage counts blocks held only by the prefix cache as free."""
+    metrics.observe_scheduler(stats(kv_blocks_used=40, kv_blocks_cached=12, kv_blocks_total=4096))
+    metrics.observe_scheduler(stats(prefix_cache_hit_tokens=8, prefix_cache_query_tokens=20))
+    values = samples(text(metrics))
+    assert values['vllm:num_requests_waiting{model_name="m"}'] == 3
+    assert values['vllm:num_requests_running{model_name="m"}'] == 5
+    assert values['vllm:kv_cache_usage_perc{model_name="m"}'] == pytest.approx(28 / 4096)
+    assert values['vllm:cache_config_info{block_size="16",model_name="m",num_gpu_blocks="4096"}'] == 1
+    assert values['vllm:prefix_cache_queries_total{model_name="m"}'] == 120
+    assert values['vllm:prefix_cache_hits_total{model_name="m"}'] == 40
+    metrics.observe_scheduler(stats(kv_blocks_used=95, kv_blocks_cached=95, kv_blocks_total=100))
+    assert samples(text(metrics))['vllm:kv_cache_usage_perc{model_name="m"}'] == 0  # all reusable
 
 
 # ---------------------------------------------------------------------------- request outcomes

@@ -532,6 +532,7 @@ class SchedulerStats:
     kv_blocks_total: int
     max_batch_total_tokens: int
     prefix_cache_hit_tokens: int  # since the last stats message
+    prefix_cache_query_tokens: int  # prompt tokens looked up in the prefix cache, since the last message
     preemptions: int  # since the last stats message
     queue_seconds: list[float]  # per request admitted since the last message: arrival -> first step
     forward_seconds: list[ForwardTiming]  # per step since the last message

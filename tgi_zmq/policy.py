@@ -261,6 +261,7 @@ class SchedulePolicy:
         self.to_compile: list[Request] = []  # grammars the workers are to compile (``take_grammars``)
         self.num_preemptions = 0
         self.prefix_hit_tokens = 0
+        self.prefix_query_tokens = 0  # prompt tokens looked up (vLLM's prefix-cache queries)
         self.queue_waits: list[float] = []  # seconds from arrival to first step, drained by the stats
         self.costs = StepCosts()  # fed by the engine with each step's time
 
@@ -399,13 +400,14 @@ class SchedulePolicy:
             if len(req.encoder_ids) > budget.tokens and batch.requests:
                 break  # an encoder is not chunked: it waits for a step with room for all of it
             budget.tokens -= len(req.encoder_ids)
-            hit = self._reuse_prefix(req)
+            hit, queried = self._reuse_prefix(req)
             n = budget.chunk(req, at_least_one=True)
             grown = n > 0 and self.block_manager.grow(req.blocks, req.num_computed + n)
             if not grown or not self.block_manager.grow(req.cross_blocks, len(req.encoder_ids)):
                 self._reset(req)
                 break
             self.prefix_hit_tokens += hit
+            self.prefix_query_tokens += queried
             if req.scheduled_time is None:
                 req.scheduled_time = time.time()
                 self.queue_waits.append(req.scheduled_time - req.arrival_time)
@@ -446,16 +448,16 @@ class SchedulePolicy:
     def _awaits_last_token(self, req: Request) -> bool:
         return req.num_output >= req.max_new_tokens or req.num_tokens >= self.max_total_tokens
 
-    def _reuse_prefix(self, req: Request) -> int:
-        """Start a request on the cached blocks of its longest cached prefix; returns the hit tokens.
-        A request that scores its prompt computes all of it (as TGI)."""
+    def _reuse_prefix(self, req: Request) -> tuple[int, int]:
+        """Start a request on the cached blocks of its longest cached prefix; returns the hit tokens
+        and the tokens looked up. A request that scores its prompt computes all of it (as TGI)."""
         if req.encoder_ids or req.params.prompt_logprobs:
-            return 0
+            return 0, 0
         blocks, parent = self.block_manager.match_prefix(req.token_ids, req.num_tokens - 1)
         req.blocks = blocks
         req.num_computed = len(blocks) * self.block_manager.block_size
         req.hashed_blocks, req.parent_hash = len(blocks), parent
-        return req.num_computed
+        return req.num_computed, req.num_tokens
 
     def _reset(self, req: Request) -> None:
         """Back to nothing computed, no pages (recompute later, prefix cache permitting)."""

@@ -3,6 +3,11 @@
 The frontend updates the request-level metrics itself; the batch and KV-cache metrics come
 from the scheduler's ``SchedulerStats`` messages; the per-stage times of a request
 (``tgi_request_stage_duration{stage}``) come on its last delta, measured by each process.
+
+Beside them, the gauges and counters routers read from a vLLM engine, under vLLM's names and
+``model_name`` label (llm-d's and SMG's load-aware policies, docs/scale-out.md): requests waiting
+and running, the KV cache's usage (blocks held only by the prefix cache are reusable: free, as in
+vLLM), its block size and count, and the prefix cache's queried and hit tokens.
 """
 
 from __future__ import annotations
@@ -69,7 +74,15 @@ class BareCounter(Collector):
 class Metrics:
     """The frontend's metrics; ``render()`` is the body of ``GET /metrics``."""
 
-    def __init__(self, *, max_input_tokens: int, max_total_tokens: int) -> None:
+    def __init__(
+        self,
+        *,
+        max_input_tokens: int,
+        max_total_tokens: int,
+        model_name: str,
+        block_size: int,
+        num_blocks: int,
+    ) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
         self._bare = [
             count := BareCounter("tgi_request_count", "Generation requests received"),
@@ -150,6 +163,33 @@ class Metrics:
         self.request_replays = Counter(
             "tgi_request_replays_total", "Requests sent down the pipeline again after a fault", registry=r
         )
+        self._vllm_metrics(model_name, block_size, num_blocks)
+
+    def _vllm_metrics(self, model_name: str, block_size: int, num_blocks: int) -> None:
+        r, label = self.registry, ["model_name"]
+
+        def gauge(name: str, documentation: str) -> Gauge:
+            return Gauge(name, documentation, label, registry=r).labels(model_name=model_name)
+
+        def counter(name: str, documentation: str) -> Counter:
+            return Counter(name, documentation, label, registry=r).labels(model_name=model_name)
+
+        self.vllm_waiting = gauge("vllm:num_requests_waiting", "Requests waiting for their first step")
+        self.vllm_running = gauge("vllm:num_requests_running", "Requests running")
+        self.vllm_kv_usage = gauge(
+            "vllm:kv_cache_usage_perc", "KV-cache usage, 1 full (blocks held only by the prefix cache: free)"
+        )
+        info = Gauge(
+            "vllm:cache_config_info",
+            "The KV cache's layout",
+            [*label, "block_size", "num_gpu_blocks"],
+            registry=r,
+        )
+        info.labels(model_name=model_name, block_size=str(block_size), num_gpu_blocks=str(num_blocks)).set(1)
+        self.vllm_prefix_queries = counter(
+            "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache"
+        )
+        self.vllm_prefix_hits = counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache")
 
     def render(self) -> bytes:
         """The Prometheus text exposition (content type ``CONTENT_TYPE_LATEST``)."""
@@ -212,6 +252,12 @@ class Metrics:
         self.kv_blocks_cached.set(stats.kv_blocks_cached)
         self.prefix_cache_hit_tokens.inc(max(stats.prefix_cache_hit_tokens, 0))
         self.preemptions.inc(max(stats.preemptions, 0))
+        self.vllm_waiting.set(stats.queue_size)
+        self.vllm_running.set(stats.batch_size)
+        held = stats.kv_blocks_used - stats.kv_blocks_cached
+        self.vllm_kv_usage.set(held / stats.kv_blocks_total if stats.kv_blocks_total else 0.0)
+        self.vllm_prefix_queries.inc(max(stats.prefix_cache_query_tokens, 0))
+        self.vllm_prefix_hits.inc(max(stats.prefix_cache_hit_tokens, 0))
         for seconds in stats.queue_seconds:
             self.request_queue_duration.observe(seconds)
         for forward in stats.forward_seconds:  # typed by the codec: a malformed stats frame never gets here

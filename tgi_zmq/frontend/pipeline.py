@@ -119,7 +119,11 @@ class Pipeline:
         self.config = config
         self.health = health
         self.metrics = Metrics(
-            max_input_tokens=config.max_input_tokens, max_total_tokens=config.max_total_tokens
+            max_input_tokens=config.max_input_tokens,
+            max_total_tokens=config.max_total_tokens,
+            model_name=config.served_model_name,
+            block_size=config.block_size,
+            num_blocks=config.num_blocks,
         )
         self._boxes: dict[str, Mailbox] = {}  # by wire rid
         self._outbox: asyncio.Queue[bytes] = asyncio.Queue()
