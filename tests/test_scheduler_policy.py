@@ -223,6 +223,15 @@ def test_scheduler_reuses_a_shared_prefix():
     batch = sched.schedule()
     assert batch.requests == [b] and batch.starts == [12] and batch.num_new == [1]
     assert sched.prefix_hit_tokens == 12
+    assert sched.prefix_query_tokens == 14 + 13  # every prompt token looked up (vLLM's queries)
+
+
+def test_no_prefix_lookup_is_counted_without_prefix_caching():
+    sched = SchedulePolicy(BlockManager(32, 4, enable_prefix_caching=False), 64, 8, (), 64)
+    for rid in "ab":
+        sched.add(Request(rid, list(range(100, 113)), SamplingParams(), 1))
+    sched.schedule()
+    assert sched.prefix_query_tokens == sched.prefix_hit_tokens == 0
 
 
 def test_forget_cache_drops_every_page_and_the_prefix_cache():

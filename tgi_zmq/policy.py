@@ -457,7 +457,7 @@ class SchedulePolicy:
         req.blocks = blocks
         req.num_computed = len(blocks) * self.block_manager.block_size
         req.hashed_blocks, req.parent_hash = len(blocks), parent
-        return req.num_computed, req.num_tokens
+        return req.num_computed, req.num_tokens if self.block_manager.enable_prefix_caching else 0
 
     def _reset(self, req: Request) -> None:
         """Back to nothing computed, no pages (recompute later, prefix cache permitting)."""

@@ -5,7 +5,7 @@ from the scheduler's ``SchedulerStats`` messages; the per-stage times of a reque
 (``tgi_request_stage_duration{stage}``) come on its last delta, measured by each process.
 
 Beside them, the gauges and counters routers read from a vLLM engine, under vLLM's names and
-``model_name`` label (llm-d's and SMG's load-aware policies, docs/scale-out.md): requests waiting
+``model_name`` label (what llm-d's and SMG's load-aware policies read): requests waiting
 and running, the KV cache's usage (blocks held only by the prefix cache are reusable: free, as in
 vLLM), its block size and count, and the prefix cache's queried and hit tokens.
 """
