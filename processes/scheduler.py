@@ -179,7 +179,7 @@ class SchedulerProcess:
             self.to_frontend.send(m.encode(ValidationError(f"grammar: {refusal}").output(req.rid)))
             self.to_detok.send(m.encode(m.AbortRequest(req.rid)))
         if outcome.done is not None:
-            self.stats.step(outcome.done.batch, outcome.forward_seconds)
+            self.stats.step(outcome.done.batch, outcome.forward_seconds, len(out.rids))
 
     def close(self) -> None:
         self.workers.close()
@@ -195,16 +195,18 @@ class StatsReporter:
         self.sent_hits = 0
         self.sent_queries = 0
         self.sent_preemptions = 0
+        self.generated = 0
         self.last = 0.0
 
-    def step(self, batch: ScheduledBatch, seconds: float) -> None:
+    def step(self, batch: ScheduledBatch, seconds: float, generated: int) -> None:
         self.forward.append(m.ForwardTiming("decode" if batch.is_decode else "prefill", seconds))
+        self.generated += generated
 
     def maybe_send(self, sock: zmq.Socket) -> None:
         now = time.monotonic()
         if now - self.last < STATS_PERIOD_S:
             return
-        self.last = now
+        interval, self.last = (now - self.last if self.last else 0.0), now
         p = self.policy
         stats = m.SchedulerStats(
             queue_size=len(p.waiting),
@@ -218,10 +220,12 @@ class StatsReporter:
             preemptions=p.num_preemptions - self.sent_preemptions,
             queue_seconds=p.queue_waits,
             forward_seconds=self.forward,
+            generated_tokens=self.generated,
+            interval_seconds=interval,
         )
         self.sent_hits, self.sent_queries = p.prefix_hit_tokens, p.prefix_query_tokens
         self.sent_preemptions = p.num_preemptions
-        p.queue_waits, self.forward = [], []
+        p.queue_waits, self.forward, self.generated = [], [], 0
         sock.send(m.encode(stats))
 
 

@@ -36,6 +36,7 @@ GUARDED = [
     ("POST", "/v1/completions", {"model": "tgi", "prompt": "Hi", "max_tokens": 3}),
     ("GET", "/info", None),
     ("GET", "/v1/models", None),
+    ("GET", "/v1/loads", None),
 ]
 
 

@@ -106,6 +106,10 @@ def test_the_vllm_gauges_routers_read_tell_the_schedulers_state(service):
         assert held == pytest.approx(values["tgi_kv_blocks_used"] - values["tgi_kv_blocks_cached"])
         least, most = sum(-(-n // 16) for n in tokens), sum(-(-(n + new) // 16) + 1 for n in tokens)
         assert least <= round(held) <= most, (held, least, most)  # their prompts' pages, and what they wrote
+        url = service.url + "/v1/loads?include=core,disagg,queues,memory"  # as SMG polls it
+        load = requests.get(url, timeout=5).json()["loads"][0]  # its own stats message may be newer
+        assert load["num_running_reqs"] == load["num_total_reqs"] == len(prompts)
+        assert least * 16 <= load["num_used_tokens"] <= most * 16 and load["gen_throughput"] > 0
         assert all(answer.result().status_code == 200 for answer in answers)
     wait_for_metric(service, f'vllm:num_requests_running{{model_name="{model}"}}', lambda v: v == 0)
     values = metrics(service)
@@ -114,6 +118,9 @@ def test_the_vllm_gauges_routers_read_tell_the_schedulers_state(service):
     layout = f'block_size="16",model_name="{model}",num_gpu_blocks="{int(total)}"'
     assert values[f"vllm:cache_config_info{{{layout}}}"] == 1
     assert vllm(values, "prefix_cache_queries_total") >= sum(tokens)
+    loads = requests.get(service.url + "/v1/loads", timeout=5).json()
+    assert loads["dp_rank_count"] == 1 and loads["loads"][0]["num_used_tokens"] == 0
+    assert loads["loads"][0]["max_total_num_tokens"] == total * 16
 
 
 @pytest.fixture(scope="module")

@@ -81,7 +81,7 @@ def test_every_message_round_trips():
                 )
             ]
         ),
-        m.SchedulerStats(1, 2, 3, 4, 5, 6, 7, 8, 9, [0.5], [m.ForwardTiming("prefill", 0.25)]),
+        m.SchedulerStats(1, 2, 3, 4, 5, 6, 7, 8, 9, [0.5], [m.ForwardTiming("prefill", 0.25)], 10, 0.5),
         m.StepRequest(3, "sched", "buf", [m.TensorRef("input_ids", "int64", [4], 0)], None),
         m.StepRequest(
             4, "sched", "buf", [], None, [m.GrammarStart("r", 2, m.Grammar("regex", "[0-9]+"), [7])]

@@ -77,6 +77,8 @@ def stats(**overrides) -> SchedulerStats:
             ForwardTiming("decode", 0.002),
             ForwardTiming("decode", 0.003),
         ],
+        generated_tokens=50,
+        interval_seconds=0.5,
     )
     return SchedulerStats(**{**fields, **overrides})
 
@@ -180,6 +182,30 @@ def test_vllm_names_carry_the_model_name_and_count_cached_blocks_as_free(metrics
     assert values['vllm:prefix_cache_hits_total{model_name="m"}'] == 40
     metrics.observe_scheduler(stats(kv_blocks_used=95, kv_blocks_cached=95, kv_blocks_total=100))
     assert samples(text(metrics))['vllm:kv_cache_usage_perc{model_name="m"}'] == 0  # all reusable
+
+
+def test_the_load_row_smg_polls_has_its_types_and_the_schedulers_figures(metrics: Metrics) -> None:
+    """GET /v1/loads as SGLang serves it (SMG reads its integers as i32: they must be JSON integers)."""
+    idle = metrics.load(max_running_requests=128)
+    assert idle["num_running_reqs"] == idle["num_used_tokens"] == 0 and idle["max_total_num_tokens"] == 65536
+    metrics.observe_scheduler(stats(kv_blocks_used=40, kv_blocks_cached=12))
+    metrics.observe_scheduler(stats(prefix_cache_hit_tokens=8, prefix_cache_query_tokens=20))
+    row = metrics.load(max_running_requests=128)
+    assert row == {
+        "dp_rank": 0,
+        "num_running_reqs": 5,
+        "num_waiting_reqs": 3,
+        "num_total_reqs": 8,
+        "num_used_tokens": 28 * 16,
+        "max_total_num_tokens": 4096 * 16,
+        "token_usage": pytest.approx(28 / 4096),
+        "gen_throughput": pytest.approx(100.0),
+        "cache_hit_rate": pytest.approx(40 / 120),
+        "utilization": pytest.approx(28 / 4096),
+        "max_running_requests": 128,
+    }
+    floats = {"token_usage", "gen_throughput", "cache_hit_rate", "utilization"}
+    assert all(isinstance(v, float if k in floats else int) for k, v in row.items()), row
 
 
 # ---------------------------------------------------------------------------- request outcomes

@@ -536,6 +536,8 @@ class SchedulerStats:
     preemptions: int  # since the last stats message
     queue_seconds: list[float]  # per request admitted since the last message: arrival -> first step
     forward_seconds: list[ForwardTiming]  # per step since the last message
+    generated_tokens: int  # since the last message
+    interval_seconds: float  # since the last message (0: the first)
 
 
 # ---------------------------------------------------------------------------- scheduler <-> worker

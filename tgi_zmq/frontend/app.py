@@ -4,6 +4,7 @@ and ``main()``."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import signal
 import uuid
@@ -129,6 +130,15 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def loads(request: web.Request) -> web.Response:
+    """SGLang's ``GET /v1/loads``, which SMG polls from an engine it does not take for vLLM or SGLang
+    (``?include=`` is accepted: only the core fields are served)."""
+    fe = frontend(request)
+    row = fe.pipeline.metrics.load(fe.config.max_concurrent_requests)
+    now = datetime.datetime.now(datetime.UTC).isoformat()
+    return json_response({"timestamp": now, "dp_rank_count": 1, "loads": [row]})
+
+
 async def info(request: web.Request) -> web.Response:
     c = frontend(request).config
     return json_response(
@@ -198,6 +208,7 @@ ROUTES = (
     _get("/info", info, "The model and the server's limits", response=rs.Info),
     _get("/metrics", metrics, "Prometheus metrics", media="text/plain"),
     _get("/v1/models", openai_routes.models, "The model under each served name", response=rs.ModelList),
+    _get("/v1/loads", loads, "The engine's load as SGLang serves it (SMG polls it)", response=rs.Loads),
     _post("/", tgi_routes.compat_generate, rq.GenerateBody, rs.CompatGenerateResponse, rs.StreamResponse,
           summary="Generate: a JSON array, or SSE with `stream`"),
     _post("/generate", tgi_routes.generate, rq.GenerateBody, rs.GenerateResponse, summary="Generate"),

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import itertools
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -164,6 +165,10 @@ class Metrics:
             "tgi_request_replays_total", "Requests sent down the pipeline again after a fault", registry=r
         )
         self._vllm_metrics(model_name, block_size, num_blocks)
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.last_stats: SchedulerStats | None = None
+        self.gen_throughput = 0.0  # tokens/s over the last stats interval
+        self.prefix_queried = self.prefix_hit = 0  # prompt tokens, since the start
 
     def _vllm_metrics(self, model_name: str, block_size: int, num_blocks: int) -> None:
         r, label = self.registry, ["model_name"]
@@ -258,7 +263,36 @@ class Metrics:
         self.vllm_kv_usage.set(held / stats.kv_blocks_total if stats.kv_blocks_total else 0.0)
         self.vllm_prefix_queries.inc(max(stats.prefix_cache_query_tokens, 0))
         self.vllm_prefix_hits.inc(max(stats.prefix_cache_hit_tokens, 0))
+        self.last_stats = stats
+        if stats.interval_seconds > 0:
+            self.gen_throughput = max(stats.generated_tokens, 0) / stats.interval_seconds
+        self.prefix_queried += max(stats.prefix_cache_query_tokens, 0)
+        self.prefix_hit += max(stats.prefix_cache_hit_tokens, 0)
         for seconds in stats.queue_seconds:
             self.request_queue_duration.observe(seconds)
         for forward in stats.forward_seconds:  # typed by the codec: a malformed stats frame never gets here
             self.batch_forward_duration.labels(method=forward.method).observe(forward.seconds)
+
+    # ------------------------------------------------------------------ SGLang's /v1/loads
+
+    def load(self, max_running_requests: int) -> dict[str, Any]:
+        """This engine's row of ``GET /v1/loads`` (one rank), in the types SMG reads: the scheduler's
+        latest figures; the KV tokens held by requests (not those only the prefix cache keeps)."""
+        stats = self.last_stats
+        running, waiting = (stats.batch_size, stats.queue_size) if stats else (0, 0)
+        held_blocks = stats.kv_blocks_used - stats.kv_blocks_cached if stats else 0
+        capacity = self.num_blocks * self.block_size
+        usage = held_blocks * self.block_size / capacity if capacity else 0.0
+        return {
+            "dp_rank": 0,
+            "num_running_reqs": running,
+            "num_waiting_reqs": waiting,
+            "num_total_reqs": running + waiting,
+            "num_used_tokens": held_blocks * self.block_size,
+            "max_total_num_tokens": capacity,
+            "token_usage": usage,
+            "gen_throughput": self.gen_throughput,
+            "cache_hit_rate": self.prefix_hit / self.prefix_queried if self.prefix_queried else 0.0,
+            "utilization": usage,
+            "max_running_requests": max_running_requests,
+        }

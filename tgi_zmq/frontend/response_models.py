@@ -249,6 +249,28 @@ class ModelList(_Out):
     data: list[ModelCard]
 
 
+class SchedulerLoad(_Out):
+    """One rank's load as SGLang's ``/v1/loads`` gives it, in the types SMG reads."""
+
+    dp_rank: int
+    num_running_reqs: int
+    num_waiting_reqs: int
+    num_total_reqs: int
+    num_used_tokens: int  # KV tokens held by requests (not those only the prefix cache keeps)
+    max_total_num_tokens: int
+    token_usage: float  # 0-1
+    gen_throughput: float  # tokens/s
+    cache_hit_rate: float  # prompt tokens found in the prefix cache / looked up, since the start
+    utilization: float
+    max_running_requests: int
+
+
+class Loads(_Out):
+    timestamp: str
+    dp_rank_count: int
+    loads: list[SchedulerLoad]
+
+
 class InvocationsResponse(RootModel[CompatGenerateResponse | ChatCompletion | Completion]):
     """What the route that the body picked answers."""
 
