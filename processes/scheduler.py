@@ -28,7 +28,7 @@ from tgi_zmq.block_manager import BlockManager
 from tgi_zmq.config import POLL_MS, STATS_PERIOD_S, ServerConfig
 from tgi_zmq.engine import EngineCore, Outcome
 from tgi_zmq.errors import ValidationError, generation_error
-from tgi_zmq.policy import Request, ScheduledBatch, SchedulePolicy
+from tgi_zmq.policy import Request, SchedulePolicy
 from tgi_zmq.runtime import (
     dispatch,
     exit_on_sigterm,
@@ -179,7 +179,7 @@ class SchedulerProcess:
             self.to_frontend.send(m.encode(ValidationError(f"grammar: {refusal}").output(req.rid)))
             self.to_detok.send(m.encode(m.AbortRequest(req.rid)))
         if outcome.done is not None:
-            self.stats.step(outcome.done.batch, outcome.forward_seconds, len(out.rids))
+            self.stats.step(outcome, len(out.rids))
 
     def close(self) -> None:
         self.workers.close()
@@ -198,8 +198,14 @@ class StatsReporter:
         self.generated = 0
         self.last = 0.0
 
-    def step(self, batch: ScheduledBatch, seconds: float, generated: int) -> None:
-        self.forward.append(m.ForwardTiming("decode" if batch.is_decode else "prefill", seconds))
+    def step(self, outcome: Outcome, generated: int) -> None:
+        """A step's result was applied (``outcome.done``); ``generated``: the tokens it gave."""
+        batch = outcome.done.batch
+        method = "decode" if batch.is_decode else "prefill"
+        timing = m.ForwardTiming(
+            method, outcome.forward_seconds, outcome.decode_seconds, outcome.inference_seconds, batch.admitted
+        )
+        self.forward.append(timing)
         self.generated += generated
 
     def maybe_send(self, sock: zmq.Socket) -> None:
@@ -222,6 +228,9 @@ class StatsReporter:
             forward_seconds=self.forward,
             generated_tokens=self.generated,
             interval_seconds=interval,
+            batch_max_tokens=sum(
+                min(r.prompt_len + r.max_new_tokens, self.config.max_total_tokens) for r in p.running
+            ),
         )
         self.sent_hits, self.sent_queries = p.prefix_hit_tokens, p.prefix_query_tokens
         self.sent_preemptions = p.num_preemptions

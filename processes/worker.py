@@ -231,7 +231,9 @@ class Worker:
             self.log.exception("step %d failed", msg.step_id)
             return m.WorkerFailure(msg.step_id, msg.scheduler_boot, BOOT_ID, f"{type(exc).__name__}: {exc}")
         seconds = time.perf_counter() - started
-        return m.StepResult(msg.step_id, msg.scheduler_boot, buffer, refs, handle, seconds)
+        return m.StepResult(
+            msg.step_id, msg.scheduler_boot, buffer, refs, handle, seconds, self.runner.sample_seconds
+        )
 
 
 def main() -> None:

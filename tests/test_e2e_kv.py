@@ -106,6 +106,7 @@ def test_the_vllm_gauges_routers_read_tell_the_schedulers_state(service):
         assert held == pytest.approx(values["tgi_kv_blocks_used"] - values["tgi_kv_blocks_cached"])
         least, most = sum(-(-n // 16) for n in tokens), sum(-(-(n + new) // 16) + 1 for n in tokens)
         assert least <= round(held) <= most, (held, least, most)  # their prompts' pages, and what they wrote
+        assert values["tgi_batch_current_max_tokens"] == sum(n + new for n in tokens)  # what they may grow to
         url = service.url + "/v1/loads?include=core,disagg,queues,memory"  # as SMG polls it
         load = requests.get(url, timeout=5).json()["loads"][0]  # its own stats message may be newer
         assert load["num_running_reqs"] == load["num_total_reqs"] == len(prompts)
@@ -118,6 +119,12 @@ def test_the_vllm_gauges_routers_read_tell_the_schedulers_state(service):
     layout = f'block_size="16",model_name="{model}",num_gpu_blocks="{int(total)}"'
     assert values[f"vllm:cache_config_info{{{layout}}}"] == 1
     assert vllm(values, "prefix_cache_queries_total") >= sum(tokens)
+    for name in (
+        'tgi_batch_inference_count{method="decode"}',
+        'tgi_batch_decode_duration_count{method="decode"}',
+    ):
+        assert values[name] > 0, name  # TGI's batch metrics, from the steps
+    assert values["tgi_batch_next_size_count"] > 0 and values["tgi_request_max_new_tokens_sum"] >= 6 * new
     loads = requests.get(service.url + "/v1/loads", timeout=5).json()
     assert loads["dp_rank_count"] == 1 and loads["loads"][0]["num_used_tokens"] == 0
     assert loads["loads"][0]["max_total_num_tokens"] == total * 16

@@ -81,7 +81,9 @@ def test_every_message_round_trips():
                 )
             ]
         ),
-        m.SchedulerStats(1, 2, 3, 4, 5, 6, 7, 8, 9, [0.5], [m.ForwardTiming("prefill", 0.25)], 10, 0.5),
+        m.SchedulerStats(
+            1, 2, 3, 4, 5, 6, 7, 8, 9, [0.5], [m.ForwardTiming("prefill", 0.25, 0.1, 0.3, 2)], 10, 0.5, 99
+        ),
         m.StepRequest(3, "sched", "buf", [m.TensorRef("input_ids", "int64", [4], 0)], None),
         m.StepRequest(
             4, "sched", "buf", [], None, [m.GrammarStart("r", 2, m.Grammar("regex", "[0-9]+"), [7])]
@@ -90,7 +92,9 @@ def test_every_message_round_trips():
         m.GrammarRequest("a", m.Grammar("json", '{"type": "object"}')),
         m.GrammarResult("a", "boot", ""),
         m.GrammarResult("b", "boot", "unclosed group"),
-        m.StepResult(3, "sched", "cuda-buf", [], [0, b"\x01handle", 1024, 0, b"ref", 0, b"ev", True], 0.01),
+        m.StepResult(
+            3, "sched", "cuda-buf", [], [0, b"\x01handle", 1024, 0, b"ref", 0, b"ev", True], 0.01, 0.002
+        ),
         m.WorkerReady(0, "boot", 123, 64),
         m.WorkerFailure(3, "sched", "boot", "RuntimeError: x"),
         m.WorkerBooting(0, "boot", 123),

@@ -50,6 +50,15 @@ EXPOSED = {
     "tgi_kv_blocks_total": "gauge",
     "tgi_prefix_cache_hit_tokens_total": "counter",
     "tgi_preemptions_total": "counter",
+    # the rest of TGI's names (its Grafana dashboards read them)
+    "tgi_request_validation_duration": "histogram",
+    "tgi_request_inference_duration": "histogram",
+    "tgi_request_max_new_tokens": "histogram",
+    "tgi_batch_current_max_tokens": "gauge",
+    "tgi_batch_next_size": "histogram",
+    "tgi_batch_inference_count": "counter",
+    "tgi_batch_inference_duration": "histogram",
+    "tgi_batch_decode_duration": "histogram",
     # what routers read from a vLLM engine, under vLLM's names
     "vllm:num_requests_waiting": "gauge",
     "vllm:num_requests_running": "gauge",
@@ -73,12 +82,13 @@ def stats(**overrides) -> SchedulerStats:
         preemptions=1,
         queue_seconds=[0.01, 0.2],
         forward_seconds=[
-            ForwardTiming("prefill", 0.05),
-            ForwardTiming("decode", 0.002),
-            ForwardTiming("decode", 0.003),
+            ForwardTiming("prefill", 0.05, 0.01, 0.06, 2),
+            ForwardTiming("decode", 0.002, 0.001, 0.004),
+            ForwardTiming("decode", 0.003, 0.001, 0.005),
         ],
         generated_tokens=50,
         interval_seconds=0.5,
+        batch_max_tokens=900,
     )
     return SchedulerStats(**{**fields, **overrides})
 
@@ -167,6 +177,18 @@ def test_scheduler_stats_set_gauges_and_add_deltas(metrics: Metrics) -> None:
     assert values['tgi_batch_forward_duration_count{method="prefill"}'] == 2
     assert values['tgi_batch_forward_duration_count{method="decode"}'] == 4
     assert values['tgi_batch_forward_duration_sum{method="decode"}'] == pytest.approx(0.01)
+    assert values['tgi_batch_inference_count{method="decode"}'] == 4
+    assert values['tgi_batch_inference_duration_sum{method="decode"}'] == pytest.approx(0.018)
+    assert values["tgi_batch_next_size_count"] == 2 and values["tgi_batch_next_size_sum"] == 4
+    assert values["tgi_batch_current_max_tokens"] == 900
+    assert values['tgi_batch_decode_duration_sum{method="decode"}'] == pytest.approx(0.004)
+
+
+def test_a_requests_stage_times_fill_tgis_validation_and_inference_histograms(metrics: Metrics) -> None:
+    metrics.observe_stages(StageTimes(tokenize=0.01, queue=0.2, prefill=0.3, decode=1.0, detokenize=0.05))
+    values = samples(text(metrics))
+    assert values["tgi_request_validation_duration_sum"] == pytest.approx(0.01)
+    assert values["tgi_request_inference_duration_sum"] == pytest.approx(1.3)  # first step -> last token
 
 
 def test_vllm_names_carry_the_model_name_and_count_cached_blocks_as_free(metrics: Metrics) -> None:
@@ -231,9 +253,13 @@ def test_failures_escaping_a_handler_are_counted_by_error_type(metrics: Metrics)
 
 
 def test_a_finished_generation_fills_the_histograms(metrics: Metrics) -> None:
-    metrics.generation_finished(seconds=1.5, prompt_tokens=12, generated_tokens=11, decode_seconds=1.0)
-    metrics.generation_finished(seconds=0.2, prompt_tokens=3, generated_tokens=1, decode_seconds=0.0)
+    first = dict(seconds=1.5, prompt_tokens=12, generated_tokens=11, decode_seconds=1.0)
+    metrics.generation_finished(**first, max_new_tokens=20)
+    metrics.generation_finished(
+        seconds=0.2, prompt_tokens=3, generated_tokens=1, decode_seconds=0.0, max_new_tokens=None
+    )
     values = samples(text(metrics))
+    assert values["tgi_request_max_new_tokens_sum"] == 20 + 4096 - 3  # none asked: up to max_total_tokens
     assert values["tgi_request_duration_count"] == 2
     assert values["tgi_request_duration_sum"] == pytest.approx(1.7)
     assert values["tgi_request_input_length_sum"] == 15

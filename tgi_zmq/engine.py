@@ -55,6 +55,7 @@ class StepFailure:
 class StepDone:
     output: StepOutput
     forward_seconds: float
+    decode_seconds: float = 0.0  # of which after the forward (sampling)
 
 
 class WorkersLost(Exception):
@@ -110,6 +111,8 @@ class Outcome:
     refused: list[tuple[Request, str]] = dataclasses.field(default_factory=list)  # their grammar (a 422)
     done: InFlight | None = None  # the step whose result was applied (not one that failed)
     forward_seconds: float = 0.0
+    decode_seconds: float = 0.0  # of its forward_seconds, after the forward (sampling)
+    inference_seconds: float = 0.0  # the applied step's launch -> result
     launched: bool = False
     room_left: bool = False  # another step may be launched at once
 
@@ -230,6 +233,8 @@ class EngineCore:
             result.grammar_done.tolist(),
         )
         out.forward_seconds = answer.forward_seconds
+        out.decode_seconds = answer.decode_seconds
+        out.inference_seconds = received - step.sent
         if log.isEnabledFor(logging.DEBUG):
             line = SCHEDULER_STEP.format(
                 step=step.step_id,

@@ -512,10 +512,13 @@ class Heartbeat:
 
 @message(tag=18)
 class ForwardTiming:
-    """One forward pass, for ``tgi_batch_forward_duration{method}``."""
+    """One step, for ``tgi_batch_forward_duration{method}`` and TGI's other batch metrics."""
 
     method: str  # "prefill" | "decode"
-    seconds: float
+    seconds: float  # in the worker: the whole step
+    decode_seconds: float = 0.0  # in the worker: after the forward (sampling: TGI's "decode")
+    inference_seconds: float = 0.0  # in the scheduler: from its launch to its result
+    admitted: int = 0  # requests it took in from the queue (tgi_batch_next_size)
 
 
 @message(tag=14)
@@ -538,6 +541,7 @@ class SchedulerStats:
     forward_seconds: list[ForwardTiming]  # per step since the last message
     generated_tokens: int  # since the last message
     interval_seconds: float  # since the last message (0: the first)
+    batch_max_tokens: int = 0  # the tokens the running requests may grow to (prompt + max_new_tokens)
 
 
 # ---------------------------------------------------------------------------- scheduler <-> worker
@@ -622,7 +626,8 @@ class StepResult:
     buffer: str
     tensors: list[TensorRef]
     cuda_handle: CudaHandle | None
-    forward_seconds: float
+    forward_seconds: float  # the whole step, in the worker
+    decode_seconds: float = 0.0  # of which after the forward: sampling (TGI's "decode")
 
 
 @message(tag=23)

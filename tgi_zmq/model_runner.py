@@ -27,6 +27,7 @@ by every row, fails the step.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 
@@ -71,6 +72,7 @@ class ModelRunner:
         self.max_pages = ceil_div(max_total_tokens, block_size) + 1
         self.watermark = watermark
         self.grammars = RowMatchers(grammars)  # structured output: rank 0's (``grammar.load_engine``)
+        self.sample_seconds = 0.0  # the last step's, after its forward (``tgi_batch_decode_duration``)
         self.forget_requests()
 
     def forget_requests(self) -> None:
@@ -90,7 +92,10 @@ class ModelRunner:
         layout = step.layout()
         step = step.to(self.device)
         logits = self.forward(step, layout)
-        return self.sample(step, layout, logits, processors)
+        started = time.perf_counter()  # on a GPU the forward may still run: sampling waits for it
+        out = self.sample(step, layout, logits, processors)
+        self.sample_seconds = time.perf_counter() - started
+        return out
 
     @torch.inference_mode()
     def forward(self, step: Step, layout: StepLayout) -> torch.Tensor | None:

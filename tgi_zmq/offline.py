@@ -27,7 +27,7 @@ class LocalExecutor:
     def submit(self, step_id: int, step: Step) -> None:
         started = time.perf_counter()
         output = self.runner.execute(step)
-        self.results[step_id] = StepDone(output, time.perf_counter() - started)
+        self.results[step_id] = StepDone(output, time.perf_counter() - started, self.runner.sample_seconds)
 
     def result(self, step_id: int) -> StepDone | StepFailure | None:
         return self.results.pop(step_id, None)

@@ -163,6 +163,7 @@ class ScheduledBatch:
     epochs: list[int] = dataclasses.field(default_factory=list)
     encodes: list[bool] = dataclasses.field(default_factory=list)  # runs its encoder this step (T5)
     num_samples: int = 0
+    admitted: int = 0  # requests taken in from the queue
 
     @property
     def is_decode(self) -> bool:
@@ -415,6 +416,7 @@ class SchedulePolicy:
             self.waiting.remove(req)
             self._enter_running(req)
             batch.add(req, n)
+            batch.admitted += 1
             budget.take(req, n)
 
     def _prompt_in_flight(self, req: Request) -> bool:

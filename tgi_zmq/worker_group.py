@@ -113,7 +113,7 @@ class WorkerGroup:
         if isinstance(answer, m.WorkerFailure):
             return StepFailure(public_reason(answer.message))
         tensors = self.results.read(answer.buffer, answer.tensors, answer.cuda_handle)
-        return StepDone(StepOutput.from_tensors(tensors), answer.forward_seconds)
+        return StepDone(StepOutput.from_tensors(tensors), answer.forward_seconds, answer.decode_seconds)
 
     def restart(self, spare: int | None = None) -> None:
         """Kill every rank still up but ``spare`` and forget the steps in flight."""

@@ -222,6 +222,7 @@ def _observe(metrics: Metrics, job: Job) -> None:
         prompt_tokens=job.prompt_tokens,
         generated_tokens=job.generated_tokens,
         decode_seconds=job.ended - (job.first_output or job.ended),
+        max_new_tokens=job.request.max_new_tokens,
     )
     if job.stages is not None:
         metrics.observe_stages(job.stages)

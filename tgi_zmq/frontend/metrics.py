@@ -89,10 +89,14 @@ class Metrics:
             count := BareCounter("tgi_request_count", "Generation requests received"),
             success := BareCounter("tgi_request_success", "Generation requests that succeeded"),
             failure := BareCounter("tgi_request_failure", "Generation requests that failed", "err"),
+            steps := BareCounter("tgi_batch_inference_count", "Steps run", "method"),
         ]
         for counter in self._bare:
             r.register(counter)
         self.request_count, self.request_success, self.request_failure = count, success, failure
+        self.batch_inference_count = steps
+        for method in FORWARD_METHODS:
+            steps.inc(method, 0.0)
 
         self.request_duration = Histogram(
             "tgi_request_duration", "End-to-end request duration (s)", buckets=DURATION_BUCKETS, registry=r
@@ -113,6 +117,24 @@ class Metrics:
             "tgi_request_mean_time_per_token_duration",
             "Mean time between generated tokens after the first (s)",
             buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.request_validation_duration = Histogram(
+            "tgi_request_validation_duration",
+            "Time to validate and tokenize a request, in the tokenizer (s)",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.request_inference_duration = Histogram(
+            "tgi_request_inference_duration",
+            "Time from a request's first step to its last token (s)",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.request_max_new_tokens = Histogram(
+            "tgi_request_max_new_tokens",
+            "max_new_tokens per request (up to max_total_tokens when not given)",
+            buckets=length_buckets(max_total_tokens),
             registry=r,
         )
         self.request_queue_duration = Histogram(
@@ -139,13 +161,43 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=r,
         )
+        self.batch_inference_duration = Histogram(
+            "tgi_batch_inference_duration",
+            "Step duration from its launch to its result, in the scheduler (s)",
+            ["method"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.batch_decode_duration = Histogram(
+            "tgi_batch_decode_duration",
+            "A step's time after its forward: sampling, in the worker (s)",
+            ["method"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
         for method in FORWARD_METHODS:
-            self.batch_forward_duration.labels(method=method)
+            for histogram in (
+                self.batch_forward_duration,
+                self.batch_inference_duration,
+                self.batch_decode_duration,
+            ):
+                histogram.labels(method=method)
+        self.batch_next_size = Histogram(
+            "tgi_batch_next_size",
+            "Requests a step took in from the queue",
+            buckets=tuple(float(size) for size in range(1, 1025)),  # TGI's: 1 to 1024
+            registry=r,
+        )
 
         self.queue_size = Gauge("tgi_queue_size", "Requests waiting for their first step", registry=r)
         self.batch_current_size = Gauge("tgi_batch_current_size", "Requests running", registry=r)
         self.batch_max_total_tokens = Gauge(
             "tgi_batch_max_total_tokens", "Token capacity of the KV cache", registry=r
+        )
+        self.batch_current_max_tokens = Gauge(
+            "tgi_batch_current_max_tokens",
+            "Tokens the running requests may grow to (prompt + max_new_tokens each)",
+            registry=r,
         )
         self.kv_blocks_used = Gauge("tgi_kv_blocks_used", "KV-cache blocks in use", registry=r)
         self.kv_blocks_total = Gauge("tgi_kv_blocks_total", "KV-cache blocks", registry=r)
@@ -165,7 +217,7 @@ class Metrics:
             "tgi_request_replays_total", "Requests sent down the pipeline again after a fault", registry=r
         )
         self._vllm_metrics(model_name, block_size, num_blocks)
-        self.block_size, self.num_blocks = block_size, num_blocks
+        self.block_size, self.num_blocks, self.max_total_tokens = block_size, num_blocks, max_total_tokens
         self.last_stats: SchedulerStats | None = None
         self.gen_throughput = 0.0  # tokens/s over the last stats interval
         self.prefix_queried = self.prefix_hit = 0  # prompt tokens, since the start
@@ -232,19 +284,31 @@ class Metrics:
         self.request_failure.inc(err)
 
     def generation_finished(
-        self, *, seconds: float, prompt_tokens: int, generated_tokens: int, decode_seconds: float
+        self,
+        *,
+        seconds: float,
+        prompt_tokens: int,
+        generated_tokens: int,
+        decode_seconds: float,
+        max_new_tokens: int | None,
     ) -> None:
-        """One generation ran to its end (``decode_seconds``: from its first token to its last)."""
+        """One generation ran to its end (``decode_seconds``: from its first token to its last;
+        ``max_new_tokens`` as asked, None: up to ``max_total_tokens``)."""
         self.request_duration.observe(seconds)
+        self.request_max_new_tokens.observe(
+            max_new_tokens if max_new_tokens is not None else self.max_total_tokens - prompt_tokens
+        )
         self.request_input_length.observe(prompt_tokens)
         self.request_generated_tokens.observe(generated_tokens)
         if generated_tokens > 1:
             self.request_mean_time_per_token.observe(decode_seconds / (generated_tokens - 1))
 
     def observe_stages(self, stages: StageTimes) -> None:
-        """A finished request's time in each stage."""
+        """A finished request's time in each stage (and TGI's validation and inference durations)."""
         for stage in STAGES:
             self.request_stage_duration.labels(stage=stage).observe(getattr(stages, stage))
+        self.request_validation_duration.observe(stages.tokenize)
+        self.request_inference_duration.observe(stages.prefill + stages.decode)
 
     # ------------------------------------------------------------------ scheduler
 
@@ -270,8 +334,14 @@ class Metrics:
         self.prefix_hit += max(stats.prefix_cache_hit_tokens, 0)
         for seconds in stats.queue_seconds:
             self.request_queue_duration.observe(seconds)
+        self.batch_current_max_tokens.set(stats.batch_max_tokens)
         for forward in stats.forward_seconds:  # typed by the codec: a malformed stats frame never gets here
             self.batch_forward_duration.labels(method=forward.method).observe(forward.seconds)
+            self.batch_inference_duration.labels(method=forward.method).observe(forward.inference_seconds)
+            self.batch_decode_duration.labels(method=forward.method).observe(forward.decode_seconds)
+            self.batch_inference_count.inc(forward.method)
+            if forward.admitted:
+                self.batch_next_size.observe(forward.admitted)
 
     # ------------------------------------------------------------------ SGLang's /v1/loads
 
