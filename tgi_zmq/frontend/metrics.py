@@ -40,6 +40,16 @@ def length_buckets(max_tokens: int) -> tuple[float, ...]:
     return tuple(max_tokens / 100.0 * (i + 1) for i in range(100))
 
 
+def _histogram(
+    registry: CollectorRegistry,
+    name: str,
+    documentation: str,
+    buckets: tuple[float, ...] = DURATION_BUCKETS,
+    labels: list[str] | None = None,
+) -> Histogram:
+    return Histogram(name, documentation, labels or (), buckets=buckets, registry=registry)
+
+
 class BareCounter(Collector):
     """A counter exposed under its bare name (``tgi_request_count``, not ``..._total``), as TGI's are.
 
@@ -98,96 +108,8 @@ class Metrics:
         for method in FORWARD_METHODS:
             steps.inc(method, 0.0)
 
-        self.request_duration = Histogram(
-            "tgi_request_duration", "End-to-end request duration (s)", buckets=DURATION_BUCKETS, registry=r
-        )
-        self.request_input_length = Histogram(
-            "tgi_request_input_length",
-            "Prompt length (tokens)",
-            buckets=length_buckets(max_input_tokens),
-            registry=r,
-        )
-        self.request_generated_tokens = Histogram(
-            "tgi_request_generated_tokens",
-            "Generated tokens per request",
-            buckets=length_buckets(max_total_tokens),
-            registry=r,
-        )
-        self.request_mean_time_per_token = Histogram(
-            "tgi_request_mean_time_per_token_duration",
-            "Mean time between generated tokens after the first (s)",
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.request_validation_duration = Histogram(
-            "tgi_request_validation_duration",
-            "Time to validate and tokenize a request, in the tokenizer (s)",
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.request_inference_duration = Histogram(
-            "tgi_request_inference_duration",
-            "Time from a request's first step to its last token (s)",
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.request_max_new_tokens = Histogram(
-            "tgi_request_max_new_tokens",
-            "max_new_tokens per request (up to max_total_tokens when not given)",
-            buckets=length_buckets(max_total_tokens),
-            registry=r,
-        )
-        self.request_queue_duration = Histogram(
-            "tgi_request_queue_duration",
-            "Time from arrival to the first step (s)",
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.request_stage_duration = Histogram(
-            "tgi_request_stage_duration",
-            "Time a request spent in each pipeline stage, measured in the process that runs it (s): "
-            "tokenize (tokenizer), queue (arrival at the scheduler -> first step), prefill (first step -> "
-            "first token), decode (first token -> last), detokenize (detokenizer)",
-            ["stage"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        for stage in STAGES:
-            self.request_stage_duration.labels(stage=stage)
-        self.batch_forward_duration = Histogram(
-            "tgi_batch_forward_duration",
-            "Forward pass duration (s)",
-            ["method"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.batch_inference_duration = Histogram(
-            "tgi_batch_inference_duration",
-            "Step duration from its launch to its result, in the scheduler (s)",
-            ["method"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.batch_decode_duration = Histogram(
-            "tgi_batch_decode_duration",
-            "A step's time after its forward: sampling, in the worker (s)",
-            ["method"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        for method in FORWARD_METHODS:
-            for histogram in (
-                self.batch_forward_duration,
-                self.batch_inference_duration,
-                self.batch_decode_duration,
-            ):
-                histogram.labels(method=method)
-        self.batch_next_size = Histogram(
-            "tgi_batch_next_size",
-            "Requests a step took in from the queue",
-            buckets=tuple(float(size) for size in range(1, 1025)),  # TGI's: 1 to 1024
-            registry=r,
-        )
+        self._request_histograms(max_input_tokens, max_total_tokens)
+        self._batch_histograms()
 
         self.queue_size = Gauge("tgi_queue_size", "Requests waiting for their first step", registry=r)
         self.batch_current_size = Gauge("tgi_batch_current_size", "Requests running", registry=r)
@@ -221,6 +143,80 @@ class Metrics:
         self.last_stats: SchedulerStats | None = None
         self.gen_throughput = 0.0  # tokens/s over the last stats interval
         self.prefix_queried = self.prefix_hit = 0  # prompt tokens, since the start
+
+    def _request_histograms(self, max_input_tokens: int, max_total_tokens: int) -> None:
+        r = self.registry
+        self.request_duration = _histogram(r, "tgi_request_duration", "End-to-end request duration (s)")
+        self.request_input_length = _histogram(
+            r, "tgi_request_input_length", "Prompt length (tokens)", length_buckets(max_input_tokens)
+        )
+        self.request_generated_tokens = _histogram(
+            r,
+            "tgi_request_generated_tokens",
+            "Generated tokens per request",
+            length_buckets(max_total_tokens),
+        )
+        self.request_max_new_tokens = _histogram(
+            r,
+            "tgi_request_max_new_tokens",
+            "max_new_tokens per request (up to max_total_tokens when not given)",
+            length_buckets(max_total_tokens),
+        )
+        self.request_mean_time_per_token = _histogram(
+            r,
+            "tgi_request_mean_time_per_token_duration",
+            "Mean time between generated tokens after the first (s)",
+        )
+        self.request_validation_duration = _histogram(
+            r,
+            "tgi_request_validation_duration",
+            "Time to validate and tokenize a request, in the tokenizer (s)",
+        )
+        self.request_inference_duration = _histogram(
+            r, "tgi_request_inference_duration", "Time from a request's first step to its last token (s)"
+        )
+        self.request_queue_duration = _histogram(
+            r, "tgi_request_queue_duration", "Time from arrival to the first step (s)"
+        )
+        self.request_stage_duration = _histogram(
+            r,
+            "tgi_request_stage_duration",
+            "Time a request spent in each pipeline stage, measured in the process that runs it (s): "
+            "tokenize (tokenizer), queue (arrival at the scheduler -> first step), prefill (first step -> "
+            "first token), decode (first token -> last), detokenize (detokenizer)",
+            labels=["stage"],
+        )
+        for stage in STAGES:
+            self.request_stage_duration.labels(stage=stage)
+
+    def _batch_histograms(self) -> None:
+        r, method = self.registry, ["method"]
+        self.batch_forward_duration = _histogram(
+            r, "tgi_batch_forward_duration", "Forward pass duration (s)", labels=method
+        )
+        self.batch_inference_duration = _histogram(
+            r,
+            "tgi_batch_inference_duration",
+            "Step duration from its launch to its result, in the scheduler (s)",
+            labels=method,
+        )
+        self.batch_decode_duration = _histogram(
+            r,
+            "tgi_batch_decode_duration",
+            "A step's time after its forward: sampling, in the worker (s)",
+            labels=method,
+        )
+        for name in FORWARD_METHODS:
+            for histogram in (
+                self.batch_forward_duration,
+                self.batch_inference_duration,
+                self.batch_decode_duration,
+            ):
+                histogram.labels(method=name)
+        sizes = tuple(float(size) for size in range(1, 1025))  # TGI's buckets: 1 to 1024
+        self.batch_next_size = _histogram(
+            r, "tgi_batch_next_size", "Requests a step took in from the queue", sizes
+        )
 
     def _vllm_metrics(self, model_name: str, block_size: int, num_blocks: int) -> None:
         r, label = self.registry, ["model_name"]
