@@ -65,8 +65,9 @@ class ServerConfig:
     )
     served_model_names: tuple[str, ...] = flag(
         help="the model's names in the API, as vLLM's flag: /v1/models lists each, a response names the "
-        "first (requests may name any model, as in TGI) (default: --model-id as given, or the default "
-        "model's name, then 'tgi', the name TGI's examples use, so they work through a router as they are)",
+        "first (requests may name any model, as in TGI); a router that registers one name per worker, as "
+        "SMG 1.13 does, takes the first: 'tgi' first puts TGI's examples' name there (default: --model-id "
+        "as given, or the default model's name, then 'tgi')",
         derived=True,
         name="--served-model-name",
     )
