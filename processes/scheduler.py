@@ -179,7 +179,7 @@ class SchedulerProcess:
             self.to_frontend.send(m.encode(ValidationError(f"grammar: {refusal}").output(req.rid)))
             self.to_detok.send(m.encode(m.AbortRequest(req.rid)))
         if outcome.done is not None:
-            self.stats.step(outcome, len(out.rids))
+            self.stats.step(outcome)
 
     def close(self) -> None:
         self.workers.close()
@@ -198,15 +198,15 @@ class StatsReporter:
         self.generated = 0
         self.last = 0.0
 
-    def step(self, outcome: Outcome, generated: int) -> None:
-        """A step's result was applied (``outcome.done``); ``generated``: the tokens it gave."""
+    def step(self, outcome: Outcome) -> None:
+        """A step's result was applied (``outcome.done``), giving ``outcome.produced``'s tokens."""
         batch = outcome.done.batch
         method = "decode" if batch.is_decode else "prefill"
         timing = m.ForwardTiming(
             method, outcome.forward_seconds, outcome.decode_seconds, outcome.inference_seconds, batch.admitted
         )
         self.forward.append(timing)
-        self.generated += generated
+        self.generated += len(outcome.produced)
 
     def maybe_send(self, sock: zmq.Socket) -> None:
         now = time.monotonic()
