@@ -128,15 +128,16 @@ _PARTS = {"inputs": StepInputs, "sampling": SamplingInputs, "encoder": EncoderIn
 
 # What most steps have none of (no page added, no penalty history, no bias, no scored prompt): left out
 # of the transport when empty, and put back by ``Step.from_tensors`` (a decode step carries 10 tensors).
+_EMPTY = {dtype: torch.empty(0, dtype=dtype) for dtype in (torch.int64, torch.int32, torch.float32)}
 _ABSENT_WHEN_EMPTY = {
-    "inputs.new_pages": torch.empty(0, PAGE_UPDATE, dtype=torch.int64),
+    "inputs.new_pages": _EMPTY[torch.int64].view(0, PAGE_UPDATE),
     **{
-        f"sampling.{name}": torch.empty(0, dtype=torch.int64)
+        f"sampling.{name}": _EMPTY[torch.int64]
         for name in ("history_rows", "history_ids", "history_start", "bias_rows", "bias_ids")
     },
-    "sampling.bias_values": torch.empty(0, dtype=torch.float32),
-    "sampling.prompt_rows": torch.empty(0, dtype=torch.int64),
-    "sampling.prompt_targets": torch.empty(0, dtype=torch.int64),
+    "sampling.bias_values": _EMPTY[torch.float32],
+    "sampling.prompt_rows": _EMPTY[torch.int64],
+    "sampling.prompt_targets": _EMPTY[torch.int64],
 }
 
 
@@ -466,9 +467,6 @@ def _ints(values: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
     if not values:  # most of a decode step's fields: one shared empty tensor (no element to write)
         return _EMPTY[dtype]
     return torch.tensor(values, dtype=dtype)
-
-
-_EMPTY = {dtype: torch.empty(0, dtype=dtype) for dtype in (torch.int64, torch.int32, torch.float32)}
 
 
 def _as_int64(value: int) -> int:
