@@ -108,7 +108,7 @@ def test_client_disconnect_aborts_request(service):
     conn.close()
     deadline = time.time() + 20
     while time.time() < deadline:
-        rid = re.search(r"rid=(\S+) x-request-id='disconnect-me'", service.log())
+        rid = re.search(r"rid=(disconnect-me-\w+) received", service.log())
         if rid and re.search(rf"scheduler rid={re.escape(rid.group(1))} aborted", service.log()):
             break
         time.sleep(0.2)
@@ -118,6 +118,25 @@ def test_client_disconnect_aborts_request(service):
     assert (
         post(service, "/generate", {"inputs": "Hi", "parameters": {"max_new_tokens": 2}}).status_code == 200
     )
+
+
+def test_the_clients_request_id_names_the_request_in_every_process_and_comes_back(service):
+    ids = []
+    for _ in range(2):  # clients reuse ids: each request still gets its own
+        response = post(
+            service,
+            "/generate",
+            {"inputs": "Hi", "parameters": {"max_new_tokens": 2}},
+            headers={"x-request-id": "job 7/a"},
+        )
+        assert response.status_code == 200 and response.headers["x-request-id"] == "job 7/a"
+        ids.append(re.findall(r"rid=(job_7_a-[0-9a-f]{12}) received", service.log())[-1])
+    assert ids[0] != ids[1]
+    for process in ("tokenizer", "scheduler", "frontend"):  # the detokenizer logs at DEBUG
+        assert re.search(rf"{process} rid={ids[1]}\b", service.log()), process
+    refused = post(service, "/generate", {"inputs": ""}, headers={"x-request-id": "bad-one"})
+    assert refused.status_code == 422 and refused.headers["x-request-id"] == "bad-one"
+    assert re.search(r"rid=bad-one-[0-9a-f]{12} failed status=422", service.log())
 
 
 def test_chat_template_errors_are_422(service):

@@ -7,7 +7,6 @@ import asyncio
 import datetime
 import logging
 import signal
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -35,8 +34,8 @@ from .http import (
     error_response,
     frontend,
     json_response,
+    new_rid,
 )
-from .jobs import tag
 from .metrics import CONTENT_TYPE_LATEST
 from .openapi import Route
 from .streaming import log_failure
@@ -53,11 +52,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Give each request its rid; turn refusals into TGI's JSON error body."""
-    request[RID] = uuid.uuid4().hex
+    request[RID] = new_rid(client_id_of(request))
     try:
         return await handler(request)
     except RequestError as exc:
-        log_failure(tag(request[RID], client_id_of(request)), exc)
+        log_failure(request[RID], exc)
         response = error_response(exc)
         if exc.status == 408:  # as RFC 9110 asks: the rest of the body may never come
             response.force_close()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
+import uuid
 from importlib import metadata
 from typing import Any
 
@@ -75,8 +77,21 @@ def rid_of(request: web.Request) -> str:
 
 
 def client_id_of(request: web.Request) -> str | None:
-    """The client's own ``x-request-id``, echoed back and logged but never used as our rid."""
+    """The client's own ``x-request-id`` (echoed back in the response)."""
     return request.headers.get("x-request-id")
+
+
+_UNSAFE_IN_RID = re.compile(r"[^A-Za-z0-9._:-]")
+CLIENT_ID_CHARS = 64  # of the client's id kept in the rid
+
+
+def new_rid(client_id: str | None) -> str:
+    """A request's id on the wire and in every process's log: the client's ``x-request-id`` (its
+    safe characters, at most 64) when it sent one, then a unique suffix, since clients reuse ids."""
+    unique = uuid.uuid4().hex
+    if not client_id:
+        return unique
+    return f"{_UNSAFE_IN_RID.sub('_', client_id[:CLIENT_ID_CHARS])}-{unique[:12]}"
 
 
 def dumps(obj: Any) -> str:

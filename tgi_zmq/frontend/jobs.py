@@ -18,11 +18,6 @@ from .pipeline import Mailbox, Pipeline
 log = logging.getLogger("tgi_zmq.frontend")
 
 
-def tag(rid: str, client_id: str | None) -> str:
-    """How a request is named in the log: our rid, plus the client's x-request-id if it sent one."""
-    return f"rid={rid}" if client_id is None else f"rid={rid} x-request-id={client_id!r}"
-
-
 class Admission:
     """TGI's concurrency limit: a semaphore tried without waiting (429 when full)."""
 
@@ -115,10 +110,9 @@ class Job:
 class JobGroup:
     """The jobs of one HTTP request (several for a multi-prompt completion), sharing one wakeup."""
 
-    def __init__(self, jobs: list[Job], wakeup: asyncio.Event, client_id: str | None) -> None:
+    def __init__(self, jobs: list[Job], wakeup: asyncio.Event) -> None:
         self.jobs = jobs
         self.wakeup = wakeup
-        self.client_id = client_id
 
     @property
     def done(self) -> bool:
@@ -151,13 +145,13 @@ class JobGroup:
             job.error_type = item.error_type
             raise request_error(item)
         if job.first_output is None:
-            log.debug("%s first output after %.3fs", tag(job.rid, self.client_id), job.duration())
+            log.debug("rid=%s first output after %.3fs", job.rid, job.duration())
         job.absorb(item)
         out.append((job, item))
         if job.finish_reason is not None:
             log.info(
-                "%s finished finish_reason=%s prompt_tokens=%d generated_tokens=%d duration=%.3fs",
-                tag(job.rid, self.client_id),
+                "rid=%s finished finish_reason=%s prompt_tokens=%d generated_tokens=%d duration=%.3fs",
+                job.rid,
                 job.finish_reason,
                 job.prompt_tokens,
                 job.generated_tokens,
@@ -177,9 +171,7 @@ def _prompt_chars(request: GenerateRequest) -> int:
 
 
 @contextlib.contextmanager
-def submit(
-    pipeline: Pipeline, requests: list[GenerateRequest], *, route: str, client_id: str | None
-) -> Iterator[JobGroup]:
+def submit(pipeline: Pipeline, requests: list[GenerateRequest], *, route: str) -> Iterator[JobGroup]:
     """Send ``requests`` down the pipeline; on exit abort whichever did not finish (client gone).
 
     Metrics: every finished generation is observed; the request's outcome is counted here when the
@@ -187,9 +179,9 @@ def submit(
     """
     wakeup = asyncio.Event()
     for req in requests:
-        log.info("%s received route=%s prompt_chars=%d", tag(req.rid, client_id), route, _prompt_chars(req))
+        log.info("rid=%s received route=%s prompt_chars=%d", req.rid, route, _prompt_chars(req))
     jobs = [Job(req, pipeline.open(req, wakeup), index=i) for i, req in enumerate(requests)]
-    group = JobGroup(jobs, wakeup, client_id)
+    group = JobGroup(jobs, wakeup)
     try:
         yield group
         _count_outcome(pipeline.metrics, group)
@@ -199,10 +191,7 @@ def submit(
             pipeline.close_box(job.box)
             if not job.done:
                 log.info(
-                    "%s aborted after %d tokens (%.3fs)",
-                    tag(job.rid, client_id),
-                    len(job.token_ids),
-                    job.duration(),
+                    "rid=%s aborted after %d tokens (%.3fs)", job.rid, len(job.token_ids), job.duration()
                 )
 
 

@@ -12,8 +12,8 @@ from aiohttp import web
 from tgi_zmq.errors import RequestError
 from tgi_zmq.messages import GenerateRequest, RequestDelta
 
-from .http import Sse, client_id_of, frontend, rid_of
-from .jobs import Job, JobGroup, submit, tag
+from .http import Sse, frontend, rid_of
+from .jobs import Job, JobGroup, submit
 
 log = logging.getLogger("tgi_zmq.frontend")
 
@@ -26,8 +26,8 @@ KEEPALIVE_S = 15.0  # axum's default SSE keep-alive period
 Render = Callable[[Job, RequestDelta], list[Any]]
 
 
-def log_failure(name: str, exc: RequestError) -> None:
-    log.warning("%s failed status=%d error_type=%s error=%s", name, exc.status, exc.error_type, exc.error)
+def log_failure(rid: str, exc: RequestError) -> None:
+    log.warning("rid=%s failed status=%d error_type=%s error=%s", rid, exc.status, exc.error_type, exc.error)
 
 
 async def respond(
@@ -44,7 +44,7 @@ async def respond(
     """Submit ``requests``, then stream them (see ``stream_group``) or answer ``build(group)`` once
     every one finished. ``headers`` are the stream's (``build`` sets the response's own)."""
     pipeline = frontend(request).pipeline
-    with submit(pipeline, requests, route=request.path, client_id=client_id_of(request)) as group:
+    with submit(pipeline, requests, route=request.path) as group:
         if stream:
             return await stream_group(
                 request,
@@ -80,10 +80,10 @@ async def stream_group(
             await _pump(sse, group, first, render)
             await sse.send(*tail())
         except RequestError as exc:
-            log_failure(tag(rid_of(request), client_id_of(request)), exc)
+            log_failure(rid_of(request), exc)
             await sse.send(*error_events(exc))
     except ConnectionResetError:
-        log.info("%s client disconnected", tag(rid_of(request), client_id_of(request)))
+        log.info("rid=%s client disconnected", rid_of(request))
     return sse.response
 
 
