@@ -28,6 +28,7 @@ from tgi_zmq.block_manager import BlockManager
 from tgi_zmq.config import POLL_MS, STATS_PERIOD_S, ServerConfig
 from tgi_zmq.engine import EngineCore, Outcome
 from tgi_zmq.errors import ValidationError, generation_error
+from tgi_zmq.kv_events import Publisher
 from tgi_zmq.policy import Request, SchedulePolicy
 from tgi_zmq.runtime import (
     dispatch,
@@ -61,8 +62,11 @@ class SchedulerProcess:
         self.poller.register(self.inbox, zmq.POLLIN)
         self.poller.register(router, zmq.POLLIN)
         self.workers = WorkerGroup(config, router)
+        self.kv_events = kv_events_publisher(config)
         self.policy = SchedulePolicy(
-            BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching),
+            BlockManager(
+                config.num_blocks, config.block_size, config.enable_prefix_caching, self.kv_events is not None
+            ),
             max_step_tokens=config.max_batch_prefill_tokens,
             max_running=config.max_concurrent_requests,
             eos_token_ids=config.eos_token_ids,
@@ -101,6 +105,8 @@ class SchedulerProcess:
                 outcome = self.engine.step()
                 self.publish(outcome)
                 progressed = outcome.progressed
+            if self.kv_events is not None:
+                self.kv_events.publish(self.policy.block_manager.take_events())
 
     def receive(self, timeout_ms: int) -> None:
         """Handle everything that is waiting (a request whose handler raises fails alone)."""
@@ -236,6 +242,14 @@ class StatsReporter:
         self.sent_preemptions = p.num_preemptions
         p.queue_waits, self.forward, self.generated = [], [], 0
         sock.send(m.encode(stats))
+
+
+def kv_events_publisher(config: ServerConfig) -> Publisher | None:
+    if not config.kv_events_endpoint:
+        return None
+    return Publisher(
+        config.kv_events_endpoint, config.kv_events_replay_endpoint, config.kv_events_topic, config.block_size
+    )
 
 
 def main() -> None:

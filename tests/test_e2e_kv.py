@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+import zmq
 
-from tests.conftest import start_service, stop_service
+from tests.conftest import free_port, pids, start_service, stop_service
 from tests.helpers import hf_greedy_batch
+from tests.kv_event_index import BlockIndex, replay
 
 pytestmark = pytest.mark.e2e
 
@@ -131,18 +135,21 @@ def test_the_vllm_gauges_routers_read_tell_the_schedulers_state(service):
 
 
 @pytest.fixture(scope="module")
-def small_kv(tmp_path_factory):
-    """A KV cache of 512 tokens: 16 requests of 53 tokens each need almost twice that."""
+def kv_events_ports() -> tuple[int, int]:
+    """small_kv's KV-event PUB and replay ports."""
+    return free_port(), free_port()
+
+
+@pytest.fixture(scope="module")
+def small_kv(tmp_path_factory, kv_events_ports):
+    """A KV cache of 512 tokens: 16 requests of 53 tokens each need almost twice that. Publishes its
+    KV-cache events (vLLM's format) under the topic "kv"."""
+    live, replays = kv_events_ports
     svc = start_service(
         tmp_path_factory.mktemp("small_kv"),
-        "--dtype",
-        "float32",
-        "--max-batch-total-tokens",
-        "512",
-        "--max-total-tokens",
-        "256",
-        "--max-concurrent-requests",
-        "32",
+        *("--dtype", "float32", "--max-batch-total-tokens", "512", "--max-total-tokens", "256"),
+        *("--max-concurrent-requests", "32", "--kv-events-topic", "kv"),
+        *("--kv-events-endpoint", f"tcp://*:{live}", "--kv-events-replay-endpoint", f"tcp://*:{replays}"),
     )
     yield svc
     stop_service(svc, wait=False)
@@ -185,3 +192,65 @@ def test_disconnects_leave_only_the_prefix_cache(small_kv):
     m = metrics(small_kv)
     assert m["tgi_kv_blocks_used"] == m["tgi_kv_blocks_cached"]
     assert requests.get(small_kv.url + "/health", timeout=5).status_code == 200
+
+
+class Subscriber:
+    """A router's view of small_kv's cache: live events after a replay of those it missed."""
+
+    def __init__(self, ports: tuple[int, int]) -> None:
+        self.replay_endpoint = f"tcp://127.0.0.1:{ports[1]}"
+        self.sub = zmq.Context.instance().socket(zmq.SUB)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"kv")
+        self.sub.connect(f"tcp://127.0.0.1:{ports[0]}")
+        time.sleep(0.3)  # connected before the replay below: what comes after it queues here
+        self.index = BlockIndex()
+        for sequence, payload in replay(self.replay_endpoint, 0):
+            self.index.apply(sequence, payload)
+
+    def drain(self, quiet_s: float = 1.0) -> BlockIndex:
+        """Apply live batches until none came for ``quiet_s``; those the replay gave are skipped."""
+        while self.sub.poll(int(quiet_s * 1000)):
+            topic, sequence, payload = self.sub.recv_multipart()
+            sequence = int.from_bytes(sequence, "big")
+            if sequence > self.index.last_sequence:
+                self.index.apply(sequence, payload)
+        return self.index
+
+
+def test_kv_events_rebuild_the_cached_blocks_through_evictions_and_a_worker_restart(
+    small_kv, kv_events_ports
+):
+    """Runs last on small_kv (it restarts the worker)."""
+    from transformers import AutoTokenizer
+
+    subscriber = Subscriber(kv_events_ports)
+    assert subscriber.index.last_sequence >= 0  # the earlier tests' events, replayed
+    (worker,) = pids(small_kv, "worker")
+    os.kill(worker, signal.SIGKILL)
+    deadline = time.time() + 60
+    while subscriber.index.cleared < 2:  # one at the scheduler's start, one for the restart
+        assert time.time() < deadline, "no AllBlocksCleared after the worker's restart"
+        subscriber.drain(0.2)
+    assert subscriber.index.blocks == {}
+    small_kv.wait_healthy()
+
+    tokenizer = AutoTokenizer.from_pretrained(small_kv.model_dir)
+    prompts = [f"Note {i:02d}, kept for the events test: {STORY}" for i in range(20)]  # 20 x 3 blocks > 32
+    with ThreadPoolExecutor(4) as pool:
+        outputs = list(pool.map(lambda p: generate(small_kv, p, 8), prompts))
+    sequences = [tuple(tokenizer(p)["input_ids"] + out) for p, out in zip(prompts, outputs, strict=True)]
+    removed_before = subscriber.index.removed
+    index = subscriber.drain()
+    assert index.removed > removed_before  # 60 blocks through a cache of 32: evictions
+    assert index.blocks, "nothing cached after the workload"
+    for chain in index.prompts():
+        assert any(seq[: len(chain)] == chain for seq in sequences), "a cached block no request computed"
+    wait_for_metric(small_kv, "tgi_batch_current_size", lambda v: v == 0)
+    cached = wait_for_metric(small_kv, "tgi_kv_blocks_cached", lambda v: v == len(index.blocks))
+    assert cached == len(index.blocks)  # idle: every cached block is held by the prefix cache alone
+
+    late = BlockIndex()
+    for sequence, payload in replay(subscriber.replay_endpoint, 0):
+        late.apply(sequence, payload)
+    assert late.blocks == index.blocks and late.last_sequence == index.last_sequence
+    subscriber.sub.close()

@@ -10,11 +10,16 @@ are reference counted; a block nobody holds goes to the free list but keeps its 
 can be revived until it is handed out again (least recently freed first: LRU eviction).
 Only full blocks are shared, and a request always computes at least its last token, so the
 block a request writes into is never shared.
+
+With ``record_events`` it also records what the prefix cache gains and loses (``tgi_zmq.kv_events``),
+for the scheduler to publish.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+
+from tgi_zmq.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, external_hash
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -23,17 +28,38 @@ def ceil_div(a: int, b: int) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        record_events: bool = False,
+    ) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError("num_blocks and block_size must be positive")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # LRU order
-        self.ref_counts = [0] * num_blocks
-        self.block_key: list[tuple[int, tuple[int, ...]] | None] = [None] * num_blocks
+        self.events: list[KVEvent] | None = [] if record_events else None  # since the last take_events
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget every block: the workers' KV cache was lost (a restart). Recorded as
+        ``AllBlocksCleared``, also at the start: a new scheduler's cache is empty."""
+        self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(self.num_blocks))  # LRU order
+        self.ref_counts = [0] * self.num_blocks
+        self.block_key: list[tuple[int, tuple[int, ...]] | None] = [None] * self.num_blocks
         self.cached: dict[int, int] = {}  # hash -> block id
         self.num_cached_free = 0  # free blocks that still hold a registered prefix
+        if self.events is not None:
+            self.events.append(AllBlocksCleared())
+
+    def take_events(self) -> list[KVEvent]:
+        """The events recorded since the last call (none without ``record_events``)."""
+        if self.events is None:
+            return []
+        events, self.events = self.events, []
+        return events
 
     @property
     def num_free(self) -> int:
@@ -116,6 +142,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return hashed, parent
         size = self.block_size
+        stored: BlockStored | None = None  # the event of the run of blocks registered just now
         for i in range(hashed, num_computed // size):
             key = (parent, tuple(token_ids[i * size : (i + 1) * size]))
             digest = hash(key)
@@ -123,8 +150,21 @@ class BlockManager:
             if self.block_key[block] is None and digest not in self.cached:
                 self.block_key[block] = key
                 self.cached[digest] = block
+                if self.events is not None:
+                    stored = self._record_stored(stored, digest, key)
+            else:
+                stored = None  # another block holds it: a run after it names it as its parent
             parent = digest
         return max(hashed, num_computed // size), parent
+
+    def _record_stored(self, run: BlockStored | None, digest: int, key: tuple) -> BlockStored:
+        parent, tokens = key
+        if run is None:
+            run = BlockStored([], external_hash(parent) if parent else None, [])
+            self.events.append(run)
+        run.block_hashes.append(external_hash(digest))
+        run.token_ids.extend(tokens)
+        return run
 
     def _forget(self, block: int) -> None:
         """A cached block is handed out again: evict its entry."""
@@ -134,4 +174,13 @@ class BlockManager:
             digest = hash(key)
             if self.cached.get(digest) == block:
                 del self.cached[digest]
+                if self.events is not None:
+                    self._record_removed(external_hash(digest))
             self.block_key[block] = None
+
+    def _record_removed(self, digest: int) -> None:
+        last = self.events[-1] if self.events else None
+        if isinstance(last, BlockRemoved):
+            last.block_hashes.append(digest)
+        else:
+            self.events.append(BlockRemoved([digest]))

@@ -182,6 +182,20 @@ def check_flags(config: ServerConfig) -> None:
         raise ValueError("--grammar-compile-timeout must be > 0")
     if config.deterministic not in ("auto", "on", "off"):
         raise ValueError(f"--deterministic {config.deterministic}: choose auto, on or off")
+    check_kv_events(config)
+
+
+def check_kv_events(config: ServerConfig) -> None:
+    for flag, endpoint in (
+        ("--kv-events-endpoint", config.kv_events_endpoint),
+        ("--kv-events-replay-endpoint", config.kv_events_replay_endpoint),
+    ):
+        if endpoint is not None and not endpoint.startswith(("tcp://", "ipc://")):
+            raise ValueError(f"{flag} {endpoint}: a ZeroMQ address, tcp://HOST:PORT or ipc://PATH")
+    if config.kv_events_replay_endpoint and not config.kv_events_endpoint:
+        raise ValueError("--kv-events-replay-endpoint replays the events of --kv-events-endpoint: give both")
+    if config.kv_events_endpoint and not config.enable_prefix_caching:
+        raise ValueError("KV events describe the prefix cache: drop --disable-prefix-caching")
 
 
 def batch_invariant(config: ServerConfig, kernels: str) -> bool:

@@ -178,6 +178,16 @@ class ServerConfig:
     enable_prefix_caching: bool = flag(
         True, "do not reuse the KV pages of shared prompt prefixes", name="--disable-prefix-caching"
     )
+    kv_events_endpoint: str | None = flag(
+        None,
+        "publish the prefix cache's KV-cache events in vLLM's format on a ZeroMQ PUB socket, for routers "
+        "that route by cached prefix (llm-d, Dynamo, vLLM's router): tcp://*:PORT binds, tcp://HOST:PORT "
+        "connects to a collector (off by default)",
+    )
+    kv_events_replay_endpoint: str | None = flag(
+        None, "bind a ROUTER here that replays the last 10,000 event batches from a sequence number"
+    )
+    kv_events_topic: str = flag("", "the topic frame of every KV event message (vLLM's default: none)")
     overlap_schedule: bool = flag(
         True, "build each step only after the previous one returned", name="--disable-overlap-schedule"
     )

@@ -350,8 +350,7 @@ class SchedulePolicy:
             if req.params.grammar is not None:
                 req.status = RequestStatus.WAITING_FOR_GRAMMAR
         self.to_compile = [req for req in self.waiting if req.params.grammar is not None]
-        old = self.block_manager
-        self.block_manager = BlockManager(old.num_blocks, old.block_size, old.enable_prefix_caching)
+        self.block_manager.clear()
         return hit
 
     # ------------------------------------------------------------------ the step
