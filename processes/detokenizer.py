@@ -16,6 +16,7 @@ from tgi_zmq import cpus
 from tgi_zmq import messages as m
 from tgi_zmq.config import ServerConfig
 from tgi_zmq.runtime import (
+    die_with_supervisord,
     exit_on_sigterm,
     failure_reporter,
     freeze_heap,
@@ -77,6 +78,7 @@ def log_requests(out: m.BatchTokenOutput, text_out: m.BatchTextOutput) -> None:
 
 def main() -> None:
     exit_on_sigterm()
+    die_with_supervisord()
     config = ServerConfig.load()
     cpus.apply("detokenizer", config.num_shard)
     loaded = False

@@ -31,6 +31,7 @@ from tgi_zmq.errors import ValidationError, generation_error
 from tgi_zmq.kv_events import Publisher
 from tgi_zmq.policy import Request, SchedulePolicy
 from tgi_zmq.runtime import (
+    die_with_supervisord,
     dispatch,
     exit_on_sigterm,
     failure_reporter,
@@ -254,6 +255,7 @@ def kv_events_publisher(config: ServerConfig) -> Publisher | None:
 
 def main() -> None:
     exit_on_sigterm()
+    die_with_supervisord()
     config = ServerConfig.load()
     cpus.apply("scheduler", config.num_shard)
     process = SchedulerProcess(config)

@@ -20,6 +20,7 @@ from tgi_zmq.config import ServerConfig
 from tgi_zmq.errors import RequestError, ValidationError
 from tgi_zmq.prompts import render_chat, token_spans, tokenize
 from tgi_zmq.runtime import (
+    die_with_supervisord,
     exit_on_sigterm,
     failure_reporter,
     freeze_heap,
@@ -106,6 +107,7 @@ class TokenizerProcess:
 
 def main() -> None:
     exit_on_sigterm()
+    die_with_supervisord()
     config = ServerConfig.load()
     cpus.apply("tokenizer", config.num_shard)
     loaded = False

@@ -36,7 +36,14 @@ from tgi_zmq import cpus
 from tgi_zmq import messages as m
 from tgi_zmq.config import RING_SLOTS, WORKER_ANNOUNCE_MS, ServerConfig
 from tgi_zmq.profiling import StepProfiler
-from tgi_zmq.runtime import BOOT_ID, exit_on_sigterm, freeze_heap, setup_logging, start_heartbeat
+from tgi_zmq.runtime import (
+    BOOT_ID,
+    die_with_supervisord,
+    exit_on_sigterm,
+    freeze_heap,
+    setup_logging,
+    start_heartbeat,
+)
 from tgi_zmq.steplog import WORKER_STEP
 
 GRAMMAR_POLL_MS = 5  # how often an idle rank 0 looks for finished compiles while some are pending
@@ -242,6 +249,7 @@ def main() -> None:
     rank = parser.parse_args().rank
     log = setup_logging(f"worker-{rank}")
     exit_on_sigterm()
+    die_with_supervisord()
     worker = Worker(rank, ServerConfig.load(), log)
     start_heartbeat(worker.config, f"worker-{rank}", lambda: worker.loaded)
     worker.boot()

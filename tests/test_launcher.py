@@ -54,11 +54,42 @@ def test_defaults_follow_the_memory_budget_and_context():
         (["--max-batch-total-tokens", "1000", "--max-total-tokens", "2000"], "lower --max-total-tokens"),
         (["--max-total-tokens", "100", "--max-input-tokens", "100"], "must be < --max-total-tokens"),
         (["--dtype", "float16"], "no fast path"),
+        (["--replicas", "0"], "--replicas 0: at least 1"),
+        (["--replicas", "999"], "999 replicas on .* cores: at most one replica a core"),
+        (["--replicas", "2", "--router-policy", "nearest"], "--router-policy nearest: choose cache_aware"),
+        (["--kv-events-endpoint", "localhost:5557"], "a ZeroMQ address"),
+        (["--kv-events-replay-endpoint", "tcp://*:5558"], "give both"),
+        (["--kv-events-endpoint", "tcp://*:5557", "--disable-prefix-caching"], "describe the prefix cache"),
     ],
 )
 def test_impossible_limits_are_refused(flags, message):
     with pytest.raises(ValueError, match=message):
         resolve(*flags)
+
+
+def test_replicas_split_the_cores_ports_and_kv_budget(monkeypatch):
+    from tgi_zmq import cpus, replicas
+
+    monkeypatch.setattr(cpus, "service_cores", lambda: [0, 1, 2])
+    monkeypatch.setattr(cli, "kv_budget", lambda *_: 20_000)  # what the free memory holds
+    config = resolve(
+        *("--dtype", "bfloat16", "--replicas", "2", "--port", "9000", "--served-model-name", "tgi", "smol"),
+        *("--kv-events-endpoint", "tcp://*:5557", "--kv-events-replay-endpoint", "ipc:///tmp/replay"),
+    )
+    assert config.max_batch_total_tokens == 10_000  # the memory is shared
+    first, second = replicas.replica_configs(config)
+    assert (first.cpus, second.cpus) == ((0, 1), (2,))
+    assert (first.port, second.port, first.hostname) == (9001, 9002, "127.0.0.1")
+    assert (first.replicas, first.master_port, second.master_port) == (1, 29500, 29501)
+    assert (first.kv_events_endpoint, second.kv_events_endpoint) == ("tcp://*:5557", "tcp://*:5558")
+    assert second.kv_events_replay_endpoint == "ipc:///tmp/replay-1"
+    command = replicas.router_command(config)
+    assert command[1:3] == ["launch", "--host"] and "--model-alias" in command
+    assert command[command.index("--worker-urls") + 1 : command.index("--policy")] == [
+        "http://127.0.0.1:9001",
+        "http://127.0.0.1:9002",
+    ]
+    assert command[command.index("--model-alias") + 1] == "smol=tgi"  # SMG registers the first name
 
 
 def test_launch_exits_with_a_clear_message():
@@ -237,6 +268,7 @@ FLAGS = """--model-id --served-model-name --quantize --kv-cache-dtype --port --h
 --max-concurrent-requests
 --max-stop-sequences --max-client-batch-size --max-best-of --max-top-n-tokens --enable-prefill-logprobs
 --watermark-gamma --watermark-delta --payload-limit --num-shard --master-addr --master-port --torch-threads
+--replicas --router-policy
 --watchdog-timeout --recovery-timeout --api-key --body-timeout --shutdown-timeout --profile-dir
 --disable-prefix-caching --kv-events-endpoint --kv-events-replay-endpoint --kv-events-topic
 --disable-overlap-schedule --disable-grammar-support

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,19 +17,22 @@ import threading
 import time
 import typing
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import NoneType
 from typing import Any
 
+from tgi_zmq import replicas
 from tgi_zmq.config import DEFAULT_MEMORY_FRACTION, DEFAULT_PREFILL_TOKENS, RUNTIME_DIR_ENV, ServerConfig
 from tgi_zmq.dtypes import CONVERTED, SERVED
 from tgi_zmq.machine import cpu_has_bf16
 from tgi_zmq.quant import KV_CACHE_DTYPES, check_kv_cache_dtype
+from tgi_zmq.runtime import PR_SET_PDEATHSIG
 
 log = logging.getLogger("launcher")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUPERVISORD_CONF = REPO_ROOT / "supervisord.conf"
+REPLICAS_CONF = REPO_ROOT / "supervisord-replicas.conf"  # --replicas: the replicas and SMG
 
 
 def launch_flags() -> Iterator[tuple[str, dataclasses.Field]]:
@@ -98,8 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     kernels = prepare_kernels(config.device)
-    invariant = batch_invariant(config, kernels)
-    code = run_supervisord(dataclasses.replace(config, kernels=kernels, batch_invariant=invariant))
+    config = dataclasses.replace(config, kernels=kernels, batch_invariant=batch_invariant(config, kernels))
+    if config.replicas > 1:
+        code = run_supervisord(config, REPLICAS_CONF, replicas.prepare(config), replicas.ready)
+    else:
+        code = run_supervisord(config)
     # Every process is stopped and the runtime dir removed: skip the interpreter's teardown, seconds
     # of garbage collection over what sizing the KV cache imported (torch, the model's classes).
     logging.shutdown()
@@ -136,7 +144,9 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
     quantize = pick_quantize(args.quantize, model_dir, device)
     if args.kv_cache_dtype:
         check_kv_cache_dtype(args.kv_cache_dtype, device)
-    batch_total = args.max_batch_total_tokens or kv_budget(model_dir, hf_config, dtype, device, args)
+    batch_total = args.max_batch_total_tokens or kv_budget(model_dir, hf_config, dtype, device, args) // max(
+        1, args.replicas
+    )
     rules = launch_rules(model_dir, hf_config)
     context = min(rules.context, tokenizer_max_length(model_dir))
     window = rules.sliding_window
@@ -183,6 +193,7 @@ def check_flags(config: ServerConfig) -> None:
     if config.deterministic not in ("auto", "on", "off"):
         raise ValueError(f"--deterministic {config.deterministic}: choose auto, on or off")
     check_kv_events(config)
+    replicas.check(config)
 
 
 def check_kv_events(config: ServerConfig) -> None:
@@ -347,10 +358,8 @@ def pick_dtype(requested: str, device: str) -> str:
 # ---------------------------------------------------------------------------- supervisord
 
 
-def run_supervisord(config: ServerConfig) -> int:
-    """Run every process under supervisord in the foreground; SIGTERM / Ctrl-C stop them all."""
-    from tgi_zmq.transport import remove_stale
-
+def supervisord_invocation(config: ServerConfig, conf: Path = SUPERVISORD_CONF) -> tuple[list[str], dict]:
+    """The command line and environment of a service's supervisord (its config saved first)."""
     os.chmod(config.runtime_dir, 0o700)
     config.save()
     env = dict(os.environ)
@@ -363,6 +372,20 @@ def run_supervisord(config: ServerConfig) -> int:
             "TGI_ZMQ_FRONTEND_STOPWAIT": str(int(config.shutdown_timeout) + 10),
         }
     )
+    return [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)], env
+
+
+def run_supervisord(
+    config: ServerConfig,
+    conf: Path = SUPERVISORD_CONF,
+    env: dict[str, str] | None = None,
+    ready: Callable[[ServerConfig], bool] | None = None,
+) -> int:
+    """Run every process under supervisord in the foreground; SIGTERM / Ctrl-C stop them all, as does
+    this process's death (its supervisord is told by the kernel)."""
+    from tgi_zmq.transport import remove_stale
+
+    argv, supervisord_env = supervisord_invocation(config, conf)
     log.info(
         "runtime dir %s; model %s (%s on %s)",
         config.runtime_dir,
@@ -371,33 +394,39 @@ def run_supervisord(config: ServerConfig) -> int:
         config.device,
     )
     child = subprocess.Popen(
-        [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(SUPERVISORD_CONF)],
-        env=env,
-        start_new_session=True,
+        argv, env=supervisord_env | (env or {}), start_new_session=True, preexec_fn=_terminated_with_parent
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: child.send_signal(signal.SIGTERM))
-    threading.Thread(target=announce_ready, args=(config, child), daemon=True).start()
+    threading.Thread(target=announce_ready, args=(config, child, ready or healthy), daemon=True).start()
     try:
         return child.wait()
     finally:
-        remove_stale(config.shm_prefix)
-        for path in Path(config.runtime_dir).iterdir():
-            path.unlink(missing_ok=True)
-        Path(config.runtime_dir).rmdir()
+        for path in sorted(Path(config.runtime_dir).glob("**/config.json")):
+            remove_stale(ServerConfig.load(str(path.parent)).shm_prefix)  # a replica's too
+        shutil.rmtree(config.runtime_dir, ignore_errors=True)
 
 
-def announce_ready(config: ServerConfig, child: subprocess.Popen) -> None:
-    host = "127.0.0.1" if config.hostname in ("0.0.0.0", "::") else config.hostname
-    url = f"http://{host}:{config.port}/health"
+def _terminated_with_parent() -> None:
+    """In supervisord's process before it starts: SIGTERM when the launcher dies (even by kill -9)."""
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def healthy(config: ServerConfig) -> bool:
+    try:
+        with urllib.request.urlopen(config.local_url + "/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def announce_ready(
+    config: ServerConfig, child: subprocess.Popen, ready: Callable[[ServerConfig], bool]
+) -> None:
     while child.poll() is None:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    log.info("service ready at http://%s:%d", host, config.port)
-                    return
-        except OSError:
-            pass
+        if ready(config):
+            log.info("service ready at %s", config.local_url)
+            return
         time.sleep(0.5)
 
 

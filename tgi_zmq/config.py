@@ -148,6 +148,18 @@ class ServerConfig:
     torch_threads: int = flag(  # per worker; 0: by the rule of tgi_zmq.cpus
         0, "torch threads per worker process (default 0: the machine's cores divided by --num-shard)"
     )
+    replicas: int = flag(
+        1,
+        "run N complete services, each on its own share of the cores and on port --port + 1 + i (127.0.0.1), "
+        "behind the SMG router on --port; it carries the OpenAI routes (chat, completions, models) and "
+        "TGI's /generate and /generate_stream, and routes around a replica that is down "
+        "(docs/scale-out.md); the KV budget, when not given, is split between them",
+    )
+    router_policy: str = flag(
+        "cache_aware",
+        "--replicas: SMG's routing policy (cache_aware, round_robin, random, power_of_two, least_load, "
+        "prefix_hash, consistent_hashing)",
+    )
     watchdog_timeout: float = flag(  # a step's time bound before the workers count as hung
         20.0,
         "seconds a forward step may take (plus 5 ms per token in it) before the workers count as hung: "
@@ -204,6 +216,7 @@ class ServerConfig:
         "measured), off with quantized ones (prefill slower); Llama-family models",
     )
     # Derived by the launcher from the model and the machine.
+    cpus: tuple[int, ...] | None = None  # a replica's cores (--replicas): its processes run there
     batch_invariant: bool = False  # --deterministic, where it can hold (cli.batch_invariant)
     device: str = "cpu"
     block_size: int = 16
@@ -229,6 +242,12 @@ class ServerConfig:
         return "tgi-zmq-" + Path(self.runtime_dir).name
 
     @property
+    def local_url(self) -> str:
+        """Where this machine reaches the HTTP server."""
+        host = "127.0.0.1" if self.hostname in ("0.0.0.0", "::") else self.hostname
+        return f"http://{host}:{self.port}"
+
+    @property
     def served_model_name(self) -> str:
         """The name responses and /info give the model (the first of ``served_model_names``)."""
         return self.served_model_names[0]
@@ -244,4 +263,5 @@ class ServerConfig:
         data = json.loads((Path(runtime_dir) / "config.json").read_text())
         data["eos_token_ids"] = tuple(data["eos_token_ids"])
         data["served_model_names"] = tuple(data["served_model_names"])
+        data["cpus"] = tuple(data["cpus"]) if data["cpus"] is not None else None
         return cls(**data)

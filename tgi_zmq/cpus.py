@@ -16,6 +16,7 @@ detokenizer do a little per token, in bursts. The rule (docs/benchmarks.md, "Pro
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import sys
@@ -43,6 +44,16 @@ def placement(process: str, cores: list[int], num_shard: int, torch_threads: int
     per_rank = (len(cores) - PIPELINE_CORES) // num_shard
     mine = cores[PIPELINE_CORES + rank * per_rank : PIPELINE_CORES + (rank + 1) * per_rank]
     return Placement(torch_threads or per_rank, frozenset(mine))
+
+
+def split(cores: list[int], parts: int) -> list[list[int]]:
+    """``cores`` in ``parts`` runs of neighbours, as even as possible (``--replicas``: one each)."""
+    if not 1 <= parts <= len(cores):
+        raise ValueError(f"{parts} replicas on {len(cores)} cores: at most one replica a core")
+    cores = sorted(cores)
+    size, extra = divmod(len(cores), parts)
+    bounds = [i * size + min(i, extra) for i in range(parts + 1)]
+    return [cores[start:end] for start, end in itertools.pairwise(bounds)]
 
 
 def service_cores() -> list[int]:

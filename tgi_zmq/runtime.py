@@ -28,6 +28,7 @@ chooses, in the process it chooses.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import logging
 import os
@@ -36,11 +37,12 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import zmq
 
-from tgi_zmq.config import HEARTBEAT_SECONDS, ServerConfig
+from tgi_zmq.config import HEARTBEAT_SECONDS, RUNTIME_DIR_ENV, ServerConfig
 from tgi_zmq.errors import Fail, internal_error, isolated
 from tgi_zmq.messages import Heartbeat, ProtocolError, decode, encode
 
@@ -51,10 +53,12 @@ TEST_FAULTS_ENV = "TGI_ZMQ_TEST_FAULTS"
 def setup_logging(process: str) -> logging.Logger:
     """One line per event: time, level, process name, message (messages carry the request id)."""
     level = os.environ.get("LOG_LEVEL", "INFO").upper()
+    replica = os.environ.get("TGI_ZMQ_REPLICA")  # --replicas: which one
+    label = process if replica is None else f"{process}/{replica}"
     logging.basicConfig(
         level=level,
         stream=sys.stdout,
-        format=f"%(asctime)s %(levelname)s {process} %(message)s",
+        format=f"%(asctime)s %(levelname)s {label} %(message)s",
     )
     return logging.getLogger(process)
 
@@ -73,6 +77,22 @@ def freeze_heap(collect: bool = True) -> None:
 def exit_on_sigterm() -> None:
     """Turn SIGTERM into SystemExit so ``finally`` blocks unlink shared memory."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def die_with_supervisord() -> None:
+    """Be killed when the supervisord that started this process dies: one killed outright (kill -9 of
+    a replica) would leave its processes holding the port, and its successor could not start. Its pid
+    is in its pidfile in the runtime dir (none: not started by supervisord, nothing to do)."""
+    try:
+        supervisord = int((Path(os.environ[RUNTIME_DIR_ENV]) / "supervisord.pid").read_text())
+    except (KeyError, OSError, ValueError):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != supervisord:  # it died before the line above
+        os._exit(1)
 
 
 def push(ctx: zmq.Context, address: str, hwm: int = 0) -> zmq.Socket:

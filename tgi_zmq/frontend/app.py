@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from tgi_zmq import cpus
 from tgi_zmq.config import ServerConfig
 from tgi_zmq.errors import RequestError
-from tgi_zmq.runtime import freeze_heap, setup_logging
+from tgi_zmq.runtime import die_with_supervisord, freeze_heap, setup_logging
 
 from . import extra_routes, openai_routes, openapi, profile_routes, responses_routes, tgi_routes
 from . import request_models as rq
@@ -210,7 +210,8 @@ ROUTES = (
     _get("/v1/loads", loads, "The engine's load as SGLang serves it (SMG polls it)", response=rs.Loads),
     _post("/", tgi_routes.compat_generate, rq.GenerateBody, rs.CompatGenerateResponse, rs.StreamResponse,
           summary="Generate: a JSON array, or SSE with `stream`"),
-    _post("/generate", tgi_routes.generate, rq.GenerateBody, rs.GenerateResponse, summary="Generate"),
+    _post("/generate", tgi_routes.generate, rq.GenerateBody, rs.GenerateResponse, rs.StreamResponse,
+          summary="Generate (SSE with `stream`)"),
     _post("/generate_stream", tgi_routes.generate_stream, rq.GenerateBody, None, rs.StreamResponse,
           summary="Generate, as SSE"),
     _post("/tokenize", tgi_routes.tokenize, rq.GenerateBody, rs.TokenizeResponse,
@@ -250,6 +251,7 @@ def create_app(config: ServerConfig) -> web.Application:
 def main() -> None:
     """Entry point of the frontend process (config from ``$TGI_ZMQ_RUNTIME_DIR``)."""
     setup_logging("frontend")
+    die_with_supervisord()
     prometheus_client.disable_created_metrics()  # TGI exposes no *_created series
     config = ServerConfig.load()
     cpus.apply("frontend", config.num_shard)

@@ -154,7 +154,11 @@ class GenerateBody(_Body):
 
     inputs: str = Field(description="The prompt")
     parameters: GenerateParameters | None = None
-    stream: bool | None = Field(None, description="`POST /` only: answer with Server-Sent Events")
+    stream: bool | None = Field(
+        None,
+        description="`POST /` and `/generate` (ours, as SGLang's: a router that carries only `/generate`, "
+        "as SMG, carries streams): answer with `/generate_stream`'s Server-Sent Events",
+    )
 
 
 # ---------------------------------------------------------------------------- OpenAI requests

@@ -62,8 +62,11 @@ def _prepare(
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
-    """``POST /generate``: one GenerateResponse object."""
-    return await _generate(request, await read_json(request), stream=False, full_text_default=False)
+    """``POST /generate``: one GenerateResponse object; with ``"stream": true`` (ours, as SGLang's
+    ``/generate``: routers that carry only that route, as SMG, carry streams too) ``/generate_stream``'s
+    events."""
+    body = await read_json(request)
+    return await _generate(request, body, stream=bool_field(body, "stream", False), full_text_default=False)
 
 
 async def generate_stream(request: web.Request) -> web.StreamResponse:
