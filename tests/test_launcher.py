@@ -80,6 +80,7 @@ def test_replicas_split_the_cores_ports_and_kv_budget(monkeypatch):
     first, second = replicas.replica_configs(config)
     assert (first.cpus, second.cpus) == ((0, 1), (2,))
     assert (first.port, second.port, first.hostname) == (9001, 9002, "127.0.0.1")
+    assert (first.shm_prefix, second.shm_prefix) == ("tgi-zmq-unused-0", "tgi-zmq-unused-1")  # the set's name
     assert (first.replicas, first.master_port, second.master_port) == (1, 29500, 29501)
     assert (first.kv_events_endpoint, second.kv_events_endpoint) == ("tcp://*:5557", "tcp://*:5558")
     assert second.kv_events_replay_endpoint == "ipc:///tmp/replay-1"

@@ -83,7 +83,7 @@ def replica_configs(config: ServerConfig) -> list[ServerConfig]:
         dataclasses.replace(
             config,
             replicas=1,
-            runtime_dir=str(Path(config.runtime_dir) / f"replica-{i}"),
+            runtime_dir=str(replica_dir(config.runtime_dir, i)),
             hostname="127.0.0.1",
             port=replica_port(config, i),
             master_port=config.master_port + i,
@@ -93,6 +93,12 @@ def replica_configs(config: ServerConfig) -> list[ServerConfig]:
         )
         for i, share in enumerate(shares)
     ]
+
+
+def replica_dir(runtime_dir: str, index: int) -> Path:
+    """A replica's runtime dir, in the replica set's: its name, which names the replica's shared
+    memory, is unique on the machine as the set's is."""
+    return Path(runtime_dir) / f"{Path(runtime_dir).name}-{index}"
 
 
 def offset_endpoint(endpoint: str | None, index: int) -> str | None:
