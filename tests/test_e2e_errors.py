@@ -130,13 +130,22 @@ def test_the_clients_request_id_names_the_request_in_every_process_and_comes_bac
             headers={"x-request-id": "job 7/a"},
         )
         assert response.status_code == 200 and response.headers["x-request-id"] == "job 7/a"
-        ids.append(re.findall(r"rid=(job_7_a-[0-9a-f]{12}) received", service.log())[-1])
-    assert ids[0] != ids[1]
+        ids = logged(service, r"rid=(job_7_a-[0-9a-f]{12}) received", count=len(ids) + 1)
+    assert len(ids) == 2 and ids[0] != ids[1]
     for process in ("tokenizer", "scheduler", "frontend"):  # the detokenizer logs at DEBUG
-        assert re.search(rf"{process} rid={ids[1]}\b", service.log()), process
+        assert logged(service, rf"{process} rid=({ids[1]})\b"), process
     refused = post(service, "/generate", {"inputs": ""}, headers={"x-request-id": "bad-one"})
     assert refused.status_code == 422 and refused.headers["x-request-id"] == "bad-one"
-    assert re.search(r"rid=bad-one-[0-9a-f]{12} failed status=422", service.log())
+    assert logged(service, r"rid=(bad-one-[0-9a-f]{12}) failed status=422")
+
+
+def logged(service, pattern: str, count: int = 1, timeout: float = 10) -> list[str]:
+    """The matches of ``pattern`` in the service's log, once there are ``count`` (log lines come a
+    little after the responses: supervisord passes them on)."""
+    deadline = time.time() + timeout
+    while len(found := re.findall(pattern, service.log())) < count and time.time() < deadline:
+        time.sleep(0.1)
+    return found
 
 
 def test_chat_template_errors_are_422(service):

@@ -281,7 +281,7 @@ def delta(rid: str, n: int, finish: str | None) -> RequestDelta:
 
 async def test_submit_counts_success_and_observes_the_generation(runtime_dir: str) -> None:
     pipeline = Pipeline(frontend_config(runtime_dir), Health(()))
-    with submit(pipeline, [request("a")], route="/generate", client_id=None) as group:
+    with submit(pipeline, [request("a")], route="/generate") as group:
         for n, finish in ((1, None), (2, None), (3, "length")):
             pipeline._dispatch(BatchTextOutput([delta("a", n, finish)]))
         await group.collect()
@@ -298,7 +298,7 @@ async def test_the_last_delta_s_stage_times_fill_the_stage_histogram(runtime_dir
     assert samples(text(pipeline.metrics))['tgi_request_stage_duration_count{stage="detokenize"}'] == 0
     last = delta("a", 1, "length")
     last.stages = StageTimes(tokenize=0.001, queue=0.02, prefill=0.3, decode=4.0, detokenize=0.005)
-    with submit(pipeline, [request("a")], route="/generate", client_id=None) as group:
+    with submit(pipeline, [request("a")], route="/generate") as group:
         pipeline._dispatch(BatchTextOutput([last]))
         await group.collect()
     values = samples(text(pipeline.metrics))
@@ -310,11 +310,11 @@ async def test_the_last_delta_s_stage_times_fill_the_stage_histogram(runtime_dir
 
 async def test_submit_counts_an_in_stream_error_and_a_client_gone(runtime_dir: str) -> None:
     pipeline = Pipeline(frontend_config(runtime_dir), Health(()))
-    with submit(pipeline, [request("a")], route="/generate_stream", client_id=None) as group:
+    with submit(pipeline, [request("a")], route="/generate_stream") as group:
         pipeline._dispatch(ErrorOutput("a", "boom", "generation", 424))
         with pytest.raises(RequestError):  # stream_group turns it into an error event
             await group.next()
-    with submit(pipeline, [request("b")], route="/generate_stream", client_id=None):
+    with submit(pipeline, [request("b")], route="/generate_stream"):
         pass  # stream_group swallowed a ConnectionResetError
     values = samples(text(pipeline.metrics))
     assert values['tgi_request_failure{err="generation"}'] == 1
@@ -326,7 +326,7 @@ async def test_submit_leaves_escaping_errors_to_the_handler_wrapper(runtime_dir:
     pipeline = Pipeline(frontend_config(runtime_dir), Health(()))
     with (
         pytest.raises(RequestError),
-        submit(pipeline, [request("a")], route="/generate", client_id=None) as g,
+        submit(pipeline, [request("a")], route="/generate") as g,
     ):
         pipeline._dispatch(ErrorOutput("a", "too long", "validation", 422))
         await g.collect()

@@ -42,7 +42,7 @@ def request(rid: str) -> m.GenerateRequest:
 
 
 async def test_a_restarted_scheduler_gets_the_request_again_with_its_tokens(pipeline):
-    with submit(pipeline, [request("a")], route="/generate", client_id=None) as group:
+    with submit(pipeline, [request("a")], route="/generate") as group:
         pipeline._dispatch(beat("scheduler", "boot-1"))
         pipeline._dispatch(m.PromptIdsOutput("a", [1, 2, 3]))
         pipeline._dispatch(delta("a", 10))
@@ -76,7 +76,7 @@ async def test_a_restarted_scheduler_gets_the_request_again_with_its_tokens(pipe
 
 
 async def test_a_request_replayed_too_often_fails_with_a_424(pipeline):
-    with submit(pipeline, [request("a")], route="/generate", client_id=None) as group:
+    with submit(pipeline, [request("a")], route="/generate") as group:
         for boot in range(MAX_REPLAYS + 2):
             pipeline._dispatch(beat("detokenizer", f"boot-{boot}"))
         with pytest.raises(RequestError) as failure:
@@ -86,7 +86,7 @@ async def test_a_request_replayed_too_often_fails_with_a_424(pipeline):
 
 
 async def test_a_pipeline_that_does_not_heal_fails_its_requests_with_a_503(pipeline):
-    with submit(pipeline, [request("a")], route="/generate", client_id=None) as group:
+    with submit(pipeline, [request("a")], route="/generate") as group:
         pipeline.fail_stuck(61.0)
         with pytest.raises(RequestError) as failure:
             await group.collect()
@@ -97,8 +97,8 @@ async def test_an_output_whose_handler_raises_fails_its_request_alone(pipeline):
     """Each request of a ``BatchTextOutput`` is handled apart: one that raises gets a 500 and is
     aborted down the pipeline; the others get their tokens."""
     with (
-        submit(pipeline, [request("a")], route="/generate", client_id=None) as bad,
-        submit(pipeline, [request("b")], route="/generate", client_id=None) as good,
+        submit(pipeline, [request("a")], route="/generate") as bad,
+        submit(pipeline, [request("b")], route="/generate") as good,
     ):
         sent(pipeline)
         broken = m.RequestDelta("a", None, [], [], [], "", None, 0, 7)  # its handler raises
@@ -114,7 +114,7 @@ async def test_an_output_whose_handler_raises_fails_its_request_alone(pipeline):
 
 
 async def test_an_error_from_the_pipeline_aborts_its_request_everywhere(pipeline):
-    with submit(pipeline, [request("a")], route="/generate", client_id=None) as group:
+    with submit(pipeline, [request("a")], route="/generate") as group:
         sent(pipeline)
         pipeline._dispatch(m.ErrorOutput("a", "Internal error in the scheduler (KeyError)", "internal", 500))
         with pytest.raises(RequestError) as failure:

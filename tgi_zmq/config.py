@@ -151,9 +151,9 @@ class ServerConfig:
     replicas: int = flag(
         1,
         "run N complete services, each on its own share of the cores and on port --port + 1 + i (127.0.0.1), "
-        "behind the SMG router on --port; it carries the OpenAI routes (chat, completions, models) and "
-        "TGI's /generate and /generate_stream, and routes around a replica that is down "
-        "(docs/scale-out.md); the KV budget, when not given, is split between them",
+        "behind the SMG router on --port; SMG carries the OpenAI routes and /generate (streamed with "
+        '"stream": true), not /generate_stream nor POST / (docs/scale-out.md), and routes around a replica '
+        "that is down; the KV budget, when not given, is split between them",
     )
     router_policy: str = flag(
         "cache_aware",

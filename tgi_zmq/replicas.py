@@ -123,6 +123,7 @@ def router_command(config: ServerConfig) -> list[str]:
         *("--prometheus-host", config.hostname, "--prometheus-port", str(metrics_port(config))),
         *("--worker-startup-check-interval", "1", "--health-check-interval-secs", str(HEALTH_CHECK_SECONDS)),
         *("--health-failure-threshold", "1", "--health-success-threshold", "1", "--log-level", "warn"),
+        "--log-json",  # one line per event without the terminal colours SMG's text lines always carry
     ]
 
 
