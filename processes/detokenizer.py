@@ -80,7 +80,7 @@ def main() -> None:
     exit_on_sigterm()
     die_with_supervisord()
     config = ServerConfig.load()
-    cpus.apply("detokenizer", config.num_shard)
+    cpus.apply("detokenizer", config.local_ranks)
     loaded = False
     start_heartbeat(config, "detokenizer", lambda: loaded)
     from transformers import AutoTokenizer

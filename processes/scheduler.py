@@ -56,6 +56,8 @@ class SchedulerProcess:
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker takes its identity back
         router.bind(config.endpoint("worker"))
+        if config.node0_tcp("worker"):  # --nnodes: the other nodes' ranks and agents
+            router.bind(config.node0_tcp("worker"))
         self.to_detok = push(ctx, config.endpoint("detokenizer"))
         self.to_frontend = push(ctx, config.endpoint("frontend"))
         self.fail = failure_reporter(self.to_frontend, "scheduler", log)
@@ -88,6 +90,7 @@ class SchedulerProcess:
             m.StepResult: self.step_answer,
             m.WorkerFailure: self.step_answer,
             m.GrammarResult: self.workers.grammar_answered,
+            m.NodeJoinRequest: self.workers.node_joins,
         }
 
     def live(self) -> bool:
@@ -257,7 +260,7 @@ def main() -> None:
     exit_on_sigterm()
     die_with_supervisord()
     config = ServerConfig.load()
-    cpus.apply("scheduler", config.num_shard)
+    cpus.apply("scheduler", config.local_ranks)
     process = SchedulerProcess(config)
     freeze_heap()
     try:

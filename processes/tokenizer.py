@@ -109,7 +109,7 @@ def main() -> None:
     exit_on_sigterm()
     die_with_supervisord()
     config = ServerConfig.load()
-    cpus.apply("tokenizer", config.num_shard)
+    cpus.apply("tokenizer", config.local_ranks)
     loaded = False
     start_heartbeat(config, "tokenizer", lambda: loaded)
     from transformers import AutoTokenizer

@@ -69,7 +69,7 @@ class Worker:
         from tgi_zmq.sampler import Watermark
 
         config, rank = self.config, self.rank
-        cpus.apply(f"worker-{rank}", config.num_shard, config.torch_threads)
+        cpus.apply(f"worker-{rank}", config.local_ranks, config.torch_threads)
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, f"worker-{rank}".encode())
         self.sock.setsockopt(zmq.LINGER, 1000)  # a failure report must get out before the process exits
@@ -82,7 +82,7 @@ class Worker:
             grammars = load_engine(config.model_id, config.grammar_compile_timeout)
             grammars.add_done_callback(lambda _: freeze_heap(collect=False))  # no pause if serving
             self.profiler.after = grammars
-        self.device = rank_device(config.device, rank)
+        self.device = rank_device(config.device, rank - config.local_ranks.start)  # this node's GPUs
         if self.device.startswith("cuda"):
             torch.cuda.set_device(self.device)
         self.shard = init_group(rank, config.num_shard, config.master_addr, config.master_port, self.device)
@@ -150,14 +150,14 @@ class Worker:
         try:
             while True:
                 waiting = time.perf_counter()
-                msg = self.next_step()
+                msg, carried = self.next_step()
                 idle = time.perf_counter() - waiting
                 if msg is None:
                     continue
                 self.take_scheduler(msg.scheduler_boot)
                 self.shard.comm_seconds = 0.0
                 with self.profiler.step(msg.step_id):
-                    answer = self.run_step(msg)
+                    answer = self.run_step(msg, carried)
                 if self.log.isEnabledFor(logging.DEBUG):
                     line = WORKER_STEP.format(
                         step=msg.step_id,
@@ -176,10 +176,11 @@ class Worker:
             self.results.close()
             self.steps.close()
 
-    def next_step(self) -> m.StepRequest | None:
+    def next_step(self) -> tuple[m.StepRequest | None, bytes | None]:
         """Wait for a step header, saying ``WorkerReady`` every second meanwhile and answering the
         grammars compiled since the last call; a ``ProfileRequest``, ``GrammarRequest`` or
-        ``GrammarDropRequest`` is acted on here, between two steps (None is returned)."""
+        ``GrammarDropRequest`` is acted on here, between two steps (no step is returned). A step comes
+        with its tensors to a rank on another node than the scheduler's (``--nnodes``)."""
         announced = time.monotonic()
         self.answer_grammars()
         while not self.sock.poll(GRAMMAR_POLL_MS if self.runner.grammars.pending else WORKER_ANNOUNCE_MS):
@@ -188,23 +189,24 @@ class Worker:
                 announced = time.monotonic()
                 with contextlib.suppress(zmq.Again):  # no scheduler now: the next one will hear it
                     self.sock.send(self.ready, zmq.NOBLOCK)
+        frames = self.sock.recv_multipart()
         try:
             msg = m.decode(
-                self.sock.recv(), (m.StepRequest, m.ProfileRequest, m.GrammarRequest, m.GrammarDropRequest)
+                frames[0], (m.StepRequest, m.ProfileRequest, m.GrammarRequest, m.GrammarDropRequest)
             )
         except m.ProtocolError as exc:
             self.log.error("dropped a bad frame: %s", exc)
-            return None
+            return None, None
         if isinstance(msg, m.ProfileRequest):
             self.profiler.control(msg)
-            return None
+            return None, None
         if isinstance(msg, m.GrammarRequest):
             self.runner.grammars.announce(msg.rid, msg.grammar)  # compiled in the background
-            return None
+            return None, None
         if isinstance(msg, m.GrammarDropRequest):
             self.runner.grammars.drop(msg.rows, msg.rids)
-            return None
-        return msg
+            return None, None
+        return msg, frames[1] if len(frames) > 1 else None
 
     def answer_grammars(self) -> None:
         """Tell the scheduler which announced grammars are compiled or refused."""
@@ -212,6 +214,14 @@ class Worker:
             if refusal:
                 self.log.info("rid=%s grammar refused: %s", rid, refusal)
             self.sock.send(m.encode(m.GrammarResult(rid, BOOT_ID, refusal)))
+
+    def read_step(self, msg: m.StepRequest, carried: bytes | None) -> dict:
+        """The step's tensors: in the scheduler's shared memory, or ``carried`` in the message."""
+        from tgi_zmq.transport import FrameBuffer
+
+        if carried is not None:
+            return FrameBuffer(carried).read(msg.tensors)
+        return self.steps.read(msg.buffer, msg.tensors, msg.cuda_handle)
 
     def take_scheduler(self, boot: str) -> None:
         """A step of a new scheduler: drop what was kept of the old one."""
@@ -224,14 +234,14 @@ class Worker:
         self.steps = self.new_reader()
         self.runner.forget_requests()
 
-    def run_step(self, msg: m.StepRequest) -> m.StepResult | m.WorkerFailure:
+    def run_step(self, msg: m.StepRequest, carried: bytes | None = None) -> m.StepResult | m.WorkerFailure:
         """Forward one step and write its result; a failure becomes a ``WorkerFailure`` answer instead
         of a crash (a row that cannot sample fails alone: ``StepOutput.failed``)."""
         from tgi_zmq.step import Step
 
         started = time.perf_counter()
         try:
-            step = Step.from_tensors(self.steps.read(msg.buffer, msg.tensors, msg.cuda_handle), msg.grammars)
+            step = Step.from_tensors(self.read_step(msg, carried), msg.grammars)
             out = self.runner.execute(step)
             buffer, refs, handle = self.results.write(out.to_tensors())
         except Exception as exc:  # a bad step must not take the worker down

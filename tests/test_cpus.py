@@ -34,8 +34,10 @@ def test_apply_pins_this_process_and_sets_its_threads(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "0")
     threads = torch.get_num_threads()
     try:
-        assert apply("scheduler", 1) == Placement(1, frozenset({0, 1}))
+        assert apply("scheduler", range(1)) == Placement(1, frozenset({0, 1}))
         assert pinned == [frozenset({0, 1})] and torch.get_num_threads() == 1
         assert os.environ["OMP_NUM_THREADS"] == "1"
+        # --nnodes: rank 3 of a node running ranks 2 and 3 is placed as that node's second rank
+        assert apply("worker-3", range(2, 4)) == placement("worker-1", [0, 1, 2, 3, 4, 5], 2)
     finally:
         torch.set_num_threads(threads)

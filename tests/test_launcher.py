@@ -58,6 +58,12 @@ def test_defaults_follow_the_memory_budget_and_context():
         (["--replicas", "999"], "999 replicas on .* cores: at most one replica a core"),
         (["--replicas", "2", "--router-policy", "nearest"], "--router-policy nearest: choose cache_aware"),
         (["--kv-events-endpoint", "localhost:5557"], "a ZeroMQ address"),
+        (
+            ["--nnodes", "2", "--node-rank", "2", "--num-shard", "2"],
+            "--node-rank 2 is out of range for --nnodes 2",
+        ),
+        (["--nnodes", "2", "--num-shard", "3"], "--num-shard 3 does not split evenly over --nnodes 2"),
+        (["--nnodes", "2", "--num-shard", "2", "--replicas", "2"], "--replicas and --nnodes do not combine"),
         (["--kv-events-replay-endpoint", "tcp://*:5558"], "give both"),
         (["--kv-events-endpoint", "tcp://*:5557", "--disable-prefix-caching"], "describe the prefix cache"),
     ],
@@ -268,8 +274,8 @@ FLAGS = """--model-id --served-model-name --quantize --kv-cache-dtype --port --h
 --max-input-tokens --max-total-tokens --max-batch-prefill-tokens --max-batch-total-tokens --memory-fraction
 --max-concurrent-requests
 --max-stop-sequences --max-client-batch-size --max-best-of --max-top-n-tokens --enable-prefill-logprobs
---watermark-gamma --watermark-delta --payload-limit --num-shard --master-addr --master-port --torch-threads
---replicas --router-policy
+--watermark-gamma --watermark-delta --payload-limit --num-shard --master-addr --master-port
+--nnodes --node-rank --torch-threads --replicas --router-policy
 --watchdog-timeout --recovery-timeout --api-key --body-timeout --shutdown-timeout --profile-dir
 --disable-prefix-caching --kv-events-endpoint --kv-events-replay-endpoint --kv-events-topic
 --disable-overlap-schedule --disable-grammar-support

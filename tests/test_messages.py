@@ -100,6 +100,9 @@ def test_every_message_round_trips():
         m.WorkerBooting(0, "boot", 123),
         m.ErrorOutput("a", "bad", "validation", 422),
         m.Heartbeat("worker-0", "boot", 12, True),
+        m.NodeJoinRequest(1, "join-1-abcd"),
+        m.NodeJoinResult('{"num_shard": 2}'),
+        m.RestartRanksRequest(-1),
     ]
     for msg in samples:
         assert roundtrip(msg) == msg

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import NoneType
 from typing import Any
 
-from tgi_zmq import replicas
+from tgi_zmq import nodes, replicas
 from tgi_zmq.config import DEFAULT_MEMORY_FRACTION, DEFAULT_PREFILL_TOKENS, RUNTIME_DIR_ENV, ServerConfig
 from tgi_zmq.dtypes import CONVERTED, SERVED
 from tgi_zmq.machine import cpu_has_bf16
@@ -33,6 +33,7 @@ log = logging.getLogger("launcher")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUPERVISORD_CONF = REPO_ROOT / "supervisord.conf"
 REPLICAS_CONF = REPO_ROOT / "supervisord-replicas.conf"  # --replicas: the replicas and SMG
+NODE_CONF = REPO_ROOT / "supervisord-node.conf"  # --nnodes, a node other than 0: its ranks and agent
 
 
 def launch_flags() -> Iterator[tuple[str, dataclasses.Field]]:
@@ -98,15 +99,25 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     try:
-        config = resolve_config(args, tempfile.mkdtemp(prefix="tgi-zmq-"))
+        if args.node_rank > 0:  # another node of --nnodes: node 0 has the configuration
+            config = join_node0(args, tempfile.mkdtemp(prefix="tgi-zmq-"))
+        else:
+            config = resolve_config(args, tempfile.mkdtemp(prefix="tgi-zmq-"))
     except ValueError as exc:
         log.error("%s", exc)
         return 2
     kernels = prepare_kernels(config.device)
-    config = dataclasses.replace(config, kernels=kernels, batch_invariant=batch_invariant(config, kernels))
-    if config.replicas > 1:
+    if config.node_rank > 0:
+        code = run_supervisord(dataclasses.replace(config, kernels=kernels), NODE_CONF, ready=None)
+    elif config.replicas > 1:
+        config = dataclasses.replace(
+            config, kernels=kernels, batch_invariant=batch_invariant(config, kernels)
+        )
         code = run_supervisord(config, REPLICAS_CONF, replicas.prepare(config), replicas.ready)
     else:
+        config = dataclasses.replace(
+            config, kernels=kernels, batch_invariant=batch_invariant(config, kernels)
+        )
         code = run_supervisord(config)
     # Every process is stopped and the runtime dir removed: skip the interpreter's teardown, seconds
     # of garbage collection over what sizing the KV cache imported (torch, the model's classes).
@@ -178,6 +189,26 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
     )
 
 
+def join_node0(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
+    """A node other than 0: node 0's configuration (``nodes``) with this node's place; the flags that
+    size the group (``--num-shard``, the limits) are node 0's."""
+    nodes.check_place(args.node_rank, args.nnodes)
+    log.info(
+        "node %d of %d: asking node 0 at %s for its configuration",
+        args.node_rank,
+        args.nnodes,
+        args.master_addr,
+    )
+    node0 = nodes.join(args.node_rank, args.master_addr, args.master_port)
+    config = dataclasses.replace(
+        nodes.node_config(node0, args.node_rank, args.nnodes, args.master_addr), runtime_dir=runtime_dir
+    )
+    nodes.check(config)
+    if not Path(config.model_id).exists():
+        raise ValueError(f"node 0 serves {config.model_id}: every node needs the model at the same path")
+    return config
+
+
 def check_flags(config: ServerConfig) -> None:
     """Refuse values the processes could not run with, before any starts."""
     if config.num_shard < 1:
@@ -194,6 +225,7 @@ def check_flags(config: ServerConfig) -> None:
         raise ValueError(f"--deterministic {config.deterministic}: choose auto, on or off")
     check_kv_events(config)
     replicas.check(config)
+    nodes.check(config)
 
 
 def check_kv_events(config: ServerConfig) -> None:
@@ -367,7 +399,8 @@ def supervisord_invocation(config: ServerConfig, conf: Path = SUPERVISORD_CONF) 
         {
             RUNTIME_DIR_ENV: config.runtime_dir,
             "TGI_ZMQ_PYTHON": sys.executable,
-            "TGI_ZMQ_NUM_SHARD": str(config.num_shard),
+            "TGI_ZMQ_NUM_SHARD": str(len(config.local_ranks)),  # this node's ranks
+            "TGI_ZMQ_FIRST_RANK": str(config.local_ranks.start),
             # supervisord stops the frontend first: let it drain before SIGKILL
             "TGI_ZMQ_FRONTEND_STOPWAIT": str(int(config.shutdown_timeout) + 10),
         }
@@ -375,14 +408,23 @@ def supervisord_invocation(config: ServerConfig, conf: Path = SUPERVISORD_CONF) 
     return [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)], env
 
 
+def healthy(config: ServerConfig) -> bool:
+    try:
+        with urllib.request.urlopen(config.local_url + "/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
 def run_supervisord(
     config: ServerConfig,
     conf: Path = SUPERVISORD_CONF,
     env: dict[str, str] | None = None,
-    ready: Callable[[ServerConfig], bool] | None = None,
+    ready: Callable[[ServerConfig], bool] | None = healthy,
 ) -> int:
     """Run every process under supervisord in the foreground; SIGTERM / Ctrl-C stop them all, as does
-    this process's death (its supervisord is told by the kernel)."""
+    this process's death (its supervisord is told by the kernel). ``ready`` says when to log that the
+    service is ready (None: a node without HTTP)."""
     from tgi_zmq.transport import remove_stale
 
     argv, supervisord_env = supervisord_invocation(config, conf)
@@ -398,7 +440,8 @@ def run_supervisord(
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: child.send_signal(signal.SIGTERM))
-    threading.Thread(target=announce_ready, args=(config, child, ready or healthy), daemon=True).start()
+    if ready is not None:
+        threading.Thread(target=announce_ready, args=(config, child, ready), daemon=True).start()
     try:
         return child.wait()
     finally:
@@ -410,14 +453,6 @@ def run_supervisord(
 def _terminated_with_parent() -> None:
     """In supervisord's process before it starts: SIGTERM when the launcher dies (even by kill -9)."""
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def healthy(config: ServerConfig) -> bool:
-    try:
-        with urllib.request.urlopen(config.local_url + "/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def announce_ready(

@@ -32,6 +32,8 @@ MAX_EOS_TOKEN_IDS = 16  # a model's end-of-sequence ids we ban before ``min_toke
 
 # Prompt tokens per forward step (fewer beside running decodes: scheduler.StepCosts sizes those chunks).
 DEFAULT_PREFILL_TOKENS = 4096
+# --nnodes: node 0's sockets the other nodes' processes reach over TCP, at --master-port plus these.
+NODE0_PORTS = {"worker": 1, "frontend": 2}
 # Share of the free memory the KV cache takes: of available RAM (mapped lazily), of free GPU memory.
 DEFAULT_MEMORY_FRACTION = {"cpu": 0.3, "cuda": 0.9}
 
@@ -145,6 +147,16 @@ class ServerConfig:
     )
     master_addr: str = flag("localhost", "address of rank 0 for the ranks' process group (--num-shard > 1)")
     master_port: int = flag(29500, "port of rank 0 for the ranks' process group (--num-shard > 1)")
+    nnodes: int = flag(
+        1,
+        "hosts the --num-shard ranks are spread over, one launch each: node 0 serves HTTP, runs the "
+        "pipeline and its ranks (steps in shared memory); another node runs only its ranks, which take their "
+        "steps from node 0 over TCP (--master-port + 1; heartbeats + 2; torch.distributed on --master-port), "
+        "and takes node 0's configuration when it joins (docs/scale-out.md)",
+    )
+    node_rank: int = flag(
+        0, "this host's place among --nnodes (0: the one that serves HTTP); others need --master-addr"
+    )
     torch_threads: int = flag(  # per worker; 0: by the rule of tgi_zmq.cpus
         0, "torch threads per worker process (default 0: the machine's cores divided by --num-shard)"
     )
@@ -233,8 +245,23 @@ class ServerConfig:
         return self.max_batch_total_tokens // self.block_size
 
     def endpoint(self, name: str) -> str:
-        """The ipc:// address of the socket a process binds (frontend, tokenizer, ...)."""
+        """The ipc:// address of the socket a process binds (frontend, tokenizer, ...); on a node other
+        than 0, the TCP address of node 0's sockets its ranks reach (``node0_tcp``)."""
+        if self.node_rank > 0 and name in NODE0_PORTS:
+            return f"tcp://{self.master_addr}:{self.master_port + NODE0_PORTS[name]}"
         return f"ipc://{self.runtime_dir}/{name}.sock"
+
+    def node0_tcp(self, name: str) -> str | None:
+        """Where node 0 also binds socket ``name`` for the other nodes' ranks (None: one node)."""
+        if self.nnodes == 1 or name not in NODE0_PORTS:
+            return None
+        return f"tcp://*:{self.master_port + NODE0_PORTS[name]}"
+
+    @property
+    def local_ranks(self) -> range:
+        """The ranks this node runs (all of them with one node)."""
+        per_node = self.num_shard // self.nnodes
+        return range(self.node_rank * per_node, (self.node_rank + 1) * per_node)
 
     @property
     def shm_prefix(self) -> str:
@@ -254,13 +281,20 @@ class ServerConfig:
 
     def save(self) -> Path:
         path = Path(self.runtime_dir) / "config.json"
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=1))
+        path.write_text(self.to_json())
         return path
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
 
     @classmethod
     def load(cls, runtime_dir: str | None = None) -> ServerConfig:
         runtime_dir = runtime_dir or os.environ[RUNTIME_DIR_ENV]
-        data = json.loads((Path(runtime_dir) / "config.json").read_text())
+        return cls.from_json((Path(runtime_dir) / "config.json").read_text())
+
+    @classmethod
+    def from_json(cls, text: str) -> ServerConfig:
+        data = json.loads(text)
         data["eos_token_ids"] = tuple(data["eos_token_ids"])
         data["served_model_names"] = tuple(data["served_model_names"])
         data["cpus"] = tuple(data["cpus"]) if data["cpus"] is not None else None

@@ -61,11 +61,17 @@ def service_cores() -> list[int]:
     return sorted(os.sched_getaffinity(0))
 
 
-def apply(process: str, num_shard: int, torch_threads: int = 0) -> Placement:
+def apply(process: str, ranks_here: range, torch_threads: int = 0) -> Placement:
     """Pin this process and set its torch threads by the rule (call it first: a process that imports
-    torch later reads OMP_NUM_THREADS then); logs the decision once."""
+    torch later reads OMP_NUM_THREADS then); logs the decision once. ``ranks_here``: the ranks on this
+    node (``ServerConfig.local_ranks``), where the rule places a worker by its index among them."""
     cores = service_cores()
-    where = placement(process, cores, num_shard, torch_threads)
+    num_shard = len(ranks_here)
+    if process.startswith("worker-"):
+        rank = int(process.removeprefix("worker-"))
+        where = placement(f"worker-{rank - ranks_here.start}", cores, num_shard, torch_threads)
+    else:
+        where = placement(process, cores, num_shard, torch_threads)
     if where.cores is not None:
         os.sched_setaffinity(0, where.cores)
     os.environ["OMP_NUM_THREADS"] = str(where.threads)

@@ -35,6 +35,7 @@ from typing import Any, TypeVar, Union
 
 import msgpack
 
+# 10: NodeJoinRequest/NodeJoinResult, RestartRanksRequest (--nnodes);
 # 9: GrammarStart.rid, StepRequest.grammars the starts only, GrammarDropRequest (rank 0 holds a request's
 # compiled grammar until it ends; matchers and compiles are dropped between steps, idle or not);
 # 8: GrammarRequest/GrammarResult (rank 0 compiles the grammars), StepRequest.grammars a GrammarRows,
@@ -43,7 +44,7 @@ import msgpack
 # 6: StepRequest.grammars (the workers keep the grammar matchers); 5: logprobs, top tokens, tools, more
 # sampling parameters; 4: SamplingParams.grammar; 3: the naming rule's renames, typed parts,
 # max_new_tokens resolved once
-PROTOCOL_VERSION = 9
+PROTOCOL_VERSION = 10
 
 _REGISTRY: dict[int, type] = {}
 T = TypeVar("T")
@@ -660,3 +661,28 @@ class WorkerBooting:
     rank: int
     boot_id: str
     pid: int
+
+
+@message(tag=37)
+class NodeJoinRequest:
+    """another node's launcher -> node 0's scheduler (``--nnodes``): send me your configuration.
+    ``reply_to`` is the asking socket's identity."""
+
+    node_rank: int
+    reply_to: str
+
+
+@message(tag=38)
+class NodeJoinResult:
+    """node 0's scheduler -> a joining node's launcher: node 0's ``ServerConfig`` as JSON."""
+
+    config: str
+
+
+@message(tag=39)
+class RestartRanksRequest:
+    """node 0's scheduler -> another node's agent: kill this node's ranks but ``spare`` (-1: none; a
+    rank restarting already), which its supervisord restarts, as node 0 kills its own when the group
+    must restart (the scheduler logs why)."""
+
+    spare: int

@@ -8,17 +8,36 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+from pathlib import Path
 
 
-def start_time(pid: int) -> int | None:
-    """When ``pid`` started, in clock ticks since boot (``/proc/<pid>/stat`` field 22); None if gone."""
+def _stat_field(pid: int, field: int) -> int | None:
+    """Field ``field`` (numbered from 1, past the command's) of ``/proc/<pid>/stat``; None if gone."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
             fields = stat.read()
     except OSError:
         return None
     # the command name (field 2) is in parentheses and may hold spaces: count from after it (field 3)
-    return int(fields.rpartition(")")[2].split()[22 - 3])
+    return int(fields.rpartition(")")[2].split()[field - 3])
+
+
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (field 22); None if gone."""
+    return _stat_field(pid, 22)
+
+
+def children(parent: int, command_part: bytes) -> list[int]:
+    """The processes ``parent`` started whose command line contains ``command_part``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and _stat_field(int(proc.name), 4) == parent:  # field 4: the parent
+            try:
+                if command_part in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue  # it exited meanwhile
+    return pids
 
 
 @dataclasses.dataclass(frozen=True)

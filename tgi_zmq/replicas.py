@@ -36,6 +36,7 @@ ROUTER_POLICIES = (
     "consistent_hashing",
 )
 HEALTH_CHECK_SECONDS = 1  # SMG's probe of each replica (its default, 60 s, keeps a dead one in rotation)
+LOAD_POLL_SECONDS = 2  # SMG's reads of each replica's /v1/loads (its default: 10 s)
 # Requests over the pool's mean before cache_aware spills to the least loaded replica. SMG's default
 # (64) suits GPU engines; with it 16 requests at 8 at once went 14 to one replica and 2 to the other
 # here, with 4 they went 8 and 8 (and 32 at once 16 and 16).
@@ -122,6 +123,7 @@ def router_command(config: ServerConfig) -> list[str]:
         *(arg for name in others for arg in ("--model-alias", f"{name}={first}")),
         *("--prometheus-host", config.hostname, "--prometheus-port", str(metrics_port(config))),
         *("--worker-startup-check-interval", "1", "--health-check-interval-secs", str(HEALTH_CHECK_SECONDS)),
+        *("--load-monitor-interval", str(LOAD_POLL_SECONDS)),
         *("--health-failure-threshold", "1", "--health-success-threshold", "1", "--log-level", "warn"),
         "--log-json",  # one line per event without the terminal colours SMG's text lines always carry
     ]

@@ -19,6 +19,7 @@ afterwards.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 from pathlib import Path
@@ -167,6 +168,27 @@ class CudaIpcBuffer(TensorBuffer):
         del self.bytes, self.storage
 
 
+class FrameBuffer(TensorBuffer):
+    """A slot's bytes received in a message (``--nnodes``: a rank on another node gets its steps over
+    TCP, not in shared memory); read like the slot it was copied from."""
+
+    def __init__(self, frame: bytes) -> None:
+        self.name, self.size = "frame", len(frame)
+        self.bytes = (
+            torch.frombuffer(bytearray(frame), dtype=torch.uint8)
+            if frame
+            else torch.empty(0, dtype=torch.uint8)
+        )
+
+    def close(self) -> None:
+        pass
+
+
+def packed_size(refs: list[TensorRef]) -> int:
+    """The bytes of a buffer that ``refs`` cover, from its start."""
+    return max((ref.offset + math.prod(ref.shape) * DTYPES[ref.dtype].size for ref in refs), default=0)
+
+
 class TensorRing:
     """``slots`` producer-owned buffers used round-robin, one per in-flight step.
 
@@ -187,6 +209,11 @@ class TensorRing:
         buffer = self.buffers[self.next]
         self.next = (self.next + 1) % len(self.buffers)
         return buffer.name, buffer.write(tensors), buffer.handle()
+
+    def copy(self, name: str, refs: list[TensorRef]) -> bytes:
+        """The packed bytes of host slot ``name``, for a consumer that cannot map it."""
+        buffer = next(b for b in self.buffers if b.name == name)
+        return bytes(buffer.mmap[: packed_size(refs)])
 
     def close(self) -> None:
         for buffer in self.buffers:

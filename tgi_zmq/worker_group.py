@@ -66,15 +66,19 @@ class WorkerGroup:
     # ------------------------------------------------------------------ the executor
 
     def submit(self, step_id: int, step: Step) -> None:
+        """Send a step to every rank: its header, and to a rank on another node its tensors too."""
         buffer, refs, handle = self.ring.write(step.to_tensors())
         header = m.encode(m.StepRequest(step_id, BOOT_ID, buffer, refs, handle, step.grammars))
         others = header
         if self.config.num_shard > 1:  # no grammars: rank 0 alone samples
             others = m.encode(m.StepRequest(step_id, BOOT_ID, buffer, refs, handle))
+        local = self.config.local_ranks
+        tensors = self.ring.copy(buffer, refs) if len(local) < self.config.num_shard else b""
         self.pending.add(step_id)
         try:
             for rank in range(self.config.num_shard):
-                self.sock.send_multipart([f"worker-{rank}".encode(), others if rank else header])
+                frames = [f"worker-{rank}".encode(), others if rank else header]
+                self.sock.send_multipart(frames if rank in local else [*frames, tensors])
         except zmq.ZMQError as exc:  # a rank is gone (ROUTER_MANDATORY): its replacement will boot
             raise WorkersLost(str(exc)) from exc
 
@@ -116,13 +120,20 @@ class WorkerGroup:
         return StepDone(StepOutput.from_tensors(tensors), answer.forward_seconds, answer.decode_seconds)
 
     def restart(self, spare: int | None = None) -> None:
-        """Kill every rank still up but ``spare`` and forget the steps in flight."""
-        members = [rank for rank in self.boots if rank != spare]
+        """Kill every rank still up but ``spare`` and forget the steps in flight: this node's by their
+        pids, another node's through its agent (``processes/node.py``)."""
+        members = [rank for rank in self.boots if rank != spare and rank in self.config.local_ranks]
         self.lost_boots.update(self.boots.values())
         self.boots.clear()  # not ready until every rank says so again
         for rank in members:
             if rank in self.processes and not self.processes[rank].kill():
                 log.warning("worker %d (pid %d) is gone: nothing killed", rank, self.processes[rank].pid)
+        restart = m.encode(m.RestartRanksRequest(-1 if spare is None else spare))
+        for node in range(1, self.config.nnodes):
+            try:
+                self.sock.send_multipart([f"node-{node}".encode(), restart])
+            except zmq.ZMQError as exc:  # its agent is not connected: its ranks are down or will notice
+                log.warning("node %d's agent did not get the restart: %s", node, exc)
         self.pending.clear()
         self.answers.clear()
         self.grammar_answers.clear()
@@ -173,6 +184,16 @@ class WorkerGroup:
         """Keep rank 0's answer for the engine, unless it comes from a rank 0 since replaced."""
         if msg.boot_id == self.boots.get(0):
             self.grammar_answers.append((msg.rid, msg.refusal))
+
+    def node_joins(self, msg: m.NodeJoinRequest) -> None:
+        """Another node asks for the configuration its ranks must share with ours."""
+        log.info("node %d joins", msg.node_rank)
+        try:
+            self.sock.send_multipart(
+                [msg.reply_to.encode(), m.encode(m.NodeJoinResult(self.config.to_json()))]
+            )
+        except zmq.ZMQError as exc:
+            log.warning("node %d left before its answer: %s", msg.node_rank, exc)
 
     def close(self) -> None:
         self.ring.close()

@@ -254,7 +254,7 @@ def main() -> None:
     die_with_supervisord()
     prometheus_client.disable_created_metrics()  # TGI exposes no *_created series
     config = ServerConfig.load()
-    cpus.apply("frontend", config.num_shard)
+    cpus.apply("frontend", config.local_ranks)
     uvloop.run(serve(config))
 
 

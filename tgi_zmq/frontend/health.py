@@ -20,6 +20,11 @@ def expected_processes(config: ServerConfig) -> tuple[str, ...]:
     return ("tokenizer", "scheduler", "detokenizer", *workers)
 
 
+def remote_processes(config: ServerConfig) -> frozenset[str]:
+    """Those on other nodes (``--nnodes``): their pids name nothing here, so none is killed from here."""
+    return frozenset(f"worker-{rank}" for rank in range(config.num_shard) if rank not in config.local_ranks)
+
+
 @dataclasses.dataclass
 class _Peer:
     boot_id: str
@@ -42,10 +47,12 @@ class Health:
         self,
         expected: Iterable[str],
         *,
+        remote: frozenset[str] = frozenset(),
         timeout: float = HEARTBEAT_TIMEOUT_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.expected = tuple(expected)
+        self.remote = remote
         self.timeout = timeout
         self._clock = clock
         self._peers: dict[str, _Peer] = {}
@@ -91,6 +98,8 @@ class Health:
         now, hung = self._clock(), []
         for name in self.expected:
             peer = self._peers.get(name)
+            if name in self.remote:
+                continue  # the scheduler's watchdog restarts a stuck group through the node's agent
             if peer is not None and not peer.killed and now - peer.last_seen > HUNG_AFTER_S:
                 peer.killed = True
                 hung.append((name, peer.process))

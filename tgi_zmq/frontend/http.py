@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from tgi_zmq.config import ServerConfig
 from tgi_zmq.errors import RequestError, ValidationError
 
-from .health import Health, expected_processes
+from .health import Health, expected_processes, remote_processes
 from .jobs import Admission
 from .pipeline import Pipeline
 from .request_models import check_body
@@ -40,7 +40,7 @@ class Frontend:
 
     @classmethod
     def create(cls, config: ServerConfig) -> Frontend:
-        health = Health(expected_processes(config))
+        health = Health(expected_processes(config), remote=remote_processes(config))
         return cls(config, health, Pipeline(config, health), Admission(config.max_concurrent_requests))
 
     @property

@@ -149,6 +149,8 @@ class Pipeline:
         pull.setsockopt(zmq.LINGER, 0)
         pull.setsockopt(zmq.RCVHWM, 0)
         pull.bind(self.config.endpoint("frontend"))
+        if self.config.node0_tcp("frontend"):  # --nnodes: the other nodes' ranks' heartbeats
+            pull.bind(self.config.node0_tcp("frontend"))
         peers = pull.get_monitor_socket(zmq.EVENT_DISCONNECTED)  # every process connects to ``pull``
         self._tasks = [
             asyncio.create_task(self._watch_peers(peers), name="frontend-peers"),
