@@ -3,7 +3,9 @@ frontend's app alone for the unit tests of its routes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -53,6 +55,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def free_ports_below_ephemeral(count: int) -> int:
+    """The first of ``count`` consecutive free ports under the kernel's ephemeral range: a socket that
+    keeps connecting to a port in that range until its server is up can be given that very port as
+    its own, and then talks to itself (TCP's simultaneous open) and holds the port."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(100):
+        first = random.randrange(20000, low - count)
+        try:
+            with contextlib.ExitStack() as held:
+                for port in range(first, first + count):
+                    sock = held.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+    raise RuntimeError("no free ports under the ephemeral range")
 
 
 def start_service(tmp: Path, *flags: str, log_level: str = "INFO") -> Service:

@@ -235,13 +235,13 @@ def test_kv_events_rebuild_the_cached_blocks_through_evictions_and_a_worker_rest
     small_kv.wait_healthy()
 
     tokenizer = AutoTokenizer.from_pretrained(small_kv.model_dir)
-    prompts = [f"Note {i:02d}, kept for the events test: {STORY}" for i in range(20)]  # 20 x 3 blocks > 32
+    prompts = [f"Note {i:02d}, kept for the events test: {STORY}" for i in range(14)]  # 14 x 3 blocks > 32
     with ThreadPoolExecutor(4) as pool:
-        outputs = list(pool.map(lambda p: generate(small_kv, p, 8), prompts))
+        outputs = list(pool.map(lambda p: generate(small_kv, p, 4), prompts))
     sequences = [tuple(tokenizer(p)["input_ids"] + out) for p, out in zip(prompts, outputs, strict=True)]
     removed_before = subscriber.index.removed
     index = subscriber.drain()
-    assert index.removed > removed_before  # 60 blocks through a cache of 32: evictions
+    assert index.removed > removed_before  # 42 blocks through a cache of 32: evictions
     assert index.blocks, "nothing cached after the workload"
     for chain in index.prompts():
         assert any(seq[: len(chain)] == chain for seq in sequences), "a cached block no request computed"

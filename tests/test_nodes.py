@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import free_port
+from tests.conftest import free_port, free_ports_below_ephemeral
 from tgi_zmq import nodes
 from tgi_zmq.config import ServerConfig
 from tgi_zmq.transport import FrameBuffer, TensorRing
@@ -43,7 +43,7 @@ def test_a_joining_node_takes_node_0s_configuration_with_its_own_place():
 def test_a_join_without_node_0_fails_with_a_clear_message():
     started = time.monotonic()
     with pytest.raises(ValueError, match=r"node 0 did not answer at tcp://127.0.0.1:\d+ within 2 s"):
-        nodes.join(1, "127.0.0.1", free_port(), timeout=2)
+        nodes.join(1, "127.0.0.1", free_ports_below_ephemeral(2), timeout=2)
     assert time.monotonic() - started < 5
 
 

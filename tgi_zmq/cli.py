@@ -98,13 +98,14 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s", exc)
             return 2
         return 0
+    runtime_dir = tempfile.mkdtemp(prefix="tgi-zmq-")
     try:
-        if args.node_rank > 0:  # another node of --nnodes: node 0 has the configuration
-            config = join_node0(args, tempfile.mkdtemp(prefix="tgi-zmq-"))
-        else:
-            config = resolve_config(args, tempfile.mkdtemp(prefix="tgi-zmq-"))
+        # another node of --nnodes takes node 0's configuration
+        resolve = join_node0 if args.node_rank > 0 else resolve_config
+        config = resolve(args, runtime_dir)
     except ValueError as exc:
         log.error("%s", exc)
+        shutil.rmtree(runtime_dir, ignore_errors=True)  # refused: nothing started, nothing left
         return 2
     kernels = prepare_kernels(config.device)
     if config.node_rank > 0:

@@ -53,7 +53,13 @@ def join(node_rank: int, master_addr: str, master_port: int, timeout: float = JO
         sock.connect(address)
         sock.send(m.encode(m.NodeJoinRequest(node_rank, identity)))
         if sock.poll(timeout * 1000):
-            return ServerConfig.from_json(m.decode(sock.recv(), (m.NodeJoinResult,)).config)
+            answer = m.decode(sock.recv(), (m.NodeJoinResult, m.NodeJoinRequest))
+            if isinstance(answer, m.NodeJoinRequest):  # TCP's simultaneous open: it connected to itself
+                raise ValueError(
+                    f"{address} is in this host's ephemeral port range, where a client can connect to "
+                    "itself while node 0 is not up: choose a --master-port below it (the default 29500 is)"
+                )
+            return ServerConfig.from_json(answer.config)
     except (zmq.ZMQError, m.ProtocolError) as exc:
         raise ValueError(f"node 0 at {address}: {exc}") from None
     finally:
