@@ -129,10 +129,22 @@ def test_cpu_ranks_share_the_host_memory(tiny_models, monkeypatch):
     assert sum(r.kv_per_token for r in ranks) == kv_bytes_per_token(hf, "float32")  # no KV head replicated
 
 
+def test_a_host_of_several_sizes_its_own_ranks_on_its_own_gpus(tiny_models, monkeypatch):
+    folder = tiny_models("llama")  # --nnodes 2 --num-shard 4: node 0 holds ranks 0 and 1 on its 2 GPUs
+    hf = read_config(folder)
+    fake_gpus(monkeypatch, {"cuda:0": 8 * GiB, "cuda:1": 8 * GiB})
+    ranks = rank_memory(folder, hf, "float32", "cuda", 4, here=range(2))
+    assert [(r.rank, r.device) for r in ranks] == [(0, "cuda:0"), (1, "cuda:1")]
+    assert ranks[0].weights == rank_memory(folder, hf, "float32", "cpu", 4)[0].weights  # a quarter's
+    assert kv_budget_tokens(folder, hf, "float32", "cuda", 0.9, 4, here=range(2)) > 0
+
+
 def test_more_gpu_ranks_than_gpus_are_refused(tiny_models, monkeypatch):
     folder = tiny_models("llama")
     fake_gpus(monkeypatch, {"cuda:0": 8 * GiB})
-    with pytest.raises(ValueError, match="--num-shard 2 needs one GPU per rank; this machine has 1"):
+    with pytest.raises(
+        ValueError, match=r"--num-shard 2 needs one GPU per rank \(2 on this host\); this machine has 1"
+    ):
         kv_budget_tokens(folder, read_config(folder), "float32", "cuda", 0.9, 2)
 
 

@@ -287,7 +287,8 @@ def kv_budget(model_dir: Path, hf_config: dict, dtype: str, device: str, args: a
 
     fraction = args.memory_fraction or DEFAULT_MEMORY_FRACTION[device]
     kv_dtype = KV_CACHE_DTYPES[args.kv_cache_dtype] if args.kv_cache_dtype else None
-    tokens = kv_budget_tokens(model_dir, hf_config, dtype, device, fraction, args.num_shard, kv_dtype)
+    here = range(args.num_shard // args.nnodes)  # --nnodes: node 0 sizes the cache from its own ranks
+    tokens = kv_budget_tokens(model_dir, hf_config, dtype, device, fraction, args.num_shard, kv_dtype, here)
     log.info(
         "KV cache: %d tokens fit in %.0f%% of the free %s memory left to each rank (--num-shard %d)",
         tokens,

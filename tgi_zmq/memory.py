@@ -165,19 +165,28 @@ def rank_device(device: str, rank: int) -> str:
 
 
 def rank_memory(
-    model_dir: Path, hf_config: dict, dtype: str, device: str, num_shard: int, kv_dtype: str | None = None
+    model_dir: Path,
+    hf_config: dict,
+    dtype: str,
+    device: str,
+    num_shard: int,
+    kv_dtype: str | None = None,
+    here: range | None = None,
 ) -> list[RankMemory]:
-    """What each of the ``num_shard`` ranks holds; refuses more GPU ranks than GPUs."""
-    if device.startswith("cuda") and num_shard > torch.cuda.device_count():
+    """What each of the ``num_shard`` ranks on this host (``here``, by default all; ``--nnodes``: node
+    0's) holds; refuses more GPU ranks than GPUs."""
+    here = here if here is not None else range(num_shard)
+    if device.startswith("cuda") and len(here) > torch.cuda.device_count():
         raise ValueError(
-            f"--num-shard {num_shard} needs one GPU per rank; this machine has {torch.cuda.device_count()}"
+            f"--num-shard {num_shard} needs one GPU per rank ({len(here)} on this host); this machine has "
+            f"{torch.cuda.device_count()}"
         )
     ranks = []
-    for rank in range(num_shard):
+    for rank in here:
         shard = Shard(rank, num_shard)
         weights = rank_weights_bytes(model_dir, dtype, shard)
         kv = kv_bytes_per_token(hf_config, kv_dtype or dtype, shard)
-        ranks.append(RankMemory(rank, rank_device(device, rank), weights, kv))
+        ranks.append(RankMemory(rank, rank_device(device, rank - here.start), weights, kv))
     return ranks
 
 
@@ -199,13 +208,15 @@ def kv_budget_tokens(
     fraction: float,
     num_shard: int = 1,
     kv_dtype: str | None = None,
+    here: range | None = None,
 ) -> int:
-    """Tokens of KV cache that every rank holds in ``fraction`` of its memory left after its weights.
+    """Tokens of KV cache that every rank (of those ``here``) holds in ``fraction`` of its memory left
+    after its weights.
 
     Ranks on one device (the CPU) share its memory: their weights, reserves and KV bytes add up.
     """
     by_device: dict[str, list[RankMemory]] = {}
-    for rank in rank_memory(model_dir, hf_config, dtype, device, num_shard, kv_dtype):
+    for rank in rank_memory(model_dir, hf_config, dtype, device, num_shard, kv_dtype, here):
         by_device.setdefault(rank.device, []).append(rank)
     tokens = []
     for dev, ranks in by_device.items():
