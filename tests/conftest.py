@@ -75,8 +75,8 @@ def free_ports_below_ephemeral(count: int) -> int:
     raise RuntimeError("no free ports under the ephemeral range")
 
 
-def start_service(tmp: Path, *flags: str, log_level: str = "INFO") -> Service:
-    port = free_port()
+def start_service(tmp: Path, *flags: str, log_level: str = "INFO", port: int | None = None) -> Service:
+    port = port or free_port()
     log_path = tmp / "service.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1", LOG_LEVEL=log_level)
     cmd = [

@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import Service, children, free_port, start_service, stop_service
+from tests.conftest import (
+    Service,
+    children,
+    free_port,
+    free_ports_below_ephemeral,
+    start_service,
+    stop_service,
+)
 from tgi_zmq.replicas import SMG
 
 pytestmark = pytest.mark.e2e
@@ -46,7 +53,8 @@ def replicated(tmp_path_factory) -> Service:
         tmp_path_factory.mktemp("replicas"),
         *("--replicas", "2", "--dtype", "auto", "--max-batch-total-tokens", "4096"),
         *("--max-total-tokens", "1024", "--max-concurrent-requests", "16"),
-    )
+        port=free_ports_below_ephemeral(4),  # SMG, 2 replicas, SMG's metrics; SMG probes the replicas
+    )  # before they listen: ports a client is never given as its own (free_ports_below_ephemeral)
     svc.replica_urls = [f"http://127.0.0.1:{int(svc.url.rsplit(':', 1)[1]) + 1 + i}" for i in range(2)]
     wait_until(lambda: len(healthy_replicas(svc.url)) == 2, 120, "SMG never saw both replicas healthy")
     yield svc
