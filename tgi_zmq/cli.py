@@ -108,18 +108,15 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(runtime_dir, ignore_errors=True)  # refused: nothing started, nothing left
         return 2
     kernels = prepare_kernels(config.device)
-    if config.node_rank > 0:
+    if config.node_rank > 0:  # its ranks keep node 0's batch invariance
         code = run_supervisord(dataclasses.replace(config, kernels=kernels), NODE_CONF, ready=None)
-    elif config.replicas > 1:
-        config = dataclasses.replace(
-            config, kernels=kernels, batch_invariant=batch_invariant(config, kernels)
-        )
-        code = run_supervisord(config, REPLICAS_CONF, replicas.prepare(config), replicas.ready)
     else:
-        config = dataclasses.replace(
-            config, kernels=kernels, batch_invariant=batch_invariant(config, kernels)
-        )
-        code = run_supervisord(config)
+        invariant = batch_invariant(config, kernels)
+        config = dataclasses.replace(config, kernels=kernels, batch_invariant=invariant)
+        if config.replicas > 1:
+            code = run_supervisord(config, REPLICAS_CONF, replicas.prepare(config), replicas.ready)
+        else:
+            code = run_supervisord(config)
     # Every process is stopped and the runtime dir removed: skip the interpreter's teardown, seconds
     # of garbage collection over what sizing the KV cache imported (torch, the model's classes).
     logging.shutdown()
@@ -156,9 +153,9 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
     quantize = pick_quantize(args.quantize, model_dir, device)
     if args.kv_cache_dtype:
         check_kv_cache_dtype(args.kv_cache_dtype, device)
-    batch_total = args.max_batch_total_tokens or kv_budget(model_dir, hf_config, dtype, device, args) // max(
-        1, args.replicas
-    )
+    batch_total = args.max_batch_total_tokens
+    if not batch_total:  # sized from the free memory, which --replicas share (check_flags: at least 1)
+        batch_total = kv_budget(model_dir, hf_config, dtype, device, args) // args.replicas
     rules = launch_rules(model_dir, hf_config)
     context = min(rules.context, tokenizer_max_length(model_dir))
     window = rules.sliding_window
