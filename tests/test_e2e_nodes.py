@@ -20,7 +20,7 @@ from tests.conftest import Service, children, free_ports_below_ephemeral, start_
 pytestmark = pytest.mark.e2e
 
 PROMPTS = ["The capital of France is", "Once upon a time, a fox"]
-NEW_TOKENS = 12
+NEW_TOKENS = 8
 LIMITS = ("--dtype", "float32", "--max-batch-total-tokens", "8192", "--max-total-tokens", "1024")
 # one thread a rank: both "hosts" share this machine's cores (on hosts of their own, leave it out)
 NODE0 = ("--num-shard", "2", "--nnodes", "2", "--torch-threads", "1", *LIMITS)

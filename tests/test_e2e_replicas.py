@@ -126,7 +126,7 @@ def test_both_replicas_serve_and_smg_reads_their_loads(replicated):
         routed = list(
             pool.map(
                 lambda p: post(
-                    replicated.url, "/v1/completions", {"model": "tgi", "prompt": p, "max_tokens": 32}
+                    replicated.url, "/v1/completions", {"model": "tgi", "prompt": p, "max_tokens": 12}
                 ).headers[ROUTED_TO],
                 prompts,
             )
