@@ -15,15 +15,19 @@ import requests
 
 from tests.conftest import start_service, stop_service
 from tests.helpers import ARCHITECTURES, hf_greedy
+from tgi_zmq import models
 
 pytestmark = pytest.mark.e2e
 
 WORDS = "the river model light paris seven orange quietly build window engine north".split()
 PROMPTS = [" ".join(WORDS[i : i + 3 + i % 4]) for i in range(12)]
 MAX_NEW = 10
+# One architecture per model class served end to end (a service each); every architecture is checked
+# in process against transformers (tests/test_models.py, tests/test_parallel.py).
+SERVED = sorted({models.ARCHITECTURES[arch][1]: arch for arch in reversed(ARCHITECTURES)}.values())
 
 
-@pytest.fixture(scope="module", params=ARCHITECTURES)
+@pytest.fixture(scope="module", params=SERVED)
 def served(request, tiny_models, tmp_path_factory):
     """(service, model folder, tokenizer) for a random tiny model of one architecture."""
     from transformers import AutoTokenizer

@@ -13,7 +13,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from safetensors import safe_open
 
-from tgi_zmq import convert
+from tgi_zmq import convert, models
 from tgi_zmq.checkpoint.base import MissingTensorError
 from tgi_zmq.checkpoint.gguf import GGUFWeights, hf_name
 from tgi_zmq.checkpoint.gguf_file import is_gguf_folder
@@ -234,11 +234,13 @@ def test_other_architectures_are_refused(tmp_path: Path, monkeypatch: pytest.Mon
 def test_an_architecture_no_model_serves_is_refused_before_any_file_is_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """qwen3's tensors are named like llama's, but no model class serves it."""
+    """qwen3's tensors are named like llama's: refused while no model class serves it."""
     path = write_gguf(
         tmp_path / "qwen3.gguf", {"output_norm.weight": (np.ones(64, np.float32), Q.F32)}, "qwen3"
     )
     monkeypatch.setenv(convert.CACHE_ENV, str(tmp_path / "cache"))
+    served = {k: v for k, v in models.ARCHITECTURES.items() if k != "qwen3"}
+    monkeypatch.setattr(models, "ARCHITECTURES", served)
     with pytest.raises(
         ValueError, match=r"architecture 'qwen3' is not served as it is \(only llama, qwen2\)"
     ):

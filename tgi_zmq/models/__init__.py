@@ -25,6 +25,7 @@ ARCHITECTURES = {
     "llama": (LlamaConfig, LlamaModel),
     "mistral": (LlamaConfig, LlamaModel),
     "qwen2": (LlamaConfig, LlamaModel),
+    "qwen3": (LlamaConfig, LlamaModel),
     "t5": (T5Config, T5Model),
     "bloom": (BloomConfig, BloomModel),
 }

@@ -1,7 +1,7 @@
-"""The Llama family (SmolLM2, Llama 2/3, Mistral, Qwen2) in plain torch over the paged KV cache.
+"""The Llama family (SmolLM2, Llama 2/3, Mistral, Qwen2, Qwen3) in plain torch over the paged KV cache.
 
-Mistral is Llama with a sliding window (the launcher caps the context to it); Qwen2 is Llama
-with q/k/v biases and, in its small sizes, tied embeddings.
+Mistral is Llama with a sliding window; Qwen2 is Llama with q/k/v biases and, in its small sizes, tied
+embeddings; Qwen3 adds an RMS norm of each query and key head before the rotary embedding.
 
 q|k|v and gate|up are each one fused layer (one matmul), so a layer is four matmuls; the step's
 tokens are one flat batch (no padding) and only the rows that sample a token go through the LM head.
@@ -38,6 +38,8 @@ from tgi_zmq.quant import kernels
 from tgi_zmq.quant.formats import Int8Weight
 from tgi_zmq.quant.linear import QuantizedLinear
 
+QK_NORM_TYPES = ("qwen3", "qwen3_moe")
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig(ModelConfig):
@@ -56,6 +58,7 @@ class LlamaConfig(ModelConfig):
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
+    qk_norm: bool  # Qwen3: q_norm and k_norm over each head
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> LlamaConfig:
@@ -77,13 +80,14 @@ class LlamaConfig(ModelConfig):
             qkv_bias=qwen2 or cfg.get("attention_bias", False),
             o_bias=not qwen2 and cfg.get("attention_bias", False),
             mlp_bias=cfg.get("mlp_bias", False),
+            qk_norm=cfg.get("model_type") in QK_NORM_TYPES,
         )
 
     @classmethod
     def sliding_window(cls, hf: dict[str, Any]) -> int | None:
         """Mistral's attention window (and Qwen2's, when it enables it)."""
         window = hf.get("sliding_window")
-        if hf.get("model_type") == "qwen2" and not hf.get("use_sliding_window"):
+        if hf.get("model_type", "").startswith("qwen") and not hf.get("use_sliding_window"):
             return None
         return window if isinstance(window, int) and window > 0 else None
 
@@ -122,6 +126,8 @@ class Layer:
     post_norm: RMSNorm
     gate_up: MergedColumnParallelLinear
     down: RowParallelLinear
+    q_norm: RMSNorm | None = None  # Qwen3's, over each head
+    k_norm: RMSNorm | None = None
 
 
 class LlamaModel(PagedModel):
@@ -155,6 +161,9 @@ class LlamaModel(PagedModel):
         attn, mlp = p + "self_attn.", p + "mlp."
         qkv_names = [attn + n for n in ("q_proj", "k_proj", "v_proj")]
         qkv = QKVParallelLinear(w, qkv_names, shard, c.num_heads, c.num_kv_heads, c.head_dim, bias=c.qkv_bias)
+        head_norms = {}
+        if c.qk_norm:
+            head_norms = {n: RMSNorm(w, f"{attn}{n}.weight", c.rms_norm_eps) for n in ("q_norm", "k_norm")}
         return Layer(
             input_norm=RMSNorm(w, p + "input_layernorm.weight", c.rms_norm_eps),
             qkv=qkv,
@@ -164,6 +173,7 @@ class LlamaModel(PagedModel):
                 w, [mlp + "gate_proj", mlp + "up_proj"], shard, c.intermediate_size, bias=c.mlp_bias
             ),
             down=RowParallelLinear(w, mlp + "down_proj", shard, c.intermediate_size, bias=c.mlp_bias),
+            **head_norms,
         )
 
     @torch.inference_mode()
@@ -188,6 +198,8 @@ class LlamaModel(PagedModel):
         normed = self.layers[0].input_norm(x)
         for i, layer in enumerate(self.layers):
             q, k, v = layer.qkv.split(layer.qkv(normed))
+            if layer.q_norm is not None:
+                q, k = layer.q_norm(q), layer.k_norm(k)
             q, k = rope(q, k)
             attn = paged_attention(q, k, v, cache.k[i], cache.v[i], batch.attention, self.scale)
             normed = layer.post_norm.add_and_norm(x, layer.o(attn.flatten(1)))
@@ -247,6 +259,8 @@ class NativeStack:
         for layer in model.layers:
             linears = (layer.qkv, layer.o, layer.gate_up, layer.down)
             norms = [layer.input_norm.weight, layer.post_norm.weight]
+            if layer.q_norm is not None:
+                return None
             if any(w.dtype != dtype for w in norms) or any(lin.bias is not None for lin in linears[1:]):
                 return None
             tensors = norms + [_NONE if layer.qkv.bias is None else layer.qkv.bias]
