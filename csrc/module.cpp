@@ -30,7 +30,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("isa") = 0);
   m.def("paged_decode", &tgi::paged_decode, NoGil(), "attention of one query per row over the paged KV cache, read in place",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("tables"), py::arg("lens"), py::arg("scale"),
-        py::arg("isa") = 0);
+        py::arg("isa") = 0, py::arg("window") = 0, py::arg("softcap") = 0.0);
   m.def("llama_layers", &tgi::llama_layers, NoGil(),
         "a Llama stack's layers over the residual stream x (in place); returns the last layer's MLP output",
         py::arg("x"), py::arg("layers"), py::arg("groups"), py::arg("k_caches"), py::arg("v_caches"), py::arg("slots"),

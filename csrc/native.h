@@ -25,7 +25,8 @@ void dequantize(const at::Tensor& w, const at::Tensor& scales, const std::option
 
 // paged_attention.cpp: one query token per row over its request's pages, read in place.
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                        const at::Tensor& tables, const at::Tensor& lens, double scale, int64_t isa);
+                        const at::Tensor& tables, const at::Tensor& lens, double scale, int64_t isa,
+                        int64_t window = 0, double softcap = 0.0);
 
 // rowwise.cpp: RMSNorm, SiLU(gate) * up, RoPE and greedy sampling, row by row.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, int64_t isa);

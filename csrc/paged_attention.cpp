@@ -55,6 +55,8 @@ struct Args {
   const int64_t* lens;  // [n] keys per request
   int64_t heads, kv_heads, dim, block_size, max_blocks;
   float scale;
+  int64_t window;  // > 0: a query sees only its last `window` keys (sliding-window layers)
+  float softcap;  // > 0: scores become softcap * tanh(score / softcap) (Gemma 2)
 };
 
 // A task: keys [t0, t1) of request b, every head; writes its running max, sum and unnormalised output.
@@ -98,9 +100,20 @@ void merge(const Args& a, const Task* tasks, int64_t first, int64_t last, const 
 // few rows, (row, part) tasks fill the threads (flash-decoding); many rows (prefill), a task per row.
 constexpr int64_t kPart = 256;
 
-int64_t parts_of(int64_t len) { return std::max<int64_t>(1, (len + kPart - 1) / kPart); }
+// A windowed row's keys start at len - window: its parts are the fixed ones that hold its keys, the first
+// one cut at that start (still the same bits whatever else the step holds).
+int64_t first_key(const Args& a, int64_t b) {
+  return a.window > 0 ? std::max<int64_t>(0, a.lens[b] - a.window) : 0;
+}
 
-Task part(const Args& a, int64_t b, int64_t i) { return {b, i * kPart, std::min(a.lens[b], (i + 1) * kPart)}; }
+int64_t parts_of(const Args& a, int64_t b) {
+  return std::max<int64_t>(1, (a.lens[b] + kPart - 1) / kPart - first_key(a, b) / kPart);
+}
+
+Task part(const Args& a, int64_t b, int64_t i) {
+  const int64_t first = first_key(a, b), j = first / kPart + i;
+  return {b, std::max(first, j * kPart), std::min(a.lens[b], (j + 1) * kPart)};
+}
 
 template <class TQ, class TKV>
 void attend_part(int64_t isa, const Args& a, const Task& t, const Partials& p, int64_t i) {
@@ -117,7 +130,7 @@ void run_parts(const Args& a, int64_t rows, int64_t isa) {
   std::vector<int64_t> starts;
   for (int64_t b = 0; b < rows; b++) {
     starts.push_back(static_cast<int64_t>(tasks.size()));
-    for (int64_t i = 0; i < parts_of(a.lens[b]); i++) tasks.push_back(part(a, b, i));
+    for (int64_t i = 0; i < parts_of(a, b); i++) tasks.push_back(part(a, b, i));
   }
   starts.push_back(static_cast<int64_t>(tasks.size()));
   const int64_t H = a.heads, count = static_cast<int64_t>(tasks.size());
@@ -138,7 +151,7 @@ void run_rows(const Args& a, int64_t rows, int64_t isa) {
     std::vector<Task> tasks;
     std::vector<float> buffer;
     for (int64_t b = b0; b < b1; b++) {
-      const int64_t count = parts_of(a.lens[b]), H = a.heads;
+      const int64_t count = parts_of(a, b), H = a.heads;
       tasks.clear();
       buffer.resize(count * H * (2 + a.dim));
       const Partials p{buffer.data(), buffer.data() + count * H, buffer.data() + 2 * count * H};
@@ -160,7 +173,8 @@ void run(const Args& a, int64_t rows, int64_t isa) {
 }  // namespace
 
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                        const at::Tensor& tables, const at::Tensor& lens, double scale, int64_t isa) {
+                        const at::Tensor& tables, const at::Tensor& lens, double scale, int64_t isa,
+                        int64_t window, double softcap) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q: contiguous [n, heads, dim]");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == k_cache.scalar_type(),
@@ -182,6 +196,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   a.q = q.data_ptr(), a.k = k_cache.data_ptr(), a.v = v_cache.data_ptr(), a.out = out.data_ptr();
   a.tables = tables.data_ptr<int64_t>(), a.lens = lens.data_ptr<int64_t>();
   a.scale = static_cast<float>(scale);
+  a.window = window, a.softcap = static_cast<float>(softcap);
   for (int64_t b = 0; b < q.size(0); b++)
     TORCH_CHECK(a.lens[b] <= a.max_blocks * a.block_size, "a context is longer than its block table");
   isa = resolve_isa(isa);

@@ -35,7 +35,7 @@ def tiny_model(arch: str, folder: Path, vocab_size: int = 512, **overrides) -> P
     llama_like = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, **heads)
     configs = {
         "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, dict(llama_like, tie_word_embeddings=False)),
-        "mistral": (tf.MistralConfig, tf.MistralForCausalLM, dict(llama_like, sliding_window=None)),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM, dict(llama_like, sliding_window=8)),
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(llama_like, tie_word_embeddings=True)),
         "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(llama_like, head_dim=32)),
         "bloom": (tf.BloomConfig, tf.BloomForCausalLM, dict(hidden_size=64, n_layer=2, n_head=4)),

@@ -133,7 +133,8 @@ def test_an_unsupported_architecture_is_refused_with_the_supported_list(tmp_path
         resolve("--model-id", folder, "--max-batch-total-tokens", "4096")
 
 
-def test_mistral_context_is_capped_to_its_sliding_window(tmp_path):
+def test_a_sliding_window_no_longer_caps_the_context(tmp_path):
+    """The attention reads each layer's window (tgi_zmq.attention): the context is the model's."""
     mistral = dict(
         model_type="mistral",
         num_hidden_layers=2,
@@ -143,12 +144,9 @@ def test_mistral_context_is_capped_to_its_sliding_window(tmp_path):
         sliding_window=1024,
     )
     folder = write_config(tmp_path / "mistral", **mistral)
-    assert resolve("--model-id", folder, "--max-batch-total-tokens", "8192").max_total_tokens == 1024
-    with pytest.raises(ValueError, match="sliding window"):
-        resolve("--model-id", folder, "--max-batch-total-tokens", "8192", "--max-total-tokens", "2048")
-    qwen2 = dict(mistral, model_type="qwen2", use_sliding_window=False)
-    folder = write_config(tmp_path / "qwen2", **qwen2)
     assert resolve("--model-id", folder, "--max-batch-total-tokens", "8192").max_total_tokens == 8192
+    config = resolve("--model-id", folder, "--max-batch-total-tokens", "8192", "--max-total-tokens", "2048")
+    assert config.max_total_tokens == 2048
 
 
 def test_cache_geometry_of_bloom_and_t5_configs():

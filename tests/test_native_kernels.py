@@ -41,14 +41,18 @@ def test_gemv_equals_linear(ext, dtype, k):
         torch.testing.assert_close(ext.gemv(x, w, None, 0).float(), expected - bias.float(), **tol)
 
 
-def reference(q, k_cache, v_cache, tables, lens, scale):
-    """Each request's keys gathered from its pages, then softmax(q k^T) v per query head (GQA)."""
+def reference(q, k_cache, v_cache, tables, lens, scale, window=0, softcap=0.0):
+    """Each request's keys gathered from its pages (its last ``window`` only, if given), then
+    softmax(q k^T) v per query head (GQA), the scores soft-capped if asked."""
     heads, kv_heads = q.shape[1], k_cache.shape[2]
     out = torch.empty(q.shape, dtype=torch.float32)
     for b, n in enumerate(lens.tolist()):
-        keys = k_cache[tables[b]].flatten(0, 1)[:n].float().repeat_interleave(heads // kv_heads, 1)
-        values = v_cache[tables[b]].flatten(0, 1)[:n].float().repeat_interleave(heads // kv_heads, 1)
+        first = max(0, n - window) if window else 0
+        keys = k_cache[tables[b]].flatten(0, 1)[first:n].float().repeat_interleave(heads // kv_heads, 1)
+        values = v_cache[tables[b]].flatten(0, 1)[first:n].float().repeat_interleave(heads // kv_heads, 1)
         scores = torch.einsum("hd,nhd->hn", q[b].float(), keys) * scale
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
         out[b] = torch.einsum("hn,nhd->hd", scores.softmax(-1), values)
     return out
 
@@ -70,6 +74,52 @@ def test_paged_decode_equals_gathered_attention(ext, dtype, dim):
         out = ext.paged_decode(q, k_cache, v_cache, tables, lens, dim**-0.5, isa)
         assert out.dtype == dtype
         torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("window", [1, 100, 256, 300, 2000])  # 256, 300: parts cut at the window's start
+def test_paged_decode_reads_only_the_window_and_caps_scores(ext, window):
+    g = torch.Generator().manual_seed(window)
+    heads, kv_heads, block, dim = 4, 1, 16, 64
+    lens = torch.tensor([1, 50, 257, 700, 1000])
+    pages = (lens.max().item() + block - 1) // block
+    k_cache = torch.randn(len(lens) * pages, block, kv_heads, dim, generator=g) * 3
+    v_cache = torch.randn(k_cache.shape, generator=g)
+    tables = torch.randperm(k_cache.shape[0], generator=g).view(len(lens), pages)
+    q = torch.randn(len(lens), heads, dim, generator=g)
+    for softcap in (0.0, 2.0):
+        expected = reference(q, k_cache, v_cache, tables, lens, 0.125, window, softcap)
+        for isa in isa_codes(ext):
+            out = ext.paged_decode(q, k_cache, v_cache, tables, lens, 0.125, isa, window, softcap)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_every_attention_path_reads_only_the_window(ext):
+    """A windowed, soft-capped layer: the in-place kernel, the padded groups and the prefill paths (a
+    fresh prompt, a chunk after its cached prefix) equal the gathered reference row by row."""
+    g = torch.Generator().manual_seed(3)
+    block, window, softcap = 4, 6, 3.0
+    ctx, qs = [20, 9, 30], [0, 1, 10, 14]  # a decode, a 9-token prompt, a 4-token chunk after 26 cached
+    tables = torch.arange(3 * 8).view(3, 8)
+    k_cache = torch.randn(3 * 8, block, 2, 32, generator=g)
+    v_cache = torch.randn(k_cache.shape, generator=g)
+    q = torch.randn(qs[-1], 4, 32, generator=g)
+    # Row t of request b is the query at position ctx[b] - (its rows) + t: its keys are those up to it.
+    rows = [(b, ctx[b] - (qs[b + 1] - qs[b]) + t + 1) for b in range(3) for t in range(qs[b + 1] - qs[b])]
+    row_tables = torch.stack([tables[b] for b, _ in rows])
+    lens = torch.tensor([n for _, n in rows])
+    expected = reference(q, k_cache, v_cache, row_tables, lens, 0.125, window, softcap)
+    slots = torch.cat(
+        [tables[b][torch.arange(ctx[b]) // block] * block + torch.arange(ctx[b]) % block for b in range(3)]
+    )
+    ends = [sum(ctx[: b + 1]) for b in range(3)]
+    own = torch.cat([slots[ends[b] - (qs[b + 1] - qs[b]) : ends[b]] for b in range(3)])
+    k, v = k_cache.view(-1, 2, 32)[own].clone(), v_cache.view(-1, 2, 32)[own].clone()
+    meta = AttentionMetadata.for_pages(qs, ctx, tables, own, block)
+    out = paged_attention(q, k, v, k_cache, v_cache, meta, 0.125, window, softcap)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    meta.in_place, meta.decode_groups = None, meta.decodes.groups()
+    out = paged_attention(q, k, v, k_cache, v_cache, meta, 0.125, window, softcap)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_attention_reads_the_pages_in_place_and_equals_the_padded_groups(ext):
@@ -101,7 +151,7 @@ def test_refuses_what_it_cannot_read(ext):
 def test_a_chunk_after_its_cached_prefix_equals_one_masked_attention(dtype):
     """Prefix (no mask) + own keys (causal), merged by log-sum-exp, equals SDPA over both with the
     causal mask (torch's flash kernel, no extension needed)."""
-    from tgi_zmq.attention import PrefillSeq, _causal, _prefill, _prefix_then_causal
+    from tgi_zmq.attention import PrefillSeq, Shape, _causal, _prefill, _prefix_then_causal
 
     g = torch.Generator().manual_seed(1)
     block, cached, n = 16, 45, 20
@@ -117,7 +167,7 @@ def test_a_chunk_after_its_cached_prefix_equals_one_masked_attention(dtype):
     query = q.transpose(0, 1).unsqueeze(0)
     fast = _prefix_then_causal(query, k, v, k_cache, v_cache, seq, 0.125).squeeze(0).transpose(0, 1)
     masked = PrefillSeq(0, n, cached, pages, _causal(seq, q.device), len(pages) * block)
-    expected = _prefill(q, k, v, k_cache, v_cache, masked, 0.125)
+    expected = _prefill(q, k, v, k_cache, v_cache, masked, Shape(0.125, 0, 0.0))
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     torch.testing.assert_close(fast, expected, **tol)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import mmap
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -162,10 +163,13 @@ class AttentionMetadata:
             seq.mask = bias(rel).masked_fill(~mask, float("-inf"))
 
 
-def _causal(seq: PrefillSeq, device: torch.device) -> torch.Tensor:
-    """[chunk, keys] bool: the chunk's query i (position cached + i) sees keys up to its own."""
+def _causal(seq: PrefillSeq, device: torch.device, window: int = 0) -> torch.Tensor:
+    """[chunk, keys] bool: the chunk's query i (position cached + i) sees keys up to its own (and, with
+    a ``window``, none ``window`` or more before it)."""
     keys = torch.arange(seq.num_keys, device=device).view(1, -1)
-    return keys <= torch.arange(seq.cached, seq.cached + seq.hi - seq.lo, device=device).view(-1, 1)
+    positions = torch.arange(seq.cached, seq.cached + seq.hi - seq.lo, device=device).view(-1, 1)
+    visible = keys <= positions
+    return visible & (keys > positions - window) if window else visible
 
 
 def _prefill_seq(
@@ -267,32 +271,51 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Store this step's K/V (if given), then attend. Returns [T, heads, dim]."""
+    """Store this step's K/V (if given), then attend. Returns [T, heads, dim].
+
+    ``window``: a sliding-window layer's; the query at position p sees the keys p - window < j <= p
+    (transformers' rule). ``softcap``: scores become ``softcap * tanh(score / softcap)`` (Gemma 2)."""
     if k is not None:
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    shape = Shape(scale, window or 0, softcap or 0.0)
     if meta.in_place is not None and meta.in_order:
-        return _decode_in_place(q, k_cache, v_cache, meta.in_place, scale)
+        return _decode_in_place(q, k_cache, v_cache, meta.in_place, shape)
     if meta.in_order and len(meta.decode_groups) == 1:
-        return _decode(q, k_cache, v_cache, meta.decode_groups[0], scale)
+        return _decode(q, k_cache, v_cache, meta.decode_groups[0], shape)
     out = torch.empty_like(q)
     if meta.in_place is not None:
         rows = meta.in_place[0]
-        out[rows] = _decode_in_place(q[rows], k_cache, v_cache, meta.in_place, scale)
+        out[rows] = _decode_in_place(q[rows], k_cache, v_cache, meta.in_place, shape)
     for group in meta.decode_groups:
-        out[group.rows] = _decode(q[group.rows], k_cache, v_cache, group, scale)
+        out[group.rows] = _decode(q[group.rows], k_cache, v_cache, group, shape)
     for seq in meta.prefills:
-        out[seq.lo : seq.hi] = _prefill(q, k, v, k_cache, v_cache, seq, scale)
+        out[seq.lo : seq.hi] = _prefill(q, k, v, k_cache, v_cache, seq, shape)
     return out
 
 
-def _decode_in_place(q, k_cache, v_cache, in_place, scale: float) -> torch.Tensor:
+class Shape(NamedTuple):
+    """How a layer's scores are made: scaled, windowed (0: not), soft-capped (0: not)."""
+
+    scale: float
+    window: int
+    softcap: float
+
+    def cap(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores if not self.softcap else torch.tanh(scores / self.softcap) * self.softcap
+
+
+def _decode_in_place(q, k_cache, v_cache, in_place, shape: Shape) -> torch.Tensor:
     """One query token per request over its pages, read where they are (``csrc/paged_attention.cpp``)."""
     _, tables, lens = in_place
-    return native.extension().paged_decode(q.contiguous(), k_cache, v_cache, tables, lens, scale, native.ISA)
+    return native.extension().paged_decode(
+        q.contiguous(), k_cache, v_cache, tables, lens, shape.scale, native.ISA, shape.window, shape.softcap
+    )
 
 
-def _decode(q, k_cache, v_cache, group: DecodeGroup, scale: float) -> torch.Tensor:
+def _decode(q, k_cache, v_cache, group: DecodeGroup, shape: Shape) -> torch.Tensor:
     """One query token per request, all requests at once: two small batched matmuls.
 
     Plain matmul + softmax beats SDPA's CPU kernel here (it is tuned for long queries).
@@ -305,32 +328,60 @@ def _decode(q, k_cache, v_cache, group: DecodeGroup, scale: float) -> torch.Tens
     keys, values = keys.permute(0, 2, 3, 1), values.transpose(1, 2)
     query = q.view(n, kv_heads, heads // kv_heads, dim)
     bias = group.bias if group.bias.shape[1] == 1 else group.bias.view(n, kv_heads, -1, group.max_len)
-    scores = torch.matmul(query, keys).float() * scale + bias
+    if shape.window:
+        first = (group.query_pos + 1 - shape.window).view(-1, 1, 1, 1)
+        bias = bias.masked_fill(torch.arange(group.max_len, device=bias.device) < first, float("-inf"))
+    scores = shape.cap(torch.matmul(query, keys).float() * shape.scale) + bias
     probs = torch.softmax(scores, dim=-1).to(values.dtype)
     return torch.matmul(probs, values).view(n, heads, dim)
 
 
-def _prefill(q, k, v, k_cache, v_cache, seq: PrefillSeq, scale: float) -> torch.Tensor:
+def _prefill(q, k, v, k_cache, v_cache, seq: PrefillSeq, shape: Shape) -> torch.Tensor:
     query = q[seq.lo : seq.hi].transpose(0, 1).unsqueeze(0)
-    if seq.cached == 0:
+    scale = shape.scale
+    plain = not shape.window and not shape.softcap
+    if seq.cached == 0 and plain:
         keys = k[seq.lo : seq.hi].transpose(0, 1).unsqueeze(0)
         values = v[seq.lo : seq.hi].transpose(0, 1).unsqueeze(0)
         mask = None if seq.mask is None else seq.mask.to(query.dtype)
         out = F.scaled_dot_product_attention(
             query, keys, values, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
         )
-    elif seq.mask is None and q.device.type == "cpu" and query.dtype in (torch.float32, torch.bfloat16):
+    elif (
+        plain
+        and seq.mask is None
+        and q.device.type == "cpu"
+        and query.dtype in (torch.float32, torch.bfloat16)
+    ):
         out = _prefix_then_causal(query, k[seq.lo : seq.hi], v[seq.lo : seq.hi], k_cache, v_cache, seq, scale)
     else:
-        kv_shape = (-1, *k_cache.shape[2:])
-        keys = read_pages(k_cache, seq.blocks, q.dtype).view(kv_shape).transpose(0, 1).unsqueeze(0)
-        values = read_pages(v_cache, seq.blocks, q.dtype).view(kv_shape).transpose(0, 1).unsqueeze(0)
-        mask = _causal(seq, q.device) if seq.mask is None else seq.mask
-        mask = mask if mask.dtype == torch.bool else mask.to(query.dtype)
-        out = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
-        )
+        if seq.cached == 0:
+            keys, values = (t[seq.lo : seq.hi].transpose(0, 1).unsqueeze(0) for t in (k, v))
+        else:
+            kv_shape = (-1, *k_cache.shape[2:])
+            keys, values = (
+                read_pages(c, seq.blocks, q.dtype).view(kv_shape).transpose(0, 1).unsqueeze(0)
+                for c in (k_cache, v_cache)
+            )
+        mask = _causal(seq, q.device, shape.window) if seq.mask is None else seq.mask
+        out = _attend_masked(query, keys, values, mask, shape)
     return out.squeeze(0).transpose(0, 1)
+
+
+def _attend_masked(query, keys, values, mask: torch.Tensor, shape: Shape) -> torch.Tensor:
+    """[1, heads, n, dim] over keys [1, kv_heads, keys, dim] with a bool or float mask: SDPA, or the
+    scores written out where they are soft-capped (SDPA cannot)."""
+    if not shape.softcap:
+        mask = mask if mask.dtype == torch.bool else mask.to(query.dtype)
+        return F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask, scale=shape.scale, enable_gqa=True
+        )
+    group = query.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    scores = shape.cap(torch.matmul(query, keys.transpose(-1, -2)).float() * shape.scale)
+    bias = mask if mask.dtype != torch.bool else torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores + bias.to(scores.device), dim=-1).to(values.dtype)
+    return torch.matmul(probs, values)
 
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu

@@ -158,15 +158,9 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
         batch_total = kv_budget(model_dir, hf_config, dtype, device, args) // args.replicas
     rules = launch_rules(model_dir, hf_config)
     context = min(rules.context, tokenizer_max_length(model_dir))
-    window = rules.sliding_window
-    if window and args.max_total_tokens and args.max_total_tokens > window:
-        raise ValueError(
-            f"--max-total-tokens {args.max_total_tokens} is beyond the model's sliding window ({window}), "
-            "which is not implemented: keep it at or below the window"
-        )
     # An encoder-decoder request holds two page tables (decoder and encoder), each with a partly filled page.
     pool = batch_total - (2 * config.block_size if rules.decoder_start_token_id is not None else 0)
-    total = args.max_total_tokens or min(context, pool, window or context)
+    total = args.max_total_tokens or min(context, pool)
     max_input = args.max_input_tokens or total - 1
     check_limits(max_input, total, batch_total, explicit_budget=bool(args.max_batch_total_tokens))
     return dataclasses.replace(

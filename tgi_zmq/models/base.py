@@ -20,7 +20,7 @@ class LaunchRules:
     """What the launcher must know of a checkpoint before any process loads it."""
 
     context: int  # the longest sequence the model's positions allow
-    sliding_window: int | None  # attention window (not implemented: the context is capped to it)
+    sliding_window: int | None  # the attention window of a model that has one (some of its layers)
     decoder_start_token_id: int | None  # encoder-decoder models: the decoder's first token
     eos_token_ids: tuple[int, ...]
 

@@ -59,6 +59,7 @@ class LlamaConfig(ModelConfig):
     o_bias: bool
     mlp_bias: bool
     qk_norm: bool  # Qwen3: q_norm and k_norm over each head
+    layer_windows: tuple[int | None, ...]  # each layer's sliding attention window (None: full attention)
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> LlamaConfig:
@@ -81,6 +82,7 @@ class LlamaConfig(ModelConfig):
             o_bias=not qwen2 and cfg.get("attention_bias", False),
             mlp_bias=cfg.get("mlp_bias", False),
             qk_norm=cfg.get("model_type") in QK_NORM_TYPES,
+            layer_windows=layer_windows(cfg, cls.sliding_window(cfg)),
         )
 
     @classmethod
@@ -90,6 +92,14 @@ class LlamaConfig(ModelConfig):
         if hf.get("model_type", "").startswith("qwen") and not hf.get("use_sliding_window"):
             return None
         return window if isinstance(window, int) and window > 0 else None
+
+
+def layer_windows(hf: dict[str, Any], window: int | None) -> tuple[int | None, ...]:
+    """Each layer's attention window: config.json's ``layer_types`` ("sliding_attention" layers get the
+    window) where it has them, else ``window`` for every layer."""
+    layers = hf["num_hidden_layers"]
+    types = hf.get("layer_types") or ["sliding_attention"] * layers
+    return tuple(window if kind == "sliding_attention" else None for kind in types)
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
@@ -201,7 +211,8 @@ class LlamaModel(PagedModel):
             if layer.q_norm is not None:
                 q, k = layer.q_norm(q), layer.k_norm(k)
             q, k = rope(q, k)
-            attn = paged_attention(q, k, v, cache.k[i], cache.v[i], batch.attention, self.scale)
+            window = self.cfg.layer_windows[i]
+            attn = paged_attention(q, k, v, cache.k[i], cache.v[i], batch.attention, self.scale, window)
             normed = layer.post_norm.add_and_norm(x, layer.o(attn.flatten(1)))
             mlp = layer.down(silu_and_mul(layer.gate_up(normed)))
             if i + 1 < len(self.layers):
@@ -259,7 +270,7 @@ class NativeStack:
         for layer in model.layers:
             linears = (layer.qkv, layer.o, layer.gate_up, layer.down)
             norms = [layer.input_norm.weight, layer.post_norm.weight]
-            if layer.q_norm is not None:
+            if layer.q_norm is not None or any(model.cfg.layer_windows):  # not in csrc/llama_stack.cpp
                 return None
             if any(w.dtype != dtype for w in norms) or any(lin.bias is not None for lin in linears[1:]):
                 return None
