@@ -33,11 +33,26 @@ def tiny_model(arch: str, folder: Path, vocab_size: int = 512, **overrides) -> P
     common = dict(vocab_size=vocab_size, eos_token_id=2, bos_token_id=1, pad_token_id=0)
     heads = dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
     llama_like = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, **heads)
+    # three layers: local, global, local; a window of 8 tokens, far shorter than the tests' contexts
+    gemma_like = dict(llama_like, num_hidden_layers=3, head_dim=16, sliding_window=8)
+    gemma_like["layer_types"] = ["sliding_attention", "full_attention", "sliding_attention"]
     configs = {
         "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, dict(llama_like, tie_word_embeddings=False)),
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM, dict(llama_like, sliding_window=8)),
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(llama_like, tie_word_embeddings=True)),
         "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(llama_like, head_dim=32)),
+        "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM, dict(llama_like, head_dim=16)),
+        "gemma2": (
+            tf.Gemma2Config,
+            tf.Gemma2ForCausalLM,
+            dict(
+                gemma_like,
+                query_pre_attn_scalar=24,
+                attn_logit_softcapping=2.0,  # small, so that the cap bends the tiny model's scores
+                final_logit_softcapping=5.0,
+            ),
+        ),
+        "gemma3_text": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, dict(gemma_like, rope_theta=1e6)),
         "bloom": (tf.BloomConfig, tf.BloomForCausalLM, dict(hidden_size=64, n_layer=2, n_head=4)),
         "t5": (
             tf.T5Config,
@@ -59,11 +74,11 @@ def tiny_model(arch: str, folder: Path, vocab_size: int = 512, **overrides) -> P
     }
     config_cls, model_cls, cfg = configs[arch]
     model = model_cls(config_cls(**{**common, **cfg, **overrides})).eval()
-    if any(name.endswith("bias") for name, _ in model.named_parameters()):  # transformers zeroes them
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name.endswith("bias"):
-                    param.normal_(0, 0.1)
+    # transformers zeroes biases and Gemma's norms (which scale by 1 + w): random, so that they count
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or (arch.startswith("gemma") and name.endswith("norm.weight")):
+                param.normal_(0, 0.1)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
 

@@ -379,8 +379,9 @@ def _attend_masked(query, keys, values, mask: torch.Tensor, shape: Shape) -> tor
     group = query.shape[1] // keys.shape[1]
     keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
     scores = shape.cap(torch.matmul(query, keys.transpose(-1, -2)).float() * shape.scale)
-    bias = mask if mask.dtype != torch.bool else torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores + bias.to(scores.device), dim=-1).to(values.dtype)
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
+    probs = torch.softmax(scores + mask, dim=-1).to(values.dtype)
     return torch.matmul(probs, values)
 
 

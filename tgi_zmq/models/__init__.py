@@ -15,6 +15,7 @@ from tgi_zmq.dtypes import to_torch
 from tgi_zmq.layers import WeightSource
 from tgi_zmq.models.base import LaunchRules, ModelConfig, PagedModel
 from tgi_zmq.models.bloom import BloomConfig, BloomModel
+from tgi_zmq.models.gemma import GemmaConfig, GemmaModel
 from tgi_zmq.models.llama import LlamaConfig, LlamaModel
 from tgi_zmq.models.t5 import T5Config, T5Model
 from tgi_zmq.parallel import Shard
@@ -28,6 +29,9 @@ ARCHITECTURES = {
     "qwen3": (LlamaConfig, LlamaModel),
     "t5": (T5Config, T5Model),
     "bloom": (BloomConfig, BloomModel),
+    "gemma": (GemmaConfig, GemmaModel),
+    "gemma2": (GemmaConfig, GemmaModel),
+    "gemma3_text": (GemmaConfig, GemmaModel),
 }
 
 
