@@ -221,12 +221,12 @@ def test_rotary_rows_are_unpermuted_for_llama_only(tmp_path: Path, arch: str) ->
 
 def test_other_architectures_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write_gguf(
-        tmp_path / "gemma.gguf", {"output_norm.weight": (np.ones(64, np.float32), Q.F32)}, "gemma2"
+        tmp_path / "falcon.gguf", {"output_norm.weight": (np.ones(64, np.float32), Q.F32)}, "falcon"
     )
-    with pytest.raises(ValueError, match="architecture 'gemma2' is not served as it is.*tgi-zmq convert"):
+    with pytest.raises(ValueError, match="architecture 'falcon' is not served as it is.*tgi-zmq convert"):
         GGUFWeights(path, torch.float32, CPU)
     monkeypatch.setenv(convert.CACHE_ENV, str(tmp_path / "cache"))
-    with pytest.raises(ValueError, match="architecture 'gemma2'"):
+    with pytest.raises(ValueError, match="architecture 'falcon'"):
         prepare_gguf_folder(path)
     assert not list((tmp_path / "cache" / "gguf").iterdir())
 
@@ -242,7 +242,7 @@ def test_an_architecture_no_model_serves_is_refused_before_any_file_is_written(
     served = {k: v for k, v in models.ARCHITECTURES.items() if k != "qwen3"}
     monkeypatch.setattr(models, "ARCHITECTURES", served)
     with pytest.raises(
-        ValueError, match=r"architecture 'qwen3' is not served as it is \(only llama, qwen2\)"
+        ValueError, match=r"architecture 'qwen3' is not served as it is \(only llama, qwen2, gemma2, gemma3\)"
     ):
         prepare_gguf_folder(path)
     assert not list((tmp_path / "cache" / "gguf").iterdir())

@@ -46,18 +46,30 @@ _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+# Gemma 2 and 3 have four norms a layer: llama's ffn_norm is their pre-MLP norm.
+_GEMMA_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_LAYER_NAMES_OF = {"gemma2": _GEMMA_LAYER_NAMES, "gemma3": _GEMMA_LAYER_NAMES}
+# llama.cpp stores Gemma's norm weights as 1 + w (its norm multiplies by the weight); transformers
+# subtracts the 1 again, and so do we (our Gemma norm adds it back, as transformers').
+_ONE_PLUS_NORMS = ("gemma2", "gemma3")
 _MODEL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 # Derived from the config's rope scaling by every loader (transformers ignores it too): never read.
 _IGNORED = ("rope_freqs.weight",)
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """The Hugging Face name of a llama-family GGUF tensor (``blk.3.attn_q.weight`` ->
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """The Hugging Face name of a GGUF tensor of ``arch`` (``blk.3.attn_q.weight`` ->
     ``model.layers.3.self_attn.q_proj.weight``); None for names outside the mapping."""
     base, _, suffix = gguf_name.rpartition(".")
     parts = base.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{suffix}"
+    layer_names = _LAYER_NAMES_OF.get(arch, _LAYER_NAMES)
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in layer_names:
+        return f"model.layers.{parts[1]}.{layer_names[parts[2]]}.{suffix}"
     if base in _MODEL_NAMES:
         return f"{_MODEL_NAMES[base]}.{suffix}"
     return None
@@ -76,7 +88,8 @@ class GGUFWeights(CheckpointReader):
         arch = gguf_value(reader, "general.architecture")
         check_architecture(path, arch)
         self.path = path
-        self.tensors: dict[str, ReaderTensor] = {hf_name(t.name) or t.name: t for t in reader.tensors}
+        self.tensors: dict[str, ReaderTensor] = {hf_name(t.name, arch) or t.name: t for t in reader.tensors}
+        self._one_plus_norms = arch in _ONE_PLUS_NORMS
         super().__init__(path, self.tensors, dtype, device, QuantScheme("checkpoint", device.type))
         # llama.cpp's converter interleaves the rotary halves of q/k rows of "llama" models (mistral too);
         # transformers' GGUF loader undoes it: heads of each tensor whose rows must be un-permuted.
@@ -155,6 +168,8 @@ class GGUFWeights(CheckpointReader):
         ids = self._row_ids(name, tensor, rows)
         if len(tensor.shape) == 1:  # norms and biases: small
             values = dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(-1)[ids]
+            if self._one_plus_norms and name.endswith("norm.weight"):
+                values = values - np.float32(1)
         else:
             k = int(tensor.shape[0])
             c0, c1 = cols or (0, k)

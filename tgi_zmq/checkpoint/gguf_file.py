@@ -16,9 +16,16 @@ if TYPE_CHECKING:
     from gguf import GGUFReader
 
 GGUF_JSON = "gguf.json"
-# general.architecture values whose tensors need no more than renaming (and llama's rotary rows): others
-# (gemma's norms, fused qkv...) transformers transforms further; convert them with ``tgi-zmq convert``.
-LLAMA_NAMED = ("llama", "qwen2", "qwen3")
+# general.architecture values served as they are -> the model_type (config.json's) that serves them. Their
+# tensors need no more than renaming, llama's rotary rows and Gemma's norms (tgi_zmq.checkpoint.gguf);
+# other files, convert them to safetensors with ``tgi-zmq convert``.
+GGUF_MODEL_TYPES = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
+}
 
 
 def is_gguf_folder(folder: Path) -> Path | None:
@@ -29,10 +36,12 @@ def is_gguf_folder(folder: Path) -> Path | None:
     return Path(json.loads(marker.read_text(encoding="utf-8"))["gguf"])
 
 
-def check_architecture(gguf_path: Path, arch: Any, served: Collection[str] = LLAMA_NAMED) -> None:
-    """Refuse a GGUF not served as it is: named unlike llama's, or (``served``: the model types a model
-    class serves) of an architecture no model serves."""
-    accepted = [name for name in LLAMA_NAMED if name in served]
+def check_architecture(
+    gguf_path: Path, arch: Any, served: Collection[str] = tuple(GGUF_MODEL_TYPES.values())
+) -> None:
+    """Refuse a GGUF not served as it is: of an architecture we do not read, or (``served``: the model
+    types a model class serves) that no model serves."""
+    accepted = [name for name, model_type in GGUF_MODEL_TYPES.items() if model_type in served]
     if arch not in accepted:
         raise ValueError(
             f"{gguf_path}: GGUF architecture {arch!r} is not served as it is (only "
