@@ -18,7 +18,8 @@ from tgi_zmq.checkpoint.base import MissingTensorError
 from tgi_zmq.checkpoint.gguf import GGUFWeights, hf_name
 from tgi_zmq.checkpoint.gguf_file import is_gguf_folder
 from tgi_zmq.convert import prepare_gguf_folder
-from tgi_zmq.layers import Linear, WeightSource
+from tgi_zmq.layers import Linear, ParallelLMHead, VocabParallelEmbedding, WeightSource
+from tgi_zmq.parallel import Shard
 from tgi_zmq.quant.formats import Int4Weight, Int8Weight
 from tgi_zmq.quant.linear import DequantizedLinear, QuantizedLinear
 
@@ -204,6 +205,53 @@ def test_each_linear_is_served_by_the_method_its_blocks_allow(
         tol = 1e-5 if dtype == torch.float32 else 1.5e-2  # of |x| @ |w|^T: summation order, bfloat16 out
         bound = x.float().abs() @ dense.abs().T
         assert ((layer(x).float() - x.float() @ dense.T).abs() <= tol * bound + 1e-6).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rank", [None, 0, 1], ids=["1-rank", "rank0of2", "rank1of2"])
+def test_a_tied_quantized_head_is_the_embeddings_table(tmp_path: Path, dtype, rank) -> None:
+    """Gemma's Q8_0 token_embd is embedding and LM head: one int8 table, the head by our int8 kernel."""
+    vocab = 100
+    table = np.random.default_rng(2).normal(0, 0.1, (vocab, 64)).astype(np.float32)
+    path = write_gguf(
+        tmp_path / "tied.gguf", {"token_embd.weight": (gguf.quants.quantize(table, Q.Q8_0), Q.Q8_0)}
+    )
+    w = GGUFWeights(path, dtype, CPU)
+    shard = Shard() if rank is None else Shard(rank, 2)
+    embed = VocabParallelEmbedding(w, "model.embed_tokens.weight", shard, vocab)
+    head = ParallelLMHead(w, "lm_head", shard, vocab, tied=embed)
+    assert isinstance(embed.weight, Int8Weight) and isinstance(head.method, QuantizedLinear)
+    assert head.qweight.weight.qweight.data_ptr() == embed.weight.qweight.data_ptr()  # one copy
+    assert head.qweight.weight.scales.data_ptr() == embed.weight.scales.data_ptr()
+    assert head.qweight.forced is None and head.qweight.kernel(1, dtype) == "fused"
+    lo, hi = shard.split(vocab)
+    expected = reference(path, "token_embd.weight")[lo:hi]
+    assert torch.equal(embed.weight.dequantize(), expected)
+    h = torch.randn(3, 64, generator=torch.Generator().manual_seed(0)).to(dtype)
+    logits = head.method.apply(head, h, float_out=True)  # this rank's slice (the gather needs ranks)
+    assert logits.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    bound = h.float().abs() @ expected.abs().T
+    assert ((logits - h.float() @ expected.T).abs() <= tol * bound + 1e-6).all()
+
+
+def test_the_int8_head_reads_only_the_rows_that_sample(tiny_models, monkeypatch) -> None:
+    """A step's prompt tokens reach the LM head only where they sample (the last of each prompt)."""
+    from tests.helpers import run_engine
+    from tgi_zmq.messages import SamplingParams
+
+    rows: list[int] = []  # of x in each int8 matmul (the layers' and the head's)
+    apply = QuantizedLinear.apply
+    monkeypatch.setattr(
+        QuantizedLinear, "apply", lambda s, layer, x, **k: rows.append(len(x)) or apply(s, layer, x, **k)
+    )
+    heads: list[int] = []
+    call = ParallelLMHead.__call__
+    monkeypatch.setattr(ParallelLMHead, "__call__", lambda self, h: heads.append(len(h)) or call(self, h))
+    prompts = [[3 + i + j for j in range(20)] for i in range(3)]
+    run_engine(tiny_models("llama"), prompts, [SamplingParams()] * 3, 4, quantize="eetq")
+    assert heads and max(heads) <= 3  # the first step's 60 prompt tokens: 3 logit rows
+    assert max(rows) > 3  # the layers' int8 matmuls took the prompts' tokens
 
 
 @pytest.mark.parametrize(
