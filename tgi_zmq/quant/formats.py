@@ -3,8 +3,9 @@
 - ``Int8Weight``: signed 8-bit codes with one scale per ``group`` inputs of a row (``group == K``: one
   per output row, as bitsandbytes' LLM.int8 and EETQ; 32: GGUF's Q8_0 and Q5_0; 16: Q6_K's sub-blocks)
   and optionally an offset per group (GGUF's Q5_1 and Q5_K): ``w = q * scale (+ offset)``. GGUF's 5- and
-  6-bit codes take a byte each: their bits spread over several planes, unpacking them per call would
-  cost more than the bytes saved (they are a minority of a K-quant file's weights).
+  6-bit codes take a byte each (their bits lie in several planes): one byte a weight was as fast as
+  bfloat16 for one row of x where the weights stream from memory (one core, the int8 kernel bound by
+  decoding, not bytes), so packing them tighter would save memory, not time.
 - ``Int4Weight``: 4-bit codes, two to a byte, with a scale and an offset per ``group`` inputs and a
   16-entry table that gives each code its value: ``w = lut[q] * scale + offset``. The table makes
   one format (and one kernel) of uniform int4 (GGUF Q4_0/Q4_1/Q4_K, GPTQ, AWQ: ``lut = 0..15``) and of
