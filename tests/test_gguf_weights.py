@@ -18,7 +18,8 @@ from tgi_zmq.checkpoint.base import MissingTensorError
 from tgi_zmq.checkpoint.gguf import GGUFWeights, hf_name
 from tgi_zmq.checkpoint.gguf_file import is_gguf_folder
 from tgi_zmq.convert import prepare_gguf_folder
-from tgi_zmq.layers import Linear, WeightSource
+from tgi_zmq.layers import Linear, ParallelLMHead, VocabParallelEmbedding, WeightSource
+from tgi_zmq.parallel import Shard
 from tgi_zmq.quant.formats import Int4Weight, Int8Weight
 from tgi_zmq.quant.linear import DequantizedLinear, QuantizedLinear
 
@@ -28,20 +29,22 @@ OUT, IN = 48, 512  # IN: two Q4_K superblocks
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 8
 
 
+# Where each K-quant's float16 super-scales lie in its block (gguf-py has no quantizer for them)
+SUPER_SCALES = {Q.Q4_K: (0, 4), Q.Q5_K: (0, 4), Q.Q6_K: (-2, None), Q.Q2_K: (-4, None)}
+
+
 def random_blocks(qtype: Q, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    """Random bytes of a K-quant tensor with finite float16 super-scales (no quantizer in gguf-py)."""
+    """Random bytes of a K-quant tensor with finite float16 super-scales (every code and sub-scale)."""
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    at, end = SUPER_SCALES[qtype]
     halves = rng.uniform(0.001, 0.05, (rows, cols // block, 2)).astype(np.float16).view(np.uint8)
-    if qtype == Q.Q4_K:  # d and dmin first
-        raw[..., :4] = halves
-    else:  # Q6_K: d last
-        raw[..., -2:] = halves[..., :2]
+    raw[..., at:end] = halves[..., : (end or 0) - at]
     return raw.reshape(rows, -1)
 
 
 def encode(values: np.ndarray, qtype: Q, rng: np.random.Generator) -> np.ndarray:
-    if qtype in (Q.Q4_K, Q.Q6_K):
+    if qtype in SUPER_SCALES:
         return random_blocks(qtype, *values.shape, rng)
     return gguf.quants.quantize(values, qtype)
 
@@ -65,9 +68,20 @@ def reference(path: Path, name: str) -> torch.Tensor:
     return torch.from_numpy(np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32))
 
 
-QUANTIZED = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K]
+# Each repacked type: our format, group and whether it has offsets
+REPACKED = {
+    Q.Q8_0: (Int8Weight, 32, False),
+    Q.Q5_0: (Int8Weight, 32, False),
+    Q.Q5_1: (Int8Weight, 32, True),
+    Q.Q5_K: (Int8Weight, 32, True),
+    Q.Q6_K: (Int8Weight, 16, False),
+    Q.Q4_0: (Int4Weight, 32, True),
+    Q.Q4_1: (Int4Weight, 32, True),
+    Q.Q4_K: (Int4Weight, 32, True),
+}
+QUANTIZED = list(REPACKED)
 FLOATS = [Q.F32, Q.F16, Q.BF16]
-OTHERS = [Q.Q5_0, Q.Q6_K]
+OTHERS = [Q.Q2_K]
 
 
 @pytest.fixture(scope="module")
@@ -93,15 +107,28 @@ def up(qtype: Q) -> str:
 @pytest.mark.parametrize("qtype", QUANTIZED, ids=lambda q: q.name)
 @pytest.mark.parametrize(
     ("rows", "cols"),
-    [(None, None), ((5, 29), None), (None, (32, 96)), ((0, 16), (224, 480)), ((47, 48), (256, 512))],
+    [
+        (None, None),
+        ((5, 29), None),
+        (None, (32, 96)),
+        ((0, 16), (224, 480)),
+        ((47, 48), (256, 512)),
+        ((0, 24), None),  # two ranks' rows
+        ((24, 48), None),
+        (None, (0, 256)),  # two ranks' inputs
+        (None, (256, 512)),
+    ],
 )
 def test_quantized_slices_repack_exactly(blocks_file: Path, qtype: Q, rows, cols) -> None:
     w = GGUFWeights(blocks_file, torch.float32, CPU)
     got = w.get_quantized(up(qtype), rows, cols)
-    assert isinstance(got, Int8Weight if qtype == Q.Q8_0 else Int4Weight)
-    assert got.group == 32 and got.scales.dtype == torch.float32
+    fmt, group, offsets = REPACKED[qtype]
+    assert type(got) is fmt and got.group == group and got.scales.dtype == torch.float32
+    assert (got.offsets is not None) == offsets
     if isinstance(got, Int4Weight):
         assert torch.equal(got.lut, torch.arange(16, dtype=torch.float32))
+    else:
+        assert got.qweight.dtype == torch.int8
     expected = reference(blocks_file, f"blk.{QUANTIZED.index(qtype)}.ffn_up.weight")
     r, c = slice(*(rows or (None,))), slice(*(cols or (None,)))
     assert torch.equal(got.dequantize(), expected[r, c])
@@ -123,7 +150,7 @@ def test_quantized_columns_must_fall_on_groups(blocks_file: Path) -> None:
     for cols in [(16, 64), (0, 100), (0, IN + 32)]:
         with pytest.raises(ValueError, match="32-input boundaries"):
             w.get_quantized(up(Q.Q4_K), cols=cols)
-    expected = reference(blocks_file, "blk.3.ffn_up.weight")
+    expected = reference(blocks_file, f"blk.{QUANTIZED.index(Q.Q4_K)}.ffn_up.weight")
     assert torch.equal(w.get(up(Q.Q4_K), cols=(16, 70)), expected[:, 16:70])  # dequantized: any columns
 
 
@@ -145,14 +172,24 @@ def test_names_usage_and_missing_tensors(blocks_file: Path) -> None:
     [
         ([Q.Q4_K, Q.Q4_0, Q.Q4_1], QuantizedLinear),  # all Int4Weight of group 32: one weight
         ([Q.Q8_0], QuantizedLinear),
+        ([Q.Q5_0, Q.Q5_0, Q.Q8_0], QuantizedLinear),  # Gemma 3 Q4_K_M's q|k|v: int8 of group 32
+        ([Q.Q5_K, Q.Q5_1], QuantizedLinear),  # int8 with offsets
+        ([Q.Q6_K], QuantizedLinear),
         ([Q.Q4_K, Q.Q6_K], DequantizedLinear),  # a Q6_K v beside Q4_K q/k: dense
+        ([Q.Q5_K, Q.Q5_K, Q.Q6_K], DequantizedLinear),  # scales per 16 beside offsets
+        ([Q.Q5_0, Q.Q5_1], DequantizedLinear),  # offsets or none
+        ([Q.Q8_0, Q.Q6_K], DequantizedLinear),  # groups of 32 and 16
         ([Q.Q8_0, Q.Q4_0], DequantizedLinear),
+        ([Q.Q5_0, Q.Q2_K], DequantizedLinear),
         ([Q.F16], DequantizedLinear),
     ],
     ids=lambda v: "-".join(q.name for q in v) if isinstance(v, list) else v.__name__,
 )
-def test_each_linear_is_served_by_the_method_its_blocks_allow(blocks_file: Path, qtypes, method) -> None:
-    w = GGUFWeights(blocks_file, torch.float32, CPU)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_each_linear_is_served_by_the_method_its_blocks_allow(
+    blocks_file: Path, qtypes, method, dtype
+) -> None:
+    w = GGUFWeights(blocks_file, dtype, CPU)
     prefixes = [up(q).removesuffix(".weight") for q in qtypes]
     assert type(w.linear_method(prefixes, None)) is method
     assert type(w.linear_method(prefixes, None, head=True)) is method
@@ -161,8 +198,60 @@ def test_each_linear_is_served_by_the_method_its_blocks_allow(blocks_file: Path,
     assert type(layer.method) is method
     files = [f"blk.{(QUANTIZED + FLOATS + OTHERS).index(q)}.ffn_up.weight" for q in qtypes]
     dense = torch.cat([reference(blocks_file, name) for name in files])
-    x = torch.randn(3, IN, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(layer(x), x @ dense.T, rtol=1e-4, atol=1e-4)
+    if method is DequantizedLinear:
+        dense = dense.to(dtype).float()  # served in the model's dtype
+    for m in (1, 4, 64):  # decode (fused kernel), prefill (dequantized + BLAS)
+        x = torch.randn(m, IN, generator=torch.Generator().manual_seed(m)).to(dtype)
+        tol = 1e-5 if dtype == torch.float32 else 1.5e-2  # of |x| @ |w|^T: summation order, bfloat16 out
+        bound = x.float().abs() @ dense.abs().T
+        assert ((layer(x).float() - x.float() @ dense.T).abs() <= tol * bound + 1e-6).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rank", [None, 0, 1], ids=["1-rank", "rank0of2", "rank1of2"])
+def test_a_tied_quantized_head_is_the_embeddings_table(tmp_path: Path, dtype, rank) -> None:
+    """Gemma's Q8_0 token_embd is embedding and LM head: one int8 table, the head by our int8 kernel."""
+    vocab = 100
+    table = np.random.default_rng(2).normal(0, 0.1, (vocab, 64)).astype(np.float32)
+    path = write_gguf(
+        tmp_path / "tied.gguf", {"token_embd.weight": (gguf.quants.quantize(table, Q.Q8_0), Q.Q8_0)}
+    )
+    w = GGUFWeights(path, dtype, CPU)
+    shard = Shard() if rank is None else Shard(rank, 2)
+    embed = VocabParallelEmbedding(w, "model.embed_tokens.weight", shard, vocab)
+    head = ParallelLMHead(w, "lm_head", shard, vocab, tied=embed)
+    assert isinstance(embed.weight, Int8Weight) and isinstance(head.method, QuantizedLinear)
+    assert head.qweight.weight.qweight.data_ptr() == embed.weight.qweight.data_ptr()  # one copy
+    assert head.qweight.weight.scales.data_ptr() == embed.weight.scales.data_ptr()
+    assert head.qweight.forced is None and head.qweight.kernel(1, dtype) == "fused"
+    lo, hi = shard.split(vocab)
+    expected = reference(path, "token_embd.weight")[lo:hi]
+    assert torch.equal(embed.weight.dequantize(), expected)
+    h = torch.randn(3, 64, generator=torch.Generator().manual_seed(0)).to(dtype)
+    logits = head.method.apply(head, h, float_out=True)  # this rank's slice (the gather needs ranks)
+    assert logits.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    bound = h.float().abs() @ expected.abs().T
+    assert ((logits - h.float() @ expected.T).abs() <= tol * bound + 1e-6).all()
+
+
+def test_the_int8_head_reads_only_the_rows_that_sample(tiny_models, monkeypatch) -> None:
+    """A step's prompt tokens reach the LM head only where they sample (the last of each prompt)."""
+    from tests.helpers import run_engine
+    from tgi_zmq.messages import SamplingParams
+
+    rows: list[int] = []  # of x in each int8 matmul (the layers' and the head's)
+    apply = QuantizedLinear.apply
+    monkeypatch.setattr(
+        QuantizedLinear, "apply", lambda s, layer, x, **k: rows.append(len(x)) or apply(s, layer, x, **k)
+    )
+    heads: list[int] = []
+    call = ParallelLMHead.__call__
+    monkeypatch.setattr(ParallelLMHead, "__call__", lambda self, h: heads.append(len(h)) or call(self, h))
+    prompts = [[3 + i + j for j in range(20)] for i in range(3)]
+    run_engine(tiny_models("llama"), prompts, [SamplingParams()] * 3, 4, quantize="eetq")
+    assert heads and max(heads) <= 3  # the first step's 60 prompt tokens: 3 logit rows
+    assert max(rows) > 3  # the layers' int8 matmuls took the prompts' tokens
 
 
 @pytest.mark.parametrize(

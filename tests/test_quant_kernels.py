@@ -21,9 +21,22 @@ def ext():
     return built_extension()
 
 
+def int8_offsets(w: torch.Tensor, group: int = 32) -> Int8Weight:
+    """Unsigned 5-bit codes with a scale and a minimum per group (GGUF's Q5_1 and Q5_K, repacked)."""
+    n, k = w.shape
+    wg = w.view(n, k // group, group)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scales = (hi - lo) / 31
+    codes = torch.round((wg - lo.unsqueeze(-1)) / scales.unsqueeze(-1)).clamp(0, 31).to(torch.int8)
+    return Int8Weight(codes.view(n, k), scales, group, lo)
+
+
 WEIGHTS = {
     "int8-channel": lambda w: quantize_int8(w),
     "int8-g32": lambda w: quantize_int8(w, 32),
+    "int8-g16": lambda w: quantize_int8(w, 16),  # GGUF's Q6_K, repacked
+    "int8-offsets-g32": int8_offsets,
+    "int8-offsets-g64": lambda w: int8_offsets(w, 64),
     "int4-g32": lambda w: quantize_int4(w),
     "int4-g64": lambda w: quantize_int4(w, 64),
     "nf4-g64": lambda w: quantize_lut4(w, NF4),
@@ -75,7 +88,9 @@ def test_fused_every_isa(ext, monkeypatch, fmt, m):
         check(kernels.linear(x, p), x, w, None)
 
 
-@pytest.mark.parametrize("fmt", ["int8-channel", "int8-g32", "int4-g32", "nf4-g64"])
+@pytest.mark.parametrize(
+    "fmt", ["int8-channel", "int8-g32", "int8-g16", "int8-offsets-g32", "int4-g32", "nf4-g64"]
+)
 @pytest.mark.parametrize("kernel", ["fused", "dequant", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_kernels_and_dtypes(ext, monkeypatch, fmt, kernel, dtype):
@@ -97,12 +112,41 @@ def test_dequant_in_several_passes(ext, monkeypatch):
     check(kernels.linear(x, prepared(monkeypatch, w, "dequant"), bias), x, w, bias)
 
 
-def test_dequantize_matches_reference_exactly_for_int8(ext):
-    w = weight("int8-g32")
+@pytest.mark.parametrize("fmt", ["int8-g32", "int8-g16", "int8-offsets-g32"])
+def test_dequantize_matches_reference_exactly_for_int8(ext, fmt):
+    """Exact where the codes times the scales are (GGUF's: float16 scales, codes of at most 8 bits), so
+    the kernels' one rounding (an FMA with the offset) is the reference's one."""
+    w = weight(fmt)
+    w.scales = w.scales.half().float()
     for isa in isas(ext):
         out = torch.empty(N, K)
-        ext.dequantize(w.qweight, w.scales, None, None, w.group, out, native.ISAS[isa])
+        ext.dequantize(w.qweight, w.scales, w.offsets, None, w.group, out, native.ISAS[isa])
         assert torch.equal(out, w.dequantize())
+
+
+@pytest.mark.parametrize("fmt", ["int8-g16", "int8-offsets-g32"])
+@pytest.mark.parametrize("m", [1, 4, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gguf_int8_formats_by_rule(ext, monkeypatch, fmt, m, dtype):
+    """Q6_K's scales per 16 inputs and Q5's offsets through the kernel the rules pick, and each forced."""
+    monkeypatch.delenv("TGI_ZMQ_QKERNEL", raising=False)
+    monkeypatch.delenv("TGI_ZMQ_ISA", raising=False)
+    w = weight(fmt)
+    x = torch.randn(m, K, generator=_gen(11)).to(dtype)
+    p = kernels.prepare(w)
+    assert p.forced is None and p.format == "int8"
+    check(kernels.linear(x, p), x, w, None)
+    for kernel in ("fused", "dequant"):
+        check(kernels.linear(x, prepared(monkeypatch, w, kernel)), x, w, None)
+
+
+def test_offsets_with_scales_per_16_are_refused(ext, monkeypatch):
+    """The kernels take a group of 16 only without offsets (no GGUF type has both): the reference."""
+    monkeypatch.delenv("TGI_ZMQ_QKERNEL", raising=False)
+    w = int8_offsets(torch.randn(N, K, generator=_gen(12)), 16)
+    assert kernels.prepare(w).forced == "reference"
+    with pytest.raises(RuntimeError, match="group"):
+        ext.dequantize(w.qweight, w.scales, w.offsets, None, 16, torch.empty(N, K), 0)
 
 
 def test_rules_pick_by_rows(ext, monkeypatch):

@@ -21,7 +21,7 @@ this module and it imports neither.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -292,7 +292,9 @@ class VocabParallelEmbedding:
 class ParallelLMHead(Linear):
     """This rank's range of the vocabulary's logits, gathered on rank 0 in float32 (None elsewhere).
     ``tied``: the embedding's own weight (same vocabulary range) instead of ``<prefix>.weight``,
-    shared when the head is dense, read again through the head's method when it is quantized."""
+    shared when the head is dense or when both keep the checkpoint's quantized table (GGUF: one copy of
+    a 262k-vocabulary table, most of a small model's memory), else read again through the head's
+    method (quantized at load)."""
 
     def __init__(
         self,
@@ -309,8 +311,28 @@ class ParallelLMHead(Linear):
         if shared and isinstance(method, UnquantizedLinear):
             self.method, self.weight, self.bias = method, tied.weight, None
         else:
-            super().__init__(weights, [(source, shard.part(vocab_size))], None, False, method)
+            source_weights = weights if tied is None else _TiedTable(weights, tied)
+            super().__init__(source_weights, [(source, shard.part(vocab_size))], None, False, method)
         self.shard, self.vocab_size = shard, vocab_size
+
+
+class _TiedTable:
+    """``weights`` but for ``get_quantized`` of a tied embedding's quantized table (all of this rank's
+    vocabulary range), which gives the embedding's own: a method that keeps the checkpoint's blocks then
+    holds the same tensors (one that serves dense dequantizes them)."""
+
+    def __init__(self, weights: WeightSource, embedding: VocabParallelEmbedding):
+        self.weights, self.embedding = weights, embedding
+
+    def get_quantized(self, name: str, rows: Range = None, cols: Range = None) -> Loaded:
+        e = self.embedding
+        whole = rows == e.shard.part(e.vocab_size) and cols is None
+        if name == e.name and whole and not isinstance(e.weight, torch.Tensor):
+            return e.weight
+        return self.weights.get_quantized(name, rows, cols)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.weights, attr)
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor | None:
         return self.shard.gather_vocab(self.method.apply(self, h, float_out=True), self.vocab_size)

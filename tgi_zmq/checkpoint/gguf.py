@@ -2,12 +2,13 @@
 
 The model folder beside it (config, tokenizer, chat template, all from the GGUF, and ``gguf.json`` naming
 the file) is written by ``tgi_zmq.convert.prepare_gguf_folder``; ``GGUFWeights`` reads the tensors from
-the file itself. Nothing is dequantized to float but the tensors of types our formats do not hold (Q6_K,
-Q5_*...) and the float ones (norms, biases).
+the file itself. Nothing is dequantized to float but the tensors of types our formats do not hold (Q2_K,
+Q3_K, the IQ types...) and the float ones (norms, biases).
 
-Repacking is exact: GGUF's float16 scales (and Q4_K's 6-bit sub-scales times them) are float32 values,
-and GGML's nibble order within 32 inputs is our order, so ``dequantize()`` of what ``get_quantized``
-gives equals ``gguf.quants.dequantize`` of the same blocks.
+Repacking is exact: GGUF's float16 scales (and the K-quants' 6- or 8-bit sub-scales times them) are
+float32 values, the 5- and 6-bit codes fit a byte, and GGML's nibble order within 32 inputs is our
+order, so ``dequantize()`` of what ``get_quantized`` gives equals ``gguf.quants.dequantize`` of the
+same blocks.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from tgi_zmq.quant.linear import QuantScheme
 if TYPE_CHECKING:
     from gguf import ReaderTensor
 
-GROUP = 32  # inputs per scale of our repacked weights (a GGUF block; Q4_K sub-block)
+GROUP = 32  # the column slices of a repacked weight fall on these (a GGUF block; a K-quant sub-block)
 # Per-layer GGUF names (blk.N.<name>) of the llama family (llama, mistral, qwen2/3) -> Hugging Face's.
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
@@ -115,10 +116,11 @@ class GGUFWeights(CheckpointReader):
     def get_quantized(
         self, name: str, rows: Range = None, cols: Range = None
     ) -> Int8Weight | Int4Weight | torch.Tensor:
-        """The slice as our format, repacked from the file's blocks: Q8_0 -> ``Int8Weight``; Q4_0, Q4_1,
-        Q4_K -> ``Int4Weight`` (group 32). Any other type: the float tensor in the model's dtype.
+        """The slice as our format, repacked from the file's blocks: Q8_0, Q5_0, Q5_1, Q5_K (group 32)
+        and Q6_K (group 16) -> ``Int8Weight``; Q4_0, Q4_1, Q4_K -> ``Int4Weight`` (group 32). Any other
+        type: the float tensor in the model's dtype.
 
-        ``cols`` of a repacked tensor must fall on 32-input boundaries (its groups).
+        ``cols`` of a repacked tensor must fall on 32-input boundaries.
         """
         tensor = self._tensor(name)
         repack = _REPACKERS.get(tensor.tensor_type.name)
@@ -135,8 +137,8 @@ class GGUFWeights(CheckpointReader):
         return self._done(weight)
 
     def stored_format(self, name: str, cols: Range) -> Hashable | None:
-        """What ``get_quantized`` repacks the tensor into ("int8", "int4": all of group 32 and uniform
-        codes, so alike stack), from its GGUF type; None for a type it dequantizes."""
+        """What ``get_quantized`` repacks the tensor into (``_FORMATS``: alike ones stack), from its GGUF
+        type; None for a type it dequantizes."""
         tensor = self.tensors.get(name)
         return None if tensor is None or len(tensor.shape) != 2 else _FORMATS.get(tensor.tensor_type.name)
 
@@ -203,13 +205,94 @@ def _halves(raw: np.ndarray, size: int, *fields: int) -> tuple[list[np.ndarray],
     return [v.astype(np.float32) for v in values], blocks[..., 2 * len(fields) :]
 
 
-def _int8(raw: np.ndarray, g0: int, ng: int) -> Int8Weight:
+def _int8(
+    codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None, group: int, g0: int, ng: int
+) -> Int8Weight:
+    """Our Int8Weight of 32-input groups [g0, g0 + ng) of codes [rows, inputs] (int8 values) and their
+    scales (and offsets) of one per ``group`` inputs."""
+    per = GROUP // group
+
+    def part(values: np.ndarray, width: int) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(values[:, g0 * width : (g0 + ng) * width]))
+
+    return Int8Weight(
+        part(codes.reshape(codes.shape[0], -1).astype(np.int8), GROUP),
+        part(scales.reshape(scales.shape[0], -1), per),
+        group,
+        None if offsets is None else part(offsets.reshape(offsets.shape[0], -1), per),
+    )
+
+
+def _q8_0(raw: np.ndarray, g0: int, ng: int) -> Int8Weight:
     """Q8_0: a float16 scale and 32 int8 codes per block; w = q * scale."""
     (scale,), codes = _halves(raw, 34, 0)
-    codes = np.ascontiguousarray(codes.reshape(raw.shape[0], -1)[:, g0 * GROUP : (g0 + ng) * GROUP])
-    return Int8Weight(
-        torch.from_numpy(codes.view(np.int8)), torch.from_numpy(scale[:, g0 : g0 + ng].copy()), GROUP
+    return _int8(codes.view(np.int8), scale, None, GROUP, g0, ng)
+
+
+def _low_high(nibbles: np.ndarray) -> np.ndarray:
+    """16 bytes [..., 16] -> 32 codes [..., 32]: the low nibbles then the high ones (GGML's order)."""
+    return np.concatenate([nibbles & 15, nibbles >> 4], axis=-1)
+
+
+def _q5(rest: np.ndarray) -> np.ndarray:
+    """Q5_0/Q5_1's 4 bytes of fifth bits (bit i: input i) and 16 of nibbles -> codes 0..31 [.., 32]."""
+    high = np.unpackbits(rest[..., :4], axis=-1, bitorder="little")
+    return _low_high(rest[..., 4:]) | (high << 4)
+
+
+def _q5_0(raw: np.ndarray, g0: int, ng: int) -> Int8Weight:
+    """Q5_0: float16 d, 5-bit codes; w = (q - 16) * d."""
+    (d,), rest = _halves(raw, 22, 0)
+    return _int8(_q5(rest).astype(np.int8) - 16, d, None, GROUP, g0, ng)
+
+
+def _q5_1(raw: np.ndarray, g0: int, ng: int) -> Int8Weight:
+    """Q5_1: float16 d and m, 5-bit codes; w = q * d + m."""
+    (d, m), rest = _halves(raw, 24, 0, 2)
+    return _int8(_q5(rest), d, m, GROUP, g0, ng)
+
+
+def _k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K and Q5_K's 12 bytes [rows, supers, 12] -> 8 six-bit scales and mins each, as float32 (ggml's
+    get_scale_min_k4)."""
+    rows, supers = packed.shape[:2]
+    s = packed.reshape(rows, supers, 3, 4)
+    low, high, extra = s[..., 0, :], s[..., 1, :], s[..., 2, :]
+    sc = np.concatenate([low & 63, (extra & 15) | ((low >> 2) & 48)], axis=-1)
+    mn = np.concatenate([high & 63, (extra >> 4) | ((high >> 2) & 48)], axis=-1)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
+def _q5_k(raw: np.ndarray, g0: int, ng: int) -> Int8Weight:
+    """Q5_K: 256-input superblocks of float16 d and dmin, 8 sub-blocks of 32 with 6-bit scale ``sc`` and
+    min ``m`` (12 bytes), 32 bytes of fifth bits (bit j of byte i: input i of sub-block j) and 128 of
+    nibbles (as Q4_K's): w = q * (d sc) - dmin m."""
+    (d, dmin), rest = _halves(raw, 176, 0, 2)
+    rows, supers = d.shape
+    sc, mn = _k_scales(rest[..., :12])
+    high = np.unpackbits(rest[..., 12:44, None], axis=-1, bitorder="little")  # [rows, supers, 32, 8]
+    high = high.transpose(0, 1, 3, 2)  # [rows, supers, sub-block, input]
+    low = rest[..., 44:].reshape(rows, supers, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(2, 1)
+    codes = (low & 15).reshape(rows, supers, 8, 32) | (high << 4)
+    return _int8(codes, d[..., None] * sc, -(dmin[..., None] * mn), GROUP, g0, ng)
+
+
+def _q6_k(raw: np.ndarray, g0: int, ng: int) -> Int8Weight:
+    """Q6_K: 256-input superblocks of 128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales
+    ``sc`` (one per 16 inputs) and float16 d: w = (q - 32) * (d sc). Sub-block 4c + i (of 32 inputs) has
+    its low nibbles in bytes 64c + 32(i % 2).. shifted by 4(i // 2), its high bits in bytes 32c.. shifted
+    by 2i."""
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, 210)
+    supers = blocks.shape[1]
+    d = np.ascontiguousarray(blocks[..., 208:]).view(np.float16)[..., 0].astype(np.float32)
+    low = blocks[..., :128].reshape(rows, supers, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(2, 1)
+    high = blocks[..., 128:192].reshape(rows, supers, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(
+        4, 1
     )
+    codes = (low & 15).reshape(rows, supers, 8, 32) | ((high & 3).reshape(rows, supers, 8, 32) << 4)
+    sc = blocks[..., 192:208].view(np.int8).astype(np.float32)
+    return _int8(codes.astype(np.int8) - 32, d[..., None] * sc, None, GROUP // 2, g0, ng)
 
 
 def _int4(packed: np.ndarray, scales: np.ndarray, offsets: np.ndarray, g0: int, ng: int) -> Int4Weight:
@@ -243,11 +326,7 @@ def _q4_k(raw: np.ndarray, g0: int, ng: int) -> Int4Weight:
     sub-block 2j in their low nibbles and 2j+1 in their high ones; repacked to GGML's order per 32."""
     (d, dmin), rest = _halves(raw, 144, 0, 2)
     rows, supers = d.shape
-    # ggml's get_scale_min_k4: 8 six-bit scales and mins in 12 bytes
-    s = rest[..., :12].reshape(rows, supers, 3, 4)
-    low, high, extra = s[..., 0, :], s[..., 1, :], s[..., 2, :]
-    sc = np.concatenate([low & 63, (extra & 15) | ((low >> 2) & 48)], axis=-1).astype(np.float32)
-    mn = np.concatenate([high & 63, (extra >> 4) | ((high >> 2) & 48)], axis=-1).astype(np.float32)
+    sc, mn = _k_scales(rest[..., :12])
     qs = rest[..., 12:].reshape(rows, supers, 4, 1, 32)
     codes = np.concatenate([qs & 15, qs >> 4], axis=3)  # [rows, supers, 4, 2, 32]: sub-blocks in order
     packed = codes[..., :16] | (codes[..., 16:] << 4)
@@ -256,6 +335,24 @@ def _q4_k(raw: np.ndarray, g0: int, ng: int) -> Int4Weight:
     return _int4(packed.reshape(rows, supers * 8, 16), scales, offsets, g0, ng)
 
 
-_REPACKERS = {"Q8_0": _int8, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k}
-# What each repacks to: the formats of stored_format (Q4_0, Q4_1 and Q4_K stack with one another)
-_FORMATS = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4"}
+_REPACKERS = {
+    "Q8_0": _q8_0,
+    "Q5_0": _q5_0,
+    "Q5_1": _q5_1,
+    "Q5_K": _q5_k,
+    "Q6_K": _q6_k,
+    "Q4_0": _q4_0,
+    "Q4_1": _q4_1,
+    "Q4_K": _q4_k,
+}
+# What each repacks to, the formats of stored_format: the types of one format stack with one another
+_FORMATS = {
+    "Q8_0": "int8",  # group 32, no offsets
+    "Q5_0": "int8",
+    "Q5_1": "int8+offsets",  # group 32
+    "Q5_K": "int8+offsets",
+    "Q6_K": "int8/16",  # group 16, no offsets
+    "Q4_0": "int4",  # group 32, uniform codes
+    "Q4_1": "int4",
+    "Q4_K": "int4",
+}

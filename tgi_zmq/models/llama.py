@@ -306,5 +306,5 @@ def _weight_parts(linear: Linear, dtype: torch.dtype) -> tuple[list[torch.Tensor
         return None
     w = prepared.weight
     if isinstance(w, Int8Weight):
-        return [w.qweight, w.scales, _NONE, _NONE], w.group
+        return [w.qweight, w.scales, _NONE if w.offsets is None else w.offsets, _NONE], w.group
     return [w.packed, w.scales, w.offsets, w.lut], w.group

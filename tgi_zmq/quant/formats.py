@@ -1,7 +1,11 @@
 """The two quantized weight formats every quantized linear is stored in, whatever it came from.
 
 - ``Int8Weight``: signed 8-bit codes with one scale per ``group`` inputs of a row (``group == K``: one
-  per output row, as bitsandbytes' LLM.int8 and EETQ; 32: GGUF's Q8_0). ``w = q * scale``.
+  per output row, as bitsandbytes' LLM.int8 and EETQ; 32: GGUF's Q8_0 and Q5_0; 16: Q6_K's sub-blocks)
+  and optionally an offset per group (GGUF's Q5_1 and Q5_K): ``w = q * scale (+ offset)``. GGUF's 5- and
+  6-bit codes take a byte each (their bits lie in several planes): one byte a weight was as fast as
+  bfloat16 for one row of x where the weights stream from memory (one core, the int8 kernel bound by
+  decoding, not bytes), so packing them tighter would save memory, not time.
 - ``Int4Weight``: 4-bit codes, two to a byte, with a scale and an offset per ``group`` inputs and a
   16-entry table that gives each code its value: ``w = lut[q] * scale + offset``. The table makes
   one format (and one kernel) of uniform int4 (GGUF Q4_0/Q4_1/Q4_K, GPTQ, AWQ: ``lut = 0..15``) and of
@@ -11,7 +15,7 @@
 
 Within each 32 inputs of a row, byte ``j`` holds input ``j`` in its low nibble and input ``j + 16`` in
 its high one (GGML's order): a 16-byte load gives two runs of 16 consecutive inputs, one register
-each in AVX-512. A group is a multiple of 32 inputs.
+each in AVX-512. A group is a multiple of 32 inputs, but an int8 one without offsets may be 16.
 
 Scales and offsets are float32 (GGUF stores float16: converting is exact). The reference
 ``dequantize`` defines the numerics the kernels must match.
@@ -61,6 +65,7 @@ class Int8Weight:
     qweight: torch.Tensor  # int8 [N, K]
     scales: torch.Tensor  # float32 [N, K // group]
     group: int
+    offsets: torch.Tensor | None = None  # float32 [N, K // group], or None: 0
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -69,11 +74,14 @@ class Int8Weight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         n, k = self.qweight.shape
         w = self.qweight.float().view(n, k // self.group, self.group) * self.scales.unsqueeze(-1)
+        if self.offsets is not None:
+            w = w + self.offsets.unsqueeze(-1)
         return w.view(n, k).to(dtype)
 
     def rows(self, ids: torch.Tensor) -> Int8Weight:
         """The rows ``ids`` (an embedding lookup)."""
-        return Int8Weight(self.qweight[ids], self.scales[ids], self.group)
+        offsets = None if self.offsets is None else self.offsets[ids]
+        return Int8Weight(self.qweight[ids], self.scales[ids], self.group, offsets)
 
     def nbytes(self) -> int:
         return _nbytes(self)

@@ -8,7 +8,7 @@ Kernels:
 - ``dequant``: the extension dequantizes into a reused scratch buffer in ``x``'s dtype (rows at a
   time), then a dense matmul: large M (prefill) is bound by FLOPs, where BLAS's blocking wins.
 - ``reference``: ``w.dequantize()`` then ``F.linear``: always works (no extension, other devices,
-  shapes the extension refuses: K or a group not a multiple of 32).
+  shapes the extension refuses: K not a multiple of 32, a group not a multiple of 32 but int8's 16).
 
 ``RULES`` picks per (torch's CPU capability, format, x's dtype, M); it is written from ``scripts/qbench``
 runs (docs/quantization.md, ``## Kernels``), not measured at each start. Environment:
@@ -94,7 +94,8 @@ class Prepared:
 def prepare(w: QuantizedWeight) -> Prepared:
     """At load: contiguous float32 scales and codes, and the kernels for this CPU (or the forced one)."""
     if isinstance(w, Int8Weight):
-        w = Int8Weight(w.qweight.contiguous(), w.scales.float().contiguous(), w.group)
+        offsets = None if w.offsets is None else w.offsets.float().contiguous()
+        w = Int8Weight(w.qweight.contiguous(), w.scales.float().contiguous(), w.group, offsets)
     else:
         scales, offsets, lut = (t.float().contiguous() for t in (w.scales, w.offsets, w.lut))
         w = Int4Weight(w.packed.contiguous(), scales, offsets, lut, w.group)
@@ -136,9 +137,9 @@ def backend() -> str:
 
 
 def _args(w: QuantizedWeight) -> tuple:
-    """The extension's weight arguments: codes, scales, offsets, lut, group (int8: no offsets, no lut)."""
+    """The extension's weight arguments: codes, scales, offsets (or None), lut (int8: None), group."""
     if isinstance(w, Int8Weight):
-        return w.qweight, w.scales, None, None, w.group
+        return w.qweight, w.scales, w.offsets, None, w.group
     return w.packed, w.scales, w.offsets, w.lut, w.group
 
 
@@ -187,10 +188,15 @@ def _scratch_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 def _forced(w: QuantizedWeight) -> str | None:
     """TGI_ZMQ_QKERNEL's kernel, or reference when the extension is missing or refuses the weight (off
-    the CPU; K or group not a multiple of 32); None: RULES choose per call."""
+    the CPU; K not a multiple of 32, the group neither that nor 16 of int8 codes without offsets); None:
+    RULES choose per call."""
     n, k = w.shape
+    half = isinstance(w, Int8Weight) and w.group == BLOCK // 2 and w.offsets is None
     usable = (
-        extension() is not None and w.scales.device.type == "cpu" and k % BLOCK == 0 and w.group % BLOCK == 0
+        extension() is not None
+        and w.scales.device.type == "cpu"
+        and k % BLOCK == 0
+        and (w.group % BLOCK == 0 or half)
     )
     forced = os.environ.get("TGI_ZMQ_QKERNEL")
     if forced and forced not in KERNELS:

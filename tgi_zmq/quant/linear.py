@@ -179,13 +179,14 @@ class Fp8Linear:
 
 
 def _one_format(parts: list[QuantizedWeight | torch.Tensor]) -> bool:
-    """All quantized alike: the same format, group and code table (so they stack into one)."""
+    """All quantized alike: the same format, group, code table and offsets or none (so they stack)."""
     first = parts[0]
     if isinstance(first, torch.Tensor):
         return False
     return all(
         type(w) is type(first)
         and w.group == first.group
+        and (w.offsets is None) == (first.offsets is None)
         and (not isinstance(w, Int4Weight) or torch.equal(w.lut, first.lut))
         for w in parts
     )
