@@ -38,6 +38,14 @@ def tiny_model(arch: str, folder: Path, vocab_size: int = 512, **overrides) -> P
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM, dict(llama_like, sliding_window=None)),
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(llama_like, tie_word_embeddings=True)),
         "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(llama_like, head_dim=32)),
+        # LongRoPE's short factors (its context is the original one: see test_rope.py for the long ones)
+        "phi3": (
+            tf.Phi3Config,
+            tf.Phi3ForCausalLM,
+            dict(llama_like, rope_scaling=longrope(8), original_max_position_embeddings=1024),
+        ),
+        # the window covers the context: the attention window comes with the lead's sliding-window layers
+        "starcoder2": (tf.Starcoder2Config, tf.Starcoder2ForCausalLM, dict(llama_like, sliding_window=1024)),
         "bloom": (tf.BloomConfig, tf.BloomForCausalLM, dict(hidden_size=64, n_layer=2, n_head=4)),
         "t5": (
             tf.T5Config,
@@ -66,6 +74,12 @@ def tiny_model(arch: str, folder: Path, vocab_size: int = 512, **overrides) -> P
                     param.normal_(0, 0.1)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def longrope(pairs: int) -> dict:
+    """Phi-3's ``rope_scaling``: a short and a long factor for each of ``pairs`` rotary frequencies."""
+    short = [1.0 + 0.25 * i for i in range(pairs)]
+    return {"type": "longrope", "short_factor": short, "long_factor": [2 * f + 1 for f in short]}
 
 
 def copy_smol_tokenizer(folder: Path) -> Path:
