@@ -102,22 +102,26 @@ def hf_greedy_batch(
     folder: Path, prompts: list[list[int]], max_new_tokens: int, stop_at_eos: bool = False
 ) -> list[list[int]]:
     """``hf_greedy`` of each prompt, in one ``generate``: far faster than one call each. The prompts
-    have one length, so that no row is padded (a padded row is no longer the prompt alone)."""
+    have one length, so that no row is padded (a padded row is no longer the prompt alone). Without
+    ``stop_at_eos`` EOS is a token like any other (as for an engine given no EOS ids): not stopped at,
+    and not banned either (a ban would change the argmax where EOS is the likeliest token)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     assert len({len(p) for p in prompts}) == 1, "prompts of one length: no padding"
     seq2seq = AutoConfig.from_pretrained(folder).is_encoder_decoder
     loader = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     model = loader.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos]) if stop_at_eos else set()
+    if not stop_at_eos:
+        model.generation_config.eos_token_id = None
     out = model.generate(
         torch.tensor(prompts),
         max_new_tokens=max_new_tokens,
-        min_new_tokens=1 if stop_at_eos else max_new_tokens,
+        min_new_tokens=1 if stop_at_eos else None,
         do_sample=False,
         pad_token_id=0,
     )
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
     rows = out[:, 1 if seq2seq else len(prompts[0]) :].tolist()
     return [row[: next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in rows]
 
