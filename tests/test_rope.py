@@ -110,6 +110,13 @@ def test_dynamic_ntk_gives_each_position_the_base_of_its_own_length():
         torch.testing.assert_close(sin[length - 1], ref_sin[-1], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("old_name", ["su", "yarn"])
+def test_phi3_configs_name_longrope_by_its_old_names(old_name):
+    scaling = {**longrope(HEAD_DIM // 2), "type": old_name}
+    hf = {"model_type": "phi3", "max_position_embeddings": 128, "rope_scaling": scaling}
+    assert RopeConfig.from_hf(hf, HEAD_DIM).kind == "longrope"
+
+
 def test_context_lengths():
     def context(scaling, max_positions=1000):
         return RopeConfig.from_hf(llama_config(scaling, max_positions).to_dict(), HEAD_DIM).context_length()

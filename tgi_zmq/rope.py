@@ -1,8 +1,9 @@
 """Rotary position embeddings from config.json: the inverse frequencies of each RoPE scaling (as
 transformers' ``ROPE_INIT_FUNCTIONS`` computes them) and the cos/sin tables the models index by position.
 
-Types of ``rope_scaling``: default, linear, dynamic (NTK), llama3, yarn, and longrope (Phi-3's; "su" is
-its old name). YaRN and LongRoPE multiply cos and sin by an attention factor, as transformers does.
+Types of ``rope_scaling``: default, linear, dynamic (NTK), llama3, yarn, and longrope (Phi-3's: a Phi-3
+config's "su" or "yarn" means it, as transformers' Phi3Config reads them). YaRN and LongRoPE multiply
+cos and sin by an attention factor, as transformers does.
 
 The tables are fixed when the model loads, so a position's rotation never depends on the batch or on a
 request's length: keys rotated once are reused by prefix caching, chunked prefill and decode alike. Two
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 
 SUPPORTED = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
-_ALIASES = {"su": "longrope"}  # Phi-3's first configs
+_PHI3_ALIASES = {"su": "longrope", "yarn": "longrope"}  # transformers' Phi3Config._rope_scaling_adjustment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,9 @@ class RopeConfig:
     def from_hf(cls, hf: dict[str, Any], head_dim: int) -> RopeConfig:
         """From config.json; ValueError for a RoPE this module does not compute."""
         scaling = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if hf.get("model_type") == "phi3" and kind in _PHI3_ALIASES:
+            scaling["rope_type"] = _PHI3_ALIASES[kind]
         theta = hf.get("rope_theta") or scaling.get("rope_theta") or 10000.0
         partial = hf.get("partial_rotary_factor", 1.0)
         if partial != 1.0:
@@ -63,8 +67,7 @@ class RopeConfig:
 
     @property
     def kind(self) -> str:
-        kind = self.scaling.get("rope_type", self.scaling.get("type")) or "default"
-        return _ALIASES.get(kind, kind)
+        return self.scaling.get("rope_type", self.scaling.get("type")) or "default"
 
     def context_length(self) -> int:
         """The longest sequence served: M, or vLLM's M * factor where the scaling stretches positions
