@@ -53,6 +53,14 @@ def tiny_model(arch: str, folder: Path, vocab_size: int = 512, **overrides) -> P
             ),
         ),
         "gemma3_text": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, dict(gemma_like, rope_theta=1e6)),
+        # LongRoPE's short factors (its context is the original one: see test_rope.py for the long ones)
+        "phi3": (
+            tf.Phi3Config,
+            tf.Phi3ForCausalLM,
+            dict(llama_like, rope_scaling=longrope(8), original_max_position_embeddings=1024),
+        ),
+        # a window of 8: far shorter than the tests' contexts
+        "starcoder2": (tf.Starcoder2Config, tf.Starcoder2ForCausalLM, dict(llama_like, sliding_window=8)),
         "bloom": (tf.BloomConfig, tf.BloomForCausalLM, dict(hidden_size=64, n_layer=2, n_head=4)),
         "t5": (
             tf.T5Config,
@@ -83,6 +91,12 @@ def tiny_model(arch: str, folder: Path, vocab_size: int = 512, **overrides) -> P
     return folder
 
 
+def longrope(pairs: int) -> dict:
+    """Phi-3's ``rope_scaling``: a short and a long factor for each of ``pairs`` rotary frequencies."""
+    short = [1.0 + 0.25 * i for i in range(pairs)]
+    return {"type": "longrope", "short_factor": short, "long_factor": [2 * f + 1 for f in short]}
+
+
 def copy_smol_tokenizer(folder: Path) -> Path:
     """Put SmolLM2's tokenizer beside a tiny model (vocabulary 49152), so that its prompts are text."""
     from tgi_zmq.convert import ensure_default_model
@@ -103,22 +117,26 @@ def hf_greedy_batch(
     folder: Path, prompts: list[list[int]], max_new_tokens: int, stop_at_eos: bool = False
 ) -> list[list[int]]:
     """``hf_greedy`` of each prompt, in one ``generate``: far faster than one call each. The prompts
-    have one length, so that no row is padded (a padded row is no longer the prompt alone)."""
+    have one length, so that no row is padded (a padded row is no longer the prompt alone). Without
+    ``stop_at_eos`` EOS is a token like any other (as for an engine given no EOS ids): not stopped at,
+    and not banned either (a ban would change the argmax where EOS is the likeliest token)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     assert len({len(p) for p in prompts}) == 1, "prompts of one length: no padding"
     seq2seq = AutoConfig.from_pretrained(folder).is_encoder_decoder
     loader = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     model = loader.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos]) if stop_at_eos else set()
+    if not stop_at_eos:
+        model.generation_config.eos_token_id = None
     out = model.generate(
         torch.tensor(prompts),
         max_new_tokens=max_new_tokens,
-        min_new_tokens=1 if stop_at_eos else max_new_tokens,
+        min_new_tokens=1 if stop_at_eos else None,
         do_sample=False,
         pad_token_id=0,
     )
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
     rows = out[:, 1 if seq2seq else len(prompts[0]) :].tolist()
     return [row[: next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in rows]
 

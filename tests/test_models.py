@@ -97,6 +97,18 @@ def test_t5_with_relu_and_tied_embeddings(tmp_path):
     assert err < 1e-4
 
 
+@pytest.mark.parametrize("overrides", [dict(tie_word_embeddings=False), dict(use_bias=False)])
+def test_starcoder2_untied_or_without_biases(tiny_models, overrides):
+    """The other StarCoder2 configs: an LM head of its own, linears without biases (its LayerNorms keep
+    theirs)."""
+    folder = tiny_models("starcoder2", **overrides)
+    ps = prompts(3, seed=4)
+    expected = [hf_greedy(folder, p, 8) for p in ps]
+    assert run_engine(folder, ps, [SamplingParams()] * 3, 8)[0] == expected
+    err = (forward_logits(False, folder, ps[0], ps[1]) - hf_logits(folder, ps[0], ps[1])).abs().max().item()
+    assert err < 1e-4
+
+
 # ---------------------------------------------------------------------------------- scheduling (Llama)
 
 

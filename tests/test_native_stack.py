@@ -1,7 +1,8 @@
 """``csrc/llama_stack.cpp``: a Llama stack's layers in one call give the Python layers' logits bit for bit
 (the same kernels in the same order), in float32 and bfloat16, batch-invariant or not, with q|k|v biases
-(Qwen2), with int8 (GGUF's too: offsets, scales per 16 inputs) and 4-bit weights, over decode steps and
-(batch-invariant) prefill chunks of a tiny model in this process."""
+(Qwen2), Phi-3's, with int8 (GGUF's too: offsets, scales per 16 inputs) and 4-bit weights, over decode
+steps and (batch-invariant) prefill chunks of a tiny model in this process; the layers it does not compute
+(StarCoder2's) run in Python."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from tests.helpers import built_extension, run_engine
 from tgi_zmq import native
 from tgi_zmq.messages import SamplingParams
+from tgi_zmq.models import load_model
 from tgi_zmq.models.llama import LlamaModel
 from tgi_zmq.quant import linear
 from tgi_zmq.quant.formats import Int8Weight, quantize_int8
@@ -23,6 +25,7 @@ WEIGHTS = [  # (arch, dtype, quantize): qwen2 has q|k|v biases; eetq: int8; bits
     ("llama", "bfloat16", None),
     ("qwen2", "float32", None),
     ("qwen2", "bfloat16", None),
+    ("phi3", "float32", None),  # its fused checkpoint tensors load as Llama's layers
     ("llama", "bfloat16", "eetq"),
     ("llama", "float32", "bitsandbytes-nf4"),
 ]
@@ -87,3 +90,12 @@ def compare_stack_and_layers(folder, monkeypatch, dtype: str, quantize: str | No
     assert any(rows > 1 for rows in calls)  # steps of several rows (decodes together)
     if invariant:
         assert max(calls) > len(PROMPTS)  # prompt chunks through the stack too
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_layers_the_stack_does_not_compute_run_in_python(tiny_models, use_bias):
+    """StarCoder2's LayerNorms and ungated MLP (without biases too, which alone would not tell)."""
+    built_extension()
+    model = load_model(tiny_models("starcoder2", use_bias=use_bias), "float32", "cpu")
+    assert not model.native_stack(1)
+    assert load_model(tiny_models("phi3"), "float32", "cpu").native_stack(1)

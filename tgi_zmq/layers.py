@@ -20,6 +20,7 @@ this module and it imports neither.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -152,6 +153,11 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation (transformers' ``gelu_pytorch_tanh``: StarCoder2's MLP)."""
+    return F.gelu(x, approximate="tanh")
+
+
 class Linear:
     """``x W^T + b`` over checkpoint ``parts`` (tensor prefix, its rows) stacked by output rows, read
     with input columns ``cols``: several parts make one matmul (q|k|v, gate|up)."""
@@ -174,7 +180,8 @@ class Linear:
 
 class MergedColumnParallelLinear(Linear):
     """Linears with the same input stacked into one matmul (gate|up, T5's k|v): each splits its
-    ``units`` of ``width`` output rows over the ranks alike; ``split`` cuts the output back."""
+    ``units`` of ``width`` output rows over the ranks alike; ``split`` cuts the output back. A prefix
+    named once per part is one checkpoint tensor holding them all (Phi-3's gate_up_proj)."""
 
     def __init__(
         self,
@@ -187,7 +194,8 @@ class MergedColumnParallelLinear(Linear):
         method: LinearMethod | None = None,
     ):
         (lo, hi), rows = _slice(shard, units, width)
-        super().__init__(weights, [(p, rows) for p in prefixes], None, bias, method)
+        whole = units * width if isinstance(units, int) else None  # each part's rows in the checkpoint
+        super().__init__(weights, _stacked([(p, rows, whole) for p in prefixes]), None, bias, method)
         self.sizes = [(hi - lo) * width] * len(prefixes)
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -213,7 +221,8 @@ class ColumnParallelLinear(MergedColumnParallelLinear):
 
 class QKVParallelLinear(Linear):
     """q|k|v in one matmul, split by heads: a rank's query heads follow their KV heads, and KV heads
-    are replicated when there are fewer than ranks (``Shard.heads``)."""
+    are replicated when there are fewer than ranks (``Shard.heads``). One prefix named three times is
+    one checkpoint tensor q|k|v (Phi-3's qkv_proj)."""
 
     def __init__(
         self,
@@ -228,7 +237,9 @@ class QKVParallelLinear(Linear):
     ):
         q_heads, kv_heads = shard.heads(num_heads, num_kv_heads)
         q, kv = shard.rows(q_heads, head_dim), shard.rows(kv_heads, head_dim)
-        super().__init__(weights, list(zip(prefixes, (q, kv, kv), strict=True)), None, bias, method)
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        parts = zip(prefixes, (q, kv, kv), (q_size, kv_size, kv_size), strict=True)
+        super().__init__(weights, _stacked(list(parts)), None, bias, method)
         self.q_heads = q_heads  # the output projection takes the matching input columns
         self.num_heads, self.num_kv_heads = q_heads[1] - q_heads[0], kv_heads[1] - kv_heads[0]
         self.head_dim = head_dim
@@ -392,7 +403,7 @@ class RMSNorm:
 
 
 class LayerNorm:
-    """LayerNorm with ``<prefix>.weight`` and ``<prefix>.bias`` (BLOOM)."""
+    """LayerNorm with ``<prefix>.weight`` and ``<prefix>.bias`` (BLOOM, StarCoder2)."""
 
     def __init__(self, weights: WeightSource, prefix: str, eps: float):
         self.weight = weights.get(f"{prefix}.weight")
@@ -402,11 +413,35 @@ class LayerNorm:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """``x += delta`` (the residual stream, in place), then the norm of x (``RMSNorm``'s)."""
+        return self(x.add_(delta))
+
 
 def _slice(shard: Shard, units: Units, width: int) -> tuple[tuple[int, int], Range]:
     """(this rank's unit range, its rows or columns in the checkpoint tensor)."""
     lo, hi = shard.split(units) if isinstance(units, int) else units
     return (lo, hi), shard.rows((lo, hi), width)
+
+
+def _stacked(parts: list[tuple[str, Range, int | None]]) -> list[tuple[str, Range]]:
+    """Parts (prefix, this rank's rows, the part's rows in the checkpoint) as ``Linear`` reads them. A
+    prefix named by several parts is one tensor that stacks them by rows in order (Phi-3's qkv_proj,
+    gate_up_proj): each part's rows move past the parts before it."""
+    counts = Counter(prefix for prefix, _, _ in parts)
+    offsets: dict[str, int] = {}
+    out: list[tuple[str, Range]] = []
+    for prefix, rows, whole in parts:
+        if counts[prefix] == 1:
+            out.append((prefix, rows))
+            continue
+        if whole is None:
+            raise ValueError(f"{prefix}: the parts of one tensor need their sizes (units as a count)")
+        at = offsets.get(prefix, 0)
+        lo, hi = rows or (0, whole)
+        out.append((prefix, (at + lo, at + hi)))
+        offsets[prefix] = at + whole
+    return out
 
 
 def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:

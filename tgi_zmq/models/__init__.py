@@ -27,6 +27,8 @@ ARCHITECTURES = {
     "mistral": (LlamaConfig, LlamaModel),
     "qwen2": (LlamaConfig, LlamaModel),
     "qwen3": (LlamaConfig, LlamaModel),
+    "phi3": (LlamaConfig, LlamaModel),
+    "starcoder2": (LlamaConfig, LlamaModel),
     "t5": (T5Config, T5Model),
     "bloom": (BloomConfig, BloomModel),
     "gemma": (GemmaConfig, GemmaModel),

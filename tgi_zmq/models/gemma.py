@@ -30,8 +30,9 @@ from tgi_zmq.layers import (
     WeightSource,
 )
 from tgi_zmq.models.base import ModelConfig, PagedModel
-from tgi_zmq.models.llama import layer_windows, rope_inv_freq
+from tgi_zmq.models.llama import layer_windows
 from tgi_zmq.parallel import Shard
+from tgi_zmq.rope import RopeConfig
 
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 
@@ -47,10 +48,8 @@ class GemmaConfig(ModelConfig):
     head_dim: int
     vocab_size: int
     rms_norm_eps: float
-    rope_theta: float  # global layers' (and every layer's before Gemma 3)
-    rope_local_theta: float  # Gemma 3's sliding layers'
-    rope_scaling: dict[str, Any] | None  # global layers'
-    max_position_embeddings: int
+    rope: RopeConfig  # the global layers' (and every layer's before Gemma 3)
+    rope_local: RopeConfig  # Gemma 3's sliding layers': their own base, never scaled
     query_pre_attn_scalar: float
     attn_softcap: float | None
     final_softcap: float | None
@@ -70,10 +69,8 @@ class GemmaConfig(ModelConfig):
             head_dim=head_dim,
             vocab_size=cfg["vocab_size"],
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=cfg.get("rope_theta", 10000.0),
-            rope_local_theta=cfg.get("rope_local_base_freq", cfg.get("rope_theta", 10000.0)),
-            rope_scaling=cfg.get("rope_scaling"),
-            max_position_embeddings=cfg.get("max_position_embeddings", 8192),
+            rope=RopeConfig.from_hf(cfg, head_dim),
+            rope_local=RopeConfig.from_hf(local_rope(cfg), head_dim),
             query_pre_attn_scalar=cfg.get("query_pre_attn_scalar") or head_dim,
             attn_softcap=cfg.get("attn_logit_softcapping"),
             final_softcap=cfg.get("final_logit_softcapping"),
@@ -82,6 +79,11 @@ class GemmaConfig(ModelConfig):
             ),
             attention_bias=cfg.get("attention_bias", False),
         )
+
+    @classmethod
+    def context_length(cls, hf: dict[str, Any]) -> int:
+        """max_position_embeddings: Gemma 3's already counts its linear RoPE scaling."""
+        return hf.get("max_position_embeddings") or 8192
 
     @classmethod
     def sliding_window(cls, hf: dict[str, Any]) -> int | None:
@@ -99,6 +101,14 @@ class GemmaConfig(ModelConfig):
         return [
             "full_attention" if not period or (i + 1) % period == 0 else "sliding_attention" for i in range(n)
         ]
+
+
+def local_rope(hf: dict[str, Any]) -> dict[str, Any]:
+    """The config of Gemma 3's local layers' RoPE: base ``rope_local_base_freq``, no scaling (others:
+    the global one's)."""
+    if hf["model_type"] != "gemma3_text":
+        return hf
+    return {**hf, "rope_theta": hf.get("rope_local_base_freq", 10000.0), "rope_scaling": None}
 
 
 class GemmaRMSNorm:
@@ -143,11 +153,11 @@ class GemmaModel(PagedModel):
         # sqrt(hidden) rounded to the model's dtype, as transformers multiplies by it
         self.embed_scale = torch.tensor(cfg.hidden_size**0.5, dtype=dtype).item()
         self.scale = cfg.query_pre_attn_scalar**-0.5
-        # inverse frequencies ("_table": rotary buffers, not weights): the global layers' (with the config's
-        # scaling) and Gemma 3's local layers' (their own base)
-        self.freq_table = rope_inv_freq(cfg).to(device)
-        local = 1.0 / (cfg.rope_local_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
-        self.local_freq_table = local.to(device) if cfg.model_type == "gemma3_text" else self.freq_table
+        # (inverse frequencies, attention factor) ("_table": rotary buffers, not weights): the global
+        # layers' and Gemma 3's local layers'
+        self.freq_table = _frequencies(cfg.rope, device)
+        local = cfg.model_type == "gemma3_text"
+        self.local_freq_table = _frequencies(cfg.rope_local, device) if local else self.freq_table
 
     def _load_layer(self, w: WeightSource, i: int) -> Layer:
         c, shard = self.cfg, self.shard
@@ -202,12 +212,13 @@ class GemmaModel(PagedModel):
         softcap = self.cfg.final_softcap
         return logits if logits is None or not softcap else torch.tanh(logits / softcap) * softcap
 
-    def _rotary(self, inv_freq: torch.Tensor, positions: torch.Tensor) -> Rotary:
+    def _rotary(self, frequencies: tuple[torch.Tensor, float], positions: torch.Tensor) -> Rotary:
         """The step's rotary embedding: cos/sin of its own positions only."""
+        inv_freq, factor = frequencies
         freqs = torch.outer(positions.float(), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
         rows = torch.arange(len(positions), device=positions.device)
-        return Rotary(emb.cos().to(self.dtype), emb.sin().to(self.dtype), rows)
+        return Rotary((emb.cos() * factor).to(self.dtype), (emb.sin() * factor).to(self.dtype), rows)
 
     def _layer(self, layer: Layer, x, rope: Rotary, cache: KVCache, i: int, batch: ForwardBatch, window):
         q, k, v = layer.qkv.split(layer.qkv(layer.input_norm(x)))
@@ -222,3 +233,12 @@ class GemmaModel(PagedModel):
         gate, up = layer.gate_up(layer.pre_mlp_norm(x)).chunk(2, dim=-1)
         h = layer.down(F.gelu(gate, approximate="tanh") * up)
         return x + (h if layer.post_mlp_norm is None else layer.post_mlp_norm(h))
+
+
+def _frequencies(rope: RopeConfig, device: torch.device) -> tuple[torch.Tensor, float]:
+    """A RoPE's inverse frequencies on ``device`` and its attention factor (cos/sin made per step: not
+    dynamic NTK, whose frequencies change with the position)."""
+    if rope.kind == "dynamic":
+        raise ValueError("dynamic NTK rope scaling is not supported for Gemma")
+    inv_freq, factor = rope.inv_freq()
+    return inv_freq.to(device), factor

@@ -1,7 +1,11 @@
-"""The Llama family (SmolLM2, Llama 2/3, Mistral, Qwen2, Qwen3) in plain torch over the paged KV cache.
+"""The Llama family (SmolLM2, Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, StarCoder2) in plain torch over
+the paged KV cache.
 
 Mistral is Llama with a sliding window; Qwen2 is Llama with q/k/v biases and, in its small sizes, tied
-embeddings; Qwen3 adds an RMS norm of each query and key head before the rotary embedding.
+embeddings; Qwen3 adds an RMS norm of each query and key head before the rotary embedding. Phi-3 stores
+q|k|v and gate|up as one tensor each (split on load like any other parts) and scales RoPE with LongRoPE.
+StarCoder2 has LayerNorms with biases, biases on every linear and an MLP without a gate (c_fc ->
+gelu(tanh) -> c_proj). RoPE and its scalings: ``tgi_zmq.rope``.
 
 q|k|v and gate|up are each one fused layer (one matmul), so a layer is four matmuls; the step's
 tokens are one flat batch (no padding) and only the rows that sample a token go through the LM head.
@@ -10,7 +14,6 @@ tokens are one flat batch (no padding) and only the rows that sample a token go 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import torch
@@ -19,6 +22,8 @@ from tgi_zmq import native
 from tgi_zmq.attention import KVCache, paged_attention
 from tgi_zmq.forward_batch import ForwardBatch
 from tgi_zmq.layers import (
+    ColumnParallelLinear,
+    LayerNorm,
     Linear,
     MergedColumnParallelLinear,
     ParallelLMHead,
@@ -29,6 +34,7 @@ from tgi_zmq.layers import (
     UnquantizedLinear,
     VocabParallelEmbedding,
     WeightSource,
+    gelu_tanh,
     gemv_rows,
     silu_and_mul,
 )
@@ -37,8 +43,10 @@ from tgi_zmq.parallel import Shard
 from tgi_zmq.quant import kernels
 from tgi_zmq.quant.formats import Int8Weight
 from tgi_zmq.quant.linear import QuantizedLinear
+from tgi_zmq.rope import RopeConfig
 
 QK_NORM_TYPES = ("qwen3", "qwen3_moe")
+FUSED_TYPES = ("phi3",)  # q|k|v in one qkv_proj tensor, gate|up in one gate_up_proj
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,44 +58,54 @@ class LlamaConfig(ModelConfig):
     num_kv_heads: int
     head_dim: int
     vocab_size: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict[str, Any] | None
-    max_position_embeddings: int
+    norm_eps: float
+    rope: RopeConfig
     tie_word_embeddings: bool
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
     qk_norm: bool  # Qwen3: q_norm and k_norm over each head
+    fused: bool  # Phi-3: qkv_proj and gate_up_proj tensors
+    layer_norm: bool  # StarCoder2: LayerNorm with biases (else RMS norm)
+    gated: bool  # silu(gate) * up (else StarCoder2's c_fc -> gelu(tanh) -> c_proj)
     layer_windows: tuple[int | None, ...]  # each layer's sliding attention window (None: full attention)
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> LlamaConfig:
         heads = cfg["num_attention_heads"]
-        qwen2 = cfg.get("model_type") == "qwen2"
+        model_type = cfg.get("model_type")
+        qwen2, starcoder2 = model_type == "qwen2", model_type == "starcoder2"
+        _check_activation(cfg, starcoder2)
+        bias = cfg.get("use_bias", True) if starcoder2 else cfg.get("attention_bias", False)
         return cls(
             hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"],
             num_layers=cfg["num_hidden_layers"],
             num_heads=heads,
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            head_dim=_head_dim(cfg),
             vocab_size=cfg["vocab_size"],
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=cfg.get("rope_theta", 10000.0),
-            rope_scaling=cfg.get("rope_scaling"),
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            qkv_bias=qwen2 or cfg.get("attention_bias", False),
-            o_bias=not qwen2 and cfg.get("attention_bias", False),
-            mlp_bias=cfg.get("mlp_bias", False),
-            qk_norm=cfg.get("model_type") in QK_NORM_TYPES,
+            norm_eps=cfg.get("norm_epsilon", 1e-5) if starcoder2 else cfg.get("rms_norm_eps", 1e-6),
+            rope=RopeConfig.from_hf(cfg, _head_dim(cfg)),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", starcoder2),  # transformers' defaults
+            qkv_bias=qwen2 or bias,
+            o_bias=not qwen2 and bias,
+            mlp_bias=bias if starcoder2 else cfg.get("mlp_bias", False),
+            qk_norm=model_type in QK_NORM_TYPES,
+            fused=model_type in FUSED_TYPES,
+            layer_norm=starcoder2,
+            gated=not starcoder2,
             layer_windows=layer_windows(cfg, cls.sliding_window(cfg)),
         )
 
     @classmethod
+    def context_length(cls, hf: dict[str, Any]) -> int:
+        """The positions the rotary tables hold (a RoPE scaling may stretch them past the config's)."""
+        return RopeConfig.from_hf(hf, _head_dim(hf)).context_length()
+
+    @classmethod
     def sliding_window(cls, hf: dict[str, Any]) -> int | None:
-        """Mistral's attention window (and Qwen2's, when it enables it)."""
+        """Mistral's attention window (and Qwen2's, when it enables it; Phi-3's, StarCoder2's)."""
         window = hf.get("sliding_window")
         if hf.get("model_type", "").startswith("qwen") and not hf.get("use_sliding_window"):
             return None
@@ -102,39 +120,27 @@ def layer_windows(hf: dict[str, Any], window: int | None) -> tuple[int | None, .
     return tuple(window if kind == "sliding_attention" else None for kind in types)
 
 
-def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
-    """Inverse frequencies, with Llama 3 / linear rope scaling when the config asks for it."""
-    dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = cfg.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "linear":
-        return inv_freq / scaling["factor"]
-    if kind == "llama3":
-        return _llama3_inv_freq(inv_freq, scaling)
-    if kind not in ("default", None):
-        raise ValueError(f"rope scaling {kind!r} is not supported (supported: default, linear, llama3)")
-    return inv_freq
+def _head_dim(hf: dict[str, Any]) -> int:
+    return hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
 
 
-def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
-    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
-    old_len = s["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return torch.where(medium, smoothed, scaled)
+def _check_activation(hf: dict[str, Any], starcoder2: bool) -> None:
+    """The MLP's activation is the one this module computes (another would give wrong tokens)."""
+    act, expected = hf.get("hidden_act"), "gelu_pytorch_tanh" if starcoder2 else "silu"
+    if act not in (None, expected):
+        model_type = hf.get("model_type")
+        raise ValueError(
+            f"hidden_act {act!r} (config.json) is not supported for {model_type!r}: {expected} is"
+        )
 
 
 @dataclasses.dataclass
 class Layer:
-    input_norm: RMSNorm
+    input_norm: RMSNorm | LayerNorm
     qkv: QKVParallelLinear
     o: RowParallelLinear
-    post_norm: RMSNorm
-    gate_up: MergedColumnParallelLinear
+    post_norm: RMSNorm | LayerNorm
+    gate_up: MergedColumnParallelLinear  # StarCoder2: its c_fc (no gate)
     down: RowParallelLinear
     q_norm: RMSNorm | None = None  # Qwen3's, over each head
     k_norm: RMSNorm | None = None
@@ -151,17 +157,13 @@ class LlamaModel(PagedModel):
     ):
         super().__init__(cfg, dtype, device, shard)
         self.embed = VocabParallelEmbedding(weights, "model.embed_tokens.weight", shard, cfg.vocab_size)
-        self.norm = RMSNorm(weights, "model.norm.weight", cfg.rms_norm_eps)
+        self.norm = self._norm(weights, "model.norm")
         tied = self.embed if cfg.tie_word_embeddings else None
         self.lm_head = ParallelLMHead(weights, "lm_head", shard, cfg.vocab_size, tied)
         self.layers = [self._load_layer(weights, i) for i in range(cfg.num_layers)]
         self.num_heads, self.num_kv_heads = self.layers[0].qkv.num_heads, self.layers[0].qkv.num_kv_heads
-        inv_freq = rope_inv_freq(cfg)
-        positions = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
-        freqs = torch.outer(positions, inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.cos_table = emb.cos().to(dtype).to(device)
-        self.sin_table = emb.sin().to(dtype).to(device)
+        self.cos_table, self.sin_table = cfg.rope.tables(dtype, device)
+        self.act = silu_and_mul if cfg.gated else gelu_tanh
         self.scale = cfg.head_dim**-0.5
         self._stack: NativeStack | None = None  # ``native_stack``'s, once decided
 
@@ -169,22 +171,33 @@ class LlamaModel(PagedModel):
         c, shard = self.cfg, self.shard
         p = f"model.layers.{i}."
         attn, mlp = p + "self_attn.", p + "mlp."
-        qkv_names = [attn + n for n in ("q_proj", "k_proj", "v_proj")]
+        qkv_names = [attn + "qkv_proj"] * 3 if c.fused else [attn + n for n in ("q_proj", "k_proj", "v_proj")]
         qkv = QKVParallelLinear(w, qkv_names, shard, c.num_heads, c.num_kv_heads, c.head_dim, bias=c.qkv_bias)
         head_norms = {}
         if c.qk_norm:
-            head_norms = {n: RMSNorm(w, f"{attn}{n}.weight", c.rms_norm_eps) for n in ("q_norm", "k_norm")}
+            head_norms = {n: RMSNorm(w, f"{attn}{n}.weight", c.norm_eps) for n in ("q_norm", "k_norm")}
+        down = mlp + ("down_proj" if c.gated else "c_proj")
         return Layer(
-            input_norm=RMSNorm(w, p + "input_layernorm.weight", c.rms_norm_eps),
+            input_norm=self._norm(w, p + "input_layernorm"),
             qkv=qkv,
             o=RowParallelLinear(w, attn + "o_proj", shard, qkv.q_heads, c.head_dim, bias=c.o_bias),
-            post_norm=RMSNorm(w, p + "post_attention_layernorm.weight", c.rms_norm_eps),
-            gate_up=MergedColumnParallelLinear(
-                w, [mlp + "gate_proj", mlp + "up_proj"], shard, c.intermediate_size, bias=c.mlp_bias
-            ),
-            down=RowParallelLinear(w, mlp + "down_proj", shard, c.intermediate_size, bias=c.mlp_bias),
+            post_norm=self._norm(w, p + "post_attention_layernorm"),
+            gate_up=self._mlp_in(w, mlp),
+            down=RowParallelLinear(w, down, shard, c.intermediate_size, bias=c.mlp_bias),
             **head_norms,
         )
+
+    def _norm(self, w: WeightSource, prefix: str) -> RMSNorm | LayerNorm:
+        eps = self.cfg.norm_eps
+        return LayerNorm(w, prefix, eps) if self.cfg.layer_norm else RMSNorm(w, prefix + ".weight", eps)
+
+    def _mlp_in(self, w: WeightSource, mlp: str) -> MergedColumnParallelLinear:
+        """gate|up (Phi-3: both in one gate_up_proj tensor), or StarCoder2's c_fc."""
+        c, units = self.cfg, self.cfg.intermediate_size
+        if not c.gated:
+            return ColumnParallelLinear(w, mlp + "c_fc", self.shard, units, bias=c.mlp_bias)
+        names = [mlp + "gate_up_proj"] * 2 if c.fused else [mlp + "gate_proj", mlp + "up_proj"]
+        return MergedColumnParallelLinear(w, names, self.shard, units, bias=c.mlp_bias)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor | None:
@@ -214,7 +227,7 @@ class LlamaModel(PagedModel):
             window = self.cfg.layer_windows[i]
             attn = paged_attention(q, k, v, cache.k[i], cache.v[i], batch.attention, self.scale, window)
             normed = layer.post_norm.add_and_norm(x, layer.o(attn.flatten(1)))
-            mlp = layer.down(silu_and_mul(layer.gate_up(normed)))
+            mlp = layer.down(self.act(layer.gate_up(normed)))
             if i + 1 < len(self.layers):
                 normed = self.layers[i + 1].input_norm.add_and_norm(x, mlp)
         return mlp
@@ -226,16 +239,16 @@ class LlamaModel(PagedModel):
         return native.extension().llama_layers(
             x, self._stack.layers, self._stack.groups, cache.k, cache.v, batch.attention.slot_mapping,
             self.cos_table, self.sin_table, batch.positions.long().contiguous(), tables, lens,
-            self.num_heads, self.num_kv_heads, self.cfg.rms_norm_eps, self.scale, gemv_rows(self.dtype),
+            self.num_heads, self.num_kv_heads, self.cfg.norm_eps, self.scale, gemv_rows(self.dtype),
             native.INVARIANT, native.ISA,
         )  # fmt: skip
 
     def native_stack(self, rows: int) -> bool:
         """Whether a step of ``rows`` tokens may run ``_native_layers``: the extension loaded, one rank on
-        the CPU (ranks all-reduce between the matmuls), norms, rotary tables and pages in the model's
-        float dtype, dense weights of that dtype or quantized ones the fused kernel takes at ``rows``
-        (as ``kernels.linear`` chooses), no bias but q|k|v's. Decided at the first step (the weights are
-        loaded by then)."""
+        the CPU (ranks all-reduce between the matmuls), RMS norms and a gated MLP, norms, rotary tables
+        and pages in the model's float dtype, dense weights of that dtype or quantized ones the fused
+        kernel takes at ``rows`` (as ``kernels.linear`` chooses), no bias but q|k|v's. Decided at the
+        first step (the weights are loaded by then)."""
         if self._stack is None:
             self._stack = NativeStack.of(self) or NativeStack([], [], [])
         fused = all(p.kernel(rows, self.dtype) == "fused" for p in self._stack.quantized)
@@ -263,6 +276,8 @@ class NativeStack:
             or dtype not in (torch.float32, torch.bfloat16)
             or model.kv_dtype != dtype
             or model.cos_table.dtype != dtype
+            or model.cfg.layer_norm
+            or not model.cfg.gated
         ):
             return None
         stack = cls([], [], [])
