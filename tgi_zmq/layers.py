@@ -326,6 +326,9 @@ class ParallelLMHead(Linear):
             super().__init__(source_weights, [(source, shard.part(vocab_size))], None, False, method)
         self.shard, self.vocab_size = shard, vocab_size
 
+    def __call__(self, h: torch.Tensor) -> torch.Tensor | None:
+        return self.shard.gather_vocab(self.method.apply(self, h, float_out=True), self.vocab_size)
+
 
 class _TiedTable:
     """``weights`` but for ``get_quantized`` of a tied embedding's quantized table (all of this rank's
@@ -344,9 +347,6 @@ class _TiedTable:
 
     def __getattr__(self, attr: str) -> Any:
         return getattr(self.weights, attr)
-
-    def __call__(self, h: torch.Tensor) -> torch.Tensor | None:
-        return self.shard.gather_vocab(self.method.apply(self, h, float_out=True), self.vocab_size)
 
 
 class Rotary:
