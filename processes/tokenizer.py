@@ -114,7 +114,10 @@ def main() -> None:
     start_heartbeat(config, "tokenizer", lambda: loaded)
     from transformers import AutoTokenizer
 
-    process = TokenizerProcess(config, AutoTokenizer.from_pretrained(config.model_id))
+    tokenizer = AutoTokenizer.from_pretrained(config.model_id)
+    if config.chat_template:  # --chat-template replaces the model's own
+        tokenizer.chat_template = config.chat_template
+    process = TokenizerProcess(config, tokenizer)
     loaded = True
     freeze_heap()
     log.info("ready (model %s)", config.model_id)

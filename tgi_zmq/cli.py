@@ -177,6 +177,7 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
         vocab_size=hf_config.get("vocab_size"),
         decoder_start_token_id=rules.decoder_start_token_id,
         api_key=args.api_key or None,
+        chat_template=read_chat_template(args.chat_template),
         profile_dir=str(Path(args.profile_dir).expanduser().resolve()) if args.profile_dir else None,
     )
 
@@ -199,6 +200,19 @@ def join_node0(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
     if not Path(config.model_id).exists():
         raise ValueError(f"node 0 serves {config.model_id}: every node needs the model at the same path")
     return config
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """``--chat-template``: a file's text, or the value itself when it is a template (has ``{{`` or
+    ``{%``), as vLLM reads it; anything else is a launch error."""
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(f"--chat-template {value!r}: no such file, and not a Jinja template")
 
 
 def check_flags(config: ServerConfig) -> None:

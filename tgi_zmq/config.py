@@ -182,6 +182,12 @@ class ServerConfig:
         "seconds in-flight requests wait for a faulty pipeline to become healthy again before they fail "
         "with 503",
     )
+    chat_template: str | None = flag(
+        None,
+        "a Jinja chat template for the chat routes (vLLM's flag): a file, or the template itself; replaces "
+        "the model's own (a model without one answers chat requests with 422 template_error)",
+        derived=True,  # the template's text
+    )
     api_key: str | None = flag(  # when set, routes other than health and metrics need "Bearer <key>"
         None,
         "require the header 'Authorization: Bearer <key>' on every route but /health, /ping, GET / and "
