@@ -16,6 +16,7 @@ from tgi_zmq.layers import WeightSource
 from tgi_zmq.models.base import LaunchRules, ModelConfig, PagedModel
 from tgi_zmq.models.bloom import BloomConfig, BloomModel
 from tgi_zmq.models.llama import LlamaConfig, LlamaModel
+from tgi_zmq.models.moe import MoeConfig, MoeModel
 from tgi_zmq.models.t5 import T5Config, T5Model
 from tgi_zmq.parallel import Shard
 from tgi_zmq.quant import KV_CACHE_DTYPES
@@ -26,6 +27,8 @@ ARCHITECTURES = {
     "mistral": (LlamaConfig, LlamaModel),
     "qwen2": (LlamaConfig, LlamaModel),
     "qwen3": (LlamaConfig, LlamaModel),
+    "mixtral": (MoeConfig, MoeModel),
+    "qwen3_moe": (MoeConfig, MoeModel),
     "t5": (T5Config, T5Model),
     "bloom": (BloomConfig, BloomModel),
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -124,10 +125,17 @@ class Layer:
     qkv: QKVParallelLinear
     o: RowParallelLinear
     post_norm: RMSNorm
-    gate_up: MergedColumnParallelLinear
-    down: RowParallelLinear
+    gate_up: MergedColumnParallelLinear | None = None  # None: a mixture of experts (``moe``) instead
+    down: RowParallelLinear | None = None
     q_norm: RMSNorm | None = None  # Qwen3's, over each head
     k_norm: RMSNorm | None = None
+    moe: Callable[[torch.Tensor], torch.Tensor] | None = None  # tgi_zmq.models.moe's sparse block
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """The feed-forward block of the normed stream ``x`` (all-reduced over the ranks)."""
+        if self.moe is not None:
+            return self.moe(x)
+        return self.down(silu_and_mul(self.gate_up(x)))
 
 
 class LlamaModel(PagedModel):
@@ -158,7 +166,7 @@ class LlamaModel(PagedModel):
     def _load_layer(self, w: WeightSource, i: int) -> Layer:
         c, shard = self.cfg, self.shard
         p = f"model.layers.{i}."
-        attn, mlp = p + "self_attn.", p + "mlp."
+        attn = p + "self_attn."
         qkv_names = [attn + n for n in ("q_proj", "k_proj", "v_proj")]
         qkv = QKVParallelLinear(w, qkv_names, shard, c.num_heads, c.num_kv_heads, c.head_dim, bias=c.qkv_bias)
         head_norms = {}
@@ -169,11 +177,19 @@ class LlamaModel(PagedModel):
             qkv=qkv,
             o=RowParallelLinear(w, attn + "o_proj", shard, qkv.q_heads, c.head_dim, bias=c.o_bias),
             post_norm=RMSNorm(w, p + "post_attention_layernorm.weight", c.rms_norm_eps),
+            **self._load_mlp(w, i),
+            **head_norms,
+        )
+
+    def _load_mlp(self, w: WeightSource, i: int) -> dict[str, Any]:
+        """Layer ``i``'s feed-forward fields of ``Layer``: the dense gate|up and down (a subclass may
+        load a mixture of experts instead)."""
+        c, shard, mlp = self.cfg, self.shard, f"model.layers.{i}.mlp."
+        return dict(
             gate_up=MergedColumnParallelLinear(
                 w, [mlp + "gate_proj", mlp + "up_proj"], shard, c.intermediate_size, bias=c.mlp_bias
             ),
             down=RowParallelLinear(w, mlp + "down_proj", shard, c.intermediate_size, bias=c.mlp_bias),
-            **head_norms,
         )
 
     @torch.inference_mode()
@@ -203,7 +219,7 @@ class LlamaModel(PagedModel):
             q, k = rope(q, k)
             attn = paged_attention(q, k, v, cache.k[i], cache.v[i], batch.attention, self.scale)
             normed = layer.post_norm.add_and_norm(x, layer.o(attn.flatten(1)))
-            mlp = layer.down(silu_and_mul(layer.gate_up(normed)))
+            mlp = layer.mlp(normed)
             if i + 1 < len(self.layers):
                 normed = self.layers[i + 1].input_norm.add_and_norm(x, mlp)
         return mlp
@@ -259,7 +275,7 @@ class NativeStack:
         for layer in model.layers:
             linears = (layer.qkv, layer.o, layer.gate_up, layer.down)
             norms = [layer.input_norm.weight, layer.post_norm.weight]
-            if layer.q_norm is not None:
+            if layer.q_norm is not None or layer.moe is not None:
                 return None
             if any(w.dtype != dtype for w in norms) or any(lin.bias is not None for lin in linears[1:]):
                 return None
