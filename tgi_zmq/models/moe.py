@@ -6,11 +6,12 @@ The attention and the layer loop are Llama's (Qwen3-MoE's q/k norms included); a
 How the experts run (on the CPU): the (token, expert) pairs are sorted by expert, each expert with tokens
 runs its gate|up and down matmuls over its contiguous run of rows, and the weighted rows are added back
 to their tokens (``index_add_``): a loop over the experts that have tokens, never over tokens. Measured
-against torch 2.13's ``torch._grouped_mm`` over stacked expert weights (hidden 512, expert intermediate
-1024, 8 experts, top 2; docs in ``scripts/moebench``): the loop through ``dense_linear`` wins at decode
-(2-4x at 1-16 tokens: our gemv streams the weights where BLAS does not), and they are within noise from 64
-tokens on. So the experts stay per-expert linears, each made by its ``LinearMethod``: ``--quantize``, GPTQ
-and GGUF experts work as any linear does.
+against torch 2.13's ``torch._grouped_mm`` over stacked expert weights (``scripts/moebench --grouped-mm``:
+hidden 512, expert intermediate 1024, 8 experts, top 2, one thread, AMD EPYC Zen 4), the loop through
+``dense_linear`` is as fast at 1 token, 1.4-2.4x faster at 16-64 (our gemv reads each weight once for all
+of an expert's rows) and 1.2x slower at 256 (a prefill chunk). Decode steps are most of a CPU's serving
+time, so the experts stay per-expert linears, each made by its ``LinearMethod``: ``--quantize``, GPTQ and
+GGUF experts work as any linear does (a grouped matmul would need one stacked dense tensor per projection).
 
 Tensor parallelism splits each expert's intermediate units over the ranks, as the dense MLP is split
 (gate|up by rows, down by columns), with one all-reduce after the weighted sum of the experts. Expert
@@ -55,13 +56,11 @@ class MoeConfig(LlamaConfig):
         block, projections = CHECKPOINT_NAMES[cfg["model_type"]]
         layers = range(cfg["num_hidden_layers"])
         if cfg["model_type"] == "mixtral":
-            experts, width, norm, sparse = cfg["num_local_experts"], cfg["intermediate_size"], True, layers
-        else:  # Qwen3-MoE, as transformers' Qwen3MoeDecoderLayer picks its sparse layers
-            experts, width, norm = (
-                cfg["num_experts"],
-                cfg["moe_intermediate_size"],
-                cfg.get("norm_topk_prob", False),
-            )
+            experts, width, norm = cfg["num_local_experts"], cfg["intermediate_size"], True
+            sparse = list(layers)
+        else:  # Qwen3-MoE: its sparse layers as transformers' Qwen3MoeDecoderLayer picks them
+            experts, width = cfg["num_experts"], cfg["moe_intermediate_size"]
+            norm = cfg.get("norm_topk_prob", False)
             dense, step = set(cfg.get("mlp_only_layers") or ()), cfg.get("decoder_sparse_step", 1)
             sparse = [i for i in layers if i not in dense and experts > 0 and (i + 1) % step == 0]
         return cls(
