@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 GGUF_JSON = "gguf.json"
 # general.architecture values whose tensors need no more than renaming (and llama's rotary rows): others
 # (gemma's norms, fused qkv...) transformers transforms further; convert them with ``tgi-zmq convert``.
-LLAMA_NAMED = ("llama", "qwen2", "qwen3")
+LLAMA_NAMED = ("llama", "qwen2", "qwen3", "qwen3moe")
+MODEL_TYPES = {"qwen3moe": "qwen3_moe"}  # general.architecture -> config.json's model_type, where they differ
 
 
 def is_gguf_folder(folder: Path) -> Path | None:
@@ -32,7 +33,7 @@ def is_gguf_folder(folder: Path) -> Path | None:
 def check_architecture(gguf_path: Path, arch: Any, served: Collection[str] = LLAMA_NAMED) -> None:
     """Refuse a GGUF not served as it is: named unlike llama's, or (``served``: the model types a model
     class serves) of an architecture no model serves."""
-    accepted = [name for name in LLAMA_NAMED if name in served]
+    accepted = [name for name in LLAMA_NAMED if name in served or MODEL_TYPES.get(name) in served]
     if arch not in accepted:
         raise ValueError(
             f"{gguf_path}: GGUF architecture {arch!r} is not served as it is (only "
