@@ -1,7 +1,8 @@
 """The Llama family (SmolLM2, Llama 2/3, Mistral, Qwen2, Qwen3) in plain torch over the paged KV cache.
 
 Mistral is Llama with a sliding window; Qwen2 is Llama with q/k/v biases and, in its small sizes, tied
-embeddings; Qwen3 adds an RMS norm of each query and key head before the rotary embedding.
+embeddings; Qwen3 adds an RMS norm of each query and key head before the rotary embedding. Mixtral and
+Qwen3-MoE (``tgi_zmq.models.moe``) are this model with a mixture of experts as a layer's MLP (``_load_mlp``).
 
 q|k|v and gate|up are each one fused layer (one matmul), so a layer is four matmuls; the step's
 tokens are one flat batch (no padding) and only the rows that sample a token go through the LM head.
