@@ -61,6 +61,12 @@ def tiny_model(arch: str, folder: Path, vocab_size: int = 512, **overrides) -> P
         ),
         # a window of 8: far shorter than the tests' contexts
         "starcoder2": (tf.Starcoder2Config, tf.Starcoder2ForCausalLM, dict(llama_like, sliding_window=8)),
+        "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM, dict(llama_like, num_local_experts=8)),
+        "qwen3_moe": (  # layer 0 dense, layer 1 sparse; the top 2 weights not renormalised
+            tf.Qwen3MoeConfig,
+            tf.Qwen3MoeForCausalLM,
+            dict(llama_like, head_dim=32, num_experts=8, moe_intermediate_size=64, mlp_only_layers=[0]),
+        ),
         "bloom": (tf.BloomConfig, tf.BloomForCausalLM, dict(hidden_size=64, n_layer=2, n_head=4)),
         "t5": (
             tf.T5Config,

@@ -331,7 +331,8 @@ def test_an_architecture_no_model_serves_is_refused_before_any_file_is_written(
     served = {k: v for k, v in models.ARCHITECTURES.items() if k != "qwen3"}
     monkeypatch.setattr(models, "ARCHITECTURES", served)
     with pytest.raises(
-        ValueError, match=r"architecture 'qwen3' is not served as it is \(only llama, qwen2, gemma2, gemma3\)"
+        ValueError,
+        match=r"architecture 'qwen3' is not served as it is \(only llama, qwen2, qwen3moe, gemma2, gemma3\)",
     ):
         prepare_gguf_folder(path)
     assert not list((tmp_path / "cache" / "gguf").iterdir())

@@ -35,7 +35,8 @@ MAX_NEW = 8
 
 def dequantized_reference(folder: Path, out: Path, storage: str) -> Path:
     """``folder`` with each linear's weight replaced by its quantized-then-dequantized value, as the
-    server quantizes them: the body by ``storage``, the LM head in 8 bits (an untied copy)."""
+    server quantizes them: the body by ``storage``, the LM head in 8 bits (an untied copy), a mixture of
+    experts' router (``*.gate.weight``) kept float."""
     out.mkdir()
     config = json.loads((folder / "config.json").read_text())
     state = load_file(folder / "model.safetensors")
@@ -45,7 +46,7 @@ def dequantized_reference(folder: Path, out: Path, storage: str) -> Path:
         config["tie_word_embeddings"] = False
     body, head = quantizer(storage), quantizer("int8")
     for name, w in state.items():
-        if w.ndim == 2 and not any(e in name for e in EMBEDDINGS):
+        if w.ndim == 2 and not any(e in name for e in EMBEDDINGS) and not name.endswith(".gate.weight"):
             state[name] = (head if name == "lm_head.weight" else body)(w).dequantize().contiguous()
     save_file(state, out / "model.safetensors", {"format": "pt"})
     (out / "config.json").write_text(json.dumps(config))

@@ -59,8 +59,49 @@ _LAYER_NAMES_OF = {"gemma2": _GEMMA_LAYER_NAMES, "gemma3": _GEMMA_LAYER_NAMES}
 # subtracts the 1 again, and so do we (our Gemma norm adds it back, as transformers').
 _ONE_PLUS_NORMS = ("gemma2", "gemma3")
 _MODEL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# Mixtures of experts: a layer's router is ffn_gate_inp, and each projection of its experts is one 3-D tensor
+# [experts, out, in], served as one tensor per expert under Hugging Face's per-expert names. By
+# general.architecture (Mixtral's is llama's): the sparse block's name, and GGUF's stacked tensors' names.
+_MOE_NAMES = {
+    "llama": ("block_sparse_moe", {"ffn_gate_exps": "w1", "ffn_up_exps": "w3", "ffn_down_exps": "w2"}),
+    "qwen3moe": (
+        "mlp",
+        {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"},
+    ),
+}
 # Derived from the config's rope scaling by every loader (transformers ignores it too): never read.
 _IGNORED = ("rope_freqs.weight",)
+
+
+def hf_tensors(tensors: list[ReaderTensor], arch: str) -> dict[str, ReaderTensor]:
+    """A GGUF file's tensors by their Hugging Face names (``hf_name``; a name outside the mapping kept),
+    an MoE's stacked expert tensors split into one 2-D tensor per expert (views of the file's planes)."""
+    block, stacked = _MOE_NAMES.get(arch, ("", {}))
+    named = {}
+    for tensor in tensors:
+        base, _, suffix = tensor.name.rpartition(".")
+        parts = base.split(".")
+        layer = f"model.layers.{parts[1]}.{block}" if len(parts) == 3 and parts[0] == "blk" else None
+        if layer and parts[2] in stacked and len(tensor.shape) == 3:
+            for e in range(int(tensor.shape[2])):
+                named[f"{layer}.experts.{e}.{stacked[parts[2]]}.{suffix}"] = _expert(tensor, e)
+        elif layer and block and parts[2] == "ffn_gate_inp":
+            named[f"{layer}.gate.{suffix}"] = tensor
+        else:
+            named[hf_name(tensor.name, arch) or tensor.name] = tensor
+    return named
+
+
+def _expert(tensor: ReaderTensor, e: int) -> ReaderTensor:
+    """Expert ``e``'s plane of a stacked [experts, out, in] tensor, as a 2-D tensor of the file."""
+    experts = int(tensor.shape[2])
+    return tensor._replace(
+        name=f"{tensor.name}[{e}]",
+        shape=tensor.shape[:2],
+        n_elements=tensor.n_elements // experts,
+        n_bytes=tensor.n_bytes // experts,
+        data=tensor.data[e],
+    )
 
 
 def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
@@ -89,7 +130,7 @@ class GGUFWeights(CheckpointReader):
         arch = gguf_value(reader, "general.architecture")
         check_architecture(path, arch)
         self.path = path
-        self.tensors: dict[str, ReaderTensor] = {hf_name(t.name, arch) or t.name: t for t in reader.tensors}
+        self.tensors = hf_tensors(reader.tensors, arch)
         self._one_plus_norms = arch in _ONE_PLUS_NORMS
         super().__init__(path, self.tensors, dtype, device, QuantScheme("checkpoint", device.type))
         # llama.cpp's converter interleaves the rotary halves of q/k rows of "llama" models (mistral too);

@@ -42,6 +42,7 @@ from tgi_zmq.dtypes import to_torch
 
 if TYPE_CHECKING:
     import torch
+    from gguf import GGUFReader
     from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -366,10 +367,34 @@ def _write_gguf_folder(gguf_path: Path, folder: Path) -> None:
     with shared_gguf_reader(gguf_path) as reader:
         check_architecture(gguf_path, gguf_value(reader, "general.architecture"), ARCHITECTURES)
         log.info("reading the config")
-        config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        config = moe_config(
+            AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name), reader
+        )
         log.info("reading the tokenizer")
         tokenizer, overrides = load_gguf_tokenizer(gguf_path)
         log.info("writing the config and tokenizer files")
         write_configs(folder, gguf_path, config, tokenizer, overrides, "float32")
     (folder / GGUF_JSON).write_text(json.dumps({"gguf": str(gguf_path)}, indent=2) + "\n", encoding="utf-8")
     fsync_tree(folder)
+
+
+def moe_config(config: PretrainedConfig, reader: GGUFReader) -> PretrainedConfig:
+    """transformers' config of a mixture-of-experts GGUF completed as llama.cpp reads the file: a llama
+    file with experts is a Mixtral (transformers reads a Llama without them); a qwen3moe file's experts
+    are ``expert_feed_forward_length`` wide (transformers 4.57 keeps its default) and its top k weights
+    renormalised (llama.cpp always does so)."""
+    from transformers import MixtralConfig
+
+    arch = gguf_value(reader, "general.architecture")
+    experts = gguf_value(reader, f"{arch}.expert_count")
+    if not experts:
+        return config
+    if arch == "llama":
+        dropped = ("model_type", "architectures", "transformers_version")
+        fields = {k: v for k, v in config.to_dict().items() if k not in dropped}
+        top_k = gguf_value(reader, "llama.expert_used_count")
+        return MixtralConfig(**fields, num_local_experts=experts, num_experts_per_tok=top_k)
+    if arch == "qwen3moe":
+        config.moe_intermediate_size = gguf_value(reader, "qwen3moe.expert_feed_forward_length")
+        config.norm_topk_prob = True
+    return config

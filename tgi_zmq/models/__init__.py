@@ -17,6 +17,7 @@ from tgi_zmq.models.base import LaunchRules, ModelConfig, PagedModel
 from tgi_zmq.models.bloom import BloomConfig, BloomModel
 from tgi_zmq.models.gemma import GemmaConfig, GemmaModel
 from tgi_zmq.models.llama import LlamaConfig, LlamaModel
+from tgi_zmq.models.moe import MoeConfig, MoeModel
 from tgi_zmq.models.t5 import T5Config, T5Model
 from tgi_zmq.parallel import Shard
 from tgi_zmq.quant import KV_CACHE_DTYPES
@@ -29,6 +30,8 @@ ARCHITECTURES = {
     "qwen3": (LlamaConfig, LlamaModel),
     "phi3": (LlamaConfig, LlamaModel),
     "starcoder2": (LlamaConfig, LlamaModel),
+    "mixtral": (MoeConfig, MoeModel),
+    "qwen3_moe": (MoeConfig, MoeModel),
     "t5": (T5Config, T5Model),
     "bloom": (BloomConfig, BloomModel),
     "gemma": (GemmaConfig, GemmaModel),

@@ -6,6 +6,8 @@ embeddings; Qwen3 adds an RMS norm of each query and key head before the rotary 
 q|k|v and gate|up as one tensor each (split on load like any other parts) and scales RoPE with LongRoPE.
 StarCoder2 has LayerNorms with biases, biases on every linear and an MLP without a gate (c_fc ->
 gelu(tanh) -> c_proj). RoPE and its scalings: ``tgi_zmq.rope``.
+Mixtral and Qwen3-MoE (``tgi_zmq.models.moe``) are this model with a mixture of experts as a layer's
+MLP (``_load_mlp``).
 
 q|k|v and gate|up are each one fused layer (one matmul), so a layer is four matmuls; the step's
 tokens are one flat batch (no padding) and only the rows that sample a token go through the LM head.
@@ -14,6 +16,7 @@ tokens are one flat batch (no padding) and only the rows that sample a token go 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -140,10 +143,18 @@ class Layer:
     qkv: QKVParallelLinear
     o: RowParallelLinear
     post_norm: RMSNorm | LayerNorm
-    gate_up: MergedColumnParallelLinear  # StarCoder2: its c_fc (no gate)
-    down: RowParallelLinear
+    gate_up: MergedColumnParallelLinear | None = None  # StarCoder2: c_fc; None: experts (``moe``)
+    down: RowParallelLinear | None = None
     q_norm: RMSNorm | None = None  # Qwen3's, over each head
     k_norm: RMSNorm | None = None
+    moe: Callable[[torch.Tensor], torch.Tensor] | None = None  # tgi_zmq.models.moe's sparse block
+    act: Callable[[torch.Tensor], torch.Tensor] = silu_and_mul  # StarCoder2's: gelu(tanh), no gate
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """The feed-forward block of the normed stream ``x`` (all-reduced over the ranks)."""
+        if self.moe is not None:
+            return self.moe(x)
+        return self.down(self.act(self.gate_up(x)))
 
 
 class LlamaModel(PagedModel):
@@ -163,28 +174,36 @@ class LlamaModel(PagedModel):
         self.layers = [self._load_layer(weights, i) for i in range(cfg.num_layers)]
         self.num_heads, self.num_kv_heads = self.layers[0].qkv.num_heads, self.layers[0].qkv.num_kv_heads
         self.cos_table, self.sin_table = cfg.rope.tables(dtype, device)
-        self.act = silu_and_mul if cfg.gated else gelu_tanh
         self.scale = cfg.head_dim**-0.5
         self._stack: NativeStack | None = None  # ``native_stack``'s, once decided
 
     def _load_layer(self, w: WeightSource, i: int) -> Layer:
         c, shard = self.cfg, self.shard
         p = f"model.layers.{i}."
-        attn, mlp = p + "self_attn.", p + "mlp."
+        attn = p + "self_attn."
         qkv_names = [attn + "qkv_proj"] * 3 if c.fused else [attn + n for n in ("q_proj", "k_proj", "v_proj")]
         qkv = QKVParallelLinear(w, qkv_names, shard, c.num_heads, c.num_kv_heads, c.head_dim, bias=c.qkv_bias)
         head_norms = {}
         if c.qk_norm:
             head_norms = {n: RMSNorm(w, f"{attn}{n}.weight", c.norm_eps) for n in ("q_norm", "k_norm")}
-        down = mlp + ("down_proj" if c.gated else "c_proj")
         return Layer(
             input_norm=self._norm(w, p + "input_layernorm"),
             qkv=qkv,
             o=RowParallelLinear(w, attn + "o_proj", shard, qkv.q_heads, c.head_dim, bias=c.o_bias),
             post_norm=self._norm(w, p + "post_attention_layernorm"),
-            gate_up=self._mlp_in(w, mlp),
-            down=RowParallelLinear(w, down, shard, c.intermediate_size, bias=c.mlp_bias),
+            **self._load_mlp(w, i),
             **head_norms,
+        )
+
+    def _load_mlp(self, w: WeightSource, i: int) -> dict[str, Any]:
+        """Layer ``i``'s feed-forward fields of ``Layer``: the dense gate|up (or c_fc), down and the
+        activation (a subclass may load a mixture of experts instead)."""
+        c, mlp = self.cfg, f"model.layers.{i}.mlp."
+        down = mlp + ("down_proj" if c.gated else "c_proj")
+        return dict(
+            gate_up=self._mlp_in(w, mlp),
+            down=RowParallelLinear(w, down, self.shard, c.intermediate_size, bias=c.mlp_bias),
+            act=silu_and_mul if c.gated else gelu_tanh,
         )
 
     def _norm(self, w: WeightSource, prefix: str) -> RMSNorm | LayerNorm:
@@ -227,7 +246,7 @@ class LlamaModel(PagedModel):
             window = self.cfg.layer_windows[i]
             attn = paged_attention(q, k, v, cache.k[i], cache.v[i], batch.attention, self.scale, window)
             normed = layer.post_norm.add_and_norm(x, layer.o(attn.flatten(1)))
-            mlp = layer.down(self.act(layer.gate_up(normed)))
+            mlp = layer.mlp(normed)
             if i + 1 < len(self.layers):
                 normed = self.layers[i + 1].input_norm.add_and_norm(x, mlp)
         return mlp
@@ -285,7 +304,7 @@ class NativeStack:
         for layer in model.layers:
             linears = (layer.qkv, layer.o, layer.gate_up, layer.down)
             norms = [layer.input_norm.weight, layer.post_norm.weight]
-            if layer.q_norm is not None or any(model.cfg.layer_windows):  # not in csrc/llama_stack.cpp
+            if layer.q_norm is not None or layer.moe is not None or any(model.cfg.layer_windows):
                 return None
             if any(w.dtype != dtype for w in norms) or any(lin.bias is not None for lin in linears[1:]):
                 return None
