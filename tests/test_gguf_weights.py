@@ -413,3 +413,20 @@ def test_prepare_gguf_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, co
 
     ranks = rank_memory(folder, config, "float32", "cpu", 2)
     assert [r.weights for r in ranks] == [-(-source.stat().st_size // 2)] * 2
+
+
+def test_a_tensor_type_we_cannot_read_is_refused_before_any_file_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An int32 tensor (GGUF type I32): neither repacked nor dequantized by gguf-py."""
+    tensors = {
+        "output_norm.weight": (np.ones(64, np.float32), Q.F32),
+        "blk.0.odd": (np.ones(64, np.int32), Q.I32),
+    }
+    path = write_gguf(tmp_path / "odd.gguf", tensors)
+    monkeypatch.setenv(convert.CACHE_ENV, str(tmp_path / "cache"))
+    with pytest.raises(
+        ValueError, match=r"tensor blk.0.odd is of type I32, which is not served; served: .*Q4_K"
+    ):
+        prepare_gguf_folder(path)
+    assert not list((tmp_path / "cache" / "gguf").iterdir())

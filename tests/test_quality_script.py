@@ -1,5 +1,5 @@
-"""scripts/quality: its pure parts (windows, perplexity, agreement, prompts) and one short run of two
-identical modes against the real service."""
+"""scripts/quality: its pure parts (windows, perplexity, agreement, prompts) and one short run of one
+mode against the real service."""
 
 from __future__ import annotations
 
@@ -104,9 +104,10 @@ def test_prompts_are_sentence_heads_spread_over_the_text():
 
 
 @pytest.mark.e2e
-def test_two_identical_modes_give_identical_figures(tmp_path):
+def test_one_mode_against_the_real_service_gives_its_figures(tmp_path):
+    """One launch (each launch is ~12 s; the comparison of modes is the pure functions' above)."""
     out = tmp_path / "quality.json"
-    cmd = [sys.executable, str(SCRIPT), "--mode", "a=--dtype float32", "--mode", "b=--dtype float32"]
+    cmd = [sys.executable, str(SCRIPT), "--mode", "a=--dtype float32"]
     cmd += ["--window", "32", "--max-windows", "2", "--prompts", "3", "--prompt-tokens", "8"]
     cmd += ["--max-new-tokens", "6", "--port", "8650", "--json", str(out)]
     started = time.monotonic()
@@ -114,16 +115,14 @@ def test_two_identical_modes_give_identical_figures(tmp_path):
     elapsed = time.monotonic() - started
     assert run.returncode == 0, run.stderr[-4000:]
     record = json.loads(out.read_text())
-    a, b = record["modes"]["a"], record["modes"]["b"]
-    assert list(record["modes"]) == ["a", "b"]
+    (a,) = record["modes"].values()
+    assert list(record["modes"]) == ["a"]
     assert 1 < a["ppl"] < 10_000 and math.isfinite(a["ppl"])
-    assert a["ppl"] == b["ppl"] and b["ppl_vs_baseline_pct"] == 0
-    assert a["scored_tokens"] == b["scored_tokens"] == record["text"]["windows"] * 31 == 62
-    assert b["exact"] == b["prompts"] == 3 and b["mean_prefix"] == 1.0
+    assert a["scored_tokens"] == record["text"]["windows"] * 31 == 62
     assert a["model_dtype"] == "float32" and a["workers"] == 1
     weights_mb = weights_bytes(default_model_dir(), "float32") / 1e6
     assert weights_mb < a["rss_mb"] <= a["peak_mb"], (weights_mb, a)  # the worker's, weights included
-    timed = [mode[phase] for mode in (a, b) for phase in ("load_s", "measure_s")]  # seconds, in this run
+    timed = [a[phase] for phase in ("load_s", "measure_s")]  # seconds, in this run
     assert min(timed) > 0 and sum(timed) < elapsed, (timed, elapsed)
     assert record["machine"]["cpu_model"] is not None and record["command"].startswith("scripts/quality")
-    assert "| a |" in run.stdout and "| b |" in run.stdout
+    assert "| a |" in run.stdout

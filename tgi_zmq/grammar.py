@@ -173,9 +173,25 @@ def load_engine(tokenizer_id: str, timeout: float) -> Future[GrammarEngine]:
         except Exception as exc:  # every grammar is refused with this reason
             log.warning("structured output is unavailable: the grammar engine failed to load: %s", exc)
             loaded.set_exception(exc)
+        finally:
+            release_freed_memory()
 
     threading.Thread(target=load, daemon=True, name="grammar-load").start()
     return loaded
+
+
+def release_freed_memory() -> None:
+    """Hand the loading's garbage back to the system: the tokenizer, its JSON and the check's strings
+    (hundreds of MB for a 262k vocabulary) were freed into this thread's malloc arena, which glibc keeps
+    (Gemma 3 270M's worker: 1.41 GB resident with the engine loaded, 612 MB without)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 class Compile:

@@ -50,6 +50,20 @@ def check_architecture(
         )
 
 
+def check_tensor_types(gguf_path: Path, reader: GGUFReader) -> None:
+    """Refuse a GGUF holding a tensor type we cannot read: those repacked into our formats
+    (tgi_zmq.checkpoint.gguf) or dequantized by gguf-py, and the float ones, are served."""
+    from gguf.quants import _type_traits
+
+    served = {"F32", "F16", *(kind.name for kind in _type_traits)}
+    for tensor in reader.tensors:
+        if tensor.tensor_type.name not in served:
+            raise ValueError(
+                f"{gguf_path}: tensor {tensor.name} is of type {tensor.tensor_type.name}, which is not "
+                f"served; served: {', '.join(sorted(served))}"
+            )
+
+
 def gguf_value(reader: GGUFReader, key: str) -> str | int | float | bool | None:
     """The scalar metadata value ``key`` of an open GGUF file (None if absent)."""
     from gguf import GGUFValueType

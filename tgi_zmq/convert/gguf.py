@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from tgi_zmq.checkpoint.gguf_file import (
     GGUF_JSON,
     check_architecture,
+    check_tensor_types,
     gguf_value,
     is_gguf_folder,
     open_gguf,
@@ -411,6 +412,7 @@ def _write_gguf_folder(gguf_path: Path, folder: Path) -> None:
     log.info("reading the metadata of %s", gguf_path.name)
     with shared_gguf_reader(gguf_path) as reader:
         check_architecture(gguf_path, gguf_value(reader, "general.architecture"), ARCHITECTURES)
+        check_tensor_types(gguf_path, reader)
         log.info("reading the config")
         config = moe_config(
             AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name), reader
