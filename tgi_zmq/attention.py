@@ -338,6 +338,8 @@ def _decode(q, k_cache, v_cache, group: DecodeGroup, shape: Shape) -> torch.Tens
 
 def _prefill(q, k, v, k_cache, v_cache, seq: PrefillSeq, shape: Shape) -> torch.Tensor:
     query = q[seq.lo : seq.hi].transpose(0, 1).unsqueeze(0)
+    if shape.window >= seq.cached + seq.hi - seq.lo:  # the window holds the whole context: causal alone
+        shape = shape._replace(window=0)
     scale = shape.scale
     plain = not shape.window and not shape.softcap
     if seq.cached == 0 and plain:

@@ -220,7 +220,17 @@ class GemmaModel(PagedModel):
         rows = torch.arange(len(positions), device=positions.device)
         return Rotary((emb.cos() * factor).to(self.dtype), (emb.sin() * factor).to(self.dtype), rows)
 
-    def _layer(self, layer: Layer, x, rope: Rotary, cache: KVCache, i: int, batch: ForwardBatch, window):
+    def _layer(
+        self,
+        layer: Layer,
+        x: torch.Tensor,
+        rope: Rotary,
+        cache: KVCache,
+        i: int,
+        batch: ForwardBatch,
+        window: int | None,
+    ) -> torch.Tensor:
+        """Layer ``i`` over the residual stream ``x``: the new stream."""
         q, k, v = layer.qkv.split(layer.qkv(layer.input_norm(x)))
         if layer.q_norm is not None:
             q, k = layer.q_norm(q), layer.k_norm(k)
