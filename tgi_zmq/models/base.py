@@ -48,6 +48,14 @@ class ModelConfig:
         return None
 
 
+def layer_windows(hf: dict[str, Any], window: int | None) -> tuple[int | None, ...]:
+    """Each layer's attention window: config.json's ``layer_types`` ("sliding_attention" layers get the
+    window) where it has them, else ``window`` for every layer."""
+    layers = hf["num_hidden_layers"]
+    types = hf.get("layer_types") or ["sliding_attention"] * layers
+    return tuple(window if kind == "sliding_attention" else None for kind in types)
+
+
 class PagedModel:
     """A model whose ``cfg`` has ``num_layers`` (layers with KV pages) and ``head_dim``; a subclass
     sets ``num_kv_heads``, the KV heads of this rank."""

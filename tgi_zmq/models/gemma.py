@@ -29,8 +29,7 @@ from tgi_zmq.layers import (
     VocabParallelEmbedding,
     WeightSource,
 )
-from tgi_zmq.models.base import ModelConfig, PagedModel
-from tgi_zmq.models.llama import layer_windows
+from tgi_zmq.models.base import ModelConfig, PagedModel, layer_windows
 from tgi_zmq.parallel import Shard
 from tgi_zmq.rope import RopeConfig
 

@@ -41,7 +41,7 @@ from tgi_zmq.layers import (
     gemv_rows,
     silu_and_mul,
 )
-from tgi_zmq.models.base import ModelConfig, PagedModel
+from tgi_zmq.models.base import ModelConfig, PagedModel, layer_windows
 from tgi_zmq.parallel import Shard
 from tgi_zmq.quant import kernels
 from tgi_zmq.quant.formats import Int8Weight
@@ -113,14 +113,6 @@ class LlamaConfig(ModelConfig):
         if hf.get("model_type", "").startswith("qwen") and not hf.get("use_sliding_window"):
             return None
         return window if isinstance(window, int) and window > 0 else None
-
-
-def layer_windows(hf: dict[str, Any], window: int | None) -> tuple[int | None, ...]:
-    """Each layer's attention window: config.json's ``layer_types`` ("sliding_attention" layers get the
-    window) where it has them, else ``window`` for every layer."""
-    layers = hf["num_hidden_layers"]
-    types = hf.get("layer_types") or ["sliding_attention"] * layers
-    return tuple(window if kind == "sliding_attention" else None for kind in types)
 
 
 def _head_dim(hf: dict[str, Any]) -> int:
