@@ -6,7 +6,7 @@ scheduler --GrammarRequest--> [worker rank 0] --GrammarResult--> scheduler
 
 Main loop: receive a step header -> view its tensors in shared memory -> forward + sample
 -> write the sampled ids and logprobs into this worker's buffer -> answer with a header. Rank 0
-also does structured output: it loads the grammar engine at boot (in a thread), compiles each
+also does structured output: it loads the grammar engine on the first grammar (in a thread), compiles each
 grammar the scheduler announces in the background and answers between two steps (polling briefly
 while compiles are pending: a socket is not thread-safe); the step that first samples for a request
 brings its grammar, and rank 0 fills the masks itself (``tgi_zmq.model_runner``, ``tgi_zmq.grammar``).
@@ -29,6 +29,8 @@ import contextlib
 import logging
 import os
 import time
+from concurrent.futures import Future
+from typing import TYPE_CHECKING
 
 import zmq
 
@@ -46,6 +48,9 @@ from tgi_zmq.runtime import (
 )
 from tgi_zmq.steplog import WORKER_STEP
 
+if TYPE_CHECKING:
+    from tgi_zmq.grammar import GrammarEngine
+
 GRAMMAR_POLL_MS = 5  # how often an idle rank 0 looks for finished compiles while some are pending
 
 
@@ -61,7 +66,6 @@ class Worker:
         import torch  # the slow imports come after the heartbeat started: /health is 503 meanwhile
 
         from tgi_zmq import native
-        from tgi_zmq.grammar import load_engine
         from tgi_zmq.memory import rank_device
         from tgi_zmq.model_runner import ModelRunner
         from tgi_zmq.models import weight_bytes
@@ -77,11 +81,8 @@ class Worker:
         self.sock.send(m.encode(m.WorkerBooting(rank, BOOT_ID, os.getpid())))
 
         started = time.perf_counter()
-        grammars = None  # only the rank that samples follows grammars; it loads their engine meanwhile
-        if rank == 0 and not config.disable_grammar_support:
-            grammars = load_engine(config.model_id, config.grammar_compile_timeout)
-            grammars.add_done_callback(lambda _: freeze_heap(collect=False))  # no pause if serving
-            self.profiler.after = grammars
+        # only the rank that samples follows grammars
+        grammars = self.load_grammars if rank == 0 and not config.disable_grammar_support else None
         self.device = rank_device(config.device, rank - config.local_ranks.start)  # this node's GPUs
         if self.device.startswith("cuda"):
             torch.cuda.set_device(self.device)
@@ -129,6 +130,15 @@ class Worker:
         self.sock.send(self.ready)
         self.loaded = True
         self.open_buffers()
+
+    def load_grammars(self) -> Future[GrammarEngine]:
+        """Start loading the grammar engine (on the first grammar: ``grammar.RowMatchers``)."""
+        from tgi_zmq.grammar import load_engine
+
+        loading = load_engine(self.config.model_id, self.config.grammar_compile_timeout)
+        loading.add_done_callback(lambda _: freeze_heap(collect=False))  # no pause if serving
+        self.profiler.after = loading
+        return loading
 
     def open_buffers(self) -> None:
         """The reader of the steps and this rank's ring of results, sized for the largest result the

@@ -188,6 +188,22 @@ def test_without_an_engine_every_grammar_is_refused_with_the_reason():
     assert answers(rows, 1) == {"b": "the grammar engine failed to load: no tokenizer.json"}
 
 
+def test_the_engine_loads_on_the_first_grammar_announced(engine):
+    loads: list[Future] = []
+
+    def load() -> Future:
+        loads.append(Future())
+        return loads[-1]
+
+    rows = RowMatchers(load)
+    assert loads == [] and not rows.pending  # a service never asked for a grammar never loads it
+    rows.announce("a", Grammar("regex", "ab"))
+    rows.announce("b", Grammar("regex", "a(b"))
+    assert len(loads) == 1 and rows.compiled() == [] and rows.pending
+    loads[0].set_result(GrammarEngine(engine[1]))
+    assert answers(rows, 2)["a"] == "" and len(loads) == 1
+
+
 def test_announcements_wait_for_the_engine_to_load_before_their_timeout_counts(engine):
     loading: Future = Future()
     rows = RowMatchers(loading)

@@ -91,8 +91,6 @@ class GrammarEngine:
     refuses its grammar; the last ``cache_size`` grammars' outcomes are kept, a refusal included."""
 
     def __init__(self, tokenizer, timeout: float = 10.0, cache_size: int = 64):
-        import llguidance.torch  # noqa: F401 (the masks' filler: loaded now, not in a step)
-
         self.tokenizer = llguidance_tokenizer(tokenizer)
         self.mask_words = (self.tokenizer.vocab_size + 31) // 32
         self.timeout = timeout
@@ -254,13 +252,16 @@ class Matcher:
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the tokens allowed next into ``bitmask[row]`` (int32, 32 tokens a word). A matcher in
-        error allows every token, not none: a row of -inf logits samples NaNs (its request ends anyway)."""
-        import llguidance.torch
+        error allows every token, not none: a row of -inf logits samples NaNs (its request ends anyway).
 
+        The matcher writes the row itself, as ``llguidance.torch.fill_next_token_bitmask`` has it do; that
+        module is not imported: its ``torch.compile`` decorator loads dynamo and sympy (116 MB a worker)."""
+        words = bitmask[row]
         if self._matcher.is_error():
-            bitmask[row] = -1
+            words.fill_(-1)
         else:
-            llguidance.torch.fill_next_token_bitmask(self._matcher, bitmask, row)
+            assert words.dtype == torch.int32 and words.is_cpu and words.is_contiguous()
+            self._matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
 
     def consume(self, token: int) -> None:
         """Take ``token``; ``GrammarError`` if the grammar refuses it (then the request fails: it must
@@ -274,19 +275,28 @@ class Matcher:
         return self._matcher.is_stopped()
 
 
+EngineLoader = Callable[[], Future[GrammarEngine]]  # starts loading the engine (``load_engine``)
+
+
 class RowMatchers:
     """The grammars of the worker that samples (rank 0): their compiles, announced by the scheduler, and
     a matcher per state row (``tgi_zmq.step``).
 
-    ``engine`` is the grammar engine, loaded or loading (``load_engine``); None where grammars are
-    off (``--disable-grammar-support``, ranks other than 0): every announced grammar is refused.
+    ``engine`` is the grammar engine, loaded or loading (``load_engine``), or what starts its load when
+    the first grammar is announced; None where grammars are off (``--disable-grammar-support``, ranks
+    other than 0): every announced grammar is refused.
+
+    The worker loads it on demand, as vLLM does its grammar backend: a service that is never asked for
+    a grammar does not hold llguidance's reading of the vocabulary (Gemma 3's 262k tokens: about 400 MB
+    resident). The first grammar waits for the load (seconds); its compile timeout counts from there.
     """
 
-    def __init__(self, engine: GrammarEngine | Future[GrammarEngine] | None):
+    def __init__(self, engine: GrammarEngine | Future[GrammarEngine] | EngineLoader | None):
         if isinstance(engine, GrammarEngine):
             engine, loaded = Future(), engine
             engine.set_result(loaded)
-        self._engine = engine
+        self._load = engine if callable(engine) else None
+        self._engine: Future[GrammarEngine] | None = None if callable(engine) else engine
         self._announced: list[tuple[str, Grammar]] = []  # waiting for the engine to load
         self._compiling: list[tuple[str, Compile]] = []
         self._refused: list[tuple[str, str]] = []  # without an engine: (rid, why)
@@ -309,6 +319,9 @@ class RowMatchers:
 
     def announce(self, rid: str, grammar: Grammar) -> None:
         """Compile ``grammar`` for request ``rid`` in the background (``compiled`` says when it is)."""
+        if self._engine is None and self._load is not None:
+            log.info("rid=%s: the first grammar: loading the grammar engine", rid)
+            self._engine = self._load()
         self._announced.append((rid, grammar))
         self._start_compiles()
 

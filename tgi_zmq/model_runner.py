@@ -36,7 +36,7 @@ import torch
 from tgi_zmq.attention import AttentionMetadata
 from tgi_zmq.block_manager import ceil_div
 from tgi_zmq.forward_batch import EncoderBatch, ForwardBatch, RequestStates
-from tgi_zmq.grammar import GrammarEngine, RowMatchers, unpack
+from tgi_zmq.grammar import EngineLoader, GrammarEngine, RowMatchers, unpack
 from tgi_zmq.models import load_model
 from tgi_zmq.parallel import Shard
 from tgi_zmq.sampler import LogitBias, LogitsProcessor, SamplingMetadata, VocabMask, Watermark, sample
@@ -57,7 +57,7 @@ class ModelRunner:
         max_rows: int = 128,
         max_total_tokens: int = 4096,
         watermark: Watermark = Watermark(),
-        grammars: GrammarEngine | Future[GrammarEngine] | None = None,
+        grammars: GrammarEngine | Future[GrammarEngine] | EngineLoader | None = None,
         quantize: str | None = None,
         kv_cache_dtype: str | None = None,
     ):
