@@ -193,3 +193,27 @@ def test_a_stream_with_a_grammar_waits_for_its_compile_before_sending_its_header
 
     assert header_wait(request, group(None, None)) == HEADER_WAIT_S
     assert header_wait(request, group(None, Grammar("regex", "[0-9]+"))) == HEADER_WAIT_S + 7.0
+
+
+# ---------------------------------------------------------------------------- keep-alive comments
+
+
+@pytest.mark.parametrize(("keep_alive", "comments"), [(0.1, True), (0.0, False)])
+async def test_a_silent_stream_gets_keep_alive_comments_unless_turned_off(
+    frontend_client, keep_alive: float, comments: bool
+) -> None:
+    client = await frontend_client(sse_keep_alive=keep_alive)
+    pipeline = client.app[FRONTEND].pipeline
+    answer = asyncio.create_task(client.post("/generate_stream", json={"inputs": "hi"}))
+    while not pipeline._boxes:
+        await asyncio.sleep(0.01)
+    (box,) = pipeline._boxes.values()
+    for n, finish in [(1, None), (2, "length")]:
+        text = "ab"[n - 1]
+        delta = RequestDelta(box.rid, [n], [text], [-0.5], [False], text, finish, n, 3)
+        pipeline._dispatch(BatchTextOutput([delta]))
+        await asyncio.sleep(0.5)  # silent: five keep-alive periods
+    response = await answer
+    lines = [line for line in (await response.text()).splitlines() if line]
+    assert [json.loads(line[5:])["token"]["text"] for line in lines if line.startswith("data:")] == ["a", "b"]
+    assert (":" in lines) == comments, lines

@@ -273,7 +273,8 @@ FLAGS = """--model-id --served-model-name --quantize --kv-cache-dtype --port --h
 --max-stop-sequences --max-client-batch-size --max-best-of --max-top-n-tokens --enable-prefill-logprobs
 --watermark-gamma --watermark-delta --payload-limit --num-shard --master-addr --master-port
 --nnodes --node-rank --torch-threads --replicas --router-policy
---watchdog-timeout --recovery-timeout --chat-template --api-key --body-timeout --shutdown-timeout
+--watchdog-timeout --recovery-timeout --chat-template --api-key --body-timeout --sse-keep-alive
+--shutdown-timeout
 --profile-dir
 --disable-prefix-caching --kv-events-endpoint --kv-events-replay-endpoint --kv-events-topic
 --disable-overlap-schedule --disable-grammar-support

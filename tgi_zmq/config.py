@@ -195,6 +195,12 @@ class ServerConfig:
         derived=True,
     )
     body_timeout: float = flag(10.0, "seconds a request body may take to arrive (408 after)")
+    sse_keep_alive: float = flag(
+        15.0,
+        "seconds a stream may stay silent before it gets a `:` keep-alive comment (TGI's 15 s), so proxies "
+        "keep a queued request's connection open; 0: never (for clients that take every line for an event, "
+        "as `vllm bench serve`)",
+    )
     shutdown_timeout: float = flag(
         20.0, "on SIGTERM, seconds to wait for the requests in flight while /health and new requests get 503"
     )

@@ -21,7 +21,6 @@ log = logging.getLogger("tgi_zmq.frontend")
 # tokenizer (prompt too long...) still get a real status instead of an in-stream error event; a
 # request with a grammar waits for its compile too (rank 0 refuses it with a 422: header_wait).
 HEADER_WAIT_S = 2.0
-KEEPALIVE_S = 15.0  # axum's default SSE keep-alive period
 
 Render = Callable[[Job, RequestDelta], list[Any]]
 
@@ -77,7 +76,7 @@ async def stream_group(
     sse = await Sse(request, headers).open()
     try:
         try:
-            await _pump(sse, group, first, render)
+            await _pump(sse, group, first, render, frontend(request).config.sse_keep_alive)
             await sse.send(*tail())
         except RequestError as exc:
             log_failure(rid_of(request), exc)
@@ -96,11 +95,15 @@ def header_wait(request: web.Request, group: JobGroup) -> float:
     return HEADER_WAIT_S
 
 
-async def _pump(sse: Sse, group: JobGroup, deltas: list[tuple[Job, RequestDelta]], render: Render) -> None:
+async def _pump(
+    sse: Sse, group: JobGroup, deltas: list[tuple[Job, RequestDelta]], render: Render, keep_alive: float
+) -> None:
+    """Send the deltas as they come, and a keep-alive comment after ``keep_alive`` silent seconds (0:
+    never)."""
     while True:
         await sse.send(*(event for job, delta in deltas for event in render(job, delta)))
         if group.done:
             return
-        deltas = await group.next(KEEPALIVE_S)
+        deltas = await group.next(keep_alive or None)
         if not deltas:
             await sse.keep_alive()
