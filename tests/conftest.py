@@ -180,6 +180,23 @@ def service(tmp_path_factory) -> Service:
 
 
 @pytest.fixture(scope="session")
+def flagged_service(tmp_path_factory) -> Iterator[Service]:
+    """One float32 service with the flags that some tests need and the shared one must not have, with
+    DEBUG logs: a folder for profiles (tests/test_e2e_profiling.py) and a grammar compile timeout of
+    0.25 s (tests/test_e2e_grammar.py's slow grammar; too short for the shared service's grammars on a
+    busy machine). Started by the first test that needs it."""
+    tmp = tmp_path_factory.mktemp("flagged")
+    svc = start_service(
+        tmp,
+        *("--dtype", "float32", "--max-batch-total-tokens", "4096", "--profile-dir", str(tmp / "traces")),
+        *("--grammar-compile-timeout", "0.25"),
+        log_level="DEBUG",
+    )
+    yield svc
+    stop_service(svc, wait=False)
+
+
+@pytest.fixture(scope="session")
 def sharded_service(tmp_path_factory) -> Iterator[Service]:
     """One float32 service on two tensor-parallel ranks, shared by the tests of two shards (tokens and
     weights per rank: tests/test_e2e_parallel.py; a rank killed under load: tests/test_e2e_faults.py,

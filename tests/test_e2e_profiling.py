@@ -10,13 +10,12 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.conftest import Service, start_service, stop_service
+from tests.conftest import Service
 
 pytestmark = pytest.mark.e2e
 
@@ -24,13 +23,10 @@ SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 BODY = {"inputs": "Once upon a time, in a small village", "parameters": {"max_new_tokens": 32}}
 
 
-@pytest.fixture(scope="module")
-def profiled(tmp_path_factory) -> Iterator[Service]:
-    tmp = tmp_path_factory.mktemp("profiled")
-    flags = ("--dtype", "float32", "--max-batch-total-tokens", "4096", "--profile-dir", str(tmp / "traces"))
-    svc = start_service(tmp, *flags, log_level="DEBUG")
-    yield svc
-    stop_service(svc, wait=False)
+@pytest.fixture
+def profiled(flagged_service: Service) -> Service:
+    """The session's service with --profile-dir and DEBUG logs (tests/conftest.py)."""
+    return flagged_service
 
 
 def generate(service: Service, headers: dict[str, str] | None = None) -> str:
