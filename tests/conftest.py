@@ -215,8 +215,8 @@ def faulty(tmp_path_factory) -> Iterator[Service]:
     """One bfloat16 service for the fault tests, shared by tests/test_e2e_faults.py (processes killed or
     hung under load, replayed to the same tokens: batch-invariant steps; a short watchdog),
     tests/test_e2e_isolation.py (requests poisoned through the test hook ``TGI_ZMQ_TEST_FAULTS``, set
-    for this service only: tgi_zmq/runtime.py) and tests/test_e2e_invariance.py (prompts prefilled in
-    chunks of 256 beside decodes)."""
+    for this service only: tgi_zmq/runtime.py), tests/test_e2e_invariance.py (prompts prefilled in
+    chunks of 256 beside decodes) and tests/test_e2e_models.py (SmolLM2 in bfloat16 still says Paris)."""
     from tests.test_e2e_isolation import POISON
     from tgi_zmq.runtime import TEST_FAULTS_ENV
 

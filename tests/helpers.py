@@ -193,25 +193,29 @@ def run_engine(
     requests_out: list[Request] | None = None,
     quantize: str | None = None,
     dtype: str = "float32",
+    runner: ModelRunner | None = None,
 ) -> tuple[list[list[int]], SchedulePolicy]:
     """The engine core over a model in this process (``LocalExecutor``), until every request is done.
 
     With ``arrive_every`` > 0 the requests arrive one by one, that many engine turns apart. With
     ``overlap`` the scheduler lags one step behind the worker, as in the service. ``requests_out``
-    receives the finished requests.
+    receives the finished requests. ``runner``: a model already loaded (with ``num_blocks`` pages of
+    ``block_size``), for a second run without a second load; it forgets its last run's requests.
     """
     max_running, max_total = 64, 10_000
-    runner = ModelRunner(
-        str(folder),
-        dtype,
-        device,
-        num_blocks,
-        block_size,
-        shard,
-        max_running,
-        max_total,
-        quantize=quantize,
-    )
+    if runner is None:
+        runner = ModelRunner(
+            str(folder),
+            dtype,
+            device,
+            num_blocks,
+            block_size,
+            shard,
+            max_running,
+            max_total,
+            quantize=quantize,
+        )
+    runner.forget_requests()
     blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
     sched = SchedulePolicy(blocks, max_step_tokens, max_running, (), max_total)
     engine = EngineCore(sched, LocalExecutor(runner), block_size, overlap=overlap)

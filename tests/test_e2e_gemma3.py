@@ -22,6 +22,7 @@ from tests.helpers import run_engine
 from tgi_zmq.checkpoint.gguf_file import shared_gguf_reader
 from tgi_zmq.convert import prepare_gguf_folder, second_model_gguf
 from tgi_zmq.messages import SamplingParams
+from tgi_zmq.model_runner import ModelRunner
 
 pytestmark = pytest.mark.e2e
 
@@ -94,10 +95,10 @@ def test_greedy_tokens_equal_transformers_on_one_rank_alone_and_batched(gemma3):
     _, model, tokenizer, folder = gemma3
     prompts = [tokenizer(t)["input_ids"] for t in TEXTS]
     greedy = [SamplingParams()] * len(prompts)
-    batched, _ = run_engine(
-        folder, prompts, greedy, MAX_NEW, num_blocks=200, block_size=16, max_step_tokens=128
-    )
-    alone, _ = run_engine(folder, prompts[:1], greedy[:1], MAX_NEW, num_blocks=200, block_size=16)
+    runner = ModelRunner(str(folder), "float32", "cpu", 200, 16, max_rows=64, max_total_tokens=10_000)
+    pages = {"num_blocks": 200, "block_size": 16, "runner": runner}  # one load for both runs
+    batched, _ = run_engine(folder, prompts, greedy, MAX_NEW, max_step_tokens=128, **pages)
+    alone, _ = run_engine(folder, prompts[:1], greedy[:1], MAX_NEW, **pages)
     assert batched[0] == alone[0]
     for prompt, ids in zip(prompts, batched, strict=True):
         assert_transformers_greedy(model, prompt, ids)

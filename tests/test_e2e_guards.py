@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 from urllib.parse import urlparse
 
 import openai
@@ -16,7 +18,7 @@ import pytest
 import requests
 from openai import OpenAI
 
-from tests.conftest import Service, start_service, stop_service
+from tests.conftest import Service, children, start_service, stop_service
 
 pytestmark = pytest.mark.e2e
 
@@ -190,6 +192,12 @@ def test_sigterm_drains_the_requests_in_flight_then_stops(guarded: Service) -> N
         finally:
             started.set()
 
+    runtime_dir = Path(re.search(r"runtime dir (\S+);", guarded.log()).group(1))
+    shared_memory = "tgi-zmq-" + runtime_dir.name + "-*"
+    assert list(Path("/dev/shm").glob(shared_memory))
+    (supervisord,) = children(guarded.process.pid)
+    processes = children(supervisord)
+    assert len(processes) == 5
     reader = threading.Thread(target=stream)
     reader.start()
     assert started.wait(60) and events, failures
@@ -214,6 +222,10 @@ def test_sigterm_drains_the_requests_in_flight_then_stops(guarded: Service) -> N
         pytest.fail(
             f"the service did not exit within {SHUTDOWN_TIMEOUT + 30} s of SIGTERM:\n{guarded.log()[-3000:]}"
         )
+    for pid in [supervisord, *processes]:  # everything stopped and cleaned up
+        assert not Path(f"/proc/{pid}").exists()
+    assert not list(Path("/dev/shm").glob(shared_memory))
+    assert not runtime_dir.exists()
     log = guarded.log()
     assert "draining: 1 requests in flight" in log
     assert "drained: no request in flight" in log

@@ -17,17 +17,19 @@ from tests.conftest import start_service, stop_service
 from tests.helpers import ARCHITECTURES, hf_greedy
 from tgi_zmq import models
 from tgi_zmq.models.gemma import GemmaModel
+from tgi_zmq.models.llama import LlamaModel
 
 pytestmark = pytest.mark.e2e
 
 WORDS = "the river model light paris seven orange quietly build window engine north".split()
 PROMPTS = [" ".join(WORDS[i : i + 3 + i % 4]) for i in range(12)]
 MAX_NEW = 10
-# One architecture per model class served end to end (a service each), but Gemma's, which a real model
-# serves (tests/test_e2e_gemma3.py); every architecture is checked in process against transformers
+# One architecture per model class served end to end (a service each), but the classes a real model
+# serves: Llama's (SmolLM2, the shared service: tests/test_e2e_generation.py) and Gemma's
+# (tests/test_e2e_gemma3.py); every architecture is checked in process against transformers
 # (tests/test_models.py, tests/test_parallel.py).
 CLASSES = {models.ARCHITECTURES[arch][1]: arch for arch in reversed(ARCHITECTURES)}
-SERVED = sorted(arch for cls, arch in CLASSES.items() if cls is not GemmaModel)
+SERVED = sorted(arch for cls, arch in CLASSES.items() if cls not in (GemmaModel, LlamaModel))
 
 
 @pytest.fixture(scope="module", params=SERVED)
@@ -60,19 +62,16 @@ def test_greedy_tokens_equal_transformers_alone_and_12_concurrent(served):
         assert list(pool.map(lambda p: generated_ids(service, p), PROMPTS)) == expected
 
 
-def test_smollm2_in_bfloat16_still_says_paris(tmp_path):
-    service = start_service(tmp_path, "--dtype", "bfloat16", "--max-batch-total-tokens", "8192")
-    try:
-        info = requests.get(service.url + "/info", timeout=10).json()
-        assert info["model_dtype"] == "bfloat16"
-        body = {
-            "model": "tgi",
-            "messages": [{"role": "user", "content": "What is the capital of France?"}],
-            "max_tokens": 30,
-            "temperature": 0,  # greedy (TGI's chat route samples by default)
-        }
-        response = requests.post(service.url + "/v1/chat/completions", json=body, timeout=120)
-        assert response.status_code == 200, response.text
-        assert "Paris" in response.json()["choices"][0]["message"]["content"]
-    finally:
-        stop_service(service, wait=False)
+def test_smollm2_in_bfloat16_still_says_paris(faulty):
+    """The shared bfloat16 service (tests/conftest.py's ``faulty``)."""
+    info = requests.get(faulty.url + "/info", timeout=10).json()
+    assert info["model_dtype"] == "bfloat16"
+    body = {
+        "model": "tgi",
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 30,
+        "temperature": 0,  # greedy (TGI's chat route samples by default)
+    }
+    response = requests.post(faulty.url + "/v1/chat/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    assert "Paris" in response.json()["choices"][0]["message"]["content"]
