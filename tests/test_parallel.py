@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import random
 
 import pytest
@@ -41,38 +42,87 @@ def test_each_rank_holds_about_half_of_the_weights(arch, tiny_models):
     assert all(0.45 * whole < h < 0.56 * whole for h in halves)
 
 
-def _rank(rank: int, port: int, folder, prompts, results) -> None:
+def _rank(rank: int, port: int, tasks, results) -> None:
+    """One rank of ``TwoRanks``: run each task's prompts through the engine on two ranks (rank 0 says
+    the tokens), until a None task; a failure is reported and ends the rank (its group is unusable)."""
     torch.set_num_threads(1)
     shard = init_group(rank, 2, "127.0.0.1", port, "cpu")
-    params = [SamplingParams()] * 3 + [
-        SamplingParams(do_sample=True, seed=s) for s in range(len(prompts) - 3)
-    ]
-    out, _ = run_engine(
-        folder, prompts, params, 8, num_blocks=40, max_step_tokens=16, overlap=True, shard=shard
-    )
-    if rank == 0:
-        results.put(out)
+    while (task := tasks.get()) is not None:
+        folder, prompts, params = task
+        try:
+            out, _ = run_engine(
+                folder, prompts, params, 8, num_blocks=40, max_step_tokens=16, overlap=True, shard=shard
+            )
+        except Exception as exc:
+            results.put(f"rank {rank}: {exc!r}")
+            return
+        if rank == 0:
+            results.put(out)
     torch.distributed.destroy_process_group()
 
 
+class TwoRanks:
+    """Two rank processes (gloo) started once and given one model after another: spawning a pair per
+    architecture cost ~3 s of imports each. A failed task stops the pair; the next task starts anew."""
+
+    def __init__(self) -> None:
+        self.ctx = mp.get_context("spawn")
+        self.procs: list = []
+        self.tasks: list = []  # a queue per rank
+
+    def run(self, folder, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
+        if not self.procs or not all(p.is_alive() for p in self.procs):
+            self.start()
+        for tasks in self.tasks:
+            tasks.put((folder, prompts, params))
+        try:
+            out = self.results.get(timeout=120)
+        except queue.Empty:
+            out = "no answer in 120 s"
+        if isinstance(out, str):
+            self.stop()
+            pytest.fail(out)
+        return out
+
+    def start(self) -> None:
+        self.stop()
+        self.tasks = [self.ctx.Queue() for _ in range(2)]
+        self.results = self.ctx.Queue()
+        port = free_port()
+        self.procs = [
+            self.ctx.Process(target=_rank, args=(r, port, self.tasks[r], self.results), daemon=True)
+            for r in range(2)
+        ]
+        for p in self.procs:
+            p.start()
+
+    def stop(self) -> None:
+        for p, tasks in zip(self.procs, self.tasks, strict=True):
+            if p.is_alive():
+                tasks.put(None)
+        for p in self.procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+        self.procs, self.tasks = [], []
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    pair = TwoRanks()
+    yield pair
+    pair.stop()
+
+
 @pytest.mark.parametrize("arch", [*ARCHITECTURES, "llama-biases"])
-def test_two_ranks_give_the_tokens_of_one(arch, tiny_models):
+def test_two_ranks_give_the_tokens_of_one(arch, tiny_models, two_ranks):
     # llama-biases: Llama with attention and MLP biases (the row-parallel ones live on rank 0 only)
     biases = dict(attention_bias=True, mlp_bias=True) if arch == "llama-biases" else {}
     folder = tiny_models(arch.removesuffix("-biases"), **biases)
     rng = random.Random(7)
     prompts = [[rng.randrange(3, 512) for _ in range(rng.randrange(2, 30))] for _ in range(5)]
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
-    port = free_port()
-    procs = [ctx.Process(target=_rank, args=(r, port, folder, prompts, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    assert [p.exitcode for p in procs] == [0, 0]
-    sharded = results.get()
     params = [SamplingParams()] * 3 + [SamplingParams(do_sample=True, seed=s) for s in range(2)]
+    sharded = two_ranks.run(folder, prompts, params)
     single, _ = run_engine(folder, prompts, params, 8, num_blocks=40, max_step_tokens=16, overlap=True)
     assert sharded == single
     assert sharded[:3] == [hf_greedy(folder, p, 8) for p in prompts[:3]]
