@@ -448,8 +448,11 @@ PHI3_LAYER = {
     "input_layernorm": ("attn_norm", Q.F32),
     "post_attention_layernorm": ("ffn_norm", Q.F32),
 }
-PHI3_MODEL = {"model.embed_tokens": ("token_embd", Q.F16), "model.norm": ("output_norm", Q.F32)}
-PHI3_MODEL["lm_head"] = ("output", Q.Q8_0)
+PHI3_MODEL = {
+    "model.embed_tokens": ("token_embd", Q.F16),
+    "model.norm": ("output_norm", Q.F32),
+    "lm_head": ("output", Q.Q8_0),
+}
 # A SentencePiece vocabulary as llama.cpp writes Phi-3's: control tokens, 256 byte tokens, pieces
 # (scores falling with the id), unused pads up to the model's vocabulary, Phi-3's chat tokens last.
 PHI3_PIECES = ["▁", *"abcdefghijklmnopqrstuvwxyz.,", "▁t", "he", "▁the", "▁c", "at", "▁cat"]
@@ -464,9 +467,10 @@ def phi3_vocabulary(size: int) -> tuple[list[str], list[float], list[int]]:
     pads = size - 3 - 256 - len(PHI3_PIECES) - len(PHI3_CHAT)
     tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *PHI3_PIECES]
     tokens += [f"[PAD{i}]" for i in range(pads)] + PHI3_CHAT
-    scores = [0.0] * 259 + [-float(i) for i in range(len(PHI3_PIECES))] + [-10000.0] * pads
+    scores = [0.0] * 259 + [-float(i) for i in range(len(PHI3_PIECES))]
+    scores += [-10000.0] * pads + [-1000.0] * len(PHI3_CHAT)
     types = [3] * 3 + [6] * 256 + [1] * len(PHI3_PIECES) + [5] * pads + [3] * len(PHI3_CHAT)
-    return tokens, scores + [-1000.0] * len(PHI3_CHAT), types
+    return tokens, scores, types
 
 
 def phi3_tensors(folder: Path) -> tuple[dict[str, tuple[np.ndarray, Q]], dict[str, torch.Tensor]]:
@@ -514,8 +518,8 @@ def write_phi3_gguf(folder: Path, path: Path) -> Path:
     writer.add_rope_dimension_count(int(hf["partial_rotary_factor"] * head_dim))
     writer.add_rope_freq_base(hf["rope_theta"])
     writer.add_sliding_window(hf["sliding_window"] or 0)
-    scale = hf["max_position_embeddings"] / hf["original_max_position_embeddings"]
     original = hf["original_max_position_embeddings"]
+    scale = hf["max_position_embeddings"] / original
     writer.add_rope_scaling_attn_factors(np.sqrt(1 + np.log(scale) / np.log(original)) if scale > 1 else 1.0)
     tokens, scores, types = phi3_vocabulary(hf["vocab_size"])
     writer.add_tokenizer_model("llama")
