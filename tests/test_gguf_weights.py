@@ -4,6 +4,7 @@ transformers loads them, and the folder of config and tokenizer files."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import gguf
@@ -13,15 +14,18 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from safetensors import safe_open
 
+from tests.helpers import hf_greedy, run_engine
 from tgi_zmq import convert, models
 from tgi_zmq.checkpoint.base import MissingTensorError
 from tgi_zmq.checkpoint.gguf import GGUFWeights, hf_name
-from tgi_zmq.checkpoint.gguf_file import is_gguf_folder
+from tgi_zmq.checkpoint.gguf_file import gguf_value, is_gguf_folder, shared_gguf_reader
 from tgi_zmq.convert import prepare_gguf_folder
 from tgi_zmq.layers import Linear, ParallelLMHead, VocabParallelEmbedding, WeightSource
+from tgi_zmq.messages import SamplingParams
 from tgi_zmq.parallel import Shard
 from tgi_zmq.quant.formats import Int4Weight, Int8Weight
 from tgi_zmq.quant.linear import DequantizedLinear, QuantizedLinear
+from tgi_zmq.rope import RopeConfig
 
 CPU = torch.device("cpu")
 PROMPT = "The capital of France is Paris"
@@ -237,7 +241,6 @@ def test_a_tied_quantized_head_is_the_embeddings_table(tmp_path: Path, dtype, ra
 
 def test_the_int8_head_reads_only_the_rows_that_sample(tiny_models, monkeypatch) -> None:
     """A step's prompt tokens reach the LM head only where they sample (the last of each prompt)."""
-    from tests.helpers import run_engine
     from tgi_zmq.messages import SamplingParams
 
     rows: list[int] = []  # of x in each int8 matmul (the layers' and the head's)
@@ -332,7 +335,7 @@ def test_an_architecture_no_model_serves_is_refused_before_any_file_is_written(
     monkeypatch.setattr(models, "ARCHITECTURES", served)
     with pytest.raises(
         ValueError,
-        match=r"architecture 'qwen3' is not served as it is \(only llama, qwen2, qwen3moe, gemma2, gemma3\)",
+        match=r"'qwen3' is not served as it is \(only llama, qwen2, qwen3moe, gemma2, gemma3, phi3\)",
     ):
         prepare_gguf_folder(path)
     assert not list((tmp_path / "cache" / "gguf").iterdir())
@@ -429,4 +432,235 @@ def test_a_tensor_type_we_cannot_read_is_refused_before_any_file_is_written(
         ValueError, match=r"tensor blk.0.odd is of type I32, which is not served; served: .*Q4_K"
     ):
         prepare_gguf_folder(path)
+    assert not list((tmp_path / "cache" / "gguf").iterdir())
+
+
+# ------------------------------------------------------------------------------------------------ Phi-3
+
+# Hugging Face's Phi-3 names -> llama.cpp's (convert_hf_to_gguf.py's Phi3MiniModel), each with the type
+# it is stored in here: q|k|v and gate|up fused and quantized, so that each rank's rows of each part
+# come from one tensor's blocks.
+PHI3_LAYER = {
+    "self_attn.qkv_proj": ("attn_qkv", Q.Q8_0),
+    "self_attn.o_proj": ("attn_output", Q.F16),
+    "mlp.gate_up_proj": ("ffn_up", Q.Q8_0),
+    "mlp.down_proj": ("ffn_down", Q.Q8_0),
+    "input_layernorm": ("attn_norm", Q.F32),
+    "post_attention_layernorm": ("ffn_norm", Q.F32),
+}
+PHI3_MODEL = {
+    "model.embed_tokens": ("token_embd", Q.F16),
+    "model.norm": ("output_norm", Q.F32),
+    "lm_head": ("output", Q.Q8_0),
+}
+# A SentencePiece vocabulary as llama.cpp writes Phi-3's: control tokens, 256 byte tokens, pieces
+# (scores falling with the id), unused pads up to the model's vocabulary, Phi-3's chat tokens last.
+PHI3_PIECES = ["▁", *"abcdefghijklmnopqrstuvwxyz.,", "▁t", "he", "▁the", "▁c", "at", "▁cat"]
+PHI3_CHAT = ["<|endoftext|>", "<|user|>", "<|end|>", "<|assistant|>"]
+PHI3_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
+)
+
+
+def phi3_vocabulary(size: int) -> tuple[list[str], list[float], list[int]]:
+    """Tokens, scores and GGUF token types (1 normal, 3 control, 5 unused, 6 byte)."""
+    pads = size - 3 - 256 - len(PHI3_PIECES) - len(PHI3_CHAT)
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *PHI3_PIECES]
+    tokens += [f"[PAD{i}]" for i in range(pads)] + PHI3_CHAT
+    scores = [0.0] * 259 + [-float(i) for i in range(len(PHI3_PIECES))]
+    scores += [-10000.0] * pads + [-1000.0] * len(PHI3_CHAT)
+    types = [3] * 3 + [6] * 256 + [1] * len(PHI3_PIECES) + [5] * pads + [3] * len(PHI3_CHAT)
+    return tokens, scores, types
+
+
+def phi3_tensors(folder: Path) -> tuple[dict[str, tuple[np.ndarray, Q]], dict[str, torch.Tensor]]:
+    """A tiny Phi-3's tensors by GGUF names in their stored types, and the same values dequantized by
+    Hugging Face names (the reference's weights)."""
+    from safetensors.torch import load_file
+
+    stored, dequantized = {}, {}
+    for name, w in load_file(folder / "model.safetensors").items():
+        prefix = name.removesuffix(".weight")
+        if prefix.startswith("model.layers."):
+            layer, part = prefix.removeprefix("model.layers.").split(".", 1)
+            short, qtype = PHI3_LAYER[part]
+            gguf_name = f"blk.{layer}.{short}.weight"
+        else:
+            short, qtype = PHI3_MODEL[prefix]
+            gguf_name = f"{short}.weight"
+        values = w.float().numpy()
+        if qtype == Q.F32:
+            data = values
+        elif qtype == Q.F16:
+            data = values.astype(np.float16)
+        else:
+            data = gguf.quants.quantize(values, qtype)
+        stored[gguf_name] = (data, qtype)
+        dequantized[name] = torch.from_numpy(np.array(gguf.quants.dequantize(data, qtype), np.float32))
+    return stored, dequantized
+
+
+def write_phi3_gguf(folder: Path, path: Path) -> Path:
+    """The tiny Phi-3 at ``folder`` as llama.cpp's converter writes it: its metadata (Phi3MiniModel's
+    set_gguf_parameters), the LongRoPE factors as rope_factors tensors, a SentencePiece vocabulary."""
+    hf = json.loads((folder / "config.json").read_text())
+    head_dim = hf["hidden_size"] // hf["num_attention_heads"]
+    writer = gguf.GGUFWriter(path, "phi3")
+    writer.add_name("Phi 3 Tiny")
+    writer.add_context_length(hf["max_position_embeddings"])
+    writer.add_rope_scaling_orig_ctx_len(hf["original_max_position_embeddings"])
+    writer.add_embedding_length(hf["hidden_size"])
+    writer.add_feed_forward_length(hf["intermediate_size"])
+    writer.add_block_count(hf["num_hidden_layers"])
+    writer.add_head_count(hf["num_attention_heads"])
+    writer.add_head_count_kv(hf["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(hf["rms_norm_eps"])
+    writer.add_rope_dimension_count(int(hf["partial_rotary_factor"] * head_dim))
+    writer.add_rope_freq_base(hf["rope_theta"])
+    writer.add_sliding_window(hf["sliding_window"] or 0)
+    original = hf["original_max_position_embeddings"]
+    scale = hf["max_position_embeddings"] / original
+    writer.add_rope_scaling_attn_factors(np.sqrt(1 + np.log(scale) / np.log(original)) if scale > 1 else 1.0)
+    tokens, scores, types = phi3_vocabulary(hf["vocab_size"])
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(tokens.index("<|end|>"))
+    writer.add_unk_token_id(0)
+    writer.add_pad_token_id(tokens.index("<|endoftext|>"))
+    writer.add_add_bos_token(True)
+    writer.add_chat_template(PHI3_TEMPLATE)
+    stored, _ = phi3_tensors(folder)
+    rope = hf["rope_scaling"]
+    stored["rope_factors_long.weight"] = (np.array(rope["long_factor"], np.float32), Q.F32)
+    stored["rope_factors_short.weight"] = (np.array(rope["short_factor"], np.float32), Q.F32)
+    for name, (data, qtype) in stored.items():
+        writer.add_tensor(name, data, raw_dtype=None if qtype in (Q.F32, Q.F16) else qtype)
+    for step in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
+        step()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def phi3(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny Phi-3 (LongRoPE's short factors) as a GGUF file, the folder serving it as it is, and
+    the reference: transformers' checkpoint of the file's weights dequantized."""
+    from safetensors.torch import save_file
+
+    original = tiny_models("phi3")
+    tmp = tmp_path_factory.mktemp("phi3")
+    path = write_phi3_gguf(original, tmp / "phi3.gguf")
+    reference = tmp / "reference"
+    reference.mkdir()
+    shutil.copy(original / "config.json", reference / "config.json")
+    save_file(phi3_tensors(original)[1], reference / "model.safetensors")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(convert.CACHE_ENV, str(tmp / "cache"))
+        served = prepare_gguf_folder(path)
+    return {"original": original, "gguf": path, "served": served, "reference": reference}
+
+
+PHI3_FIELDS = [  # config.json's fields that make the model (rms_norm_eps: a float32 in the file)
+    "model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "vocab_size", "max_position_embeddings",
+    "original_max_position_embeddings", "rope_theta", "rope_scaling", "sliding_window",
+    "partial_rotary_factor", "tie_word_embeddings", "hidden_act",
+]  # fmt: skip
+
+
+def assert_phi3_config(served: Path, original: Path) -> None:
+    ours, theirs = (json.loads((f / "config.json").read_text()) for f in (served, original))
+    assert {k: ours.get(k) for k in PHI3_FIELDS} == {k: theirs.get(k) for k in PHI3_FIELDS}
+    assert ours["rms_norm_eps"] == pytest.approx(theirs["rms_norm_eps"], rel=1e-6)
+
+
+def test_a_phi3_gguf_serves_transformers_tokens_from_its_quantized_blocks(phi3) -> None:
+    assert_phi3_config(phi3["served"], phi3["original"])
+    with safe_open(phi3["reference"] / "model.safetensors", "pt") as f:  # every tensor named
+        factors = {"rope_factors_long.weight", "rope_factors_short.weight"}  # config.json's LongRoPE
+        assert set(GGUFWeights(phi3["gguf"], torch.float32, CPU).tensors) == set(f.keys()) | factors
+    model = models.load_model(phi3["served"], "float32", "cpu")
+    for layer in model.layers:  # q|k|v and gate|up: one tensor each in the file, int8 blocks in the model
+        assert type(layer.qkv.method) is QuantizedLinear and type(layer.gate_up.method) is QuantizedLinear
+    assert type(model.layers[0].o.method) is DequantizedLinear  # F16
+    rng = np.random.default_rng(4)
+    prompts = [[int(t) for t in rng.integers(3, 512, n)] for n in (5, 17, 29)]
+    expected = [hf_greedy(phi3["reference"], p, 8) for p in prompts]
+    assert run_engine(phi3["served"], prompts, [SamplingParams()] * 3, 8)[0] == expected
+
+
+def test_a_phi3_gguf_on_two_ranks_gives_the_tokens_of_one(phi3) -> None:
+    import torch.multiprocessing as mp
+
+    from tests.conftest import free_port
+    from tests.test_parallel import _rank
+
+    prompts = [[5, 9, 200, 31], [400, 3, 77, 12, 90, 8, 150], [33, 7]]  # greedy (_rank: the first 3)
+    ctx = mp.get_context("spawn")
+    results, port = ctx.SimpleQueue(), free_port()
+    procs = [ctx.Process(target=_rank, args=(r, port, phi3["served"], prompts, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert results.get() == [hf_greedy(phi3["reference"], p, 8) for p in prompts]
+
+
+def test_a_long_context_phi3_gguf_config_has_its_long_factors_and_window(
+    tiny_models, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """128k-style: the context past the original one (the long factors serve), and a sliding window."""
+    original = tiny_models("phi3", max_position_embeddings=4096, sliding_window=8)
+    path = write_phi3_gguf(original, tmp_path / "long.gguf")
+    with shared_gguf_reader(path) as reader:
+        assert gguf_value(reader, "phi3.rope.scaling.attn_factor") == pytest.approx(
+            RopeConfig.from_hf(models.read_config(original), 16).inv_freq()[1]
+        )  # what the file says is what the config gives
+    monkeypatch.setenv(convert.CACHE_ENV, str(tmp_path / "cache"))
+    served = prepare_gguf_folder(path)
+    assert_phi3_config(served, original)
+    assert_phi3_config(convert.convert_gguf(path, tmp_path / "converted"), original)  # dequantized alike
+    (ours, our_factor), (theirs, their_factor) = (
+        RopeConfig.from_hf(models.read_config(f), 16).inv_freq() for f in (served, original)
+    )
+    assert torch.equal(ours, theirs) and our_factor == their_factor > 1
+
+
+def test_a_phi3_gguf_tokenizer_reads_its_sentencepiece_vocabulary_as_llama_cpp(phi3) -> None:
+    """Llama 2's normalizer ("▁" for spaces and before the text), byte fallback, and the whitespace after
+    Phi-3's chat tokens dropped (llama.cpp's rule)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(phi3["served"])
+    tokens, _, _ = phi3_vocabulary(512)
+    ids = tokens.index
+    byte = lambda b: 3 + b  # noqa: E731
+    assert tokenizer("the cat")["input_ids"] == [1, ids("▁the"), ids("▁cat")]
+    assert tokenizer("Hé, at")["input_ids"] == [
+        1, ids("▁"), byte(0x48), byte(0xC3), byte(0xA9), ids(","), ids("▁"), ids("at"),
+    ]  # fmt: skip
+    chat = "<|user|>\nthe cat<|end|>\n<|assistant|>\n"
+    expected = [1, ids("<|user|>"), ids("▁the"), ids("▁cat"), ids("<|end|>"), ids("<|assistant|>")]
+    assert tokenizer(chat)["input_ids"] == expected
+    assert tokenizer.decode(tokenizer("Hé, the cat")["input_ids"], skip_special_tokens=True) == "Hé, the cat"
+    assert (tokenizer.eos_token, tokenizer.bos_token, len(tokenizer)) == ("<|end|>", "<s>", 512)
+    assert tokenizer.chat_template == PHI3_TEMPLATE
+
+
+def test_a_phi3_gguf_of_another_vocabulary_is_refused(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Phi-4's files are phi3 GGUFs with a GPT-2 vocabulary, which transformers' Phi-3 reader misreads."""
+    writer = gguf.GGUFWriter(tmp_path / "phi4.gguf", "phi3")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tensor("output_norm.weight", np.ones(64, np.float32))
+    for step in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
+        step()
+    writer.close()
+    monkeypatch.setenv(convert.CACHE_ENV, str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="phi3 GGUF with a 'gpt2' vocabulary"):
+        prepare_gguf_folder(tmp_path / "phi4.gguf")
     assert not list((tmp_path / "cache" / "gguf").iterdir())

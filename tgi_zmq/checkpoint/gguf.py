@@ -54,7 +54,10 @@ _GEMMA_LAYER_NAMES = {
     "post_attention_norm": "post_attention_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
-_LAYER_NAMES_OF = {"gemma2": _GEMMA_LAYER_NAMES, "gemma3": _GEMMA_LAYER_NAMES}
+# Phi-3's q|k|v rows are one tensor, and so are its gate|up rows (Hugging Face's qkv_proj and gate_up_proj):
+# the model reads each rank's rows of every part from the one tensor, quantized blocks and all.
+_PHI3_LAYER_NAMES = {**_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+_LAYER_NAMES_OF = {"gemma2": _GEMMA_LAYER_NAMES, "gemma3": _GEMMA_LAYER_NAMES, "phi3": _PHI3_LAYER_NAMES}
 # llama.cpp stores Gemma's norm weights as 1 + w (its norm multiplies by the weight); transformers
 # subtracts the 1 again, and so do we (our Gemma norm adds it back, as transformers').
 _ONE_PLUS_NORMS = ("gemma2", "gemma3")
@@ -69,8 +72,9 @@ _MOE_NAMES = {
         {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"},
     ),
 }
-# Derived from the config's rope scaling by every loader (transformers ignores it too): never read.
-_IGNORED = ("rope_freqs.weight",)
+# Derived from the config's rope scaling by every loader (transformers ignores it too), or (Phi-3's LongRoPE
+# factors) written into config.json by tgi_zmq.convert.gguf: never read as weights.
+_IGNORED = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
 
 def hf_tensors(tensors: list[ReaderTensor], arch: str) -> dict[str, ReaderTensor]:

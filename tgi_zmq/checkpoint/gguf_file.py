@@ -26,6 +26,7 @@ GGUF_MODEL_TYPES = {
     "qwen3moe": "qwen3_moe",
     "gemma2": "gemma2",
     "gemma3": "gemma3_text",
+    "phi3": "phi3",
 }
 
 

@@ -8,13 +8,14 @@ they are tested without a real dequantization.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import logging
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +45,7 @@ from tgi_zmq.dtypes import to_torch
 
 if TYPE_CHECKING:
     import torch
-    from gguf import GGUFReader
+    from gguf import GGUFReader, ReaderTensor
     from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,8 @@ def _build(gguf_path: Path, folder: Path, dtype: str) -> None:
 
         steps.set_postfix_str("write configs")
         architecture, generation = type(model).__name__, model.generation_config
-        write_configs(folder, gguf_path, model.config, tokenizer, overrides, dtype, architecture, generation)
+        config = phi3_config(model.config, open_gguf(gguf_path))
+        write_configs(folder, gguf_path, config, tokenizer, overrides, dtype, architecture, generation)
         write_format_stamp(folder)
         fsync_tree(folder)
         steps.update()
@@ -163,20 +165,50 @@ def load_gguf_tokenizer(gguf_path: Path) -> tuple[PreTrainedTokenizerBase, dict[
     (``special_token_overrides``) for tokenizer_config.json."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    if read_gguf_field(gguf_path, "general.architecture") in SENTENCEPIECE_BPE_ARCHS:
+    arch = read_gguf_field(gguf_path, "general.architecture")
+    tokenizer_model = read_gguf_field(gguf_path, "tokenizer.ggml.model")
+    if arch == "phi3" and tokenizer_model != "llama":
+        raise ValueError(
+            f"{gguf_path}: a phi3 GGUF with a {tokenizer_model!r} vocabulary (Phi-4's) is not read: only "
+            "Phi-3's SentencePiece ('llama') vocabulary is read right"
+        )
+    with _phi3_read_as_llama():
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    if arch in SENTENCEPIECE_BPE_ARCHS:
         tokenizer._tokenizer = sentencepiece_bpe(gguf_path, tokenizer.backend_tokenizer)
     overrides = special_token_overrides(read_gguf_tokenizer_flags(gguf_path), tokenizer)
     apply_special_tokens(tokenizer, overrides)
     return tokenizer, overrides
 
 
+@contextlib.contextmanager
+def _phi3_read_as_llama() -> Iterator[None]:
+    """Within the block transformers reads a phi3 GGUF's vocabulary as a llama file's (llama.cpp writes
+    Phi-3's SentencePiece vocabulary as Llama 2's). transformers 4.57's Phi-3 reader fails on a file
+    without a padding token, builds BPE without byte fallback (a character outside the vocabulary
+    vanishes) or normalizer (a space never becomes "▁"), and adds Phi-3-mini's chat tokens to any
+    vocabulary that lacks them."""
+    from transformers.integrations import ggml
+
+    converters = ggml.GGUF_TO_FAST_CONVERTERS
+    phi3 = converters["phi3"]
+    converters["phi3"] = converters["llama"]
+    try:
+        yield
+    finally:
+        converters["phi3"] = phi3
+
+
 # GGUF architectures whose vocabulary is a SentencePiece BPE model, which transformers 4.57 reads as a
-# Unigram model ("capital" became five pieces) and whose tab byte it renames. Rebuilt as transformers 5
-# (and Google's tokenizer.json) have it: BPE merging by the merged piece's id, byte fallback, control
-# tokens special and user-defined ones added (runs of spaces, as "▁" runs, are merged pieces instead).
-SENTENCEPIECE_BPE_ARCHS = ("gemma", "gemma2", "gemma3")
+# Unigram model (Gemma's: "capital" became five pieces, the tab byte renamed) or without the whitespace
+# rule of its added tokens (Phi-3's). Rebuilt as transformers 5 (and the models' tokenizer.json) have it:
+# BPE merging by the merged piece's id (Phi-3's scores fall with the id), byte fallback, control tokens
+# special and user-defined ones added (runs of spaces, as "▁" runs, are merged pieces instead).
+SENTENCEPIECE_BPE_ARCHS = ("gemma", "gemma2", "gemma3", "phi3")
 _CONTROL, _USER_DEFINED = 3, 4  # GGUF token types
+# Phi-3's added tokens but these drop the whitespace after them, as llama.cpp (llama-vocab.cpp) and
+# transformers' Phi-3 converter have it: "<|user|>\nHi" is <|user|> ▁Hi.
+_PHI3_KEEP_SPACE = ("<unk>", "<s>", "<|endoftext|>")
 
 
 def sentencepiece_bpe(gguf_path: Path, converted: Any) -> Any:
@@ -187,6 +219,7 @@ def sentencepiece_bpe(gguf_path: Path, converted: Any) -> Any:
     from transformers.convert_slow_tokenizer import generate_merges
 
     with shared_gguf_reader(gguf_path) as reader:
+        phi3 = gguf_value(reader, "general.architecture") == "phi3"
         tokens = [bytes(p).decode("utf-8") for p in gguf_array(reader, "tokenizer.ggml.tokens")]
         types = [int(p[0]) for p in gguf_array(reader, "tokenizer.ggml.token_type")]
     pieces = [_SPACE_PIECE * len(t) if t and not t.strip(" ") else t for t in tokens]
@@ -197,7 +230,12 @@ def sentencepiece_bpe(gguf_path: Path, converted: Any) -> Any:
     tokenizer.pre_tokenizer = converted.pre_tokenizer
     tokenizer.decoder = converted.decoder
     added = [
-        AddedToken(tokens[i], special=types[i] == _CONTROL, normalized=False)
+        AddedToken(
+            tokens[i],
+            special=types[i] == _CONTROL,
+            normalized=False,
+            rstrip=phi3 and tokens[i] not in _PHI3_KEEP_SPACE,
+        )
         for i in range(len(tokens))
         if types[i] == _CONTROL or (types[i] == _USER_DEFINED and pieces[i] == tokens[i])
     ]
@@ -410,9 +448,8 @@ def _write_gguf_folder(gguf_path: Path, folder: Path) -> None:
         check_architecture(gguf_path, gguf_value(reader, "general.architecture"), ARCHITECTURES)
         check_tensor_types(gguf_path, reader)
         log.info("reading the config")
-        config = moe_config(
-            AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name), reader
-        )
+        config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        config = phi3_config(moe_config(config, reader), reader)
         log.info("reading the tokenizer")
         tokenizer, overrides = load_gguf_tokenizer(gguf_path)
         log.info("writing the config and tokenizer files")
@@ -441,3 +478,33 @@ def moe_config(config: PretrainedConfig, reader: GGUFReader) -> PretrainedConfig
         config.moe_intermediate_size = gguf_value(reader, "qwen3moe.expert_feed_forward_length")
         config.norm_topk_prob = True
     return config
+
+
+def phi3_config(config: PretrainedConfig, reader: GGUFReader) -> PretrainedConfig:
+    """transformers' config of a phi3 GGUF completed from what llama.cpp's converter wrote, which
+    transformers 4.57 does not read: the original context, LongRoPE's factors (the rope_factors_long and
+    rope_factors_short tensors), the sliding window (0: none) and the rotary dimensions (a partial rotary
+    is then refused at launch). The file's ``rope.scaling.attn_factor`` is not read: it is LongRoPE's
+    attention factor, which the context and original context give (transformers computes it alike; its
+    Phi3Config takes no other key in rope_scaling)."""
+    if gguf_value(reader, "general.architecture") != "phi3":
+        return config
+    original = gguf_value(reader, "phi3.rope.scaling.original_context_length")
+    if original:
+        config.original_max_position_embeddings = original
+    factors = {t.name: t for t in reader.tensors if t.name.startswith("rope_factors_")}
+    if factors:
+        long, short = (_floats(factors[f"rope_factors_{k}.weight"]) for k in ("long", "short"))
+        config.rope_scaling = {"type": "longrope", "long_factor": long, "short_factor": short}
+    config.sliding_window = gguf_value(reader, "phi3.attention.sliding_window") or None
+    rotary = gguf_value(reader, "phi3.rope.dimension_count")
+    if rotary:
+        config.partial_rotary_factor = rotary / (config.hidden_size // config.num_attention_heads)
+    return config
+
+
+def _floats(tensor: ReaderTensor) -> list[float]:
+    """A 1-D GGUF tensor's values as Python floats (a float32's, exactly)."""
+    from gguf.quants import dequantize
+
+    return [float(v) for v in dequantize(tensor.data, tensor.tensor_type).reshape(-1)]
