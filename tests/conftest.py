@@ -234,6 +234,16 @@ def faulty(tmp_path_factory) -> Iterator[Service]:
 
 
 @pytest.fixture(scope="session")
+def two_ranks() -> Iterator[Any]:
+    """Two rank processes shared by the session's two-rank checks (tests/helpers.py's ``TwoRanks``)."""
+    from tests.helpers import TwoRanks
+
+    pair = TwoRanks()
+    yield pair
+    pair.stop()
+
+
+@pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> Iterator[Callable[..., Path]]:
     """``tiny_models(arch, smol_tokenizer=False, **overrides)``: the folder of tests/helpers.py's
     ``tiny_model(arch, **overrides)`` (with SmolLM2's tokenizer beside it if asked), built once a

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import queue
 import shutil
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from types import ModuleType
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from tgi_zmq import models
 from tgi_zmq.block_manager import BlockManager
@@ -18,7 +20,7 @@ from tgi_zmq.engine import EngineCore
 from tgi_zmq.messages import SamplingParams, ScheduleRequest
 from tgi_zmq.model_runner import ModelRunner
 from tgi_zmq.offline import LocalExecutor, run_to_completion
-from tgi_zmq.parallel import Shard
+from tgi_zmq.parallel import Shard, init_group
 from tgi_zmq.policy import Request, SchedulePolicy
 
 ARCHITECTURES = tuple(models.ARCHITECTURES)  # every model_type served: ``tiny_model`` makes each
@@ -264,3 +266,71 @@ def isa_codes(ext: ModuleType) -> list[int]:
 
     paths = {ext.isa_name(code): code for code in sorted(native.ISAS.values(), reverse=True)}
     return sorted(paths.values())
+
+
+def _rank(rank: int, port: int, tasks, results) -> None:
+    """One rank of ``TwoRanks``: run each task's prompts through the engine on two ranks (rank 0 says
+    the tokens), until a None task; a failure is reported and ends the rank (its group is unusable)."""
+    torch.set_num_threads(1)
+    shard = init_group(rank, 2, "127.0.0.1", port, "cpu")
+    while (task := tasks.get()) is not None:
+        folder, prompts, params = task
+        try:
+            out, _ = run_engine(
+                folder, prompts, params, 8, num_blocks=40, max_step_tokens=16, overlap=True, shard=shard
+            )
+        except Exception as exc:
+            results.put(f"rank {rank}: {exc!r}")
+            return
+        if rank == 0:
+            results.put(out)
+    torch.distributed.destroy_process_group()
+
+
+class TwoRanks:
+    """Two rank processes (gloo) started once and given one model after another (``run``: each rank runs
+    the engine on its half of the model, rank 0 says the tokens): spawning a pair per model cost ~3 s of
+    imports each. A failed task stops the pair; the next task starts anew. (conftest's ``two_ranks``.)"""
+
+    def __init__(self) -> None:
+        self.ctx = mp.get_context("spawn")
+        self.procs: list = []
+        self.tasks: list = []  # a queue per rank
+
+    def run(self, folder, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
+        if not self.procs or not all(p.is_alive() for p in self.procs):
+            self.start()
+        for tasks in self.tasks:
+            tasks.put((folder, prompts, params))
+        try:
+            out = self.results.get(timeout=120)
+        except queue.Empty:
+            out = "no answer in 120 s"
+        if isinstance(out, str):
+            self.stop()
+            pytest.fail(out)
+        return out
+
+    def start(self) -> None:
+        self.stop()
+        self.tasks = [self.ctx.Queue() for _ in range(2)]
+        self.results = self.ctx.Queue()
+        from tests.conftest import free_port
+
+        port = free_port()
+        self.procs = [
+            self.ctx.Process(target=_rank, args=(r, port, self.tasks[r], self.results), daemon=True)
+            for r in range(2)
+        ]
+        for p in self.procs:
+            p.start()
+
+    def stop(self) -> None:
+        for p, tasks in zip(self.procs, self.tasks, strict=True):
+            if p.is_alive():
+                tasks.put(None)
+        for p in self.procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+        self.procs, self.tasks = [], []

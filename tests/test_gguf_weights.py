@@ -593,22 +593,10 @@ def test_a_phi3_gguf_serves_transformers_tokens_from_its_quantized_blocks(phi3) 
     assert run_engine(phi3["served"], prompts, [SamplingParams()] * 3, 8)[0] == expected
 
 
-def test_a_phi3_gguf_on_two_ranks_gives_the_tokens_of_one(phi3) -> None:
-    import torch.multiprocessing as mp
-
-    from tests.conftest import free_port
-    from tests.test_parallel import _rank
-
-    prompts = [[5, 9, 200, 31], [400, 3, 77, 12, 90, 8, 150], [33, 7]]  # greedy (_rank: the first 3)
-    ctx = mp.get_context("spawn")
-    results, port = ctx.SimpleQueue(), free_port()
-    procs = [ctx.Process(target=_rank, args=(r, port, phi3["served"], prompts, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    assert [p.exitcode for p in procs] == [0, 0]
-    assert results.get() == [hf_greedy(phi3["reference"], p, 8) for p in prompts]
+def test_a_phi3_gguf_on_two_ranks_gives_the_tokens_of_one(phi3, two_ranks) -> None:
+    prompts = [[5, 9, 200, 31], [400, 3, 77, 12, 90, 8, 150], [33, 7]]
+    tokens = two_ranks.run(phi3["served"], prompts, [SamplingParams()] * len(prompts))
+    assert tokens == [hf_greedy(phi3["reference"], p, 8) for p in prompts]
 
 
 def test_a_long_context_phi3_gguf_config_has_its_long_factors_and_window(
