@@ -189,6 +189,9 @@ def test_guard_flags_come_from_the_command_line_or_their_env_vars(monkeypatch):
     assert resolve("--max-batch-total-tokens", "9000", "--api-key", "k2").api_key == "k2"
     with pytest.raises(ValueError, match="--body-timeout must be > 0"):
         resolve("--max-batch-total-tokens", "9000", "--body-timeout", "0")
+    with pytest.raises(ValueError, match="--sse-keep-alive must be >= 0"):
+        resolve("--max-batch-total-tokens", "9000", "--sse-keep-alive", "-1")
+    assert resolve("--max-batch-total-tokens", "9000", "--sse-keep-alive", "0").sse_keep_alive == 0
 
 
 def test_served_model_names_are_the_models_and_tgi_unless_given(monkeypatch):

@@ -225,6 +225,8 @@ def check_flags(config: ServerConfig) -> None:
         raise ValueError("--watchdog-timeout and --recovery-timeout must be > 0")
     if config.body_timeout <= 0 or config.shutdown_timeout < 0:
         raise ValueError("--body-timeout must be > 0 and --shutdown-timeout >= 0")
+    if config.sse_keep_alive < 0:
+        raise ValueError("--sse-keep-alive must be >= 0 (0: no keep-alive comments)")
     if config.grammar_compile_timeout <= 0:
         raise ValueError("--grammar-compile-timeout must be > 0")
     if config.deterministic not in ("auto", "on", "off"):
