@@ -68,7 +68,11 @@ class SchedulerProcess:
         self.kv_events = kv_events_publisher(config)
         self.policy = SchedulePolicy(
             BlockManager(
-                config.num_blocks, config.block_size, config.enable_prefix_caching, self.kv_events is not None
+                config.num_blocks,
+                config.block_size,
+                config.enable_prefix_caching,
+                self.kv_events is not None,
+                config.kv_window,
             ),
             max_step_tokens=config.max_batch_prefill_tokens,
             max_running=config.max_concurrent_requests,
@@ -229,7 +233,7 @@ class StatsReporter:
             batch_size=len(p.running),
             kv_blocks_used=p.block_manager.num_used,
             kv_blocks_cached=p.block_manager.num_cached_free,
-            kv_blocks_total=p.block_manager.num_blocks,
+            kv_blocks_total=p.block_manager.capacity,
             max_batch_total_tokens=self.config.max_batch_total_tokens,
             prefix_cache_hit_tokens=p.prefix_hit_tokens - self.sent_hits,
             prefix_cache_query_tokens=p.prefix_query_tokens - self.sent_queries,

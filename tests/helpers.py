@@ -218,7 +218,9 @@ def run_engine(
             quantize=quantize,
         )
     runner.forget_requests()
-    blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
+    hf = models.read_config(folder)
+    window = models.architecture(hf)[0].kv_window(hf)  # as the launcher derives it: pages behind it are freed
+    blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching, window=window)
     sched = SchedulePolicy(blocks, max_step_tokens, max_running, (), max_total)
     engine = EngineCore(sched, LocalExecutor(runner), block_size, overlap=overlap)
     start = getattr(runner.model.cfg, "decoder_start_token_id", None)  # seq2seq: prompts go to the encoder
@@ -227,7 +229,7 @@ def run_engine(
         for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
     ]
     run_to_completion(engine, reqs, arrive_every)
-    assert sched.block_manager.num_free == num_blocks
+    assert sched.block_manager.num_free == sched.block_manager.capacity
     if requests_out is not None:
         requests_out.extend(reqs)
     return [r.output_ids for r in reqs], sched

@@ -268,3 +268,30 @@ def test_workers_lost_while_announcing_a_grammar_launch_nothing_in_that_turn(fol
     out = engine.step()
     assert not out.launched and executor.submitted == 0 and not out.failed
     assert plain.faults == 0 and list(engine.policy.waiting) == [plain, constrained]
+
+
+def test_a_windowed_model_recomputes_after_lost_workers_to_the_same_tokens(tiny_models):
+    """Mistral (a window of 8): the requests lose the pages freed behind their window with the rest of the
+    cache, recompute on fresh workers and give the tokens of an undisturbed run."""
+    folder = tiny_models("mistral")
+    prompts = [list(range(3, 43)), list(range(50, 80))]
+    reqs_params = [SamplingParams(), SamplingParams(do_sample=True, seed=3)]
+
+    def run(lose_at: set[int]) -> tuple[list[list[int]], Recording, EngineCore]:
+        runner = ModelRunner(str(folder), "float32", "cpu", 64, 4, max_rows=8, max_total_tokens=256)
+        policy = SchedulePolicy(BlockManager(64, 4, window=8), 16, 8, (), 256)
+        ref: list = []
+        executor = Recording(runner, ref)
+        engine = EngineCore(policy, executor, 4)
+        ref.append(engine)
+        executor.lose_at = lose_at
+        reqs = [
+            Request(f"w{i}", p, sp, 20) for i, (p, sp) in enumerate(zip(prompts, reqs_params, strict=True))
+        ]
+        run_to_completion(engine, reqs)
+        return [r.output_ids for r in reqs], executor, engine
+
+    undisturbed, _, _ = run(set())
+    lost, executor, engine = run({9})  # both decoding, past the window: pages freed
+    assert executor.restarts == [None] and lost == undisturbed
+    assert engine.policy.block_manager.num_free == engine.policy.block_manager.capacity

@@ -11,6 +11,8 @@ import zmq
 from tests.kv_event_index import BlockIndex, replay
 from tgi_zmq.block_manager import BlockManager
 from tgi_zmq.kv_events import Publisher, encode_batch, external_hash
+from tgi_zmq.messages import SamplingParams
+from tgi_zmq.policy import Request, SchedulePolicy
 
 BLOCK = 4
 
@@ -98,3 +100,28 @@ def test_the_publisher_sends_numbered_batches_under_its_topic_and_replays_them(t
     assert [sequence for sequence, _ in replay(replays, 2)] == [2]
     assert replay(replays, 3) == []
     sub.close()
+
+
+def test_the_events_follow_pages_freed_behind_a_sliding_window():
+    """A windowed model's requests free their early pages while they run: those stay cached (no event)
+    until evicted (a ``BlockRemoved``), and the events still rebuild the prefix cache exactly."""
+    rng = random.Random(7)
+    manager = BlockManager(num_blocks=20, block_size=BLOCK, record_events=True, window=6)
+    sched = SchedulePolicy(manager, 16, 8, eos_token_ids=(), max_total_tokens=manager.capacity * BLOCK)
+    stems = [[rng.randrange(50) for _ in range(5 * BLOCK)] for _ in range(3)]  # shared prefixes
+    index, sequence, freed = BlockIndex(), 0, 0
+    for turn in range(300):
+        if rng.random() < 0.3 and len(sched.waiting) < 3:
+            tokens = rng.choice(stems)[: rng.randrange(1, 21)] + [rng.randrange(50) for _ in range(6)]
+            sched.add(Request(f"r{turn}", tokens, SamplingParams(), rng.randrange(1, 12)))
+        batch = sched.schedule()
+        if batch:
+            samples = batch.num_samples
+            sched.update(batch, [rng.randrange(50) for _ in range(samples)], [0.0] * samples)
+        freed += sum(req.freed_blocks for req in sched.running)
+        events = manager.take_events()
+        if events:
+            index.apply(sequence, encode_batch(time.time(), events, BLOCK))
+            sequence += 1
+        assert index.blocks == expected(manager), turn
+    assert freed > 100 and index.removed > 10

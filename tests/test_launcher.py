@@ -133,7 +133,9 @@ def test_an_unsupported_architecture_is_refused_with_the_supported_list(tmp_path
 
 
 def test_a_sliding_window_no_longer_caps_the_context(tmp_path):
-    """The attention reads each layer's window (tgi_zmq.attention): the context is the model's."""
+    """The attention reads each layer's window (tgi_zmq.attention): the context is the model's, all but
+    the page a windowed pool keeps as its null page (tgi_zmq.block_manager); the scheduler is told the
+    window when every layer has one."""
     mistral = dict(
         model_type="mistral",
         num_hidden_layers=2,
@@ -143,9 +145,30 @@ def test_a_sliding_window_no_longer_caps_the_context(tmp_path):
         sliding_window=1024,
     )
     folder = write_config(tmp_path / "mistral", **mistral)
-    assert resolve("--model-id", folder, "--max-batch-total-tokens", "8192").max_total_tokens == 8192
+    config = resolve("--model-id", folder, "--max-batch-total-tokens", "8192")
+    assert config.kv_window == 1024 and config.max_total_tokens == 8192 - config.block_size
     config = resolve("--model-id", folder, "--max-batch-total-tokens", "8192", "--max-total-tokens", "2048")
     assert config.max_total_tokens == 2048
+
+
+@pytest.mark.parametrize(
+    ("config", "kv_window"),
+    [
+        (dict(model_type="mistral", sliding_window=None), None),
+        (dict(model_type="starcoder2", sliding_window=4096), 4096),
+        (dict(model_type="qwen2", sliding_window=4096), None),  # use_sliding_window is off
+        (dict(model_type="qwen2", use_sliding_window=True, sliding_window=4096, max_window_layers=0), 4096),
+        (dict(model_type="qwen2", use_sliding_window=True, sliding_window=4096, max_window_layers=1), None),
+        (dict(model_type="qwen2", use_sliding_window=True, sliding_window=4096), None),  # 28 full layers
+        (dict(model_type="gemma2", sliding_window=4096), None),  # its global layers see everything
+        (dict(model_type="gemma3_text", sliding_window=512, layer_types=["sliding_attention"] * 2), 512),
+        (dict(model_type="llama"), None),
+        (dict(model_type="bloom"), None),
+    ],
+)
+def test_the_scheduler_frees_pages_behind_a_window_only_when_every_layer_has_it(config, kv_window):
+    hf = dict(num_hidden_layers=2, **config)
+    assert models.architecture(hf)[0].kv_window(hf) == kv_window
 
 
 def test_cache_geometry_of_bloom_and_t5_configs():

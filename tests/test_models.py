@@ -20,6 +20,7 @@ from tests.helpers import (
     run_engine,
     tiny_model,
 )
+from tgi_zmq import native
 from tgi_zmq.block_manager import BlockManager
 from tgi_zmq.messages import SamplingParams
 from tgi_zmq.model_runner import ModelRunner
@@ -52,9 +53,10 @@ def test_greedy_alone_and_batched_match_transformers(model_dir):
     assert run_engine(folder, [ps[0]], [SamplingParams()], 10)[0] == expected[:1]
     params = [SamplingParams()] * len(ps)
     # A 5-token step budget chunks every prefill (T5: spreads the encoders over steps); a few blocks
-    # of 4 tokens make a 16-token budget preempt (T5's encoder K/V take pages too).
+    # of 4 tokens make a 16-token budget preempt (T5's encoder K/V take pages too; a model whose every
+    # layer has a window of 8 frees the pages behind it, so it runs in fewer).
     chunked, _ = run_engine(folder, ps, params, 10, num_blocks=30, max_step_tokens=5)
-    few = 16 if arch in SEQ2SEQ else 30
+    few = {"t5": 16, "mistral": 12, "starcoder2": 12}.get(arch, 30)
     preempted, sched = run_engine(folder, ps, params, 10, num_blocks=few, max_step_tokens=16, overlap=True)
     assert sched.num_preemptions > 0
     assert chunked == preempted == expected
@@ -107,6 +109,56 @@ def test_starcoder2_untied_or_without_biases(tiny_models, overrides):
     assert run_engine(folder, ps, [SamplingParams()] * 3, 8)[0] == expected
     err = (forward_logits(False, folder, ps[0], ps[1]) - hf_logits(folder, ps[0], ps[1])).abs().max().item()
     assert err < 1e-4
+
+
+# ---------------------------------------------------------------------------------- sliding windows
+
+
+@pytest.fixture
+def peak_pages(monkeypatch) -> list[int]:
+    """Records the pages requests hold after each schedule (the prefix cache's free ones aside)."""
+    held: list[int] = []
+    schedule = SchedulePolicy.schedule
+
+    def recording(self):
+        batch = schedule(self)
+        held.append(self.block_manager.capacity - self.block_manager.num_free)
+        return batch
+
+    monkeypatch.setattr(SchedulePolicy, "schedule", recording)
+    return held
+
+
+@pytest.mark.parametrize(
+    ("arch", "attention"),
+    [("mistral", "kernel"), ("mistral", "gathered"), ("mistral", "invariant"), ("starcoder2", "kernel")],
+)
+def test_a_windowed_model_frees_the_pages_behind_its_window_and_gives_transformers_tokens(
+    tiny_models, monkeypatch, arch, attention, peak_pages
+):
+    """Every layer has a window of 8 and pages hold 4 tokens: contexts of 60-90 tokens free most of
+    their pages while they run, alone and batched (overlap, chunks of 16), with a shared 24-token prefix
+    taken from the prefix cache though its first pages were freed, and through preemptions. Decodes
+    attend in place (the extension's kernel), or over gathered pages (padded groups, where freed entries
+    are the null page, masked); ``invariant``: every query row, prompt chunks too, in place."""
+    if attention == "gathered":
+        monkeypatch.setattr(native, "extension", lambda: None)
+    monkeypatch.setattr(native, "INVARIANT", attention == "invariant")
+    folder = tiny_models(arch)
+    rng = random.Random(12)
+    system = [rng.randrange(3, 512) for _ in range(24)]
+    ps = [system + [rng.randrange(3, 512) for _ in range(n)] for n in (40, 33, 50, 36)]
+    expected = [hf_greedy(folder, p, 24) for p in ps]
+    greedy = [SamplingParams()] * len(ps)
+    kwargs = dict(max_step_tokens=16, overlap=True)
+    assert run_engine(folder, ps[:1], greedy[:1], 24, **kwargs)[0] == expected[:1]
+    assert max(peak_pages) <= 8  # of the 22 its 88 tokens fill: the window's, a chunk's, one step's lag
+    peak_pages.clear()
+    batched, sched = run_engine(folder, ps, greedy, 24, num_blocks=64, arrive_every=2, **kwargs)
+    assert batched == expected and sched.num_preemptions == 0
+    assert sched.prefix_hit_tokens >= 3 * 24 and max(peak_pages) <= 4 * 8
+    preempted, sched = run_engine(folder, ps, greedy, 24, num_blocks=14, **kwargs)
+    assert preempted == expected and sched.num_preemptions > 0
 
 
 # ---------------------------------------------------------------------------------- scheduling (Llama)

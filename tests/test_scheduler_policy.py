@@ -2,12 +2,15 @@
 
 from collections import Counter
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tgi_zmq.block_manager import BlockManager
+from tgi_zmq.block_manager import NULL_BLOCK, BlockManager
+from tgi_zmq.kv_events import BlockRemoved, external_hash
 from tgi_zmq.messages import Grammar, SamplingParams
 from tgi_zmq.policy import MAX_SCORED_ROWS, Request, RequestStatus, SchedulePolicy
+from tgi_zmq.step import build_step
 
 
 def test_grow_and_release():
@@ -23,12 +26,16 @@ def test_grow_and_release():
 
 def check_invariants(sched: SchedulePolicy) -> None:
     bm = sched.block_manager
-    holders = Counter(b for r in sched.running + list(sched.waiting) for b in r.blocks)
+    held = {r.rid: r.blocks[r.freed_blocks :] for r in sched.running + list(sched.waiting)}
+    holders = Counter(b for blocks in held.values() for b in blocks)
     for block in range(bm.num_blocks):
         assert bm.ref_counts[block] == holders[block], f"block {block}: refcount != holders"
-        assert (block in bm.free_ids) == (holders[block] == 0), f"block {block} free and held, or leaked"
+        null = bm.window is not None and block == NULL_BLOCK
+        assert (block in bm.free_ids) == (holders[block] == 0 and not null), f"block {block} free and held"
     for req in sched.running:
-        assert len(set(req.blocks)) == len(req.blocks), "a request holds a block twice"
+        assert len(set(held[req.rid])) == len(held[req.rid]), "a request holds a block twice"
+        assert req.blocks[: req.freed_blocks] == [NULL_BLOCK] * req.freed_blocks
+        assert req.freed_blocks <= bm.behind_window(req.num_computed), "a page its next step reads was freed"
     assert bm.num_cached_free == sum(1 for b in bm.free_ids if bm.block_key[b] is not None)
     for req in sched.waiting:
         assert req.blocks == [] and req.num_computed == 0
@@ -46,24 +53,34 @@ actions = st.lists(
         st.tuples(st.just("add"), st.integers(1, 40), st.integers(1, 12)),
         st.tuples(st.just("step"), st.integers(0, 2**31), st.just(0)),
         st.tuples(st.just("abort"), st.integers(0, 1000), st.just(0)),
+        st.tuples(st.just("lose workers"), st.just(0), st.just(0)),
     ),
     max_size=80,
 )
 
 
 @settings(max_examples=150, deadline=None)
-@given(actions=actions, num_blocks=st.integers(3, 24), budget=st.integers(1, 48), lag=st.booleans())
-def test_policy_never_double_allocates_or_leaks(actions, num_blocks, budget, lag):
-    """Random arrivals, lengths, aborts and preemptions; with ``lag`` results land one step late."""
-    sched = SchedulePolicy(
-        BlockManager(num_blocks, 4), budget, 8, eos_token_ids=(0,), max_total_tokens=num_blocks * 4
-    )
+@given(
+    actions=actions,
+    num_blocks=st.integers(3, 24),
+    budget=st.integers(1, 48),
+    lag=st.booleans(),
+    window=st.sampled_from([None, None, 1, 5, 8]),
+)
+def test_policy_never_double_allocates_or_leaks(actions, num_blocks, budget, lag, window):
+    """Random arrivals, lengths, aborts, preemptions and worker losses; with ``lag`` results land one step
+    late; with a
+    ``window`` pages behind it are freed. Each step goes through a worker's page tables (``WorkerTables``)."""
+    bm = BlockManager(num_blocks, 4, window=window)
+    sched = SchedulePolicy(bm, budget, 8, eos_token_ids=(0,), max_total_tokens=bm.capacity * 4)
+    worker = WorkerTables(window)
     made = []
     pending: list = []  # scheduled steps whose results have not been applied yet
 
     def step(token: int) -> bool:
         batch = sched.schedule()
         if batch:
+            worker.run(batch)
             n = sum(batch.samples())
             pending.append((batch, [(token + i) % 5 for i in range(n)], [0.0] * n))
         applied = bool(pending) and (len(pending) > int(lag) or batch is None)
@@ -73,7 +90,7 @@ def test_policy_never_double_allocates_or_leaks(actions, num_blocks, budget, lag
 
     for kind, a, b in actions:
         if kind == "add":
-            prompt = [1] * min(a, num_blocks * 4 - b)
+            prompt = [1] * min(a, bm.capacity * 4 - b)
             if not prompt:
                 continue
             req = Request(f"r{len(made)}", prompt, SamplingParams(), b)
@@ -85,13 +102,36 @@ def test_policy_never_double_allocates_or_leaks(actions, num_blocks, budget, lag
                 sched.finish(req, "aborted")
         elif kind == "step":
             step(a)
+        elif kind == "lose workers":  # their KV cache and page tables are gone
+            sched.forget_cache()
+            worker.tables.clear()
         check_invariants(sched)
     while sched.has_work() or pending:  # everything finishes: every block comes back
         assert step(1), "deadlock: work left but nothing schedulable"
         check_invariants(sched)
-    assert sched.block_manager.num_free == num_blocks
+    assert bm.num_free == bm.capacity
     assert all(r.finish_reason and r.status is RequestStatus.FINISHED and r.row is None for r in made)
     assert all(t >= 0 for r in made for t in r.token_ids)
+
+
+class WorkerTables:
+    """The workers' page tables, as each step's page updates leave them; checks that every key a step's
+    queries read (their window) is in a page their request holds, and that a freed entry is the null page."""
+
+    def __init__(self, window: int | None):
+        self.window = window
+        self.tables: dict[int, dict[int, int]] = {}  # state row -> page index -> page id
+
+    def run(self, batch) -> None:
+        step = build_step(batch, 4)
+        for row, index, page in step.inputs.new_pages.tolist():
+            self.tables.setdefault(row, {})[index] = page
+        for req, start, n in zip(batch.requests, batch.starts, batch.num_new, strict=True):
+            table = self.tables[req.row.index]
+            first = max(0, start + 1 - self.window) if self.window else 0  # the first query's first key
+            for index in range(first // 4, (start + n - 1) // 4 + 1):
+                assert index >= req.freed_blocks and table[index] == req.blocks[index], "a key not held"
+            assert all(table.get(i, NULL_BLOCK) == NULL_BLOCK for i in range(req.freed_blocks))
 
 
 def test_preemption_takes_the_newest_and_requeues_it_first():
@@ -277,7 +317,6 @@ def test_copies_of_a_prompt_compute_it_once():
 
 
 def test_a_replayed_request_continues_its_output_and_its_sample_index():
-    from tgi_zmq.step import build_step
 
     sched = SchedulePolicy(BlockManager(16, 4), 64, 8, eos_token_ids=(0,), max_total_tokens=64)
     req = Request("r~1", [5, 6, 7, 8, 9, 10], SamplingParams(), 4, prompt_len=3, resumed=3)
@@ -325,7 +364,6 @@ def test_a_request_whose_grammar_is_done_finishes():
 
 
 def test_the_rows_and_grammars_of_ended_requests_are_dropped_on_the_workers():
-    from tgi_zmq.step import build_step
 
     sched = SchedulePolicy(BlockManager(16, 4), 64, 8, eos_token_ids=(), max_total_tokens=64)
     grammar = SamplingParams(grammar=Grammar("regex", "ab"))
@@ -367,3 +405,89 @@ def test_prompt_scoring_requests_share_the_steps_scored_rows():
         assert scored[req.rid] == list(range(n - 1))
         assert req.prompt_logprobs == [None] + [-float(p) for p in range(n - 1)]
     assert plain.output_ids == [5]
+
+
+# ---------------------------------------------------------------------------------- sliding windows
+
+
+def decode(sched: SchedulePolicy, token: int = 7):
+    """One step: schedule it, build it (the workers get its pages), apply it (its samples are ``token``)."""
+    batch = sched.schedule()
+    build_step(batch, 4)
+    sched.update(batch, [token] * batch.num_samples, [0.0] * batch.num_samples)
+    return batch
+
+
+def held(bm: BlockManager) -> int:
+    """Pages requests hold (the prefix cache's free ones aside)."""
+    return bm.capacity - bm.num_free
+
+
+def test_pages_behind_the_window_go_back_to_the_pool_and_the_workers_tables():
+    """A window of 8, pages of 4: after a step, the pages whose positions are all 8 or more before the
+    next query go back (registered in the prefix cache first); the next step points the workers' entries
+    at the null page; a request longer than the pool runs on about window / page size pages."""
+    bm = BlockManager(16, 4, window=8)
+    sched = SchedulePolicy(bm, 64, 8, eos_token_ids=(), max_total_tokens=256)
+    req = Request("r", list(range(1, 31)), SamplingParams(), 60)  # 30 + 60 tokens: more than 15 pages hold
+    sched.add(req)
+    first = decode(sched)
+    assert first.num_new == [30] and held(bm) == 8 - 5 and bm.num_cached_free == 5
+    assert req.freed_blocks == 5 and req.blocks[:5] == [NULL_BLOCK] * 5  # positions 0-19: 30 - 19 > 8
+    second = sched.schedule()  # its first decode, at position 30: it sees 23-30
+    assert build_step(second, 4).inputs.new_pages.tolist() == [
+        [req.row.index, i, NULL_BLOCK] for i in range(5)
+    ]
+    sched.update(second, [7], [0.0])
+    while not req.finished:
+        decode(sched)
+        assert held(bm) <= 3  # the 8 positions its next query sees span 3 pages at most
+    assert req.num_tokens == 90 and bm.num_free == bm.capacity
+
+
+def test_a_prefix_longer_than_the_window_is_reused_until_its_first_blocks_are_evicted():
+    """Pages freed behind the window stay in the prefix cache: a request with the same 20-token prefix
+    takes all 5 blocks (and frees the first 3 again at once); once the first blocks are evicted, a chain
+    with a hole is not reused (the whole chain from the first block is required)."""
+    bm = BlockManager(12, 4, window=8, record_events=True)
+    sched = SchedulePolicy(bm, 64, 8, eos_token_ids=(), max_total_tokens=44)
+    system = list(range(100, 120))
+    a = Request("a", system + [1, 2], SamplingParams(), 6)
+    sched.add(a)
+    decode(sched)
+    assert a.freed_blocks == 3 and bm.num_cached_free == 3  # freed, still cached
+    b = Request("b", system + [3], SamplingParams(), 6)
+    sched.add(b)
+    batch = decode(sched)
+    assert batch.requests == [a, b] and batch.starts[1] == 20 and sched.prefix_hit_tokens == 20
+    assert b.freed_blocks == 3  # revived, then freed again before its first step: it sees 13-20
+    while sched.has_work():
+        decode(sched)
+    bm.take_events()
+    sched.add(Request("c", list(range(300, 340)), SamplingParams(), 1))  # takes every page: evicts
+    decode(sched)
+    (removed,) = [e for e in bm.take_events() if isinstance(e, BlockRemoved)]
+    assert external_hash(hash((0, tuple(system[:4])))) in removed.block_hashes  # the chain's first block
+    assert bm.cached.get(hash((hash((0, tuple(system[:4]))), tuple(system[4:8])))) is None
+    d = Request("d", system + [4], SamplingParams(), 1)
+    sched.add(d)
+    assert decode(sched).starts == [0] and sched.prefix_hit_tokens == 20  # no hit past the hole
+    assert bm.num_free == bm.capacity
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_a_page_behind_the_window_is_freed_once_registered(caching):
+    """Under the overlap a prompt's second chunk is built before its first one's result: the first
+    result frees the pages behind the window of the next query (30: it sees 23-30) that are registered
+    in the prefix cache; page 4 (16-19) waits for its own chunk's result. Without the cache it goes at
+    once (a later step may hand it to another request: the workers run steps in order)."""
+    bm = BlockManager(16, 4, enable_prefix_caching=caching, window=8)
+    sched = SchedulePolicy(bm, 16, 8, eos_token_ids=(), max_total_tokens=64)
+    req = Request("r", list(range(1, 31)), SamplingParams(), 4)
+    sched.add(req)
+    first, second = sched.schedule(), sched.schedule()
+    assert (first.num_new, second.num_new) == ([16], [14])
+    sched.update(first, [], [])
+    assert req.freed_blocks == (4 if caching else 5)
+    sched.update(second, [7], [0.0])
+    assert req.freed_blocks == 5 and held(bm) == 8 - 5 and bm.num_cached_free == (5 if caching else 0)

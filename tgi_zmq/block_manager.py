@@ -11,6 +11,15 @@ can be revived until it is handed out again (least recently freed first: LRU evi
 Only full blocks are shared, and a request always computes at least its last token, so the
 block a request writes into is never shared.
 
+Sliding windows (a model whose every layer has one: Mistral, StarCoder2): a page whose positions are
+all behind the window of the request's next query is read by no later step, so it goes back to the
+pool (vLLM's ``SlidingWindowManager``), keeping its prefix-cache entry like any released page. Its
+entry in the request's table becomes ``NULL_BLOCK``, a page no request holds or writes (its K/V stay
+zero): the attention paths that gather whole tables (padded decode groups, a chunk after a cached
+prefix) read it masked, never another request's page. The freed entries are always the table's first
+ones. Prefix matching still takes a whole chain from the first block (vLLM needs only the window's
+last blocks): a request whose early blocks were freed and then evicted computes them again.
+
 With ``record_events`` it also records what the prefix cache gains and loses (``tgi_zmq.kv_events``),
 for the scheduler to publish.
 """
@@ -20,6 +29,8 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from tgi_zmq.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, external_hash
+
+NULL_BLOCK = 0  # with a window: the page freed table entries point at, never handed out
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -34,19 +45,26 @@ class BlockManager:
         block_size: int,
         enable_prefix_caching: bool = True,
         record_events: bool = False,
+        window: int | None = None,
     ) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError("num_blocks and block_size must be positive")
+        if window is not None and (window <= 0 or num_blocks < 2):
+            raise ValueError("a window must be positive, and leave a page beside the null page")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.window = window  # every layer's (the largest): pages behind it are freed
+        self.capacity = num_blocks - 1 if window else num_blocks  # pages requests can hold
         self.events: list[KVEvent] | None = [] if record_events else None  # since the last take_events
         self.clear()
 
     def clear(self) -> None:
         """Forget every block: the workers' KV cache was lost (a restart). Recorded as
         ``AllBlocksCleared``, also at the start: a new scheduler's cache is empty."""
-        self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(self.num_blocks))  # LRU order
+        first = NULL_BLOCK + 1 if self.window else 0
+        # in LRU order
+        self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(first, self.num_blocks))
         self.ref_counts = [0] * self.num_blocks
         self.block_key: list[tuple[int, tuple[int, ...]] | None] = [None] * self.num_blocks
         self.cached: dict[int, int] = {}  # hash -> block id
@@ -68,7 +86,7 @@ class BlockManager:
     @property
     def num_used(self) -> int:
         """Blocks held by requests or kept by the prefix cache."""
-        return self.num_blocks - self.num_free + self.num_cached_free
+        return self.capacity - self.num_free + self.num_cached_free
 
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks needed to hold ``num_tokens`` tokens."""
@@ -96,6 +114,8 @@ class BlockManager:
         Tail blocks are freed first so they are also evicted first: a prefix outlives its tails.
         """
         for block in reversed(table):
+            if self.window and block == NULL_BLOCK:
+                continue  # an entry freed behind the window
             if self.ref_counts[block] <= 0:
                 raise RuntimeError(f"block {block} released twice")
             self.ref_counts[block] -= 1
@@ -103,6 +123,22 @@ class BlockManager:
                 self.free_ids[block] = None
                 self.num_cached_free += self.block_key[block] is not None
         table.clear()
+
+    def behind_window(self, position: int) -> int:
+        """How many leading pages no query at ``position`` or later reads: all their positions are
+        ``window`` or more before it (a query at p sees p - window < j <= p). 0 without a window."""
+        if not self.window:
+            return 0
+        return max(0, (position + 1 - self.window) // self.block_size)
+
+    def free_leading(self, table: list[int], freed: int, count: int) -> int:
+        """Release ``table``'s pages from index ``freed`` (the leading ones freed already) to ``count``,
+        and point their entries at ``NULL_BLOCK``; returns the leading pages freed now."""
+        if count <= freed:
+            return freed
+        self.release(table[freed:count])
+        table[freed:count] = [NULL_BLOCK] * (count - freed)
+        return count
 
     # ------------------------------------------------------------------ prefix cache
 

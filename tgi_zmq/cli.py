@@ -158,11 +158,13 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
         batch_total = kv_budget(model_dir, hf_config, dtype, device, args) // args.replicas
     rules = launch_rules(model_dir, hf_config)
     context = min(rules.context, tokenizer_max_length(model_dir))
-    # An encoder-decoder request holds two page tables (decoder and encoder), each with a partly filled page.
-    pool = batch_total - (2 * config.block_size if rules.decoder_start_token_id is not None else 0)
+    # A windowed model's pool keeps one page as the null page (tgi_zmq.block_manager). An encoder-decoder
+    # request holds two page tables (decoder and encoder), each with a partly filled page.
+    cache = batch_total - (config.block_size if rules.kv_window else 0)
+    pool = cache - (2 * config.block_size if rules.decoder_start_token_id is not None else 0)
     total = args.max_total_tokens or min(context, pool)
     max_input = args.max_input_tokens or total - 1
-    check_limits(max_input, total, batch_total, explicit_budget=bool(args.max_batch_total_tokens))
+    check_limits(max_input, total, cache, explicit_budget=bool(args.max_batch_total_tokens))
     return dataclasses.replace(
         config,
         dtype=dtype,
@@ -176,6 +178,7 @@ def resolve_config(args: argparse.Namespace, runtime_dir: str) -> ServerConfig:
         eos_token_ids=rules.eos_token_ids,
         vocab_size=hf_config.get("vocab_size"),
         decoder_start_token_id=rules.decoder_start_token_id,
+        kv_window=rules.kv_window,
         api_key=args.api_key or None,
         chat_template=read_chat_template(args.chat_template),
         profile_dir=str(Path(args.profile_dir).expanduser().resolve()) if args.profile_dir else None,

@@ -244,6 +244,9 @@ class ServerConfig:
     batch_invariant: bool = False  # --deterministic, where it can hold (cli.batch_invariant)
     device: str = "cpu"
     block_size: int = 16
+    # Every attention layer's sliding window (the largest; None: some layer sees the whole context): the
+    # scheduler frees the pages behind it (``tgi_zmq.block_manager``), keeping one page as the null page.
+    kv_window: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     vocab_size: int | None = None  # the model's logits (config.json, read by the launcher): token ids < it
     # Set for encoder-decoder models (T5): prompts go to the encoder.

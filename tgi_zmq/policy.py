@@ -18,6 +18,10 @@ decoder token also runs its encoder, whose K/V go into ``cross_blocks``, pages t
 the same pool as the decoder's and freed with them. Their prefix is not cached (the decoder
 blocks depend on the encoder input too).
 
+Sliding windows (a model whose every layer has one): a request's pages that its window has passed go
+back to the pool as soon as they are registered (``_free_behind_window``), so a long request holds
+about ``window`` tokens of pages, and admission (which takes pages step by step) fits more requests.
+
 Lifecycle: a request's ``status`` (``RequestStatus``, vLLM's idea) says where it is; while it runs it
 holds a state row in the workers (``RowState``, given and taken back here alone).
 """
@@ -67,6 +71,7 @@ class RowState:
 
     index: int
     pages_sent: int = 0
+    freed_sent: int = 0  # leading pages the workers know are freed (their entries are the null page)
     cross_pages_sent: int = 0
     history_sent: bool = False
     grammar_sent: bool = False
@@ -86,6 +91,7 @@ class Request:
     finish_reason: str | None = None  # once finished
     num_computed: int = 0
     blocks: list[int] = dataclasses.field(default_factory=list)
+    freed_blocks: int = 0  # leading blocks given back behind the sliding window (``BlockManager.NULL_BLOCK``)
     hashed_blocks: int = 0  # leading blocks already registered in the prefix cache
     parent_hash: int = 0  # prefix-cache hash of the last of them
     epoch: int = 0  # bumped at each preemption: results of steps scheduled before it are stale
@@ -401,6 +407,7 @@ class SchedulePolicy:
                 break  # an encoder is not chunked: it waits for a step with room for all of it
             budget.tokens -= len(req.encoder_ids)
             hit, queried = self._reuse_prefix(req)
+            self._free_behind_window(req)
             n = budget.chunk(req, at_least_one=True)
             grown = n > 0 and self.block_manager.grow(req.blocks, req.num_computed + n)
             if not grown or not self.block_manager.grow(req.cross_blocks, len(req.encoder_ids)):
@@ -465,7 +472,19 @@ class SchedulePolicy:
         self.block_manager.release(req.blocks)
         self.block_manager.release(req.cross_blocks)
         _drop_placeholders(req)
-        req.num_computed = req.hashed_blocks = req.parent_hash = 0
+        req.num_computed = req.hashed_blocks = req.parent_hash = req.freed_blocks = 0
+
+    def _free_behind_window(self, req: Request) -> None:
+        """Give back the leading pages that no later step of ``req`` reads (the window's rule:
+        ``BlockManager.behind_window``); with the prefix cache only registered ones, so that each joins
+        the cache before it is freed (under the overlap a step's pages register after the next is built).
+
+        At once, though a step in flight may still read them: the worker runs steps in order, so a later
+        step that hands them to another request writes them after it (as ``finish``)."""
+        count = self.block_manager.behind_window(req.num_computed)
+        if self.block_manager.enable_prefix_caching:
+            count = min(count, req.hashed_blocks)
+        req.freed_blocks = self.block_manager.free_leading(req.blocks, req.freed_blocks, count)
 
     def _reserve(self, req: Request, n: int) -> bool:
         """Give ``req`` pages for ``n`` more tokens, preempting the newest requests if needed."""
@@ -521,6 +540,7 @@ class SchedulePolicy:
                     req.hashed_blocks,
                     req.parent_hash,
                 )
+                self._free_behind_window(req)
             if result is None:
                 continue
             token, logprob, ids, values, grammar_done_here = result

@@ -10,7 +10,8 @@ request needs every step but that changes slowly lives in the worker
 (``tgi_zmq.forward_batch.RequestStates``), in the row of its state tables that the scheduler gave
 the request while it runs (``Request.row``, a ``policy.RowState`` that also records what was sent):
 - its page table (and its encoder's pages, T5): a step sends only the pages added since the last
-  step, as ``(state row, page index, page id)`` triples;
+  step, as ``(state row, page index, page id)`` triples, and the entries freed since behind a sliding
+  window (``tgi_zmq.block_manager``), which become the null page;
 - its penalty token counts: a penalised request's token history is sent once, in the first step
   that samples for it in its row; the worker then counts the tokens it samples itself;
 - its grammar matcher (structured output, rank 0 only, which compiled the grammar when the request
@@ -320,7 +321,9 @@ def build_step(batch: ScheduledBatch, block_size: int, eos_token_ids: tuple[int,
         query_start=_ints(query_start, torch.int32),
         context_lens=_ints([s + n for s, n in zip(batch.starts, batch.num_new, strict=True)], torch.int32),
         state_rows=_ints([r.row.index for r in batch.requests]),
-        new_pages=_page_updates(batch.requests, "blocks", "pages_sent"),
+        new_pages=_pages(
+            _freed_pages(batch.requests) + _page_updates(batch.requests, "blocks", "pages_sent")
+        ),
     )
     encoder = _encoder_inputs(batch, block_size) if batch.requests[0].encoder_ids else None
     sampling = _sampling_inputs(batch, eos_token_ids[:MAX_EOS_TOKEN_IDS])
@@ -344,7 +347,7 @@ def _scored_prompt(batch: ScheduledBatch, query_start: list[int]) -> tuple[torch
     return _ints(rows), _ints(targets)
 
 
-def _page_updates(requests: list[Request], pages: str, sent: str) -> torch.Tensor:
+def _page_updates(requests: list[Request], pages: str, sent: str) -> list[int]:
     """The pages (``Request.<pages>``) added since the workers last got them (``RowState.<sent>``)."""
     updates: list[int] = []
     for req in requests:
@@ -352,7 +355,23 @@ def _page_updates(requests: list[Request], pages: str, sent: str) -> torch.Tenso
         for index in range(known, len(ids)):
             updates += (req.row.index, index, ids[index])
         setattr(req.row, sent, len(ids))
+    return updates
+
+
+def _pages(updates: list[int]) -> torch.Tensor:
     return _ints(updates).view(-1, PAGE_UPDATE)
+
+
+def _freed_pages(requests: list[Request]) -> list[int]:
+    """The null page for each entry the workers hold that was freed since (``Request.freed_blocks``):
+    no page table keeps a page that another request may get."""
+    updates: list[int] = []
+    for req in requests:
+        row = req.row
+        for index in range(row.freed_sent, min(req.freed_blocks, row.pages_sent)):
+            updates += (row.index, index, req.blocks[index])
+        row.freed_sent = req.freed_blocks
+    return updates
 
 
 def _encoder_inputs(batch: ScheduledBatch, block_size: int) -> EncoderInputs:
@@ -369,7 +388,7 @@ def _encoder_inputs(batch: ScheduledBatch, block_size: int) -> EncoderInputs:
         slots=_ints(slots),
         start=_ints(start, torch.int32),
         lens=_ints([len(r.encoder_ids) for r in batch.requests], torch.int32),
-        new_pages=_page_updates(batch.requests, "cross_blocks", "cross_pages_sent"),
+        new_pages=_pages(_page_updates(batch.requests, "cross_blocks", "cross_pages_sent")),
     )
 
 

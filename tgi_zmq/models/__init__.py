@@ -58,7 +58,7 @@ def launch_rules(folder: str | Path, hf: dict) -> LaunchRules:
     config_cls, _ = architecture(hf)
     return LaunchRules(
         context=config_cls.context_length(hf),
-        sliding_window=config_cls.sliding_window(hf),
+        kv_window=config_cls.kv_window(hf),
         decoder_start_token_id=config_cls.decoder_start(hf),
         eos_token_ids=eos_token_ids(folder, hf),
     )

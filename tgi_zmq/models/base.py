@@ -20,7 +20,7 @@ class LaunchRules:
     """What the launcher must know of a checkpoint before any process loads it."""
 
     context: int  # the longest sequence the model's positions allow
-    sliding_window: int | None  # the attention window of a model that has one (some of its layers)
+    kv_window: int | None  # every layer's attention window (``ModelConfig.kv_window``)
     decoder_start_token_id: int | None  # encoder-decoder models: the decoder's first token
     eos_token_ids: tuple[int, ...]
 
@@ -41,6 +41,18 @@ class ModelConfig:
     @classmethod
     def sliding_window(cls, hf: dict[str, Any]) -> int | None:
         return None
+
+    @classmethod
+    def windows(cls, hf: dict[str, Any]) -> tuple[int | None, ...]:
+        """Each layer's attention window (None: the layer sees the whole context); () where none has one."""
+        return ()
+
+    @classmethod
+    def kv_window(cls, hf: dict[str, Any]) -> int | None:
+        """The window of every layer (the largest), None where some layer sees the whole context: the
+        scheduler frees the KV pages behind it (``tgi_zmq.block_manager``)."""
+        windows = cls.windows(hf)
+        return max(windows) if windows and all(windows) else None
 
     @classmethod
     def decoder_start(cls, hf: dict[str, Any]) -> int | None:

@@ -73,9 +73,7 @@ class GemmaConfig(ModelConfig):
             query_pre_attn_scalar=cfg.get("query_pre_attn_scalar") or head_dim,
             attn_softcap=cfg.get("attn_logit_softcapping"),
             final_softcap=cfg.get("final_logit_softcapping"),
-            layer_windows=layer_windows(
-                {**cfg, "layer_types": cls.layer_types(cfg)}, cls.sliding_window(cfg)
-            ),
+            layer_windows=cls.windows(cfg),
             attention_bias=cfg.get("attention_bias", False),
         )
 
@@ -83,6 +81,10 @@ class GemmaConfig(ModelConfig):
     def context_length(cls, hf: dict[str, Any]) -> int:
         """max_position_embeddings: Gemma 3's already counts its linear RoPE scaling."""
         return hf.get("max_position_embeddings") or 8192
+
+    @classmethod
+    def windows(cls, hf: dict[str, Any]) -> tuple[int | None, ...]:
+        return layer_windows({**hf, "layer_types": cls.layer_types(hf)}, cls.sliding_window(hf))
 
     @classmethod
     def sliding_window(cls, hf: dict[str, Any]) -> int | None:

@@ -98,13 +98,25 @@ class LlamaConfig(ModelConfig):
             fused=model_type in FUSED_TYPES,
             layer_norm=starcoder2,
             gated=not starcoder2,
-            layer_windows=layer_windows(cfg, cls.sliding_window(cfg)),
+            layer_windows=cls.windows(cfg),
         )
 
     @classmethod
     def context_length(cls, hf: dict[str, Any]) -> int:
         """The positions the rotary tables hold (a RoPE scaling may stretch them past the config's)."""
         return RopeConfig.from_hf(hf, _head_dim(hf)).context_length()
+
+    @classmethod
+    def windows(cls, hf: dict[str, Any]) -> tuple[int | None, ...]:
+        """Qwen2's and Qwen3's first ``max_window_layers`` layers see the whole context (transformers' rule,
+        where config.json has no ``layer_types``)."""
+        if hf.get("model_type") in ("qwen2", "qwen3") and not hf.get("layer_types"):
+            full = hf.get("max_window_layers", 28)  # its default there
+            types = [
+                "full_attention" if i < full else "sliding_attention" for i in range(hf["num_hidden_layers"])
+            ]
+            hf = {**hf, "layer_types": types}
+        return layer_windows(hf, cls.sliding_window(hf))
 
     @classmethod
     def sliding_window(cls, hf: dict[str, Any]) -> int | None:
