@@ -1,8 +1,7 @@
 """The second real model, Gemma 3 270M, served from its Q4_K_M GGUF as it is (its 4-, 5-, 6- and 8-bit
 blocks kept, our int8/int4 kernels), against transformers' ``Gemma3ForCausalLM`` on the same file's
 dequantized weights (float32): its greedy tokens alone and in one batch, on one rank (in this process)
-and two (the service), the tokens of its float32 conversion (`tgi-zmq convert`), its perplexity, and
-the chat routes of a base model without a chat template.
+and two (the service), its perplexity, and the chat routes of a base model without a chat template.
 
 transformers' tokens are checked by teacher forcing: each of our continuations must be transformers'
 argmax at every position (one forward per prompt instead of 64 steps of a 262k-vocabulary head).
@@ -10,21 +9,18 @@ argmax at every position (one forward per prompt instead of 64 steps of a 262k-v
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 import requests
 import torch
 
-from tests.conftest import Service, spawn_service, stop_service
+from tests.conftest import spawn_service, stop_service
 from tests.helpers import run_engine
 from tgi_zmq.checkpoint.gguf_file import shared_gguf_reader
-from tgi_zmq.convert import convert_gguf, prepare_gguf_folder, second_model_gguf
+from tgi_zmq.convert import prepare_gguf_folder, second_model_gguf
 from tgi_zmq.messages import SamplingParams
 from tgi_zmq.model_runner import ModelRunner
 
@@ -45,38 +41,26 @@ ALICE = Path(__file__).parent / "data" / "alice-chapters-1-2.txt"
 PPL_CHARS = 700  # about 170 tokens
 
 
-@dataclasses.dataclass
-class Gemma3:
-    service: Service  # on two ranks, from the file as it is
-    model: Any  # transformers' Gemma3ForCausalLM, float32, on the float folder
-    tokenizer: Any
-    folder: Path  # the folder that serves the file as it is (config, tokenizer, gguf.json)
-    converted: Path  # `tgi-zmq convert`'s float32 folder: transformers' dequantization written out
-    file_config: dict  # transformers' reading of the file's config
-
-
 @pytest.fixture(scope="module")
-def gemma3(tmp_path_factory) -> Iterator[Gemma3]:
-    """The service starts while the file is converted. The reference is transformers' model on the
-    float folder: the file's weights as transformers dequantizes them, written out unchanged, with a
-    config equal to transformers' reading of the file (test_the_float_folder_...): one dequantization."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def gemma3(tmp_path_factory):
+    """(the service on two ranks, transformers' model, the tokenizer): the service starts while
+    transformers dequantizes the file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = second_model_gguf()
     folder = prepare_gguf_folder(gguf)
-    tmp = tmp_path_factory.mktemp("gemma3")
     service = spawn_service(
-        tmp,
+        tmp_path_factory.mktemp("gemma3"),
         *("--model-id", str(gguf), "--dtype", "float32", "--num-shard", "2", "--torch-threads", "1"),
-        *("--max-batch-total-tokens", "8192", "--enable-prefill-logprobs"),
+        *("--max-batch-total-tokens", "8192", "--enable-prefill-logprobs", "--disable-grammar-support"),
     )
     try:
-        with shared_gguf_reader(gguf):  # one parse of the file's metadata
-            converted = convert_gguf(gguf, tmp / "float32")
-            file_config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name).to_dict()
-        model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32).eval()
+        with shared_gguf_reader(gguf):  # one parse of the file's metadata, not three
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
         service.wait_healthy(timeout=300)
-        yield Gemma3(service, model, AutoTokenizer.from_pretrained(folder), folder, converted, file_config)
+        yield service, model.eval(), AutoTokenizer.from_pretrained(folder), folder
     finally:
         stop_service(service, wait=False)
 
@@ -97,7 +81,7 @@ def generated_ids(url: str, text: str) -> list[int]:
 
 
 def test_greedy_tokens_equal_transformers_on_two_ranks_alone_and_batched(gemma3):
-    service, model, tokenizer = gemma3.service, gemma3.model, gemma3.tokenizer
+    service, model, tokenizer, _ = gemma3
     alone = generated_ids(service.url, TEXTS[0])
     with ThreadPoolExecutor(len(TEXTS)) as pool:
         batched = list(pool.map(lambda t: generated_ids(service.url, t), TEXTS))
@@ -108,8 +92,7 @@ def test_greedy_tokens_equal_transformers_on_two_ranks_alone_and_batched(gemma3)
 
 
 def test_greedy_tokens_equal_transformers_on_one_rank_alone_and_batched(gemma3):
-    """The file as it is, alone and batched, and its float32 conversion batched, in this process."""
-    model, tokenizer, folder = gemma3.model, gemma3.tokenizer, gemma3.folder
+    _, model, tokenizer, folder = gemma3
     prompts = [tokenizer(t)["input_ids"] for t in TEXTS]
     greedy = [SamplingParams()] * len(prompts)
     runner = ModelRunner(str(folder), "float32", "cpu", 200, 16, max_rows=64, max_total_tokens=10_000)
@@ -117,25 +100,12 @@ def test_greedy_tokens_equal_transformers_on_one_rank_alone_and_batched(gemma3):
     batched, _ = run_engine(folder, prompts, greedy, MAX_NEW, max_step_tokens=128, **pages)
     alone, _ = run_engine(folder, prompts[:1], greedy[:1], MAX_NEW, **pages)
     assert batched[0] == alone[0]
-    del runner, pages
-    dense, _ = run_engine(gemma3.converted, prompts, greedy, MAX_NEW, 200, 16, max_step_tokens=128)
-    for prompt, ids, dense_ids in zip(prompts, batched, dense, strict=True):
+    for prompt, ids in zip(prompts, batched, strict=True):
         assert_transformers_greedy(model, prompt, ids)
-        assert_transformers_greedy(model, prompt, dense_ids)
-
-
-def test_the_float_folder_has_transformers_reading_of_the_file(gemma3):
-    from transformers import AutoConfig
-
-    ours, theirs = AutoConfig.from_pretrained(gemma3.converted).to_dict(), dict(gemma3.file_config)
-    for key in ("_name_or_path", "_model_name_or_path", "architectures", "dtype", "torch_dtype"):
-        ours.pop(key, None), theirs.pop(key, None)
-    assert ours == theirs
-    assert gemma3.model.config.layer_types[:6] == ["sliding_attention"] * 5 + ["full_attention"]
 
 
 def test_perplexity_is_within_one_percent_of_transformers(gemma3):
-    service, model, tokenizer = gemma3.service, gemma3.model, gemma3.tokenizer
+    service, model, tokenizer, _ = gemma3
     text = ALICE.read_text()[:PPL_CHARS]
     ids = tokenizer(text)["input_ids"]
     body = {"inputs": text, "parameters": {"max_new_tokens": 1, "decoder_input_details": True}}
@@ -154,14 +124,14 @@ def test_perplexity_is_within_one_percent_of_transformers(gemma3):
 def test_the_tokenizer_is_gemmas(gemma3):
     """Gemma's SentencePiece BPE vocabulary read as BPE (transformers 4.57 reads GGUF's as Unigram):
     the ids transformers 5.19 gives (and Google's tokenizer.json), spaces and tabs included."""
-    tokenizer = gemma3.tokenizer
+    tokenizer = gemma3[2]
     assert tokenizer("The capital of France is")["input_ids"] == [2, 818, 5279, 529, 7001, 563]
     assert tokenizer("a  b\tc")["input_ids"] == [2, 236746, 138, 236763, 255968, 236755]
     assert tokenizer.decode([818, 5279, 138, 255968]) == "The capital  \t"
 
 
 def test_a_chat_to_a_model_without_template_is_a_422_template_error(gemma3):
-    service = gemma3.service
+    service = gemma3[0]
     body = {"model": "tgi", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}
     response = requests.post(service.url + "/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == 422
