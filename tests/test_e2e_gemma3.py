@@ -52,7 +52,7 @@ def gemma3(tmp_path_factory):
     service = spawn_service(
         tmp_path_factory.mktemp("gemma3"),
         *("--model-id", str(gguf), "--dtype", "float32", "--num-shard", "2", "--torch-threads", "1"),
-        *("--max-batch-total-tokens", "8192", "--enable-prefill-logprobs", "--disable-grammar-support"),
+        *("--max-batch-total-tokens", "8192", "--enable-prefill-logprobs"),
     )
     try:
         with shared_gguf_reader(gguf):  # one parse of the file's metadata, not three
