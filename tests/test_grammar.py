@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from concurrent.futures import Future
 
@@ -202,6 +203,13 @@ def test_the_engine_loads_on_the_first_grammar_announced(engine):
     assert len(loads) == 1 and rows.compiled() == [] and rows.pending
     loads[0].set_result(GrammarEngine(engine[1]))
     assert answers(rows, 2)["a"] == "" and len(loads) == 1
+
+    loads.clear()  # a step that brings a grammar never announced (a test's step) loads the engine too
+    unannounced = RowMatchers(load)
+    threading.Timer(0.2, lambda: loads[0].set_result(GrammarEngine(engine[1]))).start()
+    unannounced.start([GrammarStart("c", 0, Grammar("regex", "ab"), [])])  # waits for the load, compiles
+    (a,) = engine[1].encode("a", add_special_tokens=False)
+    assert len(loads) == 1 and unannounced.advance(0, a) is False
 
 
 def test_announcements_wait_for_the_engine_to_load_before_their_timeout_counts(engine):

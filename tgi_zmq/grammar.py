@@ -307,7 +307,8 @@ class RowMatchers:
 
     @property
     def engine(self) -> GrammarEngine:
-        """The engine (waits while it loads; ``GrammarError`` without one)."""
+        """The engine (starts its load if needed and waits for it; ``GrammarError`` without one)."""
+        self._start_loading()
         if self._engine is None:
             raise GrammarError("structured output is off on this worker")
         try:
@@ -319,11 +320,14 @@ class RowMatchers:
 
     def announce(self, rid: str, grammar: Grammar) -> None:
         """Compile ``grammar`` for request ``rid`` in the background (``compiled`` says when it is)."""
-        if self._engine is None and self._load is not None:
-            log.info("rid=%s: the first grammar: loading the grammar engine", rid)
-            self._engine = self._load()
+        self._start_loading()
         self._announced.append((rid, grammar))
         self._start_compiles()
+
+    def _start_loading(self) -> None:
+        if self._engine is None and self._load is not None:
+            log.info("the first grammar: loading the grammar engine")
+            self._engine = self._load()
 
     @property
     def pending(self) -> bool:
