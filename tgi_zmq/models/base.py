@@ -39,10 +39,6 @@ class ModelConfig:
         return hf.get("max_position_embeddings") or DEFAULT_CONTEXT
 
     @classmethod
-    def sliding_window(cls, hf: dict[str, Any]) -> int | None:
-        return None
-
-    @classmethod
     def windows(cls, hf: dict[str, Any]) -> tuple[int | None, ...]:
         """Each layer's attention window (None: the layer sees the whole context); () where none has one."""
         return ()
